@@ -1,0 +1,454 @@
+//! Multi-process tests: real `clusterd` processes on loopback, peer links
+//! behind the harness's proxies, driven through `clusterctl`.
+//!
+//! Run: `cargo test --test cluster` (add `-- --test-threads=1` on a very
+//! slow machine, or `CLUSTER_TESTS_TIME_SCALE=2` to widen every deadline).
+
+mod harness;
+
+use std::time::{Duration, Instant};
+
+use harness::*;
+
+/// A window of several election timeouts, to show that something does *not*
+/// happen. Not scaled: it is about the nodes' timers, not the machine's speed.
+const THREE_ELECTIONS: Duration = Duration::from_millis(3 * ELECTION_TIMEOUT_MS + 500);
+
+/// Samples node `id`'s view until `window` has passed and at least
+/// `min_samples` views were seen, calling `check` on each one (which panics
+/// on a violation). Returns the number of views seen.
+#[track_caller]
+fn observe_window(
+    c: &Cluster,
+    id: u64,
+    window: Duration,
+    min_samples: usize,
+    mut check: impl FnMut(&View),
+) -> usize {
+    let started = Instant::now();
+    let mut seen = 0usize;
+    let mut last = String::from("(no answer yet)");
+    wait_until(
+        window + Duration::from_secs(30),
+        &format!("{min_samples} status samples of node {id} over {window:?}"),
+        || {
+            c.assert_alive(id);
+            match c.view(id) {
+                Ok(v) => {
+                    check(&v);
+                    last = v.to_string();
+                    seen += 1;
+                }
+                Err(e) => last = e,
+            }
+            if started.elapsed() >= window && seen >= min_samples {
+                Ok(seen)
+            } else {
+                Err(format!("{seen} samples so far; last: {last}"))
+            }
+        },
+    )
+}
+
+#[test]
+fn elects_one_leader() {
+    let c = Cluster::start(3);
+    let all = c.ids();
+    // Exactly one node says it is leader, the others say follower, and every
+    // node's view names that leader, in the same term.
+    let (leader, views) = wait_until(
+        ELECTION_DEADLINE,
+        "one leader and two followers, all agreeing",
+        || {
+            let (l, views) = c.leader_agreement_views(&all)?;
+            let summary = views.iter().map(|v| v.to_string()).collect::<Vec<_>>();
+            let leaders = views.iter().filter(|v| v.is_leader()).count();
+            let followers = views.iter().filter(|v| v.role == "follower").count();
+            if leaders == 1 && followers == 2 {
+                Ok((l, views))
+            } else {
+                Err(format!("roles: {}", summary.join(" | ")))
+            }
+        },
+    );
+    assert!(all.contains(&leader));
+    for v in &views {
+        assert_eq!(
+            v.raw.get("node_id").and_then(|n| n.as_u64()),
+            Some(v.id),
+            "status of node {} must carry its own node_id: {}",
+            v.id,
+            v.raw
+        );
+    }
+
+    // The leader lists every member, all reachable.
+    wait_until(
+        ELECTION_DEADLINE,
+        "the leader's status to list all 3 nodes as reachable",
+        || {
+            let v = c.view(leader)?;
+            let nodes = v.raw["nodes"].as_array().cloned().unwrap_or_default();
+            if nodes.len() != 3 {
+                return Err(format!("expected 3 entries in nodes: {}", v.raw));
+            }
+            if all.iter().all(|&i| v.reachable(i) == Some(true)) {
+                Ok(())
+            } else {
+                Err(format!("not all reachable: {}", v.raw))
+            }
+        },
+    );
+
+    // Accepting proposals, through the leader and through each follower.
+    for &i in &all {
+        c.wait_barrier(i);
+    }
+    // Still the same leader afterwards.
+    c.wait_for_leader_is(&all, leader);
+}
+
+#[test]
+fn sigkill_of_leader_elects_another() {
+    let c = Cluster::start(3);
+    let all = c.ids();
+    let old = c.wait_for_leader(&all);
+    c.wait_barrier(old);
+    let old_term = c.view_now(old).term;
+
+    c.kill(old);
+    let survivors = c.others(&[old]);
+    let new = c.wait_for_leader(&survivors);
+    assert_ne!(new, old, "a killed node cannot be leader");
+    let new_term = c.view_now(new).term;
+    assert!(
+        new_term > old_term,
+        "the new leader's term {new_term} must exceed the old one {old_term}"
+    );
+
+    for &s in &survivors {
+        c.wait_barrier(s);
+    }
+
+    // The survivors' status lists the dead node as unreachable.
+    wait_until(
+        ELECTION_DEADLINE,
+        &format!("node {new} to list the killed node {old} as reachable:false"),
+        || {
+            let v = c.view(new)?;
+            match v.reachable(old) {
+                Some(false) => Ok(()),
+                other => Err(format!("reachable = {other:?}: {}", v.raw)),
+            }
+        },
+    );
+}
+
+#[test]
+fn promote_moves_leadership() {
+    let c = Cluster::start(3);
+    let all = c.ids();
+    let leader = c.wait_for_leader(&all);
+    c.wait_barrier(leader);
+    let followers = c.others(&[leader]);
+    let (a, b) = (followers[0], followers[1]);
+
+    // 1. Promote follower `a`, asked through the other follower `b`.
+    let out = c.promote(b, a);
+    assert!(out.success(), "promote {a} via node {b}: {out}");
+    c.wait_for_leader_is(&all, a);
+    c.wait_barrier(b);
+
+    // 2. Promote `b` (a follower again), asked through its own socket.
+    let out = c.promote(b, b);
+    assert!(out.success(), "promote {b} via its own socket: {out}");
+    c.wait_for_leader_is(&all, b);
+    c.wait_barrier(a);
+
+    // 3. Promoting the current leader is a no-op that succeeds.
+    let out = c.promote(leader, b);
+    assert!(
+        out.success(),
+        "promote of the current leader {b} via node {leader}: {out}"
+    );
+    c.wait_for_leader_is(&all, b);
+
+    // 4. An unknown node id is refused, with a reason.
+    let out = c.promote_with_timeout(a, 9, 3000);
+    assert!(!out.timed_out, "promote 9 must not hang: {out}");
+    assert!(
+        out.code.is_some_and(|code| code != 0),
+        "promote of unknown node 9 must exit non-zero: {out}"
+    );
+    assert!(
+        !out.stderr.trim().is_empty(),
+        "promote of unknown node 9 must say why on stderr: {out}"
+    );
+    // Nothing moved.
+    c.wait_for_leader_is(&all, b);
+}
+
+#[test]
+fn restarted_node_keeps_term_and_vote() {
+    let c = Cluster::start(3);
+    let all = c.ids();
+    let leader = c.wait_for_leader(&all);
+    c.wait_barrier(leader);
+
+    // A follower that voted for the current leader in the current term: the
+    // leader got at least one such vote, so one exists.
+    let (f, term, vote) = wait_until(
+        ELECTION_DEADLINE,
+        &format!("a follower that voted for leader {leader} in its term"),
+        || {
+            let lv = c.view(leader)?;
+            let mut seen = Vec::new();
+            for f in c.others(&[leader]) {
+                let v = c.view(f)?;
+                if v.role == "follower" && v.term == lv.term && v.vote == leader {
+                    return Ok((f, v.term, v.vote));
+                }
+                seen.push(v.to_string());
+            }
+            Err(format!("leader: {lv}; followers: {}", seen.join(" | ")))
+        },
+    );
+
+    c.kill(f);
+    c.start_node(f);
+
+    let first = wait_until(
+        ELECTION_DEADLINE,
+        &format!("restarted node {f} to answer status"),
+        || {
+            c.assert_alive(f);
+            c.view(f)
+        },
+    );
+    assert!(
+        first.term >= term,
+        "node {f} restarted with term {} < {term} recorded before the kill: {first}",
+        first.term
+    );
+    if first.term == term {
+        assert_eq!(
+            first.vote, vote,
+            "node {f} restarted in the same term {term} but with vote {} instead of {vote}",
+            first.vote
+        );
+    }
+
+    let now = c.wait_for_leader(&all);
+    wait_until(
+        ELECTION_DEADLINE,
+        &format!("restarted node {f} to follow leader {now}"),
+        || {
+            let v = c.view(f)?;
+            if v.role == "follower" && v.leader == Some(now) {
+                Ok(())
+            } else {
+                Err(v.to_string())
+            }
+        },
+    );
+    c.wait_barrier(f);
+}
+
+#[test]
+fn isolated_node_cannot_lead_and_isolated_leader_steps_down() {
+    let c = Cluster::start(3);
+    let all = c.ids();
+
+    // --- Part 1: an isolated leader steps down; the majority goes on. -------
+    let old = c.wait_for_leader(&all);
+    c.wait_barrier(old);
+    c.isolate(old);
+
+    // A proposal through the isolated leader can never commit.
+    let out = c.barrier_with_timeout(old, 2000);
+    assert!(
+        !out.success(),
+        "a barrier through the isolated leader {old} must fail: {out}"
+    );
+
+    wait_until(
+        ELECTION_DEADLINE,
+        &format!("isolated leader {old} to step down (check_quorum)"),
+        || {
+            let v = c.view(old)?;
+            if v.is_leader() {
+                Err(v.to_string())
+            } else {
+                Ok(())
+            }
+        },
+    );
+    let majority = c.others(&[old]);
+    let new = c.wait_for_leader(&majority);
+    assert_ne!(new, old);
+    for &i in &majority {
+        c.wait_barrier(i);
+    }
+
+    // Heal: the old leader comes back as a follower of the new one.
+    c.heal_all();
+    let leader = c.wait_for_leader(&all);
+    c.wait_barrier(old);
+
+    // --- Part 2: an isolated follower never leads and, thanks to pre_vote,
+    // never raises its term. ----------------------------------------------
+    let f = c.others(&[leader])[0];
+    c.isolate(f);
+    let term0 = wait_until(
+        ELECTION_DEADLINE,
+        &format!("isolated follower {f} to answer status"),
+        || c.view(f),
+    )
+    .term;
+    let samples = observe_window(&c, f, THREE_ELECTIONS, 5, |v| {
+        assert!(
+            !v.is_leader(),
+            "isolated follower {f} must never report itself leader: {v}"
+        );
+        assert_eq!(
+            v.term, term0,
+            "isolated follower {f} raised its term (pre_vote must prevent it): {v}"
+        );
+    });
+    assert!(samples >= 5);
+
+    // Meanwhile the other two keep a leader and accept proposals.
+    let rest = c.others(&[f]);
+    c.wait_for_leader(&rest);
+    for &i in &rest {
+        c.wait_barrier(i);
+    }
+
+    // Heal: everyone converges on one leader.
+    c.heal_all();
+    c.wait_for_leader(&all);
+    c.wait_barrier(f);
+    c.wait_for_leader(&all);
+}
+
+#[test]
+fn peer_from_other_ca_is_refused() {
+    let c = Cluster::builder(3).foreign_ca(&[3]).start();
+
+    // The two nodes of the real CA form a quorum of the 3-node cluster.
+    let leader = c.wait_for_leader(&[1, 2]);
+    c.wait_barrier(leader);
+
+    // Node 3 (other CA) never learns a leader.
+    observe_window(&c, 3, THREE_ELECTIONS, 5, |v| {
+        assert_eq!(
+            v.leader, None,
+            "node 3 has a certificate from another CA and must not see a leader: {v}"
+        );
+        assert!(!v.is_leader(), "node 3 must not lead: {v}");
+    });
+
+    // Nodes 1 and 2 log that they refused it.
+    wait_until(
+        ELECTION_DEADLINE,
+        "node 1 or node 2 to log `refused peer`",
+        || {
+            if c.log(1).contains("refused peer") || c.log(2).contains("refused peer") {
+                Ok(())
+            } else {
+                Err(format!(
+                    "no `refused peer` yet; node 1 log tail:\n{}\nnode 2 log tail:\n{}",
+                    c.log_tail(1, 10),
+                    c.log_tail(2, 10)
+                ))
+            }
+        },
+    );
+
+    // And the real members still agree.
+    let again = c.wait_for_leader(&[1, 2]);
+    c.wait_barrier(again);
+}
+
+#[test]
+fn check_rejects_bad_config() {
+    let dir = short_tempdir("clusterd-check-");
+    let root = dir.path();
+    let certs = root.join("certs");
+    certs_init(&certs, &[1, 2, 3]);
+    let data_dir = root.join("data");
+    std::fs::create_dir_all(&data_dir).unwrap();
+
+    let good = NodeConfig {
+        id: 1,
+        listen: format!("127.0.0.1:{}", free_port()),
+        data_dir: data_dir.clone(),
+        admin_socket: root.join("admin.sock"),
+        timers: Some((HEARTBEAT_MS, ELECTION_TIMEOUT_MS)),
+        tls: TlsFiles::in_dir(&certs, 1),
+        peers: vec![
+            (2, format!("127.0.0.1:{}", free_port())),
+            (3, format!("127.0.0.1:{}", free_port())),
+        ],
+        node_extra: vec![],
+        extra: String::new(),
+    };
+
+    let check = |name: &str, cfg: &NodeConfig| -> CmdOutput {
+        let path = root.join(format!("{name}.toml"));
+        cfg.write(&path);
+        let out = check_config(&path);
+        assert!(
+            !out.timed_out,
+            "--check of the {name} config must exit at once: {out}"
+        );
+        out
+    };
+
+    let out = check("good", &good);
+    assert!(out.success(), "--check of a good config must exit 0: {out}");
+
+    let mut dup = good.clone();
+    dup.peers.push((2, format!("127.0.0.1:{}", free_port())));
+    let out = check("duplicate-peer", &dup);
+    assert!(
+        !out.success(),
+        "duplicate peer id 2 must be rejected: {out}"
+    );
+    assert!(
+        out.stderr.contains("peer"),
+        "the error about a duplicate peer id must name `peer`: {out}"
+    );
+
+    let mut zero = good.clone();
+    zero.id = 0;
+    let out = check("id-zero", &zero);
+    assert!(!out.success(), "node.id = 0 must be rejected: {out}");
+    assert!(
+        out.stderr.contains("node.id"),
+        "the error about id 0 must name `node.id`: {out}"
+    );
+
+    let mut missing = good.clone();
+    missing.tls.cert = root.join("no-such-dir").join("node-1.crt");
+    let out = check("missing-cert", &missing);
+    assert!(
+        !out.success(),
+        "a missing tls.cert file must be rejected: {out}"
+    );
+    assert!(
+        out.stderr.contains("tls.cert"),
+        "the error about a missing certificate must name `tls.cert`: {out}"
+    );
+
+    // Without --check, a bad config also exits non-zero at once.
+    let path = root.join("id-zero.toml");
+    let mut cmd = std::process::Command::new(CLUSTERD);
+    scrub_env(&mut cmd);
+    cmd.arg("--config").arg(&path);
+    let out = run_cmd(cmd, scaled(Duration::from_secs(20)));
+    assert!(
+        !out.timed_out && out.code.is_some_and(|code| code != 0),
+        "clusterd with a bad config must exit non-zero at once: {out}"
+    );
+}

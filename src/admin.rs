@@ -1,0 +1,333 @@
+//! The local admin service on the node's unix socket, and the client side
+//! `clusterctl` uses to reach it.
+//!
+//! Invariant owned here: an admin call never hangs on a dead peer. Status asks
+//! every peer with a short deadline and lists the silent ones as unreachable;
+//! promote and barrier are bounded by the caller's timeout and fail with a
+//! sentence saying what stood in the way.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use futures::future::join_all;
+use hyper_util::rt::TokioIo;
+use tokio::net::{UnixListener, UnixStream};
+use tokio_stream::wrappers::UnixListenerStream;
+use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::{Request, Response, Status};
+use tracing::info;
+
+use crate::config::NodeId;
+use crate::node::{join_ids, NodeError, NodeHandle, RequestError};
+use crate::peer::request_status;
+use crate::proto::admin::admin_client::AdminClient;
+use crate::proto::admin::admin_server::{Admin, AdminServer};
+use crate::proto::admin::{ClusterStatus as PbClusterStatus, PromoteReply, PromoteRequest, StatusRequest};
+use crate::proto::peer::{BarrierReply, BarrierRequest, NodeStatusRequest, TransferRequest};
+use crate::status::{ClusterStatus, NodeEntry};
+use crate::transport::Transport;
+
+/// Default deadline for asking one peer for its status.
+pub const DEFAULT_PEER_STATUS_TIMEOUT: Duration = Duration::from_millis(800);
+
+/// Binds the admin socket with mode 0600, replacing a stale socket file left
+/// by a crash but never any other kind of file.
+pub fn bind_socket(path: &Path) -> Result<UnixListener, NodeError> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let err = |reason: String| NodeError::AdminSocket {
+        path: path.display().to_string(),
+        reason,
+    };
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| err(format!("cannot create its directory: {e}")))?;
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(err("another clusterd is already serving it; stop that one or choose another path".into()));
+            }
+            std::fs::remove_file(path).map_err(|e| err(format!("cannot remove the stale socket: {e}")))?;
+        }
+        Ok(_) => return Err(err("exists and is not a socket; remove it or choose another path".into())),
+        Err(_) => {}
+    }
+    // Bind under a restrictive umask so the socket is never briefly world-accessible.
+    let old = unsafe { libc::umask(0o177) };
+    let bound = UnixListener::bind(path);
+    unsafe { libc::umask(old) };
+    let listener = bound.map_err(|e| err(format!("cannot bind: {e}")))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| err(format!("cannot set mode 0600: {e}")))?;
+    Ok(listener)
+}
+
+pub struct AdminService {
+    node: NodeHandle,
+    transport: Transport,
+    election_timeout: Duration,
+}
+
+impl AdminService {
+    pub fn new(node: NodeHandle, transport: Transport, election_timeout: Duration) -> Self {
+        AdminService {
+            node,
+            transport,
+            election_timeout,
+        }
+    }
+
+    pub async fn serve(
+        self,
+        listener: UnixListener,
+        shutdown: impl std::future::Future<Output = ()> + Send,
+    ) -> Result<(), tonic::transport::Error> {
+        tonic::transport::Server::builder()
+            .add_service(AdminServer::new(self))
+            .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+            .await
+    }
+
+    /// Every node's view: our own from memory, the peers' over the network.
+    pub async fn gather(&self, peer_timeout: Duration) -> ClusterStatus {
+        let me = self.node.id();
+        let local = NodeEntry {
+            id: me,
+            addr: String::new(),
+            reachable: true,
+            view: Some(self.node.view()),
+            error: None,
+            rtt_us: None,
+        };
+        let asks = self.transport.peers().map(|peer| {
+            let transport = self.transport.clone();
+            async move {
+                let addr = transport.addr(peer).unwrap_or_default().to_string();
+                let started = Instant::now();
+                let result = match transport.client(peer) {
+                    Some(mut client) => {
+                        let mut req = Request::new(NodeStatusRequest {});
+                        req.set_timeout(peer_timeout);
+                        tokio::time::timeout(peer_timeout, client.node_status(req))
+                            .await
+                            .map_err(|_| format!("no answer within {} ms", peer_timeout.as_millis()))
+                            .and_then(|r| r.map_err(|s| s.message().to_string()))
+                    }
+                    None => Err("no link".to_string()),
+                };
+                match result {
+                    Ok(view) => NodeEntry {
+                        id: peer,
+                        addr,
+                        reachable: true,
+                        view: Some(view.get_ref().into()),
+                        error: None,
+                        rtt_us: Some(started.elapsed().as_micros() as u64),
+                    },
+                    Err(error) => NodeEntry {
+                        id: peer,
+                        addr,
+                        reachable: false,
+                        view: None,
+                        error: Some(error),
+                        rtt_us: None,
+                    },
+                }
+            }
+        });
+        let mut nodes = vec![local];
+        nodes.extend(join_all(asks).await);
+        nodes.sort_by_key(|n| n.id);
+        ClusterStatus { node_id: me, nodes }
+    }
+
+    /// Waits (up to `deadline`) for some leader to be known.
+    async fn known_leader(&self, deadline: Instant) -> Result<NodeId, RequestError> {
+        let wait = deadline.saturating_duration_since(Instant::now());
+        self.node
+            .wait_view(wait, |v| v.leader.is_some())
+            .await
+            .and_then(|v| v.leader)
+            .ok_or(RequestError::NotLeader { leader: None })
+    }
+
+    async fn promote(&self, target: NodeId, wait: Duration) -> Result<u64, RequestError> {
+        let deadline = Instant::now() + wait;
+        let mut members: Vec<NodeId> = self.transport.peers().chain([self.node.id()]).collect();
+        members.sort_unstable();
+        if !members.contains(&target) {
+            return Err(RequestError::Invalid(format!(
+                "node {target} is not a member of this cluster (members: {})",
+                join_ids(&members)
+            )));
+        }
+        let mut last_error = None;
+        while Instant::now() < deadline {
+            let leader = match self.known_leader(deadline).await {
+                Ok(l) => l,
+                Err(e) => {
+                    last_error = Some(e);
+                    break;
+                }
+            };
+            if leader == target {
+                return Ok(self.node.view().term);
+            }
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let result = if leader == self.node.id() {
+                self.node.transfer_leadership(target, remaining).await
+            } else {
+                self.forward_transfer(leader, target, remaining).await
+            };
+            match result {
+                Ok(()) => {
+                    // The leader saw the target take over; wait until this node agrees.
+                    let remaining = deadline.saturating_duration_since(Instant::now());
+                    if let Some(v) = self.node.wait_view(remaining, |v| v.leader == Some(target)).await {
+                        return Ok(v.term);
+                    }
+                }
+                // Leadership moved while we asked: look again.
+                Err(RequestError::NotLeader { .. }) => {
+                    let pause = Duration::from_millis(50).min(deadline.saturating_duration_since(Instant::now()));
+                    tokio::time::sleep(pause).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last_error.unwrap_or_else(|| {
+            RequestError::TimedOut(format!(
+                "node {target} did not become leader within {} ms",
+                wait.as_millis()
+            ))
+        }))
+    }
+
+    async fn forward_transfer(&self, leader: NodeId, target: NodeId, wait: Duration) -> Result<(), RequestError> {
+        let mut client = self
+            .transport
+            .client(leader)
+            .ok_or_else(|| RequestError::Unreachable(format!("no link to the leader, node {leader}")))?;
+        let mut req = Request::new(TransferRequest {
+            target,
+            timeout_ms: wait.as_millis() as u64,
+        });
+        req.set_timeout(wait + self.election_timeout);
+        client.transfer_leadership(req).await.map(|_| ()).map_err(|s| status_error(leader, s))
+    }
+
+    async fn barrier(&self, wait: Duration) -> Result<u64, RequestError> {
+        let deadline = Instant::now() + wait;
+        loop {
+            let leader = self.known_leader(deadline).await?;
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let result = if leader == self.node.id() {
+                self.node.local_barrier(remaining).await
+            } else {
+                self.forward_barrier(leader, remaining).await
+            };
+            match result {
+                Ok(index) => {
+                    // Applied on the leader; now wait until it is applied here too.
+                    let remaining = deadline.saturating_duration_since(Instant::now());
+                    return self
+                        .node
+                        .wait_view(remaining, |v| v.applied_index >= index)
+                        .await
+                        .map(|_| index)
+                        .ok_or_else(|| RequestError::TimedOut(format!("entry {index} committed but not applied on this node in time")));
+                }
+                Err(RequestError::NotLeader { .. }) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    async fn forward_barrier(&self, leader: NodeId, wait: Duration) -> Result<u64, RequestError> {
+        let mut client = self
+            .transport
+            .client(leader)
+            .ok_or_else(|| RequestError::Unreachable(format!("no link to the leader, node {leader}")))?;
+        let mut req = Request::new(BarrierRequest {
+            timeout_ms: wait.as_millis() as u64,
+        });
+        req.set_timeout(wait + Duration::from_millis(200));
+        client.barrier(req).await.map(|r| r.get_ref().index).map_err(|s| status_error(leader, s))
+    }
+}
+
+/// Reads a peer's gRPC status back into a request error.
+fn status_error(peer: NodeId, s: Status) -> RequestError {
+    match s.code() {
+        tonic::Code::FailedPrecondition => RequestError::NotLeader { leader: None },
+        tonic::Code::DeadlineExceeded => RequestError::TimedOut(s.message().to_string()),
+        tonic::Code::InvalidArgument => RequestError::Invalid(s.message().to_string()),
+        _ => RequestError::Unreachable(format!("node {peer}: {}", s.message())),
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn status(&self, req: Request<StatusRequest>) -> Result<Response<PbClusterStatus>, Status> {
+        let ms = req.get_ref().peer_timeout_ms;
+        let timeout = if ms == 0 {
+            DEFAULT_PEER_STATUS_TIMEOUT
+        } else {
+            Duration::from_millis(ms.min(10_000))
+        };
+        let status = self.gather(timeout).await;
+        Ok(Response::new((&status).into()))
+    }
+
+    async fn promote(&self, req: Request<PromoteRequest>) -> Result<Response<PromoteReply>, Status> {
+        let r = req.into_inner();
+        let wait = Duration::from_millis(if r.timeout_ms == 0 { 10_000 } else { r.timeout_ms.min(600_000) });
+        info!(target = r.target, "promote requested by an administrator");
+        let term = AdminService::promote(self, r.target, wait).await.map_err(request_status)?;
+        Ok(Response::new(PromoteReply { term }))
+    }
+
+    async fn barrier(&self, req: Request<BarrierRequest>) -> Result<Response<BarrierReply>, Status> {
+        let ms = req.get_ref().timeout_ms;
+        let wait = Duration::from_millis(if ms == 0 { 5_000 } else { ms.min(600_000) });
+        let index = AdminService::barrier(self, wait).await.map_err(request_status)?;
+        Ok(Response::new(BarrierReply { index }))
+    }
+}
+
+/// Connects `clusterctl` to a node's admin socket.
+pub async fn connect(socket: &Path) -> Result<AdminClient<Channel>, ClientError> {
+    let path: PathBuf = socket.to_path_buf();
+    let display = path.display().to_string();
+    // The URI is a placeholder: the connector always dials the socket.
+    let channel = Endpoint::from_static("http://clusterd.admin")
+        .connect_timeout(Duration::from_secs(2))
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let path = path.clone();
+            async move { UnixStream::connect(path).await.map(TokioIo::new) }
+        }))
+        .await
+        .map_err(|e| ClientError::Connect {
+            socket: display,
+            reason: error_chain(&e),
+        })?;
+    Ok(AdminClient::new(channel))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach clusterd at {socket}: {reason}; is clusterd running, and is this the right socket (--socket, or node.admin_socket in --config)?")]
+    Connect { socket: String, reason: String },
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(inner) = source {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    s
+}

@@ -1,0 +1,173 @@
+//! `clusterctl`: the administrator's command line. It talks to the local node
+//! over its admin socket, and makes the cluster's certificates.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use clusterd::admin;
+use clusterd::config::{Config, DEFAULT_ADMIN_SOCKET};
+use clusterd::proto::admin::{PromoteRequest, StatusRequest};
+use clusterd::proto::peer::BarrierRequest;
+use clusterd::status::ClusterStatus;
+
+#[derive(Parser)]
+#[command(version, about = "Administer a clusterd cluster through the local node")]
+struct Args {
+    /// Read `node.admin_socket` from this clusterd config file.
+    #[arg(long, global = true, conflicts_with = "socket")]
+    config: Option<PathBuf>,
+    /// The node's admin socket (default /run/clusterd/admin.sock).
+    #[arg(long, global = true)]
+    socket: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Every node's role, term, commit and applied index, reachability and lag.
+    Status {
+        /// One JSON object instead of the table.
+        #[arg(long)]
+        json: bool,
+        /// How long to wait for each peer's answer.
+        #[arg(long, default_value_t = 800)]
+        peer_timeout_ms: u64,
+    },
+    /// Hand leadership to NODE once it has caught up; exits 0 when it leads.
+    Promote {
+        node: u64,
+        #[arg(long, default_value_t = 15_000)]
+        timeout_ms: u64,
+    },
+    /// Commit a no-op through the leader and wait until it is applied here:
+    /// proves the cluster accepts changes.
+    Barrier {
+        #[arg(long, default_value_t = 5_000)]
+        timeout_ms: u64,
+    },
+    /// Certificates for the cluster's mutual TLS.
+    Certs {
+        #[command(subcommand)]
+        command: CertsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertsCommand {
+    /// Write DIR/ca.crt, ca.key and node-<id>.crt/.key for each id (an existing CA in DIR is reused).
+    Init {
+        #[arg(long)]
+        out: PathBuf,
+        /// Comma-separated node ids, e.g. 1,2,3.
+        #[arg(long, value_delimiter = ',', required = true)]
+        nodes: Vec<u64>,
+        /// Validity of node certificates, in days.
+        #[arg(long, default_value_t = 825)]
+        days: u32,
+    },
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("clusterctl: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("clusterctl: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn socket_path(args: &Args) -> Result<PathBuf> {
+    if let Some(s) = &args.socket {
+        return Ok(s.clone());
+    }
+    if let Some(c) = &args.config {
+        return Config::admin_socket_of(c).map_err(Into::into);
+    }
+    Ok(PathBuf::from(DEFAULT_ADMIN_SOCKET))
+}
+
+async fn run(args: Args) -> Result<ExitCode> {
+    match &args.command {
+        Command::Certs {
+            command: CertsCommand::Init { out, nodes, days },
+        } => {
+            let report = clusterd::certs::init_certs(out, nodes, *days)?;
+            for p in &report.written {
+                println!("wrote {}", p.display());
+            }
+            for p in &report.kept {
+                println!("kept  {} (already there)", p.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status { json, peer_timeout_ms } => {
+            let mut client = admin::connect(&socket_path(&args)?).await?;
+            let reply = client
+                .status(StatusRequest {
+                    peer_timeout_ms: *peer_timeout_ms,
+                })
+                .await
+                .context("the node did not answer the status request")?;
+            let status: ClusterStatus = reply.get_ref().into();
+            if *json {
+                println!("{}", status.to_json());
+            } else {
+                let table = status.to_table();
+                if std::io::stdout().is_terminal() {
+                    print!("{table}");
+                } else {
+                    print!("{table}");
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Promote { node, timeout_ms } => {
+            let mut client = admin::connect(&socket_path(&args)?).await?;
+            let mut req = tonic::Request::new(PromoteRequest {
+                target: *node,
+                timeout_ms: *timeout_ms,
+            });
+            req.set_timeout(Duration::from_millis(*timeout_ms + 2_000));
+            match client.promote(req).await {
+                Ok(r) => {
+                    println!("node {node} is the leader (term {})", r.get_ref().term);
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(s) => bail!("promote node {node} failed: {}", s.message()),
+            }
+        }
+        Command::Barrier { timeout_ms } => {
+            let mut client = admin::connect(&socket_path(&args)?).await?;
+            let started = std::time::Instant::now();
+            let mut req = tonic::Request::new(BarrierRequest {
+                timeout_ms: *timeout_ms,
+            });
+            req.set_timeout(Duration::from_millis(*timeout_ms + 2_000));
+            match client.barrier(req).await {
+                Ok(r) => {
+                    println!(
+                        "committed and applied at index {} in {} ms",
+                        r.get_ref().index,
+                        started.elapsed().as_millis()
+                    );
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(s) => bail!("barrier failed: {}", s.message()),
+            }
+        }
+    }
+}

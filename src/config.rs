@@ -1,0 +1,682 @@
+//! The node's configuration: a TOML file plus `CLUSTERD_<SECTION>__<KEY>`
+//! environment overrides, parsed into [`RawConfig`] and validated into a typed
+//! [`Config`].
+//!
+//! Invariant owned here: a [`Config`] only exists if every key was valid, so the
+//! rest of the daemon never re-checks configuration. Validation collects every
+//! problem rather than stopping at the first, and each problem is one sentence
+//! naming the file and the key.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::tls::TlsPaths;
+
+/// Where `clusterctl` finds the admin socket when it is given neither `--socket` nor `--config`.
+pub const DEFAULT_ADMIN_SOCKET: &str = "/run/clusterd/admin.sock";
+/// Default Raft heartbeat interval; also the tick of the Raft clock.
+pub const DEFAULT_HEARTBEAT_MS: u64 = 100;
+/// Default (minimum) election timeout; the effective one is randomized above it.
+pub const DEFAULT_ELECTION_TIMEOUT_MS: u64 = 1000;
+
+/// A node id: unique, stable and greater than zero (raft-rs reserves 0 for "none").
+pub type NodeId = u64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read or is not valid TOML / has keys of the wrong type.
+    #[error("{file}: {reason}")]
+    Load { file: PathBuf, reason: String },
+    /// The file parsed, but some values are unusable; one sentence per problem.
+    #[error("{}", Problems(.problems))]
+    Invalid { problems: Vec<String> },
+}
+
+struct Problems<'a>(&'a [String]);
+impl fmt::Display for Problems<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{p}")?;
+        }
+        Ok(())
+    }
+}
+
+/// The configuration as written by the user, before validation.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    pub node: Option<RawNode>,
+    #[serde(default)]
+    pub peer: Vec<RawPeer>,
+    pub tls: Option<RawTls>,
+    #[serde(default)]
+    pub raft: RawRaft,
+    #[serde(default)]
+    pub sync: Vec<RawSync>,
+    #[serde(default)]
+    pub hooks: RawHooks,
+    #[serde(default)]
+    pub log: RawLog,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawNode {
+    pub id: Option<i64>,
+    pub listen: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    pub admin_socket: Option<PathBuf>,
+    #[serde(default)]
+    pub witness: bool,
+    #[serde(default)]
+    pub allow_two_node: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPeer {
+    pub id: Option<i64>,
+    pub addr: Option<String>,
+    #[serde(default)]
+    pub witness: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRaft {
+    pub heartbeat_ms: Option<i64>,
+    pub election_timeout_ms: Option<i64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSync {
+    pub name: Option<String>,
+    pub path: Option<PathBuf>,
+    pub mode: Option<String>,
+    #[serde(default)]
+    pub exclude: Vec<String>,
+    #[serde(default)]
+    pub skip_while: Vec<String>,
+    pub on_change: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHooks {
+    pub on_promote: Option<String>,
+    pub on_demote: Option<String>,
+    pub role_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLog {
+    pub level: Option<String>,
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it came from, named in later error messages.
+    pub source: PathBuf,
+    pub node: NodeConfig,
+    /// Every other member of the cluster (the node's own entry, if listed, is dropped).
+    pub peers: Vec<PeerConfig>,
+    pub raft: RaftTimers,
+    pub tls: TlsPaths,
+    pub sync: Vec<SyncSetConfig>,
+    pub hooks: HooksConfig,
+    /// Default log filter when RUST_LOG is not set (e.g. "info").
+    pub log_level: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub id: NodeId,
+    /// Peer gRPC listen address (mutual TLS).
+    pub listen: SocketAddr,
+    /// Raft log, node state and quarantine live here.
+    pub data_dir: PathBuf,
+    /// Unix socket of the admin service, used by `clusterctl`.
+    pub admin_socket: PathBuf,
+    /// A witness votes and keeps the log but holds no sync sets and never leads.
+    pub witness: bool,
+    /// The user accepted a two-voter cluster, which cannot fail over.
+    pub allow_two_node: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerConfig {
+    pub id: NodeId,
+    /// `host:port`, resolved at connect time; may be a NAT or proxy address,
+    /// since the peer's identity comes from its certificate.
+    pub addr: String,
+    pub witness: bool,
+}
+
+/// Raft timers. The Raft clock ticks once per heartbeat interval.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RaftTimers {
+    pub heartbeat: Duration,
+    pub election_timeout: Duration,
+}
+
+impl RaftTimers {
+    /// Election timeout in ticks (raft-rs randomizes it upwards from here).
+    pub fn election_ticks(&self) -> usize {
+        (self.election_timeout.as_millis() / self.heartbeat.as_millis().max(1)) as usize
+    }
+}
+
+impl Default for RaftTimers {
+    fn default() -> Self {
+        RaftTimers {
+            heartbeat: Duration::from_millis(DEFAULT_HEARTBEAT_MS),
+            election_timeout: Duration::from_millis(DEFAULT_ELECTION_TIMEOUT_MS),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncMode {
+    /// Exact copy, deletions included.
+    Mirror,
+    /// Log files: only appended bytes travel.
+    Append,
+}
+
+#[derive(Debug, Clone)]
+pub struct SyncSetConfig {
+    pub name: String,
+    pub path: PathBuf,
+    pub mode: SyncMode,
+    pub exclude: Vec<String>,
+    pub skip_while: Vec<String>,
+    pub on_change: Option<String>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct HooksConfig {
+    pub on_promote: Option<String>,
+    pub on_demote: Option<String>,
+    pub role_file: Option<PathBuf>,
+}
+
+impl Config {
+    /// Reads `file` and the `CLUSTERD_*` environment, then validates.
+    pub fn load(file: &Path) -> Result<Config, ConfigError> {
+        let vars: Vec<(String, String)> = std::env::vars().collect();
+        Self::load_with_env(file, vars)
+    }
+
+    /// Only `node.admin_socket` (for `clusterctl --config`): the rest of the
+    /// file need not be valid for an administrator to reach the node.
+    pub fn admin_socket_of(file: &Path) -> Result<PathBuf, ConfigError> {
+        let raw = Self::load_raw(file, std::env::vars())?;
+        Ok(raw
+            .node
+            .and_then(|n| n.admin_socket)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_ADMIN_SOCKET)))
+    }
+
+    /// As [`Config::load`], with an explicit environment (tests must not mutate the process's).
+    pub fn load_with_env(
+        file: &Path,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let raw = Self::load_raw(file, env)?;
+        validate(raw, file)
+    }
+
+    fn load_raw(
+        file: &Path,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<RawConfig, ConfigError> {
+        let load_err = |reason: String| ConfigError::Load {
+            file: file.to_path_buf(),
+            reason,
+        };
+        let text = std::fs::read_to_string(file).map_err(|e| {
+            load_err(format!("cannot read the config file: {e}; pass the right path with --config"))
+        })?;
+        let env_map: config::Map<String, String> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("CLUSTERD_"))
+            .collect();
+        let raw: RawConfig = config::Config::builder()
+            .add_source(config::File::from_str(&text, config::FileFormat::Toml))
+            .add_source(
+                config::Environment::with_prefix("CLUSTERD")
+                    .prefix_separator("_")
+                    .separator("__")
+                    .try_parsing(true)
+                    .source(Some(env_map)),
+            )
+            .build()
+            .and_then(|c| c.try_deserialize())
+            .map_err(|e| load_err(format!("{e}; fix that key (see the README's configuration reference)")))?;
+        Ok(raw)
+    }
+}
+
+/// Turns a raw configuration into a typed one, or every problem found.
+pub fn validate(raw: RawConfig, file: &Path) -> Result<Config, ConfigError> {
+    let mut v = Validator {
+        file: file.display().to_string(),
+        problems: Vec::new(),
+    };
+
+    let node = match raw.node {
+        Some(n) => v.node(n),
+        None => {
+            v.problem("section [node] is missing; add it with at least id, listen, data_dir");
+            None
+        }
+    };
+    let own_id = node.as_ref().map(|n| n.id);
+    let peers = v.peers(raw.peer, own_id);
+    let raft = v.raft(raw.raft);
+    let tls = v.tls(raw.tls);
+    let sync = v.sync_sets(raw.sync, node.as_ref().is_some_and(|n| n.witness));
+    let hooks = v.hooks(raw.hooks);
+    let log_level = raw.log.level.unwrap_or_else(|| "info".to_string());
+    if let Err(e) = tracing_subscriber::EnvFilter::try_new(&log_level) {
+        v.problem(format!("key `log.level` = {log_level:?} is not a valid log filter ({e}); use e.g. \"info\" or \"info,clusterd=debug\""));
+    }
+    if let Some(n) = &node {
+        v.quorum_shape(n, &peers);
+    }
+
+    match (node, tls) {
+        (Some(node), Some(tls)) if v.problems.is_empty() => Ok(Config {
+            source: file.to_path_buf(),
+            node,
+            peers,
+            raft,
+            tls,
+            sync,
+            hooks,
+            log_level,
+        }),
+        _ => Err(ConfigError::Invalid {
+            problems: v.problems,
+        }),
+    }
+}
+
+struct Validator {
+    file: String,
+    problems: Vec<String>,
+}
+
+impl Validator {
+    fn problem(&mut self, msg: impl fmt::Display) {
+        self.problems.push(format!("{}: {msg}", self.file));
+    }
+
+    fn node_id(&mut self, key: &str, id: Option<i64>) -> Option<NodeId> {
+        match id {
+            None => {
+                self.problem(format!("key `{key}` is missing; give every node a unique id greater than 0"));
+                None
+            }
+            Some(id) if id <= 0 => {
+                self.problem(format!("key `{key}` = {id} must be greater than 0"));
+                None
+            }
+            Some(id) => Some(id as u64),
+        }
+    }
+
+    fn node(&mut self, n: RawNode) -> Option<NodeConfig> {
+        let id = self.node_id("node.id", n.id);
+        let listen = match n.listen.as_deref() {
+            None => Some(SocketAddr::from(([0, 0, 0, 0], 7700))),
+            Some(s) => match s.parse::<SocketAddr>() {
+                Ok(a) => Some(a),
+                Err(_) => {
+                    self.problem(format!("key `node.listen` = {s:?} is not an IP:port address; use e.g. \"0.0.0.0:7700\""));
+                    None
+                }
+            },
+        };
+        let data_dir = n.data_dir.unwrap_or_else(|| PathBuf::from("/var/lib/clusterd"));
+        if !data_dir.is_absolute() {
+            self.problem(format!("key `node.data_dir` = {:?} must be an absolute path", data_dir.display().to_string()));
+        }
+        let admin_socket = n.admin_socket.unwrap_or_else(|| PathBuf::from(DEFAULT_ADMIN_SOCKET));
+        if !admin_socket.is_absolute() {
+            self.problem(format!("key `node.admin_socket` = {:?} must be an absolute path", admin_socket.display().to_string()));
+        }
+        Some(NodeConfig {
+            id: id?,
+            listen: listen?,
+            data_dir,
+            admin_socket,
+            witness: n.witness,
+            allow_two_node: n.allow_two_node,
+        })
+    }
+
+    fn peers(&mut self, raw: Vec<RawPeer>, own_id: Option<NodeId>) -> Vec<PeerConfig> {
+        let mut seen = BTreeSet::new();
+        let mut peers = Vec::new();
+        for (i, p) in raw.into_iter().enumerate() {
+            let key = format!("peer[{i}]");
+            let Some(id) = self.node_id(&format!("{key}.id"), p.id) else { continue };
+            if !seen.insert(id) {
+                self.problem(format!("key `{key}.id` = {id} is listed twice in [[peer]]; each peer id must be unique"));
+                continue;
+            }
+            let addr = match p.addr {
+                Some(a) if valid_host_port(&a) => a,
+                Some(a) => {
+                    self.problem(format!("key `{key}.addr` = {a:?} is not host:port; use e.g. \"10.9.9.223:7700\""));
+                    continue;
+                }
+                None => {
+                    self.problem(format!("key `{key}.addr` is missing; give the address where peer {id} listens"));
+                    continue;
+                }
+            };
+            if Some(id) == own_id {
+                // The node's own entry may be listed so every node can share one peer list.
+                continue;
+            }
+            peers.push(PeerConfig {
+                id,
+                addr,
+                witness: p.witness,
+            });
+        }
+        peers
+    }
+
+    fn raft(&mut self, r: RawRaft) -> RaftTimers {
+        let mut t = RaftTimers::default();
+        if let Some(ms) = r.heartbeat_ms {
+            if !(10..=10_000).contains(&ms) {
+                self.problem(format!("key `raft.heartbeat_ms` = {ms} must be between 10 and 10000"));
+            } else {
+                t.heartbeat = Duration::from_millis(ms as u64);
+            }
+        }
+        if let Some(ms) = r.election_timeout_ms {
+            if !(50..=60_000).contains(&ms) {
+                self.problem(format!("key `raft.election_timeout_ms` = {ms} must be between 50 and 60000"));
+            } else {
+                t.election_timeout = Duration::from_millis(ms as u64);
+            }
+        }
+        if t.election_timeout < t.heartbeat * 3 {
+            self.problem(format!(
+                "key `raft.election_timeout_ms` = {} must be at least 3 times `raft.heartbeat_ms` = {}, or one late heartbeat starts an election",
+                t.election_timeout.as_millis(),
+                t.heartbeat.as_millis()
+            ));
+        }
+        t
+    }
+
+    fn tls(&mut self, t: Option<RawTls>) -> Option<TlsPaths> {
+        let Some(t) = t else {
+            self.problem("section [tls] is missing; set ca, cert and key (make them with `clusterctl certs init`)");
+            return None;
+        };
+        let ca = self.readable_file("tls.ca", t.ca);
+        let cert = self.readable_file("tls.cert", t.cert);
+        let key = self.readable_file("tls.key", t.key);
+        Some(TlsPaths {
+            ca: ca?,
+            cert: cert?,
+            key: key?,
+        })
+    }
+
+    fn readable_file(&mut self, key: &str, path: Option<PathBuf>) -> Option<PathBuf> {
+        let Some(path) = path else {
+            self.problem(format!("key `{key}` is missing; make certificates with `clusterctl certs init`"));
+            return None;
+        };
+        match std::fs::File::open(&path) {
+            Ok(_) => Some(path),
+            Err(e) => {
+                self.problem(format!("key `{key}`: cannot read {}: {e}", path.display()));
+                None
+            }
+        }
+    }
+
+    fn sync_sets(&mut self, raw: Vec<RawSync>, witness: bool) -> Vec<SyncSetConfig> {
+        let mut names = BTreeSet::new();
+        let mut sets = Vec::new();
+        if witness && !raw.is_empty() {
+            self.problem("this node is a witness (`node.witness` = true) but has [[sync]] sets; a witness holds no files, so remove them");
+        }
+        for (i, s) in raw.into_iter().enumerate() {
+            let key = format!("sync[{i}]");
+            let Some(name) = s.name.filter(|n| !n.is_empty()) else {
+                self.problem(format!("key `{key}.name` is missing; name every sync set (the name identifies it across the cluster)"));
+                continue;
+            };
+            if !names.insert(name.clone()) {
+                self.problem(format!("key `{key}.name` = {name:?} is used by two sync sets; names must be unique"));
+            }
+            let Some(path) = s.path else {
+                self.problem(format!("key `{key}.path` is missing for sync set {name:?}"));
+                continue;
+            };
+            if !path.is_absolute() {
+                self.problem(format!("key `{key}.path` = {:?} of sync set {name:?} must be an absolute path", path.display().to_string()));
+            }
+            let mode = match s.mode.as_deref() {
+                None | Some("mirror") => SyncMode::Mirror,
+                Some("append") => SyncMode::Append,
+                Some(other) => {
+                    self.problem(format!("key `{key}.mode` = {other:?} of sync set {name:?} must be \"mirror\" or \"append\""));
+                    SyncMode::Mirror
+                }
+            };
+            sets.push(SyncSetConfig {
+                name,
+                path,
+                mode,
+                exclude: s.exclude,
+                skip_while: s.skip_while,
+                on_change: s.on_change,
+            });
+        }
+        sets
+    }
+
+    fn hooks(&mut self, h: RawHooks) -> HooksConfig {
+        if let Some(p) = &h.role_file {
+            if !p.is_absolute() {
+                self.problem(format!("key `hooks.role_file` = {:?} must be an absolute path", p.display().to_string()));
+            }
+        }
+        HooksConfig {
+            on_promote: h.on_promote,
+            on_demote: h.on_demote,
+            role_file: h.role_file,
+        }
+    }
+
+    /// Two voters cannot survive the loss of either; refuse unless the user said they know.
+    fn quorum_shape(&mut self, node: &NodeConfig, peers: &[PeerConfig]) {
+        let voters = 1 + peers.len();
+        let witnesses = usize::from(node.witness) + peers.iter().filter(|p| p.witness).count();
+        if voters == 2 && witnesses == 0 && !node.allow_two_node {
+            let other = peers.first().map(|p| p.id).unwrap_or_default();
+            self.problem(format!(
+                "the cluster has only two voters (nodes {} and {other}), which cannot fail over: losing either stops it; add a witness node ([[peer]] with witness = true) or set `node.allow_two_node` = true to accept that",
+                node.id
+            ));
+        }
+        if voters - witnesses == 0 {
+            self.problem("every member is a witness; at least one node must hold the data");
+        }
+    }
+}
+
+fn valid_host_port(s: &str) -> bool {
+    match s.rsplit_once(':') {
+        Some((host, port)) => !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0),
+        None => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Fixture {
+        dir: tempfile::TempDir,
+    }
+
+    impl Fixture {
+        fn new() -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            for f in ["ca.crt", "n1.crt", "n1.key"] {
+                std::fs::write(dir.path().join(f), "x").unwrap();
+            }
+            Fixture { dir }
+        }
+        fn tls(&self) -> String {
+            let d = self.dir.path().display();
+            format!("[tls]\nca = \"{d}/ca.crt\"\ncert = \"{d}/n1.crt\"\nkey = \"{d}/n1.key\"\n")
+        }
+        fn load(&self, body: &str) -> Result<Config, ConfigError> {
+            self.load_env(body, vec![])
+        }
+        fn load_env(&self, body: &str, env: Vec<(&str, &str)>) -> Result<Config, ConfigError> {
+            let path = self.dir.path().join("clusterd.toml");
+            std::fs::write(&path, body).unwrap();
+            Config::load_with_env(
+                &path,
+                env.into_iter().map(|(k, v)| (k.to_string(), v.to_string())),
+            )
+        }
+        fn problems(&self, body: &str) -> String {
+            match self.load(body) {
+                Ok(_) => panic!("config was accepted:\n{body}"),
+                Err(e) => e.to_string(),
+            }
+        }
+    }
+
+    const NODE: &str = "[node]\nid = 1\nlisten = \"127.0.0.1:7700\"\ndata_dir = \"/var/lib/clusterd\"\nadmin_socket = \"/run/clusterd/admin.sock\"\n";
+    const PEERS: &str = "[[peer]]\nid = 1\naddr = \"10.0.0.1:7700\"\n[[peer]]\nid = 2\naddr = \"10.0.0.2:7700\"\n[[peer]]\nid = 3\naddr = \"nat.example:7701\"\n";
+
+    #[test]
+    fn a_full_config_is_accepted_and_own_peer_entry_dropped() {
+        let f = Fixture::new();
+        let body = format!(
+            "{NODE}{PEERS}{}[raft]\nheartbeat_ms = 50\nelection_timeout_ms = 500\n[[sync]]\nname = \"tacacs\"\npath = \"/etc/tacacs+\"\nmode = \"mirror\"\nexclude = [\"*.lock\"]\nskip_while = [\"*.lock\"]\non_change = \"systemctl reload tac_plus\"\n[hooks]\nrole_file = \"/root/master-sync/PROMOTE\"\n",
+            f.tls()
+        );
+        let c = f.load(&body).unwrap();
+        assert_eq!(c.node.id, 1);
+        assert_eq!(c.peers.iter().map(|p| p.id).collect::<Vec<_>>(), vec![2, 3]);
+        assert_eq!(c.raft.heartbeat, Duration::from_millis(50));
+        assert_eq!(c.raft.election_ticks(), 10);
+        assert_eq!(c.sync[0].mode, SyncMode::Mirror);
+        assert_eq!(c.sync[0].on_change.as_deref(), Some("systemctl reload tac_plus"));
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        let f = Fixture::new();
+        let body = format!("{NODE}{PEERS}{}", f.tls());
+        let c = f
+            .load_env(&body, vec![("CLUSTERD_NODE__ID", "2"), ("CLUSTERD_RAFT__HEARTBEAT_MS", "200"), ("CLUSTERD_RAFT__ELECTION_TIMEOUT_MS", "2000")])
+            .unwrap();
+        assert_eq!(c.node.id, 2);
+        assert_eq!(c.raft.heartbeat, Duration::from_millis(200));
+        assert_eq!(c.peers.iter().map(|p| p.id).collect::<Vec<_>>(), vec![1, 3]);
+    }
+
+    #[test]
+    fn every_problem_names_its_key() {
+        let f = Fixture::new();
+        let cases: Vec<(String, &str)> = vec![
+            (format!("[node]\nid = 0\n{PEERS}{}", f.tls()), "key `node.id` = 0 must be greater than 0"),
+            (format!("[node]\nlisten = \"1.2.3.4:1\"\n{PEERS}{}", f.tls()), "key `node.id` is missing"),
+            (format!("[node]\nid = 1\nlisten = \"nowhere\"\n{PEERS}{}", f.tls()), "key `node.listen` = \"nowhere\" is not an IP:port address"),
+            (format!("[node]\nid = 1\ndata_dir = \"rel\"\n{PEERS}{}", f.tls()), "key `node.data_dir` = \"rel\" must be an absolute path"),
+            (format!("[node]\nid = 1\nadmin_socket = \"a.sock\"\n{PEERS}{}", f.tls()), "key `node.admin_socket` = \"a.sock\" must be an absolute path"),
+            (format!("{NODE}{PEERS}[[peer]]\nid = 2\naddr = \"x:1\"\n{}", f.tls()), "key `peer[3].id` = 2 is listed twice"),
+            (format!("{NODE}{PEERS}[[peer]]\nid = -4\naddr = \"x:1\"\n{}", f.tls()), "key `peer[3].id` = -4 must be greater than 0"),
+            (format!("{NODE}{PEERS}[[peer]]\nid = 4\naddr = \"x\"\n{}", f.tls()), "key `peer[3].addr` = \"x\" is not host:port"),
+            (format!("{NODE}{PEERS}[[peer]]\nid = 4\n{}", f.tls()), "key `peer[3].addr` is missing"),
+            (format!("{NODE}{PEERS}"), "section [tls] is missing"),
+            (format!("{NODE}{PEERS}[tls]\nca = \"/nonexistent/ca.crt\"\ncert = \"/x\"\nkey = \"/y\"\n"), "key `tls.ca`: cannot read /nonexistent/ca.crt"),
+            (format!("{NODE}{PEERS}[tls]\nca = \"/nonexistent/ca.crt\"\n"), "key `tls.cert` is missing"),
+            (format!("{NODE}{PEERS}{}[raft]\nheartbeat_ms = 5\n", f.tls()), "key `raft.heartbeat_ms` = 5 must be between 10 and 10000"),
+            (format!("{NODE}{PEERS}{}[raft]\nelection_timeout_ms = 200\n", f.tls()), "key `raft.election_timeout_ms` = 200 must be at least 3 times"),
+            (format!("{NODE}{PEERS}{}[raft]\nelection_timeout_ms = 10\n", f.tls()), "key `raft.election_timeout_ms` = 10 must be between 50 and 60000"),
+            (format!("{NODE}{PEERS}{}[[sync]]\npath = \"/etc/x\"\n", f.tls()), "key `sync[0].name` is missing"),
+            (format!("{NODE}{PEERS}{}[[sync]]\nname = \"a\"\n", f.tls()), "key `sync[0].path` is missing"),
+            (format!("{NODE}{PEERS}{}[[sync]]\nname = \"a\"\npath = \"etc\"\n", f.tls()), "key `sync[0].path` = \"etc\" of sync set \"a\" must be an absolute path"),
+            (format!("{NODE}{PEERS}{}[[sync]]\nname = \"a\"\npath = \"/etc\"\nmode = \"copy\"\n", f.tls()), "key `sync[0].mode` = \"copy\" of sync set \"a\" must be \"mirror\" or \"append\""),
+            (format!("{NODE}{PEERS}{}[[sync]]\nname = \"a\"\npath = \"/a\"\n[[sync]]\nname = \"a\"\npath = \"/b\"\n", f.tls()), "key `sync[1].name` = \"a\" is used by two sync sets"),
+            (format!("{NODE}{PEERS}{}[hooks]\nrole_file = \"PROMOTE\"\n", f.tls()), "key `hooks.role_file` = \"PROMOTE\" must be an absolute path"),
+            (format!("{NODE}{PEERS}{}[log]\nlevel = \"info,,=[\"\n", f.tls()), "key `log.level`"),
+            (format!("{NODE}[[peer]]\nid = 2\naddr = \"h:1\"\n{}", f.tls()), "the cluster has only two voters (nodes 1 and 2), which cannot fail over"),
+            (format!("[node]\nid = 1\nwitness = true\n{PEERS}{}[[sync]]\nname = \"a\"\npath = \"/a\"\n", f.tls()), "this node is a witness"),
+            (format!("{NODE}{PEERS}{}", f.tls().replace("[tls]", "[tsl]")), "unknown field `tsl`"),
+            (format!("{NODE}\nbogus = 1\n{PEERS}{}", f.tls()), "unknown field `bogus`"),
+            ("[node\nid=1".to_string(), "clusterd.toml"),
+        ];
+        for (body, expected) in cases {
+            let msg = f.problems(&body);
+            assert!(msg.contains(expected), "expected {expected:?} in:\n{msg}\nfor config:\n{body}");
+            assert!(msg.contains("clusterd.toml"), "message does not name the file: {msg}");
+        }
+    }
+
+    #[test]
+    fn all_problems_are_reported_at_once() {
+        let f = Fixture::new();
+        let msg = f.problems("[node]\nid = 0\nlisten = \"x\"\n[[peer]]\nid = 2\n");
+        assert!(msg.contains("node.id"), "{msg}");
+        assert!(msg.contains("node.listen"), "{msg}");
+        assert!(msg.contains("peer[0].addr"), "{msg}");
+        assert!(msg.contains("[tls]"), "{msg}");
+        assert_eq!(msg.lines().count(), 4, "{msg}");
+    }
+
+    #[test]
+    fn two_nodes_are_allowed_with_a_witness_or_explicit_consent() {
+        let f = Fixture::new();
+        let with_witness = format!("{NODE}[[peer]]\nid = 2\naddr = \"h:1\"\n[[peer]]\nid = 3\naddr = \"w:1\"\nwitness = true\n{}", f.tls());
+        assert!(f.load(&with_witness).is_ok());
+        let consent = format!("{}allow_two_node = true\n[[peer]]\nid = 2\naddr = \"h:1\"\n{}", NODE, f.tls());
+        assert!(f.load(&consent).is_ok());
+    }
+
+    #[test]
+    fn missing_file_is_named() {
+        let err = Config::load_with_env(Path::new("/nonexistent/clusterd.toml"), vec![]).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.starts_with("/nonexistent/clusterd.toml: cannot read the config file"), "{msg}");
+    }
+}

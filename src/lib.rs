@@ -1,0 +1,22 @@
+//! clusterd: Raft-led replication of configuration, account and log files
+//! across the nodes of a small high-availability cluster.
+//!
+//! The binaries (`clusterd`, `clusterctl`) are thin shells over this library:
+//! they parse arguments, set up logging and call into the modules below.
+//! ARCHITECTURE.md has the code map and the invariant each module owns.
+
+pub mod admin;
+pub mod certs;
+pub mod config;
+pub mod logging;
+pub mod node;
+pub mod peer;
+pub mod proto;
+pub mod raft_core;
+pub mod status;
+pub mod storage;
+pub mod tls;
+pub mod transport;
+
+pub use config::Config;
+pub use node::run;

@@ -1,0 +1,569 @@
+//! The running node: `run(config, shutdown)` wires storage, TLS, transport,
+//! the peer and admin servers around one node task, and the node task itself.
+//!
+//! The node task is the only owner of the [`RaftCore`]. Everything else talks
+//! to it through [`NodeHandle`], which sends it a closed [`NodeMsg`] enum and
+//! reads its published [`NodeView`]. Invariant owned here: the task never
+//! blocks on I/O other than its own fsyncs, and on shutdown a leader hands
+//! leadership to a caught-up follower before it exits.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use raft::prelude::Message;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{error, info, warn, Instrument};
+
+use crate::config::{Config, NodeId};
+use crate::raft_core::{Command, CommittedEntry, CoreError, CoreOptions, NodeView, RaftCore, Role, StateMachine};
+use crate::storage::RaftStore;
+use crate::tls::PeerTls;
+use crate::transport::{LinkEvent, Transport};
+
+/// Messages waiting for the node task before peers' messages are dropped.
+const INBOX: usize = 8192;
+/// How long a leader that is shutting down waits for its successor.
+const SHUTDOWN_HANDOVER: Duration = Duration::from_secs(3);
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("cannot create {path}: {source}")]
+    DataDir { path: String, source: std::io::Error },
+    #[error(transparent)]
+    Storage(#[from] crate::storage::StorageError),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    #[error(transparent)]
+    Core(#[from] CoreError),
+    #[error("cannot listen for peers on {addr} (key `node.listen`): {source}")]
+    Listen { addr: String, source: std::io::Error },
+    #[error("admin socket {path} (key `node.admin_socket`): {reason}")]
+    AdminSocket { path: String, reason: String },
+    #[error("the Raft log in {path} was created for members {stored:?}, but the config lists {configured:?}; membership changes are not supported yet, so restore the original [[peer]] list")]
+    Membership {
+        path: String,
+        stored: Vec<NodeId>,
+        configured: Vec<NodeId>,
+    },
+    #[error("peer server failed: {0}")]
+    PeerServer(tonic::transport::Error),
+}
+
+/// Why a request to the node failed, as one sentence for the user.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RequestError {
+    #[error("{}", not_leader_text(*.leader))]
+    NotLeader { leader: Option<NodeId> },
+    #[error("timed out: {0}")]
+    TimedOut(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Unreachable(String),
+    #[error("the node is shutting down")]
+    ShuttingDown,
+}
+
+fn not_leader_text(leader: Option<NodeId>) -> String {
+    match leader {
+        Some(l) => format!("this node is not the leader; node {l} is"),
+        None => "no leader is known right now (an election may be under way, or a majority is unreachable)".to_string(),
+    }
+}
+
+impl From<CoreError> for RequestError {
+    fn from(e: CoreError) -> Self {
+        match e {
+            CoreError::NotLeader { leader } => RequestError::NotLeader { leader },
+            other => RequestError::Unreachable(other.to_string()),
+        }
+    }
+}
+
+/// The closed set of inputs of the node task.
+#[derive(Debug)]
+pub enum NodeMsg {
+    /// Authenticated Raft messages from a peer.
+    Raft(Vec<Message>),
+    /// Commit a no-op; reply with its index once applied here (leader only).
+    Barrier {
+        deadline: Instant,
+        reply: oneshot::Sender<Result<u64, RequestError>>,
+    },
+    /// Hand leadership to `target` once it has caught up (leader only).
+    Transfer {
+        target: NodeId,
+        deadline: Instant,
+        reply: oneshot::Sender<Result<(), RequestError>>,
+    },
+    /// Delivery news from the transport.
+    Link(LinkEvent),
+}
+
+/// A cheap, cloneable way to talk to the node task.
+#[derive(Clone)]
+pub struct NodeHandle {
+    id: NodeId,
+    inbox: mpsc::Sender<NodeMsg>,
+    view: watch::Receiver<NodeView>,
+    started: Instant,
+}
+
+impl NodeHandle {
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+
+    pub fn view(&self) -> NodeView {
+        self.view.borrow().clone()
+    }
+
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Hands peer messages to the node without waiting; drops them if it is overloaded.
+    pub fn deliver(&self, messages: Vec<Message>) {
+        if self.inbox.try_send(NodeMsg::Raft(messages)).is_err() {
+            tracing::debug!("node inbox full; dropping peer messages (raft retransmits)");
+        }
+    }
+
+    /// Commits a no-op through this node, which must be the leader.
+    pub async fn local_barrier(&self, wait: Duration) -> Result<u64, RequestError> {
+        let (reply, rx) = oneshot::channel();
+        let deadline = Instant::now() + wait;
+        self.inbox
+            .send(NodeMsg::Barrier { deadline, reply })
+            .await
+            .map_err(|_| RequestError::ShuttingDown)?;
+        rx.await.map_err(|_| RequestError::ShuttingDown)?
+    }
+
+    /// Hands leadership from this node (the leader) to `target`.
+    pub async fn transfer_leadership(&self, target: NodeId, wait: Duration) -> Result<(), RequestError> {
+        let (reply, rx) = oneshot::channel();
+        let deadline = Instant::now() + wait;
+        self.inbox
+            .send(NodeMsg::Transfer { target, deadline, reply })
+            .await
+            .map_err(|_| RequestError::ShuttingDown)?;
+        rx.await.map_err(|_| RequestError::ShuttingDown)?
+    }
+
+    /// Waits until the published view satisfies `pred`, or `wait` passes.
+    pub async fn wait_view(&self, wait: Duration, mut pred: impl FnMut(&NodeView) -> bool) -> Option<NodeView> {
+        let mut rx = self.view.clone();
+        let result = tokio::time::timeout(wait, rx.wait_for(|v| pred(v))).await;
+        match result {
+            Ok(Ok(v)) => Some(v.clone()),
+            _ => None,
+        }
+    }
+}
+
+/// The state machine until file replication lands: entries carry barriers only.
+struct NoFiles;
+
+impl StateMachine for NoFiles {
+    fn apply(&mut self, _entry: &CommittedEntry) -> Result<(), CoreError> {
+        Ok(())
+    }
+    fn snapshot_data(&self) -> Vec<u8> {
+        Vec::new()
+    }
+    fn restore(&mut self, _index: u64, _data: &[u8]) -> Result<(), CoreError> {
+        Ok(())
+    }
+}
+
+struct PendingTransfer {
+    target: NodeId,
+    deadline: Instant,
+    reply: oneshot::Sender<Result<(), RequestError>>,
+    /// When raft-rs was last asked to transfer; it aborts after an election timeout.
+    started: Option<Instant>,
+}
+
+struct NodeTask {
+    core: RaftCore<RaftStore>,
+    inbox: mpsc::Receiver<NodeMsg>,
+    links: mpsc::Receiver<LinkEvent>,
+    transport: Transport,
+    view: watch::Sender<NodeView>,
+    state: NoFiles,
+    /// Barriers proposed here, by token, waiting to be applied.
+    barriers: HashMap<u64, (Instant, oneshot::Sender<Result<u64, RequestError>>)>,
+    next_token: u64,
+    transfers: Vec<PendingTransfer>,
+    tick: Duration,
+    election_timeout: Duration,
+}
+
+impl NodeTask {
+    async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> Result<(), NodeError> {
+        let mut ticker = tokio::time::interval(self.tick);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut handover_until: Option<Instant> = None;
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {
+                    self.core.tick();
+                    self.expire_requests();
+                }
+                Some(msg) = self.inbox.recv() => {
+                    self.handle(msg);
+                    // Take whatever else is queued, so one Ready covers a burst.
+                    for _ in 0..256 {
+                        match self.inbox.try_recv() {
+                            Ok(m) => self.handle(m),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                Some(ev) = self.links.recv() => self.handle(NodeMsg::Link(ev)),
+                changed = shutdown.changed(), if handover_until.is_none() => {
+                    let _ = changed;
+                    handover_until = Some(Instant::now() + SHUTDOWN_HANDOVER);
+                    if !self.start_handover() {
+                        break;
+                    }
+                }
+            }
+            self.ready()?;
+            if let Some(until) = handover_until {
+                if !self.core.is_leader() || Instant::now() >= until {
+                    if self.core.is_leader() {
+                        warn!(term = self.core.term(), "no follower took over leadership in time; exiting as leader, the others will elect after a timeout");
+                    } else {
+                        info!(term = self.core.term(), leader = ?self.core.leader(), "handed leadership over; exiting");
+                    }
+                    break;
+                }
+            }
+        }
+        for (_, (_, reply)) in self.barriers.drain() {
+            let _ = reply.send(Err(RequestError::ShuttingDown));
+        }
+        for t in self.transfers.drain(..) {
+            let _ = t.reply.send(Err(RequestError::ShuttingDown));
+        }
+        Ok(())
+    }
+
+    /// On shutdown, a leader hands over to the most caught-up active follower.
+    /// Returns false when there is nothing to wait for.
+    fn start_handover(&mut self) -> bool {
+        if !self.core.is_leader() {
+            return false;
+        }
+        let view = self.core.view();
+        let best = view
+            .progress
+            .iter()
+            .filter(|p| p.id != view.id && p.recent_active)
+            .max_by_key(|p| p.match_index);
+        match best {
+            Some(p) => {
+                info!(term = view.term, target = p.id, "shutting down: handing leadership to node {}", p.id);
+                self.core.transfer_leader(p.id);
+                true
+            }
+            None => {
+                warn!(term = view.term, "shutting down as leader with no active follower to hand over to");
+                false
+            }
+        }
+    }
+
+    fn handle(&mut self, msg: NodeMsg) {
+        match msg {
+            NodeMsg::Raft(messages) => {
+                for m in messages {
+                    if let Err(e) = self.core.step(m) {
+                        warn!(term = self.core.term(), error = %e, "raft refused a peer message");
+                    }
+                }
+            }
+            NodeMsg::Barrier { deadline, reply } => {
+                self.next_token += 1;
+                let token = self.next_token;
+                let command = Command::Barrier {
+                    origin: self.core.id(),
+                    token,
+                };
+                match self.core.propose(&command) {
+                    Ok(()) => {
+                        self.barriers.insert(token, (deadline, reply));
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e.into()));
+                    }
+                }
+            }
+            NodeMsg::Transfer { target, deadline, reply } => self.begin_transfer(target, deadline, reply),
+            NodeMsg::Link(LinkEvent::Unreachable(peer)) => self.core.report_unreachable(peer),
+            NodeMsg::Link(LinkEvent::Snapshot(peer, status)) => self.core.report_snapshot(peer, status),
+        }
+    }
+
+    fn begin_transfer(&mut self, target: NodeId, deadline: Instant, reply: oneshot::Sender<Result<(), RequestError>>) {
+        let voters = self.core.voters();
+        if !voters.contains(&target) {
+            let _ = reply.send(Err(RequestError::Invalid(format!(
+                "node {target} is not a member of this cluster (members: {})",
+                join_ids(&voters)
+            ))));
+            return;
+        }
+        if self.core.leader() == Some(target) {
+            let _ = reply.send(Ok(()));
+            return;
+        }
+        if !self.core.is_leader() {
+            let _ = reply.send(Err(RequestError::NotLeader {
+                leader: self.core.leader(),
+            }));
+            return;
+        }
+        info!(term = self.core.term(), target, "leadership transfer to node {target} requested; waiting for it to catch up");
+        self.transfers.push(PendingTransfer {
+            target,
+            deadline,
+            reply,
+            started: None,
+        });
+    }
+
+    /// Drives pending transfers: start once the target has everything, finish
+    /// once it leads, fail at the deadline with what stood in the way.
+    fn drive_transfers(&mut self) {
+        let now = Instant::now();
+        let last = self.core.last_index();
+        let leader = self.core.leader();
+        let is_leader = self.core.is_leader();
+        let mut still = Vec::new();
+        for mut t in self.transfers.drain(..) {
+            if leader == Some(t.target) {
+                info!(term = self.core.term(), target = t.target, "leadership transferred to node {}", t.target);
+                let _ = t.reply.send(Ok(()));
+                continue;
+            }
+            if !is_leader {
+                // Leadership went elsewhere (or an election is running): the caller re-checks.
+                let _ = t.reply.send(Err(RequestError::NotLeader { leader }));
+                continue;
+            }
+            let matched = self.core.match_index(t.target).unwrap_or(0);
+            if now >= t.deadline {
+                let why = if matched < last {
+                    format!("node {} had not caught up (it has entry {matched} of {last}); is it reachable?", t.target)
+                } else {
+                    format!("node {} had caught up but did not take over", t.target)
+                };
+                let _ = t.reply.send(Err(RequestError::TimedOut(why)));
+                continue;
+            }
+            let restart = t.started.is_none_or(|s| now.duration_since(s) > self.election_timeout * 2);
+            if matched >= last && restart {
+                self.core.transfer_leader(t.target);
+                t.started = Some(now);
+            }
+            still.push(t);
+        }
+        self.transfers = still;
+    }
+
+    fn expire_requests(&mut self) {
+        let now = Instant::now();
+        let expired: Vec<u64> = self
+            .barriers
+            .iter()
+            .filter(|(_, (deadline, _))| *deadline <= now)
+            .map(|(t, _)| *t)
+            .collect();
+        for token in expired {
+            if let Some((_, reply)) = self.barriers.remove(&token) {
+                let _ = reply.send(Err(RequestError::TimedOut(
+                    "the barrier was not committed in time; is a majority reachable?".to_string(),
+                )));
+            }
+        }
+    }
+
+    fn ready(&mut self) -> Result<(), NodeError> {
+        let out = self.core.handle_ready(&mut self.state)?;
+        for peer in self.transport.send(out.messages) {
+            self.core.report_snapshot(peer, raft::SnapshotStatus::Failure);
+        }
+        let me = self.core.id();
+        for entry in &out.applied {
+            if let Some(Command::Barrier { origin, token }) = entry.command {
+                if origin == me {
+                    if let Some((_, reply)) = self.barriers.remove(&token) {
+                        let _ = reply.send(Ok(entry.index));
+                    }
+                }
+            }
+        }
+        if let Some(change) = out.role_change {
+            info!(term = change.term, role = change.role.as_str(), leader = ?change.leader, "role or leader changed");
+            if change.role != Role::Leader {
+                // A deposed leader's pending barriers may still commit under the new
+                // leader, but this node can no longer tell: let the callers retry.
+                for (_, (_, reply)) in self.barriers.drain() {
+                    let _ = reply.send(Err(RequestError::NotLeader { leader: change.leader }));
+                }
+            }
+        }
+        self.drive_transfers();
+        let view = self.core.view();
+        self.view.send_if_modified(|v| {
+            if *v != view {
+                *v = view;
+                true
+            } else {
+                false
+            }
+        });
+        Ok(())
+    }
+}
+
+pub fn join_ids(ids: &[NodeId]) -> String {
+    ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(", ")
+}
+
+/// Opens (or bootstraps) the Raft storage in `data_dir/raft`. A fresh node
+/// whose config lists the same members as its peers forms the cluster with
+/// them; a node with existing state never re-bootstraps.
+pub fn open_storage(data_dir: &Path, voters: &[NodeId]) -> Result<RaftStore, NodeError> {
+    create_private_dir(data_dir)?;
+    let raft_dir = data_dir.join("raft");
+    let store = RaftStore::open(&raft_dir)?;
+    if !store.is_initialized() {
+        info!(members = %join_ids(voters), "new node: creating the Raft log with the configured members");
+        store.bootstrap(voters)?;
+    } else {
+        let mut stored: Vec<NodeId> = store.conf_state().voters.clone();
+        stored.sort_unstable();
+        if stored != voters {
+            return Err(NodeError::Membership {
+                path: raft_dir.display().to_string(),
+                stored,
+                configured: voters.to_vec(),
+            });
+        }
+    }
+    Ok(store)
+}
+
+fn create_private_dir(dir: &Path) -> Result<(), NodeError> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|source| NodeError::DataDir {
+            path: dir.display().to_string(),
+            source,
+        })
+}
+
+/// Runs a node until `shutdown` resolves, then shuts down gracefully.
+pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>) -> Result<(), NodeError> {
+    let id = config.node.id;
+    let span = tracing::info_span!("node", id);
+    run_inner(config, shutdown).instrument(span).await
+}
+
+async fn run_inner(config: Config, shutdown: impl std::future::Future<Output = ()>) -> Result<(), NodeError> {
+    let id = config.node.id;
+    let mut voters: Vec<NodeId> = config.peers.iter().map(|p| p.id).chain([id]).collect();
+    voters.sort_unstable();
+    let store = open_storage(&config.node.data_dir, &voters)?;
+    let tls = PeerTls::load(&config.tls, id)?;
+
+    let options = CoreOptions {
+        witness: config.node.witness,
+        ..CoreOptions::default()
+    };
+    let logger = crate::logging::raft_logger(id);
+    let core = RaftCore::new(id, &config.raft, store, options, &logger)?;
+    let initial = core.view();
+    info!(term = initial.term, vote = initial.vote, commit = initial.commit_index, applied = initial.applied_index, "starting node {id} of cluster [{}]", join_ids(&voters));
+
+    let listener = TcpListener::bind(config.node.listen).await.map_err(|source| NodeError::Listen {
+        addr: config.node.listen.to_string(),
+        source,
+    })?;
+    let admin_listener = crate::admin::bind_socket(&config.node.admin_socket)?;
+
+    let (link_tx, link_rx) = mpsc::channel(1024);
+    let transport = Transport::start(&config.peers, &tls, link_tx);
+    let (inbox_tx, inbox_rx) = mpsc::channel(INBOX);
+    let (view_tx, view_rx) = watch::channel(initial);
+    let handle = NodeHandle {
+        id,
+        inbox: inbox_tx,
+        view: view_rx,
+        started: Instant::now(),
+    };
+
+    let task = NodeTask {
+        core,
+        inbox: inbox_rx,
+        links: link_rx,
+        transport: transport.clone(),
+        view: view_tx,
+        state: NoFiles,
+        barriers: HashMap::new(),
+        next_token: rand::random::<u64>() >> 16,
+        transfers: Vec::new(),
+        tick: config.raft.heartbeat,
+        election_timeout: config.raft.election_timeout,
+    };
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut node_task = tokio::spawn(task.run(stop_rx).in_current_span());
+
+    let members: Arc<BTreeSet<NodeId>> = Arc::new(config.peers.iter().map(|p| p.id).collect());
+    let (servers_stop_tx, servers_stop_rx) = watch::channel(false);
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let incoming = crate::peer::accept_loop(listener, tls, members);
+    let mut peer_server = tokio::spawn(
+        crate::peer::serve(incoming, handle.clone(), stopped(servers_stop_rx.clone())).in_current_span(),
+    );
+    let admin = crate::admin::AdminService::new(handle.clone(), transport, config.raft.election_timeout);
+    let admin_server = tokio::spawn(admin.serve(admin_listener, stopped(servers_stop_rx)).in_current_span());
+    info!(listen = %config.node.listen, admin_socket = %config.node.admin_socket.display(), "node {id} is up");
+
+    tokio::pin!(shutdown);
+    let result = tokio::select! {
+        _ = &mut shutdown => {
+            info!("shutdown requested");
+            let _ = stop_tx.send(true);
+            match node_task.await {
+                Ok(r) => r,
+                Err(e) => { error!(error = %e, "node task panicked"); Ok(()) }
+            }
+        }
+        r = &mut node_task => match r {
+            Ok(r) => r,
+            Err(e) => { error!(error = %e, "node task panicked"); Ok(()) }
+        },
+        r = &mut peer_server => match r {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(NodeError::PeerServer(e)),
+            Err(e) => { error!(error = %e, "peer server panicked"); Ok(()) }
+        },
+    };
+    let _ = servers_stop_tx.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(2), admin_server).await;
+    let _ = std::fs::remove_file(&config.node.admin_socket);
+    result
+}

@@ -1,0 +1,260 @@
+//! The peer side of the network: the TLS accept loop that binds every
+//! incoming connection to the node id in its certificate, and the `Peer`
+//! gRPC service that serves Raft messages, status, leadership transfers and
+//! barriers to the other nodes.
+//!
+//! Invariant owned here (invariant 5): no byte from a peer reaches the node
+//! unless the peer completed mutual TLS against the cluster CA, its certificate
+//! names a configured member, and every Raft message it sends claims to come
+//! from that same member.
+
+use std::collections::BTreeSet;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_rustls::server::TlsStream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::server::Connected;
+use tonic::{Request, Response, Status};
+use tracing::{debug, info, warn};
+
+use crate::config::NodeId;
+use crate::node::{NodeHandle, RequestError};
+use crate::proto::peer::peer_server::{Peer, PeerServer};
+use crate::proto::peer::{
+    BarrierReply, BarrierRequest, NodeStatusRequest, NodeView, RaftAck, RaftBatch, TransferReply,
+    TransferRequest,
+};
+use crate::proto::decode_raft_message;
+use crate::tls::{peer_node_id, PeerTls};
+
+/// Largest gRPC message accepted from a peer.
+pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+/// A peer that does not finish the TLS handshake in this time is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest a peer may ask us to wait in a transfer or barrier.
+const MAX_REQUEST_WAIT: Duration = Duration::from_secs(120);
+
+/// Who is on the other end of an accepted connection, as proven by its certificate.
+#[derive(Debug, Clone, Copy)]
+pub struct PeerIdentity {
+    pub node_id: NodeId,
+    pub remote: SocketAddr,
+}
+
+/// An accepted, authenticated connection, carrying its identity into tonic's
+/// request extensions.
+pub struct PeerConn {
+    stream: TlsStream<TcpStream>,
+    identity: PeerIdentity,
+}
+
+impl Connected for PeerConn {
+    type ConnectInfo = PeerIdentity;
+    fn connect_info(&self) -> PeerIdentity {
+        self.identity
+    }
+}
+
+impl AsyncRead for PeerConn {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for PeerConn {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+}
+
+/// Accepts TCP connections, completes mutual TLS and admits only members.
+/// Refusals are logged with the remote address and the reason.
+pub fn accept_loop(
+    listener: TcpListener,
+    tls: PeerTls,
+    members: Arc<BTreeSet<NodeId>>,
+) -> ReceiverStream<io::Result<PeerConn>> {
+    let (tx, rx) = mpsc::channel(64);
+    tokio::spawn(async move {
+        loop {
+            let (tcp, remote) = match listener.accept().await {
+                Ok(x) => x,
+                Err(e) => {
+                    // EMFILE and friends: back off rather than spin.
+                    warn!(error = %e, "accepting a peer connection failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            let acceptor = tls.acceptor();
+            let members = members.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        warn!(%remote, reason = %e, "refused peer {remote}: TLS handshake failed: {e}");
+                        return;
+                    }
+                    Err(_) => {
+                        warn!(%remote, "refused peer {remote}: TLS handshake did not finish within {HANDSHAKE_TIMEOUT:?}");
+                        return;
+                    }
+                };
+                let node_id = match peer_node_id(&stream) {
+                    Ok(id) => id,
+                    Err(e) => {
+                        warn!(%remote, "refused peer {remote}: {e}");
+                        return;
+                    }
+                };
+                if !members.contains(&node_id) {
+                    warn!(%remote, peer = node_id, "refused peer {remote}: its certificate is for node {node_id}, which is not a member of this cluster; add it to [[peer]] on every node or revoke it");
+                    return;
+                }
+                debug!(%remote, peer = node_id, "peer connection authenticated");
+                let _ = tx
+                    .send(Ok(PeerConn {
+                        stream,
+                        identity: PeerIdentity { node_id, remote },
+                    }))
+                    .await;
+            });
+        }
+    });
+    ReceiverStream::new(rx)
+}
+
+pub struct PeerService {
+    node: NodeHandle,
+}
+
+impl PeerService {
+    pub fn server(node: NodeHandle) -> PeerServer<PeerService> {
+        PeerServer::new(PeerService { node })
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    }
+}
+
+fn identity<T>(req: &Request<T>) -> Result<PeerIdentity, Status> {
+    req.extensions()
+        .get::<PeerIdentity>()
+        .copied()
+        .ok_or_else(|| Status::unauthenticated("no authenticated peer identity on this connection"))
+}
+
+fn wait_of(ms: u64) -> Duration {
+    Duration::from_millis(ms).min(MAX_REQUEST_WAIT)
+}
+
+#[tonic::async_trait]
+impl Peer for PeerService {
+    async fn raft(&self, req: Request<RaftBatch>) -> Result<Response<RaftAck>, Status> {
+        let who = identity(&req)?;
+        let batch = req.into_inner();
+        let mut messages = Vec::with_capacity(batch.messages.len());
+        for bytes in &batch.messages {
+            let m = decode_raft_message(bytes).map_err(|e| {
+                warn!(peer = who.node_id, remote = %who.remote, "refused a raft message from peer {}: it does not decode: {e}", who.node_id);
+                Status::invalid_argument(format!("undecodable raft message: {e}"))
+            })?;
+            if m.from != who.node_id {
+                warn!(peer = who.node_id, remote = %who.remote, claimed = m.from,
+                    "refused a raft message from peer {}: it claims to come from node {}", who.node_id, m.from);
+                return Err(Status::permission_denied(format!(
+                    "your certificate is for node {}, but the message claims node {}",
+                    who.node_id, m.from
+                )));
+            }
+            if m.to != self.node.id() {
+                return Err(Status::invalid_argument(format!(
+                    "message addressed to node {}, but this is node {}",
+                    m.to,
+                    self.node.id()
+                )));
+            }
+            messages.push(m);
+        }
+        self.node.deliver(messages);
+        Ok(Response::new(RaftAck {}))
+    }
+
+    async fn node_status(&self, _req: Request<NodeStatusRequest>) -> Result<Response<NodeView>, Status> {
+        let mut view: NodeView = (&self.node.view()).into();
+        view.uptime_ms = self.node.uptime().as_millis() as u64;
+        Ok(Response::new(view))
+    }
+
+    async fn transfer_leadership(&self, req: Request<TransferRequest>) -> Result<Response<TransferReply>, Status> {
+        let who = identity(&req)?;
+        let r = req.into_inner();
+        info!(peer = who.node_id, target = r.target, "leadership transfer requested by peer");
+        self.node
+            .transfer_leadership(r.target, wait_of(r.timeout_ms))
+            .await
+            .map_err(request_status)?;
+        Ok(Response::new(TransferReply {}))
+    }
+
+    async fn barrier(&self, req: Request<BarrierRequest>) -> Result<Response<BarrierReply>, Status> {
+        let r = req.into_inner();
+        let index = self
+            .node
+            .local_barrier(wait_of(r.timeout_ms))
+            .await
+            .map_err(request_status)?;
+        Ok(Response::new(BarrierReply { index }))
+    }
+}
+
+/// Maps a node request error to a gRPC status, keeping its sentence.
+pub fn request_status(e: RequestError) -> Status {
+    match &e {
+        RequestError::NotLeader { .. } => Status::failed_precondition(e.to_string()),
+        RequestError::TimedOut(_) => Status::deadline_exceeded(e.to_string()),
+        RequestError::Invalid(_) => Status::invalid_argument(e.to_string()),
+        RequestError::Unreachable(_) => Status::unavailable(e.to_string()),
+        RequestError::ShuttingDown => Status::unavailable(e.to_string()),
+    }
+}
+
+/// Serves the peer service on already-authenticated connections until `shutdown` resolves.
+pub async fn serve(
+    incoming: ReceiverStream<io::Result<PeerConn>>,
+    node: NodeHandle,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), tonic::transport::Error> {
+    tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(2)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(3)))
+        .tcp_nodelay(true)
+        .add_service(PeerService::server(node))
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await
+}

@@ -1,0 +1,140 @@
+//! Generated gRPC types and the one place where they convert to and from the
+//! core's types, so protobuf never leaks past the service edges.
+
+use crate::raft_core::{NodeView, PeerProgress, Role};
+use crate::status::{ClusterStatus, NodeEntry};
+
+/// Generated code, nested as the protobuf packages are, since the admin
+/// package refers to the peer package by its relative path.
+#[allow(clippy::all, missing_docs)]
+mod generated {
+    pub mod clusterd {
+        pub mod peer {
+            pub mod v1 {
+                tonic::include_proto!("clusterd.peer.v1");
+            }
+        }
+        pub mod admin {
+            pub mod v1 {
+                tonic::include_proto!("clusterd.admin.v1");
+            }
+        }
+    }
+}
+
+pub use generated::clusterd::admin::v1 as admin;
+pub use generated::clusterd::peer::v1 as peer;
+
+pub fn role_from_str(s: &str) -> Role {
+    match s {
+        "leader" => Role::Leader,
+        "follower" => Role::Follower,
+        "candidate" => Role::Candidate,
+        "witness" => Role::Witness,
+        // An unknown word from a newer peer is shown as the closest safe reading.
+        _ => Role::Candidate,
+    }
+}
+
+impl From<&NodeView> for peer::NodeView {
+    fn from(v: &NodeView) -> Self {
+        peer::NodeView {
+            id: v.id,
+            role: v.role.as_str().to_string(),
+            term: v.term,
+            vote: v.vote,
+            leader: v.leader.unwrap_or(0),
+            commit_index: v.commit_index,
+            applied_index: v.applied_index,
+            last_index: v.last_index,
+            first_index: v.first_index,
+            progress: v
+                .progress
+                .iter()
+                .map(|p| peer::Progress {
+                    id: p.id,
+                    match_index: p.match_index,
+                    recent_active: p.recent_active,
+                })
+                .collect(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            uptime_ms: 0,
+        }
+    }
+}
+
+impl From<&peer::NodeView> for NodeView {
+    fn from(v: &peer::NodeView) -> Self {
+        NodeView {
+            id: v.id,
+            role: role_from_str(&v.role),
+            term: v.term,
+            vote: v.vote,
+            leader: (v.leader != 0).then_some(v.leader),
+            commit_index: v.commit_index,
+            applied_index: v.applied_index,
+            first_index: v.first_index,
+            last_index: v.last_index,
+            progress: v
+                .progress
+                .iter()
+                .map(|p| PeerProgress {
+                    id: p.id,
+                    match_index: p.match_index,
+                    recent_active: p.recent_active,
+                })
+                .collect(),
+        }
+    }
+}
+
+impl From<&ClusterStatus> for admin::ClusterStatus {
+    fn from(s: &ClusterStatus) -> Self {
+        admin::ClusterStatus {
+            node_id: s.node_id,
+            nodes: s
+                .nodes
+                .iter()
+                .map(|n| admin::NodeEntry {
+                    id: n.id,
+                    reachable: n.reachable,
+                    addr: n.addr.clone(),
+                    view: n.view.as_ref().map(Into::into),
+                    error: n.error.clone().unwrap_or_default(),
+                    rtt_us: n.rtt_us.unwrap_or(0),
+                })
+                .collect(),
+        }
+    }
+}
+
+impl From<&admin::ClusterStatus> for ClusterStatus {
+    fn from(s: &admin::ClusterStatus) -> Self {
+        ClusterStatus {
+            node_id: s.node_id,
+            nodes: s
+                .nodes
+                .iter()
+                .map(|n| NodeEntry {
+                    id: n.id,
+                    reachable: n.reachable,
+                    addr: n.addr.clone(),
+                    view: n.view.as_ref().map(Into::into),
+                    error: (!n.error.is_empty()).then(|| n.error.clone()),
+                    rtt_us: (n.rtt_us != 0).then_some(n.rtt_us),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Encodes raft-rs messages (rust-protobuf) for the `bytes` fields of our prost messages.
+pub fn encode_raft_message(m: &raft::prelude::Message) -> Vec<u8> {
+    use protobuf::Message as _;
+    m.write_to_bytes().expect("encoding an in-memory raft message cannot fail")
+}
+
+pub fn decode_raft_message(bytes: &[u8]) -> Result<raft::prelude::Message, protobuf::ProtobufError> {
+    use protobuf::Message as _;
+    raft::prelude::Message::parse_from_bytes(bytes)
+}

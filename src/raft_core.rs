@@ -1,0 +1,524 @@
+//! The Raft driver core: a sans-IO wrapper around raft-rs's `RawNode`.
+//!
+//! It owns the order in which a `Ready` is handled (persist, then send, then
+//! apply, then advance), the encoding of our commands in Raft entries, and the
+//! node's view of itself for status. It does no networking and no waiting:
+//! the node task in [`crate::node`] feeds it ticks and messages and ships what
+//! it returns, and the tests in `raft_core/sim_tests.rs` drive several cores
+//! through a fault-injecting in-memory network.
+//!
+//! Invariant owned here: nothing is handed to the state machine before it was
+//! committed, and no message leaves before the state it depends on is durable.
+
+use raft::prelude::*;
+use raft::{GetEntriesContext, RawNode, StateRole, Storage};
+
+use crate::config::{NodeId, RaftTimers};
+
+/// Durable storage the core needs beyond `raft::Storage`'s read side.
+/// Every method returns only once what it wrote is durable (fsync'd).
+pub trait LogStore: Storage {
+    type Error: std::error::Error + Send + Sync + 'static;
+    /// Appends entries (truncating a conflicting suffix) and the hard state, atomically.
+    fn persist(&self, entries: &[Entry], hard_state: Option<&HardState>) -> Result<(), Self::Error>;
+    /// Records a new commit index (from a `LightReady`).
+    fn set_commit(&self, commit: u64) -> Result<(), Self::Error>;
+    /// Installs a snapshot received from the leader, replacing the log.
+    fn apply_snapshot(&self, snapshot: &Snapshot) -> Result<(), Self::Error>;
+    /// Drops entries up to `index`, keeping `data` as the snapshot at that index.
+    fn compact(&self, index: u64, data: Vec<u8>) -> Result<(), Self::Error>;
+    /// The state machine's applied index, restored into `raft::Config::applied` on restart.
+    fn applied(&self) -> u64;
+    fn set_applied(&self, index: u64) -> Result<(), Self::Error>;
+}
+
+/// What the state machine is told about a committed entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommittedEntry {
+    pub index: u64,
+    pub term: u64,
+    /// `None` for the empty entry every new leader appends.
+    pub command: Option<Command>,
+}
+
+/// The receiver of committed entries. Apply must be deterministic: every node
+/// applies the same entries in the same order.
+pub trait StateMachine {
+    fn apply(&mut self, entry: &CommittedEntry) -> Result<(), CoreError>;
+    /// Bytes that stand for the whole state at the applied index (for log compaction).
+    fn snapshot_data(&self) -> Vec<u8>;
+    /// Replaces the state with a snapshot received from the leader.
+    fn restore(&mut self, index: u64, data: &[u8]) -> Result<(), CoreError>;
+}
+
+/// Commands carried in Raft entries. The byte format is pinned by a test:
+/// it is written into every node's durable log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// A no-op that proves the cluster can commit; `token` lets the proposer find it.
+    Barrier { origin: NodeId, token: u64 },
+}
+
+const COMMAND_FORMAT_V1: u8 = 1;
+const KIND_BARRIER: u8 = 1;
+
+impl Command {
+    pub fn encode(&self) -> Vec<u8> {
+        match self {
+            Command::Barrier { origin, token } => {
+                let mut out = Vec::with_capacity(18);
+                out.push(COMMAND_FORMAT_V1);
+                out.push(KIND_BARRIER);
+                out.extend_from_slice(&origin.to_be_bytes());
+                out.extend_from_slice(&token.to_be_bytes());
+                out
+            }
+        }
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Command, CoreError> {
+        match bytes {
+            [COMMAND_FORMAT_V1, KIND_BARRIER, rest @ ..] if rest.len() == 16 => Ok(Command::Barrier {
+                origin: u64::from_be_bytes(rest[..8].try_into().expect("8 bytes")),
+                token: u64::from_be_bytes(rest[8..].try_into().expect("8 bytes")),
+            }),
+            [version, kind, ..] => Err(CoreError::BadEntry(format!(
+                "unknown command (format {version}, kind {kind}, {} bytes); is a newer clusterd leading?",
+                bytes.len()
+            ))),
+            _ => Err(CoreError::BadEntry(format!("command of {} bytes is too short", bytes.len()))),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CoreError {
+    #[error("the Raft log could not be written: {0}; the node stops rather than act on state that is not durable")]
+    Storage(String),
+    #[error("raft: {0}")]
+    Raft(#[from] raft::Error),
+    #[error("not the leader (leader: {})", leader.map_or("unknown".to_string(), |l| format!("node {l}")))]
+    NotLeader { leader: Option<NodeId> },
+    #[error("a committed entry cannot be applied: {0}")]
+    BadEntry(String),
+}
+
+/// The node's role as shown to users. A pre-candidate shows as a candidate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Leader,
+    Follower,
+    Candidate,
+    Witness,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Leader => "leader",
+            Role::Follower => "follower",
+            Role::Candidate => "candidate",
+            Role::Witness => "witness",
+        }
+    }
+}
+
+/// A follower's replication progress as the leader sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerProgress {
+    pub id: NodeId,
+    pub match_index: u64,
+    pub recent_active: bool,
+}
+
+/// One node's view of itself and, on the leader, of its followers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeView {
+    pub id: NodeId,
+    pub role: Role,
+    pub term: u64,
+    /// Who this node voted for in `term` (0: nobody).
+    pub vote: NodeId,
+    pub leader: Option<NodeId>,
+    pub commit_index: u64,
+    pub applied_index: u64,
+    pub first_index: u64,
+    pub last_index: u64,
+    /// Filled on the leader only.
+    pub progress: Vec<PeerProgress>,
+}
+
+/// A change of role or leader, for hooks and logs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoleChange {
+    pub role: Role,
+    pub term: u64,
+    pub leader: Option<NodeId>,
+}
+
+/// What one round of `Ready` handling produced for the shell to act on.
+#[derive(Debug, Default)]
+pub struct CoreOutput {
+    /// Messages to send; their state is already durable.
+    pub messages: Vec<Message>,
+    /// Entries applied in this round, in order.
+    pub applied: Vec<CommittedEntry>,
+    pub role_change: Option<RoleChange>,
+}
+
+/// Knobs of the core that are not user configuration.
+#[derive(Debug, Clone)]
+pub struct CoreOptions {
+    /// Compact the log once this many applied entries sit before the first index.
+    pub compact_after: u64,
+    /// Entries kept behind the applied index at compaction, so a briefly slow
+    /// follower catches up from the log rather than a snapshot.
+    pub compact_keep: u64,
+    pub witness: bool,
+}
+
+impl Default for CoreOptions {
+    fn default() -> Self {
+        CoreOptions {
+            compact_after: 20_000,
+            compact_keep: 5_000,
+            witness: false,
+        }
+    }
+}
+
+pub struct RaftCore<S: LogStore> {
+    raw: RawNode<S>,
+    options: CoreOptions,
+    last_role: Option<RoleChange>,
+}
+
+/// The raft-rs configuration every node uses: pre-vote and check-quorum on;
+/// the election timeout is randomized in [timeout, 1.5 × timeout).
+pub fn raft_config(id: NodeId, timers: &RaftTimers, applied: u64) -> raft::Config {
+    let election_tick = timers.election_ticks().max(3);
+    raft::Config {
+        id,
+        election_tick,
+        heartbeat_tick: 1,
+        min_election_tick: election_tick,
+        max_election_tick: election_tick + election_tick / 2,
+        applied,
+        pre_vote: true,
+        check_quorum: true,
+        max_size_per_msg: 1024 * 1024,
+        max_inflight_msgs: 256,
+        ..Default::default()
+    }
+}
+
+impl<S: LogStore> RaftCore<S> {
+    /// Builds the core over already-bootstrapped storage.
+    pub fn new(
+        id: NodeId,
+        timers: &RaftTimers,
+        store: S,
+        options: CoreOptions,
+        logger: &slog::Logger,
+    ) -> Result<Self, CoreError> {
+        let applied = store.applied();
+        let config = raft_config(id, timers, applied);
+        let raw = RawNode::new(&config, store, logger)?;
+        Ok(RaftCore {
+            raw,
+            options,
+            last_role: None,
+        })
+    }
+
+    pub fn id(&self) -> NodeId {
+        self.raw.raft.id
+    }
+
+    /// Advances the Raft clock by one heartbeat interval.
+    pub fn tick(&mut self) {
+        self.raw.tick();
+    }
+
+    /// Feeds a message from a peer (already authenticated by the shell).
+    pub fn step(&mut self, message: Message) -> Result<(), CoreError> {
+        match self.raw.step(message) {
+            // Stale or misdirected messages are normal after restarts and partitions.
+            Ok(()) | Err(raft::Error::StepPeerNotFound) | Err(raft::Error::StepLocalMsg) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    pub fn propose(&mut self, command: &Command) -> Result<(), CoreError> {
+        if self.raw.raft.state != StateRole::Leader {
+            return Err(self.not_leader());
+        }
+        match self.raw.propose(vec![], command.encode()) {
+            Ok(()) => Ok(()),
+            // Dropped while a leadership transfer is in flight, or by a leader about to step down.
+            Err(raft::Error::ProposalDropped) => Err(self.not_leader()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn not_leader(&self) -> CoreError {
+        CoreError::NotLeader {
+            leader: self.leader(),
+        }
+    }
+
+    /// Starts handing leadership to `target`; raft-rs catches it up first and
+    /// aborts the transfer after an election timeout.
+    pub fn transfer_leader(&mut self, target: NodeId) {
+        self.raw.transfer_leader(target);
+    }
+
+    /// Tells Raft a peer could not be reached, so it probes instead of streaming.
+    pub fn report_unreachable(&mut self, peer: NodeId) {
+        self.raw.report_unreachable(peer);
+    }
+
+    /// Tells Raft whether a snapshot reached `peer`; until then it sends that peer nothing else.
+    pub fn report_snapshot(&mut self, peer: NodeId, status: raft::SnapshotStatus) {
+        self.raw.report_snapshot(peer, status);
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.raw.raft.state == StateRole::Leader
+    }
+
+    pub fn leader(&self) -> Option<NodeId> {
+        match self.raw.raft.leader_id {
+            0 => None,
+            id => Some(id),
+        }
+    }
+
+    pub fn term(&self) -> u64 {
+        self.raw.raft.term
+    }
+
+    pub fn voters(&self) -> Vec<NodeId> {
+        let mut v: Vec<NodeId> = self.raw.raft.prs().conf().voters().ids().iter().collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// The leader's view of how far `peer` has replicated; `None` off the leader.
+    pub fn match_index(&self, peer: NodeId) -> Option<u64> {
+        if !self.is_leader() {
+            return None;
+        }
+        self.raw.raft.prs().get(peer).map(|p| p.matched)
+    }
+
+    pub fn last_index(&self) -> u64 {
+        self.raw.raft.raft_log.last_index()
+    }
+
+    pub fn view(&self) -> NodeView {
+        let raft = &self.raw.raft;
+        let role = match raft.state {
+            StateRole::Leader => Role::Leader,
+            _ if self.options.witness => Role::Witness,
+            StateRole::Follower => Role::Follower,
+            StateRole::Candidate | StateRole::PreCandidate => Role::Candidate,
+        };
+        let progress = if raft.state == StateRole::Leader {
+            let mut p: Vec<PeerProgress> = raft
+                .prs()
+                .iter()
+                .map(|(id, pr)| PeerProgress {
+                    id: *id,
+                    match_index: pr.matched,
+                    recent_active: pr.recent_active,
+                })
+                .collect();
+            p.sort_by_key(|p| p.id);
+            p
+        } else {
+            Vec::new()
+        };
+        NodeView {
+            id: raft.id,
+            role,
+            term: raft.term,
+            vote: raft.vote,
+            leader: self.leader(),
+            commit_index: raft.raft_log.committed,
+            applied_index: raft.raft_log.applied,
+            first_index: raft.raft_log.first_index(),
+            last_index: raft.raft_log.last_index(),
+            progress,
+        }
+    }
+
+    /// Handles everything raft-rs has ready, in the documented order:
+    /// persist (snapshot, entries, hard state), then send, then apply, then advance.
+    pub fn handle_ready(&mut self, sm: &mut impl StateMachine) -> Result<CoreOutput, CoreError> {
+        let mut out = CoreOutput::default();
+        if self.raw.has_ready() {
+            let mut ready = self.raw.ready();
+            let store = self.raw.store();
+
+            if !ready.snapshot().is_empty() {
+                let snapshot = ready.snapshot().clone();
+                store.apply_snapshot(&snapshot).map_err(storage_err)?;
+                sm.restore(snapshot.get_metadata().index, snapshot.get_data())?;
+                store.set_applied(snapshot.get_metadata().index).map_err(storage_err)?;
+            }
+            let hard_state = ready.hs().cloned();
+            if !ready.entries().is_empty() || hard_state.is_some() {
+                store.persist(ready.entries(), hard_state.as_ref()).map_err(storage_err)?;
+            }
+
+            out.messages.extend(ready.take_messages());
+            out.messages.extend(ready.take_persisted_messages());
+
+            let committed = ready.take_committed_entries();
+            self.apply(committed, sm, &mut out.applied)?;
+
+            let mut light = self.raw.advance(ready);
+            if let Some(commit) = light.commit_index() {
+                self.raw.store().set_commit(commit).map_err(storage_err)?;
+            }
+            out.messages.extend(light.take_messages());
+            let committed = light.take_committed_entries();
+            self.apply(committed, sm, &mut out.applied)?;
+            self.raw.advance_apply();
+            self.maybe_compact(sm)?;
+        }
+        let now = RoleChange {
+            role: self.view().role,
+            term: self.term(),
+            leader: self.leader(),
+        };
+        if self.last_role.as_ref() != Some(&now) {
+            self.last_role = Some(now.clone());
+            out.role_change = Some(now);
+        }
+        Ok(out)
+    }
+
+    fn apply(
+        &mut self,
+        entries: Vec<Entry>,
+        sm: &mut impl StateMachine,
+        applied: &mut Vec<CommittedEntry>,
+    ) -> Result<(), CoreError> {
+        let Some(last) = entries.last().map(|e| e.index) else {
+            return Ok(());
+        };
+        for entry in entries {
+            let command = match entry.get_entry_type() {
+                EntryType::EntryNormal if entry.data.is_empty() => None,
+                EntryType::EntryNormal => Some(Command::decode(&entry.data)?),
+                // Membership is static for now: conf changes are never proposed.
+                EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
+                    return Err(CoreError::BadEntry(format!(
+                        "entry {} is a membership change, which this version does not support",
+                        entry.index
+                    )))
+                }
+            };
+            let committed = CommittedEntry {
+                index: entry.index,
+                term: entry.term,
+                command,
+            };
+            sm.apply(&committed)?;
+            applied.push(committed);
+        }
+        self.raw.store().set_applied(last).map_err(storage_err)?;
+        Ok(())
+    }
+
+    fn maybe_compact(&mut self, sm: &impl StateMachine) -> Result<(), CoreError> {
+        let applied = self.raw.raft.raft_log.applied;
+        let first = self.raw.raft.raft_log.first_index();
+        if applied < first + self.options.compact_after {
+            return Ok(());
+        }
+        let upto = applied - self.options.compact_keep;
+        // The state machine's snapshot stands for `applied`, which is at or past `upto`:
+        // a follower restoring it then replays entries after `upto` idempotently.
+        self.raw
+            .store()
+            .compact(upto, sm.snapshot_data())
+            .map_err(storage_err)?;
+        Ok(())
+    }
+
+    /// Entries in `[low, high)`, for tests and diagnostics.
+    pub fn entries(&self, low: u64, high: u64) -> Result<Vec<Entry>, CoreError> {
+        Ok(self
+            .raw
+            .store()
+            .entries(low, high, None, GetEntriesContext::empty(false))?)
+    }
+
+    pub fn store(&self) -> &S {
+        self.raw.store()
+    }
+}
+
+fn storage_err(e: impl std::error::Error) -> CoreError {
+    CoreError::Storage(e.to_string())
+}
+
+impl LogStore for crate::storage::RaftStore {
+    type Error = crate::storage::StorageError;
+    fn persist(&self, entries: &[Entry], hard_state: Option<&HardState>) -> Result<(), Self::Error> {
+        crate::storage::RaftStore::persist(self, entries, hard_state)
+    }
+    fn set_commit(&self, commit: u64) -> Result<(), Self::Error> {
+        crate::storage::RaftStore::set_commit(self, commit)
+    }
+    fn apply_snapshot(&self, snapshot: &Snapshot) -> Result<(), Self::Error> {
+        crate::storage::RaftStore::apply_snapshot(self, snapshot)
+    }
+    fn compact(&self, index: u64, data: Vec<u8>) -> Result<(), Self::Error> {
+        crate::storage::RaftStore::compact(self, index, data)
+    }
+    fn applied(&self) -> u64 {
+        crate::storage::RaftStore::applied(self)
+    }
+    fn set_applied(&self, index: u64) -> Result<(), Self::Error> {
+        crate::storage::RaftStore::set_applied(self, index)
+    }
+}
+
+#[cfg(test)]
+mod sim_tests;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn command_encoding_is_pinned() {
+        let c = Command::Barrier { origin: 3, token: 0x0102 };
+        assert_eq!(
+            c.encode(),
+            vec![1, 1, 0, 0, 0, 0, 0, 0, 0, 3, 0, 0, 0, 0, 0, 0, 1, 2]
+        );
+        assert_eq!(Command::decode(&c.encode()).unwrap(), c);
+    }
+
+    #[test]
+    fn unknown_commands_are_refused_not_misread() {
+        assert!(matches!(Command::decode(&[2, 1, 0]), Err(CoreError::BadEntry(_))));
+        assert!(matches!(Command::decode(&[1, 9]), Err(CoreError::BadEntry(_))));
+        assert!(matches!(Command::decode(&[1]), Err(CoreError::BadEntry(_))));
+        assert!(matches!(Command::decode(&[1, 1, 0, 0]), Err(CoreError::BadEntry(_))));
+    }
+
+    #[test]
+    fn default_timers_give_pre_vote_check_quorum_and_randomized_timeout() {
+        let c = raft_config(1, &RaftTimers::default(), 0);
+        assert!(c.pre_vote && c.check_quorum);
+        assert_eq!((c.heartbeat_tick, c.election_tick), (1, 10));
+        assert_eq!((c.min_election_tick, c.max_election_tick), (10, 15));
+        c.validate().unwrap();
+    }
+}

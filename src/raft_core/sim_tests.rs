@@ -1,0 +1,356 @@
+//! In-process multi-node tests: several [`RaftCore`]s over in-memory logs,
+//! joined by a network that can drop links, partition nodes and crash them.
+//! Time is simulated ticks, so these run without tokio and without sleeping.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::{Arc, Mutex};
+
+use raft::prelude::*;
+use raft::storage::MemStorage;
+use raft::Storage;
+
+use super::*;
+
+/// An in-memory [`LogStore`]: MemStorage plus the applied index.
+#[derive(Clone)]
+struct MemLog {
+    mem: MemStorage,
+    applied: Arc<Mutex<u64>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct MemError(String);
+
+impl Storage for MemLog {
+    fn initial_state(&self) -> raft::Result<raft::RaftState> {
+        self.mem.initial_state()
+    }
+    fn entries(&self, low: u64, high: u64, max: impl Into<Option<u64>>, ctx: GetEntriesContext) -> raft::Result<Vec<Entry>> {
+        self.mem.entries(low, high, max, ctx)
+    }
+    fn term(&self, idx: u64) -> raft::Result<u64> {
+        self.mem.term(idx)
+    }
+    fn first_index(&self) -> raft::Result<u64> {
+        self.mem.first_index()
+    }
+    fn last_index(&self) -> raft::Result<u64> {
+        self.mem.last_index()
+    }
+    fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
+        self.mem.snapshot(request_index, to)
+    }
+}
+
+impl LogStore for MemLog {
+    type Error = MemError;
+    fn persist(&self, entries: &[Entry], hs: Option<&HardState>) -> Result<(), MemError> {
+        let mut w = self.mem.wl();
+        w.append(entries).map_err(|e| MemError(e.to_string()))?;
+        if let Some(hs) = hs {
+            w.set_hardstate(hs.clone());
+        }
+        Ok(())
+    }
+    fn set_commit(&self, commit: u64) -> Result<(), MemError> {
+        self.mem.wl().mut_hard_state().set_commit(commit);
+        Ok(())
+    }
+    fn apply_snapshot(&self, s: &Snapshot) -> Result<(), MemError> {
+        self.mem.wl().apply_snapshot(s.clone()).map_err(|e| MemError(e.to_string()))
+    }
+    fn compact(&self, index: u64, _data: Vec<u8>) -> Result<(), MemError> {
+        self.mem.wl().compact(index).map_err(|e| MemError(e.to_string()))
+    }
+    fn applied(&self) -> u64 {
+        *self.applied.lock().unwrap()
+    }
+    fn set_applied(&self, index: u64) -> Result<(), MemError> {
+        *self.applied.lock().unwrap() = index;
+        Ok(())
+    }
+}
+
+/// Records what was applied, so tests can compare nodes.
+#[derive(Default)]
+struct Recorder {
+    applied: Vec<(u64, Option<Command>)>,
+}
+
+impl StateMachine for Recorder {
+    fn apply(&mut self, e: &CommittedEntry) -> Result<(), CoreError> {
+        self.applied.push((e.index, e.command.clone()));
+        Ok(())
+    }
+    fn snapshot_data(&self) -> Vec<u8> {
+        Vec::new()
+    }
+    fn restore(&mut self, _index: u64, _data: &[u8]) -> Result<(), CoreError> {
+        Ok(())
+    }
+}
+
+struct SimNode {
+    log: MemLog,
+    core: Option<RaftCore<MemLog>>,
+    sm: Recorder,
+}
+
+/// A cluster on a simulated network. Links are directed; a cut link drops messages.
+struct Sim {
+    nodes: BTreeMap<NodeId, SimNode>,
+    cut: BTreeSet<(NodeId, NodeId)>,
+    in_flight: VecDeque<Message>,
+    logger: slog::Logger,
+    options: CoreOptions,
+}
+
+impl Sim {
+    fn new(n: u64) -> Sim {
+        Self::with_options(n, CoreOptions::default())
+    }
+
+    fn with_options(n: u64, options: CoreOptions) -> Sim {
+        let voters: Vec<u64> = (1..=n).collect();
+        let logger = slog::Logger::root(slog::Discard, slog::o!());
+        let mut sim = Sim {
+            nodes: BTreeMap::new(),
+            cut: BTreeSet::new(),
+            in_flight: VecDeque::new(),
+            logger,
+            options,
+        };
+        for id in 1..=n {
+            let log = MemLog {
+                mem: MemStorage::new_with_conf_state(ConfState::from((voters.clone(), vec![]))),
+                applied: Arc::new(Mutex::new(0)),
+            };
+            sim.nodes.insert(id, SimNode { log, core: None, sm: Recorder::default() });
+            sim.boot(id);
+        }
+        sim
+    }
+
+    fn boot(&mut self, id: NodeId) {
+        let node = self.nodes.get_mut(&id).unwrap();
+        node.core = Some(
+            RaftCore::new(id, &RaftTimers::default(), node.log.clone(), self.options.clone(), &self.logger).unwrap(),
+        );
+    }
+
+    /// Crash: volatile state is lost, the durable log stays.
+    fn crash(&mut self, id: NodeId) {
+        self.nodes.get_mut(&id).unwrap().core = None;
+    }
+
+    fn core(&self, id: NodeId) -> &RaftCore<MemLog> {
+        self.nodes[&id].core.as_ref().expect("node is up")
+    }
+
+    fn core_mut(&mut self, id: NodeId) -> &mut RaftCore<MemLog> {
+        self.nodes.get_mut(&id).unwrap().core.as_mut().expect("node is up")
+    }
+
+    fn isolate(&mut self, id: NodeId) {
+        let ids: Vec<_> = self.nodes.keys().copied().collect();
+        for other in ids {
+            if other != id {
+                self.cut.insert((id, other));
+                self.cut.insert((other, id));
+            }
+        }
+    }
+
+    fn heal(&mut self) {
+        self.cut.clear();
+    }
+
+    /// One tick on every live node, then deliver messages until the network is quiet.
+    fn tick(&mut self) {
+        for node in self.nodes.values_mut() {
+            if let Some(core) = node.core.as_mut() {
+                core.tick();
+            }
+        }
+        self.settle();
+    }
+
+    fn settle(&mut self) {
+        for _ in 0..1000 {
+            let ids: Vec<_> = self.nodes.keys().copied().collect();
+            for id in ids {
+                let node = self.nodes.get_mut(&id).unwrap();
+                if let Some(core) = node.core.as_mut() {
+                    let out = core.handle_ready(&mut node.sm).unwrap();
+                    self.in_flight.extend(out.messages);
+                }
+            }
+            if self.in_flight.is_empty() {
+                return;
+            }
+            while let Some(m) = self.in_flight.pop_front() {
+                if self.cut.contains(&(m.from, m.to)) {
+                    continue;
+                }
+                if let Some(core) = self.nodes.get_mut(&m.to).and_then(|n| n.core.as_mut()) {
+                    core.step(m).unwrap();
+                }
+            }
+        }
+        panic!("network never went quiet");
+    }
+
+    fn leaders(&self) -> Vec<NodeId> {
+        self.nodes
+            .iter()
+            .filter(|(_, n)| n.core.as_ref().is_some_and(|c| c.is_leader()))
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// Ticks until `f` holds, at most `ticks` times.
+    fn run_until(&mut self, ticks: usize, what: &str, mut f: impl FnMut(&Sim) -> bool) {
+        for _ in 0..ticks {
+            if f(self) {
+                return;
+            }
+            self.tick();
+        }
+        assert!(f(self), "after {ticks} ticks: {what}");
+    }
+
+    fn elect(&mut self) -> NodeId {
+        self.run_until(100, "one leader elected", |s| s.leaders().len() == 1);
+        self.leaders()[0]
+    }
+
+    fn barrier(&mut self, via: NodeId, token: u64) -> Result<(), CoreError> {
+        self.core_mut(via).propose(&Command::Barrier { origin: via, token })?;
+        self.settle();
+        Ok(())
+    }
+
+    fn applied_barrier(&self, id: NodeId, token: u64) -> bool {
+        self.nodes[&id]
+            .sm
+            .applied
+            .iter()
+            .any(|(_, c)| matches!(c, Some(Command::Barrier { token: t, .. }) if *t == token))
+    }
+}
+
+#[test]
+fn three_nodes_elect_one_leader_and_commit_everywhere() {
+    let mut sim = Sim::new(3);
+    let leader = sim.elect();
+    sim.barrier(leader, 7).unwrap();
+    sim.tick();
+    for id in 1..=3 {
+        assert!(sim.applied_barrier(id, 7), "node {id} did not apply the barrier");
+        assert_eq!(sim.core(id).leader(), Some(leader));
+    }
+    // Every node applied the same entries in the same order.
+    let reference = &sim.nodes[&1].sm.applied;
+    for id in 2..=3 {
+        assert_eq!(&sim.nodes[&id].sm.applied, reference);
+    }
+}
+
+#[test]
+fn followers_refuse_proposals_and_name_the_leader() {
+    let mut sim = Sim::new(3);
+    let leader = sim.elect();
+    let follower = (1..=3).find(|id| *id != leader).unwrap();
+    match sim.barrier(follower, 1) {
+        Err(CoreError::NotLeader { leader: Some(l) }) => assert_eq!(l, leader),
+        other => panic!("expected NotLeader, got {other:?}"),
+    }
+}
+
+#[test]
+fn isolated_leader_steps_down_and_its_proposals_never_apply() {
+    let mut sim = Sim::new(3);
+    let old = sim.elect();
+    sim.isolate(old);
+    // Proposed without a majority: must never apply anywhere (invariant 1).
+    sim.barrier(old, 666).unwrap();
+    sim.run_until(60, "the majority elects a new leader and the old one steps down", |s| {
+        let leaders = s.leaders();
+        leaders.len() == 1 && leaders[0] != old
+    });
+    assert!(!sim.core(old).is_leader(), "check_quorum must depose the isolated leader");
+    let new = sim.leaders()[0];
+    sim.barrier(new, 42).unwrap();
+    sim.heal();
+    sim.run_until(60, "the old leader follows and applies the new barrier", |s| s.applied_barrier(old, 42));
+    for id in 1..=3 {
+        assert!(!sim.applied_barrier(id, 666), "node {id} applied an entry proposed without a majority");
+    }
+    assert_eq!(sim.core(old).leader(), Some(new));
+}
+
+#[test]
+fn isolated_follower_neither_leads_nor_inflates_its_term() {
+    let mut sim = Sim::new(3);
+    let leader = sim.elect();
+    let follower = (1..=3).find(|id| *id != leader).unwrap();
+    let term = sim.core(follower).term();
+    sim.isolate(follower);
+    for _ in 0..60 {
+        sim.tick();
+        assert!(!sim.core(follower).is_leader());
+    }
+    // Pre-vote: a node that cannot win never bumps its term, so it does not
+    // depose the healthy leader when it comes back.
+    assert_eq!(sim.core(follower).term(), term);
+    sim.heal();
+    sim.run_until(30, "the follower hears from the leader again", |s| s.core(follower).leader() == Some(leader));
+    assert_eq!(sim.leaders(), vec![leader]);
+}
+
+#[test]
+fn a_crashed_node_keeps_term_and_vote_and_catches_up() {
+    let mut sim = Sim::new(3);
+    let leader = sim.elect();
+    let follower = (1..=3).find(|id| *id != leader).unwrap();
+    let before = sim.core(follower).view();
+    sim.crash(follower);
+    sim.barrier(leader, 5).unwrap();
+    sim.boot(follower);
+    let after = sim.core(follower).view();
+    assert_eq!((after.term, after.vote), (before.term, before.vote));
+    sim.run_until(30, "the restarted follower applies what it missed", |s| s.applied_barrier(follower, 5));
+}
+
+#[test]
+fn leadership_transfer_moves_the_leader() {
+    let mut sim = Sim::new(3);
+    let leader = sim.elect();
+    let target = (1..=3).find(|id| *id != leader).unwrap();
+    sim.core_mut(leader).transfer_leader(target);
+    sim.settle();
+    sim.run_until(30, "the target leads", |s| s.leaders() == vec![target]);
+    sim.barrier(target, 9).unwrap();
+    assert!(sim.applied_barrier(leader, 9));
+}
+
+#[test]
+fn the_log_is_compacted_and_a_lagging_node_catches_up_by_snapshot() {
+    let mut sim = Sim::with_options(3, CoreOptions { compact_after: 20, compact_keep: 5, witness: false });
+    let leader = sim.elect();
+    let lagging = (1..=3).find(|id| *id != leader).unwrap();
+    sim.isolate(lagging);
+    for token in 0..60 {
+        sim.barrier(leader, token).unwrap();
+    }
+    let first = sim.core(leader).view().first_index;
+    assert!(first > 20, "leader log was not compacted (first index {first})");
+    sim.heal();
+    sim.run_until(60, "the lagging node catches up past the compaction point", |s| {
+        s.core(lagging).view().applied_index >= s.core(leader).view().commit_index
+    });
+    sim.barrier(leader, 1000).unwrap();
+    sim.tick();
+    assert!(sim.applied_barrier(lagging, 1000));
+}

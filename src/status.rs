@@ -1,0 +1,253 @@
+//! The cluster status as `clusterctl status` shows it: the gathered views of
+//! every node, the contract JSON object, and the human table.
+//!
+//! Invariant owned here: the JSON keeps the names PRODUCT.md promises
+//! (`leader`, `term`, `nodes[].id/role/reachable/term/commit_index/applied_index`);
+//! fields are only ever added.
+
+use serde_json::{json, Value};
+
+use crate::config::NodeId;
+use crate::raft_core::NodeView;
+
+/// Every node's view as gathered by one node.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClusterStatus {
+    /// The node that gathered this status (the one `clusterctl` talked to).
+    pub node_id: NodeId,
+    pub nodes: Vec<NodeEntry>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeEntry {
+    pub id: NodeId,
+    /// Address the gathering node uses for it (empty for itself).
+    pub addr: String,
+    pub reachable: bool,
+    pub view: Option<NodeView>,
+    /// Why it could not be asked.
+    pub error: Option<String>,
+    /// Round trip of the status call, microseconds.
+    pub rtt_us: Option<u64>,
+}
+
+impl ClusterStatus {
+    fn local(&self) -> Option<&NodeView> {
+        self.nodes
+            .iter()
+            .find(|n| n.id == self.node_id)
+            .and_then(|n| n.view.as_ref())
+    }
+
+    /// The leader as the local node sees it.
+    pub fn leader(&self) -> Option<NodeId> {
+        self.local().and_then(|v| v.leader)
+    }
+
+    pub fn term(&self) -> u64 {
+        self.local().map_or(0, |v| v.term)
+    }
+
+    fn leader_view(&self) -> Option<&NodeView> {
+        let leader = self.leader()?;
+        self.nodes
+            .iter()
+            .find(|n| n.id == leader)
+            .and_then(|n| n.view.as_ref())
+    }
+
+    /// Entries committed by the leader that `node` has not applied yet.
+    pub fn lag_entries(&self, node: &NodeView) -> Option<u64> {
+        self.leader_view()
+            .map(|l| l.commit_index.saturating_sub(node.applied_index))
+    }
+
+    /// The leader's view of how far `id` has replicated.
+    fn match_index(&self, id: NodeId) -> Option<u64> {
+        self.leader_view()?
+            .progress
+            .iter()
+            .find(|p| p.id == id)
+            .map(|p| p.match_index)
+    }
+
+    /// The contract object of `clusterctl status --json`.
+    pub fn to_json(&self) -> Value {
+        let nodes: Vec<Value> = self
+            .nodes
+            .iter()
+            .map(|n| match &n.view {
+                Some(v) => json!({
+                    "id": n.id,
+                    "role": v.role.as_str(),
+                    "reachable": n.reachable,
+                    "term": v.term,
+                    "vote": v.vote,
+                    "leader": v.leader,
+                    "commit_index": v.commit_index,
+                    "applied_index": v.applied_index,
+                    "first_index": v.first_index,
+                    "last_index": v.last_index,
+                    "match_index": self.match_index(n.id),
+                    "lag_entries": self.lag_entries(v),
+                    "addr": n.addr,
+                    "rtt_us": n.rtt_us,
+                }),
+                None => json!({
+                    "id": n.id,
+                    "role": "unknown",
+                    "reachable": false,
+                    "term": null,
+                    "commit_index": null,
+                    "applied_index": null,
+                    "match_index": self.match_index(n.id),
+                    "lag_entries": null,
+                    "addr": n.addr,
+                    "error": n.error,
+                }),
+            })
+            .collect();
+        json!({
+            "node_id": self.node_id,
+            "leader": self.leader(),
+            "term": self.term(),
+            "nodes": nodes,
+        })
+    }
+
+    /// A table for people: one line per node, the leader starred.
+    pub fn to_table(&self) -> String {
+        let mut out = String::new();
+        match self.leader() {
+            Some(l) => out.push_str(&format!("leader: node {l}, term {}", self.term())),
+            None => out.push_str(&format!("leader: none (term {}): the cluster cannot commit changes", self.term())),
+        }
+        out.push_str(&format!("  (as seen by node {})\n", self.node_id));
+        let header = ["NODE", "ROLE", "REACHABLE", "TERM", "COMMIT", "APPLIED", "LAG", "ADDRESS"];
+        let mut rows: Vec<[String; 8]> = vec![header.map(str::to_string)];
+        for n in &self.nodes {
+            let marker = if Some(n.id) == self.leader() { "*" } else { " " };
+            let addr = if n.id == self.node_id {
+                "(this node)".to_string()
+            } else {
+                n.addr.clone()
+            };
+            let row = match &n.view {
+                Some(v) => [
+                    format!("{marker}{}", n.id),
+                    v.role.as_str().to_string(),
+                    "yes".to_string(),
+                    v.term.to_string(),
+                    v.commit_index.to_string(),
+                    v.applied_index.to_string(),
+                    self.lag_entries(v).map_or("-".to_string(), |l| l.to_string()),
+                    addr,
+                ],
+                None => [
+                    format!("{marker}{}", n.id),
+                    "unknown".to_string(),
+                    "no".to_string(),
+                    "-".into(),
+                    "-".into(),
+                    "-".into(),
+                    "-".into(),
+                    format!("{addr}: {}", n.error.as_deref().unwrap_or("unreachable")),
+                ],
+            };
+            rows.push(row);
+        }
+        let widths: Vec<usize> = (0..8)
+            .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
+            .collect();
+        for r in rows {
+            let line: Vec<String> = r
+                .iter()
+                .enumerate()
+                .map(|(c, cell)| format!("{cell:<w$}", w = widths[c]))
+                .collect();
+            out.push_str(line.join("  ").trim_end());
+            out.push('\n');
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::raft_core::{PeerProgress, Role};
+
+    fn view(id: u64, role: Role, applied: u64) -> NodeView {
+        NodeView {
+            id,
+            role,
+            term: 7,
+            vote: 1,
+            leader: Some(1),
+            commit_index: 120,
+            applied_index: applied,
+            first_index: 1,
+            last_index: 120,
+            progress: if role == Role::Leader {
+                vec![
+                    PeerProgress { id: 1, match_index: 120, recent_active: true },
+                    PeerProgress { id: 2, match_index: 110, recent_active: true },
+                    PeerProgress { id: 3, match_index: 0, recent_active: false },
+                ]
+            } else {
+                vec![]
+            },
+        }
+    }
+
+    fn sample() -> ClusterStatus {
+        ClusterStatus {
+            node_id: 2,
+            nodes: vec![
+                NodeEntry { id: 1, addr: "10.0.0.1:7700".into(), reachable: true, view: Some(view(1, Role::Leader, 120)), error: None, rtt_us: Some(300) },
+                NodeEntry { id: 2, addr: String::new(), reachable: true, view: Some(view(2, Role::Follower, 100)), error: None, rtt_us: None },
+                NodeEntry { id: 3, addr: "10.0.0.3:7700".into(), reachable: false, view: None, error: Some("connection refused".into()), rtt_us: None },
+            ],
+        }
+    }
+
+    #[test]
+    fn json_keeps_the_contract_fields() {
+        let j = sample().to_json();
+        assert_eq!(j["leader"], 1);
+        assert_eq!(j["term"], 7);
+        let nodes = j["nodes"].as_array().unwrap();
+        assert_eq!(nodes.len(), 3);
+        for n in nodes {
+            for key in ["id", "role", "reachable", "term", "commit_index", "applied_index"] {
+                assert!(n.get(key).is_some(), "node lacks {key}: {n}");
+            }
+        }
+        assert_eq!(nodes[0]["role"], "leader");
+        assert_eq!(nodes[1]["lag_entries"], 20);
+        assert_eq!(nodes[1]["match_index"], 110);
+        assert_eq!(nodes[2]["role"], "unknown");
+        assert_eq!(nodes[2]["reachable"], false);
+    }
+
+    #[test]
+    fn no_leader_is_null() {
+        let mut s = sample();
+        for n in &mut s.nodes {
+            if let Some(v) = n.view.as_mut() {
+                v.leader = None;
+            }
+        }
+        assert!(s.to_json()["leader"].is_null());
+        assert!(s.to_table().contains("leader: none"));
+    }
+
+    #[test]
+    fn table_marks_the_leader_and_unreachable_nodes() {
+        let t = sample().to_table();
+        assert!(t.starts_with("leader: node 1, term 7"), "{t}");
+        assert!(t.lines().any(|l| l.starts_with("*1") && l.contains("leader")), "{t}");
+        assert!(t.lines().any(|l| l.starts_with(" 3") && l.contains("connection refused")), "{t}");
+        assert!(t.lines().any(|l| l.starts_with(" 2") && l.contains("(this node)") && l.contains("20")), "{t}");
+    }
+}

@@ -1,0 +1,202 @@
+//! Outgoing peer links: one lazily connected, mutually authenticated gRPC
+//! channel per peer, and one sender task per peer that ships Raft messages in
+//! batches from a bounded queue.
+//!
+//! Invariant owned here: the node task never waits on the network. Sending is
+//! a non-blocking enqueue; a full queue or a dead peer drops messages (Raft
+//! retransmits) and reports the peer unreachable, so one dead or slow peer
+//! never stalls the others or the node.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use raft::prelude::{Message, MessageType};
+use raft::SnapshotStatus;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tonic::transport::{Channel, Endpoint, Uri};
+use tracing::{debug, warn};
+
+use crate::config::{NodeId, PeerConfig};
+use crate::proto::peer::peer_client::PeerClient;
+use crate::proto::peer::RaftBatch;
+use crate::proto::encode_raft_message;
+use crate::tls::PeerTls;
+
+/// Messages queued per peer before new ones are dropped.
+const PEER_QUEUE: usize = 4096;
+/// Raft messages sent in one RPC at most.
+const MAX_BATCH: usize = 256;
+/// Deadline of one Raft RPC; a peer slower than this is treated as unreachable.
+const RAFT_RPC_TIMEOUT: Duration = Duration::from_secs(2);
+/// TCP connect plus TLS handshake deadline.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// Backoff after a failed send, doubling up to the maximum. Kept short so a
+/// restarted peer is reached again within a few heartbeats.
+const BACKOFF_START: Duration = Duration::from_millis(50);
+const BACKOFF_MAX: Duration = Duration::from_millis(500);
+
+/// What the sender tasks tell the node task about delivery.
+#[derive(Debug)]
+pub enum LinkEvent {
+    Unreachable(NodeId),
+    Snapshot(NodeId, SnapshotStatus),
+}
+
+#[derive(Clone)]
+pub struct Transport {
+    links: Arc<BTreeMap<NodeId, Link>>,
+}
+
+struct Link {
+    addr: String,
+    channel: Channel,
+    queue: mpsc::Sender<Message>,
+}
+
+impl Transport {
+    /// Creates a channel and a sender task per peer. Must be called inside a tokio runtime.
+    pub fn start(peers: &[PeerConfig], tls: &PeerTls, events: mpsc::Sender<LinkEvent>) -> Transport {
+        let mut links = BTreeMap::new();
+        for peer in peers {
+            let channel = peer_channel(peer, tls);
+            let (queue, rx) = mpsc::channel(PEER_QUEUE);
+            tokio::spawn(sender_task(peer.id, channel.clone(), rx, events.clone()));
+            links.insert(
+                peer.id,
+                Link {
+                    addr: peer.addr.clone(),
+                    channel,
+                    queue,
+                },
+            );
+        }
+        Transport {
+            links: Arc::new(links),
+        }
+    }
+
+    /// Enqueues messages for their peers without waiting. Returns the peers
+    /// whose snapshot message was dropped: Raft must be told, or it waits forever.
+    pub fn send(&self, messages: Vec<Message>) -> Vec<NodeId> {
+        let mut dropped_snapshots = Vec::new();
+        for m in messages {
+            let to = m.to;
+            let is_snapshot = m.get_msg_type() == MessageType::MsgSnapshot;
+            let queued = match self.links.get(&to) {
+                Some(link) => link.queue.try_send(m).is_ok(),
+                None => false,
+            };
+            if !queued {
+                debug!(peer = to, "peer queue full or no link; dropping a raft message (raft retransmits)");
+                if is_snapshot {
+                    dropped_snapshots.push(to);
+                }
+            }
+        }
+        dropped_snapshots
+    }
+
+    /// A client for request/response calls to `peer` (status, transfer, barrier).
+    pub fn client(&self, peer: NodeId) -> Option<PeerClient<Channel>> {
+        self.links
+            .get(&peer)
+            .map(|l| PeerClient::new(l.channel.clone()).max_decoding_message_size(crate::peer::MAX_MESSAGE_BYTES))
+    }
+
+    pub fn addr(&self, peer: NodeId) -> Option<&str> {
+        self.links.get(&peer).map(|l| l.addr.as_str())
+    }
+
+    pub fn peers(&self) -> impl Iterator<Item = NodeId> + '_ {
+        self.links.keys().copied()
+    }
+}
+
+/// A lazily connected channel to `peer`: TCP to its configured address (which
+/// may be a NAT or proxy), then TLS that must present `node-<id>` signed by our CA.
+fn peer_channel(peer: &PeerConfig, tls: &PeerTls) -> Channel {
+    let connector = tls.connector();
+    let addr = peer.addr.clone();
+    let id = peer.id;
+    // The URI only names the HTTP/2 authority; the connector decides where to dial.
+    let endpoint = Endpoint::from_shared(format!("http://node-{id}"))
+        .expect("a node-<id> URI is always valid")
+        .connect_timeout(CONNECT_TIMEOUT)
+        .http2_keep_alive_interval(Duration::from_secs(2))
+        .keep_alive_timeout(Duration::from_secs(3))
+        .keep_alive_while_idle(true);
+    endpoint.connect_with_connector_lazy(tower::service_fn(move |_: Uri| {
+        let connector = connector.clone();
+        let addr = addr.clone();
+        async move {
+            let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&addr))
+                .await
+                .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, format!("connecting to {addr} timed out")))??;
+            tcp.set_nodelay(true)?;
+            let tls = tokio::time::timeout(CONNECT_TIMEOUT, connector.connect(PeerTls::server_name(id), tcp))
+                .await
+                .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, format!("TLS handshake with {addr} timed out")))??;
+            Ok::<_, std::io::Error>(TokioIo::new(tls))
+        }
+    }))
+}
+
+async fn sender_task(
+    peer: NodeId,
+    channel: Channel,
+    mut queue: mpsc::Receiver<Message>,
+    events: mpsc::Sender<LinkEvent>,
+) {
+    let mut client = PeerClient::new(channel);
+    let mut backoff = BACKOFF_START;
+    let mut failing = false;
+    while let Some(first) = queue.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match queue.try_recv() {
+                Ok(m) => batch.push(m),
+                Err(_) => break,
+            }
+        }
+        let snapshot_sent = batch.iter().any(|m| m.get_msg_type() == MessageType::MsgSnapshot);
+        let request = RaftBatch {
+            term: batch.iter().map(|m| m.term).max().unwrap_or(0),
+            messages: batch.iter().map(encode_raft_message).collect(),
+        };
+        let mut request = tonic::Request::new(request);
+        request.set_timeout(RAFT_RPC_TIMEOUT);
+        match client.raft(request).await {
+            Ok(_) => {
+                if failing {
+                    tracing::info!(peer, "peer reachable again");
+                }
+                failing = false;
+                backoff = BACKOFF_START;
+                if snapshot_sent {
+                    let _ = events.try_send(LinkEvent::Snapshot(peer, SnapshotStatus::Finish));
+                }
+            }
+            Err(status) => {
+                if !failing {
+                    warn!(peer, error = %status.message(), code = ?status.code(), "cannot reach peer; will retry");
+                }
+                failing = true;
+                let _ = events.try_send(LinkEvent::Unreachable(peer));
+                if snapshot_sent {
+                    let _ = events.try_send(LinkEvent::Snapshot(peer, SnapshotStatus::Failure));
+                }
+                // Whatever queued up meanwhile is stale; Raft will resend what matters.
+                tokio::time::sleep(backoff).await;
+                while let Ok(stale) = queue.try_recv() {
+                    if stale.get_msg_type() == MessageType::MsgSnapshot {
+                        let _ = events.try_send(LinkEvent::Snapshot(peer, SnapshotStatus::Failure));
+                    }
+                }
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+            }
+        }
+    }
+}
