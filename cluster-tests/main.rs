@@ -452,3 +452,104 @@ fn check_rejects_bad_config() {
         "clusterd with a bad config must exit non-zero at once: {out}"
     );
 }
+
+#[test]
+fn sigterm_of_leader_hands_leadership_over_before_exiting() {
+    let c = Cluster::start(3);
+    let all = c.ids();
+    let old = c.wait_for_leader(&all);
+    c.wait_barrier(old);
+
+    let status = c
+        .terminate(old, Duration::from_secs(15))
+        .expect("the leader was running");
+    assert!(status.success(), "SIGTERM must end the node cleanly, got {status:?}");
+    let log = c.log(old);
+    let successor: u64 = log
+        .lines()
+        .find_map(|l| l.split("handing leadership to node ").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|id| id.parse().ok())
+        .unwrap_or_else(|| panic!("node {old} did not start a handover on SIGTERM:\n{log}"));
+    assert!(
+        log.contains("handed leadership over; exiting"),
+        "node {old} exited before its successor took over:\n{log}"
+    );
+    let survivors = c.others(&[old]);
+    assert_eq!(c.wait_for_leader(&survivors), successor);
+    c.wait_barrier(successor);
+}
+
+/// Speaks to node 1 directly (bypassing the proxies) as an impostor would.
+#[test]
+fn impostor_peers_are_refused_and_logged() {
+    use clusterd::config::PeerConfig;
+    use clusterd::proto::peer::peer_client::PeerClient;
+    use clusterd::proto::peer::{NodeStatusRequest, RaftBatch};
+    use clusterd::tls::{PeerTls, TlsPaths};
+
+    let c = Cluster::start(3);
+    let all = c.ids();
+    c.wait_for_leader(&all);
+    let certs = c.dir().join("certs");
+    // A certificate from the right CA, for a node that is not a member.
+    certs_init(&certs, &[1, 2, 3, 4]);
+    let target = PeerConfig {
+        id: 1,
+        addr: c.node(1).listen.to_string(),
+        witness: false,
+    };
+    let tls_of = |id: u64| {
+        let files = TlsFiles::in_dir(&certs, id);
+        PeerTls::load(&TlsPaths { ca: files.ca, cert: files.cert, key: files.key }, id).unwrap()
+    };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+
+    rt.block_on(async {
+        // 1. Valid CA, but not a member.
+        let mut outsider = PeerClient::new(clusterd::transport::peer_channel(&target, &tls_of(4)));
+        let r = outsider.node_status(NodeStatusRequest {}).await;
+        assert!(r.is_err(), "a non-member got an answer: {r:?}");
+
+        // 2. A member whose message claims to come from someone else.
+        let mut liar = PeerClient::new(clusterd::transport::peer_channel(&target, &tls_of(2)));
+        let mut forged = raft::prelude::Message::default();
+        forged.from = 3;
+        forged.to = 1;
+        forged.term = 1_000;
+        forged.set_msg_type(raft::prelude::MessageType::MsgHeartbeat);
+        let r = liar
+            .raft(RaftBatch { messages: vec![clusterd::proto::encode_raft_message(&forged)], term: 1_000 })
+            .await;
+        let status = r.expect_err("a forged sender must be refused");
+        assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+
+        // 3. Plaintext gRPC.
+        let plain = tonic::transport::Endpoint::from_shared(format!("http://{}", target.addr))
+            .unwrap()
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(Duration::from_secs(2));
+        if let Ok(channel) = plain.connect().await {
+            let r = PeerClient::new(channel).node_status(NodeStatusRequest {}).await;
+            assert!(r.is_err(), "a plaintext client got an answer: {r:?}");
+        }
+    });
+
+    wait_until(Duration::from_secs(10), "node 1 to log every refusal", || {
+        let log = c.log(1);
+        let wanted = [
+            "which is not a member of this cluster",
+            "claims to come from node 3",
+            "TLS handshake failed",
+        ];
+        match wanted.iter().find(|w| !log.contains(**w)) {
+            None => Ok(()),
+            Some(missing) => Err(format!("no line containing {missing:?} yet")),
+        }
+    });
+    // The forged term-1000 heartbeat never reached Raft: the term is unchanged and
+    // the cluster still commits.
+    let v = c.view_now(1);
+    assert!(v.term < 1_000, "a forged message moved the term: {}", v.raw);
+    c.wait_barrier(1);
+}

@@ -3,19 +3,20 @@
 # made by `clusterctl certs init`, and prints its status.
 #   scripts/local-cluster.sh [up|down|status]     (default: up)
 # Environment: CLUSTERD_DEMO_DIR (default /tmp/clusterd-demo), NODES (default 3),
-# BASE_PORT (default 7701), PROFILE (release|dev, default release).
+# BASE_PORT (default 7701), PROFILE (dev|release, default dev: the same build
+# the test suite uses, so the two quick-start commands share one compile).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 action="${1:-up}"
 dir="${CLUSTERD_DEMO_DIR:-/tmp/clusterd-demo}"
 nodes="${NODES:-3}"
 base="${BASE_PORT:-7701}"
-profile="${PROFILE:-release}"
+profile="${PROFILE:-dev}"
 
 source scripts/deps.sh
 case "$profile" in
-  release) bin="$CARGO_TARGET_DIR/release" ; flag=--release ;;
-  *) bin="$CARGO_TARGET_DIR/debug" ; flag= ;;
+  release) bin="$CARGO_TARGET_DIR/release" ; build=(cargo build --release --bins) ;;
+  *) bin="$CARGO_TARGET_DIR/debug" ; build=(cargo build --tests) ;;
 esac
 
 down() {
@@ -33,7 +34,7 @@ case "$action" in
   *) echo "usage: $0 [up|down|status]" >&2; exit 2 ;;
 esac
 
-cargo build $flag --bins
+"${build[@]}"
 down
 ids=$(seq -s, 1 "$nodes")
 mkdir -p "$dir"

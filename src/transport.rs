@@ -117,7 +117,7 @@ impl Transport {
 
 /// A lazily connected channel to `peer`: TCP to its configured address (which
 /// may be a NAT or proxy), then TLS that must present `node-<id>` signed by our CA.
-fn peer_channel(peer: &PeerConfig, tls: &PeerTls) -> Channel {
+pub fn peer_channel(peer: &PeerConfig, tls: &PeerTls) -> Channel {
     let connector = tls.connector();
     let addr = peer.addr.clone();
     let id = peer.id;
