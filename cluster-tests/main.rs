@@ -553,3 +553,23 @@ fn impostor_peers_are_refused_and_logged() {
     assert!(v.term < 1_000, "a forged message moved the term: {}", v.raw);
     c.wait_barrier(1);
 }
+
+#[test]
+fn promote_of_an_unreachable_node_fails_with_the_reason() {
+    let c = Cluster::start(3);
+    let all = c.ids();
+    let leader = c.wait_for_leader(&all);
+    c.wait_barrier(leader);
+    let victim = c.others(&[leader])[0];
+    c.kill(victim);
+    let out = c.promote_with_timeout(leader, victim, 3_000);
+    assert!(!out.success(), "promoting a dead node must fail: {out}");
+    assert!(
+        out.stderr.contains(&format!("node {victim} is unreachable")),
+        "the reason must name the unreachable node: {out}"
+    );
+    // The failed transfer left the cluster led and committing.
+    let survivors = c.others(&[victim]);
+    assert_eq!(c.wait_for_leader(&survivors), leader);
+    c.wait_barrier(leader);
+}

@@ -359,7 +359,9 @@ impl NodeTask {
             }
             let matched = self.core.match_index(t.target).unwrap_or(0);
             if now >= t.deadline {
-                let why = if matched < last {
+                let why = if !self.core.peer_active(t.target) {
+                    format!("node {} is unreachable: the leader has not heard from it within an election timeout", t.target)
+                } else if matched < last {
                     format!("node {} had not caught up (it has entry {matched} of {last}); is it reachable?", t.target)
                 } else {
                     format!("node {} had caught up but did not take over", t.target)

@@ -312,6 +312,11 @@ impl<S: LogStore> RaftCore<S> {
         self.raw.raft.prs().get(peer).map(|p| p.matched)
     }
 
+    /// Whether the leader heard from `peer` within the last election timeout.
+    pub fn peer_active(&self, peer: NodeId) -> bool {
+        self.is_leader() && self.raw.raft.prs().get(peer).is_some_and(|p| p.recent_active)
+    }
+
     pub fn last_index(&self) -> u64 {
         self.raw.raft.raft_log.last_index()
     }
