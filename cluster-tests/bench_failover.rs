@@ -30,27 +30,34 @@ fn usage() -> ! {
 }
 
 fn main() {
-    let mut rounds: usize = 10;
+    let mut rounds: Option<usize> = None;
     let mut enforce = false;
+    let mut bench_mode = false;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--rounds" => {
-                rounds = args
-                    .next()
-                    .and_then(|n| n.parse().ok())
-                    .unwrap_or_else(|| usage());
+                rounds = Some(
+                    args.next()
+                        .and_then(|n| n.parse().ok())
+                        .unwrap_or_else(|| usage()),
+                );
             }
             s if s.starts_with("--rounds=") => {
-                rounds = s["--rounds=".len()..].parse().unwrap_or_else(|_| usage());
+                rounds = Some(s["--rounds=".len()..].parse().unwrap_or_else(|_| usage()));
             }
             "--enforce" => enforce = true,
             // `cargo bench` passes `--bench` to harness = false targets.
-            "--bench" => {}
+            "--bench" => bench_mode = true,
+            // Passed through by `cargo test --all-targets -- --test-threads=N`.
+            s if s.starts_with("--test-threads") => {}
             "-h" | "--help" => usage(),
             other => eprintln!("failover: ignoring argument {other:?}"),
         }
     }
+    // `cargo test --all-targets` runs this without `--bench`: one round then,
+    // as a smoke test that the benchmark still works.
+    let rounds = rounds.unwrap_or(if bench_mode { 10 } else { 1 });
     if rounds == 0 {
         usage();
     }
