@@ -494,7 +494,8 @@ async fn run_inner(config: Config, shutdown: impl std::future::Future<Output = (
         ..CoreOptions::default()
     };
     let logger = crate::logging::raft_logger(id);
-    let core = RaftCore::new(id, &config.raft, store, options, &logger)?;
+    let mut state = NoFiles;
+    let core = RaftCore::new(id, &config.raft, store, options, &logger, &mut state)?;
     let initial = core.view();
     info!(term = initial.term, vote = initial.vote, commit = initial.commit_index, applied = initial.applied_index, "starting node {id} of cluster [{}]", join_ids(&voters));
 
@@ -521,7 +522,7 @@ async fn run_inner(config: Config, shutdown: impl std::future::Future<Output = (
         links: link_rx,
         transport: transport.clone(),
         view: view_tx,
-        state: NoFiles,
+        state,
         barriers: HashMap::new(),
         next_token: rand::random::<u64>() >> 16,
         transfers: Vec::new(),

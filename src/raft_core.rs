@@ -171,9 +171,6 @@ pub struct CoreOutput {
 pub struct CoreOptions {
     /// Compact the log once this many applied entries sit before the first index.
     pub compact_after: u64,
-    /// Entries kept behind the applied index at compaction, so a briefly slow
-    /// follower catches up from the log rather than a snapshot.
-    pub compact_keep: u64,
     pub witness: bool,
 }
 
@@ -181,7 +178,6 @@ impl Default for CoreOptions {
     fn default() -> Self {
         CoreOptions {
             compact_after: 20_000,
-            compact_keep: 5_000,
             witness: false,
         }
     }
@@ -213,14 +209,24 @@ pub fn raft_config(id: NodeId, timers: &RaftTimers, applied: u64) -> raft::Confi
 }
 
 impl<S: LogStore> RaftCore<S> {
-    /// Builds the core over already-bootstrapped storage.
+    /// Builds the core over already-bootstrapped storage. If a crash came
+    /// between installing a snapshot and recording it as applied, the state
+    /// machine is restored from that snapshot first, so raft-rs never sees an
+    /// applied index below its first entry.
     pub fn new(
         id: NodeId,
         timers: &RaftTimers,
         store: S,
         options: CoreOptions,
         logger: &slog::Logger,
+        sm: &mut impl StateMachine,
     ) -> Result<Self, CoreError> {
+        let snapshot_index = store.first_index()? - 1;
+        if store.applied() < snapshot_index {
+            let snapshot = store.snapshot(snapshot_index, id)?;
+            sm.restore(snapshot_index, snapshot.get_data())?;
+            store.set_applied(snapshot_index).map_err(storage_err)?;
+        }
         let applied = store.applied();
         let config = raft_config(id, timers, applied);
         let raw = RawNode::new(&config, store, logger)?;
@@ -444,12 +450,13 @@ impl<S: LogStore> RaftCore<S> {
         if applied < first + self.options.compact_after {
             return Ok(());
         }
-        let upto = applied - self.options.compact_keep;
-        // The state machine's snapshot stands for `applied`, which is at or past `upto`:
-        // a follower restoring it then replays entries after `upto` idempotently.
+        // The snapshot must stand for exactly the index it is stored at, since
+        // a follower restoring it replays the entries after it: so compact at
+        // `applied`, the index the state machine's bytes describe. A follower
+        // behind that point catches up by snapshot.
         self.raw
             .store()
-            .compact(upto, sm.snapshot_data())
+            .compact(applied, sm.snapshot_data())
             .map_err(storage_err)?;
         Ok(())
     }

@@ -327,8 +327,10 @@ impl RaftStore {
                 "bootstrap needs a non-empty list of non-zero voter ids, got {voters:?}"
             )));
         }
-        let mut cs = ConfState::default();
-        cs.voters = voters.to_vec();
+        let cs = ConfState {
+            voters: voters.to_vec(),
+            ..Default::default()
+        };
         let mut batch = WriteBatch::default();
         batch.put_cf(
             self.cf(CF_STATE)?,
@@ -644,9 +646,11 @@ impl RaftStore {
             )));
         }
         let term = self.term_in(&cache, index)?;
-        let mut meta = SnapshotMetadata::default();
-        meta.index = index;
-        meta.term = term;
+        let mut meta = SnapshotMetadata {
+            index,
+            term,
+            ..Default::default()
+        };
         meta.set_conf_state(cache.conf_state.clone());
 
         let mut batch = WriteBatch::default();
@@ -1148,10 +1152,11 @@ mod tests {
     use tempfile::TempDir;
 
     fn new_entry(index: u64, term: u64) -> Entry {
-        let mut e = Entry::default();
-        e.index = index;
-        e.term = term;
-        e
+        Entry {
+            index,
+            term,
+            ..Default::default()
+        }
     }
 
     fn new_snapshot(index: u64, term: u64, voters: Vec<u64>, data: &[u8]) -> Snapshot {
@@ -1164,11 +1169,12 @@ mod tests {
     }
 
     fn hs(term: u64, vote: u64, commit: u64) -> HardState {
-        let mut h = HardState::default();
-        h.term = term;
-        h.vote = vote;
-        h.commit = commit;
-        h
+        HardState {
+            term,
+            vote,
+            commit,
+            ..Default::default()
+        }
     }
 
     fn ctx() -> GetEntriesContext {
@@ -1724,9 +1730,11 @@ mod tests {
     fn set_conf_state_is_durable() {
         let (dir, store) = new_store();
         store.bootstrap(&[1]).unwrap();
-        let mut cs = ConfState::default();
-        cs.voters = vec![1, 2];
-        cs.learners = vec![3];
+        let cs = ConfState {
+            voters: vec![1, 2],
+            learners: vec![3],
+            ..Default::default()
+        };
         store.set_conf_state(&cs).unwrap();
         assert!(matches!(
             store.set_conf_state(&ConfState::default()),
@@ -1753,6 +1761,186 @@ mod tests {
             "{err}"
         );
         assert!(err.to_string().contains("state/hard_state"));
+    }
+
+    /// Handles every Ready the way the node does, against the real raft-rs.
+    fn drive(node: &mut raft::RawNode<RaftStore>) {
+        while node.has_ready() {
+            let mut ready = node.ready();
+            let store = node.store().clone();
+            if !ready.snapshot().is_empty() {
+                store.apply_snapshot(ready.snapshot()).unwrap();
+            }
+            store.persist(ready.entries(), ready.hs()).unwrap();
+            if let Some(last) = ready.take_committed_entries().last() {
+                store.set_applied(last.index).unwrap();
+            }
+            let mut light = node.advance(ready);
+            if let Some(commit) = light.commit_index() {
+                store.set_commit(commit).unwrap();
+            }
+            if let Some(last) = light.take_committed_entries().last() {
+                store.set_applied(last.index).unwrap();
+            }
+            node.advance_apply();
+        }
+    }
+
+    fn raw_node(store: &RaftStore) -> raft::RawNode<RaftStore> {
+        let config = raft::Config {
+            id: 1,
+            election_tick: 10,
+            heartbeat_tick: 1,
+            applied: store.applied(),
+            ..Default::default()
+        };
+        let logger = slog::Logger::root(slog::Discard, slog::o!());
+        raft::RawNode::new(&config, store.clone(), &logger).unwrap()
+    }
+
+    /// raft-rs itself accepts what this store hands back after a restart
+    /// (it panics on a commit or applied index out of range).
+    #[test]
+    fn raft_restarts_from_the_store() {
+        let (dir, store) = new_store();
+        store.bootstrap(&[1]).unwrap();
+        let mut node = raw_node(&store);
+        node.campaign().unwrap();
+        drive(&mut node);
+        assert_eq!(node.raft.state, raft::StateRole::Leader);
+        for i in 0..5u8 {
+            node.propose(vec![], vec![i]).unwrap();
+            drive(&mut node);
+        }
+        let last = store.last_index().unwrap();
+        assert_eq!(store.hard_state().commit, last);
+        assert_eq!(store.applied(), last);
+        store.compact(last - 2, b"sm".to_vec()).unwrap();
+        drop(node);
+
+        let store = reopen(&dir, store);
+        let mut node = raw_node(&store);
+        assert_eq!(node.raft.raft_log.committed, last);
+        assert_eq!(node.raft.raft_log.applied, last);
+        assert_eq!(node.raft.term, 1);
+        node.campaign().unwrap();
+        drive(&mut node);
+        assert_eq!(node.raft.state, raft::StateRole::Leader);
+        assert_eq!(node.raft.term, 2);
+        node.propose(vec![], b"after restart".to_vec()).unwrap();
+        drive(&mut node);
+        assert_eq!(store.hard_state().commit, last + 2);
+        assert_eq!(store.hard_state().vote, 1);
+        assert_eq!(store.first_index(), Ok(last - 1));
+    }
+
+    /// One round of Ready handling for a node in a simulated cluster;
+    /// returns the messages to deliver.
+    fn drive_collect(node: &mut raft::RawNode<RaftStore>) -> Vec<raft::prelude::Message> {
+        let mut out = Vec::new();
+        while node.has_ready() {
+            let mut ready = node.ready();
+            let store = node.store().clone();
+            if !ready.snapshot().is_empty() {
+                store.apply_snapshot(ready.snapshot()).unwrap();
+                // The state machine would restore ready.snapshot().data here.
+                store
+                    .set_applied(ready.snapshot().get_metadata().index)
+                    .unwrap();
+            }
+            store.persist(ready.entries(), ready.hs()).unwrap();
+            out.extend(ready.take_messages());
+            out.extend(ready.take_persisted_messages());
+            if let Some(last) = ready.take_committed_entries().last() {
+                store.set_applied(last.index).unwrap();
+            }
+            let mut light = node.advance(ready);
+            if let Some(commit) = light.commit_index() {
+                store.set_commit(commit).unwrap();
+            }
+            out.extend(light.take_messages());
+            if let Some(last) = light.take_committed_entries().last() {
+                store.set_applied(last.index).unwrap();
+            }
+            node.advance_apply();
+        }
+        out
+    }
+
+    fn deliver_all(nodes: &mut std::collections::BTreeMap<u64, raft::RawNode<RaftStore>>) {
+        loop {
+            let msgs: Vec<_> = nodes.values_mut().flat_map(drive_collect).collect();
+            if msgs.is_empty() {
+                return;
+            }
+            for m in msgs {
+                if let Some(node) = nodes.get_mut(&m.to) {
+                    node.step(m).unwrap();
+                }
+            }
+        }
+    }
+
+    /// A follower that missed compacted entries is caught up by raft-rs with
+    /// the snapshot this store serves, and installs it with `apply_snapshot`.
+    #[test]
+    fn lagging_follower_catches_up_by_snapshot() {
+        let dirs: Vec<TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+        let stores: Vec<RaftStore> = dirs
+            .iter()
+            .map(|d| RaftStore::open(&d.path().join("raft")).unwrap())
+            .collect();
+        let logger = slog::Logger::root(slog::Discard, slog::o!());
+        let node_for = |id: u64| {
+            let store = &stores[id as usize - 1];
+            store.bootstrap(&[1, 2, 3]).unwrap();
+            let config = raft::Config {
+                id,
+                election_tick: 10,
+                heartbeat_tick: 1,
+                applied: store.applied(),
+                ..Default::default()
+            };
+            raft::RawNode::new(&config, store.clone(), &logger).unwrap()
+        };
+        let mut nodes = std::collections::BTreeMap::new();
+        nodes.insert(1, node_for(1));
+        nodes.insert(2, node_for(2));
+        nodes.get_mut(&1).unwrap().campaign().unwrap();
+        deliver_all(&mut nodes);
+        assert_eq!(nodes[&1].raft.state, raft::StateRole::Leader);
+        for i in 0..5u8 {
+            nodes.get_mut(&1).unwrap().propose(vec![], vec![i]).unwrap();
+            deliver_all(&mut nodes);
+        }
+        let leader = &stores[0];
+        let applied = leader.applied();
+        assert_eq!(applied, leader.last_index().unwrap());
+        leader.compact(applied, b"state machine".to_vec()).unwrap();
+
+        nodes.insert(3, node_for(3));
+        for _ in 0..5 {
+            nodes.get_mut(&1).unwrap().tick();
+            deliver_all(&mut nodes);
+        }
+        let follower = &stores[2];
+        assert_eq!(follower.snapshot_metadata().index, applied);
+        assert_eq!(follower.applied(), applied);
+        assert_eq!(follower.hard_state().commit, applied);
+        assert_eq!(
+            &follower.last_snapshot().unwrap().data[..],
+            b"state machine"
+        );
+
+        // It then follows the log normally.
+        nodes
+            .get_mut(&1)
+            .unwrap()
+            .propose(vec![], b"next".to_vec())
+            .unwrap();
+        deliver_all(&mut nodes);
+        assert_eq!(follower.last_index(), Ok(applied + 1));
+        assert_eq!(follower.hard_state().commit, applied + 1);
     }
 
     #[test]
@@ -1808,8 +1996,10 @@ mod tests {
             hs(5, 2, 10).write_to_bytes().unwrap(),
             vec![0x08, 0x05, 0x10, 0x02, 0x18, 0x0a]
         );
-        let mut cs = ConfState::default();
-        cs.voters = vec![1, 2];
+        let cs = ConfState {
+            voters: vec![1, 2],
+            ..Default::default()
+        };
         assert_eq!(cs.write_to_bytes().unwrap(), vec![0x08, 0x01, 0x08, 0x02]);
         let mut e = new_entry(1, 2);
         e.data = b"x".to_vec().into();

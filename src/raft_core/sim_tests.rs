@@ -76,6 +76,8 @@ impl LogStore for MemLog {
 #[derive(Default)]
 struct Recorder {
     applied: Vec<(u64, Option<Command>)>,
+    /// Snapshot indexes the state was restored from.
+    restored: Vec<u64>,
 }
 
 impl StateMachine for Recorder {
@@ -86,7 +88,8 @@ impl StateMachine for Recorder {
     fn snapshot_data(&self) -> Vec<u8> {
         Vec::new()
     }
-    fn restore(&mut self, _index: u64, _data: &[u8]) -> Result<(), CoreError> {
+    fn restore(&mut self, index: u64, _data: &[u8]) -> Result<(), CoreError> {
+        self.restored.push(index);
         Ok(())
     }
 }
@@ -135,7 +138,8 @@ impl Sim {
     fn boot(&mut self, id: NodeId) {
         let node = self.nodes.get_mut(&id).unwrap();
         node.core = Some(
-            RaftCore::new(id, &RaftTimers::default(), node.log.clone(), self.options.clone(), &self.logger).unwrap(),
+            RaftCore::new(id, &RaftTimers::default(), node.log.clone(), self.options.clone(), &self.logger, &mut node.sm)
+                .unwrap(),
         );
     }
 
@@ -337,7 +341,7 @@ fn leadership_transfer_moves_the_leader() {
 
 #[test]
 fn the_log_is_compacted_and_a_lagging_node_catches_up_by_snapshot() {
-    let mut sim = Sim::with_options(3, CoreOptions { compact_after: 20, compact_keep: 5, witness: false });
+    let mut sim = Sim::with_options(3, CoreOptions { compact_after: 20, witness: false });
     let leader = sim.elect();
     let lagging = (1..=3).find(|id| *id != leader).unwrap();
     sim.isolate(lagging);
@@ -353,4 +357,16 @@ fn the_log_is_compacted_and_a_lagging_node_catches_up_by_snapshot() {
     sim.barrier(leader, 1000).unwrap();
     sim.tick();
     assert!(sim.applied_barrier(lagging, 1000));
+
+    // A crash between installing the snapshot and recording it as applied
+    // must not stop the node from starting again.
+    let snapshot_index = sim.core(lagging).view().first_index - 1;
+    sim.crash(lagging);
+    *sim.nodes[&lagging].log.applied.lock().unwrap() = 0;
+    sim.nodes.get_mut(&lagging).unwrap().sm.restored.clear();
+    sim.boot(lagging);
+    assert_eq!(sim.nodes[&lagging].sm.restored, vec![snapshot_index], "the state machine was not restored from the snapshot");
+    assert_eq!(sim.nodes[&lagging].log.applied(), snapshot_index);
+    sim.barrier(leader, 1001).unwrap();
+    sim.run_until(30, "the restarted node applies new entries", |s| s.applied_barrier(lagging, 1001));
 }
