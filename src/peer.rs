@@ -23,7 +23,7 @@ use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
 use tonic::{Request, Response, Status};
-use tracing::{debug, info, warn};
+use tracing::{debug, info, warn, Instrument};
 
 use crate::config::NodeId;
 use crate::node::{NodeHandle, RequestError};
@@ -92,62 +92,124 @@ impl AsyncWrite for PeerConn {
 }
 
 /// Accepts TCP connections, completes mutual TLS and admits only members.
-/// Refusals are logged with the remote address and the reason.
+/// Refusals are logged with the remote address and the reason: at warning
+/// level the first time per address and reason each minute (a misconfigured
+/// peer retries every few hundred milliseconds), at debug level otherwise.
 pub fn accept_loop(
     listener: TcpListener,
     tls: PeerTls,
     members: Arc<BTreeSet<NodeId>>,
 ) -> ReceiverStream<io::Result<PeerConn>> {
     let (tx, rx) = mpsc::channel(64);
-    tokio::spawn(async move {
-        loop {
-            let (tcp, remote) = match listener.accept().await {
-                Ok(x) => x,
-                Err(e) => {
-                    // EMFILE and friends: back off rather than spin.
-                    warn!(error = %e, "accepting a peer connection failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            };
-            let _ = tcp.set_nodelay(true);
-            let acceptor = tls.acceptor();
-            let members = members.clone();
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                    Ok(Ok(s)) => s,
-                    Ok(Err(e)) => {
-                        warn!(%remote, reason = %e, "refused peer {remote}: TLS handshake failed: {e}");
-                        return;
-                    }
-                    Err(_) => {
-                        warn!(%remote, "refused peer {remote}: TLS handshake did not finish within {HANDSHAKE_TIMEOUT:?}");
-                        return;
-                    }
-                };
-                let node_id = match peer_node_id(&stream) {
-                    Ok(id) => id,
+    let refusals = Arc::new(RefusalLog::default());
+    tokio::spawn(
+        async move {
+            loop {
+                let (tcp, remote) = match listener.accept().await {
+                    Ok(x) => x,
                     Err(e) => {
-                        warn!(%remote, "refused peer {remote}: {e}");
-                        return;
+                        // EMFILE and friends: back off rather than spin.
+                        warn!(error = %e, "accepting a peer connection failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
                     }
                 };
-                if !members.contains(&node_id) {
-                    warn!(%remote, peer = node_id, "refused peer {remote}: its certificate is for node {node_id}, which is not a member of this cluster; add it to [[peer]] on every node or revoke it");
-                    return;
-                }
-                debug!(%remote, peer = node_id, "peer connection authenticated");
-                let _ = tx
-                    .send(Ok(PeerConn {
-                        stream,
-                        identity: PeerIdentity { node_id, remote },
-                    }))
-                    .await;
-            });
+                let _ = tcp.set_nodelay(true);
+                let acceptor = tls.acceptor();
+                let members = members.clone();
+                let tx = tx.clone();
+                let refusals = refusals.clone();
+                tokio::spawn(
+                    async move {
+                        match admit(acceptor, tcp, remote, &members).await {
+                            Ok(conn) => {
+                                debug!(%remote, peer = conn.identity.node_id, "peer connection authenticated");
+                                let _ = tx.send(Ok(conn)).await;
+                            }
+                            Err(reason) => refusals.log(remote, &reason),
+                        }
+                    }
+                    .in_current_span(),
+                );
+            }
         }
-    });
+        .in_current_span(),
+    );
     ReceiverStream::new(rx)
+}
+
+/// Mutual TLS, then the certificate's node id must be a member.
+async fn admit(
+    acceptor: tokio_rustls::TlsAcceptor,
+    tcp: TcpStream,
+    remote: SocketAddr,
+    members: &BTreeSet<NodeId>,
+) -> Result<PeerConn, String> {
+    let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return Err(handshake_reason(&e)),
+        Err(_) => return Err(format!("TLS handshake did not finish within {HANDSHAKE_TIMEOUT:?}")),
+    };
+    let node_id = peer_node_id(&stream).map_err(|e| e.to_string())?;
+    if !members.contains(&node_id) {
+        return Err(format!(
+            "its certificate is for node {node_id}, which is not a member of this cluster; add it to [[peer]] on every node or revoke it"
+        ));
+    }
+    Ok(PeerConn {
+        stream,
+        identity: PeerIdentity { node_id, remote },
+    })
+}
+
+/// Says what a failed handshake most likely means, for the operator.
+fn handshake_reason(e: &io::Error) -> String {
+    let text = e.to_string();
+    if text.contains("received fatal alert") {
+        format!("TLS handshake failed: the peer rejected our certificate ({text}); it probably trusts another cluster CA")
+    } else if text.contains("invalid peer certificate") {
+        format!("TLS handshake failed: {text}; its certificate is not signed by this cluster's CA, or has expired")
+    } else if text.contains("peer sent no certificates") {
+        format!("TLS handshake failed: {text}; every peer must present a node certificate")
+    } else {
+        format!("TLS handshake failed: {text} (is it speaking plaintext or another protocol?)")
+    }
+}
+
+/// Rate limit for refusal warnings, per remote IP and reason.
+#[derive(Default)]
+struct RefusalLog {
+    last: std::sync::Mutex<std::collections::HashMap<(std::net::IpAddr, String), std::time::Instant>>,
+}
+
+impl RefusalLog {
+    const EVERY: Duration = Duration::from_secs(60);
+
+    fn log(&self, remote: SocketAddr, reason: &str) {
+        let now = std::time::Instant::now();
+        let loud = match self.last.lock() {
+            Ok(mut last) => {
+                // Bounded: forget old entries rather than grow with every scanner.
+                if last.len() > 1024 {
+                    last.retain(|_, t| now.duration_since(*t) < Self::EVERY);
+                }
+                let key = (remote.ip(), reason.to_string());
+                match last.get(&key) {
+                    Some(t) if now.duration_since(*t) < Self::EVERY => false,
+                    _ => {
+                        last.insert(key, now);
+                        true
+                    }
+                }
+            }
+            Err(_) => true,
+        };
+        if loud {
+            warn!(%remote, "refused peer {remote}: {reason}");
+        } else {
+            debug!(%remote, "refused peer {remote}: {reason}");
+        }
+    }
 }
 
 pub struct PeerService {

@@ -17,7 +17,7 @@ use raft::SnapshotStatus;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tonic::transport::{Channel, Endpoint, Uri};
-use tracing::{debug, warn};
+use tracing::{debug, warn, Instrument};
 
 use crate::config::{NodeId, PeerConfig};
 use crate::proto::peer::peer_client::PeerClient;
@@ -63,7 +63,7 @@ impl Transport {
         for peer in peers {
             let channel = peer_channel(peer, tls);
             let (queue, rx) = mpsc::channel(PEER_QUEUE);
-            tokio::spawn(sender_task(peer.id, channel.clone(), rx, events.clone()));
+            tokio::spawn(sender_task(peer.id, channel.clone(), rx, events.clone()).in_current_span());
             links.insert(
                 peer.id,
                 Link {
@@ -181,7 +181,7 @@ async fn sender_task(
             }
             Err(status) => {
                 if !failing {
-                    warn!(peer, error = %status.message(), code = ?status.code(), "cannot reach peer; will retry");
+                    warn!(peer, "cannot reach peer {peer}: {}; will retry", status_chain(&status));
                 }
                 failing = true;
                 let _ = events.try_send(LinkEvent::Unreachable(peer));
@@ -199,4 +199,20 @@ async fn sender_task(
             }
         }
     }
+}
+
+/// A gRPC status with the chain of errors behind it (connect, TLS, ...),
+/// since the status message alone often says only "transport error".
+fn status_chain(status: &tonic::Status) -> String {
+    let mut text = status.message().to_string();
+    let mut source = std::error::Error::source(status);
+    while let Some(inner) = source {
+        let part = inner.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        source = inner.source();
+    }
+    text
 }
