@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod certs;
 pub mod config;
+pub mod delta;
 pub mod logging;
 pub mod node;
 pub mod peer;

@@ -1,7 +1,6 @@
 //! `clusterctl`: the administrator's command line. It talks to the local node
 //! over its admin socket, and makes the cluster's certificates.
 
-use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -126,12 +125,7 @@ async fn run(args: Args) -> Result<ExitCode> {
             if *json {
                 println!("{}", status.to_json());
             } else {
-                let table = status.to_table();
-                if std::io::stdout().is_terminal() {
-                    print!("{table}");
-                } else {
-                    print!("{table}");
-                }
+                print!("{}", status.to_table());
             }
             Ok(ExitCode::SUCCESS)
         }
