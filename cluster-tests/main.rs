@@ -573,3 +573,23 @@ fn promote_of_an_unreachable_node_fails_with_the_reason() {
     assert_eq!(c.wait_for_leader(&survivors), leader);
     c.wait_barrier(leader);
 }
+
+#[test]
+fn a_witness_votes_but_never_leads() {
+    let c = Cluster::builder(3).node_option(3, "witness = true").start();
+    let all = c.ids();
+    let leader = c.wait_for_leader(&all);
+    assert_ne!(leader, 3, "the witness must not lead");
+    assert_eq!(c.view_now(3).role, "witness");
+
+    let out = c.promote_with_timeout(leader, 3, 3_000);
+    assert!(!out.success(), "a witness must refuse leadership: {out}");
+
+    // Losing a data node leaves one data node and the witness: a majority,
+    // and the data node must be the one that leads.
+    c.kill(leader);
+    let other = c.others(&[leader, 3])[0];
+    assert_eq!(c.wait_for_leader(&[other, 3]), other);
+    c.wait_barrier(other);
+    c.wait_barrier(3);
+}

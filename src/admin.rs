@@ -64,16 +64,11 @@ pub fn bind_socket(path: &Path) -> Result<UnixListener, NodeError> {
 pub struct AdminService {
     node: NodeHandle,
     transport: Transport,
-    election_timeout: Duration,
 }
 
 impl AdminService {
-    pub fn new(node: NodeHandle, transport: Transport, election_timeout: Duration) -> Self {
-        AdminService {
-            node,
-            transport,
-            election_timeout,
-        }
+    pub fn new(node: NodeHandle, transport: Transport) -> Self {
+        AdminService { node, transport }
     }
 
     pub async fn serve(
@@ -186,8 +181,8 @@ impl AdminService {
                         return Ok(v.term);
                     }
                 }
-                // Leadership moved while we asked: look again.
-                Err(RequestError::NotLeader { .. }) => {
+                // Leadership moved while we asked, or a transfer was under way: look again.
+                Err(RequestError::NotLeader { .. }) | Err(RequestError::Retry(_)) => {
                     let pause = Duration::from_millis(50).min(deadline.saturating_duration_since(Instant::now()));
                     tokio::time::sleep(pause).await;
                 }
@@ -211,7 +206,7 @@ impl AdminService {
             target,
             timeout_ms: wait.as_millis() as u64,
         });
-        req.set_timeout(wait + self.election_timeout);
+        req.set_timeout(wait + Duration::from_millis(500));
         client.transfer_leadership(req).await.map(|_| ()).map_err(|s| status_error(leader, s))
     }
 
@@ -236,7 +231,7 @@ impl AdminService {
                         .map(|_| index)
                         .ok_or_else(|| RequestError::TimedOut(format!("entry {index} committed but not applied on this node in time")));
                 }
-                Err(RequestError::NotLeader { .. }) if Instant::now() < deadline => {
+                Err(RequestError::NotLeader { .. }) | Err(RequestError::Retry(_)) if Instant::now() < deadline => {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
                 Err(e) => return Err(e),
@@ -261,7 +256,8 @@ impl AdminService {
 fn status_error(peer: NodeId, s: Status) -> RequestError {
     match s.code() {
         tonic::Code::FailedPrecondition => RequestError::NotLeader { leader: None },
-        tonic::Code::DeadlineExceeded => RequestError::TimedOut(s.message().to_string()),
+        tonic::Code::Aborted => RequestError::Retry(s.message().to_string()),
+        tonic::Code::DeadlineExceeded => RequestError::TimedOut(format!("node {peer}: {}", s.message())),
         tonic::Code::InvalidArgument => RequestError::Invalid(s.message().to_string()),
         _ => RequestError::Unreachable(format!("node {peer}: {}", s.message())),
     }

@@ -524,10 +524,10 @@ impl Validator {
     fn quorum_shape(&mut self, node: &NodeConfig, peers: &[PeerConfig]) {
         let voters = 1 + peers.len();
         let witnesses = usize::from(node.witness) + peers.iter().filter(|p| p.witness).count();
-        if voters == 2 && witnesses == 0 && !node.allow_two_node {
+        if voters == 2 && !node.allow_two_node {
             let other = peers.first().map(|p| p.id).unwrap_or_default();
             self.problem(format!(
-                "the cluster has only two voters (nodes {} and {other}), which cannot fail over: losing either stops it; add a witness node ([[peer]] with witness = true) or set `node.allow_two_node` = true to accept that",
+                "the cluster has only two voters (nodes {} and {other}), which cannot fail over: losing either stops it; add a third node or a witness ([[peer]] with witness = true, e.g. on the monitoring host) or set `node.allow_two_node` = true to accept that",
                 node.id
             ));
         }
@@ -642,6 +642,7 @@ mod tests {
             (format!("{NODE}{PEERS}{}[log]\nlevel = \"info,,=[\"\n", f.tls()), "key `log.level`"),
             (format!("{NODE}[[peer]]\nid = 2\naddr = \"h:1\"\n{}", f.tls()), "the cluster has only two voters (nodes 1 and 2), which cannot fail over"),
             (format!("[node]\nid = 1\nwitness = true\n{PEERS}{}[[sync]]\nname = \"a\"\npath = \"/a\"\n", f.tls()), "this node is a witness"),
+            (format!("{NODE}[[peer]]\nid = 2\naddr = \"h:1\"\nwitness = true\n{}", f.tls()), "the cluster has only two voters (nodes 1 and 2)"),
             (format!("{NODE}{PEERS}{}", f.tls().replace("[tls]", "[tsl]")), "unknown field `tsl`"),
             (format!("{NODE}\nbogus = 1\n{PEERS}{}", f.tls()), "unknown field `bogus`"),
             ("[node\nid=1".to_string(), "clusterd.toml"),

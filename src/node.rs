@@ -65,6 +65,9 @@ pub enum RequestError {
     Unreachable(String),
     #[error("the node is shutting down")]
     ShuttingDown,
+    /// Valid, but not possible this instant (e.g. during a leadership transfer).
+    #[error("{0}")]
+    Retry(String),
 }
 
 fn not_leader_text(leader: Option<NodeId>) -> String {
@@ -78,6 +81,7 @@ impl From<CoreError> for RequestError {
     fn from(e: CoreError) -> Self {
         match e {
             CoreError::NotLeader { leader } => RequestError::NotLeader { leader },
+            CoreError::Busy(why) => RequestError::Retry(why),
             other => RequestError::Unreachable(other.to_string()),
         }
     }
@@ -199,6 +203,8 @@ struct NodeTask {
     barriers: HashMap<u64, (Instant, oneshot::Sender<Result<u64, RequestError>>)>,
     next_token: u64,
     transfers: Vec<PendingTransfer>,
+    /// Members that vote but must never lead.
+    witnesses: BTreeSet<NodeId>,
     tick: Duration,
     election_timeout: Duration,
 }
@@ -261,11 +267,13 @@ impl NodeTask {
             return false;
         }
         let view = self.core.view();
+        // `recent_active` is reset once per election timeout until the next
+        // reply, so it only breaks ties: the most caught-up data node wins.
         let best = view
             .progress
             .iter()
-            .filter(|p| p.id != view.id && p.recent_active)
-            .max_by_key(|p| p.match_index);
+            .filter(|p| p.id != view.id && !self.witnesses.contains(&p.id))
+            .max_by_key(|p| (p.match_index, p.recent_active));
         match best {
             Some(p) => {
                 info!(term = view.term, target = p.id, "shutting down: handing leadership to node {}", p.id);
@@ -323,13 +331,19 @@ impl NodeTask {
             let _ = reply.send(Ok(()));
             return;
         }
+        if self.witnesses.contains(&target) {
+            let _ = reply.send(Err(RequestError::Invalid(format!(
+                "node {target} is a witness: it votes but holds no files, so it cannot lead"
+            ))));
+            return;
+        }
         if !self.core.is_leader() {
             let _ = reply.send(Err(RequestError::NotLeader {
                 leader: self.core.leader(),
             }));
             return;
         }
-        info!(term = self.core.term(), target, "leadership transfer to node {target} requested; waiting for it to catch up");
+        info!(term = self.core.term(), target, "leadership transfer to node {target} requested");
         self.transfers.push(PendingTransfer {
             target,
             deadline,
@@ -338,8 +352,10 @@ impl NodeTask {
         });
     }
 
-    /// Drives pending transfers: start once the target has everything, finish
-    /// once it leads, fail at the deadline with what stood in the way.
+    /// Drives pending transfers: raft-rs catches the target up (pausing new
+    /// proposals meanwhile) and hands over once it has every entry; we finish
+    /// once it leads, re-arm a transfer raft-rs gave up on after an election
+    /// timeout, and fail at the deadline with what stood in the way.
     fn drive_transfers(&mut self) {
         let now = Instant::now();
         let last = self.core.last_index();
@@ -370,7 +386,7 @@ impl NodeTask {
                 continue;
             }
             let restart = t.started.is_none_or(|s| now.duration_since(s) > self.election_timeout * 2);
-            if matched >= last && restart {
+            if restart {
                 self.core.transfer_leader(t.target);
                 t.started = Some(now);
             }
@@ -397,6 +413,26 @@ impl NodeTask {
     }
 
     fn ready(&mut self) -> Result<(), NodeError> {
+        self.ready_once()?;
+        self.drive_transfers();
+        // A transfer started just now has messages ready: send them without
+        // waiting for the next tick.
+        if self.core.has_ready() {
+            self.ready_once()?;
+        }
+        let view = self.core.view();
+        self.view.send_if_modified(|v| {
+            if *v != view {
+                *v = view;
+                true
+            } else {
+                false
+            }
+        });
+        Ok(())
+    }
+
+    fn ready_once(&mut self) -> Result<(), NodeError> {
         let out = self.core.handle_ready(&mut self.state)?;
         for peer in self.transport.send(out.messages) {
             self.core.report_snapshot(peer, raft::SnapshotStatus::Failure);
@@ -421,16 +457,6 @@ impl NodeTask {
                 }
             }
         }
-        self.drive_transfers();
-        let view = self.core.view();
-        self.view.send_if_modified(|v| {
-            if *v != view {
-                *v = view;
-                true
-            } else {
-                false
-            }
-        });
         Ok(())
     }
 }
@@ -526,6 +552,13 @@ async fn run_inner(config: Config, shutdown: impl std::future::Future<Output = (
         barriers: HashMap::new(),
         next_token: rand::random::<u64>() >> 16,
         transfers: Vec::new(),
+        witnesses: config
+            .peers
+            .iter()
+            .filter(|p| p.witness)
+            .map(|p| p.id)
+            .chain(config.node.witness.then_some(id))
+            .collect(),
         tick: config.raft.heartbeat,
         election_timeout: config.raft.election_timeout,
     };
@@ -541,7 +574,7 @@ async fn run_inner(config: Config, shutdown: impl std::future::Future<Output = (
     let mut peer_server = tokio::spawn(
         crate::peer::serve(incoming, handle.clone(), stopped(servers_stop_rx.clone())).in_current_span(),
     );
-    let admin = crate::admin::AdminService::new(handle.clone(), transport, config.raft.election_timeout);
+    let admin = crate::admin::AdminService::new(handle.clone(), transport);
     let admin_server = tokio::spawn(admin.serve(admin_listener, stopped(servers_stop_rx)).in_current_span());
     info!(listen = %config.node.listen, admin_socket = %config.node.admin_socket.display(), "node {id} is up");
 

@@ -40,7 +40,7 @@ pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 /// A peer that does not finish the TLS handshake in this time is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest a peer may ask us to wait in a transfer or barrier.
-const MAX_REQUEST_WAIT: Duration = Duration::from_secs(120);
+const MAX_REQUEST_WAIT: Duration = Duration::from_secs(600);
 
 /// Who is on the other end of an accepted connection, as proven by its certificate.
 #[derive(Debug, Clone, Copy)]
@@ -105,7 +105,12 @@ pub fn accept_loop(
     tokio::spawn(
         async move {
             loop {
-                let (tcp, remote) = match listener.accept().await {
+                let accepted = tokio::select! {
+                    a = listener.accept() => a,
+                    // The server stopped taking connections: release the port.
+                    _ = tx.closed() => break,
+                };
+                let (tcp, remote) = match accepted {
                     Ok(x) => x,
                     Err(e) => {
                         // EMFILE and friends: back off rather than spin.
@@ -303,6 +308,7 @@ pub fn request_status(e: RequestError) -> Status {
         RequestError::Invalid(_) => Status::invalid_argument(e.to_string()),
         RequestError::Unreachable(_) => Status::unavailable(e.to_string()),
         RequestError::ShuttingDown => Status::unavailable(e.to_string()),
+        RequestError::Retry(_) => Status::aborted(e.to_string()),
     }
 }
 

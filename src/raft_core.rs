@@ -101,6 +101,9 @@ pub enum CoreError {
     NotLeader { leader: Option<NodeId> },
     #[error("a committed entry cannot be applied: {0}")]
     BadEntry(String),
+    /// The request is valid but cannot be taken right now.
+    #[error("{0}")]
+    Busy(String),
 }
 
 /// The node's role as shown to users. A pre-candidate shows as a candidate.
@@ -191,14 +194,24 @@ pub struct RaftCore<S: LogStore> {
 
 /// The raft-rs configuration every node uses: pre-vote and check-quorum on;
 /// the election timeout is randomized in [timeout, 1.5 × timeout).
-pub fn raft_config(id: NodeId, timers: &RaftTimers, applied: u64) -> raft::Config {
+///
+/// A witness votes but must never lead: its randomized election timeout is
+/// pushed out of reach (a day of ticks), while `election_tick` stays the
+/// cluster's so its leader-lease checks match everyone else's.
+pub fn raft_config(id: NodeId, timers: &RaftTimers, applied: u64, witness: bool) -> raft::Config {
     let election_tick = timers.election_ticks().max(3);
+    let (min_election_tick, max_election_tick) = if witness {
+        let never = (86_400_000 / timers.heartbeat.as_millis().max(1)) as usize;
+        (never, never + 1)
+    } else {
+        (election_tick, election_tick + election_tick / 2)
+    };
     raft::Config {
         id,
         election_tick,
         heartbeat_tick: 1,
-        min_election_tick: election_tick,
-        max_election_tick: election_tick + election_tick / 2,
+        min_election_tick,
+        max_election_tick,
         applied,
         pre_vote: true,
         check_quorum: true,
@@ -228,7 +241,7 @@ impl<S: LogStore> RaftCore<S> {
             store.set_applied(snapshot_index).map_err(storage_err)?;
         }
         let applied = store.applied();
-        let config = raft_config(id, timers, applied);
+        let config = raft_config(id, timers, applied, options.witness);
         let raw = RawNode::new(&config, store, logger)?;
         Ok(RaftCore {
             raw,
@@ -248,6 +261,10 @@ impl<S: LogStore> RaftCore<S> {
 
     /// Feeds a message from a peer (already authenticated by the shell).
     pub fn step(&mut self, message: Message) -> Result<(), CoreError> {
+        if self.options.witness && message.get_msg_type() == MessageType::MsgTimeoutNow {
+            // A witness holds no files, so it refuses to be handed leadership.
+            return Ok(());
+        }
         match self.raw.step(message) {
             // Stale or misdirected messages are normal after restarts and partitions.
             Ok(()) | Err(raft::Error::StepPeerNotFound) | Err(raft::Error::StepLocalMsg) => Ok(()),
@@ -261,8 +278,10 @@ impl<S: LogStore> RaftCore<S> {
         }
         match self.raw.propose(vec![], command.encode()) {
             Ok(()) => Ok(()),
-            // Dropped while a leadership transfer is in flight, or by a leader about to step down.
-            Err(raft::Error::ProposalDropped) => Err(self.not_leader()),
+            // Dropped while a leadership transfer is in flight: the caller retries.
+            Err(raft::Error::ProposalDropped) => Err(CoreError::Busy(
+                "a leadership transfer is in progress; retry in a moment".to_string(),
+            )),
             Err(e) => Err(e.into()),
         }
     }
@@ -316,6 +335,10 @@ impl<S: LogStore> RaftCore<S> {
             return None;
         }
         self.raw.raft.prs().get(peer).map(|p| p.matched)
+    }
+
+    pub fn has_ready(&self) -> bool {
+        self.raw.has_ready()
     }
 
     /// Whether the leader heard from `peer` within the last election timeout.
@@ -527,10 +550,14 @@ mod tests {
 
     #[test]
     fn default_timers_give_pre_vote_check_quorum_and_randomized_timeout() {
-        let c = raft_config(1, &RaftTimers::default(), 0);
+        let c = raft_config(1, &RaftTimers::default(), 0, false);
         assert!(c.pre_vote && c.check_quorum);
         assert_eq!((c.heartbeat_tick, c.election_tick), (1, 10));
         assert_eq!((c.min_election_tick, c.max_election_tick), (10, 15));
         c.validate().unwrap();
+        let w = raft_config(1, &RaftTimers::default(), 0, true);
+        assert_eq!(w.election_tick, 10, "a witness keeps the cluster's lease length");
+        assert!(w.min_election_tick >= 864_000, "a witness must never time out into a campaign");
+        w.validate().unwrap();
     }
 }

@@ -29,6 +29,10 @@ use crate::tls::PeerTls;
 const PEER_QUEUE: usize = 4096;
 /// Raft messages sent in one RPC at most.
 const MAX_BATCH: usize = 256;
+/// Encoded bytes per RPC beyond which a batch is closed, well under the
+/// receiver's limit ([`crate::peer::MAX_MESSAGE_BYTES`]). A single larger
+/// message still goes alone.
+const MAX_BATCH_BYTES: usize = 8 * 1024 * 1024;
 /// Deadline of one Raft RPC; a peer slower than this is treated as unreachable.
 const RAFT_RPC_TIMEOUT: Duration = Duration::from_secs(2);
 /// TCP connect plus TLS handshake deadline.
@@ -150,21 +154,43 @@ async fn sender_task(
     mut queue: mpsc::Receiver<Message>,
     events: mpsc::Sender<LinkEvent>,
 ) {
-    let mut client = PeerClient::new(channel);
+    let mut client = PeerClient::new(channel)
+        .max_encoding_message_size(crate::peer::MAX_MESSAGE_BYTES)
+        .max_decoding_message_size(crate::peer::MAX_MESSAGE_BYTES);
     let mut backoff = BACKOFF_START;
     let mut failing = false;
-    while let Some(first) = queue.recv().await {
+    // A message taken from the queue that did not fit the previous batch.
+    let mut carried: Option<Message> = None;
+    loop {
+        let first = match carried.take() {
+            Some(m) => m,
+            None => match queue.recv().await {
+                Some(m) => m,
+                None => break,
+            },
+        };
         let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
+        let mut encoded = vec![encode_raft_message(&batch[0])];
+        let mut bytes = encoded[0].len();
+        while batch.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
             match queue.try_recv() {
-                Ok(m) => batch.push(m),
+                Ok(m) => {
+                    let e = encode_raft_message(&m);
+                    if bytes + e.len() > MAX_BATCH_BYTES {
+                        carried = Some(m);
+                        break;
+                    }
+                    bytes += e.len();
+                    batch.push(m);
+                    encoded.push(e);
+                }
                 Err(_) => break,
             }
         }
         let snapshot_sent = batch.iter().any(|m| m.get_msg_type() == MessageType::MsgSnapshot);
         let request = RaftBatch {
             term: batch.iter().map(|m| m.term).max().unwrap_or(0),
-            messages: batch.iter().map(encode_raft_message).collect(),
+            messages: encoded,
         };
         let mut request = tonic::Request::new(request);
         request.set_timeout(RAFT_RPC_TIMEOUT);

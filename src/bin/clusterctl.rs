@@ -115,10 +115,13 @@ async fn run(args: Args) -> Result<ExitCode> {
         }
         Command::Status { json, peer_timeout_ms } => {
             let mut client = admin::connect(&socket_path(&args)?).await?;
+            let mut req = tonic::Request::new(StatusRequest {
+                peer_timeout_ms: *peer_timeout_ms,
+            });
+            // The node bounds each peer; this bounds a wedged node.
+            req.set_timeout(Duration::from_millis(*peer_timeout_ms + 2_000));
             let reply = client
-                .status(StatusRequest {
-                    peer_timeout_ms: *peer_timeout_ms,
-                })
+                .status(req)
                 .await
                 .context("the node did not answer the status request")?;
             let status: ClusterStatus = reply.get_ref().into();
