@@ -593,3 +593,37 @@ fn a_witness_votes_but_never_leads() {
     c.wait_barrier(other);
     c.wait_barrier(3);
 }
+
+/// Under systemd (`Type=notify`): READY once a leader is known, STATUS with
+/// role and leader, watchdog pings while the node task answers.
+#[test]
+fn systemd_notifications_report_ready_status_and_watchdog() {
+    use std::os::unix::net::UnixDatagram;
+    let sock_dir = short_tempdir("clusterd-notify-");
+    let sock_path = sock_dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    let c = Cluster::builder(3)
+        .env("NOTIFY_SOCKET", sock_path.to_str().unwrap())
+        .env("WATCHDOG_USEC", "600000")
+        .start();
+    let all = c.ids();
+    c.wait_for_leader(&all);
+    let mut seen = String::new();
+    let mut buf = [0u8; 4096];
+    wait_until(Duration::from_secs(20), "READY, a STATUS naming the leader, and WATCHDOG pings", || {
+        if let Ok(n) = sock.recv(&mut buf) {
+            seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+            seen.push('\n');
+        }
+        let ok = seen.contains("READY=1")
+            && seen.lines().any(|l| l.starts_with("STATUS=follower, leader node "))
+            && seen.lines().any(|l| l.starts_with("STATUS=leader of term "))
+            && seen.matches("WATCHDOG=1").count() >= 3;
+        if ok {
+            Ok(())
+        } else {
+            Err(format!("received so far:\n{seen}"))
+        }
+    });
+}

@@ -16,6 +16,7 @@ pub mod proto;
 pub mod raft_core;
 pub mod status;
 pub mod storage;
+pub mod systemd;
 pub mod tls;
 pub mod transport;
 

@@ -105,6 +105,8 @@ pub enum NodeMsg {
     },
     /// Delivery news from the transport.
     Link(LinkEvent),
+    /// Liveness probe (systemd watchdog): answered as soon as it is read.
+    Ping(oneshot::Sender<()>),
 }
 
 /// A cheap, cloneable way to talk to the node task.
@@ -156,6 +158,15 @@ impl NodeHandle {
             .await
             .map_err(|_| RequestError::ShuttingDown)?;
         rx.await.map_err(|_| RequestError::ShuttingDown)?
+    }
+
+    /// Whether the node task answers within `wait`: it is alive and not stuck.
+    pub async fn ping(&self, wait: Duration) -> bool {
+        let (reply, rx) = oneshot::channel();
+        if self.inbox.try_send(NodeMsg::Ping(reply)).is_err() {
+            return false;
+        }
+        matches!(tokio::time::timeout(wait, rx).await, Ok(Ok(())))
     }
 
     /// Waits until the published view satisfies `pred`, or `wait` passes.
@@ -315,6 +326,9 @@ impl NodeTask {
             NodeMsg::Transfer { target, deadline, reply } => self.begin_transfer(target, deadline, reply),
             NodeMsg::Link(LinkEvent::Unreachable(peer)) => self.core.report_unreachable(peer),
             NodeMsg::Link(LinkEvent::Snapshot(peer, status)) => self.core.report_snapshot(peer, status),
+            NodeMsg::Ping(reply) => {
+                let _ = reply.send(());
+            }
         }
     }
 
@@ -575,13 +589,15 @@ async fn run_inner(config: Config, shutdown: impl std::future::Future<Output = (
         crate::peer::serve(incoming, handle.clone(), stopped(servers_stop_rx.clone())).in_current_span(),
     );
     let admin = crate::admin::AdminService::new(handle.clone(), transport);
-    let admin_server = tokio::spawn(admin.serve(admin_listener, stopped(servers_stop_rx)).in_current_span());
+    let admin_server = tokio::spawn(admin.serve(admin_listener, stopped(servers_stop_rx.clone())).in_current_span());
+    let systemd = tokio::spawn(crate::systemd::supervise(handle.clone(), servers_stop_rx).in_current_span());
     info!(listen = %config.node.listen, admin_socket = %config.node.admin_socket.display(), "node {id} is up");
 
     tokio::pin!(shutdown);
     let result = tokio::select! {
         _ = &mut shutdown => {
             info!("shutdown requested");
+            crate::systemd::stopping();
             let _ = stop_tx.send(true);
             match node_task.await {
                 Ok(r) => r,
@@ -600,6 +616,7 @@ async fn run_inner(config: Config, shutdown: impl std::future::Future<Output = (
     };
     let _ = servers_stop_tx.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(2), admin_server).await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), systemd).await;
     let _ = std::fs::remove_file(&config.node.admin_socket);
     result
 }

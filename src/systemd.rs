@@ -1,0 +1,98 @@
+//! systemd integration (`Type=notify`): READY once the node has joined a
+//! cluster with a leader, STATUS with role, leader, term and lag, WATCHDOG
+//! pings only while the node task answers, STOPPING when shutdown begins.
+//!
+//! Everything here is a no-op when the process is not run by systemd
+//! (`NOTIFY_SOCKET` unset), so the same binary runs in a terminal or a test.
+
+use std::time::Duration;
+
+use sd_notify::NotifyState;
+use tokio::sync::watch;
+use tracing::{debug, warn};
+
+use crate::node::NodeHandle;
+use crate::raft_core::NodeView;
+
+/// How long start-up may wait for a leader before READY is sent anyway: a
+/// node must not hold `systemctl start` hostage while the rest of the
+/// cluster is still booting; STATUS then says it waits for a majority.
+const READY_AT_THE_LATEST: Duration = Duration::from_secs(10);
+
+/// The one-line STATUS systemd shows in `systemctl status clusterd`.
+pub fn status_line(view: &NodeView) -> String {
+    let lag = view.commit_index.saturating_sub(view.applied_index);
+    match view.leader {
+        Some(l) if l == view.id => format!("{} of term {}, commit {}", view.role.as_str(), view.term, view.commit_index),
+        Some(l) => format!("{}, leader node {l}, term {}, {lag} entries behind", view.role.as_str(), view.term),
+        None => format!("{}, no leader known (term {}): waiting for a majority", view.role.as_str(), view.term),
+    }
+}
+
+fn notify(states: &[NotifyState]) {
+    if let Err(e) = sd_notify::notify(states) {
+        debug!(error = %e, "cannot notify systemd");
+    }
+}
+
+/// Reports READY, then STATUS and watchdog pings until `stop` turns true.
+pub async fn supervise(node: NodeHandle, mut stop: watch::Receiver<bool>) {
+    let watchdog = sd_notify::watchdog_enabled();
+    let _ = node.wait_view(READY_AT_THE_LATEST, |v| v.leader.is_some()).await;
+    notify(&[NotifyState::Ready, NotifyState::Status(&status_line(&node.view()))]);
+    // Ping at a third of the watchdog interval, so one slow round is not fatal.
+    let every = watchdog.map_or(Duration::from_secs(1), |w| (w / 3).min(Duration::from_secs(1)));
+    let mut ticker = tokio::time::interval(every);
+    let mut last_status = String::new();
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = stop.wait_for(|s| *s) => break,
+        }
+        let status = status_line(&node.view());
+        if status != last_status {
+            notify(&[NotifyState::Status(&status)]);
+            last_status = status;
+        }
+        if watchdog.is_some() {
+            if node.ping(every).await {
+                notify(&[NotifyState::Watchdog]);
+            } else {
+                warn!("the node task did not answer within {every:?}; withholding the systemd watchdog ping");
+            }
+        }
+    }
+}
+
+/// Tells systemd the node is stopping (it may still be handing leadership over).
+pub fn stopping() {
+    notify(&[NotifyState::Stopping, NotifyState::Status("stopping: handing leadership over if leading")]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::raft_core::Role;
+
+    fn view(id: u64, role: Role, leader: Option<u64>) -> NodeView {
+        NodeView {
+            id,
+            role,
+            term: 4,
+            vote: 1,
+            leader,
+            commit_index: 10,
+            applied_index: 7,
+            first_index: 1,
+            last_index: 10,
+            progress: vec![],
+        }
+    }
+
+    #[test]
+    fn status_lines_say_role_leader_and_lag() {
+        assert_eq!(status_line(&view(1, Role::Leader, Some(1))), "leader of term 4, commit 10");
+        assert_eq!(status_line(&view(2, Role::Follower, Some(1))), "follower, leader node 1, term 4, 3 entries behind");
+        assert_eq!(status_line(&view(2, Role::Candidate, None)), "candidate, no leader known (term 4): waiting for a majority");
+    }
+}
