@@ -1,6 +1,7 @@
 //! `clusterctl`: the administrator's command line. It talks to the local node
 //! over its admin socket, and makes the cluster's certificates.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -36,6 +37,9 @@ enum Command {
         /// How long to wait for each peer's answer.
         #[arg(long, default_value_t = 800)]
         peer_timeout_ms: u64,
+        /// Redraw every second until interrupted.
+        #[arg(long)]
+        watch: bool,
     },
     /// Hand leadership to NODE once it has caught up; exits 0 when it leads.
     Promote {
@@ -113,24 +117,39 @@ async fn run(args: Args) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Status { json, peer_timeout_ms } => {
+        Command::Status {
+            json,
+            peer_timeout_ms,
+            watch,
+        } => {
             let mut client = admin::connect(&socket_path(&args)?).await?;
-            let mut req = tonic::Request::new(StatusRequest {
-                peer_timeout_ms: *peer_timeout_ms,
-            });
-            // The node bounds each peer; this bounds a wedged node.
-            req.set_timeout(Duration::from_millis(*peer_timeout_ms + 2_000));
-            let reply = client
-                .status(req)
-                .await
-                .context("the node did not answer the status request")?;
-            let status: ClusterStatus = reply.get_ref().into();
-            if *json {
-                println!("{}", status.to_json());
-            } else {
-                print!("{}", status.to_table());
+            loop {
+                let mut req = tonic::Request::new(StatusRequest {
+                    peer_timeout_ms: *peer_timeout_ms,
+                });
+                // The node bounds each peer; this bounds a wedged node.
+                req.set_timeout(Duration::from_millis(*peer_timeout_ms + 2_000));
+                let reply = client
+                    .status(req)
+                    .await
+                    .context("the node did not answer the status request")?;
+                let status: ClusterStatus = reply.get_ref().into();
+                let text = if *json {
+                    format!("{}\n", status.to_json())
+                } else {
+                    status.to_table()
+                };
+                if *watch && std::io::stdout().is_terminal() {
+                    // Clear the screen and home the cursor, then redraw.
+                    print!("\x1b[2J\x1b[H{text}");
+                } else {
+                    print!("{text}");
+                }
+                if !*watch {
+                    return Ok(ExitCode::SUCCESS);
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
             }
-            Ok(ExitCode::SUCCESS)
         }
         Command::Promote { node, timeout_ms } => {
             let mut client = admin::connect(&socket_path(&args)?).await?;
