@@ -306,7 +306,7 @@ pub async fn connect(socket: &Path) -> Result<AdminClient<Channel>, ClientError>
         .await
         .map_err(|e| ClientError::Connect {
             socket: display,
-            reason: error_chain(&e),
+            reason: crate::logging::error_chain(&e),
         })?;
     Ok(AdminClient::new(channel))
 }
@@ -315,18 +315,4 @@ pub async fn connect(socket: &Path) -> Result<AdminClient<Channel>, ClientError>
 pub enum ClientError {
     #[error("cannot reach clusterd at {socket}: {reason}; is clusterd running, and is this the right socket (--socket, or node.admin_socket in --config)?")]
     Connect { socket: String, reason: String },
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(inner) = source {
-        let part = inner.to_string();
-        if !s.contains(&part) {
-            s.push_str(": ");
-            s.push_str(&part);
-        }
-        source = inner.source();
-    }
-    s
 }

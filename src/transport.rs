@@ -230,15 +230,5 @@ async fn sender_task(
 /// A gRPC status with the chain of errors behind it (connect, TLS, ...),
 /// since the status message alone often says only "transport error".
 fn status_chain(status: &tonic::Status) -> String {
-    let mut text = status.message().to_string();
-    let mut source = std::error::Error::source(status);
-    while let Some(inner) = source {
-        let part = inner.to_string();
-        if !text.contains(&part) {
-            text.push_str(": ");
-            text.push_str(&part);
-        }
-        source = inner.source();
-    }
-    text
+    crate::logging::with_causes(status.message().to_string(), std::error::Error::source(status))
 }

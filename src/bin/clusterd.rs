@@ -54,8 +54,8 @@ fn main() -> ExitCode {
     match runtime.block_on(clusterd::run(config, shutdown_signal())) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{}", error_chain(&e));
-            eprintln!("clusterd: {}", error_chain(&e));
+            tracing::error!("{}", clusterd::logging::error_chain(&e));
+            eprintln!("clusterd: {}", clusterd::logging::error_chain(&e));
             ExitCode::FAILURE
         }
     }
@@ -70,18 +70,4 @@ async fn shutdown_signal() {
         _ = term.recv() => {}
         _ = int.recv() => {}
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(inner) = source {
-        let text = inner.to_string();
-        if !s.contains(&text) {
-            s.push_str(": ");
-            s.push_str(&text);
-        }
-        source = inner.source();
-    }
-    s
 }
