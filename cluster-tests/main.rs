@@ -633,7 +633,10 @@ fn systemd_notifications_report_ready_status_and_watchdog() {
 /// pointing at the binary under test.
 #[test]
 fn the_systemd_unit_file_verifies() {
-    let unit = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/packaging/clusterd.service")).unwrap();
+    // The runtime value: a test binary reused from another clone of the repo
+    // (shared target dir) must read this checkout's unit file.
+    let root = std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").to_string());
+    let unit = std::fs::read_to_string(format!("{root}/packaging/clusterd.service")).unwrap();
     for key in ["Type=notify", "ExecStart=/usr/bin/clusterd --config", "Restart=on-failure", "WatchdogSec=", "NoNewPrivileges=true", "ProtectSystem=strict", "ReadWritePaths=/var/lib/clusterd"] {
         assert!(unit.lines().any(|l| l.starts_with(key)), "the unit lacks {key}");
     }
