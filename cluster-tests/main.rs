@@ -653,3 +653,38 @@ fn the_systemd_unit_file_verifies() {
     let out = run_cmd(cmd, Duration::from_secs(30));
     assert!(out.success() && out.stderr.trim().is_empty() && out.stdout.trim().is_empty(), "systemd-analyze verify: {out}");
 }
+
+/// `clusterctl check` as a Nagios/Icinga plugin: each exit code in the
+/// situation that calls for it.
+#[test]
+fn check_plugin_returns_each_exit_code() {
+    let c = Cluster::start(3);
+    let all = c.ids();
+    let leader = c.wait_for_leader(&all);
+    c.wait_barrier(leader);
+    let check = |id: u64| c.ctl(id, &["check"], scaled(Duration::from_secs(10)));
+    let code_of = |id: u64, want: i32| {
+        wait_until(Duration::from_secs(20), &format!("clusterctl check on node {id} to exit {want}"), || {
+            let out = check(id);
+            if out.code == Some(want) { Ok(out) } else { Err(out.to_string()) }
+        })
+    };
+    let ok = code_of(leader, 0);
+    assert!(ok.stdout.starts_with("CLUSTERD OK - leader node"), "{ok}");
+    assert!(ok.stdout.contains("| nodes_reachable=3;"), "{ok}");
+
+    let followers = c.others(&[leader]);
+    c.kill(followers[0]);
+    let warn = code_of(leader, 1);
+    assert!(warn.stdout.contains(&format!("unreachable: {}", followers[0])), "{warn}");
+
+    c.kill(leader);
+    let crit = code_of(followers[1], 2);
+    assert!(crit.stdout.starts_with("CLUSTERD CRITICAL - "), "{crit}");
+
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_clusterctl"));
+    cmd.args(["--socket", "/nonexistent/clusterd.sock", "check"]);
+    let unknown = run_cmd(cmd, Duration::from_secs(10));
+    assert_eq!(unknown.code, Some(3), "{unknown}");
+    assert!(unknown.stdout.starts_with("CLUSTERD UNKNOWN - cannot reach clusterd"), "{unknown}");
+}

@@ -172,6 +172,99 @@ impl ClusterStatus {
     }
 }
 
+/// Thresholds of `clusterctl check`, the Nagios/Icinga plugin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CheckThresholds {
+    /// WARNING when some node is this many committed entries behind.
+    pub lag_warn: u64,
+    /// CRITICAL when some node is this many committed entries behind.
+    pub lag_crit: u64,
+}
+
+impl Default for CheckThresholds {
+    fn default() -> Self {
+        CheckThresholds {
+            lag_warn: 100,
+            lag_crit: 1000,
+        }
+    }
+}
+
+/// Plugin exit codes, as Nagios and Icinga read them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum CheckCode {
+    Ok = 0,
+    Warning = 1,
+    Critical = 2,
+    Unknown = 3,
+}
+
+impl CheckCode {
+    pub fn word(self) -> &'static str {
+        match self {
+            CheckCode::Ok => "OK",
+            CheckCode::Warning => "WARNING",
+            CheckCode::Critical => "CRITICAL",
+            CheckCode::Unknown => "UNKNOWN",
+        }
+    }
+}
+
+/// Judges a status: the worst finding sets the code; the line names every
+/// finding, then performance data after `|`.
+pub fn check(status: &ClusterStatus, t: &CheckThresholds) -> (CheckCode, String) {
+    let total = status.nodes.len();
+    let reachable = status.nodes.iter().filter(|n| n.reachable).count();
+    let majority = total / 2 + 1;
+    let max_lag = status
+        .nodes
+        .iter()
+        .filter_map(|n| n.view.as_ref())
+        .filter_map(|v| status.lag_entries(v))
+        .max();
+    let mut code = CheckCode::Ok;
+    let mut findings: Vec<String> = Vec::new();
+    let mut raise = |c: CheckCode, what: String| {
+        code = code.max(c);
+        findings.push(what);
+    };
+    match status.leader() {
+        Some(l) => raise(CheckCode::Ok, format!("leader node {l}, term {}", status.term())),
+        None => raise(CheckCode::Critical, "no leader: the cluster cannot commit changes".to_string()),
+    }
+    let unreachable: Vec<String> = status
+        .nodes
+        .iter()
+        .filter(|n| !n.reachable)
+        .map(|n| n.id.to_string())
+        .collect();
+    if reachable < majority {
+        raise(CheckCode::Critical, format!("only {reachable}/{total} nodes reachable, fewer than a majority (unreachable: {})", unreachable.join(", ")));
+    } else if !unreachable.is_empty() {
+        raise(CheckCode::Warning, format!("{reachable}/{total} nodes reachable (unreachable: {})", unreachable.join(", ")));
+    } else {
+        raise(CheckCode::Ok, format!("{reachable}/{total} nodes reachable"));
+    }
+    if let Some(lag) = max_lag {
+        let c = if lag >= t.lag_crit {
+            CheckCode::Critical
+        } else if lag >= t.lag_warn {
+            CheckCode::Warning
+        } else {
+            CheckCode::Ok
+        };
+        raise(c, format!("max lag {lag} entries"));
+    }
+    let perf = format!(
+        "nodes_reachable={reachable};;{majority};0;{total} max_lag_entries={};{};{};0; term={}",
+        max_lag.unwrap_or(0),
+        t.lag_warn,
+        t.lag_crit,
+        status.term()
+    );
+    (code, format!("CLUSTERD {} - {} | {perf}", code.word(), findings.join(", ")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -228,6 +321,43 @@ mod tests {
         assert_eq!(nodes[1]["match_index"], 110);
         assert_eq!(nodes[2]["role"], "unknown");
         assert_eq!(nodes[2]["reachable"], false);
+    }
+
+    #[test]
+    fn check_maps_findings_to_plugin_codes() {
+        let t = CheckThresholds { lag_warn: 10, lag_crit: 50 };
+        let mut s = sample();
+        // Node 3 unreachable, node 2 20 entries behind: both warnings.
+        let (code, line) = check(&s, &t);
+        assert_eq!(code, CheckCode::Warning, "{line}");
+        assert!(line.starts_with("CLUSTERD WARNING - leader node 1, term 7, 2/3 nodes reachable (unreachable: 3), max lag 20 entries | "), "{line}");
+        assert!(line.contains("nodes_reachable=2;;2;0;3 max_lag_entries=20;10;50;0; term=7"), "{line}");
+
+        s.nodes[2] = NodeEntry { view: Some(view(3, Role::Follower, 120)), reachable: true, error: None, ..s.nodes[2].clone() };
+        s.nodes[1].view.as_mut().unwrap().applied_index = 118;
+        assert_eq!(check(&s, &t).0, CheckCode::Ok, "{}", check(&s, &t).1);
+
+        s.nodes[1].view.as_mut().unwrap().applied_index = 60;
+        assert_eq!(check(&s, &t).0, CheckCode::Critical);
+
+        for n in &mut s.nodes {
+            if let Some(v) = n.view.as_mut() {
+                v.leader = None;
+            }
+        }
+        let (code, line) = check(&s, &t);
+        assert_eq!(code, CheckCode::Critical);
+        assert!(line.contains("no leader"), "{line}");
+    }
+
+    #[test]
+    fn check_is_critical_without_a_reachable_majority() {
+        let mut s = sample();
+        s.nodes[0].reachable = false;
+        s.nodes[0].view = None;
+        let (code, line) = check(&s, &CheckThresholds::default());
+        assert_eq!(code, CheckCode::Critical, "{line}");
+        assert!(line.contains("only 1/3 nodes reachable"), "{line}");
     }
 
     #[test]

@@ -12,7 +12,7 @@ use clusterd::admin;
 use clusterd::config::{Config, DEFAULT_ADMIN_SOCKET};
 use clusterd::proto::admin::{PromoteRequest, StatusRequest};
 use clusterd::proto::peer::BarrierRequest;
-use clusterd::status::ClusterStatus;
+use clusterd::status::{check, CheckCode, CheckThresholds, ClusterStatus};
 
 #[derive(Parser)]
 #[command(version, about = "Administer a clusterd cluster through the local node")]
@@ -52,6 +52,18 @@ enum Command {
     Barrier {
         #[arg(long, default_value_t = 5_000)]
         timeout_ms: u64,
+    },
+    /// Nagios/Icinga plugin: one line with performance data; exit 0 OK,
+    /// 1 WARNING, 2 CRITICAL, 3 UNKNOWN.
+    Check {
+        /// WARNING when a node is this many committed entries behind.
+        #[arg(long, default_value_t = 100)]
+        lag_warn: u64,
+        /// CRITICAL when a node is this many committed entries behind.
+        #[arg(long, default_value_t = 1000)]
+        lag_crit: u64,
+        #[arg(long, default_value_t = 800)]
+        peer_timeout_ms: u64,
     },
     /// Certificates for the cluster's mutual TLS.
     Certs {
@@ -150,6 +162,33 @@ async fn run(args: Args) -> Result<ExitCode> {
                 }
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
+        }
+        Command::Check {
+            lag_warn,
+            lag_crit,
+            peer_timeout_ms,
+        } => {
+            let thresholds = CheckThresholds {
+                lag_warn: *lag_warn,
+                lag_crit: *lag_crit,
+            };
+            // A plugin must answer with a code in every case: failures to ask are UNKNOWN.
+            let status = async {
+                let mut client = admin::connect(&socket_path(&args)?).await?;
+                let mut req = tonic::Request::new(StatusRequest {
+                    peer_timeout_ms: *peer_timeout_ms,
+                });
+                req.set_timeout(Duration::from_millis(*peer_timeout_ms + 2_000));
+                let reply = client.status(req).await.context("the node did not answer")?;
+                anyhow::Ok(ClusterStatus::from(reply.get_ref()))
+            }
+            .await;
+            let (code, line) = match status {
+                Ok(s) => check(&s, &thresholds),
+                Err(e) => (CheckCode::Unknown, format!("CLUSTERD UNKNOWN - {e:#}")),
+            };
+            println!("{line}");
+            Ok(ExitCode::from(code as u8))
         }
         Command::Promote { node, timeout_ms } => {
             let mut client = admin::connect(&socket_path(&args)?).await?;
