@@ -688,3 +688,48 @@ fn check_plugin_returns_each_exit_code() {
     assert_eq!(unknown.code, Some(3), "{unknown}");
     assert!(unknown.stdout.starts_with("CLUSTERD UNKNOWN - cannot reach clusterd"), "{unknown}");
 }
+
+/// The Prometheus endpoint, scraped while the cluster runs: every family
+/// present with values that agree with `clusterctl status`.
+#[test]
+fn metrics_endpoint_serves_sane_values() {
+    use std::io::{Read, Write};
+    let port = free_port();
+    let c = Cluster::builder(3)
+        .extra_toml(1, &format!("[metrics]\nlisten = \"127.0.0.1:{port}\""))
+        .start();
+    let all = c.ids();
+    let leader = c.wait_for_leader(&all);
+    c.wait_barrier(1);
+    let scrape = || -> Result<String, String> {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).map_err(|e| e.to_string())?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            .map_err(|e| e.to_string())?;
+        let mut body = String::new();
+        s.read_to_string(&mut body).map_err(|e| e.to_string())?;
+        Ok(body)
+    };
+    let view = c.view_now(1);
+    let text = wait_until(Duration::from_secs(10), "a scrape that names the leader", || {
+        let body = scrape()?;
+        if body.contains(&format!("clusterd_leader_id {leader}")) { Ok(body) } else { Err(body) }
+    });
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    let value = |name: &str| -> i64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
+    };
+    assert_eq!(value("clusterd_node_id"), 1);
+    assert!(value("clusterd_term") >= view.term as i64);
+    assert!(value("clusterd_commit_index") >= 1);
+    assert!(value("clusterd_applied_index") >= 1);
+    assert!(value("clusterd_certificate_expiry_seconds") > 800 * 86_400, "certs are made for 825 days");
+    let role = if leader == 1 { "leader" } else { "follower" };
+    assert_eq!(value(&format!("clusterd_role{{role=\"{role}\"}}")), 1);
+    if leader == 1 {
+        assert!(text.contains("clusterd_peer_lag_entries{peer=\"2\"}"), "{text}");
+    }
+}

@@ -66,6 +66,8 @@ pub struct RawConfig {
     pub hooks: RawHooks,
     #[serde(default)]
     pub log: RawLog,
+    #[serde(default)]
+    pub metrics: RawMetrics,
 }
 
 #[derive(Debug, Deserialize)]
@@ -128,6 +130,12 @@ pub struct RawHooks {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct RawMetrics {
+    pub listen: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RawLog {
     pub level: Option<String>,
 }
@@ -146,6 +154,8 @@ pub struct Config {
     pub hooks: HooksConfig,
     /// Default log filter when RUST_LOG is not set (e.g. "info").
     pub log_level: String,
+    /// Where the Prometheus endpoint listens; off when unset.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone)]
@@ -304,6 +314,16 @@ pub fn validate(raw: RawConfig, file: &Path) -> Result<Config, ConfigError> {
     if let Some(n) = &node {
         v.quorum_shape(n, &peers);
     }
+    let metrics_listen = match raw.metrics.listen {
+        None => None,
+        Some(s) => match s.parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                v.problem(format!("key `metrics.listen` = {s:?} is not an IP:port address; use e.g. \"127.0.0.1:9770\""));
+                None
+            }
+        },
+    };
 
     match (node, tls) {
         (Some(node), Some(tls)) if v.problems.is_empty() => Ok(Config {
@@ -315,6 +335,7 @@ pub fn validate(raw: RawConfig, file: &Path) -> Result<Config, ConfigError> {
             sync,
             hooks,
             log_level,
+            metrics_listen,
         }),
         _ => Err(ConfigError::Invalid {
             problems: v.problems,
@@ -639,6 +660,7 @@ mod tests {
             (format!("{NODE}{PEERS}{}[[sync]]\nname = \"a\"\npath = \"/etc\"\nmode = \"copy\"\n", f.tls()), "key `sync[0].mode` = \"copy\" of sync set \"a\" must be \"mirror\" or \"append\""),
             (format!("{NODE}{PEERS}{}[[sync]]\nname = \"a\"\npath = \"/a\"\n[[sync]]\nname = \"a\"\npath = \"/b\"\n", f.tls()), "key `sync[1].name` = \"a\" is used by two sync sets"),
             (format!("{NODE}{PEERS}{}[hooks]\nrole_file = \"PROMOTE\"\n", f.tls()), "key `hooks.role_file` = \"PROMOTE\" must be an absolute path"),
+            (format!("{NODE}{PEERS}{}[metrics]\nlisten = \"9770\"\n", f.tls()), "key `metrics.listen` = \"9770\" is not an IP:port address"),
             (format!("{NODE}{PEERS}{}[log]\nlevel = \"info,,=[\"\n", f.tls()), "key `log.level`"),
             (format!("{NODE}[[peer]]\nid = 2\naddr = \"h:1\"\n{}", f.tls()), "the cluster has only two voters (nodes 1 and 2), which cannot fail over"),
             (format!("[node]\nid = 1\nwitness = true\n{PEERS}{}[[sync]]\nname = \"a\"\npath = \"/a\"\n", f.tls()), "this node is a witness"),

@@ -11,6 +11,7 @@ pub mod config;
 pub mod delta;
 pub mod fsroot;
 pub mod logging;
+pub mod metrics;
 pub mod node;
 pub mod paths;
 pub mod peer;

@@ -48,6 +48,8 @@ pub enum NodeError {
         stored: Vec<NodeId>,
         configured: Vec<NodeId>,
     },
+    #[error("cannot serve metrics on {addr} (key `metrics.listen`): {source}")]
+    Metrics { addr: String, source: std::io::Error },
     #[error("peer server failed: {0}")]
     PeerServer(tonic::transport::Error),
 }
@@ -544,6 +546,14 @@ async fn run_inner(config: Config, shutdown: impl std::future::Future<Output = (
         source,
     })?;
     let admin_listener = crate::admin::bind_socket(&config.node.admin_socket)?;
+    let metrics_listener = match config.metrics_listen {
+        Some(addr) => Some(TcpListener::bind(addr).await.map_err(|source| NodeError::Metrics {
+            addr: addr.to_string(),
+            source,
+        })?),
+        None => None,
+    };
+    let cert_not_after = tls.own_cert_not_after();
 
     let (link_tx, link_rx) = mpsc::channel(1024);
     let transport = Transport::start(&config.peers, &tls, link_tx);
@@ -590,7 +600,12 @@ async fn run_inner(config: Config, shutdown: impl std::future::Future<Output = (
     );
     let admin = crate::admin::AdminService::new(handle.clone(), transport);
     let admin_server = tokio::spawn(admin.serve(admin_listener, stopped(servers_stop_rx.clone())).in_current_span());
-    let systemd = tokio::spawn(crate::systemd::supervise(handle.clone(), servers_stop_rx).in_current_span());
+    let systemd = tokio::spawn(crate::systemd::supervise(handle.clone(), servers_stop_rx.clone()).in_current_span());
+    if let Some(listener) = metrics_listener {
+        tokio::spawn(
+            crate::metrics::serve(listener, handle.clone(), cert_not_after, stopped(servers_stop_rx)).in_current_span(),
+        );
+    }
     info!(listen = %config.node.listen, admin_socket = %config.node.admin_socket.display(), "node {id} is up");
 
     tokio::pin!(shutdown);

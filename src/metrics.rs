@@ -1,0 +1,179 @@
+//! The optional Prometheus endpoint (`[metrics] listen`): a plain-HTTP
+//! `GET /metrics` that renders the node's current view in the text format.
+//!
+//! Metrics are computed at scrape time from the view the node task publishes,
+//! so a scrape never talks to the node task and can never slow it down. It
+//! exposes only counters and states, never file contents or key material.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::time::SystemTime;
+
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tracing::{debug, warn};
+
+use crate::raft_core::{NodeView, Role};
+
+type Labels = Vec<(String, String)>;
+
+/// Renders one scrape: the node's view and its certificate's expiry.
+pub fn render(view: &NodeView, cert_not_after: SystemTime, now: SystemTime) -> String {
+    let mut registry = Registry::with_prefix("clusterd");
+    let gauge = |registry: &mut Registry, name: &str, help: &str, value: i64| {
+        let g: Gauge = Gauge::default();
+        g.set(value);
+        registry.register(name, help, g);
+    };
+    let role: Family<Labels, Gauge> = Family::default();
+    for r in [Role::Leader, Role::Follower, Role::Candidate, Role::Witness] {
+        role.get_or_create(&vec![("role".to_string(), r.as_str().to_string())])
+            .set(i64::from(view.role == r));
+    }
+    registry.register("role", "1 for the role this node has now, 0 for the others", role);
+    gauge(&mut registry, "node_id", "This node's id", view.id as i64);
+    gauge(&mut registry, "term", "Current Raft term", view.term as i64);
+    gauge(&mut registry, "leader_id", "Leader this node follows (0: none known)", view.leader.unwrap_or(0) as i64);
+    gauge(&mut registry, "commit_index", "Highest log index known committed", view.commit_index as i64);
+    gauge(&mut registry, "applied_index", "Highest log index applied here", view.applied_index as i64);
+    gauge(&mut registry, "last_index", "Last index in the local Raft log", view.last_index as i64);
+    gauge(&mut registry, "first_index", "First index in the local Raft log (after compaction)", view.first_index as i64);
+    let expiry = cert_not_after
+        .duration_since(now)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or_else(|e| -(e.duration().as_secs() as i64));
+    gauge(&mut registry, "certificate_expiry_seconds", "Seconds until this node's certificate expires (negative: expired)", expiry);
+    if !view.progress.is_empty() {
+        let matched: Family<Labels, Gauge> = Family::default();
+        let lag: Family<Labels, Gauge> = Family::default();
+        for p in &view.progress {
+            let labels = vec![("peer".to_string(), p.id.to_string())];
+            matched.get_or_create(&labels).set(p.match_index as i64);
+            lag.get_or_create(&labels).set(view.last_index.saturating_sub(p.match_index) as i64);
+        }
+        registry.register("peer_match_index", "Leader only: highest index known replicated on each node", matched);
+        registry.register("peer_lag_entries", "Leader only: entries each node is behind the leader's log", lag);
+    }
+    let mut text = String::new();
+    // Writing into a String cannot fail.
+    let _ = encode(&mut text, &registry);
+    text
+}
+
+/// Serves `/metrics` on `addr` until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    node: crate::node::NodeHandle,
+    cert_not_after: SystemTime,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    loop {
+        let (tcp, remote): (_, SocketAddr) = tokio::select! {
+            _ = &mut shutdown => return,
+            accepted = listener.accept() => match accepted {
+                Ok(x) => x,
+                Err(e) => {
+                    warn!(error = %e, "accepting a metrics connection failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let node = node.clone();
+        let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+            let node = node.clone();
+            async move {
+                let response = if req.uri().path() == "/metrics" {
+                    let body = render(&node.view(), cert_not_after, SystemTime::now());
+                    Response::builder()
+                        .header("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")
+                        .body(Full::new(Bytes::from(body)))
+                } else {
+                    Response::builder()
+                        .status(StatusCode::NOT_FOUND)
+                        .body(Full::new(Bytes::from_static(b"clusterd serves only /metrics\n")))
+                };
+                Ok::<_, Infallible>(response.expect("static response parts are valid"))
+            }
+        });
+        tokio::spawn(async move {
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(tcp), service)
+                .await
+            {
+                debug!(%remote, error = %e, "metrics connection ended with an error");
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::raft_core::PeerProgress;
+    use std::time::Duration;
+
+    #[test]
+    fn a_leader_scrape_has_every_family_with_its_values() {
+        let view = NodeView {
+            id: 1,
+            role: Role::Leader,
+            term: 7,
+            vote: 1,
+            leader: Some(1),
+            commit_index: 120,
+            applied_index: 119,
+            first_index: 1,
+            last_index: 121,
+            progress: vec![
+                PeerProgress { id: 1, match_index: 121, recent_active: true },
+                PeerProgress { id: 2, match_index: 100, recent_active: true },
+            ],
+        };
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let text = render(&view, now + Duration::from_secs(86_400), now);
+        for line in [
+            "clusterd_role{role=\"leader\"} 1",
+            "clusterd_role{role=\"follower\"} 0",
+            "clusterd_term 7",
+            "clusterd_leader_id 1",
+            "clusterd_commit_index 120",
+            "clusterd_applied_index 119",
+            "clusterd_certificate_expiry_seconds 86400",
+            "clusterd_peer_match_index{peer=\"2\"} 100",
+            "clusterd_peer_lag_entries{peer=\"2\"} 21",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line:?} in:\n{text}");
+        }
+        assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+
+    #[test]
+    fn a_follower_has_no_peer_families_and_an_expired_cert_is_negative() {
+        let view = NodeView {
+            id: 2,
+            role: Role::Follower,
+            term: 7,
+            vote: 1,
+            leader: None,
+            commit_index: 5,
+            applied_index: 5,
+            first_index: 1,
+            last_index: 5,
+            progress: vec![],
+        };
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let text = render(&view, now - Duration::from_secs(60), now);
+        assert!(text.contains("clusterd_leader_id 0"), "{text}");
+        assert!(text.contains("clusterd_certificate_expiry_seconds -60"), "{text}");
+        assert!(!text.contains("peer_lag_entries"), "{text}");
+    }
+}
