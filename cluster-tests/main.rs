@@ -733,3 +733,20 @@ fn metrics_endpoint_serves_sane_values() {
         assert!(text.contains("clusterd_peer_lag_entries{peer=\"2\"}"), "{text}");
     }
 }
+
+/// The shipped example configuration passes `clusterd --check` (with its
+/// certificate paths pointed at generated ones).
+#[test]
+fn the_example_config_checks() {
+    let root = std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").to_string());
+    let example = std::fs::read_to_string(format!("{root}/packaging/clusterd.toml.example")).unwrap();
+    let dir = short_tempdir("clusterd-example-");
+    let certs = dir.path().join("certs");
+    certs_init(&certs, &[1, 2, 3]);
+    let text = example.replace("/etc/clusterd/", &format!("{}/", certs.display()));
+    let path = dir.path().join("clusterd.toml");
+    std::fs::write(&path, text).unwrap();
+    let out = check_config(&path);
+    assert!(out.success(), "the example config must pass --check: {out}");
+    assert!(out.stdout.contains("node 1, 2 peers, 13 sync sets"), "{out}");
+}
