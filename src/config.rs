@@ -508,6 +508,11 @@ impl Validator {
             if !path.is_absolute() {
                 self.problem(format!("key `{key}.path` = {:?} of sync set {name:?} must be an absolute path", path.display().to_string()));
             }
+            if let Err(e) = crate::paths::Filter::for_set(i, &s.exclude, &s.skip_while) {
+                for bad in &e.problems {
+                    self.problem(bad);
+                }
+            }
             let mode = match s.mode.as_deref() {
                 None | Some("mirror") => SyncMode::Mirror,
                 Some("append") => SyncMode::Append,
@@ -661,6 +666,7 @@ mod tests {
             (format!("{NODE}{PEERS}{}[[sync]]\nname = \"a\"\npath = \"/a\"\n[[sync]]\nname = \"a\"\npath = \"/b\"\n", f.tls()), "key `sync[1].name` = \"a\" is used by two sync sets"),
             (format!("{NODE}{PEERS}{}[hooks]\nrole_file = \"PROMOTE\"\n", f.tls()), "key `hooks.role_file` = \"PROMOTE\" must be an absolute path"),
             (format!("{NODE}{PEERS}{}[metrics]\nlisten = \"9770\"\n", f.tls()), "key `metrics.listen` = \"9770\" is not an IP:port address"),
+            (format!("{NODE}{PEERS}{}[[sync]]\nname = \"a\"\npath = \"/a\"\nexclude = [\"!keep\"]\n", f.tls()), "key `sync[0].exclude` pattern \"!keep\""),
             (format!("{NODE}{PEERS}{}[log]\nlevel = \"info,,=[\"\n", f.tls()), "key `log.level`"),
             (format!("{NODE}[[peer]]\nid = 2\naddr = \"h:1\"\n{}", f.tls()), "the cluster has only two voters (nodes 1 and 2), which cannot fail over"),
             (format!("[node]\nid = 1\nwitness = true\n{PEERS}{}[[sync]]\nname = \"a\"\npath = \"/a\"\n", f.tls()), "this node is a witness"),

@@ -10,6 +10,7 @@ pub mod certs;
 pub mod config;
 pub mod delta;
 pub mod fsroot;
+pub mod import_rsync;
 pub mod logging;
 pub mod metrics;
 pub mod node;

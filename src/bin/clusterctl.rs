@@ -65,6 +65,12 @@ enum Command {
         #[arg(long, default_value_t = 800)]
         peer_timeout_ms: u64,
     },
+    /// Translate a legacy rsync/cron sync script into [[sync]] sets (printed
+    /// as TOML, with a comment for everything it cannot translate).
+    ImportRsync {
+        /// The script, e.g. /root/CLUSTER-SYNC/cluster-config-sync.sh.
+        file: PathBuf,
+    },
     /// Certificates for the cluster's mutual TLS.
     Certs {
         #[command(subcommand)]
@@ -127,6 +133,10 @@ async fn run(args: Args) -> Result<ExitCode> {
             for p in &report.kept {
                 println!("kept  {} (already there)", p.display());
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::ImportRsync { file } => {
+            print!("{}", clusterd::import_rsync::translate_file(file)?.to_toml());
             Ok(ExitCode::SUCCESS)
         }
         Command::Status {
