@@ -1,25 +1,38 @@
 #!/bin/sh
-# Writes this node's config from NODE_ID and PEERS ("1=node1:7700,2=node2:7700,...")
-# unless one is mounted, makes certificates into the shared /certs volume if
-# none exist yet, then runs clusterd in the foreground.
+# Writes this node's config from the environment unless one is mounted, makes
+# certificates into the shared certs volume if none exist yet, then runs
+# clusterd in the foreground (`entrypoint.sh --check` only validates).
+#   NODE_ID     this node's id
+#   PEERS       every member as id=host:port, e.g. 1=node1:7700,2=node2:7700,3=node3:7700
+#   WITNESSES   ids of witness members (vote, hold no files, never lead), e.g. 3
 set -eu
 : "${NODE_ID:?set NODE_ID}"
 : "${PEERS:?set PEERS, e.g. 1=node1:7700,2=node2:7700,3=node3:7700}"
-conf=/etc/clusterd/clusterd.toml
+WITNESSES="${WITNESSES:-}"
+conf="${CONFIG_FILE:-/etc/clusterd/clusterd.toml}"
+certs="${CERTS_DIR:-/certs}"
+is_witness() { echo ",$WITNESSES," | grep -q ",$1,"; }
 if [ ! -f "$conf" ]; then
   ids=$(echo "$PEERS" | tr ',' '\n' | cut -d= -f1 | paste -sd, -)
-  # Only node 1 creates the CA, so every node trusts the same one.
-  if [ "$NODE_ID" = 1 ] && [ ! -f /certs/ca.crt ]; then
-    clusterctl certs init --out /certs --nodes "$ids"
+  # Only the lowest id creates the CA, so every node trusts the same one.
+  first=$(echo "$ids" | tr ',' '\n' | sort -n | head -n1)
+  if [ "$NODE_ID" = "$first" ] && [ ! -f "$certs/ca.crt" ]; then
+    clusterctl certs init --out "$certs" --nodes "$ids"
   fi
-  while [ ! -f "/certs/node-$NODE_ID.key" ]; do sleep 0.5; done
-  mkdir -p /etc/clusterd
+  while [ ! -f "$certs/node-$NODE_ID.key" ]; do sleep 0.5; done
+  mkdir -p "$(dirname "$conf")"
   {
-    printf '[node]\nid = %s\nlisten = "0.0.0.0:7700"\ndata_dir = "/var/lib/clusterd"\nadmin_socket = "/run/clusterd/admin.sock"\n\n' "$NODE_ID"
-    printf '[tls]\nca = "/certs/ca.crt"\ncert = "/certs/node-%s.crt"\nkey = "/certs/node-%s.key"\n' "$NODE_ID" "$NODE_ID"
+    printf '[node]\nid = %s\nlisten = "0.0.0.0:7700"\n' "$NODE_ID"
+    printf 'data_dir = "%s"\nadmin_socket = "%s"\n' "${DATA_DIR:-/var/lib/clusterd}" "${ADMIN_SOCKET:-/run/clusterd/admin.sock}"
+    if is_witness "$NODE_ID"; then printf 'witness = true\n'; fi
+    printf '\n[tls]\nca = "%s/ca.crt"\ncert = "%s/node-%s.crt"\nkey = "%s/node-%s.key"\n' "$certs" "$certs" "$NODE_ID" "$certs" "$NODE_ID"
     echo "$PEERS" | tr ',' '\n' | while IFS== read -r id addr; do
       printf '\n[[peer]]\nid = %s\naddr = "%s"\n' "$id" "$addr"
+      if is_witness "$id"; then printf 'witness = true\n'; fi
     done
   } > "$conf"
+fi
+if [ "${1:-}" = "--check" ]; then
+  exec clusterd --config "$conf" --check
 fi
 exec clusterd --config "$conf"

@@ -269,7 +269,9 @@ impl Config {
         })?;
         let env_map: config::Map<String, String> = env
             .into_iter()
-            .filter(|(k, _)| k.starts_with("CLUSTERD_"))
+            // Only CLUSTERD_<SECTION>__<KEY> is configuration: other CLUSTERD_*
+            // variables (a wrapper script's, say) must not become unknown keys.
+            .filter(|(k, _)| k.strip_prefix("CLUSTERD_").is_some_and(|rest| rest.contains("__")))
             .collect();
         let raw: RawConfig = config::Config::builder()
             .add_source(config::File::from_str(&text, config::FileFormat::Toml))
@@ -638,6 +640,8 @@ mod tests {
         assert_eq!(c.node.id, 2);
         assert_eq!(c.raft.heartbeat, Duration::from_millis(200));
         assert_eq!(c.peers.iter().map(|p| p.id).collect::<Vec<_>>(), vec![1, 3]);
+        // Variables that are not <SECTION>__<KEY> are someone else's.
+        assert!(f.load_env(&body, vec![("CLUSTERD_CONFIG_FILE", "/x"), ("CLUSTERD_DEMO_DIR", "/y")]).is_ok());
     }
 
     #[test]
