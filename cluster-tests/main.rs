@@ -672,6 +672,7 @@ fn check_plugin_returns_each_exit_code() {
     let ok = code_of(leader, 0);
     assert!(ok.stdout.starts_with("CLUSTERD OK - leader node"), "{ok}");
     assert!(ok.stdout.contains("| nodes_reachable=3;"), "{ok}");
+    assert!(ok.stdout.contains(" cert_days_left=82"), "certificates are made for 825 days: {ok}");
 
     let followers = c.others(&[leader]);
     c.kill(followers[0]);

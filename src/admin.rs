@@ -92,6 +92,7 @@ impl AdminService {
             view: Some(self.node.view()),
             error: None,
             rtt_us: None,
+            cert_not_after_unix: Some(crate::status::unix_seconds(self.node.cert_not_after())),
         };
         let asks = self.transport.peers().map(|peer| {
             let transport = self.transport.clone();
@@ -117,6 +118,7 @@ impl AdminService {
                         view: Some(view.get_ref().into()),
                         error: None,
                         rtt_us: Some(started.elapsed().as_micros() as u64),
+                        cert_not_after_unix: (view.get_ref().cert_not_after_unix != 0).then_some(view.get_ref().cert_not_after_unix),
                     },
                     Err(error) => NodeEntry {
                         id: peer,
@@ -125,6 +127,7 @@ impl AdminService {
                         view: None,
                         error: Some(error),
                         rtt_us: None,
+                        cert_not_after_unix: None,
                     },
                 }
             }

@@ -71,7 +71,6 @@ pub fn render(view: &NodeView, cert_not_after: SystemTime, now: SystemTime) -> S
 pub async fn serve(
     listener: TcpListener,
     node: crate::node::NodeHandle,
-    cert_not_after: SystemTime,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
@@ -92,7 +91,7 @@ pub async fn serve(
             let node = node.clone();
             async move {
                 let response = if req.uri().path() == "/metrics" {
-                    let body = render(&node.view(), cert_not_after, SystemTime::now());
+                    let body = render(&node.view(), node.cert_not_after(), SystemTime::now());
                     Response::builder()
                         .header("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")
                         .body(Full::new(Bytes::from(body)))

@@ -118,6 +118,8 @@ pub struct NodeHandle {
     inbox: mpsc::Sender<NodeMsg>,
     view: watch::Receiver<NodeView>,
     started: Instant,
+    /// Expiry of this node's certificate, for status, checks and metrics.
+    cert_not_after: std::time::SystemTime,
 }
 
 impl NodeHandle {
@@ -131,6 +133,10 @@ impl NodeHandle {
 
     pub fn uptime(&self) -> Duration {
         self.started.elapsed()
+    }
+
+    pub fn cert_not_after(&self) -> std::time::SystemTime {
+        self.cert_not_after
     }
 
     /// Hands peer messages to the node without waiting; drops them if it is overloaded.
@@ -564,6 +570,7 @@ async fn run_inner(config: Config, shutdown: impl std::future::Future<Output = (
         inbox: inbox_tx,
         view: view_rx,
         started: Instant::now(),
+        cert_not_after,
     };
 
     let task = NodeTask {
@@ -603,7 +610,7 @@ async fn run_inner(config: Config, shutdown: impl std::future::Future<Output = (
     let systemd = tokio::spawn(crate::systemd::supervise(handle.clone(), servers_stop_rx.clone()).in_current_span());
     if let Some(listener) = metrics_listener {
         tokio::spawn(
-            crate::metrics::serve(listener, handle.clone(), cert_not_after, stopped(servers_stop_rx)).in_current_span(),
+            crate::metrics::serve(listener, handle.clone(), stopped(servers_stop_rx)).in_current_span(),
         );
     }
     info!(listen = %config.node.listen, admin_socket = %config.node.admin_socket.display(), "node {id} is up");

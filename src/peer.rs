@@ -275,6 +275,7 @@ impl Peer for PeerService {
     async fn node_status(&self, _req: Request<NodeStatusRequest>) -> Result<Response<NodeView>, Status> {
         let mut view: NodeView = (&self.node.view()).into();
         view.uptime_ms = self.node.uptime().as_millis() as u64;
+        view.cert_not_after_unix = crate::status::unix_seconds(self.node.cert_not_after());
         Ok(Response::new(view))
     }
 

@@ -59,6 +59,7 @@ impl From<&NodeView> for peer::NodeView {
                 .collect(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             uptime_ms: 0,
+            cert_not_after_unix: 0,
         }
     }
 }
@@ -102,6 +103,7 @@ impl From<&ClusterStatus> for admin::ClusterStatus {
                     view: n.view.as_ref().map(Into::into),
                     error: n.error.clone().unwrap_or_default(),
                     rtt_us: n.rtt_us.unwrap_or(0),
+                    cert_not_after_unix: n.cert_not_after_unix.unwrap_or(0),
                 })
                 .collect(),
         }
@@ -122,6 +124,7 @@ impl From<&admin::ClusterStatus> for ClusterStatus {
                     view: n.view.as_ref().map(Into::into),
                     error: (!n.error.is_empty()).then(|| n.error.clone()),
                     rtt_us: (n.rtt_us != 0).then_some(n.rtt_us),
+                    cert_not_after_unix: (n.cert_not_after_unix != 0).then_some(n.cert_not_after_unix),
                 })
                 .collect(),
         }

@@ -29,6 +29,17 @@ pub struct NodeEntry {
     pub error: Option<String>,
     /// Round trip of the status call, microseconds.
     pub rtt_us: Option<u64>,
+    /// When the node's certificate expires (seconds since 1970).
+    pub cert_not_after_unix: Option<u64>,
+}
+
+/// Seconds since 1970 (0 for times before it).
+pub fn unix_seconds(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+fn days_left(not_after_unix: u64, now_unix: u64) -> i64 {
+    (not_after_unix as i64 - now_unix as i64).div_euclid(86_400)
 }
 
 impl ClusterStatus {
@@ -92,6 +103,7 @@ impl ClusterStatus {
                     "lag_entries": self.lag_entries(v),
                     "addr": n.addr,
                     "rtt_us": n.rtt_us,
+                    "cert_expires_unix": n.cert_not_after_unix,
                 }),
                 None => json!({
                     "id": n.id,
@@ -179,6 +191,10 @@ pub struct CheckThresholds {
     pub lag_warn: u64,
     /// CRITICAL when some node is this many committed entries behind.
     pub lag_crit: u64,
+    /// WARNING when a node's certificate expires within this many days.
+    pub cert_warn_days: i64,
+    /// CRITICAL when a node's certificate expires within this many days.
+    pub cert_crit_days: i64,
 }
 
 impl Default for CheckThresholds {
@@ -186,6 +202,8 @@ impl Default for CheckThresholds {
         CheckThresholds {
             lag_warn: 100,
             lag_crit: 1000,
+            cert_warn_days: 30,
+            cert_crit_days: 7,
         }
     }
 }
@@ -212,7 +230,7 @@ impl CheckCode {
 
 /// Judges a status: the worst finding sets the code; the line names every
 /// finding, then performance data after `|`.
-pub fn check(status: &ClusterStatus, t: &CheckThresholds) -> (CheckCode, String) {
+pub fn check(status: &ClusterStatus, t: &CheckThresholds, now_unix: u64) -> (CheckCode, String) {
     let total = status.nodes.len();
     let reachable = status.nodes.iter().filter(|n| n.reachable).count();
     let majority = total / 2 + 1;
@@ -255,13 +273,28 @@ pub fn check(status: &ClusterStatus, t: &CheckThresholds) -> (CheckCode, String)
         };
         raise(c, format!("max lag {lag} entries"));
     }
-    let perf = format!(
+    let soonest = status
+        .nodes
+        .iter()
+        .filter_map(|n| n.cert_not_after_unix.map(|u| (n.id, days_left(u, now_unix))))
+        .min_by_key(|(_, days)| *days);
+    if let Some((id, days)) = soonest {
+        if days <= t.cert_crit_days {
+            raise(CheckCode::Critical, format!("certificate of node {id} expires in {days} days"));
+        } else if days <= t.cert_warn_days {
+            raise(CheckCode::Warning, format!("certificate of node {id} expires in {days} days"));
+        }
+    }
+    let mut perf = format!(
         "nodes_reachable={reachable};;{majority};0;{total} max_lag_entries={};{};{};0; term={}",
         max_lag.unwrap_or(0),
         t.lag_warn,
         t.lag_crit,
         status.term()
     );
+    if let Some((_, days)) = soonest {
+        perf.push_str(&format!(" cert_days_left={days};{};{};;", t.cert_warn_days, t.cert_crit_days));
+    }
     (code, format!("CLUSTERD {} - {} | {perf}", code.word(), findings.join(", ")))
 }
 
@@ -293,13 +326,15 @@ mod tests {
         }
     }
 
+    const NOW: u64 = 1_800_000_000;
+
     fn sample() -> ClusterStatus {
         ClusterStatus {
             node_id: 2,
             nodes: vec![
-                NodeEntry { id: 1, addr: "10.0.0.1:7700".into(), reachable: true, view: Some(view(1, Role::Leader, 120)), error: None, rtt_us: Some(300) },
-                NodeEntry { id: 2, addr: String::new(), reachable: true, view: Some(view(2, Role::Follower, 100)), error: None, rtt_us: None },
-                NodeEntry { id: 3, addr: "10.0.0.3:7700".into(), reachable: false, view: None, error: Some("connection refused".into()), rtt_us: None },
+                NodeEntry { id: 1, addr: "10.0.0.1:7700".into(), reachable: true, view: Some(view(1, Role::Leader, 120)), error: None, rtt_us: Some(300), cert_not_after_unix: Some(NOW + 400 * 86_400) },
+                NodeEntry { id: 2, addr: String::new(), reachable: true, view: Some(view(2, Role::Follower, 100)), error: None, rtt_us: None, cert_not_after_unix: Some(NOW + 300 * 86_400) },
+                NodeEntry { id: 3, addr: "10.0.0.3:7700".into(), reachable: false, view: None, error: Some("connection refused".into()), rtt_us: None, cert_not_after_unix: None },
             ],
         }
     }
@@ -325,27 +360,36 @@ mod tests {
 
     #[test]
     fn check_maps_findings_to_plugin_codes() {
-        let t = CheckThresholds { lag_warn: 10, lag_crit: 50 };
+        let t = CheckThresholds { lag_warn: 10, lag_crit: 50, ..CheckThresholds::default() };
         let mut s = sample();
         // Node 3 unreachable, node 2 20 entries behind: both warnings.
-        let (code, line) = check(&s, &t);
+        let (code, line) = check(&s, &t, NOW);
         assert_eq!(code, CheckCode::Warning, "{line}");
         assert!(line.starts_with("CLUSTERD WARNING - leader node 1, term 7, 2/3 nodes reachable (unreachable: 3), max lag 20 entries | "), "{line}");
-        assert!(line.contains("nodes_reachable=2;;2;0;3 max_lag_entries=20;10;50;0; term=7"), "{line}");
+        assert!(line.contains("nodes_reachable=2;;2;0;3 max_lag_entries=20;10;50;0; term=7 cert_days_left=300;30;7;;"), "{line}");
 
         s.nodes[2] = NodeEntry { view: Some(view(3, Role::Follower, 120)), reachable: true, error: None, ..s.nodes[2].clone() };
         s.nodes[1].view.as_mut().unwrap().applied_index = 118;
-        assert_eq!(check(&s, &t).0, CheckCode::Ok, "{}", check(&s, &t).1);
+        assert_eq!(check(&s, &t, NOW).0, CheckCode::Ok, "{}", check(&s, &t, NOW).1);
+
+        // Certificates: a month ahead warns, a week ahead is critical.
+        s.nodes[1].cert_not_after_unix = Some(NOW + 20 * 86_400);
+        let (code, line) = check(&s, &t, NOW);
+        assert_eq!(code, CheckCode::Warning, "{line}");
+        assert!(line.contains("certificate of node 2 expires in 20 days"), "{line}");
+        s.nodes[1].cert_not_after_unix = Some(NOW - 86_400);
+        assert_eq!(check(&s, &t, NOW).0, CheckCode::Critical);
+        s.nodes[1].cert_not_after_unix = Some(NOW + 300 * 86_400);
 
         s.nodes[1].view.as_mut().unwrap().applied_index = 60;
-        assert_eq!(check(&s, &t).0, CheckCode::Critical);
+        assert_eq!(check(&s, &t, NOW).0, CheckCode::Critical);
 
         for n in &mut s.nodes {
             if let Some(v) = n.view.as_mut() {
                 v.leader = None;
             }
         }
-        let (code, line) = check(&s, &t);
+        let (code, line) = check(&s, &t, NOW);
         assert_eq!(code, CheckCode::Critical);
         assert!(line.contains("no leader"), "{line}");
     }
@@ -355,7 +399,7 @@ mod tests {
         let mut s = sample();
         s.nodes[0].reachable = false;
         s.nodes[0].view = None;
-        let (code, line) = check(&s, &CheckThresholds::default());
+        let (code, line) = check(&s, &CheckThresholds::default(), NOW);
         assert_eq!(code, CheckCode::Critical, "{line}");
         assert!(line.contains("only 1/3 nodes reachable"), "{line}");
     }

@@ -62,6 +62,12 @@ enum Command {
         /// CRITICAL when a node is this many committed entries behind.
         #[arg(long, default_value_t = 1000)]
         lag_crit: u64,
+        /// WARNING when a node's certificate expires within this many days.
+        #[arg(long, default_value_t = 30)]
+        cert_warn_days: i64,
+        /// CRITICAL when a node's certificate expires within this many days.
+        #[arg(long, default_value_t = 7)]
+        cert_crit_days: i64,
         #[arg(long, default_value_t = 800)]
         peer_timeout_ms: u64,
     },
@@ -176,11 +182,15 @@ async fn run(args: Args) -> Result<ExitCode> {
         Command::Check {
             lag_warn,
             lag_crit,
+            cert_warn_days,
+            cert_crit_days,
             peer_timeout_ms,
         } => {
             let thresholds = CheckThresholds {
                 lag_warn: *lag_warn,
                 lag_crit: *lag_crit,
+                cert_warn_days: *cert_warn_days,
+                cert_crit_days: *cert_crit_days,
             };
             // A plugin must answer with a code in every case: failures to ask are UNKNOWN.
             let status = async {
@@ -194,7 +204,7 @@ async fn run(args: Args) -> Result<ExitCode> {
             }
             .await;
             let (code, line) = match status {
-                Ok(s) => check(&s, &thresholds),
+                Ok(s) => check(&s, &thresholds, clusterd::status::unix_seconds(std::time::SystemTime::now())),
                 Err(e) => (CheckCode::Unknown, format!("CLUSTERD UNKNOWN - {e:#}")),
             };
             println!("{line}");
