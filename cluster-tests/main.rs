@@ -633,9 +633,7 @@ fn systemd_notifications_report_ready_status_and_watchdog() {
 /// pointing at the binary under test.
 #[test]
 fn the_systemd_unit_file_verifies() {
-    // The runtime value: a test binary reused from another clone of the repo
-    // (shared target dir) must read this checkout's unit file.
-    let root = std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").to_string());
+    let root = repo_root();
     let unit = std::fs::read_to_string(format!("{root}/packaging/clusterd.service")).unwrap();
     for key in ["Type=notify", "ExecStart=/usr/bin/clusterd --config", "Restart=on-failure", "WatchdogSec=", "NoNewPrivileges=true", "ProtectSystem=strict", "ReadWritePaths=/var/lib/clusterd"] {
         assert!(unit.lines().any(|l| l.starts_with(key)), "the unit lacks {key}");
@@ -739,7 +737,7 @@ fn metrics_endpoint_serves_sane_values() {
 /// certificate paths pointed at generated ones).
 #[test]
 fn the_example_config_checks() {
-    let root = std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").to_string());
+    let root = repo_root();
     let example = std::fs::read_to_string(format!("{root}/packaging/clusterd.toml.example")).unwrap();
     let dir = short_tempdir("clusterd-example-");
     let certs = dir.path().join("certs");
@@ -756,7 +754,7 @@ fn the_example_config_checks() {
 /// `clusterd --check` accepts as they are.
 #[test]
 fn import_rsync_drafts_sets_that_clusterd_accepts() {
-    let root = std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").to_string());
+    let root = repo_root();
     let dir = short_tempdir("clusterd-import-");
     let certs = dir.path().join("certs");
     certs_init(&certs, &[1, 2, 3]);
@@ -786,7 +784,7 @@ fn import_rsync_drafts_sets_that_clusterd_accepts() {
 #[test]
 fn docker_compose_files_cross_check() {
     use serde_yaml::Value;
-    let root = std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").to_string());
+    let root = repo_root();
     let load = |name: &str| -> Value {
         let text = std::fs::read_to_string(format!("{root}/docker/{name}")).unwrap();
         let mut v: Value = serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("docker/{name}: {e}"));
@@ -860,4 +858,10 @@ fn docker_compose_files_cross_check() {
             assert_eq!(written.contains("witness = true"), witness, "{name}:\n{written}");
         }
     }
+}
+
+/// This checkout's root, read at run time: a test binary reused from another
+/// clone of the repository (a shared target dir) must read this checkout's files.
+fn repo_root() -> String {
+    std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").to_string())
 }
