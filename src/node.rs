@@ -50,6 +50,8 @@ pub enum NodeError {
     },
     #[error("cannot serve metrics on {addr} (key `metrics.listen`): {source}")]
     Metrics { addr: String, source: std::io::Error },
+    #[error("the node task failed: {0}; exiting so the service manager restarts the node from its durable state")]
+    Panicked(String),
     #[error("peer server failed: {0}")]
     PeerServer(tonic::transport::Error),
 }
@@ -623,12 +625,12 @@ async fn run_inner(config: Config, shutdown: impl std::future::Future<Output = (
             let _ = stop_tx.send(true);
             match node_task.await {
                 Ok(r) => r,
-                Err(e) => { error!(error = %e, "node task panicked"); Ok(()) }
+                Err(e) => Err(NodeError::Panicked(e.to_string())),
             }
         }
         r = &mut node_task => match r {
             Ok(r) => r,
-            Err(e) => { error!(error = %e, "node task panicked"); Ok(()) }
+            Err(e) => Err(NodeError::Panicked(e.to_string())),
         },
         r = &mut peer_server => match r {
             Ok(Ok(())) => Ok(()),

@@ -260,10 +260,26 @@ impl<S: LogStore> RaftCore<S> {
     }
 
     /// Feeds a message from a peer (already authenticated by the shell).
-    pub fn step(&mut self, message: Message) -> Result<(), CoreError> {
+    pub fn step(&mut self, mut message: Message) -> Result<(), CoreError> {
         if self.options.witness && message.get_msg_type() == MessageType::MsgTimeoutNow {
             // A witness holds no files, so it refuses to be handed leadership.
             return Ok(());
+        }
+        let last = self.raw.raft.raft_log.last_index();
+        if message.get_msg_type() == MessageType::MsgHeartbeat && message.commit > last {
+            // The leader remembers this node having entries it no longer has: its
+            // data dir was replaced. raft-rs would panic on the commit; taking
+            // only what we hold is safe (nothing beyond `last` is marked
+            // committed), and the next append makes the leader probe back and
+            // resend the log.
+            tracing::warn!(
+                leader = message.from,
+                commit = message.commit,
+                last_index = last,
+                "the leader believes this node holds entries up to {} but its log ends at {last} (was its data dir replaced?); catching up",
+                message.commit
+            );
+            message.commit = last;
         }
         match self.raw.step(message) {
             // Stale or misdirected messages are normal after restarts and partitions.

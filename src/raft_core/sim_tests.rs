@@ -328,6 +328,28 @@ fn a_crashed_node_keeps_term_and_vote_and_catches_up() {
 }
 
 #[test]
+fn a_node_whose_log_was_wiped_catches_up_instead_of_panicking() {
+    let mut sim = Sim::new(3);
+    let leader = sim.elect();
+    for token in 0..5 {
+        sim.barrier(leader, token).unwrap();
+    }
+    sim.tick();
+    let victim = (1..=3).find(|id| *id != leader).unwrap();
+    sim.crash(victim);
+    let node = sim.nodes.get_mut(&victim).unwrap();
+    node.log = MemLog {
+        mem: MemStorage::new_with_conf_state(ConfState::from((vec![1, 2, 3], vec![]))),
+        applied: Arc::new(Mutex::new(0)),
+    };
+    node.sm = Recorder::default();
+    sim.boot(victim);
+    sim.barrier(leader, 99).unwrap();
+    sim.run_until(30, "the wiped node applies everything again", |s| s.applied_barrier(victim, 99));
+    assert_eq!(sim.nodes[&victim].sm.applied, sim.nodes[&leader].sm.applied);
+}
+
+#[test]
 fn leadership_transfer_moves_the_leader() {
     let mut sim = Sim::new(3);
     let leader = sim.elect();
