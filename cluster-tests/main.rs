@@ -391,6 +391,7 @@ fn check_rejects_bad_config() {
             (3, format!("127.0.0.1:{}", free_port())),
         ],
         node_extra: vec![],
+        tls_extra: vec![],
         extra: String::new(),
     };
 
@@ -507,12 +508,12 @@ fn impostor_peers_are_refused_and_logged() {
 
     rt.block_on(async {
         // 1. Valid CA, but not a member.
-        let mut outsider = PeerClient::new(clusterd::transport::peer_channel(&target, &tls_of(4)));
+        let mut outsider = PeerClient::new(clusterd::transport::peer_channel(&target, &tls_of(4), Default::default()));
         let r = outsider.node_status(NodeStatusRequest {}).await;
         assert!(r.is_err(), "a non-member got an answer: {r:?}");
 
         // 2. A member whose message claims to come from someone else.
-        let mut liar = PeerClient::new(clusterd::transport::peer_channel(&target, &tls_of(2)));
+        let mut liar = PeerClient::new(clusterd::transport::peer_channel(&target, &tls_of(2), Default::default()));
         let mut forged = raft::prelude::Message::default();
         forged.from = 3;
         forged.to = 1;
@@ -893,4 +894,62 @@ fn a_replaced_node_with_an_empty_data_dir_catches_up() {
     });
     assert!(c.log(victim).contains("new node: creating the Raft log"), "the replacement must start from an empty log");
     c.wait_barrier(victim);
+}
+
+/// A stolen certificate is refused once its serial is listed in
+/// `tls.revoked_serials`, while the node it belonged to, re-issued a new
+/// certificate by the same CA, keeps working.
+#[test]
+fn a_revoked_certificate_is_refused() {
+    use clusterd::config::PeerConfig;
+    use clusterd::proto::peer::peer_client::PeerClient;
+    use clusterd::proto::peer::NodeStatusRequest;
+    use clusterd::tls::{PeerTls, TlsPaths};
+
+    let dir = short_tempdir("clusterd-revoke-");
+    let certs = dir.path().join("certs");
+    certs_init(&certs, &[1, 2, 3]);
+    let stolen = dir.path().join("stolen");
+    std::fs::create_dir_all(&stolen).unwrap();
+    for f in ["node-2.crt", "node-2.key"] {
+        std::fs::rename(certs.join(f), stolen.join(f)).unwrap();
+    }
+    certs_init(&certs, &[2]); // node 2's replacement certificate, same CA
+    let mut show = std::process::Command::new(env!("CARGO_BIN_EXE_clusterctl"));
+    show.args(["certs", "show"]).arg(stolen.join("node-2.crt"));
+    let shown = run_cmd(show, Duration::from_secs(10));
+    let serial = shown
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("serial:"))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|| panic!("no serial in: {shown}"));
+
+    let mut b = Cluster::builder(3);
+    for id in 1..=3 {
+        b = b.tls_override(id, TlsFiles::in_dir(&certs, id)).tls_option(id, &format!("revoked_serials = [\"{serial}\"]"));
+    }
+    let c = b.start();
+    let all = c.ids();
+    c.wait_for_leader(&all);
+    c.wait_barrier(2); // the re-issued node 2 is fine
+
+    let thief = PeerTls::load(
+        &TlsPaths { ca: certs.join("ca.crt"), cert: stolen.join("node-2.crt"), key: stolen.join("node-2.key") },
+        2,
+    )
+    .unwrap();
+    let target = PeerConfig { id: 1, addr: c.node(1).listen.to_string(), witness: false };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let answer = rt.block_on(async {
+        PeerClient::new(clusterd::transport::peer_channel(&target, &thief, Default::default()))
+            .node_status(NodeStatusRequest {})
+            .await
+    });
+    assert!(answer.is_err(), "a revoked certificate got an answer: {answer:?}");
+    wait_until(Duration::from_secs(10), "node 1 to log the revoked certificate", || {
+        let log = c.log(1);
+        if log.contains(&format!("its certificate (serial {serial}) is revoked")) { Ok(()) } else { Err("not yet".to_string()) }
+    });
+    c.wait_barrier(1);
 }

@@ -98,6 +98,8 @@ pub struct RawTls {
     pub ca: Option<PathBuf>,
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
+    #[serde(default)]
+    pub revoked_serials: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -156,6 +158,9 @@ pub struct Config {
     pub log_level: String,
     /// Where the Prometheus endpoint listens; off when unset.
     pub metrics_listen: Option<SocketAddr>,
+    /// Certificate serials (normalized hex) refused on every peer link, for
+    /// certificates that were stolen or replaced.
+    pub revoked_serials: BTreeSet<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -306,6 +311,7 @@ pub fn validate(raw: RawConfig, file: &Path) -> Result<Config, ConfigError> {
     let own_id = node.as_ref().map(|n| n.id);
     let peers = v.peers(raw.peer, own_id);
     let raft = v.raft(raw.raft);
+    let revoked_serials = v.revoked_serials(raw.tls.as_ref().map_or(&[][..], |t| &t.revoked_serials[..]));
     let tls = v.tls(raw.tls);
     let sync = v.sync_sets(raw.sync, node.as_ref().is_some_and(|n| n.witness));
     let hooks = v.hooks(raw.hooks);
@@ -338,6 +344,7 @@ pub fn validate(raw: RawConfig, file: &Path) -> Result<Config, ConfigError> {
             hooks,
             log_level,
             metrics_listen,
+            revoked_serials,
         }),
         _ => Err(ConfigError::Invalid {
             problems: v.problems,
@@ -472,6 +479,21 @@ impl Validator {
             cert: cert?,
             key: key?,
         })
+    }
+
+    fn revoked_serials(&mut self, raw: &[String]) -> BTreeSet<String> {
+        let mut out = BTreeSet::new();
+        for (i, s) in raw.iter().enumerate() {
+            match crate::tls::normalize_serial(s) {
+                Some(n) => {
+                    out.insert(n);
+                }
+                None => self.problem(format!(
+                    "key `tls.revoked_serials[{i}]` = {s:?} is not a hexadecimal serial; copy it from `clusterctl certs show FILE`"
+                )),
+            }
+        }
+        out
     }
 
     fn readable_file(&mut self, key: &str, path: Option<PathBuf>) -> Option<PathBuf> {
@@ -670,6 +692,7 @@ mod tests {
             (format!("{NODE}{PEERS}{}[[sync]]\nname = \"a\"\npath = \"/a\"\n[[sync]]\nname = \"a\"\npath = \"/b\"\n", f.tls()), "key `sync[1].name` = \"a\" is used by two sync sets"),
             (format!("{NODE}{PEERS}{}[hooks]\nrole_file = \"PROMOTE\"\n", f.tls()), "key `hooks.role_file` = \"PROMOTE\" must be an absolute path"),
             (format!("{NODE}{PEERS}{}[metrics]\nlisten = \"9770\"\n", f.tls()), "key `metrics.listen` = \"9770\" is not an IP:port address"),
+            (format!("{NODE}{PEERS}{}revoked_serials = [\"0A:1B\", \"xyz\"]\n", f.tls()), "key `tls.revoked_serials[1]` = \"xyz\" is not a hexadecimal serial"),
             (format!("{NODE}{PEERS}{}[[sync]]\nname = \"a\"\npath = \"/a\"\nexclude = [\"!keep\"]\n", f.tls()), "key `sync[0].exclude` pattern \"!keep\""),
             (format!("{NODE}{PEERS}{}[log]\nlevel = \"info,,=[\"\n", f.tls()), "key `log.level`"),
             (format!("{NODE}[[peer]]\nid = 2\naddr = \"h:1\"\n{}", f.tls()), "the cluster has only two voters (nodes 1 and 2), which cannot fail over"),

@@ -564,7 +564,8 @@ async fn run_inner(config: Config, shutdown: impl std::future::Future<Output = (
     let cert_not_after = tls.own_cert_not_after();
 
     let (link_tx, link_rx) = mpsc::channel(1024);
-    let transport = Transport::start(&config.peers, &tls, link_tx);
+    let revoked = Arc::new(config.revoked_serials.clone());
+    let transport = Transport::start(&config.peers, &tls, revoked.clone(), link_tx);
     let (inbox_tx, inbox_rx) = mpsc::channel(INBOX);
     let (view_tx, view_rx) = watch::channel(initial);
     let handle = NodeHandle {
@@ -603,7 +604,7 @@ async fn run_inner(config: Config, shutdown: impl std::future::Future<Output = (
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    let incoming = crate::peer::accept_loop(listener, tls, members);
+    let incoming = crate::peer::accept_loop(listener, tls, members, revoked);
     let mut peer_server = tokio::spawn(
         crate::peer::serve(incoming, handle.clone(), stopped(servers_stop_rx.clone())).in_current_span(),
     );

@@ -99,6 +99,7 @@ pub fn accept_loop(
     listener: TcpListener,
     tls: PeerTls,
     members: Arc<BTreeSet<NodeId>>,
+    revoked: Arc<BTreeSet<String>>,
 ) -> ReceiverStream<io::Result<PeerConn>> {
     let (tx, rx) = mpsc::channel(64);
     let refusals = Arc::new(RefusalLog::default());
@@ -122,11 +123,12 @@ pub fn accept_loop(
                 let _ = tcp.set_nodelay(true);
                 let acceptor = tls.acceptor();
                 let members = members.clone();
+                let revoked = revoked.clone();
                 let tx = tx.clone();
                 let refusals = refusals.clone();
                 tokio::spawn(
                     async move {
-                        match admit(acceptor, tcp, remote, &members).await {
+                        match admit(acceptor, tcp, remote, &members, &revoked).await {
                             Ok(conn) => {
                                 debug!(%remote, peer = conn.identity.node_id, "peer connection authenticated");
                                 let _ = tx.send(Ok(conn)).await;
@@ -149,6 +151,7 @@ async fn admit(
     tcp: TcpStream,
     remote: SocketAddr,
     members: &BTreeSet<NodeId>,
+    revoked: &BTreeSet<String>,
 ) -> Result<PeerConn, String> {
     let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
         Ok(Ok(s)) => s,
@@ -156,6 +159,7 @@ async fn admit(
         Err(_) => return Err(format!("TLS handshake did not finish within {HANDSHAKE_TIMEOUT:?}")),
     };
     let node_id = peer_node_id(&stream).map_err(|e| e.to_string())?;
+    refuse_revoked(stream.get_ref().1, revoked)?;
     if !members.contains(&node_id) {
         return Err(format!(
             "its certificate is for node {node_id}, which is not a member of this cluster; add it to [[peer]] on every node or revoke it"
@@ -165,6 +169,24 @@ async fn admit(
         stream,
         identity: PeerIdentity { node_id, remote },
     })
+}
+
+/// Refuses a connection whose peer certificate is listed in `tls.revoked_serials`.
+pub fn refuse_revoked(conn: &rustls::CommonState, revoked: &BTreeSet<String>) -> Result<(), String> {
+    if revoked.is_empty() {
+        return Ok(());
+    }
+    let serial = crate::tls::peer_leaf(conn)
+        .map(crate::tls::cert_serial_hex)
+        .transpose()
+        .map_err(|e| e.to_string())?
+        .unwrap_or_default();
+    if revoked.contains(&serial) {
+        return Err(format!(
+            "its certificate (serial {serial}) is revoked by `tls.revoked_serials`"
+        ));
+    }
+    Ok(())
 }
 
 /// Says what a failed handshake most likely means, for the operator.

@@ -301,6 +301,36 @@ pub fn node_id_from_cert(der: &CertificateDer<'_>) -> Result<u64, TlsError> {
     }
 }
 
+/// A certificate's serial number as lowercase hex without leading zeros or
+/// colons: the spelling `tls.revoked_serials` uses.
+pub fn cert_serial_hex(der: &CertificateDer<'_>) -> Result<String, TlsError> {
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(der).map_err(|e| TlsError::BadCert(e.to_string()))?;
+    Ok(normalize_serial(&cert.tbs_certificate.raw_serial_as_string()).unwrap_or_default())
+}
+
+/// Normalizes a serial as people write it ("0A:1B", "0x0a1b", "a1b") to "a1b";
+/// `None` if it is not hexadecimal.
+pub fn normalize_serial(text: &str) -> Option<String> {
+    let hex: String = text
+        .trim()
+        .trim_start_matches("0x")
+        .chars()
+        .filter(|c| *c != ':')
+        .collect::<String>()
+        .to_ascii_lowercase();
+    if hex.is_empty() || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+        return None;
+    }
+    let trimmed = hex.trim_start_matches('0');
+    Some(if trimmed.is_empty() { "0".to_string() } else { trimmed.to_string() })
+}
+
+/// The leaf certificate the other side of a TLS connection presented.
+pub fn peer_leaf(conn: &rustls::CommonState) -> Option<&CertificateDer<'static>> {
+    conn.peer_certificates().and_then(|c| c.first())
+}
+
 /// The node id of the peer of an accepted stream, from its verified certificate.
 pub fn peer_node_id<IO>(stream: &tokio_rustls::server::TlsStream<IO>) -> Result<u64, TlsError> {
     let (_, conn) = stream.get_ref();

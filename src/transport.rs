@@ -62,10 +62,15 @@ struct Link {
 
 impl Transport {
     /// Creates a channel and a sender task per peer. Must be called inside a tokio runtime.
-    pub fn start(peers: &[PeerConfig], tls: &PeerTls, events: mpsc::Sender<LinkEvent>) -> Transport {
+    pub fn start(
+        peers: &[PeerConfig],
+        tls: &PeerTls,
+        revoked: Arc<std::collections::BTreeSet<String>>,
+        events: mpsc::Sender<LinkEvent>,
+    ) -> Transport {
         let mut links = BTreeMap::new();
         for peer in peers {
-            let channel = peer_channel(peer, tls);
+            let channel = peer_channel(peer, tls, revoked.clone());
             let (queue, rx) = mpsc::channel(PEER_QUEUE);
             tokio::spawn(sender_task(peer.id, channel.clone(), rx, events.clone()).in_current_span());
             links.insert(
@@ -121,7 +126,7 @@ impl Transport {
 
 /// A lazily connected channel to `peer`: TCP to its configured address (which
 /// may be a NAT or proxy), then TLS that must present `node-<id>` signed by our CA.
-pub fn peer_channel(peer: &PeerConfig, tls: &PeerTls) -> Channel {
+pub fn peer_channel(peer: &PeerConfig, tls: &PeerTls, revoked: Arc<std::collections::BTreeSet<String>>) -> Channel {
     let connector = tls.connector();
     let addr = peer.addr.clone();
     let id = peer.id;
@@ -135,6 +140,7 @@ pub fn peer_channel(peer: &PeerConfig, tls: &PeerTls) -> Channel {
     endpoint.connect_with_connector_lazy(tower::service_fn(move |_: Uri| {
         let connector = connector.clone();
         let addr = addr.clone();
+        let revoked = revoked.clone();
         async move {
             let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&addr))
                 .await
@@ -143,6 +149,9 @@ pub fn peer_channel(peer: &PeerConfig, tls: &PeerTls) -> Channel {
             let tls = tokio::time::timeout(CONNECT_TIMEOUT, connector.connect(PeerTls::server_name(id), tcp))
                 .await
                 .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, format!("TLS handshake with {addr} timed out")))??;
+            crate::peer::refuse_revoked(tls.get_ref().1, &revoked).map_err(|why| {
+                std::io::Error::new(std::io::ErrorKind::PermissionDenied, format!("node {id} at {addr}: {why}"))
+            })?;
             Ok::<_, std::io::Error>(TokioIo::new(tls))
         }
     }))

@@ -432,6 +432,8 @@ pub struct NodeConfig {
     pub peers: Vec<(u64, String)>,
     /// Extra raw lines for the `[node]` section, e.g. `witness = true`.
     pub node_extra: Vec<String>,
+    /// Extra `key = value` lines under `[tls]`.
+    pub tls_extra: Vec<String>,
     /// Raw TOML appended at the end (whole sections, e.g. `[[sync]]`).
     pub extra: String,
 }
@@ -460,6 +462,9 @@ impl NodeConfig {
         let _ = writeln!(s, "ca = {}", toml_str(path_str(&self.tls.ca)));
         let _ = writeln!(s, "cert = {}", toml_str(path_str(&self.tls.cert)));
         let _ = writeln!(s, "key = {}", toml_str(path_str(&self.tls.key)));
+        for line in &self.tls_extra {
+            let _ = writeln!(s, "{line}");
+        }
         for (id, addr) in &self.peers {
             let _ = writeln!(s, "\n[[peer]]");
             let _ = writeln!(s, "id = {id}");
@@ -638,6 +643,7 @@ pub struct ClusterBuilder {
     tls_override: BTreeMap<u64, TlsFiles>,
     foreign_ca: Vec<u64>,
     node_extra: BTreeMap<u64, Vec<String>>,
+    tls_extra: BTreeMap<u64, Vec<String>>,
     extra: BTreeMap<u64, String>,
     not_started: HashSet<u64>,
     env: Vec<(String, String)>,
@@ -652,6 +658,7 @@ impl ClusterBuilder {
             tls_override: BTreeMap::new(),
             foreign_ca: Vec::new(),
             node_extra: BTreeMap::new(),
+            tls_extra: BTreeMap::new(),
             extra: BTreeMap::new(),
             not_started: HashSet::new(),
             env: Vec::new(),
@@ -684,6 +691,12 @@ impl ClusterBuilder {
     }
 
     /// An extra raw line in node `id`'s `[node]` section.
+    /// A raw `key = value` line under node `id`'s `[tls]` section.
+    pub fn tls_option(mut self, id: u64, line: &str) -> Self {
+        self.tls_extra.entry(id).or_default().push(line.to_string());
+        self
+    }
+
     pub fn node_option(mut self, id: u64, line: &str) -> Self {
         self.node_extra
             .entry(id)
@@ -767,6 +780,7 @@ impl ClusterBuilder {
                     .map(|&j| (j, peer_addr[&(i, j)].to_string()))
                     .collect(),
                 node_extra: self.node_extra.get(&i).cloned().unwrap_or_default(),
+                tls_extra: self.tls_extra.get(&i).cloned().unwrap_or_default(),
                 extra: self.extra.get(&i).cloned().unwrap_or_default(),
             };
             let config_path = ndir.join("config.toml");

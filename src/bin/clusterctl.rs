@@ -97,6 +97,8 @@ enum CertsCommand {
         #[arg(long, default_value_t = 825)]
         days: u32,
     },
+    /// Print a certificate's node id, serial (for `tls.revoked_serials`) and expiry.
+    Show { file: PathBuf },
 }
 
 fn main() -> ExitCode {
@@ -139,6 +141,22 @@ async fn run(args: Args) -> Result<ExitCode> {
             for p in &report.kept {
                 println!("kept  {} (already there)", p.display());
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Certs {
+            command: CertsCommand::Show { file },
+        } => {
+            use rustls::pki_types::pem::PemObject;
+            let der = rustls::pki_types::CertificateDer::from_pem_file(file)
+                .with_context(|| format!("cannot read a PEM certificate from {}", file.display()))?;
+            let node = clusterd::tls::node_id_from_cert(&der).map_or_else(|e| format!("none ({e})"), |id| id.to_string());
+            let serial = clusterd::tls::cert_serial_hex(&der)?;
+            let (_, parsed) = x509_parser::parse_x509_certificate(&der)
+                .map_err(|e| anyhow::anyhow!("{}: not an X.509 certificate: {e}", file.display()))?;
+            println!("file:      {}", file.display());
+            println!("node:      {node}");
+            println!("serial:    {serial}");
+            println!("not after: {}", parsed.validity().not_after);
             Ok(ExitCode::SUCCESS)
         }
         Command::ImportRsync { file } => {
