@@ -485,6 +485,29 @@ impl NodeTask {
     }
 }
 
+/// On SIGHUP, reloads the certificate, key, CA and `tls.revoked_serials`
+/// from the config file. Bad new material is refused with its reason and the
+/// old stays in force; other config changes need a restart.
+async fn reload_tls_on_sighup(source: std::path::PathBuf, id: NodeId, live: crate::tls::LiveTls) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        warn!("cannot listen for SIGHUP; certificate reloads need a restart");
+        return;
+    };
+    while hup.recv().await.is_some() {
+        let loaded = Config::load(&source)
+            .map_err(|e| e.to_string())
+            .and_then(|c| PeerTls::load(&c.tls, id).map(|t| (t, c.revoked_serials)).map_err(|e| e.to_string()));
+        match loaded {
+            Ok((tls, revoked)) => {
+                info!(revoked = revoked.len(), "SIGHUP: reloaded certificates and the revocation list from {}; new connections use them", source.display());
+                live.replace(tls, revoked);
+            }
+            Err(e) => warn!("SIGHUP: kept the certificates in force, the new ones are unusable: {e}"),
+        }
+    }
+}
+
 pub fn join_ids(ids: &[NodeId]) -> String {
     ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(", ")
 }
@@ -564,8 +587,8 @@ async fn run_inner(config: Config, shutdown: impl std::future::Future<Output = (
     let cert_not_after = tls.own_cert_not_after();
 
     let (link_tx, link_rx) = mpsc::channel(1024);
-    let revoked = Arc::new(config.revoked_serials.clone());
-    let transport = Transport::start(&config.peers, &tls, revoked.clone(), link_tx);
+    let live_tls = crate::tls::LiveTls::new(tls, config.revoked_serials.clone());
+    let transport = Transport::start(&config.peers, &live_tls, link_tx);
     let (inbox_tx, inbox_rx) = mpsc::channel(INBOX);
     let (view_tx, view_rx) = watch::channel(initial);
     let handle = NodeHandle {
@@ -604,7 +627,8 @@ async fn run_inner(config: Config, shutdown: impl std::future::Future<Output = (
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    let incoming = crate::peer::accept_loop(listener, tls, members, revoked);
+    let incoming = crate::peer::accept_loop(listener, live_tls.clone(), members);
+    tokio::spawn(reload_tls_on_sighup(config.source.clone(), id, live_tls).in_current_span());
     let mut peer_server = tokio::spawn(
         crate::peer::serve(incoming, handle.clone(), stopped(servers_stop_rx.clone())).in_current_span(),
     );

@@ -33,7 +33,7 @@ use crate::proto::peer::{
     TransferRequest,
 };
 use crate::proto::decode_raft_message;
-use crate::tls::{peer_node_id, PeerTls};
+use crate::tls::{peer_node_id, LiveTls};
 
 /// Largest gRPC message accepted from a peer.
 pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
@@ -97,9 +97,8 @@ impl AsyncWrite for PeerConn {
 /// peer retries every few hundred milliseconds), at debug level otherwise.
 pub fn accept_loop(
     listener: TcpListener,
-    tls: PeerTls,
+    tls: LiveTls,
     members: Arc<BTreeSet<NodeId>>,
-    revoked: Arc<BTreeSet<String>>,
 ) -> ReceiverStream<io::Result<PeerConn>> {
     let (tx, rx) = mpsc::channel(64);
     let refusals = Arc::new(RefusalLog::default());
@@ -121,9 +120,10 @@ pub fn accept_loop(
                     }
                 };
                 let _ = tcp.set_nodelay(true);
-                let acceptor = tls.acceptor();
+                // Read per connection, so a SIGHUP reload applies to the next one.
+                let (current, revoked) = tls.get();
+                let acceptor = current.acceptor();
                 let members = members.clone();
-                let revoked = revoked.clone();
                 let tx = tx.clone();
                 let refusals = refusals.clone();
                 tokio::spawn(

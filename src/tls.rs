@@ -657,6 +657,33 @@ impl ClientCertVerifier for NodeClientVerifier {
     }
 }
 
+/// The TLS material and revocation list in force, swapped as a whole on
+/// SIGHUP: new connections use the new material, live ones keep theirs.
+#[derive(Clone)]
+pub struct LiveTls {
+    current: Arc<std::sync::RwLock<(PeerTls, Arc<std::collections::BTreeSet<String>>)>>,
+}
+
+impl LiveTls {
+    pub fn new(tls: PeerTls, revoked: std::collections::BTreeSet<String>) -> LiveTls {
+        LiveTls {
+            current: Arc::new(std::sync::RwLock::new((tls, Arc::new(revoked)))),
+        }
+    }
+
+    /// The material in force now.
+    pub fn get(&self) -> (PeerTls, Arc<std::collections::BTreeSet<String>>) {
+        // A poisoned lock still holds a complete, valid pair: writers swap whole values.
+        let guard = self.current.read().unwrap_or_else(|e| e.into_inner());
+        (guard.0.clone(), guard.1.clone())
+    }
+
+    pub fn replace(&self, tls: PeerTls, revoked: std::collections::BTreeSet<String>) {
+        let mut guard = self.current.write().unwrap_or_else(|e| e.into_inner());
+        *guard = (tls, Arc::new(revoked));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

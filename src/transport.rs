@@ -23,7 +23,7 @@ use crate::config::{NodeId, PeerConfig};
 use crate::proto::peer::peer_client::PeerClient;
 use crate::proto::peer::RaftBatch;
 use crate::proto::encode_raft_message;
-use crate::tls::PeerTls;
+use crate::tls::{LiveTls, PeerTls};
 
 /// Messages queued per peer before new ones are dropped.
 const PEER_QUEUE: usize = 4096;
@@ -62,15 +62,10 @@ struct Link {
 
 impl Transport {
     /// Creates a channel and a sender task per peer. Must be called inside a tokio runtime.
-    pub fn start(
-        peers: &[PeerConfig],
-        tls: &PeerTls,
-        revoked: Arc<std::collections::BTreeSet<String>>,
-        events: mpsc::Sender<LinkEvent>,
-    ) -> Transport {
+    pub fn start(peers: &[PeerConfig], tls: &LiveTls, events: mpsc::Sender<LinkEvent>) -> Transport {
         let mut links = BTreeMap::new();
         for peer in peers {
-            let channel = peer_channel(peer, tls, revoked.clone());
+            let channel = peer_channel(peer, tls.clone());
             let (queue, rx) = mpsc::channel(PEER_QUEUE);
             tokio::spawn(sender_task(peer.id, channel.clone(), rx, events.clone()).in_current_span());
             links.insert(
@@ -126,8 +121,9 @@ impl Transport {
 
 /// A lazily connected channel to `peer`: TCP to its configured address (which
 /// may be a NAT or proxy), then TLS that must present `node-<id>` signed by our CA.
-pub fn peer_channel(peer: &PeerConfig, tls: &PeerTls, revoked: Arc<std::collections::BTreeSet<String>>) -> Channel {
-    let connector = tls.connector();
+/// The TLS material is read at each (re)connect, so a SIGHUP reload applies
+/// to the next connection.
+pub fn peer_channel(peer: &PeerConfig, tls: LiveTls) -> Channel {
     let addr = peer.addr.clone();
     let id = peer.id;
     // The URI only names the HTTP/2 authority; the connector decides where to dial.
@@ -138,9 +134,9 @@ pub fn peer_channel(peer: &PeerConfig, tls: &PeerTls, revoked: Arc<std::collecti
         .keep_alive_timeout(Duration::from_secs(3))
         .keep_alive_while_idle(true);
     endpoint.connect_with_connector_lazy(tower::service_fn(move |_: Uri| {
-        let connector = connector.clone();
+        let (current, revoked) = tls.get();
+        let connector = current.connector();
         let addr = addr.clone();
-        let revoked = revoked.clone();
         async move {
             let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&addr))
                 .await

@@ -945,6 +945,17 @@ impl Cluster {
         st
     }
 
+    /// Sends `signal` (e.g. `libc::SIGHUP`) to node `id` if it is running.
+    pub fn signal(&self, id: u64, signal: libc::c_int) {
+        let node = self.node(id);
+        let child = node.child.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = child.as_ref() {
+            unsafe {
+                libc::kill(c.id() as libc::pid_t, signal);
+            }
+        }
+    }
+
     /// SIGTERMs node `id` and waits up to `timeout` for it to exit (then
     /// SIGKILLs it). Returns the exit status.
     pub fn terminate(&self, id: u64, timeout: Duration) -> Option<ExitStatus> {
