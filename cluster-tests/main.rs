@@ -484,10 +484,7 @@ fn sigterm_of_leader_hands_leadership_over_before_exiting() {
 /// Speaks to node 1 directly (bypassing the proxies) as an impostor would.
 #[test]
 fn impostor_peers_are_refused_and_logged() {
-    use clusterd::config::PeerConfig;
-    use clusterd::proto::peer::peer_client::PeerClient;
     use clusterd::proto::peer::{NodeStatusRequest, RaftBatch};
-    use clusterd::tls::{PeerTls, TlsPaths};
 
     let c = Cluster::start(3);
     let all = c.ids();
@@ -495,25 +492,18 @@ fn impostor_peers_are_refused_and_logged() {
     let certs = c.dir().join("certs");
     // A certificate from the right CA, for a node that is not a member.
     certs_init(&certs, &[1, 2, 3, 4]);
-    let target = PeerConfig {
-        id: 1,
-        addr: c.node(1).listen.to_string(),
-        witness: false,
-    };
-    let tls_of = |id: u64| {
-        let files = TlsFiles::in_dir(&certs, id);
-        PeerTls::load(&TlsPaths { ca: files.ca, cert: files.cert, key: files.key }, id).unwrap()
-    };
+    let target = c.node(1).listen.to_string();
+    let tls_of = |id: u64| tls_from(&TlsFiles::in_dir(&certs, id), id);
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
 
     rt.block_on(async {
         // 1. Valid CA, but not a member.
-        let mut outsider = PeerClient::new(clusterd::transport::peer_channel(&target, clusterd::tls::LiveTls::new(tls_of(4), Default::default())));
+        let mut outsider = direct_client(&target, tls_of(4));
         let r = outsider.node_status(NodeStatusRequest {}).await;
         assert!(r.is_err(), "a non-member got an answer: {r:?}");
 
         // 2. A member whose message claims to come from someone else.
-        let mut liar = PeerClient::new(clusterd::transport::peer_channel(&target, clusterd::tls::LiveTls::new(tls_of(2), Default::default())));
+        let mut liar = direct_client(&target, tls_of(2));
         let mut forged = raft::prelude::Message::default();
         forged.from = 3;
         forged.to = 1;
@@ -526,12 +516,12 @@ fn impostor_peers_are_refused_and_logged() {
         assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
 
         // 3. Plaintext gRPC.
-        let plain = tonic::transport::Endpoint::from_shared(format!("http://{}", target.addr))
+        let plain = tonic::transport::Endpoint::from_shared(format!("http://{target}"))
             .unwrap()
             .connect_timeout(Duration::from_secs(2))
             .timeout(Duration::from_secs(2));
         if let Ok(channel) = plain.connect().await {
-            let r = PeerClient::new(channel).node_status(NodeStatusRequest {}).await;
+            let r = clusterd::proto::peer::peer_client::PeerClient::new(channel).node_status(NodeStatusRequest {}).await;
             assert!(r.is_err(), "a plaintext client got an answer: {r:?}");
         }
     });
@@ -901,11 +891,6 @@ fn a_replaced_node_with_an_empty_data_dir_catches_up() {
 /// certificate by the same CA, keeps working.
 #[test]
 fn a_revoked_certificate_is_refused() {
-    use clusterd::config::PeerConfig;
-    use clusterd::proto::peer::peer_client::PeerClient;
-    use clusterd::proto::peer::NodeStatusRequest;
-    use clusterd::tls::{PeerTls, TlsPaths};
-
     let dir = short_tempdir("clusterd-revoke-");
     let certs = dir.path().join("certs");
     certs_init(&certs, &[1, 2, 3]);
@@ -934,18 +919,11 @@ fn a_revoked_certificate_is_refused() {
     c.wait_for_leader(&all);
     c.wait_barrier(2); // the re-issued node 2 is fine
 
-    let thief = PeerTls::load(
-        &TlsPaths { ca: certs.join("ca.crt"), cert: stolen.join("node-2.crt"), key: stolen.join("node-2.key") },
+    let thief = tls_from(
+        &TlsFiles { ca: certs.join("ca.crt"), cert: stolen.join("node-2.crt"), key: stolen.join("node-2.key") },
         2,
-    )
-    .unwrap();
-    let target = PeerConfig { id: 1, addr: c.node(1).listen.to_string(), witness: false };
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    let answer = rt.block_on(async {
-        PeerClient::new(clusterd::transport::peer_channel(&target, clusterd::tls::LiveTls::new(thief, Default::default())))
-            .node_status(NodeStatusRequest {})
-            .await
-    });
+    );
+    let answer = direct_status(&c.node(1).listen.to_string(), &thief);
     assert!(answer.is_err(), "a revoked certificate got an answer: {answer:?}");
     wait_until(Duration::from_secs(10), "node 1 to log the revoked certificate", || {
         let log = c.log(1);
@@ -959,34 +937,18 @@ fn a_revoked_certificate_is_refused() {
 /// keeps committing throughout.
 #[test]
 fn sighup_reloads_the_revocation_list() {
-    use clusterd::config::PeerConfig;
-    use clusterd::proto::peer::peer_client::PeerClient;
-    use clusterd::proto::peer::NodeStatusRequest;
-    use clusterd::tls::{LiveTls, PeerTls, TlsPaths};
-
     let c = Cluster::start(3);
     let all = c.ids();
     c.wait_for_leader(&all);
     let certs = c.dir().join("certs");
     // A valid member certificate that "leaked": node 3's own pair.
-    let thief = PeerTls::load(
-        &TlsPaths { ca: certs.join("ca.crt"), cert: certs.join("node-3.crt"), key: certs.join("node-3.key") },
-        3,
-    )
-    .unwrap();
+    let thief = tls_from(&TlsFiles::in_dir(&certs, 3), 3);
     let serial = clusterd::tls::cert_serial_hex(
         &rustls::pki_types::pem::PemObject::from_pem_file(certs.join("node-3.crt")).unwrap(),
     )
     .unwrap();
-    let target = PeerConfig { id: 1, addr: c.node(1).listen.to_string(), witness: false };
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    let ask = || {
-        rt.block_on(async {
-            PeerClient::new(clusterd::transport::peer_channel(&target, LiveTls::new(thief.clone(), Default::default())))
-                .node_status(NodeStatusRequest {})
-                .await
-        })
-    };
+    let target = c.node(1).listen.to_string();
+    let ask = || direct_status(&target, &thief);
     assert!(ask().is_ok(), "before the reload the certificate is valid");
 
     c.rewrite_config(1, |cfg| cfg.tls_extra.push(format!("revoked_serials = [\"{serial}\"]")));
@@ -996,4 +958,32 @@ fn sighup_reloads_the_revocation_list() {
     });
     assert!(ask().is_err(), "after the reload the revoked certificate must be refused");
     c.wait_barrier(1);
+}
+
+/// TLS material loaded straight from certificate files, as an impostor holding them would.
+fn tls_from(files: &TlsFiles, id: u64) -> clusterd::tls::PeerTls {
+    let paths = clusterd::tls::TlsPaths { ca: files.ca.clone(), cert: files.cert.clone(), key: files.key.clone() };
+    clusterd::tls::PeerTls::load(&paths, id).unwrap()
+}
+
+/// A peer client that dials `addr` (a node's own listen address, bypassing the
+/// proxies) as node 1 is dialled by its peers. Call it inside a tokio runtime.
+fn direct_client(
+    addr: &str,
+    tls: clusterd::tls::PeerTls,
+) -> clusterd::proto::peer::peer_client::PeerClient<tonic::transport::Channel> {
+    let target = clusterd::config::PeerConfig { id: 1, addr: addr.to_string(), witness: false };
+    let live = clusterd::tls::LiveTls::new(tls, Default::default());
+    clusterd::proto::peer::peer_client::PeerClient::new(clusterd::transport::peer_channel(&target, live))
+}
+
+/// One NodeStatus call straight to node 1 at `addr` with `tls`.
+fn direct_status(addr: &str, tls: &clusterd::tls::PeerTls) -> Result<(), tonic::Status> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        direct_client(addr, tls.clone())
+            .node_status(clusterd::proto::peer::NodeStatusRequest {})
+            .await
+            .map(|_| ())
+    })
 }

@@ -159,7 +159,7 @@ async fn admit(
         Err(_) => return Err(format!("TLS handshake did not finish within {HANDSHAKE_TIMEOUT:?}")),
     };
     let node_id = peer_node_id(&stream).map_err(|e| e.to_string())?;
-    refuse_revoked(stream.get_ref().1, revoked)?;
+    crate::tls::refuse_revoked(stream.get_ref().1, revoked)?;
     if !members.contains(&node_id) {
         return Err(format!(
             "its certificate is for node {node_id}, which is not a member of this cluster; add it to [[peer]] on every node or revoke it"
@@ -169,24 +169,6 @@ async fn admit(
         stream,
         identity: PeerIdentity { node_id, remote },
     })
-}
-
-/// Refuses a connection whose peer certificate is listed in `tls.revoked_serials`.
-pub fn refuse_revoked(conn: &rustls::CommonState, revoked: &BTreeSet<String>) -> Result<(), String> {
-    if revoked.is_empty() {
-        return Ok(());
-    }
-    let serial = crate::tls::peer_leaf(conn)
-        .map(crate::tls::cert_serial_hex)
-        .transpose()
-        .map_err(|e| e.to_string())?
-        .unwrap_or_default();
-    if revoked.contains(&serial) {
-        return Err(format!(
-            "its certificate (serial {serial}) is revoked by `tls.revoked_serials`"
-        ));
-    }
-    Ok(())
 }
 
 /// Says what a failed handshake most likely means, for the operator.

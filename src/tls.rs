@@ -326,6 +326,24 @@ pub fn normalize_serial(text: &str) -> Option<String> {
     Some(if trimmed.is_empty() { "0".to_string() } else { trimmed.to_string() })
 }
 
+/// Refuses a connection whose peer certificate is listed in `tls.revoked_serials`.
+pub fn refuse_revoked(conn: &rustls::CommonState, revoked: &std::collections::BTreeSet<String>) -> Result<(), String> {
+    if revoked.is_empty() {
+        return Ok(());
+    }
+    let serial = peer_leaf(conn)
+        .map(cert_serial_hex)
+        .transpose()
+        .map_err(|e| e.to_string())?
+        .unwrap_or_default();
+    if revoked.contains(&serial) {
+        return Err(format!(
+            "its certificate (serial {serial}) is revoked by `tls.revoked_serials`"
+        ));
+    }
+    Ok(())
+}
+
 /// The leaf certificate the other side of a TLS connection presented.
 pub fn peer_leaf(conn: &rustls::CommonState) -> Option<&CertificateDer<'static>> {
     conn.peer_certificates().and_then(|c| c.first())

@@ -145,7 +145,7 @@ pub fn peer_channel(peer: &PeerConfig, tls: LiveTls) -> Channel {
             let tls = tokio::time::timeout(CONNECT_TIMEOUT, connector.connect(PeerTls::server_name(id), tcp))
                 .await
                 .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, format!("TLS handshake with {addr} timed out")))??;
-            crate::peer::refuse_revoked(tls.get_ref().1, &revoked).map_err(|why| {
+            crate::tls::refuse_revoked(tls.get_ref().1, &revoked).map_err(|why| {
                 std::io::Error::new(std::io::ErrorKind::PermissionDenied, format!("node {id} at {addr}: {why}"))
             })?;
             Ok::<_, std::io::Error>(TokioIo::new(tls))
