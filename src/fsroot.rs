@@ -2115,36 +2115,15 @@ mod tests {
     #[test]
     fn bad_meta_refused() {
         let fx = fixture();
-        let m = FileMeta {
-            kind: Kind::Dir,
-            ..file_meta(0o600)
-        };
-        assert!(matches!(
-            fx.root
-                .replace_file(&["f"], b"", &m, &hash(b""))
-                .unwrap_err(),
-            FsError::BadMeta { .. }
-        ));
-        let m = FileMeta {
-            uid: u32::MAX,
-            ..file_meta(0o600)
-        };
-        assert!(matches!(
-            fx.root
-                .replace_file(&["f"], b"", &m, &hash(b""))
-                .unwrap_err(),
-            FsError::BadMeta { .. }
-        ));
-        let m = FileMeta {
-            mtime_ns: i128::MAX,
-            ..file_meta(0o600)
-        };
-        assert!(matches!(
-            fx.root
-                .replace_file(&["f"], b"", &m, &hash(b""))
-                .unwrap_err(),
-            FsError::BadMeta { .. }
-        ));
+        let bad = [
+            FileMeta { kind: Kind::Dir, ..file_meta(0o600) },
+            FileMeta { uid: u32::MAX, ..file_meta(0o600) },
+            FileMeta { mtime_ns: i128::MAX, ..file_meta(0o600) },
+        ];
+        for m in &bad {
+            let err = fx.root.replace_file(&["f"], b"", m, &hash(b"")).unwrap_err();
+            assert!(matches!(err, FsError::BadMeta { .. }), "{m:?}: {err}");
+        }
         assert!(fx.root.stat(&["f"]).unwrap().is_none());
         let m = FileMeta {
             mtime_ns: -1_500_000_000,
