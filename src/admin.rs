@@ -93,6 +93,7 @@ impl AdminService {
             error: None,
             rtt_us: None,
             cert_not_after_unix: Some(crate::status::unix_seconds(self.node.cert_not_after())),
+            files: self.node.files().map(|f| f.files_view()),
         };
         let asks = self.transport.peers().map(|peer| {
             let transport = self.transport.clone();
@@ -119,6 +120,7 @@ impl AdminService {
                         error: None,
                         rtt_us: Some(started.elapsed().as_micros() as u64),
                         cert_not_after_unix: (view.get_ref().cert_not_after_unix != 0).then_some(view.get_ref().cert_not_after_unix),
+                        files: view.get_ref().files.as_ref().map(Into::into),
                     },
                     Err(error) => NodeEntry {
                         id: peer,
@@ -128,6 +130,7 @@ impl AdminService {
                         error: Some(error),
                         rtt_us: None,
                         cert_not_after_unix: None,
+                        files: None,
                     },
                 }
             }

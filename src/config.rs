@@ -68,6 +68,15 @@ pub struct RawConfig {
     pub log: RawLog,
     #[serde(default)]
     pub metrics: RawMetrics,
+    #[serde(default)]
+    pub replication: RawReplication,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawReplication {
+    pub debounce_ms: Option<i64>,
+    pub rescan_secs: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -120,6 +129,9 @@ pub struct RawSync {
     #[serde(default)]
     pub skip_while: Vec<String>,
     pub on_change: Option<String>,
+    /// "dir", "file" or absent (decided by what the path is).
+    pub kind: Option<String>,
+    pub max_file_size: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -153,6 +165,7 @@ pub struct Config {
     pub raft: RaftTimers,
     pub tls: TlsPaths,
     pub sync: Vec<SyncSetConfig>,
+    pub replication: ReplicationConfig,
     pub hooks: HooksConfig,
     /// Default log filter when RUST_LOG is not set (e.g. "info").
     pub log_level: String,
@@ -226,7 +239,35 @@ pub struct SyncSetConfig {
     pub exclude: Vec<String>,
     pub skip_while: Vec<String>,
     pub on_change: Option<String>,
+    /// The path is one file (e.g. /etc/aliases), not a directory.
+    pub single_file: bool,
+    /// Larger files are refused (with a logged reason), never half-sent:
+    /// each version is held in memory while it is planned and applied.
+    pub max_file_size: u64,
 }
+
+/// How the leader notices changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplicationConfig {
+    /// Quiet time after a file event before the change is read: editors
+    /// write in several steps, and one read then covers them all.
+    pub debounce: Duration,
+    /// Full rescan period, catching anything the watcher missed (events
+    /// dropped on queue overflow, changes while no leader was watching).
+    pub rescan: Duration,
+}
+
+impl Default for ReplicationConfig {
+    fn default() -> Self {
+        ReplicationConfig {
+            debounce: Duration::from_millis(20),
+            rescan: Duration::from_secs(300),
+        }
+    }
+}
+
+/// Default `sync[].max_file_size`: 4 GiB.
+pub const DEFAULT_MAX_FILE_SIZE: u64 = 4 << 30;
 
 #[derive(Debug, Clone, Default)]
 pub struct HooksConfig {
@@ -315,6 +356,7 @@ pub fn validate(raw: RawConfig, file: &Path) -> Result<Config, ConfigError> {
     let tls = v.tls(raw.tls);
     let sync = v.sync_sets(raw.sync, node.as_ref().is_some_and(|n| n.witness));
     let hooks = v.hooks(raw.hooks);
+    let replication = v.replication(raw.replication);
     let log_level = raw.log.level.unwrap_or_else(|| "info".to_string());
     if let Err(e) = tracing_subscriber::EnvFilter::try_new(&log_level) {
         v.problem(format!("key `log.level` = {log_level:?} is not a valid log filter ({e}); use e.g. \"info\" or \"info,clusterd=debug\""));
@@ -341,6 +383,7 @@ pub fn validate(raw: RawConfig, file: &Path) -> Result<Config, ConfigError> {
             raft,
             tls,
             sync,
+            replication,
             hooks,
             log_level,
             metrics_listen,
@@ -545,6 +588,26 @@ impl Validator {
                     SyncMode::Mirror
                 }
             };
+            let single_file = match s.kind.as_deref() {
+                Some("file") => true,
+                Some("dir") => false,
+                None => path.symlink_metadata().is_ok_and(|m| !m.is_dir()),
+                Some(other) => {
+                    self.problem(format!("key `{key}.kind` = {other:?} of sync set {name:?} must be \"dir\" or \"file\""));
+                    false
+                }
+            };
+            if single_file && path.parent().is_none_or(|p| p.as_os_str().is_empty() || !p.is_dir()) {
+                self.problem(format!("key `{key}.path` = {:?} of sync set {name:?} is a single file, but its directory does not exist; create it", path.display().to_string()));
+            }
+            let max_file_size = match s.max_file_size {
+                None => DEFAULT_MAX_FILE_SIZE,
+                Some(n) if n > 0 => n as u64,
+                Some(n) => {
+                    self.problem(format!("key `{key}.max_file_size` = {n} of sync set {name:?} must be a positive number of bytes"));
+                    DEFAULT_MAX_FILE_SIZE
+                }
+            };
             sets.push(SyncSetConfig {
                 name,
                 path,
@@ -552,9 +615,26 @@ impl Validator {
                 exclude: s.exclude,
                 skip_while: s.skip_while,
                 on_change: s.on_change,
+                single_file,
+                max_file_size,
             });
         }
         sets
+    }
+
+    fn replication(&mut self, r: RawReplication) -> ReplicationConfig {
+        let mut out = ReplicationConfig::default();
+        match r.debounce_ms {
+            None => {}
+            Some(ms) if (1..=60_000).contains(&ms) => out.debounce = Duration::from_millis(ms as u64),
+            Some(ms) => self.problem(format!("key `replication.debounce_ms` = {ms} must be between 1 and 60000")),
+        }
+        match r.rescan_secs {
+            None => {}
+            Some(s) if (1..=86_400).contains(&s) => out.rescan = Duration::from_secs(s as u64),
+            Some(s) => self.problem(format!("key `replication.rescan_secs` = {s} must be between 1 and 86400")),
+        }
+        out
     }
 
     fn hooks(&mut self, h: RawHooks) -> HooksConfig {

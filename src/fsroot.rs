@@ -168,7 +168,7 @@ impl Kind {
     }
 
     /// "a regular file", "a directory", ... for error messages.
-    fn describe(self) -> &'static str {
+    pub fn describe(self) -> &'static str {
         match self {
             Kind::File => "a regular file",
             Kind::Dir => "a directory",
@@ -830,6 +830,55 @@ impl Root {
             path,
             attempts: READ_ATTEMPTS,
         })
+    }
+
+    /// Opens an existing regular file for reading, never through a symlink,
+    /// with its metadata; `None` if it (or a parent) does not exist. For
+    /// callers that read part of a file (the new tail of a log).
+    pub fn open_file<C: AsComponent>(&self, comps: &[C]) -> Result<Option<(File, FileMeta)>, FsError> {
+        let comps = self.check(comps, false)?;
+        let path = show(&comps);
+        let Some((dir, leaf)) = self.open_parent(&comps, None)? else {
+            return Ok(None);
+        };
+        let Some(fd) = self.open_existing(&dir, leaf, &path, Kind::File)? else {
+            return Ok(None);
+        };
+        let st = rfs::fstat(&fd).map_err(|e| self.io_err("stat", path.clone(), e))?;
+        Ok(Some((File::from(fd), FileMeta::from_stat(&st))))
+    }
+
+    /// Appends `tail` to an existing regular file at `offset` (its committed
+    /// length: anything beyond it, such as a torn earlier append, is cut
+    /// first), sets mode/owner/mtime from `meta` and fsyncs. This is the
+    /// `append` sets' trade: the file is extended in place, so a reader may
+    /// see a partial tail while it is written, but a 1 GiB log never has to
+    /// be rewritten for 10 MiB of news. The caller has verified the result's
+    /// hash ([`crate::delta::apply_tail`]) before calling.
+    pub fn append_file<C: AsComponent>(
+        &self,
+        comps: &[C],
+        offset: u64,
+        tail: &[u8],
+        meta: &FileMeta,
+    ) -> Result<(), FsError> {
+        let comps = self.check(comps, false)?;
+        let path = show(&comps);
+        self.check_meta(meta, &path)?;
+        let (dir, leaf) = self.require_parent(&comps)?;
+        let fd = match rfs::openat(&dir, leaf, OFlags::WRONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NOCTTY, Mode::empty()) {
+            Ok(fd) => fd,
+            Err(e) => return Err(self.io_err("open for append", path, e)),
+        };
+        let st = rfs::fstat(&fd).map_err(|e| self.io_err("stat", path.clone(), e))?;
+        if stat_kind(&st) != Kind::File {
+            return Err(self.kind_err(path, stat_kind(&st), Kind::File.describe()));
+        }
+        let file = File::from(fd);
+        file.set_len(offset).map_err(|e| self.io_err("truncate to the committed length", path.clone(), e))?;
+        file.write_all_at(tail, offset).map_err(|e| self.io_err("append to", path.clone(), e))?;
+        self.apply_meta(file.as_fd(), meta, &path)?;
+        file.sync_all().map_err(|e| self.io_err("fsync", path, e))
     }
 
     /// Opens an existing regular file or directory without following a

@@ -7,7 +7,7 @@
 //! blocks on I/O other than its own fsyncs, and on shutdown a leader hands
 //! leadership to a caught-up follower before it exits.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,6 +19,7 @@ use tracing::{error, info, warn, Instrument};
 
 use crate::config::{Config, NodeId};
 use crate::raft_core::{Command, CommittedEntry, CoreError, CoreOptions, NodeView, RaftCore, Role, StateMachine};
+use crate::replica::{Applied, ApplyMsg, Applier, Shared};
 use crate::storage::RaftStore;
 use crate::tls::PeerTls;
 use crate::transport::{LinkEvent, Transport};
@@ -54,6 +55,10 @@ pub enum NodeError {
     Panicked(String),
     #[error("peer server failed: {0}")]
     PeerServer(tonic::transport::Error),
+    #[error(transparent)]
+    Files(#[from] crate::files_store::FilesStoreError),
+    #[error("applying committed file changes failed: {0}; exiting so the service manager restarts the node from its durable state")]
+    Apply(String),
 }
 
 /// Why a request to the node failed, as one sentence for the user.
@@ -96,6 +101,14 @@ impl From<CoreError> for RequestError {
 pub enum NodeMsg {
     /// Authenticated Raft messages from a peer.
     Raft(Vec<Message>),
+    /// Propose file commands in `term` (leader only); reply with the last
+    /// one's index once it is applied here.
+    Propose {
+        term: u64,
+        commands: Vec<Command>,
+        deadline: Instant,
+        reply: oneshot::Sender<Result<u64, RequestError>>,
+    },
     /// Commit a no-op; reply with its index once applied here (leader only).
     Barrier {
         deadline: Instant,
@@ -122,6 +135,8 @@ pub struct NodeHandle {
     started: Instant,
     /// Expiry of this node's certificate, for status, checks and metrics.
     cert_not_after: std::time::SystemTime,
+    /// File replication state, for status and for serving fetches.
+    files: Option<Arc<Shared>>,
 }
 
 impl NodeHandle {
@@ -139,6 +154,23 @@ impl NodeHandle {
 
     pub fn cert_not_after(&self) -> std::time::SystemTime {
         self.cert_not_after
+    }
+
+    pub fn files(&self) -> Option<Arc<Shared>> {
+        self.files.clone()
+    }
+
+    /// Proposes `commands` as the leader of `term`; resolves once the last
+    /// is applied on this node, or fails if the term moved on or it did not
+    /// commit in time.
+    pub async fn propose(&self, term: u64, commands: Vec<Command>, wait: Duration) -> Result<u64, RequestError> {
+        let (reply, rx) = oneshot::channel();
+        let deadline = Instant::now() + wait;
+        self.inbox
+            .send(NodeMsg::Propose { term, commands, deadline, reply })
+            .await
+            .map_err(|_| RequestError::ShuttingDown)?;
+        rx.await.map_err(|_| RequestError::ShuttingDown)?
     }
 
     /// Hands peer messages to the node without waiting; drops them if it is overloaded.
@@ -190,18 +222,27 @@ impl NodeHandle {
     }
 }
 
-/// The state machine until file replication lands: entries carry barriers only.
-struct NoFiles;
+/// A proposal or barrier waiting for its entry to be applied here.
+struct Waiter {
+    /// The term the entry was proposed in: another term at its index means it was lost.
+    term: u64,
+    deadline: Instant,
+    /// Its entry committed with the right term; waiting for the apply.
+    committed: bool,
+    reply: oneshot::Sender<Result<u64, RequestError>>,
+}
 
-impl StateMachine for NoFiles {
+/// Lets [`RaftCore::new`] restore the manifest from a snapshot at start-up,
+/// before the applier thread runs.
+impl StateMachine for Applier {
     fn apply(&mut self, _entry: &CommittedEntry) -> Result<(), CoreError> {
-        Ok(())
+        Err(CoreError::BadEntry("entries are applied by the applier thread".into()))
     }
     fn snapshot_data(&self) -> Vec<u8> {
-        Vec::new()
+        self.snapshot_now().1
     }
-    fn restore(&mut self, _index: u64, _data: &[u8]) -> Result<(), CoreError> {
-        Ok(())
+    fn restore(&mut self, index: u64, data: &[u8]) -> Result<(), CoreError> {
+        self.restore_now(index, data).map_err(CoreError::BadEntry)
     }
 }
 
@@ -219,10 +260,15 @@ struct NodeTask {
     links: mpsc::Receiver<LinkEvent>,
     transport: Transport,
     view: watch::Sender<NodeView>,
-    state: NoFiles,
-    /// Barriers proposed here, by token, waiting to be applied.
-    barriers: HashMap<u64, (Instant, oneshot::Sender<Result<u64, RequestError>>)>,
+    /// Proposals and barriers by the index of their (last) entry.
+    waiters: std::collections::BTreeMap<u64, Waiter>,
     next_token: u64,
+    applier: mpsc::UnboundedSender<ApplyMsg>,
+    applied_rx: mpsc::UnboundedReceiver<Applied>,
+    /// `on_change` runner: sets changed by another node's batch.
+    changed_sets: mpsc::UnboundedSender<String>,
+    /// A compaction snapshot asked of the applier and not yet received.
+    snapshot_rx: Option<oneshot::Receiver<(u64, Vec<u8>)>>,
     transfers: Vec<PendingTransfer>,
     /// Members that vote but must never lead.
     witnesses: BTreeSet<NodeId>,
@@ -235,11 +281,25 @@ impl NodeTask {
         let mut ticker = tokio::time::interval(self.tick);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut handover_until: Option<Instant> = None;
+        let mut ticks: u64 = 0;
         loop {
             tokio::select! {
                 _ = ticker.tick() => {
                     self.core.tick();
                     self.expire_requests();
+                    ticks += 1;
+                    if ticks % 10 == 0 {
+                        let _ = self.applier.send(ApplyMsg::Tick);
+                    }
+                }
+                Some(done) = self.applied_rx.recv() => self.on_applied(done)?,
+                snap = async { self.snapshot_rx.as_mut().expect("guarded").await }, if self.snapshot_rx.is_some() => {
+                    self.snapshot_rx = None;
+                    if let Ok((index, data)) = snap {
+                        if let Err(e) = self.core.compact(index, data) {
+                            warn!(index, "log compaction skipped: {e}");
+                        }
+                    }
                 }
                 Some(msg) = self.inbox.recv() => {
                     self.handle(msg);
@@ -272,8 +332,8 @@ impl NodeTask {
                 }
             }
         }
-        for (_, (_, reply)) in self.barriers.drain() {
-            let _ = reply.send(Err(RequestError::ShuttingDown));
+        for (_, w) in std::mem::take(&mut self.waiters) {
+            let _ = w.reply.send(Err(RequestError::ShuttingDown));
         }
         for t in self.transfers.drain(..) {
             let _ = t.reply.send(Err(RequestError::ShuttingDown));
@@ -319,20 +379,19 @@ impl NodeTask {
             }
             NodeMsg::Barrier { deadline, reply } => {
                 self.next_token += 1;
-                let token = self.next_token;
                 let command = Command::Barrier {
                     origin: self.core.id(),
-                    token,
+                    token: self.next_token,
                 };
-                match self.core.propose(&command) {
-                    Ok(()) => {
-                        self.barriers.insert(token, (deadline, reply));
-                    }
-                    Err(e) => {
-                        let _ = reply.send(Err(e.into()));
-                    }
-                }
+                let term = self.core.term();
+                self.propose_all(term, vec![command], deadline, reply);
             }
+            NodeMsg::Propose {
+                term,
+                commands,
+                deadline,
+                reply,
+            } => self.propose_all(term, commands, deadline, reply),
             NodeMsg::Transfer { target, deadline, reply } => self.begin_transfer(target, deadline, reply),
             NodeMsg::Link(LinkEvent::Unreachable(peer)) => self.core.report_unreachable(peer),
             NodeMsg::Link(LinkEvent::Snapshot(peer, status)) => self.core.report_snapshot(peer, status),
@@ -340,6 +399,46 @@ impl NodeTask {
                 let _ = reply.send(());
             }
         }
+    }
+
+    fn propose_all(&mut self, term: u64, commands: Vec<Command>, deadline: Instant, reply: oneshot::Sender<Result<u64, RequestError>>) {
+        if self.core.term() != term || !self.core.is_leader() {
+            // A deposed leader stops proposing at once (invariant 1).
+            let _ = reply.send(Err(RequestError::NotLeader { leader: self.core.leader() }));
+            return;
+        }
+        for c in &commands {
+            if let Err(e) = self.core.propose(c) {
+                let _ = reply.send(Err(e.into()));
+                return;
+            }
+        }
+        let index = self.core.last_index();
+        self.waiters.insert(index, Waiter { term, deadline, committed: false, reply });
+    }
+
+    fn on_applied(&mut self, done: Applied) -> Result<(), NodeError> {
+        match done {
+            Applied::Index(index) => {
+                self.core.applied_to(index)?;
+                let ready: Vec<u64> = self.waiters.range(..=index).filter(|(_, w)| w.committed).map(|(i, _)| *i).collect();
+                for i in ready {
+                    if let Some(w) = self.waiters.remove(&i) {
+                        let _ = w.reply.send(Ok(i));
+                    }
+                }
+                if self.snapshot_rx.is_none() && self.core.compaction_due() {
+                    let (tx, rx) = oneshot::channel();
+                    let _ = self.applier.send(ApplyMsg::Snapshot(tx));
+                    self.snapshot_rx = Some(rx);
+                }
+            }
+            Applied::SetChanged(set) => {
+                let _ = self.changed_sets.send(set);
+            }
+            Applied::Failed(why) => return Err(NodeError::Apply(why)),
+        }
+        Ok(())
     }
 
     fn begin_transfer(&mut self, target: NodeId, deadline: Instant, reply: oneshot::Sender<Result<(), RequestError>>) {
@@ -421,16 +520,11 @@ impl NodeTask {
 
     fn expire_requests(&mut self) {
         let now = Instant::now();
-        let expired: Vec<u64> = self
-            .barriers
-            .iter()
-            .filter(|(_, (deadline, _))| *deadline <= now)
-            .map(|(t, _)| *t)
-            .collect();
-        for token in expired {
-            if let Some((_, reply)) = self.barriers.remove(&token) {
-                let _ = reply.send(Err(RequestError::TimedOut(
-                    "the barrier was not committed in time; is a majority reachable?".to_string(),
+        let expired: Vec<u64> = self.waiters.iter().filter(|(_, w)| w.deadline <= now).map(|(i, _)| *i).collect();
+        for index in expired {
+            if let Some(w) = self.waiters.remove(&index) {
+                let _ = w.reply.send(Err(RequestError::TimedOut(
+                    "the entry was not committed and applied in time; is a majority reachable?".to_string(),
                 )));
             }
         }
@@ -457,27 +551,35 @@ impl NodeTask {
     }
 
     fn ready_once(&mut self) -> Result<(), NodeError> {
-        let out = self.core.handle_ready(&mut self.state)?;
+        let out = self.core.handle_ready_deferred()?;
         for peer in self.transport.send(out.messages) {
             self.core.report_snapshot(peer, raft::SnapshotStatus::Failure);
         }
-        let me = self.core.id();
+        if let Some((index, data)) = out.snapshot {
+            let _ = self.applier.send(ApplyMsg::Restore(index, data));
+        }
         for entry in &out.applied {
-            if let Some(Command::Barrier { origin, token }) = entry.command {
-                if origin == me {
-                    if let Some((_, reply)) = self.barriers.remove(&token) {
-                        let _ = reply.send(Ok(entry.index));
-                    }
+            if let Some(w) = self.waiters.get_mut(&entry.index) {
+                if w.term == entry.term {
+                    w.committed = true;
+                } else if let Some(w) = self.waiters.remove(&entry.index) {
+                    let _ = w.reply.send(Err(RequestError::NotLeader { leader: self.core.leader() }));
                 }
             }
+        }
+        if let Some(last) = out.applied.last() {
+            let _ = self.applier.send(ApplyMsg::Committed(last.index));
         }
         if let Some(change) = out.role_change {
             info!(term = change.term, role = change.role.as_str(), leader = ?change.leader, "role or leader changed");
             if change.role != Role::Leader {
-                // A deposed leader's pending barriers may still commit under the new
+                // A deposed leader's pending entries may still commit under the new
                 // leader, but this node can no longer tell: let the callers retry.
-                for (_, (_, reply)) in self.barriers.drain() {
-                    let _ = reply.send(Err(RequestError::NotLeader { leader: change.leader }));
+                let pending: Vec<u64> = self.waiters.iter().filter(|(_, w)| !w.committed).map(|(i, _)| *i).collect();
+                for i in pending {
+                    if let Some(w) = self.waiters.remove(&i) {
+                        let _ = w.reply.send(Err(RequestError::NotLeader { leader: change.leader }));
+                    }
                 }
             }
         }
@@ -567,8 +669,10 @@ async fn run_inner(config: Config, shutdown: impl std::future::Future<Output = (
         ..CoreOptions::default()
     };
     let logger = crate::logging::raft_logger(id);
-    let mut state = NoFiles;
-    let core = RaftCore::new(id, &config.raft, store, options, &logger, &mut state)?;
+    let shared = crate::replica::open_shared(&config)?;
+    let (applied_tx, applied_rx) = mpsc::unbounded_channel();
+    let mut applier = Applier::new(shared.clone(), store.clone(), applied_tx);
+    let core = RaftCore::new(id, &config.raft, store, options, &logger, &mut applier)?;
     let initial = core.view();
     info!(term = initial.term, vote = initial.vote, commit = initial.commit_index, applied = initial.applied_index, "starting node {id} of cluster [{}]", join_ids(&voters));
 
@@ -597,7 +701,18 @@ async fn run_inner(config: Config, shutdown: impl std::future::Future<Output = (
         view: view_rx,
         started: Instant::now(),
         cert_not_after,
+        files: Some(shared.clone()),
     };
+    let (apply_tx, apply_rx) = mpsc::unbounded_channel();
+    let applier_thread = std::thread::Builder::new()
+        .name("clusterd-apply".into())
+        .spawn({
+            let span = tracing::Span::current();
+            move || span.in_scope(|| applier.run(apply_rx))
+        })
+        .expect("spawn the applier thread");
+    let (changed_tx, changed_rx) = mpsc::unbounded_channel();
+    tokio::spawn(crate::replica::run_on_change(shared.clone(), changed_rx).in_current_span());
 
     let task = NodeTask {
         core,
@@ -605,9 +720,12 @@ async fn run_inner(config: Config, shutdown: impl std::future::Future<Output = (
         links: link_rx,
         transport: transport.clone(),
         view: view_tx,
-        state,
-        barriers: HashMap::new(),
+        waiters: std::collections::BTreeMap::new(),
         next_token: rand::random::<u64>() >> 16,
+        applier: apply_tx.clone(),
+        applied_rx,
+        changed_sets: changed_tx,
+        snapshot_rx: None,
         transfers: Vec::new(),
         witnesses: config
             .peers
@@ -632,6 +750,16 @@ async fn run_inner(config: Config, shutdown: impl std::future::Future<Output = (
     let mut peer_server = tokio::spawn(
         crate::peer::serve(incoming, handle.clone(), stopped(servers_stop_rx.clone())).in_current_span(),
     );
+    tokio::spawn(
+        crate::source::Source::new(shared.clone(), handle.clone(), config.replication)
+            .run(servers_stop_rx.clone())
+            .in_current_span(),
+    );
+    tokio::spawn(
+        crate::fetch::run_fetcher(shared.clone(), handle.clone(), transport.clone(), apply_tx.clone(), servers_stop_rx.clone())
+            .in_current_span(),
+    );
+    drop(apply_tx);
     let admin = crate::admin::AdminService::new(handle.clone(), transport);
     let admin_server = tokio::spawn(admin.serve(admin_listener, stopped(servers_stop_rx.clone())).in_current_span());
     let systemd = tokio::spawn(crate::systemd::supervise(handle.clone(), servers_stop_rx.clone()).in_current_span());
@@ -667,5 +795,8 @@ async fn run_inner(config: Config, shutdown: impl std::future::Future<Output = (
     let _ = tokio::time::timeout(Duration::from_secs(2), admin_server).await;
     let _ = tokio::time::timeout(Duration::from_secs(1), systemd).await;
     let _ = std::fs::remove_file(&config.node.admin_socket);
+    // The node task held the last sender: the applier finishes its current
+    // page and stops.
+    let _ = tokio::task::spawn_blocking(move || applier_thread.join()).await;
     result
 }

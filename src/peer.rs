@@ -246,6 +246,21 @@ fn wait_of(ms: u64) -> Duration {
 
 #[tonic::async_trait]
 impl Peer for PeerService {
+    type FetchStream = futures::stream::Iter<std::vec::IntoIter<Result<crate::proto::peer::FetchChunk, Status>>>;
+
+    async fn fetch(&self, req: Request<crate::proto::peer::FetchRequest>) -> Result<Response<Self::FetchStream>, Status> {
+        let who = identity(&req)?;
+        let Some(files) = self.node.files() else {
+            return Err(Status::not_found("this node holds no sync sets"));
+        };
+        let r = req.into_inner();
+        let chunks = tokio::task::spawn_blocking(move || crate::fetch::serve(&files, &r))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .inspect_err(|e| tracing::debug!(peer = who.node_id, "fetch refused: {}", e.message()))?;
+        Ok(Response::new(futures::stream::iter(chunks.into_iter().map(Ok).collect::<Vec<_>>())))
+    }
+
     async fn raft(&self, req: Request<RaftBatch>) -> Result<Response<RaftAck>, Status> {
         let who = identity(&req)?;
         let batch = req.into_inner();
@@ -280,6 +295,7 @@ impl Peer for PeerService {
         let mut view: NodeView = (&self.node.view()).into();
         view.uptime_ms = self.node.uptime().as_millis() as u64;
         view.cert_not_after_unix = crate::status::unix_seconds(self.node.cert_not_after());
+        view.files = self.node.files().map(|f| (&f.files_view()).into());
         Ok(Response::new(view))
     }
 

@@ -2,7 +2,7 @@
 //! core's types, so protobuf never leaks past the service edges.
 
 use crate::raft_core::{NodeView, PeerProgress, Role};
-use crate::status::{ClusterStatus, NodeEntry};
+use crate::status::{ClusterStatus, FilesView, NodeEntry, SetView};
 
 /// Generated code, nested as the protobuf packages are, since the admin
 /// package refers to the peer package by its relative path.
@@ -60,6 +60,7 @@ impl From<&NodeView> for peer::NodeView {
             version: env!("CARGO_PKG_VERSION").to_string(),
             uptime_ms: 0,
             cert_not_after_unix: 0,
+            files: None,
         }
     }
 }
@@ -100,7 +101,11 @@ impl From<&ClusterStatus> for admin::ClusterStatus {
                     id: n.id,
                     reachable: n.reachable,
                     addr: n.addr.clone(),
-                    view: n.view.as_ref().map(Into::into),
+                    view: n.view.as_ref().map(|v| {
+                        let mut pv: peer::NodeView = v.into();
+                        pv.files = n.files.as_ref().map(Into::into);
+                        pv
+                    }),
                     error: n.error.clone().unwrap_or_default(),
                     rtt_us: n.rtt_us.unwrap_or(0),
                     cert_not_after_unix: n.cert_not_after_unix.unwrap_or(0),
@@ -125,6 +130,7 @@ impl From<&admin::ClusterStatus> for ClusterStatus {
                     error: (!n.error.is_empty()).then(|| n.error.clone()),
                     rtt_us: (n.rtt_us != 0).then_some(n.rtt_us),
                     cert_not_after_unix: (n.cert_not_after_unix != 0).then_some(n.cert_not_after_unix),
+                    files: n.view.as_ref().and_then(|v| v.files.as_ref()).map(Into::into),
                 })
                 .collect(),
         }
@@ -140,4 +146,63 @@ pub fn encode_raft_message(m: &raft::prelude::Message) -> Vec<u8> {
 pub fn decode_raft_message(bytes: &[u8]) -> Result<raft::prelude::Message, protobuf::ProtobufError> {
     use protobuf::Message as _;
     raft::prelude::Message::parse_from_bytes(bytes)
+}
+
+impl From<&FilesView> for peer::FilesStatus {
+    fn from(f: &FilesView) -> Self {
+        peer::FilesStatus {
+            sets: f
+                .sets
+                .iter()
+                .map(|s| peer::SetStatus {
+                    name: s.name.clone(),
+                    files: s.files,
+                    bytes: s.bytes,
+                    applied_index: s.applied_index,
+                    seq: s.seq,
+                    committed_bytes: s.committed_bytes,
+                    missing: s.missing,
+                    last_error: s.last_error.clone().unwrap_or_default(),
+                    refused: s.refused,
+                    skipping: s.skipping,
+                    recent_seq: s.recent.iter().map(|r| r.0).collect(),
+                    recent_at_ms: s.recent.iter().map(|r| r.1).collect(),
+                })
+                .collect(),
+            bytes_proposed: f.bytes_proposed,
+            bytes_saved: f.bytes_saved,
+            bytes_fetched: f.bytes_fetched,
+            quarantined: f.quarantined,
+            on_change_failures: f.on_change_failures,
+        }
+    }
+}
+
+impl From<&peer::FilesStatus> for FilesView {
+    fn from(f: &peer::FilesStatus) -> Self {
+        FilesView {
+            sets: f
+                .sets
+                .iter()
+                .map(|s| SetView {
+                    name: s.name.clone(),
+                    files: s.files,
+                    bytes: s.bytes,
+                    applied_index: s.applied_index,
+                    seq: s.seq,
+                    committed_bytes: s.committed_bytes,
+                    missing: s.missing,
+                    last_error: (!s.last_error.is_empty()).then(|| s.last_error.clone()),
+                    refused: s.refused,
+                    skipping: s.skipping,
+                    recent: s.recent_seq.iter().copied().zip(s.recent_at_ms.iter().copied()).collect(),
+                })
+                .collect(),
+            bytes_proposed: f.bytes_proposed,
+            bytes_saved: f.bytes_saved,
+            bytes_fetched: f.bytes_fetched,
+            quarantined: f.quarantined,
+            on_change_failures: f.on_change_failures,
+        }
+    }
 }

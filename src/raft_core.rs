@@ -14,6 +14,7 @@ use raft::prelude::*;
 use raft::{GetEntriesContext, RawNode, StateRole, Storage};
 
 use crate::config::{NodeId, RaftTimers};
+use crate::manifest::{Chunk, FileBatch};
 
 /// Durable storage the core needs beyond `raft::Storage`'s read side.
 /// Every method returns only once what it wrote is durable (fsync'd).
@@ -57,10 +58,16 @@ pub trait StateMachine {
 pub enum Command {
     /// A no-op that proves the cluster can commit; `token` lets the proposer find it.
     Barrier { origin: NodeId, token: u64 },
+    /// Changes to one sync set, visible together.
+    Files(FileBatch),
+    /// A piece of a large patch that a later `Files` batch refers to.
+    Chunk(Chunk),
 }
 
 const COMMAND_FORMAT_V1: u8 = 1;
 const KIND_BARRIER: u8 = 1;
+const KIND_FILES: u8 = 2;
+const KIND_CHUNK: u8 = 3;
 
 impl Command {
     pub fn encode(&self) -> Vec<u8> {
@@ -73,6 +80,16 @@ impl Command {
                 out.extend_from_slice(&token.to_be_bytes());
                 out
             }
+            Command::Files(batch) => {
+                let mut out = vec![COMMAND_FORMAT_V1, KIND_FILES];
+                out.extend(crate::manifest::encode_batch(batch));
+                out
+            }
+            Command::Chunk(chunk) => {
+                let mut out = vec![COMMAND_FORMAT_V1, KIND_CHUNK];
+                out.extend(crate::manifest::encode_chunk(chunk));
+                out
+            }
         }
     }
 
@@ -82,6 +99,12 @@ impl Command {
                 origin: u64::from_be_bytes(rest[..8].try_into().expect("8 bytes")),
                 token: u64::from_be_bytes(rest[8..].try_into().expect("8 bytes")),
             }),
+            [COMMAND_FORMAT_V1, KIND_FILES, rest @ ..] => crate::manifest::decode_batch(rest)
+                .map(Command::Files)
+                .map_err(|e| CoreError::BadEntry(e.to_string())),
+            [COMMAND_FORMAT_V1, KIND_CHUNK, rest @ ..] => crate::manifest::decode_chunk(rest)
+                .map(Command::Chunk)
+                .map_err(|e| CoreError::BadEntry(e.to_string())),
             [version, kind, ..] => Err(CoreError::BadEntry(format!(
                 "unknown command (format {version}, kind {kind}, {} bytes); is a newer clusterd leading?",
                 bytes.len()
@@ -164,8 +187,13 @@ pub struct RoleChange {
 pub struct CoreOutput {
     /// Messages to send; their state is already durable.
     pub messages: Vec<Message>,
-    /// Entries applied in this round, in order.
+    /// Entries applied in this round, in order (by [`RaftCore::handle_ready`]),
+    /// or committed and waiting for the shell to apply them (by
+    /// [`RaftCore::handle_ready_deferred`]).
     pub applied: Vec<CommittedEntry>,
+    /// A snapshot installed in the log; with deferred apply, the shell must
+    /// restore its state machine from it before applying `applied`.
+    pub snapshot: Option<(u64, Vec<u8>)>,
     pub role_change: Option<RoleChange>,
 }
 
@@ -404,39 +432,58 @@ impl<S: LogStore> RaftCore<S> {
     }
 
     /// Handles everything raft-rs has ready, in the documented order:
-    /// persist (snapshot, entries, hard state), then send, then apply, then advance.
+    /// persist (snapshot, entries, hard state), then send, then apply, then
+    /// advance. Applies synchronously to `sm` (the simulation tests' way).
     pub fn handle_ready(&mut self, sm: &mut impl StateMachine) -> Result<CoreOutput, CoreError> {
+        let mut out = self.handle_ready_deferred()?;
+        if let Some((index, data)) = &out.snapshot {
+            sm.restore(*index, data)?;
+            self.applied_to(*index)?;
+        }
+        for entry in &out.applied {
+            sm.apply(entry)?;
+        }
+        if let Some(last) = out.applied.last() {
+            self.applied_to(last.index)?;
+        }
+        if self.compaction_due() {
+            self.compact(self.raw.raft.raft_log.applied, sm.snapshot_data())?;
+        }
+        out.snapshot = None;
+        Ok(out)
+    }
+
+    /// As [`RaftCore::handle_ready`] up to the apply step, which is left to
+    /// the shell: committed entries (and an installed snapshot) are handed
+    /// out once, in order, and the shell reports progress with
+    /// [`RaftCore::applied_to`]. This keeps slow applies (writing a large file
+    /// on a follower) from stalling heartbeats; the entries are durable in the
+    /// log, so a crash before they are applied replays them.
+    pub fn handle_ready_deferred(&mut self) -> Result<CoreOutput, CoreError> {
         let mut out = CoreOutput::default();
         if self.raw.has_ready() {
             let mut ready = self.raw.ready();
             let store = self.raw.store();
-
             if !ready.snapshot().is_empty() {
                 let snapshot = ready.snapshot().clone();
                 store.apply_snapshot(&snapshot).map_err(storage_err)?;
-                sm.restore(snapshot.get_metadata().index, snapshot.get_data())?;
-                store.set_applied(snapshot.get_metadata().index).map_err(storage_err)?;
+                out.snapshot = Some((snapshot.get_metadata().index, snapshot.get_data().to_vec()));
             }
             let hard_state = ready.hs().cloned();
             if !ready.entries().is_empty() || hard_state.is_some() {
                 store.persist(ready.entries(), hard_state.as_ref()).map_err(storage_err)?;
             }
-
             out.messages.extend(ready.take_messages());
             out.messages.extend(ready.take_persisted_messages());
-
             let committed = ready.take_committed_entries();
-            self.apply(committed, sm, &mut out.applied)?;
-
-            let mut light = self.raw.advance(ready);
+            Self::decode_committed(committed, &mut out.applied)?;
+            let mut light = self.raw.advance_append(ready);
             if let Some(commit) = light.commit_index() {
                 self.raw.store().set_commit(commit).map_err(storage_err)?;
             }
             out.messages.extend(light.take_messages());
             let committed = light.take_committed_entries();
-            self.apply(committed, sm, &mut out.applied)?;
-            self.raw.advance_apply();
-            self.maybe_compact(sm)?;
+            Self::decode_committed(committed, &mut out.applied)?;
         }
         let now = RoleChange {
             role: self.view().role,
@@ -450,15 +497,33 @@ impl<S: LogStore> RaftCore<S> {
         Ok(out)
     }
 
-    fn apply(
-        &mut self,
-        entries: Vec<Entry>,
-        sm: &mut impl StateMachine,
-        applied: &mut Vec<CommittedEntry>,
-    ) -> Result<(), CoreError> {
-        let Some(last) = entries.last().map(|e| e.index) else {
+    /// Records that the state machine has applied everything up to `index`
+    /// (durably, in its own store); raft-rs hands out nothing twice.
+    pub fn applied_to(&mut self, index: u64) -> Result<(), CoreError> {
+        if index <= self.raw.raft.raft_log.applied {
             return Ok(());
-        };
+        }
+        self.raw.advance_apply_to(index);
+        self.raw.store().set_applied(index).map_err(storage_err)
+    }
+
+    /// Whether enough applied entries sit in the log to compact it.
+    pub fn compaction_due(&self) -> bool {
+        let applied = self.raw.raft.raft_log.applied;
+        let first = self.raw.raft.raft_log.first_index();
+        applied >= first + self.options.compact_after
+    }
+
+    /// Drops the log up to `index`, keeping `data` (the state machine's bytes
+    /// at exactly `index`, which must be applied) as the snapshot that
+    /// followers behind it receive.
+    pub fn compact(&mut self, index: u64, data: Vec<u8>) -> Result<(), CoreError> {
+        // The snapshot must stand for exactly the index it is stored at, since
+        // a follower restoring it replays the entries after it.
+        self.raw.store().compact(index, data).map_err(storage_err)
+    }
+
+    fn decode_committed(entries: Vec<Entry>, out: &mut Vec<CommittedEntry>) -> Result<(), CoreError> {
         for entry in entries {
             let command = match entry.get_entry_type() {
                 EntryType::EntryNormal if entry.data.is_empty() => None,
@@ -471,32 +536,12 @@ impl<S: LogStore> RaftCore<S> {
                     )))
                 }
             };
-            let committed = CommittedEntry {
+            out.push(CommittedEntry {
                 index: entry.index,
                 term: entry.term,
                 command,
-            };
-            sm.apply(&committed)?;
-            applied.push(committed);
+            });
         }
-        self.raw.store().set_applied(last).map_err(storage_err)?;
-        Ok(())
-    }
-
-    fn maybe_compact(&mut self, sm: &impl StateMachine) -> Result<(), CoreError> {
-        let applied = self.raw.raft.raft_log.applied;
-        let first = self.raw.raft.raft_log.first_index();
-        if applied < first + self.options.compact_after {
-            return Ok(());
-        }
-        // The snapshot must stand for exactly the index it is stored at, since
-        // a follower restoring it replays the entries after it: so compact at
-        // `applied`, the index the state machine's bytes describe. A follower
-        // behind that point catches up by snapshot.
-        self.raw
-            .store()
-            .compact(applied, sm.snapshot_data())
-            .map_err(storage_err)?;
         Ok(())
     }
 

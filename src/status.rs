@@ -31,6 +31,69 @@ pub struct NodeEntry {
     pub rtt_us: Option<u64>,
     /// When the node's certificate expires (seconds since 1970).
     pub cert_not_after_unix: Option<u64>,
+    /// Its file replication state (absent from nodes that did not say).
+    pub files: Option<FilesView>,
+}
+
+/// One node's file replication state, as it reports it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FilesView {
+    pub sets: Vec<SetView>,
+    pub bytes_proposed: u64,
+    pub bytes_saved: u64,
+    pub bytes_fetched: u64,
+    pub quarantined: u64,
+    pub on_change_failures: u64,
+}
+
+/// One sync set on one node.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SetView {
+    pub name: String,
+    pub files: u64,
+    pub bytes: u64,
+    /// Raft index of the last batch of this set applied here.
+    pub applied_index: u64,
+    /// Batches of this set applied here.
+    pub seq: u64,
+    /// Patch bytes of those batches.
+    pub committed_bytes: u64,
+    /// Files whose committed content this node still has to fetch.
+    pub missing: u64,
+    pub last_error: Option<String>,
+    pub refused: u64,
+    pub skipping: bool,
+    /// `(seq, proposed_at_ms)` of recent batches (for lag in seconds).
+    pub recent: Vec<(u64, u64)>,
+}
+
+/// How far one node's copy of a set is behind the leader's.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SetLag {
+    pub batches: u64,
+    pub bytes: u64,
+    pub seconds: f64,
+}
+
+/// The lag of `node`'s set against the leader's, at `now_ms`.
+pub fn set_lag(leader: &SetView, node: &SetView, now_ms: u64) -> SetLag {
+    let batches = leader.seq.saturating_sub(node.seq);
+    let seconds = if batches == 0 {
+        0.0
+    } else {
+        let since = leader
+            .recent
+            .iter()
+            .find(|(s, _)| *s > node.seq)
+            .or(leader.recent.first())
+            .map_or(now_ms, |(_, at)| *at);
+        now_ms.saturating_sub(since) as f64 / 1000.0
+    };
+    SetLag {
+        batches,
+        bytes: leader.committed_bytes.saturating_sub(node.committed_bytes),
+        seconds,
+    }
 }
 
 /// Seconds since 1970 (0 for times before it).
@@ -73,6 +136,45 @@ impl ClusterStatus {
             .map(|l| l.commit_index.saturating_sub(node.applied_index))
     }
 
+    fn leader_files(&self) -> Option<&FilesView> {
+        let leader = self.leader()?;
+        self.nodes.iter().find(|n| n.id == leader)?.files.as_ref()
+    }
+
+    /// Per-set JSON of one node, with lag against the leader.
+    fn sets_json(&self, n: &NodeEntry, lag_entries: Option<u64>) -> Value {
+        let Some(files) = &n.files else { return Value::Null };
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let leader = self.leader_files();
+        let sets: Vec<Value> = files
+            .sets
+            .iter()
+            .map(|s| {
+                let lag = leader
+                    .and_then(|l| l.sets.iter().find(|x| x.name == s.name))
+                    .map(|l| set_lag(l, s, now_ms));
+                json!({
+                    "name": s.name,
+                    "files": s.files,
+                    "bytes": s.bytes,
+                    "applied_index": s.applied_index,
+                    "seq": s.seq,
+                    "lag_entries": lag.map(|l| if l.batches == 0 { 0 } else { lag_entries.unwrap_or(l.batches) }),
+                    "lag_batches": lag.map(|l| l.batches),
+                    "lag_bytes": lag.map(|l| l.bytes),
+                    "lag_seconds": lag.map(|l| l.seconds),
+                    "missing": s.missing,
+                    "refused": s.refused,
+                    "skipping": s.skipping,
+                    "last_error": s.last_error,
+                })
+            })
+            .collect();
+        Value::Array(sets)
+    }
+
     /// The leader's view of how far `id` has replicated.
     fn match_index(&self, id: NodeId) -> Option<u64> {
         self.leader_view()?
@@ -104,6 +206,12 @@ impl ClusterStatus {
                     "addr": n.addr,
                     "rtt_us": n.rtt_us,
                     "cert_expires_unix": n.cert_not_after_unix,
+                    "sets": self.sets_json(n, self.lag_entries(v)),
+                    "bytes_proposed": n.files.as_ref().map(|f| f.bytes_proposed),
+                    "bytes_saved": n.files.as_ref().map(|f| f.bytes_saved),
+                    "bytes_fetched": n.files.as_ref().map(|f| f.bytes_fetched),
+                    "quarantined": n.files.as_ref().map(|f| f.quarantined),
+                    "on_change_failures": n.files.as_ref().map(|f| f.on_change_failures),
                 }),
                 None => json!({
                     "id": n.id,
@@ -180,7 +288,50 @@ impl ClusterStatus {
             out.push_str(line.join("  ").trim_end());
             out.push('\n');
         }
+        self.sets_table(&mut out);
         out
+    }
+
+    fn sets_table(&self, out: &mut String) {
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let leader = self.leader_files();
+        let mut rows: Vec<[String; 7]> = Vec::new();
+        for n in &self.nodes {
+            let Some(files) = &n.files else { continue };
+            for s in &files.sets {
+                let lag = leader
+                    .and_then(|l| l.sets.iter().find(|x| x.name == s.name))
+                    .map(|l| set_lag(l, s, now_ms));
+                let state = match (&s.last_error, s.skipping, s.missing) {
+                    (_, true, _) => "waiting for skip_while marker".to_string(),
+                    (_, _, m) if m > 0 => format!("{m} file(s) to fetch"),
+                    (Some(e), _, _) => e.clone(),
+                    _ => "ok".to_string(),
+                };
+                rows.push([
+                    n.id.to_string(),
+                    s.name.clone(),
+                    s.files.to_string(),
+                    s.bytes.to_string(),
+                    lag.map_or("-".into(), |l| l.batches.to_string()),
+                    lag.map_or("-".into(), |l| format!("{:.1}s", l.seconds)),
+                    state,
+                ]);
+            }
+        }
+        if rows.is_empty() {
+            return;
+        }
+        rows.insert(0, ["NODE", "SET", "FILES", "BYTES", "BEHIND", "LAG", "STATE"].map(str::to_string));
+        out.push('\n');
+        let widths: Vec<usize> = (0..7).map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0)).collect();
+        for r in rows {
+            let line: Vec<String> = r.iter().enumerate().map(|(c, cell)| format!("{cell:<w$}", w = widths[c])).collect();
+            out.push_str(line.join("  ").trim_end());
+            out.push('\n');
+        }
     }
 }
 
@@ -332,9 +483,9 @@ mod tests {
         ClusterStatus {
             node_id: 2,
             nodes: vec![
-                NodeEntry { id: 1, addr: "10.0.0.1:7700".into(), reachable: true, view: Some(view(1, Role::Leader, 120)), error: None, rtt_us: Some(300), cert_not_after_unix: Some(NOW + 400 * 86_400) },
-                NodeEntry { id: 2, addr: String::new(), reachable: true, view: Some(view(2, Role::Follower, 100)), error: None, rtt_us: None, cert_not_after_unix: Some(NOW + 300 * 86_400) },
-                NodeEntry { id: 3, addr: "10.0.0.3:7700".into(), reachable: false, view: None, error: Some("connection refused".into()), rtt_us: None, cert_not_after_unix: None },
+                NodeEntry { id: 1, addr: "10.0.0.1:7700".into(), reachable: true, view: Some(view(1, Role::Leader, 120)), error: None, rtt_us: Some(300), cert_not_after_unix: Some(NOW + 400 * 86_400), files: None },
+                NodeEntry { id: 2, addr: String::new(), reachable: true, view: Some(view(2, Role::Follower, 100)), error: None, rtt_us: None, cert_not_after_unix: Some(NOW + 300 * 86_400), files: None },
+                NodeEntry { id: 3, addr: "10.0.0.3:7700".into(), reachable: false, view: None, error: Some("connection refused".into()), rtt_us: None, cert_not_after_unix: None, files: None },
             ],
         }
     }

@@ -1,0 +1,164 @@
+//! Catch-up outside the log: a node whose tree lacks the committed version
+//! of a file (after a snapshot, a skipped set, a delta whose base it did
+//! not have, a failed write) asks a peer for exactly that version, as a
+//! patch against what it holds. Both halves live here: the server side
+//! (answering `Fetch`) and the fetcher task.
+//!
+//! Invariant owned here: a peer serves a version only if its own file is
+//! byte-for-byte the requested committed digest, and the fetching node hands
+//! the patch to the applier, which verifies it again and applies it only if
+//! that digest is still what the manifest wants (invariant 1).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tonic::Status;
+use tracing::debug;
+
+use crate::config::NodeId;
+use crate::delta::{self, BlockSignature, FileDigest};
+use crate::manifest::CHUNK_LEN;
+use crate::paths::SetPath;
+use crate::proto::peer::{FetchChunk, FetchRequest};
+use crate::replica::{ApplyMsg, Fetched, Shared};
+use crate::transport::Transport;
+
+/// Missing paths asked for per round.
+const FETCH_BATCH: usize = 64;
+/// Deadline of one fetch call.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The server half: the committed version of a file as patch pieces.
+pub fn serve(shared: &Shared, req: &FetchRequest) -> Result<Vec<FetchChunk>, Status> {
+    let set = shared
+        .set(&req.set)
+        .ok_or_else(|| Status::not_found(format!("this node does not replicate sync set {:?}", req.set)))?;
+    let path = SetPath::from_network(&req.path).map_err(|e| Status::invalid_argument(e.to_string()))?;
+    if !set.holds(&path, false) {
+        return Err(Status::invalid_argument(format!("{path} is not part of sync set {:?}", req.set)));
+    }
+    let want: [u8; FileDigest::ENCODED_LEN] = req
+        .digest
+        .as_slice()
+        .try_into()
+        .map_err(|_| Status::invalid_argument("digest must be 40 bytes"))?;
+    let want = FileDigest::from_bytes(&want);
+    if want.len > set.max_file_size {
+        return Err(Status::invalid_argument("larger than the set's max_file_size"));
+    }
+    let root = set.open_root().map_err(|e| Status::unavailable(e.to_string()))?;
+    let comps: Vec<&[u8]> = path.components().collect();
+    let (data, _) = root
+        .read_file(&comps, set.max_file_size)
+        .map_err(|e| Status::unavailable(e.to_string()))?
+        .ok_or_else(|| Status::failed_precondition(format!("this node has no {path}")))?;
+    if delta::digest(&data) != want {
+        return Err(Status::failed_precondition(format!("this node's {path} is not the requested version")));
+    }
+    let patch = match BlockSignature::from_bytes(&req.signature) {
+        Ok(sig) if !req.signature.is_empty() => delta::plan_with_signature(&sig, &data).0,
+        _ => delta::plan(None, &data).0,
+    };
+    Ok(patch
+        .encode()
+        .chunks(CHUNK_LEN)
+        .map(|c| FetchChunk { data: c.to_vec() })
+        .collect())
+}
+
+/// The fetcher task: brings missing paths from peers, leader first.
+pub async fn run_fetcher(
+    shared: Arc<Shared>,
+    node: crate::node::NodeHandle,
+    transport: Transport,
+    applier: mpsc::UnboundedSender<ApplyMsg>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = shared.fetch_wakeup.notified() => {}
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = stop.changed() => return,
+        }
+        let wanted: Vec<((String, SetPath), FileDigest)> = shared
+            .missing
+            .lock()
+            .unwrap()
+            .iter()
+            .take(FETCH_BATCH)
+            .map(|(k, d)| (k.clone(), d.get()))
+            .collect();
+        if wanted.is_empty() {
+            continue;
+        }
+        let view = node.view();
+        let mut order: Vec<NodeId> = transport.peers().collect();
+        order.sort_by_key(|p| (Some(*p) != view.leader, *p));
+        for ((set, path), want) in wanted {
+            let sig = {
+                let s = shared.clone();
+                let (set, path) = (set.clone(), path.clone());
+                tokio::task::spawn_blocking(move || local_signature(&s, &set, &path)).await.unwrap_or_default()
+            };
+            for &peer in &order {
+                match fetch_one(&transport, peer, &set, &path, &want, &sig).await {
+                    Ok(patch) => {
+                        let _ = applier.send(ApplyMsg::Fetched(Fetched {
+                            set: set.clone(),
+                            path: path.clone(),
+                            want,
+                            patch,
+                        }));
+                        break;
+                    }
+                    Err(e) => debug!(peer, set = %set, path = %path, "fetch from node {peer} failed: {e}"),
+                }
+            }
+        }
+        // Give the applier a moment before asking again for the same paths.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn local_signature(shared: &Shared, set: &str, path: &SetPath) -> Vec<u8> {
+    let Some(rt) = shared.set(set) else { return Vec::new() };
+    let Ok(root) = rt.open_root() else { return Vec::new() };
+    let comps: Vec<&[u8]> = path.components().collect();
+    match root.read_file(&comps, rt.max_file_size) {
+        Ok(Some((data, _))) if data.len() >= delta::SMALL_FILE_LEN => BlockSignature::compute(&data).to_bytes(),
+        _ => Vec::new(),
+    }
+}
+
+async fn fetch_one(
+    transport: &Transport,
+    peer: NodeId,
+    set: &str,
+    path: &SetPath,
+    want: &FileDigest,
+    signature: &[u8],
+) -> Result<Vec<u8>, String> {
+    let mut client = transport.client(peer).ok_or("no link")?;
+    let mut req = tonic::Request::new(FetchRequest {
+        set: set.to_string(),
+        path: path.as_bytes().to_vec(),
+        digest: want.to_bytes().to_vec(),
+        signature: signature.to_vec(),
+    });
+    req.set_timeout(FETCH_TIMEOUT);
+    let call = async {
+        let mut stream = client.fetch(req).await.map_err(|s| s.message().to_string())?.into_inner();
+        let mut out = Vec::new();
+        while let Some(chunk) = stream.message().await.map_err(|s| s.message().to_string())? {
+            out.extend_from_slice(&chunk.data);
+            // Bound what a peer can make us hold: a patch is never much larger
+            // than the file (zstd of incompressible data adds a little).
+            if out.len() as u64 > want.len + want.len / 8 + (1 << 20) {
+                return Err("the patch is larger than the file could need".to_string());
+            }
+        }
+        Ok(out)
+    };
+    tokio::time::timeout(FETCH_TIMEOUT, call).await.map_err(|_| "timed out".to_string())?
+}

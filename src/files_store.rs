@@ -1,0 +1,258 @@
+//! Durable file-replication state of one node, in its own RocksDB under
+//! `data_dir/files`: the committed manifest, the index it was applied up to,
+//! and node-local knowledge that is never replicated (what this node last
+//! wrote or read for each path, block signatures of committed versions, and
+//! paths whose content it still has to fetch).
+//!
+//! Invariant owned here: the manifest and the applied index move together,
+//! in one fsync'd write batch, so after a crash the manifest is exactly the
+//! one at the stored applied index and re-applying later entries is safe.
+
+use std::path::{Path, PathBuf};
+
+use rocksdb::{IteratorMode, Options, WriteBatch, WriteOptions, DB};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+use crate::manifest::{Entry, Manifest, SetProgress, WireDigest};
+use crate::paths::SetPath;
+
+#[derive(Debug, thiserror::Error)]
+pub enum FilesStoreError {
+    #[error("cannot open the file state in {path}: {source}")]
+    Open { path: PathBuf, source: rocksdb::Error },
+    #[error("cannot write the file state in {path}: {source}; the node stops rather than act on state that is not durable")]
+    Write { path: PathBuf, source: rocksdb::Error },
+    #[error("the file state in {path} is damaged at key {key:?}: {why}")]
+    Corrupt { path: PathBuf, key: String, why: String },
+}
+
+/// What this node last put at (or read from) a path: lets it notice, by
+/// `lstat` alone, that someone changed the file since.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LocalRecord {
+    pub digest: WireDigest,
+    pub len: u64,
+    pub mtime_ns: i128,
+    pub ino: u64,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+const KEY_APPLIED: &[u8] = b"a";
+const P_ENTRY: u8 = b'm';
+const P_PROGRESS: u8 = b'p';
+const P_RECORD: u8 = b'r';
+const P_SIGNATURE: u8 = b'g';
+const P_MISSING: u8 = b'x';
+
+fn path_key(prefix: u8, set: &str, path: &SetPath) -> Vec<u8> {
+    let mut k = Vec::with_capacity(2 + set.len() + path.as_bytes().len());
+    k.push(prefix);
+    k.extend_from_slice(set.as_bytes());
+    k.push(0);
+    k.extend_from_slice(path.as_bytes());
+    k
+}
+
+fn set_key(prefix: u8, set: &str) -> Vec<u8> {
+    let mut k = vec![prefix];
+    k.extend_from_slice(set.as_bytes());
+    k
+}
+
+fn split_path_key(key: &[u8]) -> Option<(String, SetPath)> {
+    let rest = &key[1..];
+    let nul = rest.iter().position(|&b| b == 0)?;
+    let set = String::from_utf8(rest[..nul].to_vec()).ok()?;
+    let path = SetPath::from_network(&rest[nul + 1..]).ok()?;
+    Some((set, path))
+}
+
+pub struct FilesStore {
+    db: DB,
+    path: PathBuf,
+}
+
+/// Changes written together by [`FilesStore::write`].
+#[derive(Default)]
+pub struct StoreBatch {
+    wb: WriteBatch,
+}
+
+fn enc<T: Serialize>(v: &T) -> Vec<u8> {
+    postcard::to_allocvec(v).expect("state always serializes")
+}
+
+impl StoreBatch {
+    pub fn put_entry(&mut self, set: &str, path: &SetPath, entry: &Entry) {
+        self.wb.put(path_key(P_ENTRY, set, path), enc(entry));
+    }
+    pub fn delete_entry(&mut self, set: &str, path: &SetPath) {
+        self.wb.delete(path_key(P_ENTRY, set, path));
+    }
+    pub fn put_progress(&mut self, set: &str, progress: &SetProgress) {
+        self.wb.put(set_key(P_PROGRESS, set), enc(progress));
+    }
+    pub fn put_record(&mut self, set: &str, path: &SetPath, record: &LocalRecord) {
+        self.wb.put(path_key(P_RECORD, set, path), enc(record));
+    }
+    pub fn delete_record(&mut self, set: &str, path: &SetPath) {
+        self.wb.delete(path_key(P_RECORD, set, path));
+    }
+    pub fn put_signature(&mut self, set: &str, path: &SetPath, signature: &[u8]) {
+        self.wb.put(path_key(P_SIGNATURE, set, path), signature);
+    }
+    pub fn delete_signature(&mut self, set: &str, path: &SetPath) {
+        self.wb.delete(path_key(P_SIGNATURE, set, path));
+    }
+    pub fn put_missing(&mut self, set: &str, path: &SetPath, want: &WireDigest) {
+        self.wb.put(path_key(P_MISSING, set, path), enc(want));
+    }
+    pub fn delete_missing(&mut self, set: &str, path: &SetPath) {
+        self.wb.delete(path_key(P_MISSING, set, path));
+    }
+    pub fn set_applied(&mut self, index: u64) {
+        self.wb.put(KEY_APPLIED, index.to_be_bytes());
+    }
+    /// Drops every manifest entry and progress counter (before a snapshot is restored).
+    pub fn clear_manifest(&mut self) {
+        self.wb.delete_range(vec![P_ENTRY], vec![P_ENTRY + 1]);
+        self.wb.delete_range(vec![P_PROGRESS], vec![P_PROGRESS + 1]);
+        self.wb.delete_range(vec![P_MISSING], vec![P_MISSING + 1]);
+    }
+    pub fn is_empty(&self) -> bool {
+        self.wb.is_empty()
+    }
+}
+
+impl FilesStore {
+    pub fn open(dir: &Path) -> Result<FilesStore, FilesStoreError> {
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.set_keep_log_file_num(2);
+        opts.set_max_total_wal_size(32 << 20);
+        let db = DB::open(&opts, dir).map_err(|source| FilesStoreError::Open {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        Ok(FilesStore {
+            db,
+            path: dir.to_path_buf(),
+        })
+    }
+
+    /// Writes `batch` durably (fsync'd) before returning.
+    pub fn write(&self, batch: StoreBatch) -> Result<(), FilesStoreError> {
+        let mut opts = WriteOptions::default();
+        opts.set_sync(true);
+        self.db.write_opt(batch.wb, &opts).map_err(|source| FilesStoreError::Write {
+            path: self.path.clone(),
+            source,
+        })
+    }
+
+    fn corrupt(&self, key: &[u8], why: impl ToString) -> FilesStoreError {
+        FilesStoreError::Corrupt {
+            path: self.path.clone(),
+            key: String::from_utf8_lossy(key).into_owned(),
+            why: why.to_string(),
+        }
+    }
+
+    pub fn applied(&self) -> Result<u64, FilesStoreError> {
+        match self.db.get(KEY_APPLIED).map_err(|e| self.corrupt(KEY_APPLIED, e))? {
+            None => Ok(0),
+            Some(v) => Ok(u64::from_be_bytes(
+                v.as_slice().try_into().map_err(|_| self.corrupt(KEY_APPLIED, "not 8 bytes"))?,
+            )),
+        }
+    }
+
+    fn scan<T: DeserializeOwned>(&self, prefix: u8) -> Result<Vec<(String, SetPath, T)>, FilesStoreError> {
+        let mut out = Vec::new();
+        let iter = self.db.iterator(IteratorMode::From(&[prefix], rocksdb::Direction::Forward));
+        for item in iter {
+            let (k, v) = item.map_err(|e| self.corrupt(&[prefix], e))?;
+            if k.first() != Some(&prefix) {
+                break;
+            }
+            let (set, path) = split_path_key(&k).ok_or_else(|| self.corrupt(&k, "bad key"))?;
+            let value: T = postcard::from_bytes(&v).map_err(|e| self.corrupt(&k, e))?;
+            out.push((set, path, value));
+        }
+        Ok(out)
+    }
+
+    pub fn load_manifest(&self) -> Result<Manifest, FilesStoreError> {
+        let mut m = Manifest::default();
+        for (set, path, entry) in self.scan::<Entry>(P_ENTRY)? {
+            m.sets.entry(set).or_default().entries.insert(path, entry);
+        }
+        let iter = self.db.iterator(IteratorMode::From(&[P_PROGRESS], rocksdb::Direction::Forward));
+        for item in iter {
+            let (k, v) = item.map_err(|e| self.corrupt(&[P_PROGRESS], e))?;
+            if k.first() != Some(&P_PROGRESS) {
+                break;
+            }
+            let set = String::from_utf8(k[1..].to_vec()).map_err(|_| self.corrupt(&k, "set name"))?;
+            let progress: SetProgress = postcard::from_bytes(&v).map_err(|e| self.corrupt(&k, e))?;
+            m.sets.entry(set).or_default().progress = progress;
+        }
+        Ok(m)
+    }
+
+    pub fn load_records(&self) -> Result<Vec<(String, SetPath, LocalRecord)>, FilesStoreError> {
+        self.scan(P_RECORD)
+    }
+
+    pub fn load_missing(&self) -> Result<Vec<(String, SetPath, WireDigest)>, FilesStoreError> {
+        self.scan(P_MISSING)
+    }
+
+    pub fn signature(&self, set: &str, path: &SetPath) -> Option<Vec<u8>> {
+        self.db.get(path_key(P_SIGNATURE, set, path)).ok().flatten()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::{EntryKind, Meta};
+
+    #[test]
+    fn manifest_and_applied_survive_reopen_and_clear() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = SetPath::from_network(b"a/b").unwrap();
+        let entry = Entry {
+            meta: Meta {
+                kind: EntryKind::File,
+                mode: 0o640,
+                uid: 0,
+                gid: 42,
+                user: None,
+                group: Some("shadow".into()),
+                mtime_ns: 1,
+            },
+            digest: Some(WireDigest::new(&crate::delta::digest(b"x"))),
+            target: None,
+        };
+        {
+            let s = FilesStore::open(dir.path()).unwrap();
+            let mut b = StoreBatch::default();
+            b.put_entry("etc", &p, &entry);
+            b.put_missing("etc", &p, &entry.digest.unwrap());
+            b.set_applied(9);
+            s.write(b).unwrap();
+        }
+        let s = FilesStore::open(dir.path()).unwrap();
+        assert_eq!(s.applied().unwrap(), 9);
+        assert_eq!(s.load_manifest().unwrap().get("etc", &p), Some(&entry));
+        assert_eq!(s.load_missing().unwrap().len(), 1);
+        let mut b = StoreBatch::default();
+        b.clear_manifest();
+        s.write(b).unwrap();
+        assert!(s.load_manifest().unwrap().sets.is_empty());
+        assert!(s.load_missing().unwrap().is_empty());
+    }
+}

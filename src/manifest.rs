@@ -1,0 +1,582 @@
+//! The replicated file state: for every sync set, what the cluster committed
+//! for every path (kind, metadata, content digest or link target), and the
+//! commands that change it ([`FileBatch`], [`Chunk`]).
+//!
+//! Pure: no I/O, no clock. Every node applies the same committed batches in
+//! the same order and so holds the same [`Manifest`] at the same index; that
+//! is what a Raft snapshot carries ([`Manifest::encode`]) and what the
+//! leader plans its deltas against.
+//!
+//! Invariant owned here: a path enters the manifest only through
+//! [`SetPath::from_network`], so nothing in it can name a place outside its
+//! set's root, and a batch that holds one bad path changes nothing at all.
+//!
+//! Encoding: postcard of the structs below, behind the command header that
+//! [`crate::raft_core::Command`] writes. The bytes are pinned by tests: they
+//! live in every node's durable log and in snapshots.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::NodeId;
+use crate::delta::FileDigest;
+use crate::paths::{PathError, SetPath};
+
+/// The largest piece of a patch carried in one Raft entry. Bigger patches
+/// travel as [`Chunk`]s first, then a [`Content::Staged`] reference.
+pub const CHUNK_LEN: usize = 1024 * 1024;
+
+/// How many recent batches per set keep their commit time, for
+/// `lag_seconds` of a node that is behind.
+const RECENT_BATCHES: usize = 64;
+
+/// What a path is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EntryKind {
+    File,
+    Dir,
+    Symlink,
+}
+
+/// Metadata as the cluster replicates it. Owners travel by name and number:
+/// a follower uses the name when it knows it, the number otherwise.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Meta {
+    pub kind: EntryKind,
+    /// Permission bits with setuid, setgid and sticky (0o7777).
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub user: Option<String>,
+    pub group: Option<String>,
+    /// Nanoseconds since the epoch.
+    pub mtime_ns: i128,
+}
+
+/// The committed state of one path.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    pub meta: Meta,
+    /// Files: the committed content's length and blake3 hash.
+    pub digest: Option<WireDigest>,
+    /// Symlinks: the target, as bytes, never resolved.
+    pub target: Option<Vec<u8>>,
+}
+
+/// [`FileDigest`] in its fixed 40-byte form.
+#[derive(Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireDigest(#[serde(with = "digest_bytes")] pub [u8; FileDigest::ENCODED_LEN]);
+
+impl WireDigest {
+    pub fn new(d: &FileDigest) -> WireDigest {
+        WireDigest(d.to_bytes())
+    }
+    pub fn get(&self) -> FileDigest {
+        FileDigest::from_bytes(&self.0)
+    }
+}
+
+impl std::fmt::Debug for WireDigest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.get())
+    }
+}
+
+mod digest_bytes {
+    use serde::{Deserialize, Deserializer, Serializer};
+    pub fn serialize<S: Serializer>(b: &[u8; 40], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(b)
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 40], D::Error> {
+        let v: &[u8] = Deserialize::deserialize(d)?;
+        v.try_into().map_err(|_| serde::de::Error::invalid_length(v.len(), &"40 bytes"))
+    }
+}
+
+/// Where a new file version's patch is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Content {
+    /// Only the metadata changed; the content is the committed one.
+    Unchanged,
+    /// An encoded [`crate::delta::Patch`], in this entry.
+    Inline(#[serde(with = "serde_bytes_vec")] Vec<u8>),
+    /// An encoded patch of `len` bytes sent before as [`Chunk`]s of `upload`.
+    Staged { upload: u64, len: u64 },
+}
+
+/// One change to one path. Paths are raw bytes here and become [`SetPath`]s
+/// (or a refusal) in [`Manifest::apply`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FileOp {
+    /// A regular file's new version (content and/or metadata).
+    Put {
+        path: Vec<u8>,
+        meta: Meta,
+        digest: WireDigest,
+        content: Content,
+    },
+    /// A directory, created if missing, with this metadata.
+    Dir { path: Vec<u8>, meta: Meta },
+    /// A symlink with this target (its own mode is not kept: Linux ignores it).
+    Symlink { path: Vec<u8>, target: Vec<u8>, meta: Meta },
+    /// The path and everything under it is gone (mirror sets).
+    Remove { path: Vec<u8> },
+    /// The path left the leader but followers keep their copy (append sets:
+    /// logs the leader rotated away are not deleted, as rsync without
+    /// `--delete` does).
+    Forget { path: Vec<u8> },
+    /// The path moved (a rotated log, a renamed directory): followers rename
+    /// their copy instead of receiving the content again.
+    Rename { from: Vec<u8>, to: Vec<u8> },
+}
+
+impl FileOp {
+    pub fn path(&self) -> &[u8] {
+        match self {
+            FileOp::Put { path, .. }
+            | FileOp::Dir { path, .. }
+            | FileOp::Symlink { path, .. }
+            | FileOp::Remove { path }
+            | FileOp::Forget { path } => path,
+            FileOp::Rename { to, .. } => to,
+        }
+    }
+}
+
+/// Changes to one set that become visible together, in this order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileBatch {
+    pub set: String,
+    /// The node that read these changes from its tree (the leader then):
+    /// its own tree already holds them, so it does not write them back.
+    pub origin: NodeId,
+    /// The proposer's wall clock, for lag in seconds.
+    pub proposed_at_ms: u64,
+    pub ops: Vec<FileOp>,
+}
+
+/// A piece of a large patch, staged by followers until the batch that
+/// references its `upload` commits.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Chunk {
+    pub upload: u64,
+    pub offset: u64,
+    #[serde(with = "serde_bytes_vec")]
+    pub data: Vec<u8>,
+}
+
+impl std::fmt::Debug for Chunk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Chunk(upload {:016x} @ {} + {} bytes)", self.upload, self.offset, self.data.len())
+    }
+}
+
+mod serde_bytes_vec {
+    use serde::{Deserialize, Deserializer, Serializer};
+    pub fn serialize<S: Serializer>(b: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(b)
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let v: &[u8] = Deserialize::deserialize(d)?;
+        Ok(v.to_vec())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    #[error("sync set {set:?}: {source}")]
+    Path { set: String, source: PathError },
+    #[error("sync set {set:?}: cannot rename {from} to {to}: {why}")]
+    Rename {
+        set: String,
+        from: SetPath,
+        to: SetPath,
+        why: &'static str,
+    },
+    #[error("cannot decode {what}: {source}")]
+    Decode { what: &'static str, source: postcard::Error },
+}
+
+/// Counters that every node derives identically from the batches it applied.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetProgress {
+    /// Batches applied to this set.
+    pub seq: u64,
+    /// Raft index of the last batch applied to this set.
+    pub index: u64,
+    /// Patch bytes of every batch applied so far (for lag in bytes).
+    pub bytes: u64,
+    /// `(seq, proposed_at_ms)` of the last few batches (for lag in seconds).
+    pub recent: VecDeque<(u64, u64)>,
+}
+
+impl SetProgress {
+    /// When the batch after `seq` was proposed: how long a node at `seq` has
+    /// been behind. `None` when nothing is newer.
+    pub fn behind_since_ms(&self, seq: u64) -> Option<u64> {
+        if seq >= self.seq {
+            return None;
+        }
+        self.recent
+            .iter()
+            .find(|(s, _)| *s > seq)
+            .or(self.recent.front())
+            .map(|(_, at)| *at)
+    }
+}
+
+/// One set's committed tree.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetManifest {
+    pub entries: BTreeMap<SetPath, Entry>,
+    pub progress: SetProgress,
+}
+
+impl SetManifest {
+    /// Files and their total bytes.
+    pub fn totals(&self) -> (u64, u64) {
+        self.entries
+            .values()
+            .filter_map(|e| e.digest.map(|d| d.get().len))
+            .fold((0, 0), |(n, b), len| (n + 1, b + len))
+    }
+
+    /// `path` and everything under it, in order.
+    pub fn subtree<'a>(&'a self, path: &'a SetPath) -> impl Iterator<Item = (&'a SetPath, &'a Entry)> + 'a {
+        self.entries
+            .range(path.clone()..)
+            .take_while(move |(p, _)| *p == path || path.is_ancestor_of(p))
+    }
+
+    fn remove_subtree(&mut self, path: &SetPath) -> Vec<(SetPath, Entry)> {
+        let doomed: Vec<SetPath> = self.subtree(path).map(|(p, _)| p.clone()).collect();
+        doomed
+            .into_iter()
+            .filter_map(|p| self.entries.remove(&p).map(|e| (p, e)))
+            .collect()
+    }
+}
+
+/// One op of a batch with its path checked: what the applier acts on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CheckedOp {
+    Put {
+        path: SetPath,
+        entry: Entry,
+        content: Content,
+        /// The version this one replaces, if any.
+        previous: Option<Entry>,
+    },
+    Dir { path: SetPath, entry: Entry },
+    Symlink { path: SetPath, entry: Entry },
+    Remove { path: SetPath, removed: Vec<(SetPath, Entry)> },
+    Forget { path: SetPath },
+    Rename { from: SetPath, to: SetPath, moved: Vec<(SetPath, Entry)> },
+}
+
+/// Every set's committed tree.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub sets: BTreeMap<String, SetManifest>,
+}
+
+const SNAPSHOT_FORMAT_V1: u8 = 1;
+
+impl Manifest {
+    pub fn set(&self, name: &str) -> Option<&SetManifest> {
+        self.sets.get(name)
+    }
+
+    pub fn get(&self, set: &str, path: &SetPath) -> Option<&Entry> {
+        self.sets.get(set)?.entries.get(path)
+    }
+
+    /// Checks every path of `batch` first (one bad path refuses the whole
+    /// batch and changes nothing), then applies it at Raft `index`. Returns
+    /// the checked ops for the caller to carry out on disk.
+    pub fn apply(&mut self, index: u64, batch: &FileBatch) -> Result<Vec<CheckedOp>, ManifestError> {
+        let bad = |source| ManifestError::Path {
+            set: batch.set.clone(),
+            source,
+        };
+        let mut paths = Vec::with_capacity(batch.ops.len());
+        for op in &batch.ops {
+            let from = match op {
+                FileOp::Rename { from, .. } => Some(SetPath::from_network(from).map_err(bad)?),
+                _ => None,
+            };
+            paths.push((SetPath::from_network(op.path()).map_err(bad)?, from));
+        }
+        let set = self.sets.entry(batch.set.clone()).or_default();
+        let mut scratch = set.clone();
+        let mut out = Vec::with_capacity(batch.ops.len());
+        for (op, (path, from)) in batch.ops.iter().zip(paths) {
+            let checked = match op {
+                FileOp::Put { meta, digest, content, .. } => {
+                    let entry = Entry {
+                        meta: meta.clone(),
+                        digest: Some(*digest),
+                        target: None,
+                    };
+                    let previous = scratch.entries.insert(path.clone(), entry.clone());
+                    CheckedOp::Put {
+                        path,
+                        entry,
+                        content: content.clone(),
+                        previous,
+                    }
+                }
+                FileOp::Dir { meta, .. } => {
+                    let entry = Entry {
+                        meta: meta.clone(),
+                        digest: None,
+                        target: None,
+                    };
+                    scratch.entries.insert(path.clone(), entry.clone());
+                    CheckedOp::Dir { path, entry }
+                }
+                FileOp::Symlink { target, meta, .. } => {
+                    // A symlink replaces whatever was there, subtree included.
+                    scratch.remove_subtree(&path);
+                    let entry = Entry {
+                        meta: meta.clone(),
+                        digest: None,
+                        target: Some(target.clone()),
+                    };
+                    scratch.entries.insert(path.clone(), entry.clone());
+                    CheckedOp::Symlink { path, entry }
+                }
+                FileOp::Remove { .. } => {
+                    let removed = scratch.remove_subtree(&path);
+                    CheckedOp::Remove { path, removed }
+                }
+                FileOp::Forget { .. } => {
+                    scratch.remove_subtree(&path);
+                    CheckedOp::Forget { path }
+                }
+                FileOp::Rename { .. } => {
+                    let from = from.expect("rename carries a source");
+                    if from == path || from.is_ancestor_of(&path) {
+                        return Err(ManifestError::Rename {
+                            set: batch.set.clone(),
+                            from,
+                            to: path,
+                            why: "the destination lies inside the source",
+                        });
+                    }
+                    scratch.remove_subtree(&path);
+                    let moved = scratch.remove_subtree(&from);
+                    for (p, e) in &moved {
+                        let rest = &p.as_bytes()[from.as_bytes().len()..];
+                        let mut bytes = path.as_bytes().to_vec();
+                        bytes.extend_from_slice(rest);
+                        let to = SetPath::from_network(&bytes).map_err(bad)?;
+                        scratch.entries.insert(to, e.clone());
+                    }
+                    CheckedOp::Rename { from, to: path, moved }
+                }
+            };
+            out.push(checked);
+        }
+        let patch_bytes: u64 = batch
+            .ops
+            .iter()
+            .map(|op| match op {
+                FileOp::Put {
+                    content: Content::Inline(p), ..
+                } => p.len() as u64,
+                FileOp::Put {
+                    content: Content::Staged { len, .. },
+                    ..
+                } => *len,
+                _ => 0,
+            })
+            .sum();
+        let progress = &mut scratch.progress;
+        progress.seq += 1;
+        progress.index = index;
+        progress.bytes += patch_bytes;
+        progress.recent.push_back((progress.seq, batch.proposed_at_ms));
+        while progress.recent.len() > RECENT_BATCHES {
+            progress.recent.pop_front();
+        }
+        *set = scratch;
+        Ok(out)
+    }
+
+    /// The snapshot form: a format byte, then postcard, then zstd.
+    pub fn encode(&self) -> Vec<u8> {
+        let body = postcard::to_allocvec(self).expect("a manifest always serializes");
+        let mut out = vec![SNAPSHOT_FORMAT_V1];
+        out.extend(zstd::bulk::compress(&body, 3).expect("zstd compresses in memory"));
+        out
+    }
+
+    /// Decodes a snapshot, refusing any path that is not canonical.
+    pub fn decode(bytes: &[u8], max_len: usize) -> Result<Manifest, ManifestError> {
+        let (&version, body) = bytes.split_first().ok_or_else(|| ManifestError::Decode {
+            what: "manifest snapshot",
+            source: postcard::Error::DeserializeUnexpectedEnd,
+        })?;
+        if version != SNAPSHOT_FORMAT_V1 {
+            return Err(ManifestError::Decode {
+                what: "manifest snapshot (unknown format; is a newer clusterd leading?)",
+                source: postcard::Error::DeserializeBadEncoding,
+            });
+        }
+        let body = zstd::bulk::decompress(body, max_len).map_err(|_| ManifestError::Decode {
+            what: "manifest snapshot (bad or oversized zstd frame)",
+            source: postcard::Error::DeserializeBadEncoding,
+        })?;
+        let manifest: Manifest = postcard::from_bytes(&body).map_err(|source| ManifestError::Decode {
+            what: "manifest snapshot",
+            source,
+        })?;
+        Ok(manifest)
+    }
+}
+
+impl Serialize for SetPath {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(self.as_bytes())
+    }
+}
+
+impl<'de> Deserialize<'de> for SetPath {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<SetPath, D::Error> {
+        let v: &[u8] = Deserialize::deserialize(d)?;
+        SetPath::from_network(v).map_err(serde::de::Error::custom)
+    }
+}
+
+pub fn encode_batch(batch: &FileBatch) -> Vec<u8> {
+    postcard::to_allocvec(batch).expect("a batch always serializes")
+}
+
+pub fn decode_batch(bytes: &[u8]) -> Result<FileBatch, ManifestError> {
+    postcard::from_bytes(bytes).map_err(|source| ManifestError::Decode { what: "file batch", source })
+}
+
+pub fn encode_chunk(chunk: &Chunk) -> Vec<u8> {
+    postcard::to_allocvec(chunk).expect("a chunk always serializes")
+}
+
+pub fn decode_chunk(bytes: &[u8]) -> Result<Chunk, ManifestError> {
+    postcard::from_bytes(bytes).map_err(|source| ManifestError::Decode { what: "chunk", source })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(kind: EntryKind) -> Meta {
+        Meta {
+            kind,
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            user: Some("root".into()),
+            group: None,
+            mtime_ns: 1_700_000_000_000_000_000,
+        }
+    }
+
+    fn put(path: &str, n: u8) -> FileOp {
+        FileOp::Put {
+            path: path.as_bytes().to_vec(),
+            meta: meta(EntryKind::File),
+            digest: WireDigest::new(&crate::delta::digest(&[n])),
+            content: Content::Inline(vec![n]),
+        }
+    }
+
+    fn batch(ops: Vec<FileOp>) -> FileBatch {
+        FileBatch {
+            set: "etc".into(),
+            origin: 1,
+            proposed_at_ms: 5,
+            ops,
+        }
+    }
+
+    #[test]
+    fn batch_encoding_is_pinned() {
+        let b = batch(vec![put("a", 1), FileOp::Remove { path: b"d".to_vec() }]);
+        let bytes = encode_batch(&b);
+        assert_eq!(decode_batch(&bytes).unwrap(), b);
+        // set "etc", origin 1, at 5, 2 ops; Put tag 0, path "a", meta...
+        assert_eq!(&bytes[..8], &[3, b'e', b't', b'c', 1, 5, 2, 0]);
+        assert_eq!(bytes.len(), 78, "the batch format changed: bump the command format");
+        let c = Chunk { upload: 7, offset: 3, data: vec![9, 9] };
+        assert_eq!(encode_chunk(&c), vec![7, 3, 2, 9, 9]);
+    }
+
+    #[test]
+    fn remove_takes_the_subtree_and_only_it() {
+        let mut m = Manifest::default();
+        m.apply(1, &batch(vec![put("a", 1), put("a/b", 2), put("a-c", 3), put("ab", 4)])).unwrap();
+        let ops = m.apply(2, &batch(vec![FileOp::Remove { path: b"a".to_vec() }])).unwrap();
+        let CheckedOp::Remove { removed, .. } = &ops[0] else { panic!() };
+        assert_eq!(removed.len(), 2);
+        let left: Vec<_> = m.set("etc").unwrap().entries.keys().map(|k| k.to_string()).collect();
+        assert_eq!(left, vec!["a-c", "ab"]);
+        assert_eq!(m.set("etc").unwrap().progress.seq, 2);
+    }
+
+    #[test]
+    fn one_bad_path_refuses_the_whole_batch() {
+        let mut m = Manifest::default();
+        m.apply(1, &batch(vec![put("ok", 1)])).unwrap();
+        let before = m.clone();
+        for bad in ["../etc/passwd", "/etc/shadow", "a/../b", "a\0b", ""] {
+            let err = m.apply(2, &batch(vec![put("fine", 2), put(bad, 3)])).unwrap_err();
+            assert!(matches!(err, ManifestError::Path { .. }), "{bad:?}");
+            assert_eq!(m, before, "{bad:?} changed the manifest");
+        }
+    }
+
+    #[test]
+    fn rename_moves_a_subtree_and_refuses_moving_into_itself() {
+        let mut m = Manifest::default();
+        m.apply(1, &batch(vec![put("log", 1), put("d/x", 2)])).unwrap();
+        m.apply(2, &batch(vec![FileOp::Rename { from: b"log".to_vec(), to: b"log.1".to_vec() }])).unwrap();
+        m.apply(3, &batch(vec![FileOp::Rename { from: b"d".to_vec(), to: b"e".to_vec() }])).unwrap();
+        let keys: Vec<_> = m.set("etc").unwrap().entries.keys().map(|k| k.to_string()).collect();
+        assert_eq!(keys, vec!["e/x", "log.1"]);
+        assert!(m.apply(4, &batch(vec![FileOp::Rename { from: b"e".to_vec(), to: b"e/f".to_vec() }])).is_err());
+    }
+
+    #[test]
+    fn snapshot_round_trips_and_refuses_hostile_paths() {
+        let mut m = Manifest::default();
+        m.apply(1, &batch(vec![put("a", 1), put("b/c", 2)])).unwrap();
+        let bytes = m.encode();
+        assert_eq!(Manifest::decode(&bytes, 1 << 20).unwrap(), m);
+        // Hand-build a manifest whose path is "../x" by editing the encoded body.
+        let body = postcard::to_allocvec(&m).unwrap();
+        let pos = body.windows(3).position(|w| w == b"b/c").unwrap();
+        let mut evil = body.clone();
+        evil[pos..pos + 3].copy_from_slice(b"../");
+        let mut framed = vec![SNAPSHOT_FORMAT_V1];
+        framed.extend(zstd::bulk::compress(&evil, 1).unwrap());
+        assert!(Manifest::decode(&framed, 1 << 20).is_err());
+        assert!(Manifest::decode(&[9, 1, 2], 1 << 20).is_err());
+        assert!(Manifest::decode(&[], 1 << 20).is_err());
+    }
+
+    #[test]
+    fn lag_seconds_come_from_the_first_batch_a_node_lacks() {
+        let mut m = Manifest::default();
+        for i in 1..=3u64 {
+            let mut b = batch(vec![put("a", i as u8)]);
+            b.proposed_at_ms = 1000 * i;
+            m.apply(i, &b).unwrap();
+        }
+        let pr = &m.set("etc").unwrap().progress;
+        assert_eq!(pr.behind_since_ms(3), None);
+        assert_eq!(pr.behind_since_ms(1), Some(2000));
+        assert_eq!(pr.behind_since_ms(0), Some(1000));
+        assert_eq!(pr.bytes, 3);
+    }
+}

@@ -1,0 +1,1439 @@
+//! The follower half of replication, run on every data node: it applies
+//! committed file batches to the manifest and to the local sync trees, in
+//! commit order, on its own thread (so a 1 GiB write never stalls Raft
+//! heartbeats), and keeps the node-local state that goes with them.
+//!
+//! Invariants owned here:
+//! * Only committed entries are applied (they are read back from the Raft
+//!   store up to the commit index the node task reports), in index order,
+//!   and the manifest plus the applied index are durable before the node
+//!   task is told they were applied (invariant 1, 6).
+//! * Every write goes through [`crate::fsroot::Root`] with the path checked
+//!   by [`crate::manifest`] first (invariant 3), atomically and verified
+//!   (invariant 2).
+//! * A local file that differs from what this node last wrote and from the
+//!   committed version is moved to `data_dir/quarantine` before anything
+//!   replaces or deletes it (invariant 4).
+//! * A change that cannot be applied from the log (a delta whose base this
+//!   node lacks, a skipped set, a failed write) leaves the path "missing":
+//!   its committed content is fetched from a peer later, never guessed.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::io::Read;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use raft::{GetEntriesContext, Storage};
+use tokio::sync::{mpsc, oneshot, Notify};
+use tracing::{debug, info, warn};
+
+use crate::config::{Config, NodeId, SyncMode, SyncSetConfig};
+use crate::delta::{self, FileDigest, FileHasher, Patch};
+use crate::files_store::{FilesStore, FilesStoreError, LocalRecord, StoreBatch};
+use crate::fsroot::{FileMeta, FsError, Kind, Root};
+use crate::manifest::{CheckedOp, Content, Entry, EntryKind, FileBatch, Manifest, Meta, WireDigest};
+use crate::paths::{Filter, SetPath};
+use crate::raft_core::{Command, CoreError};
+use crate::storage::RaftStore;
+
+/// Largest page of committed entries read back from the log at once.
+const APPLY_PAGE_BYTES: u64 = 64 << 20;
+/// Staged chunks of an upload nobody finished are removed after this.
+const STAGING_MAX_AGE: Duration = Duration::from_secs(3600);
+
+/// One configured sync set, ready to use.
+#[derive(Debug, Clone)]
+pub struct SetRuntime {
+    pub name: String,
+    /// The configured path (a directory, or a single file).
+    pub path: PathBuf,
+    /// The directory a [`Root`] is opened on: `path` itself, or its parent
+    /// for a single-file set.
+    pub root_dir: PathBuf,
+    /// `Some(file name)` for a single-file set.
+    pub single_file: Option<SetPath>,
+    pub mode: SyncMode,
+    pub filter: Filter,
+    pub max_file_size: u64,
+    pub on_change: Option<String>,
+}
+
+impl SetRuntime {
+    pub fn from_config(c: &SyncSetConfig) -> SetRuntime {
+        let filter = Filter::new(&c.exclude, &c.skip_while).expect("patterns were validated with the config");
+        let single_file = c.single_file.then(|| {
+            let name = c.path.file_name().expect("validated: a single-file set path has a file name");
+            SetPath::from_network(std::os::unix::ffi::OsStrExt::as_bytes(name)).expect("validated file name")
+        });
+        let root_dir = if single_file.is_some() {
+            c.path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("/"))
+        } else {
+            c.path.clone()
+        };
+        SetRuntime {
+            name: c.name.clone(),
+            path: c.path.clone(),
+            root_dir,
+            single_file,
+            mode: c.mode,
+            filter,
+            max_file_size: c.max_file_size,
+            on_change: c.on_change.clone(),
+        }
+    }
+
+    /// Opens the root, creating a missing set directory (it is a configured
+    /// sync path, so clusterd may write it).
+    pub fn open_root(&self) -> Result<Root, FsError> {
+        if self.single_file.is_none() && !self.root_dir.exists() {
+            let _ = std::fs::create_dir_all(&self.root_dir);
+        }
+        Root::open(&self.root_dir)
+    }
+
+    /// Whether `path` belongs to the set: not excluded, and for a
+    /// single-file set, the file itself.
+    pub fn holds(&self, path: &SetPath, is_dir: bool) -> bool {
+        match &self.single_file {
+            Some(name) => path == name,
+            None => !self.filter.is_excluded(path, is_dir),
+        }
+    }
+}
+
+/// Per-set health shown by `clusterctl status`.
+#[derive(Debug, Clone, Default)]
+pub struct SetHealth {
+    pub last_error: Option<String>,
+    /// Entries refused by the path policy or as malformed.
+    pub refused: u64,
+    /// The set waits for a `skip_while` marker to disappear.
+    pub skipping: bool,
+}
+
+/// Node-wide counters (metrics and status).
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Bytes of file commands this node proposed as leader.
+    pub bytes_proposed: AtomicU64,
+    /// File bytes those commands stood for, minus their size.
+    pub bytes_saved: AtomicU64,
+    /// Patch bytes received by fetching (catch-up outside the log).
+    pub bytes_fetched: AtomicU64,
+    pub quarantined: AtomicU64,
+    pub on_change_failures: AtomicU64,
+}
+
+/// State shared by the applier thread, the leader's source and the fetcher.
+pub struct Shared {
+    pub node_id: NodeId,
+    pub witness: bool,
+    pub sets: Vec<SetRuntime>,
+    pub manifest: RwLock<Manifest>,
+    pub records: Mutex<HashMap<String, HashMap<SetPath, LocalRecord>>>,
+    pub missing: Mutex<BTreeMap<(String, SetPath), WireDigest>>,
+    pub health: Mutex<BTreeMap<String, SetHealth>>,
+    pub counters: Counters,
+    /// What the leader's source read for paths it proposed, taken when the
+    /// batch applies here (its own tree is the source: nothing is written).
+    pub pending_local: Mutex<HashMap<(String, SetPath), LocalRecord>>,
+    /// Uploads this node proposed: its chunks need no staging here.
+    pub own_uploads: Mutex<HashSet<u64>>,
+    /// Blake3 states of append-set files as last written, so an append is
+    /// verified without re-reading the whole log.
+    pub append_hashers: Mutex<HashMap<(String, SetPath), FileHasher>>,
+    pub store: FilesStore,
+    pub applied: AtomicU64,
+    pub data_dir: PathBuf,
+    /// Wakes the fetcher when paths become missing.
+    pub fetch_wakeup: Notify,
+}
+
+impl Shared {
+    pub fn set(&self, name: &str) -> Option<&SetRuntime> {
+        self.sets.iter().find(|s| s.name == name)
+    }
+
+    pub fn record(&self, set: &str, path: &SetPath) -> Option<LocalRecord> {
+        self.records.lock().unwrap().get(set)?.get(path).copied()
+    }
+
+    fn note_error(&self, set: &str, msg: String) {
+        warn!(set, "{msg}");
+        self.health.lock().unwrap().entry(set.to_string()).or_default().last_error = Some(msg);
+    }
+
+    pub fn signature(&self, set: &str, path: &SetPath, committed: &FileDigest) -> Option<delta::BlockSignature> {
+        let bytes = self.store.signature(set, path)?;
+        let sig = delta::BlockSignature::from_bytes(&bytes).ok()?;
+        (sig.base_digest() == *committed).then_some(sig)
+    }
+
+    /// What `clusterctl status` shows of this node's sets.
+    pub fn files_view(&self) -> crate::status::FilesView {
+        let manifest = self.manifest.read().unwrap();
+        let missing = self.missing.lock().unwrap();
+        let health = self.health.lock().unwrap();
+        let sets = self
+            .sets
+            .iter()
+            .map(|s| {
+                let m = manifest.set(&s.name);
+                let (files, bytes) = m.map(|m| m.totals()).unwrap_or_default();
+                let h = health.get(&s.name).cloned().unwrap_or_default();
+                let progress = m.map(|m| m.progress.clone()).unwrap_or_default();
+                crate::status::SetView {
+                    name: s.name.clone(),
+                    files,
+                    bytes,
+                    applied_index: progress.index,
+                    seq: progress.seq,
+                    committed_bytes: progress.bytes,
+                    missing: missing.keys().filter(|(set, _)| *set == s.name).count() as u64,
+                    last_error: h.last_error,
+                    refused: h.refused,
+                    skipping: h.skipping,
+                    recent: progress.recent.iter().copied().collect(),
+                }
+            })
+            .collect();
+        let c = &self.counters;
+        crate::status::FilesView {
+            sets,
+            bytes_proposed: c.bytes_proposed.load(Ordering::Relaxed),
+            bytes_saved: c.bytes_saved.load(Ordering::Relaxed),
+            bytes_fetched: c.bytes_fetched.load(Ordering::Relaxed),
+            quarantined: c.quarantined.load(Ordering::Relaxed),
+            on_change_failures: c.on_change_failures.load(Ordering::Relaxed),
+        }
+    }
+
+    fn staging_dir(&self) -> PathBuf {
+        self.data_dir.join("staging")
+    }
+}
+
+/// Opens the file state and loads it; `None` sets for a witness.
+pub fn open_shared(config: &Config) -> Result<Arc<Shared>, FilesStoreError> {
+    let store = FilesStore::open(&config.node.data_dir.join("files"))?;
+    let manifest = store.load_manifest()?;
+    let mut records: HashMap<String, HashMap<SetPath, LocalRecord>> = HashMap::new();
+    for (set, path, r) in store.load_records()? {
+        records.entry(set).or_default().insert(path, r);
+    }
+    let missing = store.load_missing()?.into_iter().map(|(s, p, d)| ((s, p), d)).collect();
+    let applied = store.applied()?;
+    let sets = if config.node.witness {
+        Vec::new()
+    } else {
+        config.sync.iter().map(SetRuntime::from_config).collect()
+    };
+    let _ = std::fs::create_dir_all(config.node.data_dir.join("staging"));
+    Ok(Arc::new(Shared {
+        node_id: config.node.id,
+        witness: config.node.witness,
+        sets,
+        manifest: RwLock::new(manifest),
+        records: Mutex::new(records),
+        missing: Mutex::new(missing),
+        health: Mutex::new(BTreeMap::new()),
+        counters: Counters::default(),
+        pending_local: Mutex::new(HashMap::new()),
+        own_uploads: Mutex::new(HashSet::new()),
+        append_hashers: Mutex::new(HashMap::new()),
+        store,
+        applied: AtomicU64::new(applied),
+        data_dir: config.node.data_dir.clone(),
+        fetch_wakeup: Notify::new(),
+    }))
+}
+
+/// Committed content fetched from a peer for a missing path.
+#[derive(Debug)]
+pub struct Fetched {
+    pub set: String,
+    pub path: SetPath,
+    pub want: FileDigest,
+    /// An encoded [`Patch`] against this node's current local file.
+    pub patch: Vec<u8>,
+}
+
+/// Inputs of the applier thread, in the order they must take effect.
+#[derive(Debug)]
+pub enum ApplyMsg {
+    /// Entries up to this index are committed (and durable in the log).
+    Committed(u64),
+    /// A snapshot was installed in the log: replace the manifest with it.
+    Restore(u64, Vec<u8>),
+    /// The manifest at the applied index, for log compaction.
+    Snapshot(oneshot::Sender<(u64, Vec<u8>)>),
+    Fetched(Fetched),
+    /// Re-check sets waiting on `skip_while` markers, and clean staging.
+    Tick,
+}
+
+/// What the applier tells the node task.
+#[derive(Debug)]
+pub enum Applied {
+    /// Everything up to here is applied and durable.
+    Index(u64),
+    /// The applier cannot go on (its store failed): the node must stop.
+    Failed(String),
+    /// A batch of this set was applied from another node's changes.
+    SetChanged(String),
+}
+
+pub struct Applier {
+    shared: Arc<Shared>,
+    log: RaftStore,
+    out: mpsc::UnboundedSender<Applied>,
+    roots: HashMap<String, Root>,
+    quarantine: Option<Root>,
+    /// Sets whose local tree must be reconciled with the manifest once their
+    /// `skip_while` markers are gone.
+    deferred: BTreeSet<String>,
+}
+
+/// A local entry found while walking a tree.
+pub struct Found {
+    pub path: SetPath,
+    pub meta: FileMeta,
+}
+
+/// Walks a set's local tree (never following symlinks), skipping excluded
+/// subtrees and temporary files. Returns entries in manifest order and
+/// whether a `skip_while` marker exists.
+pub fn walk(set: &SetRuntime, root: &Root) -> Result<(Vec<Found>, bool), FsError> {
+    let mut out = Vec::new();
+    let mut marker = false;
+    if let Some(name) = &set.single_file {
+        if let Some(meta) = root.stat(&[name.as_bytes()])? {
+            out.push(Found { path: name.clone(), meta });
+        }
+        return Ok((out, false));
+    }
+    let mut stack: Vec<Option<SetPath>> = vec![None];
+    while let Some(dir) = stack.pop() {
+        let comps: Vec<&[u8]> = dir.as_ref().map(|d| d.components().collect()).unwrap_or_default();
+        let Some(listing) = root.list_dir(&comps)? else { continue };
+        let mut subdirs = Vec::new();
+        for (name, kind) in listing {
+            if crate::fsroot::is_temp_name(&name) {
+                continue;
+            }
+            let path = match &dir {
+                Some(d) => d.join(&name),
+                None => SetPath::from_network(&name),
+            };
+            let Ok(path) = path else { continue };
+            let is_dir = kind == Kind::Dir;
+            if set.filter.has_skip_while() && set.filter.is_skip_marker(&path, is_dir) {
+                marker = true;
+            }
+            let excluded = set.filter.is_excluded(&path, is_dir);
+            if excluded {
+                if is_dir && set.filter.has_skip_while() {
+                    subdirs.push((path, true));
+                }
+                continue;
+            }
+            let mut pc: Vec<&[u8]> = comps.clone();
+            pc.push(&name);
+            let Some(meta) = root.stat(&pc)? else { continue };
+            if is_dir {
+                subdirs.push((path.clone(), false));
+            }
+            out.push(Found { path, meta });
+        }
+        // Excluded directories are only searched for markers.
+        for (d, excluded_only) in subdirs.into_iter().rev() {
+            if excluded_only {
+                if subtree_has_marker(set, root, &d)? {
+                    marker = true;
+                }
+            } else {
+                stack.push(Some(d));
+            }
+        }
+    }
+    out.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok((out, marker))
+}
+
+fn subtree_has_marker(set: &SetRuntime, root: &Root, dir: &SetPath) -> Result<bool, FsError> {
+    let comps: Vec<&[u8]> = dir.components().collect();
+    let Some(listing) = root.list_dir(&comps)? else { return Ok(false) };
+    for (name, kind) in listing {
+        let Ok(p) = dir.join(&name) else { continue };
+        if set.filter.is_skip_marker(&p, kind == Kind::Dir) {
+            return Ok(true);
+        }
+        if kind == Kind::Dir && subtree_has_marker(set, root, &p)? {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// Whether a `skip_while` marker exists in the set right now.
+pub fn has_marker(set: &SetRuntime, root: &Root) -> Result<bool, FsError> {
+    if !set.filter.has_skip_while() {
+        return Ok(false);
+    }
+    Ok(walk(set, root)?.1)
+}
+
+/// Streams a local file through blake3 (never through a symlink).
+pub fn hash_local(root: &Root, comps: &[&[u8]]) -> Result<Option<(FileHasher, FileMeta)>, FsError> {
+    let Some((mut file, meta)) = root.open_file(comps)? else { return Ok(None) };
+    let mut hasher = FileHasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf).map_err(|e| FsError::Io {
+            root: root.path().display().to_string(),
+            path: String::from_utf8_lossy(&comps.join(&b'/')).into_owned(),
+            op: "read",
+            error: e,
+        })?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(Some((hasher, meta)))
+}
+
+/// The record of a file as it now is on disk, with the digest it holds.
+pub fn record_of(meta: &FileMeta, digest: &FileDigest) -> LocalRecord {
+    LocalRecord {
+        digest: WireDigest::new(digest),
+        len: meta.len,
+        mtime_ns: meta.mtime_ns,
+        ino: meta.ino,
+        mode: meta.mode,
+        uid: meta.uid,
+        gid: meta.gid,
+    }
+}
+
+/// Whether `meta` (an `lstat` now) is still the file `record` describes.
+pub fn unchanged_since(record: &LocalRecord, meta: &FileMeta) -> bool {
+    meta.kind == Kind::File
+        && meta.len == record.len
+        && meta.mtime_ns == record.mtime_ns
+        && meta.ino == record.ino
+        && meta.mode == record.mode
+        && meta.uid == record.uid
+        && meta.gid == record.gid
+}
+
+/// Owner and group as this node names them.
+pub fn meta_from_local(m: &FileMeta, kind: EntryKind, names: &mut OwnerNames) -> Meta {
+    Meta {
+        kind,
+        mode: m.mode & 0o7777,
+        uid: m.uid,
+        gid: m.gid,
+        user: names.user(m.uid),
+        group: names.group(m.gid),
+        mtime_ns: m.mtime_ns,
+    }
+}
+
+/// uid/gid ↔ name lookups, cached for one pass (user databases change when
+/// /etc/passwd itself is replicated, so nothing is cached for longer).
+#[derive(Default)]
+pub struct OwnerNames {
+    users: HashMap<u32, Option<String>>,
+    groups: HashMap<u32, Option<String>>,
+}
+
+impl OwnerNames {
+    pub fn user(&mut self, uid: u32) -> Option<String> {
+        self.users
+            .entry(uid)
+            .or_insert_with(|| uzers::get_user_by_uid(uid).map(|u| u.name().to_string_lossy().into_owned()))
+            .clone()
+    }
+    pub fn group(&mut self, gid: u32) -> Option<String> {
+        self.groups
+            .entry(gid)
+            .or_insert_with(|| uzers::get_group_by_gid(gid).map(|g| g.name().to_string_lossy().into_owned()))
+            .clone()
+    }
+}
+
+/// The numeric owner to give `meta` here: by name when this node knows the
+/// name, else the leader's number.
+pub fn local_ids(meta: &Meta) -> (u32, u32) {
+    let uid = meta
+        .user
+        .as_deref()
+        .and_then(uzers::get_user_by_name)
+        .map(|u| u.uid())
+        .unwrap_or(meta.uid);
+    let gid = meta
+        .group
+        .as_deref()
+        .and_then(uzers::get_group_by_name)
+        .map(|g| g.gid())
+        .unwrap_or(meta.gid);
+    (uid, gid)
+}
+
+fn fs_meta(meta: &Meta) -> FileMeta {
+    let (uid, gid) = local_ids(meta);
+    let kind = match meta.kind {
+        EntryKind::File => Kind::File,
+        EntryKind::Dir => Kind::Dir,
+        EntryKind::Symlink => Kind::Symlink,
+    };
+    FileMeta::new(kind, meta.mode, uid, gid, meta.mtime_ns)
+}
+
+/// Metadata equal as far as this node can set it.
+fn meta_matches(want: &Meta, have: &FileMeta) -> bool {
+    let w = fs_meta(want);
+    have.mode == w.mode && have.uid == w.uid && have.gid == w.gid && have.mtime_ns == w.mtime_ns
+}
+
+fn comps(path: &SetPath) -> Vec<&[u8]> {
+    path.components().collect()
+}
+
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Why a put could not be completed from the log alone.
+enum PutOutcome {
+    Done,
+    /// The content must be fetched.
+    Missing(String),
+}
+
+impl Applier {
+    pub fn new(shared: Arc<Shared>, log: RaftStore, out: mpsc::UnboundedSender<Applied>) -> Applier {
+        let mut roots = HashMap::new();
+        for set in &shared.sets {
+            match set.open_root() {
+                Ok(r) => {
+                    roots.insert(set.name.clone(), r);
+                }
+                Err(e) => shared.note_error(&set.name, format!("sync set {:?} (path {}): {e}; it is not replicated here until the path exists and the node restarts", set.name, set.path.display())),
+            }
+        }
+        let qdir = shared.data_dir.join("quarantine");
+        let quarantine = {
+            use std::os::unix::fs::DirBuilderExt;
+            let _ = std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&qdir);
+            Root::open(&qdir).ok()
+        };
+        Applier {
+            shared,
+            log,
+            out,
+            roots,
+            quarantine,
+            deferred: BTreeSet::new(),
+        }
+    }
+
+    /// Runs until the node task drops its sender.
+    pub fn run(mut self, mut rx: mpsc::UnboundedReceiver<ApplyMsg>) {
+        // Paths left missing by an earlier run are fetched again.
+        if !self.shared.missing.lock().unwrap().is_empty() {
+            self.shared.fetch_wakeup.notify_one();
+        }
+        while let Some(msg) = rx.blocking_recv() {
+            let result = match msg {
+                ApplyMsg::Committed(up_to) => self.apply_up_to(up_to),
+                ApplyMsg::Restore(index, data) => self.restore(index, &data),
+                ApplyMsg::Snapshot(reply) => {
+                    let index = self.shared.applied.load(Ordering::SeqCst);
+                    let data = self.shared.manifest.read().unwrap().encode();
+                    let _ = reply.send((index, data));
+                    Ok(())
+                }
+                ApplyMsg::Fetched(f) => {
+                    self.apply_fetched(f);
+                    Ok(())
+                }
+                ApplyMsg::Tick => {
+                    self.retry_deferred();
+                    clean_staging(&self.shared.staging_dir());
+                    Ok(())
+                }
+            };
+            if let Err(e) = result {
+                let _ = self.out.send(Applied::Failed(e));
+                return;
+            }
+        }
+    }
+
+    fn apply_up_to(&mut self, up_to: u64) -> Result<(), String> {
+        loop {
+            let applied = self.shared.applied.load(Ordering::SeqCst);
+            if applied >= up_to {
+                return Ok(());
+            }
+            let entries = self
+                .log
+                .entries(applied + 1, up_to + 1, Some(APPLY_PAGE_BYTES), GetEntriesContext::empty(false))
+                .map_err(|e| format!("cannot read committed entries {}..={up_to} back from the Raft log: {e}", applied + 1))?;
+            if entries.is_empty() {
+                return Err(format!("the Raft log returned no entries at {}", applied + 1));
+            }
+            let mut batch = StoreBatch::default();
+            let mut last = applied;
+            for e in entries {
+                if e.index != last + 1 {
+                    return Err(format!("the Raft log skipped from {last} to {}", e.index));
+                }
+                if !e.data.is_empty() {
+                    match Command::decode(&e.data) {
+                        Ok(Command::Barrier { .. }) => {}
+                        Ok(Command::Chunk(c)) => self.stage(&c),
+                        Ok(Command::Files(b)) => self.apply_batch(e.index, e.term, &b, &mut batch),
+                        Err(CoreError::BadEntry(why)) => {
+                            warn!(index = e.index, "skipping committed entry {}: {why}", e.index)
+                        }
+                        Err(other) => return Err(other.to_string()),
+                    }
+                }
+                last = e.index;
+            }
+            batch.set_applied(last);
+            self.shared.store.write(batch).map_err(|e| e.to_string())?;
+            self.shared.applied.store(last, Ordering::SeqCst);
+            let _ = self.out.send(Applied::Index(last));
+        }
+    }
+
+    fn stage(&mut self, chunk: &crate::manifest::Chunk) {
+        if self.shared.own_uploads.lock().unwrap().contains(&chunk.upload) || self.shared.sets.is_empty() {
+            return;
+        }
+        let path = self.shared.staging_dir().join(format!("{:016x}", chunk.upload));
+        let result = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(false)
+            .open(&path)
+            .and_then(|f| f.write_all_at(&chunk.data, chunk.offset));
+        if let Err(e) = result {
+            // The batch that needs it will find it short and fetch instead.
+            warn!("cannot stage a chunk in {}: {e}", path.display());
+        }
+    }
+
+    fn apply_batch(&mut self, index: u64, term: u64, batch: &FileBatch, store: &mut StoreBatch) {
+        let set_name = batch.set.clone();
+        // The manifest paths each op touches, before and after.
+        let before: Vec<SetPath> = {
+            let m = self.shared.manifest.read().unwrap();
+            let mut v = Vec::new();
+            if let Some(set) = m.set(&set_name) {
+                for op in &batch.ops {
+                    let mut paths = vec![op.path()];
+                    if let crate::manifest::FileOp::Rename { from, .. } = op {
+                        paths.push(from);
+                    }
+                    for p in paths {
+                        if let Ok(p) = SetPath::from_network(p) {
+                            v.extend(set.subtree(&p).map(|(k, _)| k.clone()));
+                        }
+                    }
+                }
+            }
+            v
+        };
+        let checked = {
+            let mut m = self.shared.manifest.write().unwrap();
+            match m.apply(index, batch) {
+                Ok(c) => c,
+                Err(e) => {
+                    drop(m);
+                    warn!(index, origin = batch.origin, set = %set_name, "refused committed entry {index} proposed by node {}: {e}; skipped, the node keeps running", batch.origin);
+                    let mut h = self.shared.health.lock().unwrap();
+                    let h = h.entry(set_name.clone()).or_default();
+                    h.refused += 1;
+                    h.last_error = Some(format!("entry {index} refused: {e}"));
+                    return;
+                }
+            }
+        };
+        {
+            let m = self.shared.manifest.read().unwrap();
+            let set = m.set(&set_name).expect("apply created the set");
+            for p in &before {
+                if !set.entries.contains_key(p) {
+                    store.delete_entry(&set_name, p);
+                }
+            }
+            for op in &checked {
+                let paths: Vec<&SetPath> = match op {
+                    CheckedOp::Put { path, .. }
+                    | CheckedOp::Dir { path, .. }
+                    | CheckedOp::Symlink { path, .. }
+                    | CheckedOp::Remove { path, .. }
+                    | CheckedOp::Forget { path } => vec![path],
+                    CheckedOp::Rename { from, to, .. } => vec![from, to],
+                };
+                for p in paths {
+                    for (k, e) in set.subtree(p) {
+                        store.put_entry(&set_name, k, e);
+                    }
+                }
+            }
+            store.put_progress(&set_name, &set.progress);
+        }
+        let Some(set) = self.shared.set(&set_name).cloned() else {
+            return; // Not replicated on this node (or a witness): manifest only.
+        };
+        if batch.origin == self.shared.node_id {
+            self.adopt_own(&set_name, &checked, store);
+            return;
+        }
+        let Some(root) = self.roots.remove(&set_name) else { return };
+        let skip = match has_marker(&set, &root) {
+            Ok(m) => m,
+            Err(e) => {
+                self.shared.note_error(&set_name, format!("cannot look for skip_while markers: {e}"));
+                false
+            }
+        };
+        if skip {
+            info!(set = %set_name, index, "a skip_while marker exists in sync set {set_name:?}: its changes wait until it is gone");
+            self.deferred.insert(set_name.clone());
+            self.shared.health.lock().unwrap().entry(set_name.clone()).or_default().skipping = true;
+        } else if self.deferred.contains(&set_name) {
+            // Still catching up on earlier skipped batches: the reconcile covers this one.
+        } else {
+            self.carry_out(&set, &root, index, term, &checked, store);
+            let _ = self.out.send(Applied::SetChanged(set_name.clone()));
+        }
+        self.roots.insert(set_name, root);
+    }
+
+    /// A batch this node proposed: its tree already holds it.
+    fn adopt_own(&mut self, set: &str, checked: &[CheckedOp], store: &mut StoreBatch) {
+        let mut pending = self.shared.pending_local.lock().unwrap();
+        let mut records = self.shared.records.lock().unwrap();
+        let recs = records.entry(set.to_string()).or_default();
+        for op in checked {
+            match op {
+                CheckedOp::Put { path, .. } => {
+                    if let Some(r) = pending.remove(&(set.to_string(), path.clone())) {
+                        store.put_record(set, path, &r);
+                        recs.insert(path.clone(), r);
+                    }
+                }
+                CheckedOp::Remove { removed, .. } => {
+                    for (p, _) in removed {
+                        recs.remove(p);
+                        store.delete_record(set, p);
+                        store.delete_signature(set, p);
+                    }
+                }
+                CheckedOp::Forget { path } => {
+                    recs.remove(path);
+                    store.delete_record(set, path);
+                }
+                CheckedOp::Rename { from, to, moved } => {
+                    for (p, _) in moved {
+                        let rest = &p.as_bytes()[from.as_bytes().len()..];
+                        let mut b = to.as_bytes().to_vec();
+                        b.extend_from_slice(rest);
+                        if let (Some(r), Ok(np)) = (recs.remove(p), SetPath::from_network(&b)) {
+                            store.delete_record(set, p);
+                            store.put_record(set, &np, &r);
+                            recs.insert(np, r);
+                        }
+                    }
+                }
+                CheckedOp::Dir { .. } | CheckedOp::Symlink { .. } => {}
+            }
+        }
+    }
+
+    fn carry_out(&mut self, set: &SetRuntime, root: &Root, index: u64, term: u64, checked: &[CheckedOp], store: &mut StoreBatch) {
+        let mut dirs = Vec::new();
+        for op in checked {
+            let result = match op {
+                CheckedOp::Put {
+                    path,
+                    entry,
+                    content,
+                    previous,
+                } => match self.put_file(set, root, path, entry, content, previous.as_ref(), index, term, store) {
+                    Ok(PutOutcome::Done) => {
+                        self.clear_missing(&set.name, path, store);
+                        Ok(())
+                    }
+                    Ok(PutOutcome::Missing(why)) => {
+                        debug!(set = %set.name, path = %path, "{why}; fetching the committed version");
+                        self.mark_missing(&set.name, path, entry, store);
+                        Ok(())
+                    }
+                    Err(e) => {
+                        self.mark_missing(&set.name, path, entry, store);
+                        Err(e)
+                    }
+                },
+                CheckedOp::Dir { path, entry } => {
+                    dirs.push((path.clone(), entry.meta.clone()));
+                    self.make_dir(set, root, path, &entry.meta, index, term)
+                }
+                CheckedOp::Symlink { path, entry } => {
+                    self.make_symlink(set, root, path, entry, index, term, store)
+                }
+                CheckedOp::Remove { path, removed } => self.remove(set, root, path, removed, index, term, store),
+                CheckedOp::Forget { path } => {
+                    self.forget_records(&set.name, path, store);
+                    Ok(())
+                }
+                CheckedOp::Rename { from, to, .. } => self.rename(set, root, from, to, index, term, store),
+            };
+            if let Err(e) = result {
+                self.shared.note_error(&set.name, format!("entry {index}: {e}"));
+            }
+        }
+        // Children change their directory's mtime: set directories last, deepest first.
+        for (path, meta) in dirs.iter().rev() {
+            if let Err(e) = root.set_meta(&comps(path), &fs_meta(meta)) {
+                self.shared.note_error(&set.name, format!("entry {index}: {e}"));
+            }
+        }
+    }
+
+    fn mark_missing(&self, set: &str, path: &SetPath, entry: &Entry, store: &mut StoreBatch) {
+        if let Some(d) = entry.digest {
+            store.put_missing(set, path, &d);
+            self.shared.missing.lock().unwrap().insert((set.to_string(), path.clone()), d);
+            self.shared.fetch_wakeup.notify_one();
+        }
+    }
+
+    fn clear_missing(&self, set: &str, path: &SetPath, store: &mut StoreBatch) {
+        if self.shared.missing.lock().unwrap().remove(&(set.to_string(), path.clone())).is_some() {
+            store.delete_missing(set, path);
+        }
+    }
+
+    fn forget_records(&self, set: &str, path: &SetPath, store: &mut StoreBatch) {
+        let mut records = self.shared.records.lock().unwrap();
+        if let Some(recs) = records.get_mut(set) {
+            let doomed: Vec<SetPath> = recs.keys().filter(|k| *k == path || path.is_ancestor_of(k)).cloned().collect();
+            for k in doomed {
+                recs.remove(&k);
+                store.delete_record(set, &k);
+                store.delete_signature(set, &k);
+            }
+        }
+        let mut missing = self.shared.missing.lock().unwrap();
+        let doomed: Vec<(String, SetPath)> = missing
+            .keys()
+            .filter(|(s, k)| s == set && (k == path || path.is_ancestor_of(k)))
+            .cloned()
+            .collect();
+        for k in doomed {
+            store.delete_missing(set, &k.1);
+            missing.remove(&k);
+        }
+    }
+
+    fn put_record(&self, set: &str, path: &SetPath, rec: LocalRecord, store: &mut StoreBatch) {
+        store.put_record(set, path, &rec);
+        self.shared.records.lock().unwrap().entry(set.to_string()).or_default().insert(path.clone(), rec);
+    }
+
+    /// Moves whatever is at `path` into quarantine, with a record line.
+    fn quarantine(&self, set: &str, root: &Root, path: &SetPath, index: u64, term: u64, why: &str) -> Result<(), FsError> {
+        let Some(q) = &self.quarantine else {
+            return Err(FsError::Io {
+                root: self.shared.data_dir.join("quarantine").display().to_string(),
+                path: ".".into(),
+                op: "open quarantine",
+                error: std::io::Error::other("the quarantine directory is unusable; refusing to overwrite a local change"),
+            });
+        };
+        let stamp = format!("{}-{index}", unix_ms());
+        let mut dest: Vec<Vec<u8>> = vec![set.as_bytes().to_vec(), stamp.clone().into_bytes()];
+        dest.extend(path.components().map(|c| c.to_vec()));
+        let local = root.stat(&comps(path))?;
+        let local_hash = match local {
+            Some(m) if m.kind == Kind::File => hash_local(root, &comps(path))?.map(|(h, _)| h.digest().hex()),
+            _ => None,
+        };
+        if !root.move_aside(&comps(path), q, &dest)? {
+            return Ok(());
+        }
+        self.shared.counters.quarantined.fetch_add(1, Ordering::Relaxed);
+        let record = serde_json::json!({
+            "set": set, "path": path.to_string(), "node": self.shared.node_id, "term": term, "index": index,
+            "local_hash": local_hash, "reason": why, "time_unix_ms": unix_ms(),
+            "stored_at": format!("{set}/{stamp}/{path}"),
+        });
+        let line = format!("{record}\n");
+        let file = self.shared.data_dir.join("quarantine").join("records.jsonl");
+        let written = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&file)
+            .and_then(|mut f| {
+                std::io::Write::write_all(&mut f, line.as_bytes())?;
+                f.sync_all()
+            });
+        if let Err(e) = written {
+            warn!("cannot append to {}: {e}", file.display());
+        }
+        warn!(set, path = %path, index, term, "moved the local version of {path} in sync set {set:?} to quarantine ({why}); `clusterctl conflicts` lists it");
+        Ok(())
+    }
+
+    /// Whether the local file at `path` is one the cluster knows: what this
+    /// node last wrote or read there, or the committed `previous` version.
+    fn local_is_known(&self, set: &str, path: &SetPath, local: &FileDigest, previous: Option<&Entry>) -> bool {
+        self.shared.record(set, path).is_some_and(|r| r.digest.get() == *local)
+            || previous.and_then(|p| p.digest).is_some_and(|d| d.get() == *local)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn put_file(
+        &mut self,
+        set: &SetRuntime,
+        root: &Root,
+        path: &SetPath,
+        entry: &Entry,
+        content: &Content,
+        previous: Option<&Entry>,
+        index: u64,
+        term: u64,
+        store: &mut StoreBatch,
+    ) -> Result<PutOutcome, FsError> {
+        let target = entry.digest.expect("a put carries a digest").get();
+        let c = comps(path);
+        let meta = fs_meta(&entry.meta);
+        let local = root.stat(&c)?;
+        // What the local file holds, by record when lstat says it is untouched.
+        let mut local_digest: Option<FileDigest> = None;
+        let mut local_hasher: Option<FileHasher> = None;
+        match local {
+            Some(m) if m.kind == Kind::File => {
+                let rec = self.shared.record(&set.name, path);
+                if let Some(r) = rec.filter(|r| unchanged_since(r, &m)) {
+                    local_digest = Some(r.digest.get());
+                } else if let Some((h, _)) = hash_local(root, &c)? {
+                    local_digest = Some(h.digest());
+                    local_hasher = Some(h);
+                }
+            }
+            Some(m) => {
+                let known = previous.is_some_and(|p| p.meta.kind == entry_kind(m.kind));
+                if known {
+                    root.remove(&c)?;
+                } else {
+                    self.quarantine(&set.name, root, path, index, term, "a different kind of entry stood where the cluster put a file")?;
+                }
+            }
+            None => {}
+        }
+        if local_digest == Some(target) {
+            // Replayed, or the same bytes: only metadata may differ.
+            if let Some(m) = local.filter(|m| !meta_matches(&entry.meta, m)) {
+                let _ = m;
+                root.set_meta(&c, &meta)?;
+            }
+            if let Some(now) = root.stat(&c)? {
+                self.put_record(&set.name, path, record_of(&now, &target), store);
+            }
+            return Ok(PutOutcome::Done);
+        }
+        if let Some(d) = local_digest {
+            if !self.local_is_known(&set.name, path, &d, previous) {
+                self.quarantine(&set.name, root, path, index, term, "it differed from what the cluster last committed")?;
+                local_digest = None;
+                local_hasher = None;
+            }
+        }
+        let patch_bytes = match content {
+            Content::Unchanged => return Ok(PutOutcome::Missing("metadata-only change, but the local content is not the committed one".into())),
+            Content::Inline(b) => b.clone(),
+            Content::Staged { upload, len } => {
+                let staged = self.shared.staging_dir().join(format!("{upload:016x}"));
+                match std::fs::read(&staged) {
+                    Ok(b) if b.len() as u64 >= *len => {
+                        let mut b = b;
+                        b.truncate(*len as usize);
+                        let _ = std::fs::remove_file(&staged);
+                        b
+                    }
+                    _ => return Ok(PutOutcome::Missing("its staged chunks are incomplete".into())),
+                }
+            }
+        };
+        let patch = match Patch::decode(&patch_bytes) {
+            Ok(p) => p,
+            Err(e) => return Ok(PutOutcome::Missing(format!("its patch is unusable: {e}"))),
+        };
+        if let Some(base) = patch.base() {
+            if local_digest != Some(*base) {
+                return Ok(PutOutcome::Missing(format!("the patch is against {base}, which this node does not hold")));
+            }
+        }
+        self.ensure_parents(set, root, path)?;
+        if let Patch::Append { base, .. } = &patch {
+            let key = (set.name.clone(), path.clone());
+            let hasher = match local_hasher
+                .or_else(|| self.shared.append_hashers.lock().unwrap().get(&key).filter(|h| h.digest() == *base).cloned())
+            {
+                Some(h) => h,
+                None => match hash_local(root, &c)? {
+                    Some((h, _)) => h,
+                    None => return Ok(PutOutcome::Missing("the file to append to is gone".into())),
+                },
+            };
+            let tail = match delta::apply_tail(&hasher, &patch, &target, set.max_file_size) {
+                Ok(t) => t,
+                Err(e) => return Ok(PutOutcome::Missing(format!("the appended bytes do not verify: {e}"))),
+            };
+            root.append_file(&c, base.len, &tail, &meta)?;
+            let mut h = hasher;
+            h.update(&tail);
+            self.shared.append_hashers.lock().unwrap().insert(key, h);
+        } else {
+            let base_bytes = match patch.base() {
+                Some(_) => match root.read_file(&c, set.max_file_size)? {
+                    Some((b, _)) => Some(b),
+                    None => return Ok(PutOutcome::Missing("the base file vanished".into())),
+                },
+                None => None,
+            };
+            let new = match delta::apply(base_bytes.as_deref(), &patch, &target, set.max_file_size) {
+                Ok(n) => n,
+                Err(e) => return Ok(PutOutcome::Missing(format!("the patch does not rebuild the committed version: {e}"))),
+            };
+            root.replace_file(&c, &new, &meta, &target.hash)?;
+            if set.mode == SyncMode::Mirror && new.len() >= delta::SMALL_FILE_LEN {
+                store.put_signature(&set.name, path, &delta::BlockSignature::compute(&new).to_bytes());
+            }
+        }
+        if let Some(now) = root.stat(&c)? {
+            self.put_record(&set.name, path, record_of(&now, &target), store);
+        }
+        Ok(PutOutcome::Done)
+    }
+
+    /// Creates missing parent directories (their metadata comes with their
+    /// own Dir ops; until then they are 0755).
+    fn ensure_parents(&self, set: &SetRuntime, root: &Root, path: &SetPath) -> Result<(), FsError> {
+        let all = comps(path);
+        for depth in 1..all.len() {
+            let prefix = &all[..depth];
+            match root.stat(prefix)? {
+                Some(m) if m.kind == Kind::Dir => {}
+                Some(_) => {
+                    let p = SetPath::from_network(&prefix.join(&b'/')).expect("prefix of a valid path");
+                    self.quarantine(&set.name, root, &p, 0, 0, "a non-directory stood where the cluster has a directory")?;
+                    root.make_dir(prefix, &default_dir_meta())?;
+                }
+                None => root.make_dir(prefix, &default_dir_meta())?,
+            }
+        }
+        Ok(())
+    }
+
+    fn make_dir(&self, set: &SetRuntime, root: &Root, path: &SetPath, meta: &Meta, index: u64, term: u64) -> Result<(), FsError> {
+        let c = comps(path);
+        self.ensure_parents(set, root, path)?;
+        if let Some(m) = root.stat(&c)? {
+            if m.kind != Kind::Dir {
+                self.quarantine(&set.name, root, path, index, term, "a non-directory stood where the cluster has a directory")?;
+            }
+        }
+        root.make_dir(&c, &fs_meta(meta))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn make_symlink(&self, set: &SetRuntime, root: &Root, path: &SetPath, entry: &Entry, index: u64, term: u64, store: &mut StoreBatch) -> Result<(), FsError> {
+        let c = comps(path);
+        let target = entry.target.clone().unwrap_or_default();
+        self.ensure_parents(set, root, path)?;
+        match root.stat(&c)? {
+            Some(m) if m.kind == Kind::Symlink => {
+                if root.read_link(&c)?.as_deref() == Some(&target[..]) {
+                    return Ok(());
+                }
+            }
+            Some(m) if m.kind == Kind::File => {
+                let known = match hash_local(root, &c)? {
+                    Some((h, _)) => self.local_is_known(&set.name, path, &h.digest(), None),
+                    None => true,
+                };
+                if known {
+                    root.remove(&c)?;
+                } else {
+                    self.quarantine(&set.name, root, path, index, term, "it differed from what the cluster last committed")?;
+                }
+            }
+            Some(_) => self.quarantine(&set.name, root, path, index, term, "a directory stood where the cluster has a symlink")?,
+            None => {}
+        }
+        self.forget_records(&set.name, path, store);
+        root.make_symlink(&c, &target)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn remove(&self, set: &SetRuntime, root: &Root, path: &SetPath, removed: &[(SetPath, Entry)], index: u64, term: u64, store: &mut StoreBatch) -> Result<(), FsError> {
+        // Files under the path that someone changed here go to quarantine first.
+        for (p, e) in removed {
+            if e.meta.kind != EntryKind::File {
+                continue;
+            }
+            let c = comps(p);
+            if let Some(m) = root.stat(&c)? {
+                if m.kind != Kind::File {
+                    continue;
+                }
+                let rec = self.shared.record(&set.name, p);
+                if rec.is_some_and(|r| unchanged_since(&r, &m)) {
+                    continue;
+                }
+                if let Some((h, _)) = hash_local(root, &c)? {
+                    if !self.local_is_known(&set.name, p, &h.digest(), Some(e)) {
+                        self.quarantine(&set.name, root, p, index, term, "it was changed here, and the cluster deleted it")?;
+                    }
+                }
+            }
+        }
+        // Excluded entries under a removed directory are this node's own:
+        // keep the directory if any remain.
+        if set.filter.is_excluded(path, true) {
+            return Ok(());
+        }
+        if self.has_excluded_inside(set, root, path)? {
+            for (p, _) in removed.iter().rev() {
+                let c = comps(p);
+                match root.stat(&c)? {
+                    Some(m) if m.kind == Kind::Dir => {
+                        let empty = root.list_dir(&c)?.is_none_or(|l| l.is_empty());
+                        if empty {
+                            root.remove(&c)?;
+                        }
+                    }
+                    Some(_) => {
+                        root.remove(&c)?;
+                    }
+                    None => {}
+                }
+            }
+        } else {
+            root.remove(&comps(path))?;
+        }
+        self.forget_records(&set.name, path, store);
+        Ok(())
+    }
+
+    fn has_excluded_inside(&self, set: &SetRuntime, root: &Root, dir: &SetPath) -> Result<bool, FsError> {
+        let c = comps(dir);
+        let Some(listing) = root.list_dir(&c)? else { return Ok(false) };
+        for (name, kind) in listing {
+            let Ok(p) = dir.join(&name) else { continue };
+            if set.filter.is_excluded(&p, kind == Kind::Dir) {
+                return Ok(true);
+            }
+            if kind == Kind::Dir && self.has_excluded_inside(set, root, &p)? {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn rename(&self, set: &SetRuntime, root: &Root, from: &SetPath, to: &SetPath, index: u64, term: u64, store: &mut StoreBatch) -> Result<(), FsError> {
+        if root.stat(&comps(to))?.is_some() {
+            self.quarantine(&set.name, root, to, index, term, "something stood where the cluster moved another path")?;
+        }
+        self.ensure_parents(set, root, to)?;
+        let Some(q) = &self.quarantine else { return Ok(()) };
+        let _ = q;
+        // A rename within one root: move_aside onto the same root renames.
+        let moved = root.move_aside(&comps(from), root, &comps(to))?;
+        let mut records = self.shared.records.lock().unwrap();
+        let recs = records.entry(set.name.clone()).or_default();
+        let old: Vec<(SetPath, LocalRecord)> = recs
+            .iter()
+            .filter(|(k, _)| *k == from || from.is_ancestor_of(k))
+            .map(|(k, v)| (k.clone(), *v))
+            .collect();
+        for (k, r) in old {
+            recs.remove(&k);
+            store.delete_record(&set.name, &k);
+            let mut b = to.as_bytes().to_vec();
+            b.extend_from_slice(&k.as_bytes()[from.as_bytes().len()..]);
+            if let (true, Ok(nk)) = (moved, SetPath::from_network(&b)) {
+                store.put_record(&set.name, &nk, &r);
+                recs.insert(nk, r);
+            }
+        }
+        drop(records);
+        if !moved {
+            // Nothing to move here: the content under `to` is fetched.
+            let m = self.shared.manifest.read().unwrap();
+            let entries: Vec<(SetPath, Entry)> = m
+                .set(&set.name)
+                .map(|s| s.subtree(to).map(|(k, e)| (k.clone(), e.clone())).collect())
+                .unwrap_or_default();
+            drop(m);
+            for (k, e) in entries {
+                self.mark_missing(&set.name, &k, &e, store);
+            }
+        }
+        Ok(())
+    }
+
+    /// The manifest and the index it stands for.
+    pub fn snapshot_now(&self) -> (u64, Vec<u8>) {
+        (self.shared.applied.load(Ordering::SeqCst), self.shared.manifest.read().unwrap().encode())
+    }
+
+    /// Restores from a snapshot now (at start-up, before [`Applier::run`]).
+    pub fn restore_now(&mut self, index: u64, data: &[u8]) -> Result<(), String> {
+        self.restore(index, data)
+    }
+
+    fn restore(&mut self, index: u64, data: &[u8]) -> Result<(), String> {
+        if self.shared.applied.load(Ordering::SeqCst) >= index {
+            let _ = self.out.send(Applied::Index(index));
+            return Ok(());
+        }
+        let manifest = Manifest::decode(data, 1 << 30).map_err(|e| format!("the leader's snapshot at index {index} is unusable: {e}"))?;
+        info!(index, "restoring the file manifest from the leader's snapshot at index {index}");
+        let mut batch = StoreBatch::default();
+        batch.clear_manifest();
+        for (set, sm) in &manifest.sets {
+            for (p, e) in &sm.entries {
+                batch.put_entry(set, p, e);
+            }
+            batch.put_progress(set, &sm.progress);
+        }
+        batch.set_applied(index);
+        self.shared.missing.lock().unwrap().clear();
+        *self.shared.manifest.write().unwrap() = manifest;
+        self.shared.store.write(batch).map_err(|e| e.to_string())?;
+        self.shared.applied.store(index, Ordering::SeqCst);
+        for set in self.shared.sets.clone() {
+            self.deferred.insert(set.name.clone());
+        }
+        self.retry_deferred();
+        let _ = self.out.send(Applied::Index(index));
+        Ok(())
+    }
+
+    fn retry_deferred(&mut self) {
+        for name in std::mem::take(&mut self.deferred) {
+            let Some(set) = self.shared.set(&name).cloned() else { continue };
+            let Some(root) = self.roots.remove(&name) else { continue };
+            match has_marker(&set, &root) {
+                Ok(true) => {
+                    self.deferred.insert(name.clone());
+                }
+                Ok(false) => {
+                    self.shared.health.lock().unwrap().entry(name.clone()).or_default().skipping = false;
+                    let mut store = StoreBatch::default();
+                    if let Err(e) = self.reconcile_local(&set, &root, &mut store) {
+                        self.shared.note_error(&name, format!("reconciling with the manifest: {e}"));
+                        self.deferred.insert(name.clone());
+                    }
+                    if let Err(e) = self.shared.store.write(store) {
+                        let _ = self.out.send(Applied::Failed(e.to_string()));
+                    }
+                    let _ = self.out.send(Applied::SetChanged(name.clone()));
+                }
+                Err(e) => {
+                    self.shared.note_error(&name, format!("cannot look for skip_while markers: {e}"));
+                    self.deferred.insert(name.clone());
+                }
+            }
+            self.roots.insert(name, root);
+        }
+    }
+
+    /// Makes the local tree match the manifest where it can without content
+    /// (directories, links, metadata, deletions) and marks the files whose
+    /// content must be fetched.
+    fn reconcile_local(&mut self, set: &SetRuntime, root: &Root, store: &mut StoreBatch) -> Result<(), FsError> {
+        let index = self.shared.applied.load(Ordering::SeqCst);
+        let entries: Vec<(SetPath, Entry)> = {
+            let m = self.shared.manifest.read().unwrap();
+            m.set(&set.name)
+                .map(|s| s.entries.iter().map(|(k, e)| (k.clone(), e.clone())).collect())
+                .unwrap_or_default()
+        };
+        let (found, _) = walk(set, root)?;
+        let wanted: HashSet<&SetPath> = entries.iter().map(|(p, _)| p).collect();
+        if set.mode == SyncMode::Mirror {
+            // Deepest first, so a directory's contents go before it.
+            for f in found.iter().rev() {
+                if wanted.contains(&f.path) || !set.holds(&f.path, f.meta.kind == Kind::Dir) {
+                    continue;
+                }
+                let ours = f.meta.kind == Kind::File
+                    && self.shared.record(&set.name, &f.path).is_some_and(|r| unchanged_since(&r, &f.meta));
+                let c = comps(&f.path);
+                if ours || f.meta.kind == Kind::Symlink {
+                    root.remove(&c)?;
+                } else if f.meta.kind == Kind::Dir {
+                    if root.list_dir(&c)?.is_none_or(|l| l.is_empty()) {
+                        root.remove(&c)?;
+                    }
+                } else {
+                    self.quarantine(&set.name, root, &f.path, index, 0, "the cluster does not have it")?;
+                }
+            }
+        }
+        let mut dirs = Vec::new();
+        for (path, entry) in &entries {
+            if !set.holds(path, entry.meta.kind == EntryKind::Dir) {
+                continue;
+            }
+            let c = comps(path);
+            let result = match entry.meta.kind {
+                EntryKind::Dir => {
+                    dirs.push((path.clone(), entry.meta.clone()));
+                    self.make_dir(set, root, path, &entry.meta, index, 0)
+                }
+                EntryKind::Symlink => self.make_symlink(set, root, path, entry, index, 0, store),
+                EntryKind::File => {
+                    let want = entry.digest.expect("files have digests").get();
+                    let local = root.stat(&c)?;
+                    let have = match local {
+                        Some(m) if m.kind == Kind::File => {
+                            match self.shared.record(&set.name, path).filter(|r| unchanged_since(r, &m)) {
+                                Some(r) => Some(r.digest.get()),
+                                None => hash_local(root, &c)?.map(|(h, _)| h.digest()),
+                            }
+                        }
+                        _ => None,
+                    };
+                    if have == Some(want) {
+                        if local.is_some_and(|m| !meta_matches(&entry.meta, &m)) {
+                            root.set_meta(&c, &fs_meta(&entry.meta))?;
+                        }
+                        if let Some(now) = root.stat(&c)? {
+                            self.put_record(&set.name, path, record_of(&now, &want), store);
+                        }
+                        self.clear_missing(&set.name, path, store);
+                    } else {
+                        self.mark_missing(&set.name, path, entry, store);
+                    }
+                    Ok(())
+                }
+            };
+            if let Err(e) = result {
+                self.shared.note_error(&set.name, format!("{path}: {e}"));
+            }
+        }
+        for (path, meta) in dirs.iter().rev() {
+            let _ = root.set_meta(&comps(path), &fs_meta(meta));
+        }
+        Ok(())
+    }
+
+    fn apply_fetched(&mut self, f: Fetched) {
+        let key = (f.set.clone(), f.path.clone());
+        let still_wanted = self.shared.missing.lock().unwrap().get(&key).map(|d| d.get()) == Some(f.want);
+        let entry = self.shared.manifest.read().unwrap().get(&f.set, &f.path).cloned();
+        let (Some(entry), true) = (entry, still_wanted) else { return };
+        if entry.digest.map(|d| d.get()) != Some(f.want) {
+            return;
+        }
+        let Some(set) = self.shared.set(&f.set).cloned() else { return };
+        if self.deferred.contains(&f.set) {
+            return;
+        }
+        let Some(root) = self.roots.remove(&f.set) else { return };
+        let mut store = StoreBatch::default();
+        let index = self.shared.applied.load(Ordering::SeqCst);
+        self.shared.counters.bytes_fetched.fetch_add(f.patch.len() as u64, Ordering::Relaxed);
+        match self.put_file(&set, &root, &f.path, &entry, &Content::Inline(f.patch), None, index, 0, &mut store) {
+            Ok(PutOutcome::Done) => {
+                self.clear_missing(&f.set, &f.path, &mut store);
+                info!(set = %f.set, path = %f.path, "fetched the committed version of {}", f.path);
+                let _ = self.out.send(Applied::SetChanged(f.set.clone()));
+            }
+            Ok(PutOutcome::Missing(why)) => debug!(set = %f.set, path = %f.path, "fetched content unusable: {why}"),
+            Err(e) => self.shared.note_error(&f.set, format!("{}: {e}", f.path)),
+        }
+        self.roots.insert(f.set.clone(), root);
+        if let Err(e) = self.shared.store.write(store) {
+            let _ = self.out.send(Applied::Failed(e.to_string()));
+        }
+    }
+}
+
+fn entry_kind(k: Kind) -> EntryKind {
+    match k {
+        Kind::Dir => EntryKind::Dir,
+        Kind::Symlink => EntryKind::Symlink,
+        _ => EntryKind::File,
+    }
+}
+
+fn default_dir_meta() -> FileMeta {
+    let uid = unsafe { libc::geteuid() };
+    let gid = unsafe { libc::getegid() };
+    FileMeta::new(Kind::Dir, 0o755, uid, gid, unix_ms() as i128 * 1_000_000)
+}
+
+fn clean_staging(dir: &Path) {
+    let Ok(rd) = std::fs::read_dir(dir) else { return };
+    for e in rd.flatten() {
+        let old = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > STAGING_MAX_AGE);
+        if old {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
+/// Runs `on_change` commands on followers: debounced per set, one at a time
+/// per set, time-limited, exit status and output logged.
+pub async fn run_on_change(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<String>) {
+    const DEBOUNCE: Duration = Duration::from_millis(200);
+    const LIMIT: Duration = Duration::from_secs(60);
+    let mut due: BTreeMap<String, Instant> = BTreeMap::new();
+    loop {
+        let next = due.values().min().copied();
+        tokio::select! {
+            msg = rx.recv() => match msg {
+                Some(set) => { due.insert(set, Instant::now() + DEBOUNCE); }
+                None => return,
+            },
+            _ = async { match next { Some(t) => tokio::time::sleep_until(t.into()).await, None => std::future::pending().await } } => {
+                let now = Instant::now();
+                let ready: Vec<String> = due.iter().filter(|(_, t)| **t <= now).map(|(s, _)| s.clone()).collect();
+                for set in ready {
+                    due.remove(&set);
+                    let Some(cmd) = shared.set(&set).and_then(|s| s.on_change.clone()) else { continue };
+                    let ok = crate::hooks::run_command(&cmd, &[("CLUSTERD_SET", set.as_str())], LIMIT, &format!("on_change of sync set {set:?}")).await;
+                    if !ok {
+                        shared.counters.on_change_failures.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }
+    }
+}

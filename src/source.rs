@@ -1,0 +1,666 @@
+//! The leader half of replication: while this node leads, it watches every
+//! sync set (inotify through the notify crate, debounced, plus a periodic
+//! full rescan), turns what changed into file batches planned against the
+//! committed manifest, and proposes them through Raft.
+//!
+//! Invariants owned here:
+//! * Only the leader proposes, and only in the term it was elected in: every
+//!   proposal carries that term and the node task refuses it once the term
+//!   moved on (a deposed leader stops proposing at once).
+//! * One batch at a time: the next batch is planned only after the previous
+//!   one applied here, so every delta is against the committed version that
+//!   followers hold when they apply it.
+//! * A file that changes while it is read is read again (`Root::read_file`),
+//!   so no torn version is ever proposed; a set with a `skip_while` marker
+//!   present is not read at all.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use notify::{RecursiveMode, Watcher};
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use crate::config::{ReplicationConfig, SyncMode};
+use crate::delta::{self, FileDigest, FileHasher};
+use crate::fsroot::{FileMeta, Kind, Root};
+use crate::manifest::{Chunk, Content, Entry, EntryKind, FileBatch, FileOp, WireDigest, CHUNK_LEN};
+use crate::node::{NodeHandle, RequestError};
+use crate::paths::SetPath;
+use crate::raft_core::{Command, Role};
+use crate::replica::{meta_from_local, record_of, unchanged_since, unix_ms, walk, OwnerNames, SetRuntime, Shared};
+
+/// Inline patches larger than this travel as chunks, so one entry stays small.
+const INLINE_LIMIT: usize = 256 * 1024;
+/// A batch is proposed once its patches reach this size.
+const BATCH_BYTES: usize = 4 << 20;
+/// Or once it holds this many ops.
+const BATCH_OPS: usize = 2000;
+/// Chunks proposed before waiting for them to commit.
+const CHUNK_WINDOW: usize = 32;
+/// How long a new leader waits for missing content to be fetched before it
+/// takes its own tree as the truth for those paths.
+const MISSING_GRACE: Duration = Duration::from_secs(5);
+
+/// What changed where, as the watcher reports it.
+#[derive(Debug, Default)]
+struct Dirty {
+    paths: BTreeMap<String, BTreeSet<SetPath>>,
+    /// Sets to rescan whole (watcher overflow, a new watch, a marker gone).
+    full: BTreeSet<String>,
+}
+
+impl Dirty {
+    fn is_empty(&self) -> bool {
+        self.paths.is_empty() && self.full.is_empty()
+    }
+}
+
+pub struct Source {
+    shared: Arc<Shared>,
+    node: NodeHandle,
+    config: ReplicationConfig,
+}
+
+impl Source {
+    pub fn new(shared: Arc<Shared>, node: NodeHandle, config: ReplicationConfig) -> Source {
+        Source { shared, node, config }
+    }
+
+    /// Runs for the life of the node: idle while following, the source while leading.
+    pub async fn run(self, mut stop: tokio::sync::watch::Receiver<bool>) {
+        if self.shared.sets.is_empty() {
+            return;
+        }
+        loop {
+            let lead = self.node.wait_view(Duration::from_secs(3600), |v| v.role == Role::Leader);
+            let view = tokio::select! {
+                v = lead => v,
+                _ = stop.changed() => return,
+            };
+            let Some(view) = view else { continue };
+            let term = view.term;
+            tokio::select! {
+                _ = self.lead(term) => {}
+                _ = stop.changed() => return,
+            }
+        }
+    }
+
+    async fn lead(&self, term: u64) {
+        // The no-op of this term applied here means the manifest is current.
+        if let Err(e) = self.node.local_barrier(Duration::from_secs(10)).await {
+            debug!(term, "not starting as the source yet: {e}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            return;
+        }
+        self.settle_missing(term).await;
+        info!(term, sets = self.shared.sets.len(), "leading: watching the sync sets and reconciling them with the committed manifest");
+        let (tx, mut rx) = mpsc::unbounded_channel::<(usize, PathBuf)>();
+        let _watchers = self.watch(tx);
+        let mut dirty = Dirty::default();
+        for set in &self.shared.sets {
+            dirty.full.insert(set.name.clone());
+        }
+        let mut rescan = tokio::time::interval(self.config.rescan);
+        rescan.tick().await;
+        let mut retry = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            if !dirty.is_empty() {
+                let work = std::mem::take(&mut dirty);
+                let shared = self.shared.clone();
+                let node = self.node.clone();
+                let rt = tokio::runtime::Handle::current();
+                let result = tokio::task::spawn_blocking(move || {
+                    let mut left = Dirty::default();
+                    let r = process(&shared, &node, &rt, term, work, &mut left);
+                    (r, left)
+                })
+                .await;
+                match result {
+                    Ok((Ok(()), left)) => dirty = left,
+                    Ok((Err(e), _)) => {
+                        info!(term, "stopped proposing: {e}");
+                        return;
+                    }
+                    Err(e) => {
+                        warn!(term, "the change planner failed: {e}");
+                        return;
+                    }
+                }
+            }
+            if self.node.view().term != term || self.node.view().role != Role::Leader {
+                return;
+            }
+            tokio::select! {
+                ev = rx.recv() => {
+                    let Some((set, path)) = ev else { return };
+                    self.note(&mut dirty, set, path);
+                    // Debounce: take everything that arrives while it stays quiet.
+                    let until = Instant::now() + self.config.debounce * 10;
+                    loop {
+                        match tokio::time::timeout(self.config.debounce, rx.recv()).await {
+                            Ok(Some((s, p))) => self.note(&mut dirty, s, p),
+                            Ok(None) => return,
+                            Err(_) => break,
+                        }
+                        if Instant::now() >= until {
+                            break;
+                        }
+                    }
+                }
+                _ = rescan.tick() => {
+                    for set in &self.shared.sets {
+                        dirty.full.insert(set.name.clone());
+                    }
+                }
+                _ = retry.tick(), if !dirty.is_empty() => {}
+                _ = self.node.wait_view(Duration::from_secs(1), |v| v.term != term || v.role != Role::Leader) => {}
+            }
+        }
+    }
+
+    /// Gives the fetcher a moment to bring missing content before this
+    /// node's tree becomes the source; what no peer could supply is taken
+    /// as it is here.
+    async fn settle_missing(&self, term: u64) {
+        let deadline = Instant::now() + MISSING_GRACE;
+        while !self.shared.missing.lock().unwrap().is_empty() && Instant::now() < deadline {
+            self.shared.fetch_wakeup.notify_one();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let left: Vec<_> = std::mem::take(&mut *self.shared.missing.lock().unwrap()).into_keys().collect();
+        for (set, path) in left {
+            warn!(term, set = %set, path = %path, "no peer could supply the committed version of {path}; this leader's copy becomes the source");
+        }
+    }
+
+    fn note(&self, dirty: &mut Dirty, set: usize, full: PathBuf) {
+        let rt = &self.shared.sets[set];
+        if full == rt.root_dir || full == rt.path {
+            if rt.single_file.is_some() {
+                dirty.full.insert(rt.name.clone());
+            } else {
+                dirty.full.insert(rt.name.clone());
+            }
+            return;
+        }
+        match SetPath::from_local(&rt.root_dir, &full) {
+            Ok(p) => {
+                if let Some(name) = &rt.single_file {
+                    if &p != name {
+                        return;
+                    }
+                }
+                if crate::fsroot::is_temp_name(p.file_name()) {
+                    return;
+                }
+                let s = dirty.paths.entry(rt.name.clone()).or_default();
+                // A child's event changes its directory's mtime too.
+                if let Some(parent) = p.parent() {
+                    s.insert(parent);
+                }
+                s.insert(p);
+            }
+            Err(_) => {
+                dirty.full.insert(rt.name.clone());
+            }
+        }
+    }
+
+    fn watch(&self, tx: mpsc::UnboundedSender<(usize, PathBuf)>) -> Vec<notify::RecommendedWatcher> {
+        let mut out = Vec::new();
+        for (i, set) in self.shared.sets.iter().enumerate() {
+            let tx = tx.clone();
+            let handler = move |res: notify::Result<notify::Event>| match res {
+                Ok(ev) => {
+                    if ev.need_rescan() {
+                        let _ = tx.send((i, PathBuf::new()));
+                    }
+                    for p in ev.paths {
+                        let _ = tx.send((i, p));
+                    }
+                }
+                Err(_) => {
+                    let _ = tx.send((i, PathBuf::new()));
+                }
+            };
+            let mut w = match notify::recommended_watcher(handler) {
+                Ok(w) => w,
+                Err(e) => {
+                    warn!(set = %set.name, "cannot watch sync set {:?}: {e}; relying on the periodic rescan", set.name);
+                    continue;
+                }
+            };
+            let (target, mode) = match set.single_file {
+                Some(_) => (&set.root_dir, RecursiveMode::NonRecursive),
+                None => (&set.root_dir, RecursiveMode::Recursive),
+            };
+            if let Err(e) = w.watch(target, mode) {
+                warn!(set = %set.name, "cannot watch {}: {e}; relying on the periodic rescan (raise fs.inotify.max_user_watches for large trees)", target.display());
+            }
+            out.push(w);
+        }
+        out
+    }
+}
+
+/// Plans and proposes everything in `work`, one batch at a time.
+fn process(
+    shared: &Arc<Shared>,
+    node: &NodeHandle,
+    rt: &tokio::runtime::Handle,
+    term: u64,
+    work: Dirty,
+    left: &mut Dirty,
+) -> Result<(), RequestError> {
+    let mut sets: BTreeSet<String> = work.full.clone();
+    sets.extend(work.paths.keys().cloned());
+    for name in sets {
+        let Some(set) = shared.set(&name).cloned() else { continue };
+        let root = match set.open_root() {
+            Ok(r) => r,
+            Err(e) => {
+                shared_error(shared, &name, format!("cannot open sync set {name:?}: {e}"));
+                continue;
+            }
+        };
+        let full = work.full.contains(&name);
+        let (found, marker) = if full || set.filter.has_skip_while() {
+            match walk(&set, &root) {
+                Ok(w) => w,
+                Err(e) => {
+                    shared_error(shared, &name, format!("cannot scan sync set {name:?}: {e}"));
+                    continue;
+                }
+            }
+        } else {
+            (Vec::new(), false)
+        };
+        if marker {
+            debug!(set = %name, "a skip_while marker exists; leaving the set alone for now");
+            shared.health.lock().unwrap().entry(name.clone()).or_default().skipping = true;
+            // Come back to it: a full pass once the marker is gone.
+            left.full.insert(name.clone());
+            continue;
+        }
+        shared.health.lock().unwrap().entry(name.clone()).or_default().skipping = false;
+        let paths: Vec<SetPath> = if full {
+            let mut all: BTreeSet<SetPath> = found.iter().map(|f| f.path.clone()).collect();
+            if let Some(m) = shared.manifest.read().unwrap().set(&name) {
+                all.extend(m.entries.keys().cloned());
+            }
+            all.into_iter().collect()
+        } else {
+            work.paths.get(&name).map(|s| s.iter().cloned().collect()).unwrap_or_default()
+        };
+        plan_and_propose(shared, node, rt, term, &set, &root, paths)?;
+    }
+    Ok(())
+}
+
+fn shared_error(shared: &Shared, set: &str, msg: String) {
+    warn!(set, "{msg}");
+    shared.health.lock().unwrap().entry(set.to_string()).or_default().last_error = Some(msg);
+}
+
+/// A batch being built.
+struct Builder {
+    ops: Vec<FileOp>,
+    chunks: Vec<Chunk>,
+    bytes: usize,
+    pending: Vec<(SetPath, crate::files_store::LocalRecord)>,
+    /// Paths gone from the tree, by the inode they had, for rename detection.
+    gone: Vec<(SetPath, crate::files_store::LocalRecord)>,
+}
+
+fn plan_and_propose(
+    shared: &Arc<Shared>,
+    node: &NodeHandle,
+    rt: &tokio::runtime::Handle,
+    term: u64,
+    set: &SetRuntime,
+    root: &Root,
+    paths: Vec<SetPath>,
+) -> Result<(), RequestError> {
+    let mut names = OwnerNames::default();
+    let mut b = Builder {
+        ops: Vec::new(),
+        chunks: Vec::new(),
+        bytes: 0,
+        pending: Vec::new(),
+        gone: Vec::new(),
+    };
+    // Deletions first (so a rename can find its source), then the rest in order.
+    let mut present = Vec::new();
+    let mut removed_roots: Vec<SetPath> = Vec::new();
+    for path in paths {
+        if removed_roots.iter().any(|r| r.is_ancestor_of(&path)) {
+            continue;
+        }
+        let stat = match root.stat(&path.components().collect::<Vec<_>>()) {
+            Ok(s) => s,
+            Err(e) => {
+                shared_error(shared, &set.name, format!("{path}: {e}"));
+                continue;
+            }
+        };
+        match stat {
+            None => {
+                let known = shared
+                    .manifest
+                    .read()
+                    .unwrap()
+                    .set(&set.name)
+                    .is_some_and(|m| m.entries.contains_key(&path));
+                if known {
+                    if let Some(r) = shared.record(&set.name, &path) {
+                        b.gone.push((path.clone(), r));
+                    }
+                    removed_roots.push(path);
+                }
+            }
+            Some(meta) => present.push((path, meta)),
+        }
+    }
+    let mut renamed: BTreeSet<SetPath> = BTreeSet::new();
+    for (path, meta) in present {
+        if !set.holds(&path, meta.kind == Kind::Dir) {
+            continue;
+        }
+        if meta.kind == Kind::File && shared.manifest.read().unwrap().get(&set.name, &path).is_none() {
+            // A new name for a file that just left another name: a rename.
+            if let Some(i) = b.gone.iter().position(|(_, r)| r.ino == meta.ino && r.len == meta.len && r.mtime_ns == meta.mtime_ns) {
+                let (from, rec) = b.gone.remove(i);
+                renamed.insert(from.clone());
+                b.ops.push(FileOp::Rename {
+                    from: from.as_bytes().to_vec(),
+                    to: path.as_bytes().to_vec(),
+                });
+                let _ = rec;
+                continue;
+            }
+        }
+        examine(shared, set, root, &path, &meta, &mut names, &mut b);
+        if b.bytes >= BATCH_BYTES || b.ops.len() >= BATCH_OPS {
+            flush(shared, node, rt, term, set, &mut b)?;
+        }
+    }
+    for r in removed_roots {
+        if renamed.contains(&r) {
+            continue;
+        }
+        b.ops.push(match set.mode {
+            SyncMode::Mirror => FileOp::Remove { path: r.as_bytes().to_vec() },
+            SyncMode::Append => FileOp::Forget { path: r.as_bytes().to_vec() },
+        });
+    }
+    // Renames and removals must precede puts that reuse their names.
+    b.ops.sort_by_key(|op| match op {
+        FileOp::Rename { .. } => 0,
+        FileOp::Remove { .. } | FileOp::Forget { .. } => 1,
+        _ => 2,
+    });
+    flush(shared, node, rt, term, set, &mut b)
+}
+
+fn examine(
+    shared: &Shared,
+    set: &SetRuntime,
+    root: &Root,
+    path: &SetPath,
+    meta: &FileMeta,
+    names: &mut OwnerNames,
+    b: &mut Builder,
+) {
+    let committed: Option<Entry> = shared.manifest.read().unwrap().get(&set.name, path).cloned();
+    let comps: Vec<&[u8]> = path.components().collect();
+    let result: Result<(), String> = (|| {
+        match meta.kind {
+            Kind::Dir => {
+                let m = meta_from_local(meta, EntryKind::Dir, names);
+                if committed.as_ref().map(|e| &e.meta) != Some(&m) {
+                    b.ops.push(FileOp::Dir { path: path.as_bytes().to_vec(), meta: m });
+                }
+            }
+            Kind::Symlink => {
+                let target = root.read_link(&comps).map_err(|e| e.to_string())?.unwrap_or_default();
+                let mut m = meta_from_local(meta, EntryKind::Symlink, names);
+                m.mode = 0o777;
+                let same = committed.as_ref().is_some_and(|e| e.target.as_deref() == Some(&target[..]) && e.meta.uid == m.uid && e.meta.gid == m.gid);
+                if !same {
+                    b.ops.push(FileOp::Symlink { path: path.as_bytes().to_vec(), target, meta: m });
+                }
+            }
+            Kind::File => examine_file(shared, set, root, path, meta, committed.as_ref(), names, b)?,
+            _ => debug!(set = %set.name, path = %path, "not replicated: {} (only files, directories and symlinks are)", meta.kind.describe()),
+        }
+        Ok(())
+    })();
+    if let Err(e) = result {
+        shared_error(shared, &set.name, format!("{path}: {e}"));
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn examine_file(
+    shared: &Shared,
+    set: &SetRuntime,
+    root: &Root,
+    path: &SetPath,
+    meta: &FileMeta,
+    committed: Option<&Entry>,
+    names: &mut OwnerNames,
+    b: &mut Builder,
+) -> Result<(), String> {
+    let comps: Vec<&[u8]> = path.components().collect();
+    let committed_digest = committed.and_then(|e| e.digest).map(|d| d.get());
+    let record = shared.record(&set.name, path);
+    if let (Some(r), Some(c)) = (record, committed_digest) {
+        if unchanged_since(&r, meta) && r.digest.get() == c && committed.is_some_and(|e| e.meta.kind == EntryKind::File) {
+            return Ok(());
+        }
+    }
+    if meta.len > set.max_file_size {
+        return Err(format!(
+            "{} bytes is more than the set's max_file_size ({}); not replicated",
+            meta.len, set.max_file_size
+        ));
+    }
+    // An append set's file that only grew: read and send the new bytes only.
+    if set.mode == SyncMode::Append {
+        if let (Some(r), Some(c)) = (record, committed_digest) {
+            if r.digest.get() == c && r.ino == meta.ino && meta.len > r.len {
+                return append_tail(shared, set, root, path, &comps, c, r.len, names, b);
+            }
+        }
+    }
+    let (data, now) = match root.read_file(&comps, set.max_file_size).map_err(|e| e.to_string())? {
+        Some(x) => x,
+        None => return Ok(()), // gone meanwhile: its deletion event follows
+    };
+    let new_digest = delta::digest(&data);
+    let m = meta_from_local(&now, EntryKind::File, names);
+    if committed_digest == Some(new_digest) {
+        b.pending.push((path.clone(), record_of(&now, &new_digest)));
+        if committed.map(|e| &e.meta) != Some(&m) {
+            b.ops.push(FileOp::Put {
+                path: path.as_bytes().to_vec(),
+                meta: m,
+                digest: WireDigest::new(&new_digest),
+                content: Content::Unchanged,
+            });
+        } else {
+            // Same bytes, same metadata (say, a touch undone): just remember it.
+            shared.records.lock().unwrap().entry(set.name.clone()).or_default().insert(path.clone(), record_of(&now, &new_digest));
+            b.pending.pop();
+        }
+        return Ok(());
+    }
+    let sig = committed_digest.and_then(|c| shared.signature(&set.name, path, &c));
+    let patch = match &sig {
+        Some(s) => delta::plan_with_signature(s, &data).0,
+        None => delta::plan(None, &data).0,
+    };
+    if set.mode == SyncMode::Mirror && data.len() >= delta::SMALL_FILE_LEN {
+        let mut sb = crate::files_store::StoreBatch::default();
+        sb.put_signature(&set.name, path, &delta::BlockSignature::compute(&data).to_bytes());
+        let _ = shared.store.write(sb);
+    }
+    add_put(shared, path, m, new_digest, patch.encode(), data.len(), b);
+    b.pending.push((path.clone(), record_of(&now, &new_digest)));
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn append_tail(
+    shared: &Shared,
+    set: &SetRuntime,
+    root: &Root,
+    path: &SetPath,
+    comps: &[&[u8]],
+    base: FileDigest,
+    base_len: u64,
+    names: &mut OwnerNames,
+    b: &mut Builder,
+) -> Result<(), String> {
+    let key = (set.name.clone(), path.clone());
+    let Some((file, _)) = root.open_file(comps).map_err(|e| e.to_string())? else { return Ok(()) };
+    let mut hasher = match shared.append_hashers.lock().unwrap().get(&key).filter(|h| h.digest() == base).cloned() {
+        Some(h) => h,
+        None => {
+            // Once per file and leadership: hash the committed prefix.
+            let mut h = FileHasher::new();
+            let mut buf = vec![0u8; 1 << 20];
+            let mut off = 0u64;
+            while off < base_len {
+                let want = ((base_len - off) as usize).min(buf.len());
+                let n = file.read_at(&mut buf[..want], off).map_err(|e| e.to_string())?;
+                if n == 0 {
+                    break;
+                }
+                h.update(&buf[..n]);
+                off += n as u64;
+            }
+            if h.digest() != base {
+                // Not an append after all (rewritten in place): send it as a new version.
+                drop(file);
+                let mut record = shared.record(&set.name, path).expect("append needs a record");
+                record.ino = u64::MAX;
+                shared.records.lock().unwrap().entry(set.name.clone()).or_default().insert(path.clone(), record);
+                let meta = root.stat(comps).map_err(|e| e.to_string())?.ok_or("gone")?;
+                let committed = shared.manifest.read().unwrap().get(&set.name, path).cloned();
+                let mut mirror = set.clone();
+                mirror.mode = SyncMode::Mirror;
+                return examine_file(shared, &mirror, root, path, &meta, committed.as_ref(), names, b);
+            }
+            h
+        }
+    };
+    // Read the tail until the size holds still, so a writer mid-line is not torn.
+    let mut tail;
+    let mut meta;
+    let mut attempts = 0;
+    loop {
+        let before = rustix::fs::fstat(&file).map_err(|e| e.to_string())?;
+        let len = before.st_size as u64;
+        tail = vec![0u8; (len - base_len) as usize];
+        file.read_exact_at(&mut tail, base_len).map_err(|e| e.to_string())?;
+        let after = rustix::fs::fstat(&file).map_err(|e| e.to_string())?;
+        meta = root.stat(comps).map_err(|e| e.to_string())?.ok_or("gone")?;
+        attempts += 1;
+        if after.st_size == before.st_size && after.st_mtime_nsec == before.st_mtime_nsec || attempts >= 5 {
+            break;
+        }
+    }
+    hasher.update(&tail);
+    let new_digest = hasher.digest();
+    let patch = delta::plan_append(&base, &tail);
+    shared.append_hashers.lock().unwrap().insert(key, hasher);
+    let m = meta_from_local(&meta, EntryKind::File, names);
+    add_put(shared, path, m, new_digest, patch.encode(), tail.len(), b);
+    b.pending.push((path.clone(), record_of(&meta, &new_digest)));
+    Ok(())
+}
+
+fn add_put(shared: &Shared, path: &SetPath, meta: crate::manifest::Meta, digest: FileDigest, patch: Vec<u8>, raw_len: usize, b: &mut Builder) {
+    shared
+        .counters
+        .bytes_saved
+        .fetch_add((raw_len as u64).saturating_sub(patch.len() as u64), Ordering::Relaxed);
+    let content = if patch.len() > INLINE_LIMIT {
+        let upload: u64 = rand::random();
+        shared.own_uploads.lock().unwrap().insert(upload);
+        let len = patch.len() as u64;
+        for (i, piece) in patch.chunks(CHUNK_LEN).enumerate() {
+            b.chunks.push(Chunk {
+                upload,
+                offset: (i * CHUNK_LEN) as u64,
+                data: piece.to_vec(),
+            });
+        }
+        Content::Staged { upload, len }
+    } else {
+        Content::Inline(patch)
+    };
+    b.bytes += match &content {
+        Content::Inline(p) => p.len(),
+        Content::Staged { len, .. } => *len as usize,
+        Content::Unchanged => 0,
+    };
+    b.ops.push(FileOp::Put {
+        path: path.as_bytes().to_vec(),
+        meta,
+        digest: WireDigest::new(&digest),
+        content,
+    });
+}
+
+/// Proposes what `b` holds (chunks first, in windows, then the batch) and
+/// waits until it applied here.
+fn flush(
+    shared: &Shared,
+    node: &NodeHandle,
+    rt: &tokio::runtime::Handle,
+    term: u64,
+    set: &SetRuntime,
+    b: &mut Builder,
+) -> Result<(), RequestError> {
+    if b.ops.is_empty() {
+        b.chunks.clear();
+        return Ok(());
+    }
+    let chunks = std::mem::take(&mut b.chunks);
+    for window in chunks.chunks(CHUNK_WINDOW) {
+        let commands: Vec<Command> = window.iter().cloned().map(Command::Chunk).collect();
+        let bytes: usize = window.iter().map(|c| c.data.len()).sum();
+        shared.counters.bytes_proposed.fetch_add(bytes as u64, Ordering::Relaxed);
+        rt.block_on(node.propose(term, commands, Duration::from_secs(120)))?;
+    }
+    {
+        let mut pending = shared.pending_local.lock().unwrap();
+        for (p, r) in b.pending.drain(..) {
+            pending.insert((set.name.clone(), p), r);
+        }
+    }
+    let batch = FileBatch {
+        set: set.name.clone(),
+        origin: shared.node_id,
+        proposed_at_ms: unix_ms(),
+        ops: std::mem::take(&mut b.ops),
+    };
+    let command = Command::Files(batch);
+    shared
+        .counters
+        .bytes_proposed
+        .fetch_add(command.encode().len() as u64, Ordering::Relaxed);
+    let n = if let Command::Files(bt) = &command { bt.ops.len() } else { 0 };
+    debug!(set = %set.name, ops = n, "proposing a batch");
+    b.bytes = 0;
+    rt.block_on(node.propose(term, vec![command], Duration::from_secs(60)))?;
+    Ok(())
+}
