@@ -116,6 +116,7 @@ pub struct RawTls {
 pub struct RawRaft {
     pub heartbeat_ms: Option<i64>,
     pub election_timeout_ms: Option<i64>,
+    pub compact_after: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -163,6 +164,9 @@ pub struct Config {
     /// Every other member of the cluster (the node's own entry, if listed, is dropped).
     pub peers: Vec<PeerConfig>,
     pub raft: RaftTimers,
+    /// Applied entries kept in the Raft log before it is compacted into a
+    /// snapshot (followers further behind catch up by snapshot).
+    pub compact_after: u64,
     pub tls: TlsPaths,
     pub sync: Vec<SyncSetConfig>,
     pub replication: ReplicationConfig,
@@ -351,6 +355,14 @@ pub fn validate(raw: RawConfig, file: &Path) -> Result<Config, ConfigError> {
     };
     let own_id = node.as_ref().map(|n| n.id);
     let peers = v.peers(raw.peer, own_id);
+    let compact_after = match raw.raft.compact_after {
+        None => 20_000,
+        Some(n) if n >= 10 => n as u64,
+        Some(n) => {
+            v.problem(format!("key `raft.compact_after` = {n} must be at least 10 entries"));
+            20_000
+        }
+    };
     let raft = v.raft(raw.raft);
     let revoked_serials = v.revoked_serials(raw.tls.as_ref().map_or(&[][..], |t| &t.revoked_serials[..]));
     let tls = v.tls(raw.tls);
@@ -381,6 +393,7 @@ pub fn validate(raw: RawConfig, file: &Path) -> Result<Config, ConfigError> {
             node,
             peers,
             raft,
+            compact_after,
             tls,
             sync,
             replication,

@@ -666,7 +666,7 @@ async fn run_inner(config: Config, shutdown: impl std::future::Future<Output = (
 
     let options = CoreOptions {
         witness: config.node.witness,
-        ..CoreOptions::default()
+        compact_after: config.compact_after,
     };
     let logger = crate::logging::raft_logger(id);
     let shared = crate::replica::open_shared(&config)?;

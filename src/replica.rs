@@ -806,8 +806,30 @@ impl Applier {
                 self.shared.note_error(&set.name, format!("entry {index}: {e}"));
             }
         }
-        // Children change their directory's mtime: set directories last, deepest first.
-        for (path, meta) in dirs.iter().rev() {
+        // Writing a child changes its directory's mtime: set the committed
+        // metadata of every directory the batch touched last, deepest first.
+        let mut touched: BTreeMap<SetPath, Meta> = dirs.into_iter().collect();
+        {
+            let m = self.shared.manifest.read().unwrap();
+            for op in checked {
+                let (a, b) = match op {
+                    CheckedOp::Rename { from, to, .. } => (Some(from), Some(to)),
+                    CheckedOp::Put { path, .. }
+                    | CheckedOp::Dir { path, .. }
+                    | CheckedOp::Symlink { path, .. }
+                    | CheckedOp::Remove { path, .. }
+                    | CheckedOp::Forget { path } => (Some(path), None),
+                };
+                for p in [a, b].into_iter().flatten() {
+                    if let Some(parent) = p.parent() {
+                        if let Some(e) = m.get(&set.name, &parent).filter(|e| e.meta.kind == EntryKind::Dir) {
+                            touched.insert(parent, e.meta.clone());
+                        }
+                    }
+                }
+            }
+        }
+        for (path, meta) in touched.iter().rev() {
             if let Err(e) = root.set_meta(&comps(path), &fs_meta(meta)) {
                 self.shared.note_error(&set.name, format!("entry {index}: {e}"));
             }
@@ -1119,7 +1141,8 @@ impl Applier {
         if set.filter.is_excluded(path, true) {
             return Ok(());
         }
-        if self.has_excluded_inside(set, root, path)? {
+        let is_dir = root.stat(&comps(path))?.is_some_and(|m| m.kind == Kind::Dir);
+        if is_dir && self.has_excluded_inside(set, root, path)? {
             for (p, _) in removed.iter().rev() {
                 let c = comps(p);
                 match root.stat(&c)? {
@@ -1367,6 +1390,12 @@ impl Applier {
         match self.put_file(&set, &root, &f.path, &entry, &Content::Inline(f.patch), None, index, 0, &mut store) {
             Ok(PutOutcome::Done) => {
                 self.clear_missing(&f.set, &f.path, &mut store);
+                if let Some(parent) = f.path.parent() {
+                    let meta = self.shared.manifest.read().unwrap().get(&f.set, &parent).map(|e| e.meta.clone());
+                    if let Some(meta) = meta.filter(|m| m.kind == EntryKind::Dir) {
+                        let _ = root.set_meta(&comps(&parent), &fs_meta(&meta));
+                    }
+                }
                 info!(set = %f.set, path = %f.path, "fetched the committed version of {}", f.path);
                 let _ = self.out.send(Applied::SetChanged(f.set.clone()));
             }

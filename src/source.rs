@@ -417,8 +417,22 @@ fn examine(
     names: &mut OwnerNames,
     b: &mut Builder,
 ) {
-    let committed: Option<Entry> = shared.manifest.read().unwrap().get(&set.name, path).cloned();
+    let mut committed: Option<Entry> = shared.manifest.read().unwrap().get(&set.name, path).cloned();
     let comps: Vec<&[u8]> = path.components().collect();
+    let local_kind = match meta.kind {
+        Kind::Dir => Some(EntryKind::Dir),
+        Kind::Symlink => Some(EntryKind::Symlink),
+        Kind::File => Some(EntryKind::File),
+        _ => None,
+    };
+    if let (Some(c), Some(k)) = (&committed, local_kind) {
+        if c.meta.kind != k {
+            // The path changed kind: followers drop the old entry (and what
+            // was under it) first, as the committed thing it is.
+            b.ops.push(FileOp::Remove { path: path.as_bytes().to_vec() });
+            committed = None;
+        }
+    }
     let result: Result<(), String> = (|| {
         match meta.kind {
             Kind::Dir => {
