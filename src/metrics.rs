@@ -21,11 +21,12 @@ use tokio::net::TcpListener;
 use tracing::{debug, warn};
 
 use crate::raft_core::{NodeView, Role};
+use crate::status::FilesView;
 
 type Labels = Vec<(String, String)>;
 
 /// Renders one scrape: the node's view and its certificate's expiry.
-pub fn render(view: &NodeView, cert_not_after: SystemTime, now: SystemTime) -> String {
+pub fn render(view: &NodeView, files: Option<&FilesView>, cert_not_after: SystemTime, now: SystemTime) -> String {
     let mut registry = Registry::with_prefix("clusterd");
     let gauge = |registry: &mut Registry, name: &str, help: &str, value: i64| {
         let g: Gauge = Gauge::default();
@@ -61,6 +62,34 @@ pub fn render(view: &NodeView, cert_not_after: SystemTime, now: SystemTime) -> S
         registry.register("peer_match_index", "Leader only: highest index known replicated on each node", matched);
         registry.register("peer_lag_entries", "Leader only: entries each node is behind the leader's log", lag);
     }
+    if let Some(f) = files {
+        use prometheus_client::metrics::counter::Counter;
+        let counter = |registry: &mut Registry, name: &str, help: &str, value: u64| {
+            let c: Counter = Counter::default();
+            c.inc_by(value);
+            registry.register(name, help, c);
+        };
+        counter(&mut registry, "bytes_proposed", "Bytes of file changes this node proposed as leader", f.bytes_proposed);
+        counter(&mut registry, "bytes_saved", "File bytes that deltas and appends kept off the wire", f.bytes_saved);
+        counter(&mut registry, "bytes_fetched", "Patch bytes this node fetched from peers to catch up", f.bytes_fetched);
+        counter(&mut registry, "on_change_failures", "on_change commands that failed or timed out", f.on_change_failures);
+        gauge(&mut registry, "quarantined_files", "Local versions moved to quarantine since start", f.quarantined as i64);
+        let families: [(&str, &str, fn(&crate::status::SetView) -> i64); 6] = [
+            ("set_files", "Files in the sync set as committed", |s| s.files as i64),
+            ("set_bytes", "Bytes in the sync set as committed", |s| s.bytes as i64),
+            ("set_applied_index", "Raft index of the set's last batch applied here", |s| s.applied_index as i64),
+            ("set_batches", "Batches of the set applied here", |s| s.seq as i64),
+            ("set_committed_bytes", "Patch bytes of the set's batches applied here", |s| s.committed_bytes as i64),
+            ("set_missing_files", "Files whose committed content this node still fetches", |s| s.missing as i64),
+        ];
+        for (name, help, value) in families {
+            let fam: Family<Labels, Gauge> = Family::default();
+            for s in &f.sets {
+                fam.get_or_create(&vec![("set".to_string(), s.name.clone())]).set(value(s));
+            }
+            registry.register(name, help, fam);
+        }
+    }
     let mut text = String::new();
     // Writing into a String cannot fail.
     let _ = encode(&mut text, &registry);
@@ -91,7 +120,8 @@ pub async fn serve(
             let node = node.clone();
             async move {
                 let response = if req.uri().path() == "/metrics" {
-                    let body = render(&node.view(), node.cert_not_after(), SystemTime::now());
+                    let files = node.files().map(|f| f.files_view());
+                    let body = render(&node.view(), files.as_ref(), node.cert_not_after(), SystemTime::now());
                     Response::builder()
                         .header("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")
                         .body(Full::new(Bytes::from(body)))
@@ -138,7 +168,7 @@ mod tests {
             ],
         };
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
-        let text = render(&view, now + Duration::from_secs(86_400), now);
+        let text = render(&view, None, now + Duration::from_secs(86_400), now);
         for line in [
             "clusterd_role{role=\"leader\"} 1",
             "clusterd_role{role=\"follower\"} 0",
@@ -156,6 +186,49 @@ mod tests {
     }
 
     #[test]
+    fn file_replication_families_are_labelled_by_set() {
+        let view = NodeView {
+            id: 2,
+            role: Role::Follower,
+            term: 3,
+            vote: 1,
+            leader: Some(1),
+            commit_index: 9,
+            applied_index: 9,
+            first_index: 1,
+            last_index: 9,
+            progress: vec![],
+        };
+        let files = FilesView {
+            sets: vec![crate::status::SetView {
+                name: "tacacs".into(),
+                files: 4,
+                bytes: 1000,
+                applied_index: 8,
+                seq: 2,
+                committed_bytes: 700,
+                missing: 1,
+                ..Default::default()
+            }],
+            bytes_proposed: 700,
+            bytes_saved: 300,
+            quarantined: 2,
+            ..Default::default()
+        };
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let text = render(&view, Some(&files), now, now);
+        for line in [
+            "clusterd_set_files{set=\"tacacs\"} 4",
+            "clusterd_set_missing_files{set=\"tacacs\"} 1",
+            "clusterd_bytes_proposed_total 700",
+            "clusterd_bytes_saved_total 300",
+            "clusterd_quarantined_files 2",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line:?} in:\n{text}");
+        }
+    }
+
+    #[test]
     fn a_follower_has_no_peer_families_and_an_expired_cert_is_negative() {
         let view = NodeView {
             id: 2,
@@ -170,7 +243,7 @@ mod tests {
             progress: vec![],
         };
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
-        let text = render(&view, now - Duration::from_secs(60), now);
+        let text = render(&view, None, now - Duration::from_secs(60), now);
         assert!(text.contains("clusterd_leader_id 0"), "{text}");
         assert!(text.contains("clusterd_certificate_expiry_seconds -60"), "{text}");
         assert!(!text.contains("peer_lag_entries"), "{text}");

@@ -269,6 +269,10 @@ struct NodeTask {
     changed_sets: mpsc::UnboundedSender<String>,
     /// A compaction snapshot asked of the applier and not yet received.
     snapshot_rx: Option<oneshot::Receiver<(u64, Vec<u8>)>>,
+    /// This node lost leadership: reconcile its trees once the new leader's
+    /// first entry is applied here.
+    reconcile_pending: bool,
+    was_leader: bool,
     transfers: Vec<PendingTransfer>,
     /// Members that vote but must never lead.
     witnesses: BTreeSet<NodeId>,
@@ -539,6 +543,15 @@ impl NodeTask {
             self.ready_once()?;
         }
         let view = self.core.view();
+        if self.reconcile_pending
+            && view.leader.is_some()
+            && !self.core.is_leader()
+            && view.applied_index >= view.commit_index
+            && self.core.committed_in_current_term()
+        {
+            self.reconcile_pending = false;
+            let _ = self.applier.send(ApplyMsg::Reconcile);
+        }
         self.view.send_if_modified(|v| {
             if *v != view {
                 *v = view;
@@ -572,6 +585,10 @@ impl NodeTask {
         }
         if let Some(change) = out.role_change {
             info!(term = change.term, role = change.role.as_str(), leader = ?change.leader, "role or leader changed");
+            if self.was_leader && change.role != Role::Leader {
+                self.reconcile_pending = true;
+            }
+            self.was_leader = change.role == Role::Leader;
             if change.role != Role::Leader {
                 // A deposed leader's pending entries may still commit under the new
                 // leader, but this node can no longer tell: let the callers retry.
@@ -726,6 +743,8 @@ async fn run_inner(config: Config, shutdown: impl std::future::Future<Output = (
         applied_rx,
         changed_sets: changed_tx,
         snapshot_rx: None,
+        reconcile_pending: false,
+        was_leader: false,
         transfers: Vec::new(),
         witnesses: config
             .peers

@@ -244,7 +244,9 @@ pub fn raft_config(id: NodeId, timers: &RaftTimers, applied: u64, witness: bool)
         pre_vote: true,
         check_quorum: true,
         max_size_per_msg: 1024 * 1024,
-        max_inflight_msgs: 256,
+        // With file content in entries, 32 × 1 MiB in flight per follower
+        // keeps heartbeats from queueing behind hundreds of MiB.
+        max_inflight_msgs: 32,
         ..Default::default()
     }
 }
@@ -388,6 +390,13 @@ impl<S: LogStore> RaftCore<S> {
     /// Whether the leader heard from `peer` within the last election timeout.
     pub fn peer_active(&self, peer: NodeId) -> bool {
         self.is_leader() && self.raw.raft.prs().get(peer).is_some_and(|p| p.recent_active)
+    }
+
+    /// Whether the commit index lies in the current term: a new leader's
+    /// first entry committed, so everything before it is committed too.
+    pub fn committed_in_current_term(&self) -> bool {
+        let log = &self.raw.raft.raft_log;
+        log.term(log.committed).is_ok_and(|t| t == self.raw.raft.term)
     }
 
     pub fn last_index(&self) -> u64 {

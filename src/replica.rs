@@ -273,6 +273,10 @@ pub enum ApplyMsg {
     Fetched(Fetched),
     /// Re-check sets waiting on `skip_while` markers, and clean staging.
     Tick,
+    /// This node stopped leading and has applied the new leader's first
+    /// entry: whatever its tree holds that the cluster did not commit is set
+    /// aside, and what it lacks is fetched.
+    Reconcile,
 }
 
 /// What the applier tells the node task.
@@ -563,6 +567,13 @@ impl Applier {
                 }
                 ApplyMsg::Fetched(f) => {
                     self.apply_fetched(f);
+                    Ok(())
+                }
+                ApplyMsg::Reconcile => {
+                    for set in self.shared.sets.clone() {
+                        self.deferred.insert(set.name.clone());
+                    }
+                    self.retry_deferred();
                     Ok(())
                 }
                 ApplyMsg::Tick => {

@@ -41,7 +41,7 @@ const BATCH_BYTES: usize = 4 << 20;
 /// Or once it holds this many ops.
 const BATCH_OPS: usize = 2000;
 /// Chunks proposed before waiting for them to commit.
-const CHUNK_WINDOW: usize = 32;
+const CHUNK_WINDOW: usize = 8;
 /// How long a new leader waits for missing content to be fetched before it
 /// takes its own tree as the truth for those paths.
 const MISSING_GRACE: Duration = Duration::from_secs(5);
