@@ -132,6 +132,9 @@ impl FilesStore {
         opts.create_if_missing(true);
         opts.set_keep_log_file_num(2);
         opts.set_max_total_wal_size(32 << 20);
+        // Small memtables: this store holds little but is written on every
+        // apply, and an idle node should stay small in memory.
+        opts.set_write_buffer_size(4 << 20);
         let db = DB::open(&opts, dir).map_err(|source| FilesStoreError::Open {
             path: dir.to_path_buf(),
             source,

@@ -984,9 +984,17 @@ fn cf_options() -> Options {
     // Built without compression libraries; say so rather than rely on
     // RocksDB's fallback.
     opts.set_compression_type(DBCompressionType::None);
-    // Raft log writes are small; small memtables keep an idle node's memory
-    // low (PRODUCT.md: under 64 MiB resident).
-    opts.set_write_buffer_size(4 << 20);
+    // Most Raft log writes are small, but file chunks are 1 MiB each. Values
+    // from 16 KiB go to blob files (RocksDB's integrated BlobDB), so large
+    // transfers do not churn SST compactions or stall writes (a stalled
+    // write stalls the node task and its heartbeats). Memtables fill on
+    // demand: an idle node stays small (PRODUCT.md: under 64 MiB resident).
+    opts.set_write_buffer_size(16 << 20);
+    opts.set_enable_blob_files(true);
+    opts.set_min_blob_size(16 << 10);
+    opts.set_enable_blob_gc(true);
+    opts.set_level_zero_slowdown_writes_trigger(40);
+    opts.set_level_zero_stop_writes_trigger(80);
     opts
 }
 
