@@ -221,7 +221,7 @@ impl FileMeta {
         }
     }
 
-    fn from_stat(st: &Stat) -> FileMeta {
+    pub(crate) fn from_stat(st: &Stat) -> FileMeta {
         FileMeta {
             kind: Kind::from_file_type(FileType::from_raw_mode(st.st_mode)),
             mode: st.st_mode & PERM_MASK,
@@ -705,7 +705,8 @@ impl Root {
     /// Invariant 2: writes `data` to a temporary file next to the leaf, sets
     /// mode/owner/mtime from `meta`, fsyncs it, verifies by re-reading that
     /// its blake3 hash is `expected`, renames it over the leaf and fsyncs the
-    /// directory. A symlink at the leaf is replaced, not written through.
+    /// directory, and returns the new file's metadata (from its descriptor).
+    /// A symlink at the leaf is replaced, not written through.
     /// On any error before the rename the temporary file is removed and the
     /// old version is untouched. The parent directory must exist. If only
     /// the final directory fsync fails, the new version is already in place
@@ -716,7 +717,7 @@ impl Root {
         data: &[u8],
         meta: &FileMeta,
         expected: &[u8; 32],
-    ) -> Result<(), FsError> {
+    ) -> Result<FileMeta, FsError> {
         let comps = self.check(comps, false)?;
         let path = show(&comps);
         if meta.kind != Kind::File {
@@ -777,7 +778,10 @@ impl Root {
         rfs::renameat(&dir, guard.name.as_str(), &dir, leaf)
             .map_err(|e| self.io_err("rename temporary file over", path.clone(), e))?;
         guard.disarm();
-        rfs::fsync(&dir).map_err(|e| self.io_err("fsync the directory of", path, e))
+        rfs::fsync(&dir).map_err(|e| self.io_err("fsync the directory of", path, e))?;
+        // The metadata of what we wrote, taken from our own descriptor: a
+        // stat by name now could already see someone else's edit.
+        Ok(FileMeta::from_stat(&ours))
     }
 
     /// Reads a regular file of at most `max_len` bytes with its metadata.
@@ -861,7 +865,7 @@ impl Root {
         offset: u64,
         tail: &[u8],
         meta: &FileMeta,
-    ) -> Result<(), FsError> {
+    ) -> Result<FileMeta, FsError> {
         let comps = self.check(comps, false)?;
         let path = show(&comps);
         self.check_meta(meta, &path)?;
@@ -878,7 +882,9 @@ impl Root {
         file.set_len(offset).map_err(|e| self.io_err("truncate to the committed length", path.clone(), e))?;
         file.write_all_at(tail, offset).map_err(|e| self.io_err("append to", path.clone(), e))?;
         self.apply_meta(file.as_fd(), meta, &path)?;
-        file.sync_all().map_err(|e| self.io_err("fsync", path, e))
+        file.sync_all().map_err(|e| self.io_err("fsync", path.clone(), e))?;
+        let st = rfs::fstat(&file).map_err(|e| self.io_err("stat", path, e))?;
+        Ok(FileMeta::from_stat(&st))
     }
 
     /// Opens an existing regular file or directory without following a

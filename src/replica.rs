@@ -979,15 +979,10 @@ impl Applier {
             }
             None => {}
         }
-        if local_digest == Some(target) {
+        if let (Some(m), true) = (local, local_digest == Some(target)) {
             // Replayed, or the same bytes: only metadata may differ.
-            if let Some(m) = local.filter(|m| !meta_matches(&entry.meta, m)) {
-                let _ = m;
-                root.set_meta(&c, &meta)?;
-            }
-            if let Some(now) = root.stat(&c)? {
-                self.put_record(&set.name, path, record_of(&now, &target), store);
-            }
+            let now = self.settle_meta(root, &c, &m, &entry.meta)?;
+            self.put_record(&set.name, path, record_of(&now, &target), store);
             return Ok(PutOutcome::Done);
         }
         if let Some(d) = local_digest {
@@ -1023,6 +1018,7 @@ impl Applier {
             }
         }
         self.ensure_parents(set, root, path)?;
+        let written: FileMeta;
         if let Patch::Append { base, .. } = &patch {
             let key = (set.name.clone(), path.clone());
             let hasher = match local_hasher
@@ -1038,7 +1034,7 @@ impl Applier {
                 Ok(t) => t,
                 Err(e) => return Ok(PutOutcome::Missing(format!("the appended bytes do not verify: {e}"))),
             };
-            root.append_file(&c, base.len, &tail, &meta)?;
+            written = root.append_file(&c, base.len, &tail, &meta)?;
             let mut h = hasher;
             h.update(&tail);
             self.shared.append_hashers.lock().unwrap().insert(key, h);
@@ -1054,15 +1050,33 @@ impl Applier {
                 Ok(n) => n,
                 Err(e) => return Ok(PutOutcome::Missing(format!("the patch does not rebuild the committed version: {e}"))),
             };
-            root.replace_file(&c, &new, &meta, &target.hash)?;
+            written = root.replace_file(&c, &new, &meta, &target.hash)?;
             if set.mode == SyncMode::Mirror && new.len() >= delta::SMALL_FILE_LEN {
                 store.put_signature(&set.name, path, &delta::BlockSignature::compute(&new).to_bytes());
             }
         }
-        if let Some(now) = root.stat(&c)? {
-            self.put_record(&set.name, path, record_of(&now, &target), store);
-        }
+        // Recorded from the descriptor we wrote through, never by name: an
+        // edit made a moment later must still look like an edit.
+        self.put_record(&set.name, path, record_of(&written, &target), store);
         Ok(PutOutcome::Done)
+    }
+
+    /// Gives an existing file the committed metadata and returns what its
+    /// record must say: the `lstat` taken before, with the fields we set, so
+    /// an edit racing with us still differs from the record.
+    fn settle_meta(&self, root: &Root, c: &[&[u8]], before: &FileMeta, want: &Meta) -> Result<FileMeta, FsError> {
+        if meta_matches(want, before) {
+            return Ok(*before);
+        }
+        let set = fs_meta(want);
+        root.set_meta(c, &set)?;
+        Ok(FileMeta {
+            mode: set.mode,
+            uid: set.uid,
+            gid: set.gid,
+            mtime_ns: set.mtime_ns,
+            ..*before
+        })
     }
 
     /// Creates missing parent directories (their metadata comes with their
@@ -1358,13 +1372,9 @@ impl Applier {
                         }
                         _ => None,
                     };
-                    if have == Some(want) {
-                        if local.is_some_and(|m| !meta_matches(&entry.meta, &m)) {
-                            root.set_meta(&c, &fs_meta(&entry.meta))?;
-                        }
-                        if let Some(now) = root.stat(&c)? {
-                            self.put_record(&set.name, path, record_of(&now, &want), store);
-                        }
+                    if let (Some(m), true) = (local, have == Some(want)) {
+                        let now = self.settle_meta(root, &c, &m, &entry.meta)?;
+                        self.put_record(&set.name, path, record_of(&now, &want), store);
                         self.clear_missing(&set.name, path, store);
                     } else {
                         self.mark_missing(&set.name, path, entry, store);

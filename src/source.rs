@@ -576,21 +576,23 @@ fn append_tail(
         }
     };
     // Read the tail until the size holds still, so a writer mid-line is not torn.
-    let mut tail;
-    let mut meta;
     let mut attempts = 0;
-    loop {
+    let (tail, meta) = loop {
         let before = rustix::fs::fstat(&file).map_err(|e| e.to_string())?;
-        let len = before.st_size as u64;
-        tail = vec![0u8; (len - base_len) as usize];
+        let len = (before.st_size as u64).max(base_len);
+        let mut tail = vec![0u8; (len - base_len) as usize];
         file.read_exact_at(&mut tail, base_len).map_err(|e| e.to_string())?;
         let after = rustix::fs::fstat(&file).map_err(|e| e.to_string())?;
-        meta = root.stat(comps).map_err(|e| e.to_string())?.ok_or("gone")?;
-        attempts += 1;
-        if after.st_size == before.st_size && after.st_mtime_nsec == before.st_mtime_nsec || attempts >= 5 {
-            break;
+        // The record must describe exactly the bytes read: its length is
+        // where the next tail starts.
+        if after.st_size == before.st_size && after.st_mtime == before.st_mtime && after.st_mtime_nsec == before.st_mtime_nsec {
+            break (tail, FileMeta::from_stat(&after));
         }
-    }
+        attempts += 1;
+        if attempts >= 5 {
+            return Err(format!("{path} kept growing during each of 5 reads; trying again at the next change"));
+        }
+    };
     hasher.update(&tail);
     let new_digest = hasher.digest();
     let patch = delta::plan_append(&base, &tail);
