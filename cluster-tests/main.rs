@@ -5,6 +5,7 @@
 //! slow machine, or `CLUSTER_TESTS_TIME_SCALE=2` to widen every deadline).
 
 mod harness;
+mod replication;
 
 use std::time::{Duration, Instant};
 
@@ -464,7 +465,10 @@ fn sigterm_of_leader_hands_leadership_over_before_exiting() {
     let status = c
         .terminate(old, Duration::from_secs(15))
         .expect("the leader was running");
-    assert!(status.success(), "SIGTERM must end the node cleanly, got {status:?}");
+    assert!(
+        status.success(),
+        "SIGTERM must end the node cleanly, got {status:?}"
+    );
     let log = c.log(old);
     let successor: u64 = log
         .lines()
@@ -494,7 +498,10 @@ fn impostor_peers_are_refused_and_logged() {
     certs_init(&certs, &[1, 2, 3, 4]);
     let target = c.node(1).listen.to_string();
     let tls_of = |id: u64| tls_from(&TlsFiles::in_dir(&certs, id), id);
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
 
     rt.block_on(async {
         // 1. Valid CA, but not a member.
@@ -510,7 +517,10 @@ fn impostor_peers_are_refused_and_logged() {
         forged.term = 1_000;
         forged.set_msg_type(raft::prelude::MessageType::MsgHeartbeat);
         let r = liar
-            .raft(RaftBatch { messages: vec![clusterd::proto::encode_raft_message(&forged)], term: 1_000 })
+            .raft(RaftBatch {
+                messages: vec![clusterd::proto::encode_raft_message(&forged)],
+                term: 1_000,
+            })
             .await;
         let status = r.expect_err("a forged sender must be refused");
         assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
@@ -521,23 +531,29 @@ fn impostor_peers_are_refused_and_logged() {
             .connect_timeout(Duration::from_secs(2))
             .timeout(Duration::from_secs(2));
         if let Ok(channel) = plain.connect().await {
-            let r = clusterd::proto::peer::peer_client::PeerClient::new(channel).node_status(NodeStatusRequest {}).await;
+            let r = clusterd::proto::peer::peer_client::PeerClient::new(channel)
+                .node_status(NodeStatusRequest {})
+                .await;
             assert!(r.is_err(), "a plaintext client got an answer: {r:?}");
         }
     });
 
-    wait_until(Duration::from_secs(10), "node 1 to log every refusal", || {
-        let log = c.log(1);
-        let wanted = [
-            "which is not a member of this cluster",
-            "claims to come from node 3",
-            "TLS handshake failed",
-        ];
-        match wanted.iter().find(|w| !log.contains(**w)) {
-            None => Ok(()),
-            Some(missing) => Err(format!("no line containing {missing:?} yet")),
-        }
-    });
+    wait_until(
+        Duration::from_secs(10),
+        "node 1 to log every refusal",
+        || {
+            let log = c.log(1);
+            let wanted = [
+                "which is not a member of this cluster",
+                "claims to come from node 3",
+                "TLS handshake failed",
+            ];
+            match wanted.iter().find(|w| !log.contains(**w)) {
+                None => Ok(()),
+                Some(missing) => Err(format!("no line containing {missing:?} yet")),
+            }
+        },
+    );
     // The forged term-1000 heartbeat never reached Raft: the term is unchanged and
     // the cluster still commits.
     let v = c.view_now(1);
@@ -556,7 +572,8 @@ fn promote_of_an_unreachable_node_fails_with_the_reason() {
     let out = c.promote_with_timeout(leader, victim, 3_000);
     assert!(!out.success(), "promoting a dead node must fail: {out}");
     assert!(
-        out.stderr.contains(&format!("node {victim} is unreachable")),
+        out.stderr
+            .contains(&format!("node {victim} is unreachable")),
         "the reason must name the unreachable node: {out}"
     );
     // The failed transfer left the cluster led and committing.
@@ -593,7 +610,8 @@ fn systemd_notifications_report_ready_status_and_watchdog() {
     let sock_dir = short_tempdir("clusterd-notify-");
     let sock_path = sock_dir.path().join("notify.sock");
     let sock = UnixDatagram::bind(&sock_path).unwrap();
-    sock.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
     let c = Cluster::builder(3)
         .env("NOTIFY_SOCKET", sock_path.to_str().unwrap())
         .env("WATCHDOG_USEC", "600000")
@@ -602,21 +620,29 @@ fn systemd_notifications_report_ready_status_and_watchdog() {
     c.wait_for_leader(&all);
     let mut seen = String::new();
     let mut buf = [0u8; 4096];
-    wait_until(Duration::from_secs(20), "READY, a STATUS naming the leader, and WATCHDOG pings", || {
-        if let Ok(n) = sock.recv(&mut buf) {
-            seen.push_str(&String::from_utf8_lossy(&buf[..n]));
-            seen.push('\n');
-        }
-        let ok = seen.contains("READY=1")
-            && seen.lines().any(|l| l.starts_with("STATUS=follower, leader node "))
-            && seen.lines().any(|l| l.starts_with("STATUS=leader of term "))
-            && seen.matches("WATCHDOG=1").count() >= 3;
-        if ok {
-            Ok(())
-        } else {
-            Err(format!("received so far:\n{seen}"))
-        }
-    });
+    wait_until(
+        Duration::from_secs(20),
+        "READY, a STATUS naming the leader, and WATCHDOG pings",
+        || {
+            if let Ok(n) = sock.recv(&mut buf) {
+                seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+                seen.push('\n');
+            }
+            let ok = seen.contains("READY=1")
+                && seen
+                    .lines()
+                    .any(|l| l.starts_with("STATUS=follower, leader node "))
+                && seen
+                    .lines()
+                    .any(|l| l.starts_with("STATUS=leader of term "))
+                && seen.matches("WATCHDOG=1").count() >= 3;
+            if ok {
+                Ok(())
+            } else {
+                Err(format!("received so far:\n{seen}"))
+            }
+        },
+    );
 }
 
 /// The shipped unit file passes `systemd-analyze verify` (where systemd is
@@ -626,8 +652,19 @@ fn systemd_notifications_report_ready_status_and_watchdog() {
 fn the_systemd_unit_file_verifies() {
     let root = repo_root();
     let unit = std::fs::read_to_string(format!("{root}/packaging/clusterd.service")).unwrap();
-    for key in ["Type=notify", "ExecStart=/usr/bin/clusterd --config", "Restart=on-failure", "WatchdogSec=", "NoNewPrivileges=true", "ProtectSystem=strict", "ReadWritePaths=/var/lib/clusterd"] {
-        assert!(unit.lines().any(|l| l.starts_with(key)), "the unit lacks {key}");
+    for key in [
+        "Type=notify",
+        "ExecStart=/usr/bin/clusterd --config",
+        "Restart=on-failure",
+        "WatchdogSec=",
+        "NoNewPrivileges=true",
+        "ProtectSystem=strict",
+        "ReadWritePaths=/var/lib/clusterd",
+    ] {
+        assert!(
+            unit.lines().any(|l| l.starts_with(key)),
+            "the unit lacks {key}"
+        );
     }
     let analyze = std::path::Path::new("/usr/bin/systemd-analyze");
     if !analyze.exists() {
@@ -636,11 +673,18 @@ fn the_systemd_unit_file_verifies() {
     }
     let dir = short_tempdir("clusterd-unit-");
     let copy = dir.path().join("clusterd.service");
-    std::fs::write(&copy, unit.replace("/usr/bin/clusterd", env!("CARGO_BIN_EXE_clusterd"))).unwrap();
+    std::fs::write(
+        &copy,
+        unit.replace("/usr/bin/clusterd", env!("CARGO_BIN_EXE_clusterd")),
+    )
+    .unwrap();
     let mut cmd = std::process::Command::new(analyze);
     cmd.arg("verify").arg(&copy);
     let out = run_cmd(cmd, Duration::from_secs(30));
-    assert!(out.success() && out.stderr.trim().is_empty() && out.stdout.trim().is_empty(), "systemd-analyze verify: {out}");
+    assert!(
+        out.success() && out.stderr.trim().is_empty() && out.stdout.trim().is_empty(),
+        "systemd-analyze verify: {out}"
+    );
 }
 
 /// `clusterctl check` as a Nagios/Icinga plugin: each exit code in the
@@ -653,20 +697,35 @@ fn check_plugin_returns_each_exit_code() {
     c.wait_barrier(leader);
     let check = |id: u64| c.ctl(id, &["check"], scaled(Duration::from_secs(10)));
     let code_of = |id: u64, want: i32| {
-        wait_until(Duration::from_secs(20), &format!("clusterctl check on node {id} to exit {want}"), || {
-            let out = check(id);
-            if out.code == Some(want) { Ok(out) } else { Err(out.to_string()) }
-        })
+        wait_until(
+            Duration::from_secs(20),
+            &format!("clusterctl check on node {id} to exit {want}"),
+            || {
+                let out = check(id);
+                if out.code == Some(want) {
+                    Ok(out)
+                } else {
+                    Err(out.to_string())
+                }
+            },
+        )
     };
     let ok = code_of(leader, 0);
     assert!(ok.stdout.starts_with("CLUSTERD OK - leader node"), "{ok}");
     assert!(ok.stdout.contains("| nodes_reachable=3;"), "{ok}");
-    assert!(ok.stdout.contains(" cert_days_left=82"), "certificates are made for 825 days: {ok}");
+    assert!(
+        ok.stdout.contains(" cert_days_left=82"),
+        "certificates are made for 825 days: {ok}"
+    );
 
     let followers = c.others(&[leader]);
     c.kill(followers[0]);
     let warn = code_of(leader, 1);
-    assert!(warn.stdout.contains(&format!("unreachable: {}", followers[0])), "{warn}");
+    assert!(
+        warn.stdout
+            .contains(&format!("unreachable: {}", followers[0])),
+        "{warn}"
+    );
 
     c.kill(leader);
     let crit = code_of(followers[1], 2);
@@ -676,7 +735,12 @@ fn check_plugin_returns_each_exit_code() {
     cmd.args(["--socket", "/nonexistent/clusterd.sock", "check"]);
     let unknown = run_cmd(cmd, Duration::from_secs(10));
     assert_eq!(unknown.code, Some(3), "{unknown}");
-    assert!(unknown.stdout.starts_with("CLUSTERD UNKNOWN - cannot reach clusterd"), "{unknown}");
+    assert!(
+        unknown
+            .stdout
+            .starts_with("CLUSTERD UNKNOWN - cannot reach clusterd"),
+        "{unknown}"
+    );
 }
 
 /// The Prometheus endpoint, scraped while the cluster runs: every family
@@ -693,7 +757,8 @@ fn metrics_endpoint_serves_sane_values() {
     c.wait_barrier(1);
     let scrape = || -> Result<String, String> {
         let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
-        s.set_read_timeout(Some(Duration::from_secs(5))).map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .map_err(|e| e.to_string())?;
         s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
             .map_err(|e| e.to_string())?;
         let mut body = String::new();
@@ -701,10 +766,18 @@ fn metrics_endpoint_serves_sane_values() {
         Ok(body)
     };
     let view = c.view_now(1);
-    let text = wait_until(Duration::from_secs(10), "a scrape that names the leader", || {
-        let body = scrape()?;
-        if body.contains(&format!("clusterd_leader_id {leader}")) { Ok(body) } else { Err(body) }
-    });
+    let text = wait_until(
+        Duration::from_secs(10),
+        "a scrape that names the leader",
+        || {
+            let body = scrape()?;
+            if body.contains(&format!("clusterd_leader_id {leader}")) {
+                Ok(body)
+            } else {
+                Err(body)
+            }
+        },
+    );
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
     let value = |name: &str| -> i64 {
         text.lines()
@@ -716,11 +789,17 @@ fn metrics_endpoint_serves_sane_values() {
     assert!(value("clusterd_term") >= view.term as i64);
     assert!(value("clusterd_commit_index") >= 1);
     assert!(value("clusterd_applied_index") >= 1);
-    assert!(value("clusterd_certificate_expiry_seconds") > 800 * 86_400, "certs are made for 825 days");
+    assert!(
+        value("clusterd_certificate_expiry_seconds") > 800 * 86_400,
+        "certs are made for 825 days"
+    );
     let role = if leader == 1 { "leader" } else { "follower" };
     assert_eq!(value(&format!("clusterd_role{{role=\"{role}\"}}")), 1);
     if leader == 1 {
-        assert!(text.contains("clusterd_peer_lag_entries{peer=\"2\"}"), "{text}");
+        assert!(
+            text.contains("clusterd_peer_lag_entries{peer=\"2\"}"),
+            "{text}"
+        );
     }
 }
 
@@ -729,7 +808,8 @@ fn metrics_endpoint_serves_sane_values() {
 #[test]
 fn the_example_config_checks() {
     let root = repo_root();
-    let example = std::fs::read_to_string(format!("{root}/packaging/clusterd.toml.example")).unwrap();
+    let example =
+        std::fs::read_to_string(format!("{root}/packaging/clusterd.toml.example")).unwrap();
     let dir = short_tempdir("clusterd-example-");
     let certs = dir.path().join("certs");
     certs_init(&certs, &[1, 2, 3]);
@@ -738,7 +818,10 @@ fn the_example_config_checks() {
     std::fs::write(&path, text).unwrap();
     let out = check_config(&path);
     assert!(out.success(), "the example config must pass --check: {out}");
-    assert!(out.stdout.contains("node 1, 2 peers, 13 sync sets"), "{out}");
+    assert!(
+        out.stdout.contains("node 1, 2 peers, 13 sync sets"),
+        "{out}"
+    );
 }
 
 /// `clusterctl import-rsync` on each seed script drafts sets that
@@ -753,17 +836,34 @@ fn import_rsync_drafts_sets_that_clusterd_accepts() {
         "[node]\nid = 1\nlisten = \"127.0.0.1:7700\"\ndata_dir = \"/var/lib/clusterd\"\n\n[tls]\nca = \"{0}/ca.crt\"\ncert = \"{0}/node-1.crt\"\nkey = \"{0}/node-1.key\"\n\n[[peer]]\nid = 2\naddr = \"10.0.0.2:7700\"\n[[peer]]\nid = 3\naddr = \"10.0.0.3:7700\"\n\n",
         certs.display()
     );
-    for (script, sets) in [("kerberos-active-sync.sh", 22), ("smtp-filter-sync.sh", 4), ("tacacs-active-sync.sh", 13)] {
+    for (script, sets) in [
+        ("kerberos-active-sync.sh", 22),
+        ("smtp-filter-sync.sh", 4),
+        ("tacacs-active-sync.sh", 13),
+    ] {
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_clusterctl"));
-        cmd.arg("import-rsync").arg(format!("{root}/cluster-tests/fixtures/seeds/{script}"));
+        cmd.arg("import-rsync")
+            .arg(format!("{root}/cluster-tests/fixtures/seeds/{script}"));
         let out = run_cmd(cmd, Duration::from_secs(10));
         assert!(out.success(), "{script}: {out}");
-        assert_eq!(out.stdout.lines().filter(|l| *l == "[[sync]]").count(), sets, "{script}:\n{}", out.stdout);
+        assert_eq!(
+            out.stdout.lines().filter(|l| *l == "[[sync]]").count(),
+            sets,
+            "{script}:\n{}",
+            out.stdout
+        );
         let path = dir.path().join(format!("{script}.toml"));
         std::fs::write(&path, format!("{base}{}", out.stdout)).unwrap();
         let check = check_config(&path);
-        assert!(check.success(), "{script}: the drafted sets must pass --check: {check}\n{}", out.stdout);
-        assert!(check.stdout.contains(&format!("{sets} sync sets")), "{check}");
+        assert!(
+            check.success(),
+            "{script}: the drafted sets must pass --check: {check}\n{}",
+            out.stdout
+        );
+        assert!(
+            check.stdout.contains(&format!("{sets} sync sets")),
+            "{check}"
+        );
     }
 }
 
@@ -778,7 +878,8 @@ fn docker_compose_files_cross_check() {
     let root = repo_root();
     let load = |name: &str| -> Value {
         let text = std::fs::read_to_string(format!("{root}/docker/{name}")).unwrap();
-        let mut v: Value = serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("docker/{name}: {e}"));
+        let mut v: Value =
+            serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("docker/{name}: {e}"));
         v.apply_merge().unwrap();
         v
     };
@@ -790,16 +891,29 @@ fn docker_compose_files_cross_check() {
             .as_mapping()
             .expect("environment")
             .iter()
-            .map(|(k, v)| (k.as_str().unwrap().to_string(), v.as_str().unwrap().to_string()))
+            .map(|(k, v)| {
+                (
+                    k.as_str().unwrap().to_string(),
+                    v.as_str().unwrap().to_string(),
+                )
+            })
             .collect();
         if let Some(extra) = with_overlay.and_then(|o| o["environment"].as_mapping()) {
             for (k, v) in extra {
-                env.push((k.as_str().unwrap().to_string(), v.as_str().unwrap().to_string()));
+                env.push((
+                    k.as_str().unwrap().to_string(),
+                    v.as_str().unwrap().to_string(),
+                ));
             }
         }
         env
     };
-    let get = |env: &[(String, String)], key: &str| env.iter().rev().find(|(k, _)| k == key).map(|(_, v)| v.clone());
+    let get = |env: &[(String, String)], key: &str| {
+        env.iter()
+            .rev()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.clone())
+    };
 
     // Cross-check: ids unique, PEERS the same everywhere and naming every service.
     let mut ids = std::collections::BTreeMap::new();
@@ -807,9 +921,23 @@ fn docker_compose_files_cross_check() {
         let name = name.as_str().unwrap();
         let env = env_of(svc, None);
         let id: u64 = get(&env, "NODE_ID").expect("NODE_ID").parse().unwrap();
-        assert_eq!(svc["hostname"].as_str(), Some(name), "service {name}: hostname");
-        assert!(svc["volumes"].as_sequence().unwrap().iter().any(|v| v.as_str() == Some("certs:/certs")), "service {name} lacks the certs volume");
-        assert!(ids.insert(id, name.to_string()).is_none(), "NODE_ID {id} used twice");
+        assert_eq!(
+            svc["hostname"].as_str(),
+            Some(name),
+            "service {name}: hostname"
+        );
+        assert!(
+            svc["volumes"]
+                .as_sequence()
+                .unwrap()
+                .iter()
+                .any(|v| v.as_str() == Some("certs:/certs")),
+            "service {name} lacks the certs volume"
+        );
+        assert!(
+            ids.insert(id, name.to_string()).is_none(),
+            "NODE_ID {id} used twice"
+        );
     }
     for (_, svc) in services {
         let peers = get(&env_of(svc, None), "PEERS").unwrap();
@@ -820,12 +948,21 @@ fn docker_compose_files_cross_check() {
                 (id.parse().unwrap(), addr.to_string())
             })
             .collect();
-        let expected: std::collections::BTreeMap<u64, String> = ids.iter().map(|(id, host)| (*id, format!("{host}:7700"))).collect();
-        assert_eq!(listed, expected, "PEERS must name every service at port 7700");
+        let expected: std::collections::BTreeMap<u64, String> = ids
+            .iter()
+            .map(|(id, host)| (*id, format!("{host}:7700")))
+            .collect();
+        assert_eq!(
+            listed, expected,
+            "PEERS must name every service at port 7700"
+        );
     }
 
     // Run the entrypoint for each service, with and without the witness overlay.
-    let bin_dir = std::path::Path::new(env!("CARGO_BIN_EXE_clusterd")).parent().unwrap().to_path_buf();
+    let bin_dir = std::path::Path::new(env!("CARGO_BIN_EXE_clusterd"))
+        .parent()
+        .unwrap()
+        .to_path_buf();
     for witness in [false, true] {
         let dir = short_tempdir("clusterd-compose-");
         for (name, svc) in services {
@@ -833,20 +970,35 @@ fn docker_compose_files_cross_check() {
             let env = env_of(svc, witness.then(|| &overlay["services"][name]));
             let conf = dir.path().join(format!("{name}.toml"));
             let mut cmd = std::process::Command::new("sh");
-            cmd.arg(format!("{root}/docker/entrypoint.sh")).arg("--check");
+            cmd.arg(format!("{root}/docker/entrypoint.sh"))
+                .arg("--check");
             scrub_env(&mut cmd);
             for (k, v) in &env {
                 cmd.env(k, v);
             }
-            cmd.env("PATH", format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap_or_default()))
-                .env("CERTS_DIR", dir.path().join("certs"))
-                .env("CONFIG_FILE", &conf)
-                .env("DATA_DIR", dir.path().join(name))
-                .env("ADMIN_SOCKET", dir.path().join(format!("{name}.sock")));
+            cmd.env(
+                "PATH",
+                format!(
+                    "{}:{}",
+                    bin_dir.display(),
+                    std::env::var("PATH").unwrap_or_default()
+                ),
+            )
+            .env("CERTS_DIR", dir.path().join("certs"))
+            .env("CONFIG_FILE", &conf)
+            .env("DATA_DIR", dir.path().join(name))
+            .env("ADMIN_SOCKET", dir.path().join(format!("{name}.sock")));
             let out = run_cmd(cmd, Duration::from_secs(20));
-            assert!(out.success(), "entrypoint of {name} (witness overlay: {witness}): {out}");
+            assert!(
+                out.success(),
+                "entrypoint of {name} (witness overlay: {witness}): {out}"
+            );
             let written = std::fs::read_to_string(&conf).unwrap();
-            assert_eq!(written.contains("witness = true"), witness, "{name}:\n{written}");
+            assert_eq!(
+                written.contains("witness = true"),
+                witness,
+                "{name}:\n{written}"
+            );
         }
     }
 }
@@ -875,14 +1027,21 @@ fn a_replaced_node_with_an_empty_data_dir_catches_up() {
     std::fs::create_dir_all(&data).unwrap();
     c.start_node(victim);
     let target = c.view_now(leader).commit_index.unwrap();
-    wait_until(Duration::from_secs(20), "the replaced node to apply everything committed", || {
-        let v = c.view(victim)?;
-        match v.applied_index {
-            Some(a) if a >= target && v.leader == Some(leader) => Ok(()),
-            _ => Err(format!("{}", v.raw)),
-        }
-    });
-    assert!(c.log(victim).contains("new node: creating the Raft log"), "the replacement must start from an empty log");
+    wait_until(
+        Duration::from_secs(20),
+        "the replaced node to apply everything committed",
+        || {
+            let v = c.view(victim)?;
+            match v.applied_index {
+                Some(a) if a >= target && v.leader == Some(leader) => Ok(()),
+                _ => Err(format!("{}", v.raw)),
+            }
+        },
+    );
+    assert!(
+        c.log(victim).contains("new node: creating the Raft log"),
+        "the replacement must start from an empty log"
+    );
     c.wait_barrier(victim);
 }
 
@@ -912,7 +1071,9 @@ fn a_revoked_certificate_is_refused() {
 
     let mut b = Cluster::builder(3);
     for id in 1..=3 {
-        b = b.tls_override(id, TlsFiles::in_dir(&certs, id)).tls_option(id, &format!("revoked_serials = [\"{serial}\"]"));
+        b = b
+            .tls_override(id, TlsFiles::in_dir(&certs, id))
+            .tls_option(id, &format!("revoked_serials = [\"{serial}\"]"));
     }
     let c = b.start();
     let all = c.ids();
@@ -920,15 +1081,30 @@ fn a_revoked_certificate_is_refused() {
     c.wait_barrier(2); // the re-issued node 2 is fine
 
     let thief = tls_from(
-        &TlsFiles { ca: certs.join("ca.crt"), cert: stolen.join("node-2.crt"), key: stolen.join("node-2.key") },
+        &TlsFiles {
+            ca: certs.join("ca.crt"),
+            cert: stolen.join("node-2.crt"),
+            key: stolen.join("node-2.key"),
+        },
         2,
     );
     let answer = direct_status(&c.node(1).listen.to_string(), &thief);
-    assert!(answer.is_err(), "a revoked certificate got an answer: {answer:?}");
-    wait_until(Duration::from_secs(10), "node 1 to log the revoked certificate", || {
-        let log = c.log(1);
-        if log.contains(&format!("its certificate (serial {serial}) is revoked")) { Ok(()) } else { Err("not yet".to_string()) }
-    });
+    assert!(
+        answer.is_err(),
+        "a revoked certificate got an answer: {answer:?}"
+    );
+    wait_until(
+        Duration::from_secs(10),
+        "node 1 to log the revoked certificate",
+        || {
+            let log = c.log(1);
+            if log.contains(&format!("its certificate (serial {serial}) is revoked")) {
+                Ok(())
+            } else {
+                Err("not yet".to_string())
+            }
+        },
+    );
     c.wait_barrier(1);
 }
 
@@ -951,18 +1127,38 @@ fn sighup_reloads_the_revocation_list() {
     let ask = || direct_status(&target, &thief);
     assert!(ask().is_ok(), "before the reload the certificate is valid");
 
-    c.rewrite_config(1, |cfg| cfg.tls_extra.push(format!("revoked_serials = [\"{serial}\"]")));
-    c.signal(1, libc::SIGHUP);
-    wait_until(Duration::from_secs(10), "node 1 to reload on SIGHUP", || {
-        if c.log(1).contains("SIGHUP: reloaded certificates and the revocation list") { Ok(()) } else { Err("not yet".to_string()) }
+    c.rewrite_config(1, |cfg| {
+        cfg.tls_extra
+            .push(format!("revoked_serials = [\"{serial}\"]"))
     });
-    assert!(ask().is_err(), "after the reload the revoked certificate must be refused");
+    c.signal(1, libc::SIGHUP);
+    wait_until(
+        Duration::from_secs(10),
+        "node 1 to reload on SIGHUP",
+        || {
+            if c.log(1)
+                .contains("SIGHUP: reloaded certificates and the revocation list")
+            {
+                Ok(())
+            } else {
+                Err("not yet".to_string())
+            }
+        },
+    );
+    assert!(
+        ask().is_err(),
+        "after the reload the revoked certificate must be refused"
+    );
     c.wait_barrier(1);
 }
 
 /// TLS material loaded straight from certificate files, as an impostor holding them would.
 fn tls_from(files: &TlsFiles, id: u64) -> clusterd::tls::PeerTls {
-    let paths = clusterd::tls::TlsPaths { ca: files.ca.clone(), cert: files.cert.clone(), key: files.key.clone() };
+    let paths = clusterd::tls::TlsPaths {
+        ca: files.ca.clone(),
+        cert: files.cert.clone(),
+        key: files.key.clone(),
+    };
     clusterd::tls::PeerTls::load(&paths, id).unwrap()
 }
 
@@ -972,14 +1168,23 @@ fn direct_client(
     addr: &str,
     tls: clusterd::tls::PeerTls,
 ) -> clusterd::proto::peer::peer_client::PeerClient<tonic::transport::Channel> {
-    let target = clusterd::config::PeerConfig { id: 1, addr: addr.to_string(), witness: false };
+    let target = clusterd::config::PeerConfig {
+        id: 1,
+        addr: addr.to_string(),
+        witness: false,
+    };
     let live = clusterd::tls::LiveTls::new(tls, Default::default());
-    clusterd::proto::peer::peer_client::PeerClient::new(clusterd::transport::peer_channel(&target, live))
+    clusterd::proto::peer::peer_client::PeerClient::new(clusterd::transport::peer_channel(
+        &target, live,
+    ))
 }
 
 /// One NodeStatus call straight to node 1 at `addr` with `tls`.
 fn direct_status(addr: &str, tls: &clusterd::tls::PeerTls) -> Result<(), tonic::Status> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async {
         direct_client(addr, tls.clone())
             .node_status(clusterd::proto::peer::NodeStatusRequest {})

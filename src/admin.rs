@@ -22,7 +22,9 @@ use crate::node::{join_ids, NodeError, NodeHandle, RequestError};
 use crate::peer::request_status;
 use crate::proto::admin::admin_client::AdminClient;
 use crate::proto::admin::admin_server::{Admin, AdminServer};
-use crate::proto::admin::{ClusterStatus as PbClusterStatus, PromoteReply, PromoteRequest, StatusRequest};
+use crate::proto::admin::{
+    ClusterStatus as PbClusterStatus, PromoteReply, PromoteRequest, StatusRequest,
+};
 use crate::proto::peer::{BarrierReply, BarrierRequest, NodeStatusRequest, TransferRequest};
 use crate::status::{ClusterStatus, NodeEntry};
 use crate::transport::Transport;
@@ -39,16 +41,25 @@ pub fn bind_socket(path: &Path) -> Result<UnixListener, NodeError> {
         reason,
     };
     if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent).map_err(|e| err(format!("cannot create its directory: {e}")))?;
+        std::fs::create_dir_all(parent)
+            .map_err(|e| err(format!("cannot create its directory: {e}")))?;
     }
     match std::fs::symlink_metadata(path) {
         Ok(meta) if meta.file_type().is_socket() => {
             if std::os::unix::net::UnixStream::connect(path).is_ok() {
-                return Err(err("another clusterd is already serving it; stop that one or choose another path".into()));
+                return Err(err(
+                    "another clusterd is already serving it; stop that one or choose another path"
+                        .into(),
+                ));
             }
-            std::fs::remove_file(path).map_err(|e| err(format!("cannot remove the stale socket: {e}")))?;
+            std::fs::remove_file(path)
+                .map_err(|e| err(format!("cannot remove the stale socket: {e}")))?;
         }
-        Ok(_) => return Err(err("exists and is not a socket; remove it or choose another path".into())),
+        Ok(_) => {
+            return Err(err(
+                "exists and is not a socket; remove it or choose another path".into(),
+            ))
+        }
         Err(_) => {}
     }
     // Bind under a restrictive umask so the socket is never briefly world-accessible.
@@ -106,7 +117,9 @@ impl AdminService {
                         req.set_timeout(peer_timeout);
                         tokio::time::timeout(peer_timeout, client.node_status(req))
                             .await
-                            .map_err(|_| format!("no answer within {} ms", peer_timeout.as_millis()))
+                            .map_err(|_| {
+                                format!("no answer within {} ms", peer_timeout.as_millis())
+                            })
                             .and_then(|r| r.map_err(|s| s.message().to_string()))
                     }
                     None => Err("no link".to_string()),
@@ -119,7 +132,8 @@ impl AdminService {
                         view: Some(view.get_ref().into()),
                         error: None,
                         rtt_us: Some(started.elapsed().as_micros() as u64),
-                        cert_not_after_unix: (view.get_ref().cert_not_after_unix != 0).then_some(view.get_ref().cert_not_after_unix),
+                        cert_not_after_unix: (view.get_ref().cert_not_after_unix != 0)
+                            .then_some(view.get_ref().cert_not_after_unix),
                         files: view.get_ref().files.as_ref().map(Into::into),
                     },
                     Err(error) => NodeEntry {
@@ -183,13 +197,18 @@ impl AdminService {
                 Ok(()) => {
                     // The leader saw the target take over; wait until this node agrees.
                     let remaining = deadline.saturating_duration_since(Instant::now());
-                    if let Some(v) = self.node.wait_view(remaining, |v| v.leader == Some(target)).await {
+                    if let Some(v) = self
+                        .node
+                        .wait_view(remaining, |v| v.leader == Some(target))
+                        .await
+                    {
                         return Ok(v.term);
                     }
                 }
                 // Leadership moved while we asked, or a transfer was under way: look again.
                 Err(RequestError::NotLeader { .. }) | Err(RequestError::Retry(_)) => {
-                    let pause = Duration::from_millis(50).min(deadline.saturating_duration_since(Instant::now()));
+                    let pause = Duration::from_millis(50)
+                        .min(deadline.saturating_duration_since(Instant::now()));
                     tokio::time::sleep(pause).await;
                 }
                 Err(e) => return Err(e),
@@ -203,17 +222,25 @@ impl AdminService {
         }))
     }
 
-    async fn forward_transfer(&self, leader: NodeId, target: NodeId, wait: Duration) -> Result<(), RequestError> {
-        let mut client = self
-            .transport
-            .client(leader)
-            .ok_or_else(|| RequestError::Unreachable(format!("no link to the leader, node {leader}")))?;
+    async fn forward_transfer(
+        &self,
+        leader: NodeId,
+        target: NodeId,
+        wait: Duration,
+    ) -> Result<(), RequestError> {
+        let mut client = self.transport.client(leader).ok_or_else(|| {
+            RequestError::Unreachable(format!("no link to the leader, node {leader}"))
+        })?;
         let mut req = Request::new(TransferRequest {
             target,
             timeout_ms: wait.as_millis() as u64,
         });
         req.set_timeout(wait + Duration::from_millis(500));
-        client.transfer_leadership(req).await.map(|_| ()).map_err(|s| status_error(leader, s))
+        client
+            .transfer_leadership(req)
+            .await
+            .map(|_| ())
+            .map_err(|s| status_error(leader, s))
     }
 
     async fn barrier(&self, wait: Duration) -> Result<u64, RequestError> {
@@ -235,9 +262,15 @@ impl AdminService {
                         .wait_view(remaining, |v| v.applied_index >= index)
                         .await
                         .map(|_| index)
-                        .ok_or_else(|| RequestError::TimedOut(format!("entry {index} committed but not applied on this node in time")));
+                        .ok_or_else(|| {
+                            RequestError::TimedOut(format!(
+                                "entry {index} committed but not applied on this node in time"
+                            ))
+                        });
                 }
-                Err(RequestError::NotLeader { .. }) | Err(RequestError::Retry(_)) if Instant::now() < deadline => {
+                Err(RequestError::NotLeader { .. }) | Err(RequestError::Retry(_))
+                    if Instant::now() < deadline =>
+                {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
                 Err(e) => return Err(e),
@@ -246,15 +279,18 @@ impl AdminService {
     }
 
     async fn forward_barrier(&self, leader: NodeId, wait: Duration) -> Result<u64, RequestError> {
-        let mut client = self
-            .transport
-            .client(leader)
-            .ok_or_else(|| RequestError::Unreachable(format!("no link to the leader, node {leader}")))?;
+        let mut client = self.transport.client(leader).ok_or_else(|| {
+            RequestError::Unreachable(format!("no link to the leader, node {leader}"))
+        })?;
         let mut req = Request::new(BarrierRequest {
             timeout_ms: wait.as_millis() as u64,
         });
         req.set_timeout(wait + Duration::from_millis(200));
-        client.barrier(req).await.map(|r| r.get_ref().index).map_err(|s| status_error(leader, s))
+        client
+            .barrier(req)
+            .await
+            .map(|r| r.get_ref().index)
+            .map_err(|s| status_error(leader, s))
     }
 }
 
@@ -263,7 +299,9 @@ fn status_error(peer: NodeId, s: Status) -> RequestError {
     match s.code() {
         tonic::Code::FailedPrecondition => RequestError::NotLeader { leader: None },
         tonic::Code::Aborted => RequestError::Retry(s.message().to_string()),
-        tonic::Code::DeadlineExceeded => RequestError::TimedOut(format!("node {peer}: {}", s.message())),
+        tonic::Code::DeadlineExceeded => {
+            RequestError::TimedOut(format!("node {peer}: {}", s.message()))
+        }
         tonic::Code::InvalidArgument => RequestError::Invalid(s.message().to_string()),
         _ => RequestError::Unreachable(format!("node {peer}: {}", s.message())),
     }
@@ -271,7 +309,10 @@ fn status_error(peer: NodeId, s: Status) -> RequestError {
 
 #[tonic::async_trait]
 impl Admin for AdminService {
-    async fn status(&self, req: Request<StatusRequest>) -> Result<Response<PbClusterStatus>, Status> {
+    async fn status(
+        &self,
+        req: Request<StatusRequest>,
+    ) -> Result<Response<PbClusterStatus>, Status> {
         let ms = req.get_ref().peer_timeout_ms;
         let timeout = if ms == 0 {
             DEFAULT_PEER_STATUS_TIMEOUT
@@ -282,18 +323,32 @@ impl Admin for AdminService {
         Ok(Response::new((&status).into()))
     }
 
-    async fn promote(&self, req: Request<PromoteRequest>) -> Result<Response<PromoteReply>, Status> {
+    async fn promote(
+        &self,
+        req: Request<PromoteRequest>,
+    ) -> Result<Response<PromoteReply>, Status> {
         let r = req.into_inner();
-        let wait = Duration::from_millis(if r.timeout_ms == 0 { 10_000 } else { r.timeout_ms.min(600_000) });
+        let wait = Duration::from_millis(if r.timeout_ms == 0 {
+            10_000
+        } else {
+            r.timeout_ms.min(600_000)
+        });
         info!(target = r.target, "promote requested by an administrator");
-        let term = AdminService::promote(self, r.target, wait).await.map_err(request_status)?;
+        let term = AdminService::promote(self, r.target, wait)
+            .await
+            .map_err(request_status)?;
         Ok(Response::new(PromoteReply { term }))
     }
 
-    async fn barrier(&self, req: Request<BarrierRequest>) -> Result<Response<BarrierReply>, Status> {
+    async fn barrier(
+        &self,
+        req: Request<BarrierRequest>,
+    ) -> Result<Response<BarrierReply>, Status> {
         let ms = req.get_ref().timeout_ms;
         let wait = Duration::from_millis(if ms == 0 { 5_000 } else { ms.min(600_000) });
-        let index = AdminService::barrier(self, wait).await.map_err(request_status)?;
+        let index = AdminService::barrier(self, wait)
+            .await
+            .map_err(request_status)?;
         Ok(Response::new(BarrierReply { index }))
     }
 }

@@ -315,13 +315,18 @@ impl Config {
             reason,
         };
         let text = std::fs::read_to_string(file).map_err(|e| {
-            load_err(format!("cannot read the config file: {e}; pass the right path with --config"))
+            load_err(format!(
+                "cannot read the config file: {e}; pass the right path with --config"
+            ))
         })?;
         let env_map: config::Map<String, String> = env
             .into_iter()
             // Only CLUSTERD_<SECTION>__<KEY> is configuration: other CLUSTERD_*
             // variables (a wrapper script's, say) must not become unknown keys.
-            .filter(|(k, _)| k.strip_prefix("CLUSTERD_").is_some_and(|rest| rest.contains("__")))
+            .filter(|(k, _)| {
+                k.strip_prefix("CLUSTERD_")
+                    .is_some_and(|rest| rest.contains("__"))
+            })
             .collect();
         let raw: RawConfig = config::Config::builder()
             .add_source(config::File::from_str(&text, config::FileFormat::Toml))
@@ -334,7 +339,11 @@ impl Config {
             )
             .build()
             .and_then(|c| c.try_deserialize())
-            .map_err(|e| load_err(format!("{e}; fix that key (see the README's configuration reference)")))?;
+            .map_err(|e| {
+                load_err(format!(
+                    "{e}; fix that key (see the README's configuration reference)"
+                ))
+            })?;
         Ok(raw)
     }
 }
@@ -359,12 +368,15 @@ pub fn validate(raw: RawConfig, file: &Path) -> Result<Config, ConfigError> {
         None => 20_000,
         Some(n) if n >= 10 => n as u64,
         Some(n) => {
-            v.problem(format!("key `raft.compact_after` = {n} must be at least 10 entries"));
+            v.problem(format!(
+                "key `raft.compact_after` = {n} must be at least 10 entries"
+            ));
             20_000
         }
     };
     let raft = v.raft(raw.raft);
-    let revoked_serials = v.revoked_serials(raw.tls.as_ref().map_or(&[][..], |t| &t.revoked_serials[..]));
+    let revoked_serials =
+        v.revoked_serials(raw.tls.as_ref().map_or(&[][..], |t| &t.revoked_serials[..]));
     let tls = v.tls(raw.tls);
     let sync = v.sync_sets(raw.sync, node.as_ref().is_some_and(|n| n.witness));
     let hooks = v.hooks(raw.hooks);
@@ -421,7 +433,9 @@ impl Validator {
     fn node_id(&mut self, key: &str, id: Option<i64>) -> Option<NodeId> {
         match id {
             None => {
-                self.problem(format!("key `{key}` is missing; give every node a unique id greater than 0"));
+                self.problem(format!(
+                    "key `{key}` is missing; give every node a unique id greater than 0"
+                ));
                 None
             }
             Some(id) if id <= 0 => {
@@ -444,13 +458,23 @@ impl Validator {
                 }
             },
         };
-        let data_dir = n.data_dir.unwrap_or_else(|| PathBuf::from("/var/lib/clusterd"));
+        let data_dir = n
+            .data_dir
+            .unwrap_or_else(|| PathBuf::from("/var/lib/clusterd"));
         if !data_dir.is_absolute() {
-            self.problem(format!("key `node.data_dir` = {:?} must be an absolute path", data_dir.display().to_string()));
+            self.problem(format!(
+                "key `node.data_dir` = {:?} must be an absolute path",
+                data_dir.display().to_string()
+            ));
         }
-        let admin_socket = n.admin_socket.unwrap_or_else(|| PathBuf::from(DEFAULT_ADMIN_SOCKET));
+        let admin_socket = n
+            .admin_socket
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_ADMIN_SOCKET));
         if !admin_socket.is_absolute() {
-            self.problem(format!("key `node.admin_socket` = {:?} must be an absolute path", admin_socket.display().to_string()));
+            self.problem(format!(
+                "key `node.admin_socket` = {:?} must be an absolute path",
+                admin_socket.display().to_string()
+            ));
         }
         Some(NodeConfig {
             id: id?,
@@ -467,7 +491,9 @@ impl Validator {
         let mut peers = Vec::new();
         for (i, p) in raw.into_iter().enumerate() {
             let key = format!("peer[{i}]");
-            let Some(id) = self.node_id(&format!("{key}.id"), p.id) else { continue };
+            let Some(id) = self.node_id(&format!("{key}.id"), p.id) else {
+                continue;
+            };
             if !seen.insert(id) {
                 self.problem(format!("key `{key}.id` = {id} is listed twice in [[peer]]; each peer id must be unique"));
                 continue;
@@ -475,11 +501,15 @@ impl Validator {
             let addr = match p.addr {
                 Some(a) if valid_host_port(&a) => a,
                 Some(a) => {
-                    self.problem(format!("key `{key}.addr` = {a:?} is not host:port; use e.g. \"10.9.9.223:7700\""));
+                    self.problem(format!(
+                        "key `{key}.addr` = {a:?} is not host:port; use e.g. \"10.9.9.223:7700\""
+                    ));
                     continue;
                 }
                 None => {
-                    self.problem(format!("key `{key}.addr` is missing; give the address where peer {id} listens"));
+                    self.problem(format!(
+                        "key `{key}.addr` is missing; give the address where peer {id} listens"
+                    ));
                     continue;
                 }
             };
@@ -500,14 +530,18 @@ impl Validator {
         let mut t = RaftTimers::default();
         if let Some(ms) = r.heartbeat_ms {
             if !(10..=10_000).contains(&ms) {
-                self.problem(format!("key `raft.heartbeat_ms` = {ms} must be between 10 and 10000"));
+                self.problem(format!(
+                    "key `raft.heartbeat_ms` = {ms} must be between 10 and 10000"
+                ));
             } else {
                 t.heartbeat = Duration::from_millis(ms as u64);
             }
         }
         if let Some(ms) = r.election_timeout_ms {
             if !(50..=60_000).contains(&ms) {
-                self.problem(format!("key `raft.election_timeout_ms` = {ms} must be between 50 and 60000"));
+                self.problem(format!(
+                    "key `raft.election_timeout_ms` = {ms} must be between 50 and 60000"
+                ));
             } else {
                 t.election_timeout = Duration::from_millis(ms as u64);
             }
@@ -554,7 +588,9 @@ impl Validator {
 
     fn readable_file(&mut self, key: &str, path: Option<PathBuf>) -> Option<PathBuf> {
         let Some(path) = path else {
-            self.problem(format!("key `{key}` is missing; make certificates with `clusterctl certs init`"));
+            self.problem(format!(
+                "key `{key}` is missing; make certificates with `clusterctl certs init`"
+            ));
             return None;
         };
         match std::fs::File::open(&path) {
@@ -579,14 +615,19 @@ impl Validator {
                 continue;
             };
             if !names.insert(name.clone()) {
-                self.problem(format!("key `{key}.name` = {name:?} is used by two sync sets; names must be unique"));
+                self.problem(format!(
+                    "key `{key}.name` = {name:?} is used by two sync sets; names must be unique"
+                ));
             }
             let Some(path) = s.path else {
                 self.problem(format!("key `{key}.path` is missing for sync set {name:?}"));
                 continue;
             };
             if !path.is_absolute() {
-                self.problem(format!("key `{key}.path` = {:?} of sync set {name:?} must be an absolute path", path.display().to_string()));
+                self.problem(format!(
+                    "key `{key}.path` = {:?} of sync set {name:?} must be an absolute path",
+                    path.display().to_string()
+                ));
             }
             if let Err(e) = crate::paths::Filter::for_set(i, &s.exclude, &s.skip_while) {
                 for bad in &e.problems {
@@ -610,7 +651,11 @@ impl Validator {
                     false
                 }
             };
-            if single_file && path.parent().is_none_or(|p| p.as_os_str().is_empty() || !p.is_dir()) {
+            if single_file
+                && path
+                    .parent()
+                    .is_none_or(|p| p.as_os_str().is_empty() || !p.is_dir())
+            {
                 self.problem(format!("key `{key}.path` = {:?} of sync set {name:?} is a single file, but its directory does not exist; create it", path.display().to_string()));
             }
             let max_file_size = match s.max_file_size {
@@ -639,13 +684,19 @@ impl Validator {
         let mut out = ReplicationConfig::default();
         match r.debounce_ms {
             None => {}
-            Some(ms) if (1..=60_000).contains(&ms) => out.debounce = Duration::from_millis(ms as u64),
-            Some(ms) => self.problem(format!("key `replication.debounce_ms` = {ms} must be between 1 and 60000")),
+            Some(ms) if (1..=60_000).contains(&ms) => {
+                out.debounce = Duration::from_millis(ms as u64)
+            }
+            Some(ms) => self.problem(format!(
+                "key `replication.debounce_ms` = {ms} must be between 1 and 60000"
+            )),
         }
         match r.rescan_secs {
             None => {}
             Some(s) if (1..=86_400).contains(&s) => out.rescan = Duration::from_secs(s as u64),
-            Some(s) => self.problem(format!("key `replication.rescan_secs` = {s} must be between 1 and 86400")),
+            Some(s) => self.problem(format!(
+                "key `replication.rescan_secs` = {s} must be between 1 and 86400"
+            )),
         }
         out
     }
@@ -653,7 +704,10 @@ impl Validator {
     fn hooks(&mut self, h: RawHooks) -> HooksConfig {
         if let Some(p) = &h.role_file {
             if !p.is_absolute() {
-                self.problem(format!("key `hooks.role_file` = {:?} must be an absolute path", p.display().to_string()));
+                self.problem(format!(
+                    "key `hooks.role_file` = {:?} must be an absolute path",
+                    p.display().to_string()
+                ));
             }
         }
         HooksConfig {
@@ -742,7 +796,10 @@ mod tests {
         assert_eq!(c.raft.heartbeat, Duration::from_millis(50));
         assert_eq!(c.raft.election_ticks(), 10);
         assert_eq!(c.sync[0].mode, SyncMode::Mirror);
-        assert_eq!(c.sync[0].on_change.as_deref(), Some("systemctl reload tac_plus"));
+        assert_eq!(
+            c.sync[0].on_change.as_deref(),
+            Some("systemctl reload tac_plus")
+        );
     }
 
     #[test]
@@ -750,13 +807,25 @@ mod tests {
         let f = Fixture::new();
         let body = format!("{NODE}{PEERS}{}", f.tls());
         let c = f
-            .load_env(&body, vec![("CLUSTERD_NODE__ID", "2"), ("CLUSTERD_RAFT__HEARTBEAT_MS", "200"), ("CLUSTERD_RAFT__ELECTION_TIMEOUT_MS", "2000")])
+            .load_env(
+                &body,
+                vec![
+                    ("CLUSTERD_NODE__ID", "2"),
+                    ("CLUSTERD_RAFT__HEARTBEAT_MS", "200"),
+                    ("CLUSTERD_RAFT__ELECTION_TIMEOUT_MS", "2000"),
+                ],
+            )
             .unwrap();
         assert_eq!(c.node.id, 2);
         assert_eq!(c.raft.heartbeat, Duration::from_millis(200));
         assert_eq!(c.peers.iter().map(|p| p.id).collect::<Vec<_>>(), vec![1, 3]);
         // Variables that are not <SECTION>__<KEY> are someone else's.
-        assert!(f.load_env(&body, vec![("CLUSTERD_CONFIG_FILE", "/x"), ("CLUSTERD_DEMO_DIR", "/y")]).is_ok());
+        assert!(f
+            .load_env(
+                &body,
+                vec![("CLUSTERD_CONFIG_FILE", "/x"), ("CLUSTERD_DEMO_DIR", "/y")]
+            )
+            .is_ok());
     }
 
     #[test]
@@ -797,8 +866,14 @@ mod tests {
         ];
         for (body, expected) in cases {
             let msg = f.problems(&body);
-            assert!(msg.contains(expected), "expected {expected:?} in:\n{msg}\nfor config:\n{body}");
-            assert!(msg.contains("clusterd.toml"), "message does not name the file: {msg}");
+            assert!(
+                msg.contains(expected),
+                "expected {expected:?} in:\n{msg}\nfor config:\n{body}"
+            );
+            assert!(
+                msg.contains("clusterd.toml"),
+                "message does not name the file: {msg}"
+            );
         }
     }
 
@@ -818,14 +893,22 @@ mod tests {
         let f = Fixture::new();
         let with_witness = format!("{NODE}[[peer]]\nid = 2\naddr = \"h:1\"\n[[peer]]\nid = 3\naddr = \"w:1\"\nwitness = true\n{}", f.tls());
         assert!(f.load(&with_witness).is_ok());
-        let consent = format!("{}allow_two_node = true\n[[peer]]\nid = 2\naddr = \"h:1\"\n{}", NODE, f.tls());
+        let consent = format!(
+            "{}allow_two_node = true\n[[peer]]\nid = 2\naddr = \"h:1\"\n{}",
+            NODE,
+            f.tls()
+        );
         assert!(f.load(&consent).is_ok());
     }
 
     #[test]
     fn missing_file_is_named() {
-        let err = Config::load_with_env(Path::new("/nonexistent/clusterd.toml"), vec![]).unwrap_err();
+        let err =
+            Config::load_with_env(Path::new("/nonexistent/clusterd.toml"), vec![]).unwrap_err();
         let msg = err.to_string();
-        assert!(msg.starts_with("/nonexistent/clusterd.toml: cannot read the config file"), "{msg}");
+        assert!(
+            msg.starts_with("/nonexistent/clusterd.toml: cannot read the config file"),
+            "{msg}"
+        );
     }
 }

@@ -31,12 +31,19 @@ const FETCH_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// The server half: the committed version of a file as patch pieces.
 pub fn serve(shared: &Shared, req: &FetchRequest) -> Result<Vec<FetchChunk>, Status> {
-    let set = shared
-        .set(&req.set)
-        .ok_or_else(|| Status::not_found(format!("this node does not replicate sync set {:?}", req.set)))?;
-    let path = SetPath::from_network(&req.path).map_err(|e| Status::invalid_argument(e.to_string()))?;
+    let set = shared.set(&req.set).ok_or_else(|| {
+        Status::not_found(format!(
+            "this node does not replicate sync set {:?}",
+            req.set
+        ))
+    })?;
+    let path =
+        SetPath::from_network(&req.path).map_err(|e| Status::invalid_argument(e.to_string()))?;
     if !set.holds(&path, false) {
-        return Err(Status::invalid_argument(format!("{path} is not part of sync set {:?}", req.set)));
+        return Err(Status::invalid_argument(format!(
+            "{path} is not part of sync set {:?}",
+            req.set
+        )));
     }
     let want: [u8; FileDigest::ENCODED_LEN] = req
         .digest
@@ -45,16 +52,22 @@ pub fn serve(shared: &Shared, req: &FetchRequest) -> Result<Vec<FetchChunk>, Sta
         .map_err(|_| Status::invalid_argument("digest must be 40 bytes"))?;
     let want = FileDigest::from_bytes(&want);
     if want.len > set.max_file_size {
-        return Err(Status::invalid_argument("larger than the set's max_file_size"));
+        return Err(Status::invalid_argument(
+            "larger than the set's max_file_size",
+        ));
     }
-    let root = set.open_root().map_err(|e| Status::unavailable(e.to_string()))?;
+    let root = set
+        .open_root()
+        .map_err(|e| Status::unavailable(e.to_string()))?;
     let comps: Vec<&[u8]> = path.components().collect();
     let (data, _) = root
         .read_file(&comps, set.max_file_size)
         .map_err(|e| Status::unavailable(e.to_string()))?
         .ok_or_else(|| Status::failed_precondition(format!("this node has no {path}")))?;
     if delta::digest(&data) != want {
-        return Err(Status::failed_precondition(format!("this node's {path} is not the requested version")));
+        return Err(Status::failed_precondition(format!(
+            "this node's {path} is not the requested version"
+        )));
     }
     let patch = match BlockSignature::from_bytes(&req.signature) {
         Ok(sig) if !req.signature.is_empty() => delta::plan_with_signature(&sig, &data).0,
@@ -99,7 +112,9 @@ pub async fn run_fetcher(
             let sig = {
                 let s = shared.clone();
                 let (set, path) = (set.clone(), path.clone());
-                tokio::task::spawn_blocking(move || local_signature(&s, &set, &path)).await.unwrap_or_default()
+                tokio::task::spawn_blocking(move || local_signature(&s, &set, &path))
+                    .await
+                    .unwrap_or_default()
             };
             for &peer in &order {
                 match fetch_one(&transport, peer, &set, &path, &want, &sig).await {
@@ -112,7 +127,9 @@ pub async fn run_fetcher(
                         }));
                         break;
                     }
-                    Err(e) => debug!(peer, set = %set, path = %path, "fetch from node {peer} failed: {e}"),
+                    Err(e) => {
+                        debug!(peer, set = %set, path = %path, "fetch from node {peer} failed: {e}")
+                    }
                 }
             }
         }
@@ -122,11 +139,17 @@ pub async fn run_fetcher(
 }
 
 fn local_signature(shared: &Shared, set: &str, path: &SetPath) -> Vec<u8> {
-    let Some(rt) = shared.set(set) else { return Vec::new() };
-    let Ok(root) = rt.open_root() else { return Vec::new() };
+    let Some(rt) = shared.set(set) else {
+        return Vec::new();
+    };
+    let Ok(root) = rt.open_root() else {
+        return Vec::new();
+    };
     let comps: Vec<&[u8]> = path.components().collect();
     match root.read_file(&comps, rt.max_file_size) {
-        Ok(Some((data, _))) if data.len() >= delta::SMALL_FILE_LEN => BlockSignature::compute(&data).to_bytes(),
+        Ok(Some((data, _))) if data.len() >= delta::SMALL_FILE_LEN => {
+            BlockSignature::compute(&data).to_bytes()
+        }
         _ => Vec::new(),
     }
 }
@@ -148,9 +171,17 @@ async fn fetch_one(
     });
     req.set_timeout(FETCH_TIMEOUT);
     let call = async {
-        let mut stream = client.fetch(req).await.map_err(|s| s.message().to_string())?.into_inner();
+        let mut stream = client
+            .fetch(req)
+            .await
+            .map_err(|s| s.message().to_string())?
+            .into_inner();
         let mut out = Vec::new();
-        while let Some(chunk) = stream.message().await.map_err(|s| s.message().to_string())? {
+        while let Some(chunk) = stream
+            .message()
+            .await
+            .map_err(|s| s.message().to_string())?
+        {
             out.extend_from_slice(&chunk.data);
             // Bound what a peer can make us hold: a patch is never much larger
             // than the file (zstd of incompressible data adds a little).
@@ -160,5 +191,7 @@ async fn fetch_one(
         }
         Ok(out)
     };
-    tokio::time::timeout(FETCH_TIMEOUT, call).await.map_err(|_| "timed out".to_string())?
+    tokio::time::timeout(FETCH_TIMEOUT, call)
+        .await
+        .map_err(|_| "timed out".to_string())?
 }

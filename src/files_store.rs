@@ -19,11 +19,21 @@ use crate::paths::SetPath;
 #[derive(Debug, thiserror::Error)]
 pub enum FilesStoreError {
     #[error("cannot open the file state in {path}: {source}")]
-    Open { path: PathBuf, source: rocksdb::Error },
+    Open {
+        path: PathBuf,
+        source: rocksdb::Error,
+    },
     #[error("cannot write the file state in {path}: {source}; the node stops rather than act on state that is not durable")]
-    Write { path: PathBuf, source: rocksdb::Error },
+    Write {
+        path: PathBuf,
+        source: rocksdb::Error,
+    },
     #[error("the file state in {path} is damaged at key {key:?}: {why}")]
-    Corrupt { path: PathBuf, key: String, why: String },
+    Corrupt {
+        path: PathBuf,
+        key: String,
+        why: String,
+    },
 }
 
 /// What this node last put at (or read from) a path: lets it notice, by
@@ -149,10 +159,12 @@ impl FilesStore {
     pub fn write(&self, batch: StoreBatch) -> Result<(), FilesStoreError> {
         let mut opts = WriteOptions::default();
         opts.set_sync(true);
-        self.db.write_opt(batch.wb, &opts).map_err(|source| FilesStoreError::Write {
-            path: self.path.clone(),
-            source,
-        })
+        self.db
+            .write_opt(batch.wb, &opts)
+            .map_err(|source| FilesStoreError::Write {
+                path: self.path.clone(),
+                source,
+            })
     }
 
     fn corrupt(&self, key: &[u8], why: impl ToString) -> FilesStoreError {
@@ -164,17 +176,28 @@ impl FilesStore {
     }
 
     pub fn applied(&self) -> Result<u64, FilesStoreError> {
-        match self.db.get(KEY_APPLIED).map_err(|e| self.corrupt(KEY_APPLIED, e))? {
+        match self
+            .db
+            .get(KEY_APPLIED)
+            .map_err(|e| self.corrupt(KEY_APPLIED, e))?
+        {
             None => Ok(0),
             Some(v) => Ok(u64::from_be_bytes(
-                v.as_slice().try_into().map_err(|_| self.corrupt(KEY_APPLIED, "not 8 bytes"))?,
+                v.as_slice()
+                    .try_into()
+                    .map_err(|_| self.corrupt(KEY_APPLIED, "not 8 bytes"))?,
             )),
         }
     }
 
-    fn scan<T: DeserializeOwned>(&self, prefix: u8) -> Result<Vec<(String, SetPath, T)>, FilesStoreError> {
+    fn scan<T: DeserializeOwned>(
+        &self,
+        prefix: u8,
+    ) -> Result<Vec<(String, SetPath, T)>, FilesStoreError> {
         let mut out = Vec::new();
-        let iter = self.db.iterator(IteratorMode::From(&[prefix], rocksdb::Direction::Forward));
+        let iter = self
+            .db
+            .iterator(IteratorMode::From(&[prefix], rocksdb::Direction::Forward));
         for item in iter {
             let (k, v) = item.map_err(|e| self.corrupt(&[prefix], e))?;
             if k.first() != Some(&prefix) {
@@ -192,14 +215,19 @@ impl FilesStore {
         for (set, path, entry) in self.scan::<Entry>(P_ENTRY)? {
             m.sets.entry(set).or_default().entries.insert(path, entry);
         }
-        let iter = self.db.iterator(IteratorMode::From(&[P_PROGRESS], rocksdb::Direction::Forward));
+        let iter = self.db.iterator(IteratorMode::From(
+            &[P_PROGRESS],
+            rocksdb::Direction::Forward,
+        ));
         for item in iter {
             let (k, v) = item.map_err(|e| self.corrupt(&[P_PROGRESS], e))?;
             if k.first() != Some(&P_PROGRESS) {
                 break;
             }
-            let set = String::from_utf8(k[1..].to_vec()).map_err(|_| self.corrupt(&k, "set name"))?;
-            let progress: SetProgress = postcard::from_bytes(&v).map_err(|e| self.corrupt(&k, e))?;
+            let set =
+                String::from_utf8(k[1..].to_vec()).map_err(|_| self.corrupt(&k, "set name"))?;
+            let progress: SetProgress =
+                postcard::from_bytes(&v).map_err(|e| self.corrupt(&k, e))?;
             m.sets.entry(set).or_default().progress = progress;
         }
         Ok(m)

@@ -839,7 +839,10 @@ impl Root {
     /// Opens an existing regular file for reading, never through a symlink,
     /// with its metadata; `None` if it (or a parent) does not exist. For
     /// callers that read part of a file (the new tail of a log).
-    pub fn open_file<C: AsComponent>(&self, comps: &[C]) -> Result<Option<(File, FileMeta)>, FsError> {
+    pub fn open_file<C: AsComponent>(
+        &self,
+        comps: &[C],
+    ) -> Result<Option<(File, FileMeta)>, FsError> {
         let comps = self.check(comps, false)?;
         let path = show(&comps);
         let Some((dir, leaf)) = self.open_parent(&comps, None)? else {
@@ -870,7 +873,12 @@ impl Root {
         let path = show(&comps);
         self.check_meta(meta, &path)?;
         let (dir, leaf) = self.require_parent(&comps)?;
-        let fd = match rfs::openat(&dir, leaf, OFlags::WRONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NOCTTY, Mode::empty()) {
+        let fd = match rfs::openat(
+            &dir,
+            leaf,
+            OFlags::WRONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NOCTTY,
+            Mode::empty(),
+        ) {
             Ok(fd) => fd,
             Err(e) => return Err(self.io_err("open for append", path, e)),
         };
@@ -879,10 +887,13 @@ impl Root {
             return Err(self.kind_err(path, stat_kind(&st), Kind::File.describe()));
         }
         let file = File::from(fd);
-        file.set_len(offset).map_err(|e| self.io_err("truncate to the committed length", path.clone(), e))?;
-        file.write_all_at(tail, offset).map_err(|e| self.io_err("append to", path.clone(), e))?;
+        file.set_len(offset)
+            .map_err(|e| self.io_err("truncate to the committed length", path.clone(), e))?;
+        file.write_all_at(tail, offset)
+            .map_err(|e| self.io_err("append to", path.clone(), e))?;
         self.apply_meta(file.as_fd(), meta, &path)?;
-        file.sync_all().map_err(|e| self.io_err("fsync", path.clone(), e))?;
+        file.sync_all()
+            .map_err(|e| self.io_err("fsync", path.clone(), e))?;
         let st = rfs::fstat(&file).map_err(|e| self.io_err("stat", path, e))?;
         Ok(FileMeta::from_stat(&st))
     }
@@ -2171,12 +2182,24 @@ mod tests {
     fn bad_meta_refused() {
         let fx = fixture();
         let bad = [
-            FileMeta { kind: Kind::Dir, ..file_meta(0o600) },
-            FileMeta { uid: u32::MAX, ..file_meta(0o600) },
-            FileMeta { mtime_ns: i128::MAX, ..file_meta(0o600) },
+            FileMeta {
+                kind: Kind::Dir,
+                ..file_meta(0o600)
+            },
+            FileMeta {
+                uid: u32::MAX,
+                ..file_meta(0o600)
+            },
+            FileMeta {
+                mtime_ns: i128::MAX,
+                ..file_meta(0o600)
+            },
         ];
         for m in &bad {
-            let err = fx.root.replace_file(&["f"], b"", m, &hash(b"")).unwrap_err();
+            let err = fx
+                .root
+                .replace_file(&["f"], b"", m, &hash(b""))
+                .unwrap_err();
             assert!(matches!(err, FsError::BadMeta { .. }), "{m:?}: {err}");
         }
         assert!(fx.root.stat(&["f"]).unwrap().is_none());

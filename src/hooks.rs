@@ -42,10 +42,21 @@ pub async fn run_command(command: &str, env: &[(&str, &str)], limit: Duration, w
             let stderr = clip(&out.stderr);
             let ms = started.elapsed().as_millis();
             if out.status.success() {
-                info!(ms, "{what}: `{command}` succeeded{}{}", show("stdout", &stdout), show("stderr", &stderr));
+                info!(
+                    ms,
+                    "{what}: `{command}` succeeded{}{}",
+                    show("stdout", &stdout),
+                    show("stderr", &stderr)
+                );
                 true
             } else {
-                warn!(ms, "{what}: `{command}` failed ({}){}{}", out.status, show("stdout", &stdout), show("stderr", &stderr));
+                warn!(
+                    ms,
+                    "{what}: `{command}` failed ({}){}{}",
+                    out.status,
+                    show("stdout", &stdout),
+                    show("stderr", &stderr)
+                );
                 false
             }
         }
@@ -60,7 +71,10 @@ pub async fn run_command(command: &str, env: &[(&str, &str)], limit: Duration, w
                     libc::kill(-(pid as i32), libc::SIGKILL);
                 }
             }
-            warn!("{what}: `{command}` did not finish within {} s and was killed", limit.as_secs());
+            warn!(
+                "{what}: `{command}` did not finish within {} s and was killed",
+                limit.as_secs()
+            );
             false
         }
     }
@@ -94,7 +108,15 @@ mod tests {
 
     #[tokio::test]
     async fn exit_status_env_and_time_limit() {
-        assert!(run_command("test \"$X\" = 1", &[("X", "1")], Duration::from_secs(5), "t").await);
+        assert!(
+            run_command(
+                "test \"$X\" = 1",
+                &[("X", "1")],
+                Duration::from_secs(5),
+                "t"
+            )
+            .await
+        );
         assert!(!run_command("exit 3", &[], Duration::from_secs(5), "t").await);
         let t = std::time::Instant::now();
         assert!(!run_command("sleep 30", &[], Duration::from_millis(200), "t").await);

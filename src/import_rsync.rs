@@ -172,7 +172,10 @@ enum LineError {
 
 /// Reads `path` (bytes that are not UTF-8 are replaced) and translates it.
 pub fn translate_file(path: &Path) -> Result<Translation, ImportError> {
-    let bytes = std::fs::read(path).map_err(|source| ImportError::Read { path: path.to_path_buf(), source })?;
+    let bytes = std::fs::read(path).map_err(|source| ImportError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
     Ok(translate(&String::from_utf8_lossy(&bytes)))
 }
 
@@ -189,7 +192,10 @@ impl Translation {
     /// The sets as TOML `[[sync]]` tables, preceded by the rules and the notes as `#` comments.
     pub fn to_toml(&self) -> String {
         let mut out = String::new();
-        comment(&mut out, "[[sync]] sets drafted by `clusterctl import-rsync` from a legacy rsync script.");
+        comment(
+            &mut out,
+            "[[sync]] sets drafted by `clusterctl import-rsync` from a legacy rsync script.",
+        );
         comment(
             &mut out,
             "Review every set, then add them to the config of every node (e.g. /etc/clusterd/clusterd.toml).",
@@ -232,7 +238,10 @@ fn comment(out: &mut String, text: &str) {
             continue;
         }
         out.push_str("# ");
-        out.extend(line.chars().map(|c| if c != '\t' && c.is_control() { '?' } else { c }));
+        out.extend(
+            line.chars()
+                .map(|c| if c != '\t' && c.is_control() { '?' } else { c }),
+        );
         out.push('\n');
     }
 }
@@ -274,8 +283,8 @@ fn logical_lines(script: &str) -> Vec<(usize, String)> {
     let mut pending: Option<(usize, String)> = None;
     for (i, raw) in script.lines().enumerate() {
         let (start, mut acc) = pending.take().unwrap_or((i + 1, String::new()));
-        let continues =
-            !raw.trim_start().starts_with('#') && raw.chars().rev().take_while(|&c| c == '\\').count() % 2 == 1;
+        let continues = !raw.trim_start().starts_with('#')
+            && raw.chars().rev().take_while(|&c| c == '\\').count() % 2 == 1;
         if continues {
             acc.push_str(&raw[..raw.len() - 1]);
             pending = Some((start, acc));
@@ -422,7 +431,10 @@ fn strip_redirections(words: Vec<String>) -> (Vec<String>, Vec<String>) {
     let mut it = words.into_iter();
     while let Some(w) = it.next() {
         let s = w.trim_start_matches(|c: char| c.is_ascii_digit());
-        let s = s.strip_prefix('&').filter(|r| r.starts_with('>')).unwrap_or(s);
+        let s = s
+            .strip_prefix('&')
+            .filter(|r| r.starts_with('>'))
+            .unwrap_or(s);
         if !(s.starts_with('>') || s.starts_with('<')) {
             kept.push(w);
             continue;
@@ -470,7 +482,9 @@ fn strip_prefixes(words: &[String]) -> &[String] {
     let mut i = 0;
     while i < words.len() && PREFIXES.contains(&words[i].as_str()) {
         i += 1;
-        while i < words.len() && (words[i].starts_with('-') || words[i].chars().all(|c| c.is_ascii_digit())) {
+        while i < words.len()
+            && (words[i].starts_with('-') || words[i].chars().all(|c| c.is_ascii_digit()))
+        {
             i += 1;
         }
     }
@@ -496,19 +510,25 @@ enum Action {
 
 fn classify(words: &[String]) -> Action {
     let words = strip_prefixes(words);
-    let Some(first) = words.first() else { return Action::Silent };
+    let Some(first) = words.first() else {
+        return Action::Silent;
+    };
     let cmd = basename(first);
     let arg = |i: usize| words.get(i).map(String::as_str).unwrap_or("");
     let is_reload = |w: &str| {
         matches!(
             w,
-            "reload" | "restart" | "force-reload" | "try-restart" | "reload-or-restart" | "try-reload-or-restart"
+            "reload"
+                | "restart"
+                | "force-reload"
+                | "try-restart"
+                | "reload-or-restart"
+                | "try-reload-or-restart"
         )
     };
     match cmd {
-        "echo" | "printf" | "sleep" | "true" | ":" | "exit" | "return" | "clear" | "tee" | "logger" | "wait" => {
-            Action::Silent
-        }
+        "echo" | "printf" | "sleep" | "true" | ":" | "exit" | "return" | "clear" | "tee"
+        | "logger" | "wait" => Action::Silent,
         "rsync" => Action::Rsync,
         "ssh" => Action::Ssh,
         "reboot" => Action::Reboot,
@@ -517,11 +537,15 @@ fn classify(words: &[String]) -> Action {
         "systemctl" if arg(1) == "reboot" => Action::Reboot,
         "systemctl" if is_reload(arg(1)) => Action::Reload,
         "service" | "invoke-rc.d" if is_reload(arg(2)) => Action::Reload,
-        "postfix" | "apachectl" | "apache2ctl" if matches!(arg(1), "reload" | "restart" | "graceful") => Action::Reload,
+        "postfix" | "apachectl" | "apache2ctl"
+            if matches!(arg(1), "reload" | "restart" | "graceful") =>
+        {
+            Action::Reload
+        }
         "nginx" if arg(1) == "-s" && arg(2) == "reload" => Action::Reload,
         _ if first.starts_with("/etc/init.d/") && is_reload(arg(1)) => Action::Reload,
-        "lockfile-create" | "lockfile-remove" | "lockfile-touch" | "lockfile-check" | "dotlockfile" | "flock"
-        | "lockfile" => Action::Lockfile,
+        "lockfile-create" | "lockfile-remove" | "lockfile-touch" | "lockfile-check"
+        | "dotlockfile" | "flock" | "lockfile" => Action::Lockfile,
         "chown" | "chmod" | "chgrp" | "setfacl" => Action::Ownership,
         "ping" | "ping6" | "fping" => Action::Ping,
         "cd" | "pushd" | "popd" => Action::Cd,
@@ -539,7 +563,9 @@ fn ssh_parts(words: &[String]) -> Option<(String, Vec<String>)> {
             i += 1;
             break;
         }
-        let Some(flags) = w.strip_prefix('-').filter(|f| !f.is_empty()) else { break };
+        let Some(flags) = w.strip_prefix('-').filter(|f| !f.is_empty()) else {
+            break;
+        };
         i += 1;
         if let Some(pos) = flags.find(|c| WITH_ARG.contains(c)) {
             if pos + 1 == flags.len() {
@@ -672,11 +698,19 @@ struct Operand {
 }
 
 fn parse_operand(raw: &str) -> Operand {
-    let local = |daemon: bool| Operand { peer: None, user: None, host: String::new(), path: raw.to_string(), daemon };
+    let local = |daemon: bool| Operand {
+        peer: None,
+        user: None,
+        host: String::new(),
+        path: raw.to_string(),
+        daemon,
+    };
     if raw.starts_with("rsync://") {
         return local(true);
     }
-    let Some((head, path)) = raw.split_once(':') else { return local(false) };
+    let Some((head, path)) = raw.split_once(':') else {
+        return local(false);
+    };
     if head.is_empty() || head.contains('/') {
         return local(false);
     }
@@ -687,12 +721,21 @@ fn parse_operand(raw: &str) -> Operand {
         Some((u, h)) => (Some(u.to_string()), h.to_string()),
         None => (None, head.to_string()),
     };
-    Operand { peer: Some(head.to_string()), user, host, path: path.to_string(), daemon: false }
+    Operand {
+        peer: Some(head.to_string()),
+        user,
+        host,
+        path: path.to_string(),
+        daemon: false,
+    }
 }
 
 /// Collapses `//` and `/./` and drops trailing slashes; `/` stays `/`.
 fn clean_path(p: &str) -> String {
-    let parts: Vec<&str> = p.split('/').filter(|c| !c.is_empty() && *c != ".").collect();
+    let parts: Vec<&str> = p
+        .split('/')
+        .filter(|c| !c.is_empty() && *c != ".")
+        .collect();
     if p.starts_with('/') {
         format!("/{}", parts.join("/"))
     } else {
@@ -719,7 +762,11 @@ fn relative_under(dir: &str, root: &str) -> Option<String> {
     if dir == root {
         return Some(String::new());
     }
-    let prefix = if root == "/" { String::from("/") } else { format!("{root}/") };
+    let prefix = if root == "/" {
+        String::from("/")
+    } else {
+        format!("{root}/")
+    };
     dir.strip_prefix(&prefix).map(str::to_string)
 }
 
@@ -728,7 +775,11 @@ fn relative_under(dir: &str, root: &str) -> Option<String> {
 fn translate_exclude(pat: &str, parent_of: Option<&str>) -> (String, Option<String>) {
     if let Some(rest) = pat.strip_prefix('/') {
         if let Some(base) = parent_of {
-            if let Some(inner) = rest.strip_prefix(base).and_then(|r| r.strip_prefix('/')).filter(|r| !r.is_empty()) {
+            if let Some(inner) = rest
+                .strip_prefix(base)
+                .and_then(|r| r.strip_prefix('/'))
+                .filter(|r| !r.is_empty())
+            {
                 let new = format!("/{inner}");
                 let why = format!(
                     "exclude {pat:?} became {new:?}: rsync anchored it at the parent directory, clusterd anchors it at the set"
@@ -772,7 +823,12 @@ struct LockGuard {
 
 #[derive(Debug)]
 enum Frame {
-    If { lock: Option<LockGuard>, text: String, in_else: bool, used: bool },
+    If {
+        lock: Option<LockGuard>,
+        text: String,
+        in_else: bool,
+        used: bool,
+    },
     Loop,
 }
 
@@ -829,7 +885,8 @@ struct Translator {
 
 impl Translator {
     fn note(&mut self, text: &str, why: &str) {
-        self.notes.push(Pending::Done(format!("not translated: {text} ({why})")));
+        self.notes
+            .push(Pending::Done(format!("not translated: {text} ({why})")));
     }
 
     fn line(&mut self, no: usize, text: &str) {
@@ -845,7 +902,9 @@ impl Translator {
                     continue;
                 }
             };
-            let Some(first) = words.first().map(String::as_str) else { continue };
+            let Some(first) = words.first().map(String::as_str) else {
+                continue;
+            };
             if matches!(first, "if" | "elif" | "while" | "until") {
                 // The condition runs up to the next `;` or end of line.
                 let mut text = seg.text.clone();
@@ -866,7 +925,11 @@ impl Translator {
 
     /// `if`/`elif`/`while`/`until` with its condition commands.
     fn condition(&mut self, no: usize, keyword: &str, text: &str, conds: &[Vec<String>]) {
-        let lock = if matches!(keyword, "if" | "elif") { self.lock_check(no, conds) } else { None };
+        let lock = if matches!(keyword, "if" | "elif") {
+            self.lock_check(no, conds)
+        } else {
+            None
+        };
         // `if ! rsync ...; then`: the rsync line is translated like any other.
         let mut others = Vec::new();
         for cond in conds {
@@ -886,15 +949,27 @@ impl Translator {
                 if let Some(Frame::If { .. }) = self.stack.last() {
                     self.close_if();
                 }
-                self.stack.push(Frame::If { lock, text: text.to_string(), in_else: false, used: false });
+                self.stack.push(Frame::If {
+                    lock,
+                    text: text.to_string(),
+                    in_else: false,
+                    used: false,
+                });
             }
-            "if" => self.stack.push(Frame::If { lock, text: text.to_string(), in_else: false, used: false }),
+            "if" => self.stack.push(Frame::If {
+                lock,
+                text: text.to_string(),
+                in_else: false,
+                used: false,
+            }),
             _ => self.stack.push(Frame::Loop),
         }
     }
 
     fn condition_note(&mut self, text: &str, conds: &[Vec<String>]) {
-        let mentions_var = |name: &str| text.contains(&format!("${name}")) || text.contains(&format!("${{{name}}}"));
+        let mentions_var = |name: &str| {
+            text.contains(&format!("${name}")) || text.contains(&format!("${{{name}}}"))
+        };
         let leader = (text.contains("$?") && self.last_was_ping)
             || text.contains("PROMOTE")
             || self.promote_vars.iter().any(|v| mentions_var(v))
@@ -945,12 +1020,24 @@ impl Translator {
             };
             let Some(operand) = operand else { continue };
             let (dir, pattern) = match operand.rsplit_once('/') {
-                Some((d, p)) => (if d.is_empty() { "/".to_string() } else { d.to_string() }, p.to_string()),
+                Some((d, p)) => (
+                    if d.is_empty() {
+                        "/".to_string()
+                    } else {
+                        d.to_string()
+                    },
+                    p.to_string(),
+                ),
                 None => (self.cwd.clone()?, operand.clone()),
             };
             if pattern.to_ascii_lowercase().contains("lock") && dir.starts_with('/') {
                 let (dir, _) = self.expand(&dir);
-                return Some(LockGuard { dir: clean_path(&dir), pattern, negated, line: no });
+                return Some(LockGuard {
+                    dir: clean_path(&dir),
+                    pattern,
+                    negated,
+                    line: no,
+                });
             }
         }
         None
@@ -958,14 +1045,22 @@ impl Translator {
 
     /// Pops the innermost `if`, noting a lock check that guarded no rsync line.
     fn close_if(&mut self) {
-        if let Some(Frame::If { lock: Some(_), text, used: false, .. }) = self.stack.pop() {
+        if let Some(Frame::If {
+            lock: Some(_),
+            text,
+            used: false,
+            ..
+        }) = self.stack.pop()
+        {
             self.note(&text, "lock check that guards no rsync line");
         }
     }
 
     fn command(&mut self, no: usize, text: &str, words: Vec<String>) {
         let (words, redirects) = strip_redirections(words);
-        let Some(first) = words.first().map(String::as_str) else { return };
+        let Some(first) = words.first().map(String::as_str) else {
+            return;
+        };
         match first {
             "then" | "else" | "do" => {
                 if first == "else" {
@@ -1018,7 +1113,10 @@ impl Translator {
             }
             if words.len() == 1 {
                 self.vars.insert(name.to_string(), value.to_string());
-                self.notes.push(Pending::Assignment { text: text.to_string(), name: name.to_string() });
+                self.notes.push(Pending::Assignment {
+                    text: text.to_string(),
+                    name: name.to_string(),
+                });
                 return;
             }
         }
@@ -1100,8 +1198,9 @@ impl Translator {
         if self.promote_file.is_some() {
             return;
         }
-        let piece =
-            text.split(|c: char| c.is_whitespace() || "()$;'\"<>=`|&".contains(c)).find(|p| p.contains("PROMOTE"));
+        let piece = text
+            .split(|c: char| c.is_whitespace() || "()$;'\"<>=`|&".contains(c))
+            .find(|p| p.contains("PROMOTE"));
         if let Some(p) = piece {
             let p = self.expand(p).0;
             self.promote_file = Some(if p.starts_with('/') {
@@ -1128,7 +1227,9 @@ impl Translator {
                     None => ("", 0),
                 }
             } else {
-                let end = after.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(after.len());
+                let end = after
+                    .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                    .unwrap_or(after.len());
                 (&after[..end], end)
             };
             match self.vars.get(name).filter(|_| is_identifier(name)) {
@@ -1161,7 +1262,10 @@ impl Translator {
         let mut odd = None;
         let (direction, pairs): (Direction, Vec<(usize, usize)>) = match remotes.as_slice() {
             [] => {
-                self.note(text, "neither side is remote: a local copy, not a sync between nodes");
+                self.note(
+                    text,
+                    "neither side is remote: a local copy, not a sync between nodes",
+                );
                 return;
             }
             [r] if *r == last => (Direction::Push, (0..last).map(|s| (last, s)).collect()),
@@ -1202,7 +1306,12 @@ impl Translator {
             .stack
             .iter_mut()
             .filter_map(|f| match f {
-                Frame::If { lock: Some(l), in_else, used, .. } if *in_else != l.negated => {
+                Frame::If {
+                    lock: Some(l),
+                    in_else,
+                    used,
+                    ..
+                } if *in_else != l.negated => {
                     *used = true;
                     Some(l.clone())
                 }
@@ -1219,7 +1328,11 @@ impl Translator {
             self.vars_in_path.extend(rused);
             self.vars_as_host.extend(hused.iter().cloned());
             let peer = remote.peer.clone().unwrap_or_default();
-            let shown_peer = if hused.is_empty() { peer.clone() } else { format!("{peer} ({host})") };
+            let shown_peer = if hused.is_empty() {
+                peer.clone()
+            } else {
+                format!("{peer} ({host})")
+            };
             if !self.peers.contains(&shown_peer) {
                 self.peers.push(shown_peer);
             }
@@ -1229,14 +1342,18 @@ impl Translator {
                     None | Some("root") => "/root".to_string(),
                     Some(u) => format!("/home/{u}"),
                 };
-                let rel = rpath.strip_prefix('~').map(|r| r.trim_start_matches('/')).unwrap_or(&rpath);
+                let rel = rpath
+                    .strip_prefix('~')
+                    .map(|r| r.trim_start_matches('/'))
+                    .unwrap_or(&rpath);
                 rpath_abs = format!("{home}/{rel}");
                 comments.push(format!(
                     "line {no}: remote path {:?} is relative to the login's home directory, taken to be {home}",
                     remote.path
                 ));
             }
-            let r_slash = remote.path.is_empty() || remote.path.ends_with('/') || remote.path.ends_with("/.");
+            let r_slash =
+                remote.path.is_empty() || remote.path.ends_with('/') || remote.path.ends_with("/.");
             let (lpath, _) = self.expand(&local.path);
             let mut lpath = clean_path(&lpath);
             if !lpath.starts_with('/') {
@@ -1335,7 +1452,9 @@ impl Translator {
         if self.rsync_lines == 0 {
             notes.push("no rsync invocation found: there is no [[sync]] set to draft".to_string());
         } else if self.sets.is_empty() {
-            notes.push("no rsync line could be translated into a [[sync]] set (see below)".to_string());
+            notes.push(
+                "no rsync line could be translated into a [[sync]] set (see below)".to_string(),
+            );
         }
         for n in std::mem::take(&mut self.notes) {
             notes.push(match n {
@@ -1375,7 +1494,11 @@ impl Translator {
         }
 
         let mut taken = HashSet::new();
-        let sets = self.sets.into_iter().map(|acc| draft(acc, &mut taken)).collect();
+        let sets = self
+            .sets
+            .into_iter()
+            .map(|acc| draft(acc, &mut taken))
+            .collect();
         Translation { sets, notes }
     }
 }
@@ -1393,7 +1516,13 @@ fn set_name(path: &str) -> String {
     let s: String = path
         .to_lowercase()
         .chars()
-        .map(|c| if c.is_ascii_lowercase() || c.is_ascii_digit() || "._+-".contains(c) { c } else { '-' })
+        .map(|c| {
+            if c.is_ascii_lowercase() || c.is_ascii_digit() || "._+-".contains(c) {
+                c
+            } else {
+                '-'
+            }
+        })
         .collect();
     let s = s.trim_start_matches('-');
     if s.is_empty() {
@@ -1439,10 +1568,16 @@ fn draft(acc: SetAcc, taken: &mut HashSet<String>) -> SyncSetDraft {
     comments.push(format!(
         "{path}: from {}{}",
         origin.join(", "),
-        if both { "; one set, clusterd picks the direction from the leader" } else { "" }
+        if both {
+            "; one set, clusterd picks the direction from the leader"
+        } else {
+            ""
+        }
     ));
     if name != base {
-        comments.push(format!("name {name:?}: {base:?} was already taken by another set"));
+        comments.push(format!(
+            "name {name:?}: {base:?} was already taken by another set"
+        ));
     }
     comments.push(match mode {
         SetMode::Append => {
@@ -1480,13 +1615,20 @@ fn draft(acc: SetAcc, taken: &mut HashSet<String>) -> SyncSetDraft {
             }
         }
     }
-    let variants: BTreeSet<BTreeSet<&String>> = acc.uses.iter().map(|u| u.excludes.iter().collect()).collect();
+    let variants: BTreeSet<BTreeSet<&String>> = acc
+        .uses
+        .iter()
+        .map(|u| u.excludes.iter().collect())
+        .collect();
     if variants.len() > 1 {
         // (exclude list in the line's own order, lines), grouped by the set of patterns
         let mut groups: Vec<(&Vec<String>, Vec<String>)> = Vec::new();
         for (u, o) in acc.uses.iter().zip(&origin) {
             let key: BTreeSet<&String> = u.excludes.iter().collect();
-            match groups.iter_mut().find(|(k, _)| k.iter().collect::<BTreeSet<_>>() == key) {
+            match groups
+                .iter_mut()
+                .find(|(k, _)| k.iter().collect::<BTreeSet<_>>() == key)
+            {
                 Some((_, lines)) => lines.push(o.clone()),
                 None => groups.push((&u.excludes, vec![o.clone()])),
             }
@@ -1497,7 +1639,10 @@ fn draft(acc: SetAcc, taken: &mut HashSet<String>) -> SyncSetDraft {
                 let what = if k.is_empty() {
                     "nothing".to_string()
                 } else {
-                    k.iter().map(|e| format!("{e:?}")).collect::<Vec<_>>().join(", ")
+                    k.iter()
+                        .map(|e| format!("{e:?}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 };
                 format!("{} excluded {what}", lines.join(", "))
             })
@@ -1507,7 +1652,8 @@ fn draft(acc: SetAcc, taken: &mut HashSet<String>) -> SyncSetDraft {
             described.join("; ")
         ));
     }
-    if kind == PathKind::Directory && mode == SetMode::Mirror && !acc.uses.iter().any(|u| u.delete) {
+    if kind == PathKind::Directory && mode == SetMode::Mirror && !acc.uses.iter().any(|u| u.delete)
+    {
         comments.push(
             "no line passed --delete, so files deleted at the source stayed on the other nodes; in mirror mode they are deleted there too".to_string(),
         );
@@ -1522,7 +1668,10 @@ fn draft(acc: SetAcc, taken: &mut HashSet<String>) -> SyncSetDraft {
         if !skip_while.contains(&pat) {
             skip_while.push(pat.clone());
         }
-        match guard_desc.iter_mut().find(|(p, t, _)| *p == pat && *t == tested) {
+        match guard_desc
+            .iter_mut()
+            .find(|(p, t, _)| *p == pat && *t == tested)
+        {
             Some((_, _, lines)) => {
                 if !lines.contains(&line) {
                     lines.push(line);
@@ -1544,19 +1693,33 @@ fn draft(acc: SetAcc, taken: &mut HashSet<String>) -> SyncSetDraft {
             comments.push(c);
         }
     }
-    SyncSetDraft { name, path, kind, mode, exclude, skip_while, comments }
+    SyncSetDraft {
+        name,
+        path,
+        kind,
+        mode,
+        exclude,
+        skip_while,
+        comments,
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const SMTP: &str =
-        include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/cluster-tests/fixtures/seeds/smtp-filter-sync.sh"));
-    const KERBEROS: &str =
-        include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/cluster-tests/fixtures/seeds/kerberos-active-sync.sh"));
-    const TACACS: &str =
-        include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/cluster-tests/fixtures/seeds/tacacs-active-sync.sh"));
+    const SMTP: &str = include_str!(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/cluster-tests/fixtures/seeds/smtp-filter-sync.sh"
+    ));
+    const KERBEROS: &str = include_str!(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/cluster-tests/fixtures/seeds/kerberos-active-sync.sh"
+    ));
+    const TACACS: &str = include_str!(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/cluster-tests/fixtures/seeds/tacacs-active-sync.sh"
+    ));
 
     use PathKind::{Directory as D, File as F};
     use SetMode::{Append as A, Mirror as M};
@@ -1564,7 +1727,18 @@ mod tests {
     type Row = (String, PathKind, SetMode, Vec<String>, Vec<String>);
 
     fn rows(t: &Translation) -> Vec<Row> {
-        t.sets.iter().map(|s| (s.path.clone(), s.kind, s.mode, s.exclude.clone(), s.skip_while.clone())).collect()
+        t.sets
+            .iter()
+            .map(|s| {
+                (
+                    s.path.clone(),
+                    s.kind,
+                    s.mode,
+                    s.exclude.clone(),
+                    s.skip_while.clone(),
+                )
+            })
+            .collect()
     }
 
     fn row(path: &str, kind: PathKind, mode: SetMode, exclude: &[&str], skip: &[&str]) -> Row {
@@ -1573,14 +1747,19 @@ mod tests {
     }
 
     fn accounts() -> Vec<Row> {
-        ["shadow", "shadow-", "passwd", "passwd-", "group", "group-", "gshadow", "gshadow-"]
-            .iter()
-            .map(|f| row(&format!("/etc/{f}"), F, M, &[], &[]))
-            .collect()
+        [
+            "shadow", "shadow-", "passwd", "passwd-", "group", "group-", "gshadow", "gshadow-",
+        ]
+        .iter()
+        .map(|f| row(&format!("/etc/{f}"), F, M, &[], &[]))
+        .collect()
     }
 
     fn set<'a>(t: &'a Translation, path: &str) -> &'a SyncSetDraft {
-        t.sets.iter().find(|s| s.path == path).unwrap_or_else(|| panic!("no set for {path}"))
+        t.sets
+            .iter()
+            .find(|s| s.path == path)
+            .unwrap_or_else(|| panic!("no set for {path}"))
     }
 
     fn notes_with<'a>(t: &'a Translation, needle: &str) -> Vec<&'a String> {
@@ -1590,7 +1769,9 @@ mod tests {
     /// Parses the TOML and checks it holds exactly the drafted sets, with keys clusterd's config accepts.
     fn check_toml(t: &Translation) -> toml::Table {
         let text = t.to_toml();
-        let table: toml::Table = text.parse().unwrap_or_else(|e| panic!("invalid TOML: {e}\n{text}"));
+        let table: toml::Table = text
+            .parse()
+            .unwrap_or_else(|e| panic!("invalid TOML: {e}\n{text}"));
         let empty = Vec::new();
         let syncs = match table.get("sync") {
             Some(toml::Value::Array(a)) => a,
@@ -1599,8 +1780,14 @@ mod tests {
         };
         assert_eq!(syncs.len(), t.sets.len());
         let strings = |v: Option<&toml::Value>| -> Vec<String> {
-            v.map(|v| v.as_array().expect("array").iter().map(|s| s.as_str().expect("string").to_string()).collect())
-                .unwrap_or_default()
+            v.map(|v| {
+                v.as_array()
+                    .expect("array")
+                    .iter()
+                    .map(|s| s.as_str().expect("string").to_string())
+                    .collect()
+            })
+            .unwrap_or_default()
         };
         for (s, d) in syncs.iter().zip(&t.sets) {
             let s = s.as_table().expect("table");
@@ -1616,7 +1803,10 @@ mod tests {
             assert_eq!(strings(s.get("exclude")), d.exclude);
             assert_eq!(strings(s.get("skip_while")), d.skip_while);
         }
-        assert!(table.keys().all(|k| k == "sync"), "only [[sync]] tables expected");
+        assert!(
+            table.keys().all(|k| k == "sync"),
+            "only [[sync]] tables expected"
+        );
         table
     }
 
@@ -1636,7 +1826,13 @@ mod tests {
             row("/etc/logrotate.d", D, M, &[], &[]),
             row("/etc/crontab", F, M, &[], &[]),
             row("/etc/bash.bashrc", F, M, &[], &[]),
-            row("/root", D, M, &[".ssh/", "master-sync/", "**/.ssh/known_hosts"], &[]),
+            row(
+                "/root",
+                D,
+                M,
+                &[".ssh/", "master-sync/", "**/.ssh/known_hosts"],
+                &[],
+            ),
             row("/home", D, M, &[".ssh/", "master-sync/"], &[]),
         ];
         want.extend(accounts());
@@ -1644,43 +1840,91 @@ mod tests {
 
         // Every set came from a pull and a push: one set per path.
         for s in &t.sets {
-            assert!(s.comments[0].contains("pull from root@$Sensai"), "{:?}", s.comments);
-            assert!(s.comments[0].contains("push to root@$Sensai"), "{:?}", s.comments);
-            assert!(s.comments[0].contains("clusterd picks the direction"), "{:?}", s.comments);
+            assert!(
+                s.comments[0].contains("pull from root@$Sensai"),
+                "{:?}",
+                s.comments
+            );
+            assert!(
+                s.comments[0].contains("push to root@$Sensai"),
+                "{:?}",
+                s.comments
+            );
+            assert!(
+                s.comments[0].contains("clusterd picks the direction"),
+                "{:?}",
+                s.comments
+            );
         }
         let names: Vec<&str> = t.sets.iter().map(|s| s.name.as_str()).collect();
-        assert_eq!(&names[..3], ["etc-tacacs+", "var-lib-rancid", "usr-lib-rancid"]);
+        assert_eq!(
+            &names[..3],
+            ["etc-tacacs+", "var-lib-rancid", "usr-lib-rancid"]
+        );
         assert_eq!(set(&t, "/etc/shadow-").name, "etc-shadow-");
         assert_eq!(set(&t, "/etc/logrotate.d").name, "etc-logrotate.d");
 
-        assert!(set(&t, "/etc/tacacs+").comments.iter().any(|c| c.starts_with("no line passed --delete")));
-        assert!(!set(&t, "/etc/shadow").comments.iter().any(|c| c.starts_with("no line passed --delete")));
-        assert!(!set(&t, "/var/log").comments.iter().any(|c| c.starts_with("no line passed --delete")));
+        assert!(set(&t, "/etc/tacacs+")
+            .comments
+            .iter()
+            .any(|c| c.starts_with("no line passed --delete")));
+        assert!(!set(&t, "/etc/shadow")
+            .comments
+            .iter()
+            .any(|c| c.starts_with("no line passed --delete")));
+        assert!(!set(&t, "/var/log")
+            .comments
+            .iter()
+            .any(|c| c.starts_with("no line passed --delete")));
         let root = set(&t, "/root");
         assert!(root
             .comments
             .iter()
-            .any(|c| c.contains("disagreed on excludes") && c.contains(".ssh/") && c.contains("**/.ssh/known_hosts")));
-        assert!(root.comments.iter().any(|c| c.contains("became \"**/.ssh/known_hosts\"")));
+            .any(|c| c.contains("disagreed on excludes")
+                && c.contains(".ssh/")
+                && c.contains("**/.ssh/known_hosts")));
+        assert!(root
+            .comments
+            .iter()
+            .any(|c| c.contains("became \"**/.ssh/known_hosts\"")));
         let home = set(&t, "/home");
         assert!(home
             .comments
             .iter()
             .any(|c| c.contains("extra operand(s) /home/") && c.contains("Unexpected remote arg")));
-        assert!(set(&t, "/var/log").comments.iter().any(|c| c.contains("mode append")));
+        assert!(set(&t, "/var/log")
+            .comments
+            .iter()
+            .any(|c| c.contains("mode append")));
 
         assert!(!notes_with(&t, "ping -c 1 -w 3 $Sensai").is_empty());
-        assert!(!notes_with(&t, "if [ \"$?\" = 0 ]").is_empty(), "{:#?}", t.notes);
+        assert!(
+            !notes_with(&t, "if [ \"$?\" = 0 ]").is_empty(),
+            "{:#?}",
+            t.notes
+        );
         assert!(!notes_with(&t, "rank=$(cat PROMOTE)").is_empty());
         assert!(!notes_with(&t, "if [ \"$rank\" = 0 ]").is_empty());
         assert_eq!(notes_with(&t, "> PROMOTE").len(), 2);
         for n in notes_with(&t, "clusterd elects the leader") {
             assert!(n.starts_with("not translated: "), "{n}");
-            assert!(n.contains("role_file = \"/root/master-sync/PROMOTE\" in [hooks]"), "{n}");
+            assert!(
+                n.contains("role_file = \"/root/master-sync/PROMOTE\" in [hooks]"),
+                "{n}"
+            );
         }
-        assert_eq!(notes_with(&t, "clusterd elects the leader").len(), 6, "{:#?}", t.notes);
+        assert_eq!(
+            notes_with(&t, "clusterd elects the leader").len(),
+            6,
+            "{:#?}",
+            t.notes
+        );
         assert!(!notes_with(&t, "not translated: cd /root/master-sync").is_empty());
-        assert!(!notes_with(&t, "not translated: Sensai=10.9.9.222 (shell variable naming the peer").is_empty());
+        assert!(!notes_with(
+            &t,
+            "not translated: Sensai=10.9.9.222 (shell variable naming the peer"
+        )
+        .is_empty());
         assert!(!notes_with(&t, "root@$Sensai (10.9.9.222)").is_empty());
         // Nothing but the listed notes: every command of the script is accounted for.
         assert!(notes_with(&t, "unrecognised").is_empty(), "{:#?}", t.notes);
@@ -1696,7 +1940,13 @@ mod tests {
                 row("/var/www", D, M, &["connection.cfg", "SYN-LINK"], &[]),
                 row("/etc/postfix", D, M, &[], &[]),
                 row("/etc/spamassassin", D, M, &[], &[]),
-                row("/var/lib/amavis/.spamassassin", D, M, &["*.lock"], &["*.lock"]),
+                row(
+                    "/var/lib/amavis/.spamassassin",
+                    D,
+                    M,
+                    &["*.lock"],
+                    &["*.lock"]
+                ),
             ]
         );
         let db = set(&t, "/var/lib/amavis/.spamassassin");
@@ -1704,16 +1954,26 @@ mod tests {
         assert!(db
             .comments
             .iter()
-            .any(|c| c.contains("skip_while \"*.lock\"") && c.contains("/var/lib/amavis/.spamassassin/*.lock")));
+            .any(|c| c.contains("skip_while \"*.lock\"")
+                && c.contains("/var/lib/amavis/.spamassassin/*.lock")));
         assert!(db.comments[0].contains("pull from root@node1"));
         assert!(db.comments[0].contains("push to root@node3"));
         let www = set(&t, "/var/www");
-        assert!(www.comments.iter().any(|c| c.contains("staged it in /root/CLUSTER-CONFIGURATION/var-www")));
+        assert!(www
+            .comments
+            .iter()
+            .any(|c| c.contains("staged it in /root/CLUSTER-CONFIGURATION/var-www")));
         assert!(www.comments.iter().any(|c| c.contains(
             "line 23 (pull from root@node1) excluded \"connection.cfg\", \"SYN-LINK\"; line 59 (push to root@node2), line 87 (push to root@node3) excluded nothing"
         )), "{:?}", www.comments);
 
-        assert_eq!(notes_with(&t, "ssh root@node").iter().filter(|n| n.contains("lockfile-create")).count(), 6);
+        assert_eq!(
+            notes_with(&t, "ssh root@node")
+                .iter()
+                .filter(|n| n.contains("lockfile-create"))
+                .count(),
+            6
+        );
         assert_eq!(notes_with(&t, "'lockfile-remove").len(), 6);
         assert_eq!(notes_with(&t, "chown amavis:amavis").len(), 3);
         for n in notes_with(&t, "ssh root@node") {
@@ -1721,8 +1981,13 @@ mod tests {
         }
         let reboots = notes_with(&t, "reboot");
         assert_eq!(reboots.len(), 2);
-        assert!(reboots.iter().all(|n| n.contains("clusterd never reboots nodes; use on_change")));
-        let own = notes_with(&t, "lockfile-create /root/CLUSTER-SYNC/cluster-config-sync.sh");
+        assert!(reboots
+            .iter()
+            .all(|n| n.contains("clusterd never reboots nodes; use on_change")));
+        let own = notes_with(
+            &t,
+            "lockfile-create /root/CLUSTER-SYNC/cluster-config-sync.sh",
+        );
         assert!(own[0].contains("clusterd runs continuously"), "{own:?}");
         assert!(notes_with(&t, "clusterd runs continuously").len() == 2);
         assert!(notes_with(&t, "unrecognised").is_empty(), "{:#?}", t.notes);
@@ -1759,10 +2024,17 @@ rsync -a --exclude=cache/tmp/ -e 'ssh -p 2222' /srv/b/ backup@h:/srv/b/ # commen
         let t = translate(script);
         assert_eq!(
             rows(&t),
-            vec![row("/srv/my files", D, M, &["My Docs/", "#tmp#"], &[]), row("/srv/b", D, M, &["**/cache/tmp/"], &[]),]
+            vec![
+                row("/srv/my files", D, M, &["My Docs/", "#tmp#"], &[]),
+                row("/srv/b", D, M, &["**/cache/tmp/"], &[]),
+            ]
         );
         assert_eq!(t.sets[0].name, "srv-my-files");
-        assert!(t.notes.iter().all(|n| !n.starts_with("not translated")), "{:#?}", t.notes);
+        assert!(
+            t.notes.iter().all(|n| !n.starts_with("not translated")),
+            "{:#?}",
+            t.notes
+        );
         check_toml(&t);
     }
 
@@ -1781,7 +2053,10 @@ rsync -a --exclude=cache/tmp/ -e 'ssh -p 2222' /srv/b/ backup@h:/srv/b/ # commen
     fn no_rsync_at_all() {
         let t = translate("#!/bin/sh\necho hello\nsleep 3\n");
         assert!(t.sets.is_empty());
-        assert_eq!(t.notes, vec!["no rsync invocation found: there is no [[sync]] set to draft".to_string()]);
+        assert_eq!(
+            t.notes,
+            vec!["no rsync invocation found: there is no [[sync]] set to draft".to_string()]
+        );
         let table = check_toml(&t);
         assert!(table.is_empty());
         assert!(translate("").notes[0].starts_with("no rsync invocation found"));
@@ -1792,7 +2067,10 @@ rsync -a --exclude=cache/tmp/ -e 'ssh -p 2222' /srv/b/ backup@h:/srv/b/ # commen
         let t = translate("rsync -a root@h:/etc/Foo/ /etc/Foo/\nrsync -a root@h:/etc/foo/ /etc/foo/\nrsync -a root@h:/etc/f\\ oo/ /x/\nrsync -a root@h:/ /backup/\n");
         let names: Vec<&str> = t.sets.iter().map(|s| s.name.as_str()).collect();
         assert_eq!(names, ["etc-foo", "etc-foo-2", "etc-f-oo", "fs-root"]);
-        assert!(t.sets[1].comments.iter().any(|c| c.contains("already taken")));
+        assert!(t.sets[1]
+            .comments
+            .iter()
+            .any(|c| c.contains("already taken")));
         check_toml(&t);
     }
 
@@ -1806,7 +2084,9 @@ rsync -a root@h:/a/ root@g:/b/
 rsync -a h::module/ /x/
 cd /opt; rsync -a data/ root@h:conf/
 ";
-        let t = translate(&format!("{script}if ! rsync -a root@h:/etc/z/ /etc/z/; then echo failed; fi\n"));
+        let t = translate(&format!(
+            "{script}if ! rsync -a root@h:/etc/z/ /etc/z/; then echo failed; fi\n"
+        ));
         assert_eq!(
             rows(&t),
             vec![
@@ -1817,12 +2097,34 @@ cd /opt; rsync -a data/ root@h:conf/
             ]
         );
         let nginx = &t.sets[0].comments;
-        assert!(nginx.contains(&"--delete: mirror mode deletes anyway".to_string()), "{nginx:?}");
-        assert!(!nginx.iter().any(|c| c.starts_with("no line passed --delete")), "{nginx:?}");
-        assert!(nginx.iter().any(|c| c.contains("not translated, review by hand: --bwlimit=100, -u")), "{nginx:?}");
-        assert!(t.sets[1].comments.iter().any(|c| c.contains("rsync put it inside /etc/")));
-        assert!(t.sets[2].comments.iter().any(|c| c.contains("relative to the login's home")));
-        assert!(t.sets[2].comments.iter().any(|c| c.contains("staged it in /opt/data")));
+        assert!(
+            nginx.contains(&"--delete: mirror mode deletes anyway".to_string()),
+            "{nginx:?}"
+        );
+        assert!(
+            !nginx
+                .iter()
+                .any(|c| c.starts_with("no line passed --delete")),
+            "{nginx:?}"
+        );
+        assert!(
+            nginx
+                .iter()
+                .any(|c| c.contains("not translated, review by hand: --bwlimit=100, -u")),
+            "{nginx:?}"
+        );
+        assert!(t.sets[1]
+            .comments
+            .iter()
+            .any(|c| c.contains("rsync put it inside /etc/")));
+        assert!(t.sets[2]
+            .comments
+            .iter()
+            .any(|c| c.contains("relative to the login's home")));
+        assert!(t.sets[2]
+            .comments
+            .iter()
+            .any(|c| c.contains("staged it in /opt/data")));
         assert_eq!(notes_with(&t, "neither side is remote").len(), 1);
         assert_eq!(notes_with(&t, "more than one remote side").len(), 1);
         assert_eq!(notes_with(&t, "daemon").len(), 1);
@@ -1852,28 +2154,53 @@ if [ -f /elsewhere/x.lock ]; then :; else rsync -a /y/ root@h:/y/; fi
                 row("/y", D, M, &[], &[]),
             ]
         );
-        assert!(t.sets[2].comments.iter().any(|c| c.contains("outside this set")));
-        assert_eq!(notes_with(&t, "suggested on_change").len(), 3, "{:#?}", t.notes);
+        assert!(t.sets[2]
+            .comments
+            .iter()
+            .any(|c| c.contains("outside this set")));
+        assert_eq!(
+            notes_with(&t, "suggested on_change").len(),
+            3,
+            "{:#?}",
+            t.notes
+        );
         assert!(!notes_with(&t, "suggested on_change = \"postfix reload\"").is_empty());
         assert!(!notes_with(&t, "suggested on_change = \"systemctl restart amavis\"").is_empty());
         assert!(!notes_with(&t, "suggested on_change = \"service tac_plus restart\"").is_empty());
-        assert!(!notes_with(&t, "not translated: ssh -p 22 root@h \"touch /x\" (ssh command").is_empty());
+        assert!(!notes_with(
+            &t,
+            "not translated: ssh -p 22 root@h \"touch /x\" (ssh command"
+        )
+        .is_empty());
         check_toml(&t);
     }
 
     #[test]
     fn toml_escaping() {
-        let t = translate("rsync -a 'root@h:/srv/we\"ird\\\\dir/' /x/ --exclude='a\"b'\nfoo\tbar\u{1}\n");
+        let t = translate(
+            "rsync -a 'root@h:/srv/we\"ird\\\\dir/' /x/ --exclude='a\"b'\nfoo\tbar\u{1}\n",
+        );
         assert_eq!(t.sets[0].path, "/srv/we\"ird\\\\dir");
         let table = check_toml(&t);
-        assert_eq!(table["sync"][0]["path"].as_str(), Some("/srv/we\"ird\\\\dir"));
+        assert_eq!(
+            table["sync"][0]["path"].as_str(),
+            Some("/srv/we\"ird\\\\dir")
+        );
         assert_eq!(table["sync"][0]["exclude"][0].as_str(), Some("a\"b"));
     }
 
     #[test]
     fn crlf_scripts() {
-        let t = translate("rsync -a root@h:/etc/x/ /etc/x/ --exclude=a\r\nrsync -a root@h:/etc/y /etc/y\r\n");
-        assert_eq!(rows(&t), vec![row("/etc/x", D, M, &["a"], &[]), row("/etc/y", F, M, &[], &[])]);
+        let t = translate(
+            "rsync -a root@h:/etc/x/ /etc/x/ --exclude=a\r\nrsync -a root@h:/etc/y /etc/y\r\n",
+        );
+        assert_eq!(
+            rows(&t),
+            vec![
+                row("/etc/x", D, M, &["a"], &[]),
+                row("/etc/y", F, M, &[], &[])
+            ]
+        );
     }
 
     #[test]

@@ -33,14 +33,20 @@ impl slog::Drain for SlogToTracing {
     type Ok = ();
     type Err = slog::Never;
 
-    fn log(&self, record: &slog::Record<'_>, values: &slog::OwnedKVList) -> Result<(), slog::Never> {
+    fn log(
+        &self,
+        record: &slog::Record<'_>,
+        values: &slog::OwnedKVList,
+    ) -> Result<(), slog::Never> {
         let mut kv = KvText(String::new());
         let _ = slog::KV::serialize(&record.kv(), record, &mut kv);
         let _ = slog::KV::serialize(values, record, &mut kv);
         let msg = record.msg();
         let fields = kv.0;
         match record.level() {
-            slog::Level::Critical | slog::Level::Error => tracing::error!(target: "raft", "{msg}{fields}"),
+            slog::Level::Critical | slog::Level::Error => {
+                tracing::error!(target: "raft", "{msg}{fields}")
+            }
             slog::Level::Warning => tracing::warn!(target: "raft", "{msg}{fields}"),
             slog::Level::Info => tracing::info!(target: "raft", "{msg}{fields}"),
             slog::Level::Debug => tracing::debug!(target: "raft", "{msg}{fields}"),

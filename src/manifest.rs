@@ -90,7 +90,8 @@ mod digest_bytes {
     }
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 40], D::Error> {
         let v: &[u8] = Deserialize::deserialize(d)?;
-        v.try_into().map_err(|_| serde::de::Error::invalid_length(v.len(), &"40 bytes"))
+        v.try_into()
+            .map_err(|_| serde::de::Error::invalid_length(v.len(), &"40 bytes"))
     }
 }
 
@@ -119,7 +120,11 @@ pub enum FileOp {
     /// A directory, created if missing, with this metadata.
     Dir { path: Vec<u8>, meta: Meta },
     /// A symlink with this target (its own mode is not kept: Linux ignores it).
-    Symlink { path: Vec<u8>, target: Vec<u8>, meta: Meta },
+    Symlink {
+        path: Vec<u8>,
+        target: Vec<u8>,
+        meta: Meta,
+    },
     /// The path and everything under it is gone (mirror sets).
     Remove { path: Vec<u8> },
     /// The path left the leader but followers keep their copy (append sets:
@@ -168,7 +173,13 @@ pub struct Chunk {
 
 impl std::fmt::Debug for Chunk {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Chunk(upload {:016x} @ {} + {} bytes)", self.upload, self.offset, self.data.len())
+        write!(
+            f,
+            "Chunk(upload {:016x} @ {} + {} bytes)",
+            self.upload,
+            self.offset,
+            self.data.len()
+        )
     }
 }
 
@@ -195,7 +206,10 @@ pub enum ManifestError {
         why: &'static str,
     },
     #[error("cannot decode {what}: {source}")]
-    Decode { what: &'static str, source: postcard::Error },
+    Decode {
+        what: &'static str,
+        source: postcard::Error,
+    },
 }
 
 /// Counters that every node derives identically from the batches it applied.
@@ -243,7 +257,10 @@ impl SetManifest {
     }
 
     /// `path` and everything under it, in order.
-    pub fn subtree<'a>(&'a self, path: &'a SetPath) -> impl Iterator<Item = (&'a SetPath, &'a Entry)> + 'a {
+    pub fn subtree<'a>(
+        &'a self,
+        path: &'a SetPath,
+    ) -> impl Iterator<Item = (&'a SetPath, &'a Entry)> + 'a {
         self.entries
             .range(path.clone()..)
             .take_while(move |(p, _)| *p == path || path.is_ancestor_of(p))
@@ -268,11 +285,26 @@ pub enum CheckedOp {
         /// The version this one replaces, if any.
         previous: Option<Entry>,
     },
-    Dir { path: SetPath, entry: Entry },
-    Symlink { path: SetPath, entry: Entry },
-    Remove { path: SetPath, removed: Vec<(SetPath, Entry)> },
-    Forget { path: SetPath },
-    Rename { from: SetPath, to: SetPath, moved: Vec<(SetPath, Entry)> },
+    Dir {
+        path: SetPath,
+        entry: Entry,
+    },
+    Symlink {
+        path: SetPath,
+        entry: Entry,
+    },
+    Remove {
+        path: SetPath,
+        removed: Vec<(SetPath, Entry)>,
+    },
+    Forget {
+        path: SetPath,
+    },
+    Rename {
+        from: SetPath,
+        to: SetPath,
+        moved: Vec<(SetPath, Entry)>,
+    },
 }
 
 /// Every set's committed tree.
@@ -295,7 +327,11 @@ impl Manifest {
     /// Checks every path of `batch` first (one bad path refuses the whole
     /// batch and changes nothing), then applies it at Raft `index`. Returns
     /// the checked ops for the caller to carry out on disk.
-    pub fn apply(&mut self, index: u64, batch: &FileBatch) -> Result<Vec<CheckedOp>, ManifestError> {
+    pub fn apply(
+        &mut self,
+        index: u64,
+        batch: &FileBatch,
+    ) -> Result<Vec<CheckedOp>, ManifestError> {
         let bad = |source| ManifestError::Path {
             set: batch.set.clone(),
             source,
@@ -313,7 +349,12 @@ impl Manifest {
         let mut out = Vec::with_capacity(batch.ops.len());
         for (op, (path, from)) in batch.ops.iter().zip(paths) {
             let checked = match op {
-                FileOp::Put { meta, digest, content, .. } => {
+                FileOp::Put {
+                    meta,
+                    digest,
+                    content,
+                    ..
+                } => {
                     let entry = Entry {
                         meta: meta.clone(),
                         digest: Some(*digest),
@@ -374,7 +415,11 @@ impl Manifest {
                         let to = SetPath::from_network(&bytes).map_err(bad)?;
                         scratch.entries.insert(to, e.clone());
                     }
-                    CheckedOp::Rename { from, to: path, moved }
+                    CheckedOp::Rename {
+                        from,
+                        to: path,
+                        moved,
+                    }
                 }
             };
             out.push(checked);
@@ -384,7 +429,8 @@ impl Manifest {
             .iter()
             .map(|op| match op {
                 FileOp::Put {
-                    content: Content::Inline(p), ..
+                    content: Content::Inline(p),
+                    ..
                 } => p.len() as u64,
                 FileOp::Put {
                     content: Content::Staged { len, .. },
@@ -397,7 +443,9 @@ impl Manifest {
         progress.seq += 1;
         progress.index = index;
         progress.bytes += patch_bytes;
-        progress.recent.push_back((progress.seq, batch.proposed_at_ms));
+        progress
+            .recent
+            .push_back((progress.seq, batch.proposed_at_ms));
         while progress.recent.len() > RECENT_BATCHES {
             progress.recent.pop_front();
         }
@@ -429,10 +477,11 @@ impl Manifest {
             what: "manifest snapshot (bad or oversized zstd frame)",
             source: postcard::Error::DeserializeBadEncoding,
         })?;
-        let manifest: Manifest = postcard::from_bytes(&body).map_err(|source| ManifestError::Decode {
-            what: "manifest snapshot",
-            source,
-        })?;
+        let manifest: Manifest =
+            postcard::from_bytes(&body).map_err(|source| ManifestError::Decode {
+                what: "manifest snapshot",
+                source,
+            })?;
         Ok(manifest)
     }
 }
@@ -455,7 +504,10 @@ pub fn encode_batch(batch: &FileBatch) -> Vec<u8> {
 }
 
 pub fn decode_batch(bytes: &[u8]) -> Result<FileBatch, ManifestError> {
-    postcard::from_bytes(bytes).map_err(|source| ManifestError::Decode { what: "file batch", source })
+    postcard::from_bytes(bytes).map_err(|source| ManifestError::Decode {
+        what: "file batch",
+        source,
+    })
 }
 
 pub fn encode_chunk(chunk: &Chunk) -> Vec<u8> {
@@ -463,7 +515,10 @@ pub fn encode_chunk(chunk: &Chunk) -> Vec<u8> {
 }
 
 pub fn decode_chunk(bytes: &[u8]) -> Result<Chunk, ManifestError> {
-    postcard::from_bytes(bytes).map_err(|source| ManifestError::Decode { what: "chunk", source })
+    postcard::from_bytes(bytes).map_err(|source| ManifestError::Decode {
+        what: "chunk",
+        source,
+    })
 }
 
 #[cfg(test)]
@@ -502,24 +557,61 @@ mod tests {
 
     #[test]
     fn batch_encoding_is_pinned() {
-        let b = batch(vec![put("a", 1), FileOp::Remove { path: b"d".to_vec() }]);
+        let b = batch(vec![
+            put("a", 1),
+            FileOp::Remove {
+                path: b"d".to_vec(),
+            },
+        ]);
         let bytes = encode_batch(&b);
         assert_eq!(decode_batch(&bytes).unwrap(), b);
         // set "etc", origin 1, at 5, 2 ops; Put tag 0, path "a", meta...
         assert_eq!(&bytes[..8], &[3, b'e', b't', b'c', 1, 5, 2, 0]);
-        assert_eq!(bytes.len(), 78, "the batch format changed: bump the command format");
-        let c = Chunk { upload: 7, offset: 3, data: vec![9, 9] };
+        assert_eq!(
+            bytes.len(),
+            78,
+            "the batch format changed: bump the command format"
+        );
+        let c = Chunk {
+            upload: 7,
+            offset: 3,
+            data: vec![9, 9],
+        };
         assert_eq!(encode_chunk(&c), vec![7, 3, 2, 9, 9]);
     }
 
     #[test]
     fn remove_takes_the_subtree_and_only_it() {
         let mut m = Manifest::default();
-        m.apply(1, &batch(vec![put("a", 1), put("a/b", 2), put("a-c", 3), put("ab", 4)])).unwrap();
-        let ops = m.apply(2, &batch(vec![FileOp::Remove { path: b"a".to_vec() }])).unwrap();
-        let CheckedOp::Remove { removed, .. } = &ops[0] else { panic!() };
+        m.apply(
+            1,
+            &batch(vec![
+                put("a", 1),
+                put("a/b", 2),
+                put("a-c", 3),
+                put("ab", 4),
+            ]),
+        )
+        .unwrap();
+        let ops = m
+            .apply(
+                2,
+                &batch(vec![FileOp::Remove {
+                    path: b"a".to_vec(),
+                }]),
+            )
+            .unwrap();
+        let CheckedOp::Remove { removed, .. } = &ops[0] else {
+            panic!()
+        };
         assert_eq!(removed.len(), 2);
-        let left: Vec<_> = m.set("etc").unwrap().entries.keys().map(|k| k.to_string()).collect();
+        let left: Vec<_> = m
+            .set("etc")
+            .unwrap()
+            .entries
+            .keys()
+            .map(|k| k.to_string())
+            .collect();
         assert_eq!(left, vec!["a-c", "ab"]);
         assert_eq!(m.set("etc").unwrap().progress.seq, 2);
     }
@@ -530,7 +622,9 @@ mod tests {
         m.apply(1, &batch(vec![put("ok", 1)])).unwrap();
         let before = m.clone();
         for bad in ["../etc/passwd", "/etc/shadow", "a/../b", "a\0b", ""] {
-            let err = m.apply(2, &batch(vec![put("fine", 2), put(bad, 3)])).unwrap_err();
+            let err = m
+                .apply(2, &batch(vec![put("fine", 2), put(bad, 3)]))
+                .unwrap_err();
             assert!(matches!(err, ManifestError::Path { .. }), "{bad:?}");
             assert_eq!(m, before, "{bad:?} changed the manifest");
         }
@@ -539,18 +633,48 @@ mod tests {
     #[test]
     fn rename_moves_a_subtree_and_refuses_moving_into_itself() {
         let mut m = Manifest::default();
-        m.apply(1, &batch(vec![put("log", 1), put("d/x", 2)])).unwrap();
-        m.apply(2, &batch(vec![FileOp::Rename { from: b"log".to_vec(), to: b"log.1".to_vec() }])).unwrap();
-        m.apply(3, &batch(vec![FileOp::Rename { from: b"d".to_vec(), to: b"e".to_vec() }])).unwrap();
-        let keys: Vec<_> = m.set("etc").unwrap().entries.keys().map(|k| k.to_string()).collect();
+        m.apply(1, &batch(vec![put("log", 1), put("d/x", 2)]))
+            .unwrap();
+        m.apply(
+            2,
+            &batch(vec![FileOp::Rename {
+                from: b"log".to_vec(),
+                to: b"log.1".to_vec(),
+            }]),
+        )
+        .unwrap();
+        m.apply(
+            3,
+            &batch(vec![FileOp::Rename {
+                from: b"d".to_vec(),
+                to: b"e".to_vec(),
+            }]),
+        )
+        .unwrap();
+        let keys: Vec<_> = m
+            .set("etc")
+            .unwrap()
+            .entries
+            .keys()
+            .map(|k| k.to_string())
+            .collect();
         assert_eq!(keys, vec!["e/x", "log.1"]);
-        assert!(m.apply(4, &batch(vec![FileOp::Rename { from: b"e".to_vec(), to: b"e/f".to_vec() }])).is_err());
+        assert!(m
+            .apply(
+                4,
+                &batch(vec![FileOp::Rename {
+                    from: b"e".to_vec(),
+                    to: b"e/f".to_vec()
+                }])
+            )
+            .is_err());
     }
 
     #[test]
     fn snapshot_round_trips_and_refuses_hostile_paths() {
         let mut m = Manifest::default();
-        m.apply(1, &batch(vec![put("a", 1), put("b/c", 2)])).unwrap();
+        m.apply(1, &batch(vec![put("a", 1), put("b/c", 2)]))
+            .unwrap();
         let bytes = m.encode();
         assert_eq!(Manifest::decode(&bytes, 1 << 20).unwrap(), m);
         // Hand-build a manifest whose path is "../x" by editing the encoded body.

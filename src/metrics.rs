@@ -26,7 +26,12 @@ use crate::status::FilesView;
 type Labels = Vec<(String, String)>;
 
 /// Renders one scrape: the node's view and its certificate's expiry.
-pub fn render(view: &NodeView, files: Option<&FilesView>, cert_not_after: SystemTime, now: SystemTime) -> String {
+pub fn render(
+    view: &NodeView,
+    files: Option<&FilesView>,
+    cert_not_after: SystemTime,
+    now: SystemTime,
+) -> String {
     let mut registry = Registry::with_prefix("clusterd");
     let gauge = |registry: &mut Registry, name: &str, help: &str, value: i64| {
         let g: Gauge = Gauge::default();
@@ -38,29 +43,72 @@ pub fn render(view: &NodeView, files: Option<&FilesView>, cert_not_after: System
         role.get_or_create(&vec![("role".to_string(), r.as_str().to_string())])
             .set(i64::from(view.role == r));
     }
-    registry.register("role", "1 for the role this node has now, 0 for the others", role);
+    registry.register(
+        "role",
+        "1 for the role this node has now, 0 for the others",
+        role,
+    );
     gauge(&mut registry, "node_id", "This node's id", view.id as i64);
     gauge(&mut registry, "term", "Current Raft term", view.term as i64);
-    gauge(&mut registry, "leader_id", "Leader this node follows (0: none known)", view.leader.unwrap_or(0) as i64);
-    gauge(&mut registry, "commit_index", "Highest log index known committed", view.commit_index as i64);
-    gauge(&mut registry, "applied_index", "Highest log index applied here", view.applied_index as i64);
-    gauge(&mut registry, "last_index", "Last index in the local Raft log", view.last_index as i64);
-    gauge(&mut registry, "first_index", "First index in the local Raft log (after compaction)", view.first_index as i64);
+    gauge(
+        &mut registry,
+        "leader_id",
+        "Leader this node follows (0: none known)",
+        view.leader.unwrap_or(0) as i64,
+    );
+    gauge(
+        &mut registry,
+        "commit_index",
+        "Highest log index known committed",
+        view.commit_index as i64,
+    );
+    gauge(
+        &mut registry,
+        "applied_index",
+        "Highest log index applied here",
+        view.applied_index as i64,
+    );
+    gauge(
+        &mut registry,
+        "last_index",
+        "Last index in the local Raft log",
+        view.last_index as i64,
+    );
+    gauge(
+        &mut registry,
+        "first_index",
+        "First index in the local Raft log (after compaction)",
+        view.first_index as i64,
+    );
     let expiry = cert_not_after
         .duration_since(now)
         .map(|d| d.as_secs() as i64)
         .unwrap_or_else(|e| -(e.duration().as_secs() as i64));
-    gauge(&mut registry, "certificate_expiry_seconds", "Seconds until this node's certificate expires (negative: expired)", expiry);
+    gauge(
+        &mut registry,
+        "certificate_expiry_seconds",
+        "Seconds until this node's certificate expires (negative: expired)",
+        expiry,
+    );
     if !view.progress.is_empty() {
         let matched: Family<Labels, Gauge> = Family::default();
         let lag: Family<Labels, Gauge> = Family::default();
         for p in &view.progress {
             let labels = vec![("peer".to_string(), p.id.to_string())];
             matched.get_or_create(&labels).set(p.match_index as i64);
-            lag.get_or_create(&labels).set(view.last_index.saturating_sub(p.match_index) as i64);
+            lag.get_or_create(&labels)
+                .set(view.last_index.saturating_sub(p.match_index) as i64);
         }
-        registry.register("peer_match_index", "Leader only: highest index known replicated on each node", matched);
-        registry.register("peer_lag_entries", "Leader only: entries each node is behind the leader's log", lag);
+        registry.register(
+            "peer_match_index",
+            "Leader only: highest index known replicated on each node",
+            matched,
+        );
+        registry.register(
+            "peer_lag_entries",
+            "Leader only: entries each node is behind the leader's log",
+            lag,
+        );
     }
     if let Some(f) = files {
         use prometheus_client::metrics::counter::Counter;
@@ -69,23 +117,67 @@ pub fn render(view: &NodeView, files: Option<&FilesView>, cert_not_after: System
             c.inc_by(value);
             registry.register(name, help, c);
         };
-        counter(&mut registry, "bytes_proposed", "Bytes of file changes this node proposed as leader", f.bytes_proposed);
-        counter(&mut registry, "bytes_saved", "File bytes that deltas and appends kept off the wire", f.bytes_saved);
-        counter(&mut registry, "bytes_fetched", "Patch bytes this node fetched from peers to catch up", f.bytes_fetched);
-        counter(&mut registry, "on_change_failures", "on_change commands that failed or timed out", f.on_change_failures);
-        gauge(&mut registry, "quarantined_files", "Local versions moved to quarantine since start", f.quarantined as i64);
+        counter(
+            &mut registry,
+            "bytes_proposed",
+            "Bytes of file changes this node proposed as leader",
+            f.bytes_proposed,
+        );
+        counter(
+            &mut registry,
+            "bytes_saved",
+            "File bytes that deltas and appends kept off the wire",
+            f.bytes_saved,
+        );
+        counter(
+            &mut registry,
+            "bytes_fetched",
+            "Patch bytes this node fetched from peers to catch up",
+            f.bytes_fetched,
+        );
+        counter(
+            &mut registry,
+            "on_change_failures",
+            "on_change commands that failed or timed out",
+            f.on_change_failures,
+        );
+        gauge(
+            &mut registry,
+            "quarantined_files",
+            "Local versions moved to quarantine since start",
+            f.quarantined as i64,
+        );
         let families: [(&str, &str, fn(&crate::status::SetView) -> i64); 6] = [
-            ("set_files", "Files in the sync set as committed", |s| s.files as i64),
-            ("set_bytes", "Bytes in the sync set as committed", |s| s.bytes as i64),
-            ("set_applied_index", "Raft index of the set's last batch applied here", |s| s.applied_index as i64),
-            ("set_batches", "Batches of the set applied here", |s| s.seq as i64),
-            ("set_committed_bytes", "Patch bytes of the set's batches applied here", |s| s.committed_bytes as i64),
-            ("set_missing_files", "Files whose committed content this node still fetches", |s| s.missing as i64),
+            ("set_files", "Files in the sync set as committed", |s| {
+                s.files as i64
+            }),
+            ("set_bytes", "Bytes in the sync set as committed", |s| {
+                s.bytes as i64
+            }),
+            (
+                "set_applied_index",
+                "Raft index of the set's last batch applied here",
+                |s| s.applied_index as i64,
+            ),
+            ("set_batches", "Batches of the set applied here", |s| {
+                s.seq as i64
+            }),
+            (
+                "set_committed_bytes",
+                "Patch bytes of the set's batches applied here",
+                |s| s.committed_bytes as i64,
+            ),
+            (
+                "set_missing_files",
+                "Files whose committed content this node still fetches",
+                |s| s.missing as i64,
+            ),
         ];
         for (name, help, value) in families {
             let fam: Family<Labels, Gauge> = Family::default();
             for s in &f.sets {
-                fam.get_or_create(&vec![("set".to_string(), s.name.clone())]).set(value(s));
+                fam.get_or_create(&vec![("set".to_string(), s.name.clone())])
+                    .set(value(s));
             }
             registry.register(name, help, fam);
         }
@@ -121,14 +213,24 @@ pub async fn serve(
             async move {
                 let response = if req.uri().path() == "/metrics" {
                     let files = node.files().map(|f| f.files_view());
-                    let body = render(&node.view(), files.as_ref(), node.cert_not_after(), SystemTime::now());
+                    let body = render(
+                        &node.view(),
+                        files.as_ref(),
+                        node.cert_not_after(),
+                        SystemTime::now(),
+                    );
                     Response::builder()
-                        .header("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")
+                        .header(
+                            "content-type",
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )
                         .body(Full::new(Bytes::from(body)))
                 } else {
                     Response::builder()
                         .status(StatusCode::NOT_FOUND)
-                        .body(Full::new(Bytes::from_static(b"clusterd serves only /metrics\n")))
+                        .body(Full::new(Bytes::from_static(
+                            b"clusterd serves only /metrics\n",
+                        )))
                 };
                 Ok::<_, Infallible>(response.expect("static response parts are valid"))
             }
@@ -163,8 +265,16 @@ mod tests {
             first_index: 1,
             last_index: 121,
             progress: vec![
-                PeerProgress { id: 1, match_index: 121, recent_active: true },
-                PeerProgress { id: 2, match_index: 100, recent_active: true },
+                PeerProgress {
+                    id: 1,
+                    match_index: 121,
+                    recent_active: true,
+                },
+                PeerProgress {
+                    id: 2,
+                    match_index: 100,
+                    recent_active: true,
+                },
             ],
         };
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
@@ -180,7 +290,10 @@ mod tests {
             "clusterd_peer_match_index{peer=\"2\"} 100",
             "clusterd_peer_lag_entries{peer=\"2\"} 21",
         ] {
-            assert!(text.lines().any(|l| l == line), "missing {line:?} in:\n{text}");
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in:\n{text}"
+            );
         }
         assert!(text.ends_with("# EOF\n"), "{text}");
     }
@@ -224,7 +337,10 @@ mod tests {
             "clusterd_bytes_saved_total 300",
             "clusterd_quarantined_files 2",
         ] {
-            assert!(text.lines().any(|l| l == line), "missing {line:?} in:\n{text}");
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in:\n{text}"
+            );
         }
     }
 
@@ -245,7 +361,10 @@ mod tests {
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
         let text = render(&view, None, now - Duration::from_secs(60), now);
         assert!(text.contains("clusterd_leader_id 0"), "{text}");
-        assert!(text.contains("clusterd_certificate_expiry_seconds -60"), "{text}");
+        assert!(
+            text.contains("clusterd_certificate_expiry_seconds -60"),
+            "{text}"
+        );
         assert!(!text.contains("peer_lag_entries"), "{text}");
     }
 }

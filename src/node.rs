@@ -18,8 +18,10 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{error, info, warn, Instrument};
 
 use crate::config::{Config, NodeId};
-use crate::raft_core::{Command, CommittedEntry, CoreError, CoreOptions, NodeView, RaftCore, Role, StateMachine};
-use crate::replica::{Applied, ApplyMsg, Applier, Shared};
+use crate::raft_core::{
+    Command, CommittedEntry, CoreError, CoreOptions, NodeView, RaftCore, Role, StateMachine,
+};
+use crate::replica::{Applied, Applier, ApplyMsg, Shared};
 use crate::storage::RaftStore;
 use crate::tls::PeerTls;
 use crate::transport::{LinkEvent, Transport};
@@ -32,7 +34,10 @@ const SHUTDOWN_HANDOVER: Duration = Duration::from_secs(3);
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
     #[error("cannot create {path}: {source}")]
-    DataDir { path: String, source: std::io::Error },
+    DataDir {
+        path: String,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Storage(#[from] crate::storage::StorageError),
     #[error(transparent)]
@@ -40,7 +45,10 @@ pub enum NodeError {
     #[error(transparent)]
     Core(#[from] CoreError),
     #[error("cannot listen for peers on {addr} (key `node.listen`): {source}")]
-    Listen { addr: String, source: std::io::Error },
+    Listen {
+        addr: String,
+        source: std::io::Error,
+    },
     #[error("admin socket {path} (key `node.admin_socket`): {reason}")]
     AdminSocket { path: String, reason: String },
     #[error("the Raft log in {path} was created for members {stored:?}, but the config lists {configured:?}; membership changes are not supported yet, so restore the original [[peer]] list")]
@@ -50,7 +58,10 @@ pub enum NodeError {
         configured: Vec<NodeId>,
     },
     #[error("cannot serve metrics on {addr} (key `metrics.listen`): {source}")]
-    Metrics { addr: String, source: std::io::Error },
+    Metrics {
+        addr: String,
+        source: std::io::Error,
+    },
     #[error("the node task failed: {0}; exiting so the service manager restarts the node from its durable state")]
     Panicked(String),
     #[error("peer server failed: {0}")]
@@ -163,11 +174,21 @@ impl NodeHandle {
     /// Proposes `commands` as the leader of `term`; resolves once the last
     /// is applied on this node, or fails if the term moved on or it did not
     /// commit in time.
-    pub async fn propose(&self, term: u64, commands: Vec<Command>, wait: Duration) -> Result<u64, RequestError> {
+    pub async fn propose(
+        &self,
+        term: u64,
+        commands: Vec<Command>,
+        wait: Duration,
+    ) -> Result<u64, RequestError> {
         let (reply, rx) = oneshot::channel();
         let deadline = Instant::now() + wait;
         self.inbox
-            .send(NodeMsg::Propose { term, commands, deadline, reply })
+            .send(NodeMsg::Propose {
+                term,
+                commands,
+                deadline,
+                reply,
+            })
             .await
             .map_err(|_| RequestError::ShuttingDown)?;
         rx.await.map_err(|_| RequestError::ShuttingDown)?
@@ -192,11 +213,19 @@ impl NodeHandle {
     }
 
     /// Hands leadership from this node (the leader) to `target`.
-    pub async fn transfer_leadership(&self, target: NodeId, wait: Duration) -> Result<(), RequestError> {
+    pub async fn transfer_leadership(
+        &self,
+        target: NodeId,
+        wait: Duration,
+    ) -> Result<(), RequestError> {
         let (reply, rx) = oneshot::channel();
         let deadline = Instant::now() + wait;
         self.inbox
-            .send(NodeMsg::Transfer { target, deadline, reply })
+            .send(NodeMsg::Transfer {
+                target,
+                deadline,
+                reply,
+            })
             .await
             .map_err(|_| RequestError::ShuttingDown)?;
         rx.await.map_err(|_| RequestError::ShuttingDown)?
@@ -212,7 +241,11 @@ impl NodeHandle {
     }
 
     /// Waits until the published view satisfies `pred`, or `wait` passes.
-    pub async fn wait_view(&self, wait: Duration, mut pred: impl FnMut(&NodeView) -> bool) -> Option<NodeView> {
+    pub async fn wait_view(
+        &self,
+        wait: Duration,
+        mut pred: impl FnMut(&NodeView) -> bool,
+    ) -> Option<NodeView> {
         let mut rx = self.view.clone();
         let result = tokio::time::timeout(wait, rx.wait_for(|v| pred(v))).await;
         match result {
@@ -236,7 +269,9 @@ struct Waiter {
 /// before the applier thread runs.
 impl StateMachine for Applier {
     fn apply(&mut self, _entry: &CommittedEntry) -> Result<(), CoreError> {
-        Err(CoreError::BadEntry("entries are applied by the applier thread".into()))
+        Err(CoreError::BadEntry(
+            "entries are applied by the applier thread".into(),
+        ))
     }
     fn snapshot_data(&self) -> Vec<u8> {
         self.snapshot_now().1
@@ -361,12 +396,20 @@ impl NodeTask {
             .max_by_key(|p| (p.match_index, p.recent_active));
         match best {
             Some(p) => {
-                info!(term = view.term, target = p.id, "shutting down: handing leadership to node {}", p.id);
+                info!(
+                    term = view.term,
+                    target = p.id,
+                    "shutting down: handing leadership to node {}",
+                    p.id
+                );
                 self.core.transfer_leader(p.id);
                 true
             }
             None => {
-                warn!(term = view.term, "shutting down as leader with no active follower to hand over to");
+                warn!(
+                    term = view.term,
+                    "shutting down as leader with no active follower to hand over to"
+                );
                 false
             }
         }
@@ -396,19 +439,33 @@ impl NodeTask {
                 deadline,
                 reply,
             } => self.propose_all(term, commands, deadline, reply),
-            NodeMsg::Transfer { target, deadline, reply } => self.begin_transfer(target, deadline, reply),
+            NodeMsg::Transfer {
+                target,
+                deadline,
+                reply,
+            } => self.begin_transfer(target, deadline, reply),
             NodeMsg::Link(LinkEvent::Unreachable(peer)) => self.core.report_unreachable(peer),
-            NodeMsg::Link(LinkEvent::Snapshot(peer, status)) => self.core.report_snapshot(peer, status),
+            NodeMsg::Link(LinkEvent::Snapshot(peer, status)) => {
+                self.core.report_snapshot(peer, status)
+            }
             NodeMsg::Ping(reply) => {
                 let _ = reply.send(());
             }
         }
     }
 
-    fn propose_all(&mut self, term: u64, commands: Vec<Command>, deadline: Instant, reply: oneshot::Sender<Result<u64, RequestError>>) {
+    fn propose_all(
+        &mut self,
+        term: u64,
+        commands: Vec<Command>,
+        deadline: Instant,
+        reply: oneshot::Sender<Result<u64, RequestError>>,
+    ) {
         if self.core.term() != term || !self.core.is_leader() {
             // A deposed leader stops proposing at once (invariant 1).
-            let _ = reply.send(Err(RequestError::NotLeader { leader: self.core.leader() }));
+            let _ = reply.send(Err(RequestError::NotLeader {
+                leader: self.core.leader(),
+            }));
             return;
         }
         for c in &commands {
@@ -418,14 +475,27 @@ impl NodeTask {
             }
         }
         let index = self.core.last_index();
-        self.waiters.insert(index, Waiter { term, deadline, committed: false, reply });
+        self.waiters.insert(
+            index,
+            Waiter {
+                term,
+                deadline,
+                committed: false,
+                reply,
+            },
+        );
     }
 
     fn on_applied(&mut self, done: Applied) -> Result<(), NodeError> {
         match done {
             Applied::Index(index) => {
                 self.core.applied_to(index)?;
-                let ready: Vec<u64> = self.waiters.range(..=index).filter(|(_, w)| w.committed).map(|(i, _)| *i).collect();
+                let ready: Vec<u64> = self
+                    .waiters
+                    .range(..=index)
+                    .filter(|(_, w)| w.committed)
+                    .map(|(i, _)| *i)
+                    .collect();
                 for i in ready {
                     if let Some(w) = self.waiters.remove(&i) {
                         let _ = w.reply.send(Ok(i));
@@ -445,7 +515,12 @@ impl NodeTask {
         Ok(())
     }
 
-    fn begin_transfer(&mut self, target: NodeId, deadline: Instant, reply: oneshot::Sender<Result<(), RequestError>>) {
+    fn begin_transfer(
+        &mut self,
+        target: NodeId,
+        deadline: Instant,
+        reply: oneshot::Sender<Result<(), RequestError>>,
+    ) {
         let voters = self.core.voters();
         if !voters.contains(&target) {
             let _ = reply.send(Err(RequestError::Invalid(format!(
@@ -470,7 +545,10 @@ impl NodeTask {
             }));
             return;
         }
-        info!(term = self.core.term(), target, "leadership transfer to node {target} requested");
+        info!(
+            term = self.core.term(),
+            target, "leadership transfer to node {target} requested"
+        );
         self.transfers.push(PendingTransfer {
             target,
             deadline,
@@ -491,7 +569,12 @@ impl NodeTask {
         let mut still = Vec::new();
         for mut t in self.transfers.drain(..) {
             if leader == Some(t.target) {
-                info!(term = self.core.term(), target = t.target, "leadership transferred to node {}", t.target);
+                info!(
+                    term = self.core.term(),
+                    target = t.target,
+                    "leadership transferred to node {}",
+                    t.target
+                );
                 let _ = t.reply.send(Ok(()));
                 continue;
             }
@@ -512,7 +595,9 @@ impl NodeTask {
                 let _ = t.reply.send(Err(RequestError::TimedOut(why)));
                 continue;
             }
-            let restart = t.started.is_none_or(|s| now.duration_since(s) > self.election_timeout * 2);
+            let restart = t
+                .started
+                .is_none_or(|s| now.duration_since(s) > self.election_timeout * 2);
             if restart {
                 self.core.transfer_leader(t.target);
                 t.started = Some(now);
@@ -524,11 +609,17 @@ impl NodeTask {
 
     fn expire_requests(&mut self) {
         let now = Instant::now();
-        let expired: Vec<u64> = self.waiters.iter().filter(|(_, w)| w.deadline <= now).map(|(i, _)| *i).collect();
+        let expired: Vec<u64> = self
+            .waiters
+            .iter()
+            .filter(|(_, w)| w.deadline <= now)
+            .map(|(i, _)| *i)
+            .collect();
         for index in expired {
             if let Some(w) = self.waiters.remove(&index) {
                 let _ = w.reply.send(Err(RequestError::TimedOut(
-                    "the entry was not committed and applied in time; is a majority reachable?".to_string(),
+                    "the entry was not committed and applied in time; is a majority reachable?"
+                        .to_string(),
                 )));
             }
         }
@@ -566,7 +657,8 @@ impl NodeTask {
     fn ready_once(&mut self) -> Result<(), NodeError> {
         let out = self.core.handle_ready_deferred()?;
         for peer in self.transport.send(out.messages) {
-            self.core.report_snapshot(peer, raft::SnapshotStatus::Failure);
+            self.core
+                .report_snapshot(peer, raft::SnapshotStatus::Failure);
         }
         if let Some((index, data)) = out.snapshot {
             let _ = self.applier.send(ApplyMsg::Restore(index, data));
@@ -576,7 +668,9 @@ impl NodeTask {
                 if w.term == entry.term {
                     w.committed = true;
                 } else if let Some(w) = self.waiters.remove(&entry.index) {
-                    let _ = w.reply.send(Err(RequestError::NotLeader { leader: self.core.leader() }));
+                    let _ = w.reply.send(Err(RequestError::NotLeader {
+                        leader: self.core.leader(),
+                    }));
                 }
             }
         }
@@ -592,10 +686,17 @@ impl NodeTask {
             if change.role != Role::Leader {
                 // A deposed leader's pending entries may still commit under the new
                 // leader, but this node can no longer tell: let the callers retry.
-                let pending: Vec<u64> = self.waiters.iter().filter(|(_, w)| !w.committed).map(|(i, _)| *i).collect();
+                let pending: Vec<u64> = self
+                    .waiters
+                    .iter()
+                    .filter(|(_, w)| !w.committed)
+                    .map(|(i, _)| *i)
+                    .collect();
                 for i in pending {
                     if let Some(w) = self.waiters.remove(&i) {
-                        let _ = w.reply.send(Err(RequestError::NotLeader { leader: change.leader }));
+                        let _ = w.reply.send(Err(RequestError::NotLeader {
+                            leader: change.leader,
+                        }));
                     }
                 }
             }
@@ -616,19 +717,28 @@ async fn reload_tls_on_sighup(source: std::path::PathBuf, id: NodeId, live: crat
     while hup.recv().await.is_some() {
         let loaded = Config::load(&source)
             .map_err(|e| e.to_string())
-            .and_then(|c| PeerTls::load(&c.tls, id).map(|t| (t, c.revoked_serials)).map_err(|e| e.to_string()));
+            .and_then(|c| {
+                PeerTls::load(&c.tls, id)
+                    .map(|t| (t, c.revoked_serials))
+                    .map_err(|e| e.to_string())
+            });
         match loaded {
             Ok((tls, revoked)) => {
                 info!(revoked = revoked.len(), "SIGHUP: reloaded certificates and the revocation list from {}; new connections use them", source.display());
                 live.replace(tls, revoked);
             }
-            Err(e) => warn!("SIGHUP: kept the certificates in force, the new ones are unusable: {e}"),
+            Err(e) => {
+                warn!("SIGHUP: kept the certificates in force, the new ones are unusable: {e}")
+            }
         }
     }
 }
 
 pub fn join_ids(ids: &[NodeId]) -> String {
-    ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(", ")
+    ids.iter()
+        .map(|i| i.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Opens (or bootstraps) the Raft storage in `data_dir/raft`. A fresh node
@@ -668,13 +778,19 @@ fn create_private_dir(dir: &Path) -> Result<(), NodeError> {
 }
 
 /// Runs a node until `shutdown` resolves, then shuts down gracefully.
-pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>) -> Result<(), NodeError> {
+pub async fn run(
+    config: Config,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), NodeError> {
     let id = config.node.id;
     let span = tracing::info_span!("node", id);
     run_inner(config, shutdown).instrument(span).await
 }
 
-async fn run_inner(config: Config, shutdown: impl std::future::Future<Output = ()>) -> Result<(), NodeError> {
+async fn run_inner(
+    config: Config,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), NodeError> {
     let id = config.node.id;
     let mut voters: Vec<NodeId> = config.peers.iter().map(|p| p.id).chain([id]).collect();
     voters.sort_unstable();
@@ -691,18 +807,31 @@ async fn run_inner(config: Config, shutdown: impl std::future::Future<Output = (
     let mut applier = Applier::new(shared.clone(), store.clone(), applied_tx);
     let core = RaftCore::new(id, &config.raft, store, options, &logger, &mut applier)?;
     let initial = core.view();
-    info!(term = initial.term, vote = initial.vote, commit = initial.commit_index, applied = initial.applied_index, "starting node {id} of cluster [{}]", join_ids(&voters));
+    info!(
+        term = initial.term,
+        vote = initial.vote,
+        commit = initial.commit_index,
+        applied = initial.applied_index,
+        "starting node {id} of cluster [{}]",
+        join_ids(&voters)
+    );
 
-    let listener = TcpListener::bind(config.node.listen).await.map_err(|source| NodeError::Listen {
-        addr: config.node.listen.to_string(),
-        source,
-    })?;
+    let listener = TcpListener::bind(config.node.listen)
+        .await
+        .map_err(|source| NodeError::Listen {
+            addr: config.node.listen.to_string(),
+            source,
+        })?;
     let admin_listener = crate::admin::bind_socket(&config.node.admin_socket)?;
     let metrics_listener = match config.metrics_listen {
-        Some(addr) => Some(TcpListener::bind(addr).await.map_err(|source| NodeError::Metrics {
-            addr: addr.to_string(),
-            source,
-        })?),
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| NodeError::Metrics {
+                    addr: addr.to_string(),
+                    source,
+                })?,
+        ),
         None => None,
     };
     let cert_not_after = tls.own_cert_not_after();
@@ -767,7 +896,8 @@ async fn run_inner(config: Config, shutdown: impl std::future::Future<Output = (
     let incoming = crate::peer::accept_loop(listener, live_tls.clone(), members);
     tokio::spawn(reload_tls_on_sighup(config.source.clone(), id, live_tls).in_current_span());
     let mut peer_server = tokio::spawn(
-        crate::peer::serve(incoming, handle.clone(), stopped(servers_stop_rx.clone())).in_current_span(),
+        crate::peer::serve(incoming, handle.clone(), stopped(servers_stop_rx.clone()))
+            .in_current_span(),
     );
     tokio::spawn(
         crate::source::Source::new(shared.clone(), handle.clone(), config.replication)
@@ -775,16 +905,29 @@ async fn run_inner(config: Config, shutdown: impl std::future::Future<Output = (
             .in_current_span(),
     );
     tokio::spawn(
-        crate::fetch::run_fetcher(shared.clone(), handle.clone(), transport.clone(), apply_tx.clone(), servers_stop_rx.clone())
-            .in_current_span(),
+        crate::fetch::run_fetcher(
+            shared.clone(),
+            handle.clone(),
+            transport.clone(),
+            apply_tx.clone(),
+            servers_stop_rx.clone(),
+        )
+        .in_current_span(),
     );
     drop(apply_tx);
     let admin = crate::admin::AdminService::new(handle.clone(), transport);
-    let admin_server = tokio::spawn(admin.serve(admin_listener, stopped(servers_stop_rx.clone())).in_current_span());
-    let systemd = tokio::spawn(crate::systemd::supervise(handle.clone(), servers_stop_rx.clone()).in_current_span());
+    let admin_server = tokio::spawn(
+        admin
+            .serve(admin_listener, stopped(servers_stop_rx.clone()))
+            .in_current_span(),
+    );
+    let systemd = tokio::spawn(
+        crate::systemd::supervise(handle.clone(), servers_stop_rx.clone()).in_current_span(),
+    );
     if let Some(listener) = metrics_listener {
         tokio::spawn(
-            crate::metrics::serve(listener, handle.clone(), stopped(servers_stop_rx)).in_current_span(),
+            crate::metrics::serve(listener, handle.clone(), stopped(servers_stop_rx))
+                .in_current_span(),
         );
     }
     info!(listen = %config.node.listen, admin_socket = %config.node.admin_socket.display(), "node {id} is up");

@@ -27,12 +27,12 @@ use tracing::{debug, info, warn, Instrument};
 
 use crate::config::NodeId;
 use crate::node::{NodeHandle, RequestError};
+use crate::proto::decode_raft_message;
 use crate::proto::peer::peer_server::{Peer, PeerServer};
 use crate::proto::peer::{
     BarrierReply, BarrierRequest, NodeStatusRequest, NodeView, RaftAck, RaftBatch, TransferReply,
     TransferRequest,
 };
-use crate::proto::decode_raft_message;
 use crate::tls::{peer_node_id, LiveTls};
 
 /// Largest gRPC message accepted from a peer.
@@ -64,13 +64,21 @@ impl Connected for PeerConn {
 }
 
 impl AsyncRead for PeerConn {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         Pin::new(&mut self.stream).poll_read(cx, buf)
     }
 }
 
 impl AsyncWrite for PeerConn {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.stream).poll_write(cx, buf)
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -156,7 +164,11 @@ async fn admit(
     let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return Err(handshake_reason(&e)),
-        Err(_) => return Err(format!("TLS handshake did not finish within {HANDSHAKE_TIMEOUT:?}")),
+        Err(_) => {
+            return Err(format!(
+                "TLS handshake did not finish within {HANDSHAKE_TIMEOUT:?}"
+            ))
+        }
     };
     let node_id = peer_node_id(&stream).map_err(|e| e.to_string())?;
     crate::tls::refuse_revoked(stream.get_ref().1, revoked)?;
@@ -188,7 +200,8 @@ fn handshake_reason(e: &io::Error) -> String {
 /// Rate limit for refusal warnings, per remote IP and reason.
 #[derive(Default)]
 struct RefusalLog {
-    last: std::sync::Mutex<std::collections::HashMap<(std::net::IpAddr, String), std::time::Instant>>,
+    last:
+        std::sync::Mutex<std::collections::HashMap<(std::net::IpAddr, String), std::time::Instant>>,
 }
 
 impl RefusalLog {
@@ -246,9 +259,13 @@ fn wait_of(ms: u64) -> Duration {
 
 #[tonic::async_trait]
 impl Peer for PeerService {
-    type FetchStream = futures::stream::Iter<std::vec::IntoIter<Result<crate::proto::peer::FetchChunk, Status>>>;
+    type FetchStream =
+        futures::stream::Iter<std::vec::IntoIter<Result<crate::proto::peer::FetchChunk, Status>>>;
 
-    async fn fetch(&self, req: Request<crate::proto::peer::FetchRequest>) -> Result<Response<Self::FetchStream>, Status> {
+    async fn fetch(
+        &self,
+        req: Request<crate::proto::peer::FetchRequest>,
+    ) -> Result<Response<Self::FetchStream>, Status> {
         let who = identity(&req)?;
         let Some(files) = self.node.files() else {
             return Err(Status::not_found("this node holds no sync sets"));
@@ -257,8 +274,12 @@ impl Peer for PeerService {
         let chunks = tokio::task::spawn_blocking(move || crate::fetch::serve(&files, &r))
             .await
             .map_err(|e| Status::internal(e.to_string()))?
-            .inspect_err(|e| tracing::debug!(peer = who.node_id, "fetch refused: {}", e.message()))?;
-        Ok(Response::new(futures::stream::iter(chunks.into_iter().map(Ok).collect::<Vec<_>>())))
+            .inspect_err(|e| {
+                tracing::debug!(peer = who.node_id, "fetch refused: {}", e.message())
+            })?;
+        Ok(Response::new(futures::stream::iter(
+            chunks.into_iter().map(Ok).collect::<Vec<_>>(),
+        )))
     }
 
     async fn raft(&self, req: Request<RaftBatch>) -> Result<Response<RaftAck>, Status> {
@@ -291,7 +312,10 @@ impl Peer for PeerService {
         Ok(Response::new(RaftAck {}))
     }
 
-    async fn node_status(&self, _req: Request<NodeStatusRequest>) -> Result<Response<NodeView>, Status> {
+    async fn node_status(
+        &self,
+        _req: Request<NodeStatusRequest>,
+    ) -> Result<Response<NodeView>, Status> {
         let mut view: NodeView = (&self.node.view()).into();
         view.uptime_ms = self.node.uptime().as_millis() as u64;
         view.cert_not_after_unix = crate::status::unix_seconds(self.node.cert_not_after());
@@ -299,10 +323,17 @@ impl Peer for PeerService {
         Ok(Response::new(view))
     }
 
-    async fn transfer_leadership(&self, req: Request<TransferRequest>) -> Result<Response<TransferReply>, Status> {
+    async fn transfer_leadership(
+        &self,
+        req: Request<TransferRequest>,
+    ) -> Result<Response<TransferReply>, Status> {
         let who = identity(&req)?;
         let r = req.into_inner();
-        info!(peer = who.node_id, target = r.target, "leadership transfer requested by peer");
+        info!(
+            peer = who.node_id,
+            target = r.target,
+            "leadership transfer requested by peer"
+        );
         self.node
             .transfer_leadership(r.target, wait_of(r.timeout_ms))
             .await
@@ -310,7 +341,10 @@ impl Peer for PeerService {
         Ok(Response::new(TransferReply {}))
     }
 
-    async fn barrier(&self, req: Request<BarrierRequest>) -> Result<Response<BarrierReply>, Status> {
+    async fn barrier(
+        &self,
+        req: Request<BarrierRequest>,
+    ) -> Result<Response<BarrierReply>, Status> {
         let r = req.into_inner();
         let index = self
             .node

@@ -129,8 +129,13 @@ impl From<&admin::ClusterStatus> for ClusterStatus {
                     view: n.view.as_ref().map(Into::into),
                     error: (!n.error.is_empty()).then(|| n.error.clone()),
                     rtt_us: (n.rtt_us != 0).then_some(n.rtt_us),
-                    cert_not_after_unix: (n.cert_not_after_unix != 0).then_some(n.cert_not_after_unix),
-                    files: n.view.as_ref().and_then(|v| v.files.as_ref()).map(Into::into),
+                    cert_not_after_unix: (n.cert_not_after_unix != 0)
+                        .then_some(n.cert_not_after_unix),
+                    files: n
+                        .view
+                        .as_ref()
+                        .and_then(|v| v.files.as_ref())
+                        .map(Into::into),
                 })
                 .collect(),
         }
@@ -140,10 +145,13 @@ impl From<&admin::ClusterStatus> for ClusterStatus {
 /// Encodes raft-rs messages (rust-protobuf) for the `bytes` fields of our prost messages.
 pub fn encode_raft_message(m: &raft::prelude::Message) -> Vec<u8> {
     use protobuf::Message as _;
-    m.write_to_bytes().expect("encoding an in-memory raft message cannot fail")
+    m.write_to_bytes()
+        .expect("encoding an in-memory raft message cannot fail")
 }
 
-pub fn decode_raft_message(bytes: &[u8]) -> Result<raft::prelude::Message, protobuf::ProtobufError> {
+pub fn decode_raft_message(
+    bytes: &[u8],
+) -> Result<raft::prelude::Message, protobuf::ProtobufError> {
     use protobuf::Message as _;
     raft::prelude::Message::parse_from_bytes(bytes)
 }
@@ -195,7 +203,12 @@ impl From<&peer::FilesStatus> for FilesView {
                     last_error: (!s.last_error.is_empty()).then(|| s.last_error.clone()),
                     refused: s.refused,
                     skipping: s.skipping,
-                    recent: s.recent_seq.iter().copied().zip(s.recent_at_ms.iter().copied()).collect(),
+                    recent: s
+                        .recent_seq
+                        .iter()
+                        .copied()
+                        .zip(s.recent_at_ms.iter().copied())
+                        .collect(),
                 })
                 .collect(),
             bytes_proposed: f.bytes_proposed,

@@ -21,7 +21,8 @@ use crate::manifest::{Chunk, FileBatch};
 pub trait LogStore: Storage {
     type Error: std::error::Error + Send + Sync + 'static;
     /// Appends entries (truncating a conflicting suffix) and the hard state, atomically.
-    fn persist(&self, entries: &[Entry], hard_state: Option<&HardState>) -> Result<(), Self::Error>;
+    fn persist(&self, entries: &[Entry], hard_state: Option<&HardState>)
+        -> Result<(), Self::Error>;
     /// Records a new commit index (from a `LightReady`).
     fn set_commit(&self, commit: u64) -> Result<(), Self::Error>;
     /// Installs a snapshot received from the leader, replacing the log.
@@ -389,14 +390,21 @@ impl<S: LogStore> RaftCore<S> {
 
     /// Whether the leader heard from `peer` within the last election timeout.
     pub fn peer_active(&self, peer: NodeId) -> bool {
-        self.is_leader() && self.raw.raft.prs().get(peer).is_some_and(|p| p.recent_active)
+        self.is_leader()
+            && self
+                .raw
+                .raft
+                .prs()
+                .get(peer)
+                .is_some_and(|p| p.recent_active)
     }
 
     /// Whether the commit index lies in the current term: a new leader's
     /// first entry committed, so everything before it is committed too.
     pub fn committed_in_current_term(&self) -> bool {
         let log = &self.raw.raft.raft_log;
-        log.term(log.committed).is_ok_and(|t| t == self.raw.raft.term)
+        log.term(log.committed)
+            .is_ok_and(|t| t == self.raw.raft.term)
     }
 
     pub fn last_index(&self) -> u64 {
@@ -480,7 +488,9 @@ impl<S: LogStore> RaftCore<S> {
             }
             let hard_state = ready.hs().cloned();
             if !ready.entries().is_empty() || hard_state.is_some() {
-                store.persist(ready.entries(), hard_state.as_ref()).map_err(storage_err)?;
+                store
+                    .persist(ready.entries(), hard_state.as_ref())
+                    .map_err(storage_err)?;
             }
             out.messages.extend(ready.take_messages());
             out.messages.extend(ready.take_persisted_messages());
@@ -532,7 +542,10 @@ impl<S: LogStore> RaftCore<S> {
         self.raw.store().compact(index, data).map_err(storage_err)
     }
 
-    fn decode_committed(entries: Vec<Entry>, out: &mut Vec<CommittedEntry>) -> Result<(), CoreError> {
+    fn decode_committed(
+        entries: Vec<Entry>,
+        out: &mut Vec<CommittedEntry>,
+    ) -> Result<(), CoreError> {
         for entry in entries {
             let command = match entry.get_entry_type() {
                 EntryType::EntryNormal if entry.data.is_empty() => None,
@@ -573,7 +586,11 @@ fn storage_err(e: impl std::error::Error) -> CoreError {
 
 impl LogStore for crate::storage::RaftStore {
     type Error = crate::storage::StorageError;
-    fn persist(&self, entries: &[Entry], hard_state: Option<&HardState>) -> Result<(), Self::Error> {
+    fn persist(
+        &self,
+        entries: &[Entry],
+        hard_state: Option<&HardState>,
+    ) -> Result<(), Self::Error> {
         crate::storage::RaftStore::persist(self, entries, hard_state)
     }
     fn set_commit(&self, commit: u64) -> Result<(), Self::Error> {
@@ -602,7 +619,10 @@ mod tests {
 
     #[test]
     fn command_encoding_is_pinned() {
-        let c = Command::Barrier { origin: 3, token: 0x0102 };
+        let c = Command::Barrier {
+            origin: 3,
+            token: 0x0102,
+        };
         assert_eq!(
             c.encode(),
             vec![1, 1, 0, 0, 0, 0, 0, 0, 0, 3, 0, 0, 0, 0, 0, 0, 1, 2]
@@ -612,10 +632,19 @@ mod tests {
 
     #[test]
     fn unknown_commands_are_refused_not_misread() {
-        assert!(matches!(Command::decode(&[2, 1, 0]), Err(CoreError::BadEntry(_))));
-        assert!(matches!(Command::decode(&[1, 9]), Err(CoreError::BadEntry(_))));
+        assert!(matches!(
+            Command::decode(&[2, 1, 0]),
+            Err(CoreError::BadEntry(_))
+        ));
+        assert!(matches!(
+            Command::decode(&[1, 9]),
+            Err(CoreError::BadEntry(_))
+        ));
         assert!(matches!(Command::decode(&[1]), Err(CoreError::BadEntry(_))));
-        assert!(matches!(Command::decode(&[1, 1, 0, 0]), Err(CoreError::BadEntry(_))));
+        assert!(matches!(
+            Command::decode(&[1, 1, 0, 0]),
+            Err(CoreError::BadEntry(_))
+        ));
     }
 
     #[test]
@@ -626,8 +655,14 @@ mod tests {
         assert_eq!((c.min_election_tick, c.max_election_tick), (10, 15));
         c.validate().unwrap();
         let w = raft_config(1, &RaftTimers::default(), 0, true);
-        assert_eq!(w.election_tick, 10, "a witness keeps the cluster's lease length");
-        assert!(w.min_election_tick >= 864_000, "a witness must never time out into a campaign");
+        assert_eq!(
+            w.election_tick, 10,
+            "a witness keeps the cluster's lease length"
+        );
+        assert!(
+            w.min_election_tick >= 864_000,
+            "a witness must never time out into a campaign"
+        );
         w.validate().unwrap();
     }
 }

@@ -34,7 +34,9 @@ use crate::config::{Config, NodeId, SyncMode, SyncSetConfig};
 use crate::delta::{self, FileDigest, FileHasher, Patch};
 use crate::files_store::{FilesStore, FilesStoreError, LocalRecord, StoreBatch};
 use crate::fsroot::{FileMeta, FsError, Kind, Root};
-use crate::manifest::{CheckedOp, Content, Entry, EntryKind, FileBatch, Manifest, Meta, WireDigest};
+use crate::manifest::{
+    CheckedOp, Content, Entry, EntryKind, FileBatch, Manifest, Meta, WireDigest,
+};
 use crate::paths::{Filter, SetPath};
 use crate::raft_core::{Command, CoreError};
 use crate::storage::RaftStore;
@@ -63,13 +65,21 @@ pub struct SetRuntime {
 
 impl SetRuntime {
     pub fn from_config(c: &SyncSetConfig) -> SetRuntime {
-        let filter = Filter::new(&c.exclude, &c.skip_while).expect("patterns were validated with the config");
+        let filter = Filter::new(&c.exclude, &c.skip_while)
+            .expect("patterns were validated with the config");
         let single_file = c.single_file.then(|| {
-            let name = c.path.file_name().expect("validated: a single-file set path has a file name");
-            SetPath::from_network(std::os::unix::ffi::OsStrExt::as_bytes(name)).expect("validated file name")
+            let name = c
+                .path
+                .file_name()
+                .expect("validated: a single-file set path has a file name");
+            SetPath::from_network(std::os::unix::ffi::OsStrExt::as_bytes(name))
+                .expect("validated file name")
         });
         let root_dir = if single_file.is_some() {
-            c.path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("/"))
+            c.path
+                .parent()
+                .map(Path::to_path_buf)
+                .unwrap_or_else(|| PathBuf::from("/"))
         } else {
             c.path.clone()
         };
@@ -163,10 +173,20 @@ impl Shared {
 
     fn note_error(&self, set: &str, msg: String) {
         warn!(set, "{msg}");
-        self.health.lock().unwrap().entry(set.to_string()).or_default().last_error = Some(msg);
+        self.health
+            .lock()
+            .unwrap()
+            .entry(set.to_string())
+            .or_default()
+            .last_error = Some(msg);
     }
 
-    pub fn signature(&self, set: &str, path: &SetPath, committed: &FileDigest) -> Option<delta::BlockSignature> {
+    pub fn signature(
+        &self,
+        set: &str,
+        path: &SetPath,
+        committed: &FileDigest,
+    ) -> Option<delta::BlockSignature> {
         let bytes = self.store.signature(set, path)?;
         let sig = delta::BlockSignature::from_bytes(&bytes).ok()?;
         (sig.base_digest() == *committed).then_some(sig)
@@ -224,7 +244,11 @@ pub fn open_shared(config: &Config) -> Result<Arc<Shared>, FilesStoreError> {
     for (set, path, r) in store.load_records()? {
         records.entry(set).or_default().insert(path, r);
     }
-    let missing = store.load_missing()?.into_iter().map(|(s, p, d)| ((s, p), d)).collect();
+    let missing = store
+        .load_missing()?
+        .into_iter()
+        .map(|(s, p, d)| ((s, p), d))
+        .collect();
     let applied = store.applied()?;
     let sets = if config.node.witness {
         Vec::new()
@@ -315,14 +339,22 @@ pub fn walk(set: &SetRuntime, root: &Root) -> Result<(Vec<Found>, bool), FsError
     let mut marker = false;
     if let Some(name) = &set.single_file {
         if let Some(meta) = root.stat(&[name.as_bytes()])? {
-            out.push(Found { path: name.clone(), meta });
+            out.push(Found {
+                path: name.clone(),
+                meta,
+            });
         }
         return Ok((out, false));
     }
     let mut stack: Vec<Option<SetPath>> = vec![None];
     while let Some(dir) = stack.pop() {
-        let comps: Vec<&[u8]> = dir.as_ref().map(|d| d.components().collect()).unwrap_or_default();
-        let Some(listing) = root.list_dir(&comps)? else { continue };
+        let comps: Vec<&[u8]> = dir
+            .as_ref()
+            .map(|d| d.components().collect())
+            .unwrap_or_default();
+        let Some(listing) = root.list_dir(&comps)? else {
+            continue;
+        };
         let mut subdirs = Vec::new();
         for (name, kind) in listing {
             if crate::fsroot::is_temp_name(&name) {
@@ -346,7 +378,9 @@ pub fn walk(set: &SetRuntime, root: &Root) -> Result<(Vec<Found>, bool), FsError
             }
             let mut pc: Vec<&[u8]> = comps.clone();
             pc.push(&name);
-            let Some(meta) = root.stat(&pc)? else { continue };
+            let Some(meta) = root.stat(&pc)? else {
+                continue;
+            };
             if is_dir {
                 subdirs.push((path.clone(), false));
             }
@@ -369,7 +403,9 @@ pub fn walk(set: &SetRuntime, root: &Root) -> Result<(Vec<Found>, bool), FsError
 
 fn subtree_has_marker(set: &SetRuntime, root: &Root, dir: &SetPath) -> Result<bool, FsError> {
     let comps: Vec<&[u8]> = dir.components().collect();
-    let Some(listing) = root.list_dir(&comps)? else { return Ok(false) };
+    let Some(listing) = root.list_dir(&comps)? else {
+        return Ok(false);
+    };
     for (name, kind) in listing {
         let Ok(p) = dir.join(&name) else { continue };
         if set.filter.is_skip_marker(&p, kind == Kind::Dir) {
@@ -392,7 +428,9 @@ pub fn has_marker(set: &SetRuntime, root: &Root) -> Result<bool, FsError> {
 
 /// Streams a local file through blake3 (never through a symlink).
 pub fn hash_local(root: &Root, comps: &[&[u8]]) -> Result<Option<(FileHasher, FileMeta)>, FsError> {
-    let Some((mut file, meta)) = root.open_file(comps)? else { return Ok(None) };
+    let Some((mut file, meta)) = root.open_file(comps)? else {
+        return Ok(None);
+    };
     let mut hasher = FileHasher::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
@@ -459,13 +497,17 @@ impl OwnerNames {
     pub fn user(&mut self, uid: u32) -> Option<String> {
         self.users
             .entry(uid)
-            .or_insert_with(|| uzers::get_user_by_uid(uid).map(|u| u.name().to_string_lossy().into_owned()))
+            .or_insert_with(|| {
+                uzers::get_user_by_uid(uid).map(|u| u.name().to_string_lossy().into_owned())
+            })
             .clone()
     }
     pub fn group(&mut self, gid: u32) -> Option<String> {
         self.groups
             .entry(gid)
-            .or_insert_with(|| uzers::get_group_by_gid(gid).map(|g| g.name().to_string_lossy().into_owned()))
+            .or_insert_with(|| {
+                uzers::get_group_by_gid(gid).map(|g| g.name().to_string_lossy().into_owned())
+            })
             .clone()
     }
 }
@@ -523,7 +565,11 @@ enum PutOutcome {
 }
 
 impl Applier {
-    pub fn new(shared: Arc<Shared>, log: RaftStore, out: mpsc::UnboundedSender<Applied>) -> Applier {
+    pub fn new(
+        shared: Arc<Shared>,
+        log: RaftStore,
+        out: mpsc::UnboundedSender<Applied>,
+    ) -> Applier {
         let mut roots = HashMap::new();
         for set in &shared.sets {
             match set.open_root() {
@@ -536,7 +582,10 @@ impl Applier {
         let qdir = shared.data_dir.join("quarantine");
         let quarantine = {
             use std::os::unix::fs::DirBuilderExt;
-            let _ = std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&qdir);
+            let _ = std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&qdir);
             Root::open(&qdir).ok()
         };
         Applier {
@@ -597,10 +646,23 @@ impl Applier {
             }
             let entries = self
                 .log
-                .entries(applied + 1, up_to + 1, Some(APPLY_PAGE_BYTES), GetEntriesContext::empty(false))
-                .map_err(|e| format!("cannot read committed entries {}..={up_to} back from the Raft log: {e}", applied + 1))?;
+                .entries(
+                    applied + 1,
+                    up_to + 1,
+                    Some(APPLY_PAGE_BYTES),
+                    GetEntriesContext::empty(false),
+                )
+                .map_err(|e| {
+                    format!(
+                        "cannot read committed entries {}..={up_to} back from the Raft log: {e}",
+                        applied + 1
+                    )
+                })?;
             if entries.is_empty() {
-                return Err(format!("the Raft log returned no entries at {}", applied + 1));
+                return Err(format!(
+                    "the Raft log returned no entries at {}",
+                    applied + 1
+                ));
             }
             let mut batch = StoreBatch::default();
             let mut last = applied;
@@ -614,7 +676,10 @@ impl Applier {
                         Ok(Command::Chunk(c)) => self.stage(&c),
                         Ok(Command::Files(b)) => self.apply_batch(e.index, e.term, &b, &mut batch),
                         Err(CoreError::BadEntry(why)) => {
-                            warn!(index = e.index, "skipping committed entry {}: {why}", e.index)
+                            warn!(
+                                index = e.index,
+                                "skipping committed entry {}: {why}", e.index
+                            )
                         }
                         Err(other) => return Err(other.to_string()),
                     }
@@ -629,10 +694,20 @@ impl Applier {
     }
 
     fn stage(&mut self, chunk: &crate::manifest::Chunk) {
-        if self.shared.own_uploads.lock().unwrap().contains(&chunk.upload) || self.shared.sets.is_empty() {
+        if self
+            .shared
+            .own_uploads
+            .lock()
+            .unwrap()
+            .contains(&chunk.upload)
+            || self.shared.sets.is_empty()
+        {
             return;
         }
-        let path = self.shared.staging_dir().join(format!("{:016x}", chunk.upload));
+        let path = self
+            .shared
+            .staging_dir()
+            .join(format!("{:016x}", chunk.upload));
         let result = std::fs::OpenOptions::new()
             .create(true)
             .write(true)
@@ -713,18 +788,29 @@ impl Applier {
             self.adopt_own(&set_name, &checked, store);
             return;
         }
-        let Some(root) = self.roots.remove(&set_name) else { return };
+        let Some(root) = self.roots.remove(&set_name) else {
+            return;
+        };
         let skip = match has_marker(&set, &root) {
             Ok(m) => m,
             Err(e) => {
-                self.shared.note_error(&set_name, format!("cannot look for skip_while markers: {e}"));
+                self.shared.note_error(
+                    &set_name,
+                    format!("cannot look for skip_while markers: {e}"),
+                );
                 false
             }
         };
         if skip {
             info!(set = %set_name, index, "a skip_while marker exists in sync set {set_name:?}: its changes wait until it is gone");
             self.deferred.insert(set_name.clone());
-            self.shared.health.lock().unwrap().entry(set_name.clone()).or_default().skipping = true;
+            self.shared
+                .health
+                .lock()
+                .unwrap()
+                .entry(set_name.clone())
+                .or_default()
+                .skipping = true;
         } else if self.deferred.contains(&set_name) {
             // Still catching up on earlier skipped batches: the reconcile covers this one.
         } else {
@@ -775,7 +861,15 @@ impl Applier {
         }
     }
 
-    fn carry_out(&mut self, set: &SetRuntime, root: &Root, index: u64, term: u64, checked: &[CheckedOp], store: &mut StoreBatch) {
+    fn carry_out(
+        &mut self,
+        set: &SetRuntime,
+        root: &Root,
+        index: u64,
+        term: u64,
+        checked: &[CheckedOp],
+        store: &mut StoreBatch,
+    ) {
         let mut dirs = Vec::new();
         for op in checked {
             let result = match op {
@@ -784,7 +878,17 @@ impl Applier {
                     entry,
                     content,
                     previous,
-                } => match self.put_file(set, root, path, entry, content, previous.as_ref(), index, term, store) {
+                } => match self.put_file(
+                    set,
+                    root,
+                    path,
+                    entry,
+                    content,
+                    previous.as_ref(),
+                    index,
+                    term,
+                    store,
+                ) {
                     Ok(PutOutcome::Done) => {
                         self.clear_missing(&set.name, path, store);
                         Ok(())
@@ -806,15 +910,20 @@ impl Applier {
                 CheckedOp::Symlink { path, entry } => {
                     self.make_symlink(set, root, path, entry, index, term, store)
                 }
-                CheckedOp::Remove { path, removed } => self.remove(set, root, path, removed, index, term, store),
+                CheckedOp::Remove { path, removed } => {
+                    self.remove(set, root, path, removed, index, term, store)
+                }
                 CheckedOp::Forget { path } => {
                     self.forget_records(&set.name, path, store);
                     Ok(())
                 }
-                CheckedOp::Rename { from, to, .. } => self.rename(set, root, from, to, index, term, store),
+                CheckedOp::Rename { from, to, .. } => {
+                    self.rename(set, root, from, to, index, term, store)
+                }
             };
             if let Err(e) = result {
-                self.shared.note_error(&set.name, format!("entry {index}: {e}"));
+                self.shared
+                    .note_error(&set.name, format!("entry {index}: {e}"));
             }
         }
         // Writing a child changes its directory's mtime: set the committed
@@ -833,7 +942,10 @@ impl Applier {
                 };
                 for p in [a, b].into_iter().flatten() {
                     if let Some(parent) = p.parent() {
-                        if let Some(e) = m.get(&set.name, &parent).filter(|e| e.meta.kind == EntryKind::Dir) {
+                        if let Some(e) = m
+                            .get(&set.name, &parent)
+                            .filter(|e| e.meta.kind == EntryKind::Dir)
+                        {
                             touched.insert(parent, e.meta.clone());
                         }
                     }
@@ -842,7 +954,8 @@ impl Applier {
         }
         for (path, meta) in touched.iter().rev() {
             if let Err(e) = root.set_meta(&comps(path), &fs_meta(meta)) {
-                self.shared.note_error(&set.name, format!("entry {index}: {e}"));
+                self.shared
+                    .note_error(&set.name, format!("entry {index}: {e}"));
             }
         }
     }
@@ -850,13 +963,24 @@ impl Applier {
     fn mark_missing(&self, set: &str, path: &SetPath, entry: &Entry, store: &mut StoreBatch) {
         if let Some(d) = entry.digest {
             store.put_missing(set, path, &d);
-            self.shared.missing.lock().unwrap().insert((set.to_string(), path.clone()), d);
+            self.shared
+                .missing
+                .lock()
+                .unwrap()
+                .insert((set.to_string(), path.clone()), d);
             self.shared.fetch_wakeup.notify_one();
         }
     }
 
     fn clear_missing(&self, set: &str, path: &SetPath, store: &mut StoreBatch) {
-        if self.shared.missing.lock().unwrap().remove(&(set.to_string(), path.clone())).is_some() {
+        if self
+            .shared
+            .missing
+            .lock()
+            .unwrap()
+            .remove(&(set.to_string(), path.clone()))
+            .is_some()
+        {
             store.delete_missing(set, path);
         }
     }
@@ -864,7 +988,11 @@ impl Applier {
     fn forget_records(&self, set: &str, path: &SetPath, store: &mut StoreBatch) {
         let mut records = self.shared.records.lock().unwrap();
         if let Some(recs) = records.get_mut(set) {
-            let doomed: Vec<SetPath> = recs.keys().filter(|k| *k == path || path.is_ancestor_of(k)).cloned().collect();
+            let doomed: Vec<SetPath> = recs
+                .keys()
+                .filter(|k| *k == path || path.is_ancestor_of(k))
+                .cloned()
+                .collect();
             for k in doomed {
                 recs.remove(&k);
                 store.delete_record(set, &k);
@@ -885,17 +1013,38 @@ impl Applier {
 
     fn put_record(&self, set: &str, path: &SetPath, rec: LocalRecord, store: &mut StoreBatch) {
         store.put_record(set, path, &rec);
-        self.shared.records.lock().unwrap().entry(set.to_string()).or_default().insert(path.clone(), rec);
+        self.shared
+            .records
+            .lock()
+            .unwrap()
+            .entry(set.to_string())
+            .or_default()
+            .insert(path.clone(), rec);
     }
 
     /// Moves whatever is at `path` into quarantine, with a record line.
-    fn quarantine(&self, set: &str, root: &Root, path: &SetPath, index: u64, term: u64, why: &str) -> Result<(), FsError> {
+    fn quarantine(
+        &self,
+        set: &str,
+        root: &Root,
+        path: &SetPath,
+        index: u64,
+        term: u64,
+        why: &str,
+    ) -> Result<(), FsError> {
         let Some(q) = &self.quarantine else {
             return Err(FsError::Io {
-                root: self.shared.data_dir.join("quarantine").display().to_string(),
+                root: self
+                    .shared
+                    .data_dir
+                    .join("quarantine")
+                    .display()
+                    .to_string(),
                 path: ".".into(),
                 op: "open quarantine",
-                error: std::io::Error::other("the quarantine directory is unusable; refusing to overwrite a local change"),
+                error: std::io::Error::other(
+                    "the quarantine directory is unusable; refusing to overwrite a local change",
+                ),
             });
         };
         let stamp = format!("{}-{index}", unix_ms());
@@ -903,20 +1052,29 @@ impl Applier {
         dest.extend(path.components().map(|c| c.to_vec()));
         let local = root.stat(&comps(path))?;
         let local_hash = match local {
-            Some(m) if m.kind == Kind::File => hash_local(root, &comps(path))?.map(|(h, _)| h.digest().hex()),
+            Some(m) if m.kind == Kind::File => {
+                hash_local(root, &comps(path))?.map(|(h, _)| h.digest().hex())
+            }
             _ => None,
         };
         if !root.move_aside(&comps(path), q, &dest)? {
             return Ok(());
         }
-        self.shared.counters.quarantined.fetch_add(1, Ordering::Relaxed);
+        self.shared
+            .counters
+            .quarantined
+            .fetch_add(1, Ordering::Relaxed);
         let record = serde_json::json!({
             "set": set, "path": path.to_string(), "node": self.shared.node_id, "term": term, "index": index,
             "local_hash": local_hash, "reason": why, "time_unix_ms": unix_ms(),
             "stored_at": format!("{set}/{stamp}/{path}"),
         });
         let line = format!("{record}\n");
-        let file = self.shared.data_dir.join("quarantine").join("records.jsonl");
+        let file = self
+            .shared
+            .data_dir
+            .join("quarantine")
+            .join("records.jsonl");
         let written = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -934,9 +1092,19 @@ impl Applier {
 
     /// Whether the local file at `path` is one the cluster knows: what this
     /// node last wrote or read there, or the committed `previous` version.
-    fn local_is_known(&self, set: &str, path: &SetPath, local: &FileDigest, previous: Option<&Entry>) -> bool {
-        self.shared.record(set, path).is_some_and(|r| r.digest.get() == *local)
-            || previous.and_then(|p| p.digest).is_some_and(|d| d.get() == *local)
+    fn local_is_known(
+        &self,
+        set: &str,
+        path: &SetPath,
+        local: &FileDigest,
+        previous: Option<&Entry>,
+    ) -> bool {
+        self.shared
+            .record(set, path)
+            .is_some_and(|r| r.digest.get() == *local)
+            || previous
+                .and_then(|p| p.digest)
+                .is_some_and(|d| d.get() == *local)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -974,7 +1142,14 @@ impl Applier {
                 if known {
                     root.remove(&c)?;
                 } else {
-                    self.quarantine(&set.name, root, path, index, term, "a different kind of entry stood where the cluster put a file")?;
+                    self.quarantine(
+                        &set.name,
+                        root,
+                        path,
+                        index,
+                        term,
+                        "a different kind of entry stood where the cluster put a file",
+                    )?;
                 }
             }
             None => {}
@@ -987,13 +1162,24 @@ impl Applier {
         }
         if let Some(d) = local_digest {
             if !self.local_is_known(&set.name, path, &d, previous) {
-                self.quarantine(&set.name, root, path, index, term, "it differed from what the cluster last committed")?;
+                self.quarantine(
+                    &set.name,
+                    root,
+                    path,
+                    index,
+                    term,
+                    "it differed from what the cluster last committed",
+                )?;
                 local_digest = None;
                 local_hasher = None;
             }
         }
         let patch_bytes = match content {
-            Content::Unchanged => return Ok(PutOutcome::Missing("metadata-only change, but the local content is not the committed one".into())),
+            Content::Unchanged => {
+                return Ok(PutOutcome::Missing(
+                    "metadata-only change, but the local content is not the committed one".into(),
+                ))
+            }
             Content::Inline(b) => b.clone(),
             Content::Staged { upload, len } => {
                 let staged = self.shared.staging_dir().join(format!("{upload:016x}"));
@@ -1004,7 +1190,11 @@ impl Applier {
                         let _ = std::fs::remove_file(&staged);
                         b
                     }
-                    _ => return Ok(PutOutcome::Missing("its staged chunks are incomplete".into())),
+                    _ => {
+                        return Ok(PutOutcome::Missing(
+                            "its staged chunks are incomplete".into(),
+                        ))
+                    }
                 }
             }
         };
@@ -1014,16 +1204,24 @@ impl Applier {
         };
         if let Some(base) = patch.base() {
             if local_digest != Some(*base) {
-                return Ok(PutOutcome::Missing(format!("the patch is against {base}, which this node does not hold")));
+                return Ok(PutOutcome::Missing(format!(
+                    "the patch is against {base}, which this node does not hold"
+                )));
             }
         }
         self.ensure_parents(set, root, path)?;
         let written: FileMeta;
         if let Patch::Append { base, .. } = &patch {
             let key = (set.name.clone(), path.clone());
-            let hasher = match local_hasher
-                .or_else(|| self.shared.append_hashers.lock().unwrap().get(&key).filter(|h| h.digest() == *base).cloned())
-            {
+            let hasher = match local_hasher.or_else(|| {
+                self.shared
+                    .append_hashers
+                    .lock()
+                    .unwrap()
+                    .get(&key)
+                    .filter(|h| h.digest() == *base)
+                    .cloned()
+            }) {
                 Some(h) => h,
                 None => match hash_local(root, &c)? {
                     Some((h, _)) => h,
@@ -1032,7 +1230,11 @@ impl Applier {
             };
             let tail = match delta::apply_tail(&hasher, &patch, &target, set.max_file_size) {
                 Ok(t) => t,
-                Err(e) => return Ok(PutOutcome::Missing(format!("the appended bytes do not verify: {e}"))),
+                Err(e) => {
+                    return Ok(PutOutcome::Missing(format!(
+                        "the appended bytes do not verify: {e}"
+                    )))
+                }
             };
             written = root.append_file(&c, base.len, &tail, &meta)?;
             let mut h = hasher;
@@ -1046,13 +1248,22 @@ impl Applier {
                 },
                 None => None,
             };
-            let new = match delta::apply(base_bytes.as_deref(), &patch, &target, set.max_file_size) {
+            let new = match delta::apply(base_bytes.as_deref(), &patch, &target, set.max_file_size)
+            {
                 Ok(n) => n,
-                Err(e) => return Ok(PutOutcome::Missing(format!("the patch does not rebuild the committed version: {e}"))),
+                Err(e) => {
+                    return Ok(PutOutcome::Missing(format!(
+                        "the patch does not rebuild the committed version: {e}"
+                    )))
+                }
             };
             written = root.replace_file(&c, &new, &meta, &target.hash)?;
             if set.mode == SyncMode::Mirror && new.len() >= delta::SMALL_FILE_LEN {
-                store.put_signature(&set.name, path, &delta::BlockSignature::compute(&new).to_bytes());
+                store.put_signature(
+                    &set.name,
+                    path,
+                    &delta::BlockSignature::compute(&new).to_bytes(),
+                );
             }
         }
         // Recorded from the descriptor we wrote through, never by name: an
@@ -1064,7 +1275,13 @@ impl Applier {
     /// Gives an existing file the committed metadata and returns what its
     /// record must say: the `lstat` taken before, with the fields we set, so
     /// an edit racing with us still differs from the record.
-    fn settle_meta(&self, root: &Root, c: &[&[u8]], before: &FileMeta, want: &Meta) -> Result<FileMeta, FsError> {
+    fn settle_meta(
+        &self,
+        root: &Root,
+        c: &[&[u8]],
+        before: &FileMeta,
+        want: &Meta,
+    ) -> Result<FileMeta, FsError> {
         if meta_matches(want, before) {
             return Ok(*before);
         }
@@ -1088,8 +1305,16 @@ impl Applier {
             match root.stat(prefix)? {
                 Some(m) if m.kind == Kind::Dir => {}
                 Some(_) => {
-                    let p = SetPath::from_network(&prefix.join(&b'/')).expect("prefix of a valid path");
-                    self.quarantine(&set.name, root, &p, 0, 0, "a non-directory stood where the cluster has a directory")?;
+                    let p =
+                        SetPath::from_network(&prefix.join(&b'/')).expect("prefix of a valid path");
+                    self.quarantine(
+                        &set.name,
+                        root,
+                        &p,
+                        0,
+                        0,
+                        "a non-directory stood where the cluster has a directory",
+                    )?;
                     root.make_dir(prefix, &default_dir_meta())?;
                 }
                 None => root.make_dir(prefix, &default_dir_meta())?,
@@ -1098,19 +1323,43 @@ impl Applier {
         Ok(())
     }
 
-    fn make_dir(&self, set: &SetRuntime, root: &Root, path: &SetPath, meta: &Meta, index: u64, term: u64) -> Result<(), FsError> {
+    fn make_dir(
+        &self,
+        set: &SetRuntime,
+        root: &Root,
+        path: &SetPath,
+        meta: &Meta,
+        index: u64,
+        term: u64,
+    ) -> Result<(), FsError> {
         let c = comps(path);
         self.ensure_parents(set, root, path)?;
         if let Some(m) = root.stat(&c)? {
             if m.kind != Kind::Dir {
-                self.quarantine(&set.name, root, path, index, term, "a non-directory stood where the cluster has a directory")?;
+                self.quarantine(
+                    &set.name,
+                    root,
+                    path,
+                    index,
+                    term,
+                    "a non-directory stood where the cluster has a directory",
+                )?;
             }
         }
         root.make_dir(&c, &fs_meta(meta))
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn make_symlink(&self, set: &SetRuntime, root: &Root, path: &SetPath, entry: &Entry, index: u64, term: u64, store: &mut StoreBatch) -> Result<(), FsError> {
+    fn make_symlink(
+        &self,
+        set: &SetRuntime,
+        root: &Root,
+        path: &SetPath,
+        entry: &Entry,
+        index: u64,
+        term: u64,
+        store: &mut StoreBatch,
+    ) -> Result<(), FsError> {
         let c = comps(path);
         let target = entry.target.clone().unwrap_or_default();
         self.ensure_parents(set, root, path)?;
@@ -1128,10 +1377,24 @@ impl Applier {
                 if known {
                     root.remove(&c)?;
                 } else {
-                    self.quarantine(&set.name, root, path, index, term, "it differed from what the cluster last committed")?;
+                    self.quarantine(
+                        &set.name,
+                        root,
+                        path,
+                        index,
+                        term,
+                        "it differed from what the cluster last committed",
+                    )?;
                 }
             }
-            Some(_) => self.quarantine(&set.name, root, path, index, term, "a directory stood where the cluster has a symlink")?,
+            Some(_) => self.quarantine(
+                &set.name,
+                root,
+                path,
+                index,
+                term,
+                "a directory stood where the cluster has a symlink",
+            )?,
             None => {}
         }
         self.forget_records(&set.name, path, store);
@@ -1139,7 +1402,16 @@ impl Applier {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn remove(&self, set: &SetRuntime, root: &Root, path: &SetPath, removed: &[(SetPath, Entry)], index: u64, term: u64, store: &mut StoreBatch) -> Result<(), FsError> {
+    fn remove(
+        &self,
+        set: &SetRuntime,
+        root: &Root,
+        path: &SetPath,
+        removed: &[(SetPath, Entry)],
+        index: u64,
+        term: u64,
+        store: &mut StoreBatch,
+    ) -> Result<(), FsError> {
         // Files under the path that someone changed here go to quarantine first.
         for (p, e) in removed {
             if e.meta.kind != EntryKind::File {
@@ -1156,7 +1428,14 @@ impl Applier {
                 }
                 if let Some((h, _)) = hash_local(root, &c)? {
                     if !self.local_is_known(&set.name, p, &h.digest(), Some(e)) {
-                        self.quarantine(&set.name, root, p, index, term, "it was changed here, and the cluster deleted it")?;
+                        self.quarantine(
+                            &set.name,
+                            root,
+                            p,
+                            index,
+                            term,
+                            "it was changed here, and the cluster deleted it",
+                        )?;
                     }
                 }
             }
@@ -1166,7 +1445,9 @@ impl Applier {
         if set.filter.is_excluded(path, true) {
             return Ok(());
         }
-        let is_dir = root.stat(&comps(path))?.is_some_and(|m| m.kind == Kind::Dir);
+        let is_dir = root
+            .stat(&comps(path))?
+            .is_some_and(|m| m.kind == Kind::Dir);
         if is_dir && self.has_excluded_inside(set, root, path)? {
             for (p, _) in removed.iter().rev() {
                 let c = comps(p);
@@ -1190,9 +1471,16 @@ impl Applier {
         Ok(())
     }
 
-    fn has_excluded_inside(&self, set: &SetRuntime, root: &Root, dir: &SetPath) -> Result<bool, FsError> {
+    fn has_excluded_inside(
+        &self,
+        set: &SetRuntime,
+        root: &Root,
+        dir: &SetPath,
+    ) -> Result<bool, FsError> {
         let c = comps(dir);
-        let Some(listing) = root.list_dir(&c)? else { return Ok(false) };
+        let Some(listing) = root.list_dir(&c)? else {
+            return Ok(false);
+        };
         for (name, kind) in listing {
             let Ok(p) = dir.join(&name) else { continue };
             if set.filter.is_excluded(&p, kind == Kind::Dir) {
@@ -1206,12 +1494,30 @@ impl Applier {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn rename(&self, set: &SetRuntime, root: &Root, from: &SetPath, to: &SetPath, index: u64, term: u64, store: &mut StoreBatch) -> Result<(), FsError> {
+    fn rename(
+        &self,
+        set: &SetRuntime,
+        root: &Root,
+        from: &SetPath,
+        to: &SetPath,
+        index: u64,
+        term: u64,
+        store: &mut StoreBatch,
+    ) -> Result<(), FsError> {
         if root.stat(&comps(to))?.is_some() {
-            self.quarantine(&set.name, root, to, index, term, "something stood where the cluster moved another path")?;
+            self.quarantine(
+                &set.name,
+                root,
+                to,
+                index,
+                term,
+                "something stood where the cluster moved another path",
+            )?;
         }
         self.ensure_parents(set, root, to)?;
-        let Some(q) = &self.quarantine else { return Ok(()) };
+        let Some(q) = &self.quarantine else {
+            return Ok(());
+        };
         let _ = q;
         // A rename within one root: move_aside onto the same root renames.
         let moved = root.move_aside(&comps(from), root, &comps(to))?;
@@ -1250,7 +1556,10 @@ impl Applier {
 
     /// The manifest and the index it stands for.
     pub fn snapshot_now(&self) -> (u64, Vec<u8>) {
-        (self.shared.applied.load(Ordering::SeqCst), self.shared.manifest.read().unwrap().encode())
+        (
+            self.shared.applied.load(Ordering::SeqCst),
+            self.shared.manifest.read().unwrap().encode(),
+        )
     }
 
     /// Restores from a snapshot now (at start-up, before [`Applier::run`]).
@@ -1263,8 +1572,12 @@ impl Applier {
             let _ = self.out.send(Applied::Index(index));
             return Ok(());
         }
-        let manifest = Manifest::decode(data, 1 << 30).map_err(|e| format!("the leader's snapshot at index {index} is unusable: {e}"))?;
-        info!(index, "restoring the file manifest from the leader's snapshot at index {index}");
+        let manifest = Manifest::decode(data, 1 << 30)
+            .map_err(|e| format!("the leader's snapshot at index {index} is unusable: {e}"))?;
+        info!(
+            index,
+            "restoring the file manifest from the leader's snapshot at index {index}"
+        );
         let mut batch = StoreBatch::default();
         batch.clear_manifest();
         for (set, sm) in &manifest.sets {
@@ -1288,17 +1601,28 @@ impl Applier {
 
     fn retry_deferred(&mut self) {
         for name in std::mem::take(&mut self.deferred) {
-            let Some(set) = self.shared.set(&name).cloned() else { continue };
-            let Some(root) = self.roots.remove(&name) else { continue };
+            let Some(set) = self.shared.set(&name).cloned() else {
+                continue;
+            };
+            let Some(root) = self.roots.remove(&name) else {
+                continue;
+            };
             match has_marker(&set, &root) {
                 Ok(true) => {
                     self.deferred.insert(name.clone());
                 }
                 Ok(false) => {
-                    self.shared.health.lock().unwrap().entry(name.clone()).or_default().skipping = false;
+                    self.shared
+                        .health
+                        .lock()
+                        .unwrap()
+                        .entry(name.clone())
+                        .or_default()
+                        .skipping = false;
                     let mut store = StoreBatch::default();
                     if let Err(e) = self.reconcile_local(&set, &root, &mut store) {
-                        self.shared.note_error(&name, format!("reconciling with the manifest: {e}"));
+                        self.shared
+                            .note_error(&name, format!("reconciling with the manifest: {e}"));
                         self.deferred.insert(name.clone());
                     }
                     if let Err(e) = self.shared.store.write(store) {
@@ -1307,7 +1631,8 @@ impl Applier {
                     let _ = self.out.send(Applied::SetChanged(name.clone()));
                 }
                 Err(e) => {
-                    self.shared.note_error(&name, format!("cannot look for skip_while markers: {e}"));
+                    self.shared
+                        .note_error(&name, format!("cannot look for skip_while markers: {e}"));
                     self.deferred.insert(name.clone());
                 }
             }
@@ -1318,12 +1643,22 @@ impl Applier {
     /// Makes the local tree match the manifest where it can without content
     /// (directories, links, metadata, deletions) and marks the files whose
     /// content must be fetched.
-    fn reconcile_local(&mut self, set: &SetRuntime, root: &Root, store: &mut StoreBatch) -> Result<(), FsError> {
+    fn reconcile_local(
+        &mut self,
+        set: &SetRuntime,
+        root: &Root,
+        store: &mut StoreBatch,
+    ) -> Result<(), FsError> {
         let index = self.shared.applied.load(Ordering::SeqCst);
         let entries: Vec<(SetPath, Entry)> = {
             let m = self.shared.manifest.read().unwrap();
             m.set(&set.name)
-                .map(|s| s.entries.iter().map(|(k, e)| (k.clone(), e.clone())).collect())
+                .map(|s| {
+                    s.entries
+                        .iter()
+                        .map(|(k, e)| (k.clone(), e.clone()))
+                        .collect()
+                })
                 .unwrap_or_default()
         };
         let (found, _) = walk(set, root)?;
@@ -1335,7 +1670,10 @@ impl Applier {
                     continue;
                 }
                 let ours = f.meta.kind == Kind::File
-                    && self.shared.record(&set.name, &f.path).is_some_and(|r| unchanged_since(&r, &f.meta));
+                    && self
+                        .shared
+                        .record(&set.name, &f.path)
+                        .is_some_and(|r| unchanged_since(&r, &f.meta));
                 let c = comps(&f.path);
                 if ours || f.meta.kind == Kind::Symlink {
                     root.remove(&c)?;
@@ -1344,7 +1682,14 @@ impl Applier {
                         root.remove(&c)?;
                     }
                 } else {
-                    self.quarantine(&set.name, root, &f.path, index, 0, "the cluster does not have it")?;
+                    self.quarantine(
+                        &set.name,
+                        root,
+                        &f.path,
+                        index,
+                        0,
+                        "the cluster does not have it",
+                    )?;
                 }
             }
         }
@@ -1365,7 +1710,11 @@ impl Applier {
                     let local = root.stat(&c)?;
                     let have = match local {
                         Some(m) if m.kind == Kind::File => {
-                            match self.shared.record(&set.name, path).filter(|r| unchanged_since(r, &m)) {
+                            match self
+                                .shared
+                                .record(&set.name, path)
+                                .filter(|r| unchanged_since(r, &m))
+                            {
                                 Some(r) => Some(r.digest.get()),
                                 None => hash_local(root, &c)?.map(|(h, _)| h.digest()),
                             }
@@ -1394,25 +1743,63 @@ impl Applier {
 
     fn apply_fetched(&mut self, f: Fetched) {
         let key = (f.set.clone(), f.path.clone());
-        let still_wanted = self.shared.missing.lock().unwrap().get(&key).map(|d| d.get()) == Some(f.want);
-        let entry = self.shared.manifest.read().unwrap().get(&f.set, &f.path).cloned();
-        let (Some(entry), true) = (entry, still_wanted) else { return };
+        let still_wanted = self
+            .shared
+            .missing
+            .lock()
+            .unwrap()
+            .get(&key)
+            .map(|d| d.get())
+            == Some(f.want);
+        let entry = self
+            .shared
+            .manifest
+            .read()
+            .unwrap()
+            .get(&f.set, &f.path)
+            .cloned();
+        let (Some(entry), true) = (entry, still_wanted) else {
+            return;
+        };
         if entry.digest.map(|d| d.get()) != Some(f.want) {
             return;
         }
-        let Some(set) = self.shared.set(&f.set).cloned() else { return };
+        let Some(set) = self.shared.set(&f.set).cloned() else {
+            return;
+        };
         if self.deferred.contains(&f.set) {
             return;
         }
-        let Some(root) = self.roots.remove(&f.set) else { return };
+        let Some(root) = self.roots.remove(&f.set) else {
+            return;
+        };
         let mut store = StoreBatch::default();
         let index = self.shared.applied.load(Ordering::SeqCst);
-        self.shared.counters.bytes_fetched.fetch_add(f.patch.len() as u64, Ordering::Relaxed);
-        match self.put_file(&set, &root, &f.path, &entry, &Content::Inline(f.patch), None, index, 0, &mut store) {
+        self.shared
+            .counters
+            .bytes_fetched
+            .fetch_add(f.patch.len() as u64, Ordering::Relaxed);
+        match self.put_file(
+            &set,
+            &root,
+            &f.path,
+            &entry,
+            &Content::Inline(f.patch),
+            None,
+            index,
+            0,
+            &mut store,
+        ) {
             Ok(PutOutcome::Done) => {
                 self.clear_missing(&f.set, &f.path, &mut store);
                 if let Some(parent) = f.path.parent() {
-                    let meta = self.shared.manifest.read().unwrap().get(&f.set, &parent).map(|e| e.meta.clone());
+                    let meta = self
+                        .shared
+                        .manifest
+                        .read()
+                        .unwrap()
+                        .get(&f.set, &parent)
+                        .map(|e| e.meta.clone());
                     if let Some(meta) = meta.filter(|m| m.kind == EntryKind::Dir) {
                         let _ = root.set_meta(&comps(&parent), &fs_meta(&meta));
                     }
@@ -1420,7 +1807,9 @@ impl Applier {
                 info!(set = %f.set, path = %f.path, "fetched the committed version of {}", f.path);
                 let _ = self.out.send(Applied::SetChanged(f.set.clone()));
             }
-            Ok(PutOutcome::Missing(why)) => debug!(set = %f.set, path = %f.path, "fetched content unusable: {why}"),
+            Ok(PutOutcome::Missing(why)) => {
+                debug!(set = %f.set, path = %f.path, "fetched content unusable: {why}")
+            }
             Err(e) => self.shared.note_error(&f.set, format!("{}: {e}", f.path)),
         }
         self.roots.insert(f.set.clone(), root);
@@ -1445,7 +1834,9 @@ fn default_dir_meta() -> FileMeta {
 }
 
 fn clean_staging(dir: &Path) {
-    let Ok(rd) = std::fs::read_dir(dir) else { return };
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
     for e in rd.flatten() {
         let old = e
             .metadata()

@@ -32,7 +32,9 @@ use crate::manifest::{Chunk, Content, Entry, EntryKind, FileBatch, FileOp, WireD
 use crate::node::{NodeHandle, RequestError};
 use crate::paths::SetPath;
 use crate::raft_core::{Command, Role};
-use crate::replica::{meta_from_local, record_of, unchanged_since, unix_ms, walk, OwnerNames, SetRuntime, Shared};
+use crate::replica::{
+    meta_from_local, record_of, unchanged_since, unix_ms, walk, OwnerNames, SetRuntime, Shared,
+};
 
 /// Inline patches larger than this travel as chunks, so one entry stays small.
 const INLINE_LIMIT: usize = 256 * 1024;
@@ -68,7 +70,11 @@ pub struct Source {
 
 impl Source {
     pub fn new(shared: Arc<Shared>, node: NodeHandle, config: ReplicationConfig) -> Source {
-        Source { shared, node, config }
+        Source {
+            shared,
+            node,
+            config,
+        }
     }
 
     /// Runs for the life of the node: idle while following, the source while leading.
@@ -77,7 +83,9 @@ impl Source {
             return;
         }
         loop {
-            let lead = self.node.wait_view(Duration::from_secs(3600), |v| v.role == Role::Leader);
+            let lead = self
+                .node
+                .wait_view(Duration::from_secs(3600), |v| v.role == Role::Leader);
             let view = tokio::select! {
                 v = lead => v,
                 _ = stop.changed() => return,
@@ -99,7 +107,11 @@ impl Source {
             return;
         }
         self.settle_missing(term).await;
-        info!(term, sets = self.shared.sets.len(), "leading: watching the sync sets and reconciling them with the committed manifest");
+        info!(
+            term,
+            sets = self.shared.sets.len(),
+            "leading: watching the sync sets and reconciling them with the committed manifest"
+        );
         let (tx, mut rx) = mpsc::unbounded_channel::<(usize, PathBuf)>();
         let _watchers = self.watch(tx);
         let mut dirty = Dirty::default();
@@ -173,7 +185,9 @@ impl Source {
             self.shared.fetch_wakeup.notify_one();
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        let left: Vec<_> = std::mem::take(&mut *self.shared.missing.lock().unwrap()).into_keys().collect();
+        let left: Vec<_> = std::mem::take(&mut *self.shared.missing.lock().unwrap())
+            .into_keys()
+            .collect();
         for (set, path) in left {
             warn!(term, set = %set, path = %path, "no peer could supply the committed version of {path}; this leader's copy becomes the source");
         }
@@ -212,12 +226,22 @@ impl Source {
         }
     }
 
-    fn watch(&self, tx: mpsc::UnboundedSender<(usize, PathBuf)>) -> Vec<notify::RecommendedWatcher> {
+    fn watch(
+        &self,
+        tx: mpsc::UnboundedSender<(usize, PathBuf)>,
+    ) -> Vec<notify::RecommendedWatcher> {
         let mut out = Vec::new();
         for (i, set) in self.shared.sets.iter().enumerate() {
             let tx = tx.clone();
             let handler = move |res: notify::Result<notify::Event>| match res {
                 Ok(ev) => {
+                    // Opens and read-only closes change nothing, and our own
+                    // reads cause them: following them would rescan forever.
+                    use notify::event::{AccessKind, AccessMode, EventKind};
+                    if matches!(ev.kind, EventKind::Access(a) if a != AccessKind::Close(AccessMode::Write))
+                    {
+                        return;
+                    }
                     if ev.need_rescan() {
                         let _ = tx.send((i, PathBuf::new()));
                     }
@@ -261,7 +285,9 @@ fn process(
     let mut sets: BTreeSet<String> = work.full.clone();
     sets.extend(work.paths.keys().cloned());
     for name in sets {
-        let Some(set) = shared.set(&name).cloned() else { continue };
+        let Some(set) = shared.set(&name).cloned() else {
+            continue;
+        };
         let root = match set.open_root() {
             Ok(r) => r,
             Err(e) => {
@@ -283,12 +309,24 @@ fn process(
         };
         if marker {
             debug!(set = %name, "a skip_while marker exists; leaving the set alone for now");
-            shared.health.lock().unwrap().entry(name.clone()).or_default().skipping = true;
+            shared
+                .health
+                .lock()
+                .unwrap()
+                .entry(name.clone())
+                .or_default()
+                .skipping = true;
             // Come back to it: a full pass once the marker is gone.
             left.full.insert(name.clone());
             continue;
         }
-        shared.health.lock().unwrap().entry(name.clone()).or_default().skipping = false;
+        shared
+            .health
+            .lock()
+            .unwrap()
+            .entry(name.clone())
+            .or_default()
+            .skipping = false;
         let paths: Vec<SetPath> = if full {
             let mut all: BTreeSet<SetPath> = found.iter().map(|f| f.path.clone()).collect();
             if let Some(m) = shared.manifest.read().unwrap().set(&name) {
@@ -296,16 +334,69 @@ fn process(
             }
             all.into_iter().collect()
         } else {
-            work.paths.get(&name).map(|s| s.iter().cloned().collect()).unwrap_or_default()
+            let mut paths: BTreeSet<SetPath> = work.paths.get(&name).cloned().unwrap_or_default();
+            // A directory new to the manifest may have been filled before its
+            // watch existed (`mkdir -p a/b && echo > a/b/c`, or a tree moved
+            // in whole): take its whole subtree.
+            let new_dirs: Vec<SetPath> = {
+                let m = shared.manifest.read().unwrap();
+                paths
+                    .iter()
+                    .filter(|p| {
+                        m.get(&name, p)
+                            .is_none_or(|e| e.meta.kind != EntryKind::Dir)
+                    })
+                    .filter(|p| {
+                        root.stat(&p.components().collect::<Vec<_>>())
+                            .ok()
+                            .flatten()
+                            .is_some_and(|st| st.kind == Kind::Dir)
+                    })
+                    .cloned()
+                    .collect()
+            };
+            for d in new_dirs {
+                subtree(&set, &root, &d, &mut paths);
+            }
+            paths.into_iter().collect()
         };
-        plan_and_propose(shared, node, rt, term, &set, &root, paths)?;
+        plan_and_propose(shared, node, rt, term, &set, &root, paths, left)?;
     }
     Ok(())
 }
 
+/// Adds every entry under `dir` (not following symlinks, skipping excluded
+/// and temporary names) to `out`.
+fn subtree(set: &SetRuntime, root: &Root, dir: &SetPath, out: &mut BTreeSet<SetPath>) {
+    let comps: Vec<&[u8]> = dir.components().collect();
+    let Ok(Some(listing)) = root.list_dir(&comps) else {
+        return;
+    };
+    for (name, kind) in listing {
+        if crate::fsroot::is_temp_name(&name) {
+            continue;
+        }
+        let Ok(p) = dir.join(&name) else { continue };
+        let is_dir = kind == Kind::Dir;
+        if !set.holds(&p, is_dir) {
+            continue;
+        }
+        out.insert(p.clone());
+        if is_dir {
+            subtree(set, root, &p, out);
+        }
+    }
+}
+
 fn shared_error(shared: &Shared, set: &str, msg: String) {
     warn!(set, "{msg}");
-    shared.health.lock().unwrap().entry(set.to_string()).or_default().last_error = Some(msg);
+    shared
+        .health
+        .lock()
+        .unwrap()
+        .entry(set.to_string())
+        .or_default()
+        .last_error = Some(msg);
 }
 
 /// A batch being built.
@@ -326,6 +417,7 @@ fn plan_and_propose(
     set: &SetRuntime,
     root: &Root,
     paths: Vec<SetPath>,
+    left: &mut Dirty,
 ) -> Result<(), RequestError> {
     let mut names = OwnerNames::default();
     let mut b = Builder {
@@ -372,9 +464,18 @@ fn plan_and_propose(
         if !set.holds(&path, meta.kind == Kind::Dir) {
             continue;
         }
-        if meta.kind == Kind::File && shared.manifest.read().unwrap().get(&set.name, &path).is_none() {
+        if meta.kind == Kind::File
+            && shared
+                .manifest
+                .read()
+                .unwrap()
+                .get(&set.name, &path)
+                .is_none()
+        {
             // A new name for a file that just left another name: a rename.
-            if let Some(i) = b.gone.iter().position(|(_, r)| r.ino == meta.ino && r.len == meta.len && r.mtime_ns == meta.mtime_ns) {
+            if let Some(i) = b.gone.iter().position(|(_, r)| {
+                r.ino == meta.ino && r.len == meta.len && r.mtime_ns == meta.mtime_ns
+            }) {
                 let (from, rec) = b.gone.remove(i);
                 renamed.insert(from.clone());
                 b.ops.push(FileOp::Rename {
@@ -385,7 +486,12 @@ fn plan_and_propose(
                 continue;
             }
         }
-        examine(shared, set, root, &path, &meta, &mut names, &mut b);
+        if !examine(shared, set, root, &path, &meta, &mut names, &mut b) {
+            left.paths
+                .entry(set.name.clone())
+                .or_default()
+                .insert(path.clone());
+        }
         if b.bytes >= BATCH_BYTES || b.ops.len() >= BATCH_OPS {
             flush(shared, node, rt, term, set, &mut b)?;
         }
@@ -395,8 +501,12 @@ fn plan_and_propose(
             continue;
         }
         b.ops.push(match set.mode {
-            SyncMode::Mirror => FileOp::Remove { path: r.as_bytes().to_vec() },
-            SyncMode::Append => FileOp::Forget { path: r.as_bytes().to_vec() },
+            SyncMode::Mirror => FileOp::Remove {
+                path: r.as_bytes().to_vec(),
+            },
+            SyncMode::Append => FileOp::Forget {
+                path: r.as_bytes().to_vec(),
+            },
         });
     }
     // Renames and removals must precede puts that reuse their names.
@@ -408,6 +518,8 @@ fn plan_and_propose(
     flush(shared, node, rt, term, set, &mut b)
 }
 
+/// Examines one present path; returns false when it must be tried again
+/// later (it was changing while read, or could not be read this time).
 fn examine(
     shared: &Shared,
     set: &SetRuntime,
@@ -416,8 +528,13 @@ fn examine(
     meta: &FileMeta,
     names: &mut OwnerNames,
     b: &mut Builder,
-) {
-    let mut committed: Option<Entry> = shared.manifest.read().unwrap().get(&set.name, path).cloned();
+) -> bool {
+    let mut committed: Option<Entry> = shared
+        .manifest
+        .read()
+        .unwrap()
+        .get(&set.name, path)
+        .cloned();
     let comps: Vec<&[u8]> = path.components().collect();
     let local_kind = match meta.kind {
         Kind::Dir => Some(EntryKind::Dir),
@@ -429,34 +546,79 @@ fn examine(
         if c.meta.kind != k {
             // The path changed kind: followers drop the old entry (and what
             // was under it) first, as the committed thing it is.
-            b.ops.push(FileOp::Remove { path: path.as_bytes().to_vec() });
+            b.ops.push(FileOp::Remove {
+                path: path.as_bytes().to_vec(),
+            });
             committed = None;
         }
     }
-    let result: Result<(), String> = (|| {
+    let result: Result<(), Problem> = (|| {
         match meta.kind {
             Kind::Dir => {
                 let m = meta_from_local(meta, EntryKind::Dir, names);
                 if committed.as_ref().map(|e| &e.meta) != Some(&m) {
-                    b.ops.push(FileOp::Dir { path: path.as_bytes().to_vec(), meta: m });
+                    b.ops.push(FileOp::Dir {
+                        path: path.as_bytes().to_vec(),
+                        meta: m,
+                    });
                 }
             }
             Kind::Symlink => {
-                let target = root.read_link(&comps).map_err(|e| e.to_string())?.unwrap_or_default();
+                let target = root.read_link(&comps)?.unwrap_or_default();
                 let mut m = meta_from_local(meta, EntryKind::Symlink, names);
                 m.mode = 0o777;
-                let same = committed.as_ref().is_some_and(|e| e.target.as_deref() == Some(&target[..]) && e.meta.uid == m.uid && e.meta.gid == m.gid);
+                let same = committed.as_ref().is_some_and(|e| {
+                    e.target.as_deref() == Some(&target[..])
+                        && e.meta.uid == m.uid
+                        && e.meta.gid == m.gid
+                });
                 if !same {
-                    b.ops.push(FileOp::Symlink { path: path.as_bytes().to_vec(), target, meta: m });
+                    b.ops.push(FileOp::Symlink {
+                        path: path.as_bytes().to_vec(),
+                        target,
+                        meta: m,
+                    });
                 }
             }
-            Kind::File => examine_file(shared, set, root, path, meta, committed.as_ref(), names, b)?,
-            _ => debug!(set = %set.name, path = %path, "not replicated: {} (only files, directories and symlinks are)", meta.kind.describe()),
+            Kind::File => {
+                examine_file(shared, set, root, path, meta, committed.as_ref(), names, b)?
+            }
+            _ => {
+                debug!(set = %set.name, path = %path, "not replicated: {} (only files, directories and symlinks are)", meta.kind.describe())
+            }
         }
         Ok(())
     })();
-    if let Err(e) = result {
-        shared_error(shared, &set.name, format!("{path}: {e}"));
+    match result {
+        Ok(()) => true,
+        Err(Problem::Permanent(e)) => {
+            shared_error(shared, &set.name, format!("{path}: {e}"));
+            true
+        }
+        Err(Problem::Retry(e)) => {
+            debug!(set = %set.name, path = %path, "{e}; trying again shortly");
+            false
+        }
+    }
+}
+
+/// Why a path was not proposed.
+enum Problem {
+    /// It will not change by itself (too large, unreadable by policy).
+    Permanent(String),
+    /// It was changing or briefly unreadable: retried from the dirty list.
+    Retry(String),
+}
+
+impl From<String> for Problem {
+    fn from(s: String) -> Self {
+        Problem::Retry(s)
+    }
+}
+
+impl From<crate::fsroot::FsError> for Problem {
+    fn from(e: crate::fsroot::FsError) -> Self {
+        Problem::Retry(e.to_string())
     }
 }
 
@@ -470,30 +632,34 @@ fn examine_file(
     committed: Option<&Entry>,
     names: &mut OwnerNames,
     b: &mut Builder,
-) -> Result<(), String> {
+) -> Result<(), Problem> {
     let comps: Vec<&[u8]> = path.components().collect();
     let committed_digest = committed.and_then(|e| e.digest).map(|d| d.get());
     let record = shared.record(&set.name, path);
     if let (Some(r), Some(c)) = (record, committed_digest) {
-        if unchanged_since(&r, meta) && r.digest.get() == c && committed.is_some_and(|e| e.meta.kind == EntryKind::File) {
+        if unchanged_since(&r, meta)
+            && r.digest.get() == c
+            && committed.is_some_and(|e| e.meta.kind == EntryKind::File)
+        {
             return Ok(());
         }
     }
     if meta.len > set.max_file_size {
-        return Err(format!(
+        return Err(Problem::Permanent(format!(
             "{} bytes is more than the set's max_file_size ({}); not replicated",
             meta.len, set.max_file_size
-        ));
+        )));
     }
     // An append set's file that only grew: read and send the new bytes only.
     if set.mode == SyncMode::Append {
         if let (Some(r), Some(c)) = (record, committed_digest) {
             if r.digest.get() == c && r.ino == meta.ino && meta.len > r.len {
-                return append_tail(shared, set, root, path, &comps, c, r.len, names, b);
+                return append_tail(shared, set, root, path, &comps, c, r.len, names, b)
+                    .map_err(Problem::Retry);
             }
         }
     }
-    let (data, now) = match root.read_file(&comps, set.max_file_size).map_err(|e| e.to_string())? {
+    let (data, now) = match root.read_file(&comps, set.max_file_size)? {
         Some(x) => x,
         None => return Ok(()), // gone meanwhile: its deletion event follows
     };
@@ -510,7 +676,13 @@ fn examine_file(
             });
         } else {
             // Same bytes, same metadata (say, a touch undone): just remember it.
-            shared.records.lock().unwrap().entry(set.name.clone()).or_default().insert(path.clone(), record_of(&now, &new_digest));
+            shared
+                .records
+                .lock()
+                .unwrap()
+                .entry(set.name.clone())
+                .or_default()
+                .insert(path.clone(), record_of(&now, &new_digest));
             b.pending.pop();
         }
         return Ok(());
@@ -522,7 +694,11 @@ fn examine_file(
     };
     if set.mode == SyncMode::Mirror && data.len() >= delta::SMALL_FILE_LEN {
         let mut sb = crate::files_store::StoreBatch::default();
-        sb.put_signature(&set.name, path, &delta::BlockSignature::compute(&data).to_bytes());
+        sb.put_signature(
+            &set.name,
+            path,
+            &delta::BlockSignature::compute(&data).to_bytes(),
+        );
         let _ = shared.store.write(sb);
     }
     add_put(shared, path, m, new_digest, patch.encode(), data.len(), b);
@@ -543,8 +719,17 @@ fn append_tail(
     b: &mut Builder,
 ) -> Result<(), String> {
     let key = (set.name.clone(), path.clone());
-    let Some((file, _)) = root.open_file(comps).map_err(|e| e.to_string())? else { return Ok(()) };
-    let mut hasher = match shared.append_hashers.lock().unwrap().get(&key).filter(|h| h.digest() == base).cloned() {
+    let Some((file, _)) = root.open_file(comps).map_err(|e| e.to_string())? else {
+        return Ok(());
+    };
+    let mut hasher = match shared
+        .append_hashers
+        .lock()
+        .unwrap()
+        .get(&key)
+        .filter(|h| h.digest() == base)
+        .cloned()
+    {
         Some(h) => h,
         None => {
             // Once per file and leadership: hash the committed prefix.
@@ -553,7 +738,9 @@ fn append_tail(
             let mut off = 0u64;
             while off < base_len {
                 let want = ((base_len - off) as usize).min(buf.len());
-                let n = file.read_at(&mut buf[..want], off).map_err(|e| e.to_string())?;
+                let n = file
+                    .read_at(&mut buf[..want], off)
+                    .map_err(|e| e.to_string())?;
                 if n == 0 {
                     break;
                 }
@@ -563,14 +750,39 @@ fn append_tail(
             if h.digest() != base {
                 // Not an append after all (rewritten in place): send it as a new version.
                 drop(file);
-                let mut record = shared.record(&set.name, path).expect("append needs a record");
+                let mut record = shared
+                    .record(&set.name, path)
+                    .expect("append needs a record");
                 record.ino = u64::MAX;
-                shared.records.lock().unwrap().entry(set.name.clone()).or_default().insert(path.clone(), record);
+                shared
+                    .records
+                    .lock()
+                    .unwrap()
+                    .entry(set.name.clone())
+                    .or_default()
+                    .insert(path.clone(), record);
                 let meta = root.stat(comps).map_err(|e| e.to_string())?.ok_or("gone")?;
-                let committed = shared.manifest.read().unwrap().get(&set.name, path).cloned();
+                let committed = shared
+                    .manifest
+                    .read()
+                    .unwrap()
+                    .get(&set.name, path)
+                    .cloned();
                 let mut mirror = set.clone();
                 mirror.mode = SyncMode::Mirror;
-                return examine_file(shared, &mirror, root, path, &meta, committed.as_ref(), names, b);
+                return examine_file(
+                    shared,
+                    &mirror,
+                    root,
+                    path,
+                    &meta,
+                    committed.as_ref(),
+                    names,
+                    b,
+                )
+                .map_err(|e| match e {
+                    Problem::Permanent(s) | Problem::Retry(s) => s,
+                });
             }
             h
         }
@@ -581,16 +793,22 @@ fn append_tail(
         let before = rustix::fs::fstat(&file).map_err(|e| e.to_string())?;
         let len = (before.st_size as u64).max(base_len);
         let mut tail = vec![0u8; (len - base_len) as usize];
-        file.read_exact_at(&mut tail, base_len).map_err(|e| e.to_string())?;
+        file.read_exact_at(&mut tail, base_len)
+            .map_err(|e| e.to_string())?;
         let after = rustix::fs::fstat(&file).map_err(|e| e.to_string())?;
         // The record must describe exactly the bytes read: its length is
         // where the next tail starts.
-        if after.st_size == before.st_size && after.st_mtime == before.st_mtime && after.st_mtime_nsec == before.st_mtime_nsec {
+        if after.st_size == before.st_size
+            && after.st_mtime == before.st_mtime
+            && after.st_mtime_nsec == before.st_mtime_nsec
+        {
             break (tail, FileMeta::from_stat(&after));
         }
         attempts += 1;
         if attempts >= 5 {
-            return Err(format!("{path} kept growing during each of 5 reads; trying again at the next change"));
+            return Err(format!(
+                "{path} kept growing during each of 5 reads; trying again at the next change"
+            ));
         }
     };
     hasher.update(&tail);
@@ -599,15 +817,24 @@ fn append_tail(
     shared.append_hashers.lock().unwrap().insert(key, hasher);
     let m = meta_from_local(&meta, EntryKind::File, names);
     add_put(shared, path, m, new_digest, patch.encode(), tail.len(), b);
-    b.pending.push((path.clone(), record_of(&meta, &new_digest)));
+    b.pending
+        .push((path.clone(), record_of(&meta, &new_digest)));
     Ok(())
 }
 
-fn add_put(shared: &Shared, path: &SetPath, meta: crate::manifest::Meta, digest: FileDigest, patch: Vec<u8>, raw_len: usize, b: &mut Builder) {
-    shared
-        .counters
-        .bytes_saved
-        .fetch_add((raw_len as u64).saturating_sub(patch.len() as u64), Ordering::Relaxed);
+fn add_put(
+    shared: &Shared,
+    path: &SetPath,
+    meta: crate::manifest::Meta,
+    digest: FileDigest,
+    patch: Vec<u8>,
+    raw_len: usize,
+    b: &mut Builder,
+) {
+    shared.counters.bytes_saved.fetch_add(
+        (raw_len as u64).saturating_sub(patch.len() as u64),
+        Ordering::Relaxed,
+    );
     let content = if patch.len() > INLINE_LIMIT {
         let upload: u64 = rand::random();
         shared.own_uploads.lock().unwrap().insert(upload);
@@ -654,7 +881,10 @@ fn flush(
     for window in chunks.chunks(CHUNK_WINDOW) {
         let commands: Vec<Command> = window.iter().cloned().map(Command::Chunk).collect();
         let bytes: usize = window.iter().map(|c| c.data.len()).sum();
-        shared.counters.bytes_proposed.fetch_add(bytes as u64, Ordering::Relaxed);
+        shared
+            .counters
+            .bytes_proposed
+            .fetch_add(bytes as u64, Ordering::Relaxed);
         rt.block_on(node.propose(term, commands, Duration::from_secs(120)))?;
     }
     {
@@ -674,7 +904,11 @@ fn flush(
         .counters
         .bytes_proposed
         .fetch_add(command.encode().len() as u64, Ordering::Relaxed);
-    let n = if let Command::Files(bt) = &command { bt.ops.len() } else { 0 };
+    let n = if let Command::Files(bt) = &command {
+        bt.ops.len()
+    } else {
+        0
+    };
     debug!(set = %set.name, ops = n, "proposing a batch");
     b.bytes = 0;
     rt.block_on(node.propose(term, vec![command], Duration::from_secs(60)))?;

@@ -98,7 +98,8 @@ pub fn set_lag(leader: &SetView, node: &SetView, now_ms: u64) -> SetLag {
 
 /// Seconds since 1970 (0 for times before it).
 pub fn unix_seconds(t: std::time::SystemTime) -> u64 {
-    t.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 fn days_left(not_after_unix: u64, now_unix: u64) -> i64 {
@@ -143,7 +144,9 @@ impl ClusterStatus {
 
     /// Per-set JSON of one node, with lag against the leader.
     fn sets_json(&self, n: &NodeEntry, lag_entries: Option<u64>) -> Value {
-        let Some(files) = &n.files else { return Value::Null };
+        let Some(files) = &n.files else {
+            return Value::Null;
+        };
         let now_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
@@ -240,13 +243,29 @@ impl ClusterStatus {
         let mut out = String::new();
         match self.leader() {
             Some(l) => out.push_str(&format!("leader: node {l}, term {}", self.term())),
-            None => out.push_str(&format!("leader: none (term {}): the cluster cannot commit changes", self.term())),
+            None => out.push_str(&format!(
+                "leader: none (term {}): the cluster cannot commit changes",
+                self.term()
+            )),
         }
         out.push_str(&format!("  (as seen by node {})\n", self.node_id));
-        let header = ["NODE", "ROLE", "REACHABLE", "TERM", "COMMIT", "APPLIED", "LAG", "ADDRESS"];
+        let header = [
+            "NODE",
+            "ROLE",
+            "REACHABLE",
+            "TERM",
+            "COMMIT",
+            "APPLIED",
+            "LAG",
+            "ADDRESS",
+        ];
         let mut rows: Vec<[String; 8]> = vec![header.map(str::to_string)];
         for n in &self.nodes {
-            let marker = if Some(n.id) == self.leader() { "*" } else { " " };
+            let marker = if Some(n.id) == self.leader() {
+                "*"
+            } else {
+                " "
+            };
             let addr = if n.id == self.node_id {
                 "(this node)".to_string()
             } else {
@@ -260,7 +279,8 @@ impl ClusterStatus {
                     v.term.to_string(),
                     v.commit_index.to_string(),
                     v.applied_index.to_string(),
-                    self.lag_entries(v).map_or("-".to_string(), |l| l.to_string()),
+                    self.lag_entries(v)
+                        .map_or("-".to_string(), |l| l.to_string()),
                     addr,
                 ],
                 None => [
@@ -324,11 +344,20 @@ impl ClusterStatus {
         if rows.is_empty() {
             return;
         }
-        rows.insert(0, ["NODE", "SET", "FILES", "BYTES", "BEHIND", "LAG", "STATE"].map(str::to_string));
+        rows.insert(
+            0,
+            ["NODE", "SET", "FILES", "BYTES", "BEHIND", "LAG", "STATE"].map(str::to_string),
+        );
         out.push('\n');
-        let widths: Vec<usize> = (0..7).map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0)).collect();
+        let widths: Vec<usize> = (0..7)
+            .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
+            .collect();
         for r in rows {
-            let line: Vec<String> = r.iter().enumerate().map(|(c, cell)| format!("{cell:<w$}", w = widths[c])).collect();
+            let line: Vec<String> = r
+                .iter()
+                .enumerate()
+                .map(|(c, cell)| format!("{cell:<w$}", w = widths[c]))
+                .collect();
             out.push_str(line.join("  ").trim_end());
             out.push('\n');
         }
@@ -398,8 +427,14 @@ pub fn check(status: &ClusterStatus, t: &CheckThresholds, now_unix: u64) -> (Che
         findings.push(what);
     };
     match status.leader() {
-        Some(l) => raise(CheckCode::Ok, format!("leader node {l}, term {}", status.term())),
-        None => raise(CheckCode::Critical, "no leader: the cluster cannot commit changes".to_string()),
+        Some(l) => raise(
+            CheckCode::Ok,
+            format!("leader node {l}, term {}", status.term()),
+        ),
+        None => raise(
+            CheckCode::Critical,
+            "no leader: the cluster cannot commit changes".to_string(),
+        ),
     }
     let unreachable: Vec<String> = status
         .nodes
@@ -408,11 +443,26 @@ pub fn check(status: &ClusterStatus, t: &CheckThresholds, now_unix: u64) -> (Che
         .map(|n| n.id.to_string())
         .collect();
     if reachable < majority {
-        raise(CheckCode::Critical, format!("only {reachable}/{total} nodes reachable, fewer than a majority (unreachable: {})", unreachable.join(", ")));
+        raise(
+            CheckCode::Critical,
+            format!(
+                "only {reachable}/{total} nodes reachable, fewer than a majority (unreachable: {})",
+                unreachable.join(", ")
+            ),
+        );
     } else if !unreachable.is_empty() {
-        raise(CheckCode::Warning, format!("{reachable}/{total} nodes reachable (unreachable: {})", unreachable.join(", ")));
+        raise(
+            CheckCode::Warning,
+            format!(
+                "{reachable}/{total} nodes reachable (unreachable: {})",
+                unreachable.join(", ")
+            ),
+        );
     } else {
-        raise(CheckCode::Ok, format!("{reachable}/{total} nodes reachable"));
+        raise(
+            CheckCode::Ok,
+            format!("{reachable}/{total} nodes reachable"),
+        );
     }
     if let Some(lag) = max_lag {
         let c = if lag >= t.lag_crit {
@@ -427,13 +477,22 @@ pub fn check(status: &ClusterStatus, t: &CheckThresholds, now_unix: u64) -> (Che
     let soonest = status
         .nodes
         .iter()
-        .filter_map(|n| n.cert_not_after_unix.map(|u| (n.id, days_left(u, now_unix))))
+        .filter_map(|n| {
+            n.cert_not_after_unix
+                .map(|u| (n.id, days_left(u, now_unix)))
+        })
         .min_by_key(|(_, days)| *days);
     if let Some((id, days)) = soonest {
         if days <= t.cert_crit_days {
-            raise(CheckCode::Critical, format!("certificate of node {id} expires in {days} days"));
+            raise(
+                CheckCode::Critical,
+                format!("certificate of node {id} expires in {days} days"),
+            );
         } else if days <= t.cert_warn_days {
-            raise(CheckCode::Warning, format!("certificate of node {id} expires in {days} days"));
+            raise(
+                CheckCode::Warning,
+                format!("certificate of node {id} expires in {days} days"),
+            );
         }
     }
     let mut perf = format!(
@@ -444,9 +503,19 @@ pub fn check(status: &ClusterStatus, t: &CheckThresholds, now_unix: u64) -> (Che
         status.term()
     );
     if let Some((_, days)) = soonest {
-        perf.push_str(&format!(" cert_days_left={days};{};{};;", t.cert_warn_days, t.cert_crit_days));
+        perf.push_str(&format!(
+            " cert_days_left={days};{};{};;",
+            t.cert_warn_days, t.cert_crit_days
+        ));
     }
-    (code, format!("CLUSTERD {} - {} | {perf}", code.word(), findings.join(", ")))
+    (
+        code,
+        format!(
+            "CLUSTERD {} - {} | {perf}",
+            code.word(),
+            findings.join(", ")
+        ),
+    )
 }
 
 #[cfg(test)]
@@ -467,9 +536,21 @@ mod tests {
             last_index: 120,
             progress: if role == Role::Leader {
                 vec![
-                    PeerProgress { id: 1, match_index: 120, recent_active: true },
-                    PeerProgress { id: 2, match_index: 110, recent_active: true },
-                    PeerProgress { id: 3, match_index: 0, recent_active: false },
+                    PeerProgress {
+                        id: 1,
+                        match_index: 120,
+                        recent_active: true,
+                    },
+                    PeerProgress {
+                        id: 2,
+                        match_index: 110,
+                        recent_active: true,
+                    },
+                    PeerProgress {
+                        id: 3,
+                        match_index: 0,
+                        recent_active: false,
+                    },
                 ]
             } else {
                 vec![]
@@ -483,9 +564,36 @@ mod tests {
         ClusterStatus {
             node_id: 2,
             nodes: vec![
-                NodeEntry { id: 1, addr: "10.0.0.1:7700".into(), reachable: true, view: Some(view(1, Role::Leader, 120)), error: None, rtt_us: Some(300), cert_not_after_unix: Some(NOW + 400 * 86_400), files: None },
-                NodeEntry { id: 2, addr: String::new(), reachable: true, view: Some(view(2, Role::Follower, 100)), error: None, rtt_us: None, cert_not_after_unix: Some(NOW + 300 * 86_400), files: None },
-                NodeEntry { id: 3, addr: "10.0.0.3:7700".into(), reachable: false, view: None, error: Some("connection refused".into()), rtt_us: None, cert_not_after_unix: None, files: None },
+                NodeEntry {
+                    id: 1,
+                    addr: "10.0.0.1:7700".into(),
+                    reachable: true,
+                    view: Some(view(1, Role::Leader, 120)),
+                    error: None,
+                    rtt_us: Some(300),
+                    cert_not_after_unix: Some(NOW + 400 * 86_400),
+                    files: None,
+                },
+                NodeEntry {
+                    id: 2,
+                    addr: String::new(),
+                    reachable: true,
+                    view: Some(view(2, Role::Follower, 100)),
+                    error: None,
+                    rtt_us: None,
+                    cert_not_after_unix: Some(NOW + 300 * 86_400),
+                    files: None,
+                },
+                NodeEntry {
+                    id: 3,
+                    addr: "10.0.0.3:7700".into(),
+                    reachable: false,
+                    view: None,
+                    error: Some("connection refused".into()),
+                    rtt_us: None,
+                    cert_not_after_unix: None,
+                    files: None,
+                },
             ],
         }
     }
@@ -498,7 +606,14 @@ mod tests {
         let nodes = j["nodes"].as_array().unwrap();
         assert_eq!(nodes.len(), 3);
         for n in nodes {
-            for key in ["id", "role", "reachable", "term", "commit_index", "applied_index"] {
+            for key in [
+                "id",
+                "role",
+                "reachable",
+                "term",
+                "commit_index",
+                "applied_index",
+            ] {
                 assert!(n.get(key).is_some(), "node lacks {key}: {n}");
             }
         }
@@ -511,7 +626,11 @@ mod tests {
 
     #[test]
     fn check_maps_findings_to_plugin_codes() {
-        let t = CheckThresholds { lag_warn: 10, lag_crit: 50, ..CheckThresholds::default() };
+        let t = CheckThresholds {
+            lag_warn: 10,
+            lag_crit: 50,
+            ..CheckThresholds::default()
+        };
         let mut s = sample();
         // Node 3 unreachable, node 2 20 entries behind: both warnings.
         let (code, line) = check(&s, &t, NOW);
@@ -519,15 +638,28 @@ mod tests {
         assert!(line.starts_with("CLUSTERD WARNING - leader node 1, term 7, 2/3 nodes reachable (unreachable: 3), max lag 20 entries | "), "{line}");
         assert!(line.contains("nodes_reachable=2;;2;0;3 max_lag_entries=20;10;50;0; term=7 cert_days_left=300;30;7;;"), "{line}");
 
-        s.nodes[2] = NodeEntry { view: Some(view(3, Role::Follower, 120)), reachable: true, error: None, ..s.nodes[2].clone() };
+        s.nodes[2] = NodeEntry {
+            view: Some(view(3, Role::Follower, 120)),
+            reachable: true,
+            error: None,
+            ..s.nodes[2].clone()
+        };
         s.nodes[1].view.as_mut().unwrap().applied_index = 118;
-        assert_eq!(check(&s, &t, NOW).0, CheckCode::Ok, "{}", check(&s, &t, NOW).1);
+        assert_eq!(
+            check(&s, &t, NOW).0,
+            CheckCode::Ok,
+            "{}",
+            check(&s, &t, NOW).1
+        );
 
         // Certificates: a month ahead warns, a week ahead is critical.
         s.nodes[1].cert_not_after_unix = Some(NOW + 20 * 86_400);
         let (code, line) = check(&s, &t, NOW);
         assert_eq!(code, CheckCode::Warning, "{line}");
-        assert!(line.contains("certificate of node 2 expires in 20 days"), "{line}");
+        assert!(
+            line.contains("certificate of node 2 expires in 20 days"),
+            "{line}"
+        );
         s.nodes[1].cert_not_after_unix = Some(NOW - 86_400);
         assert_eq!(check(&s, &t, NOW).0, CheckCode::Critical);
         s.nodes[1].cert_not_after_unix = Some(NOW + 300 * 86_400);
@@ -571,8 +703,20 @@ mod tests {
     fn table_marks_the_leader_and_unreachable_nodes() {
         let t = sample().to_table();
         assert!(t.starts_with("leader: node 1, term 7"), "{t}");
-        assert!(t.lines().any(|l| l.starts_with("*1") && l.contains("leader")), "{t}");
-        assert!(t.lines().any(|l| l.starts_with(" 3") && l.contains("connection refused")), "{t}");
-        assert!(t.lines().any(|l| l.starts_with(" 2") && l.contains("(this node)") && l.contains("20")), "{t}");
+        assert!(
+            t.lines()
+                .any(|l| l.starts_with("*1") && l.contains("leader")),
+            "{t}"
+        );
+        assert!(
+            t.lines()
+                .any(|l| l.starts_with(" 3") && l.contains("connection refused")),
+            "{t}"
+        );
+        assert!(
+            t.lines()
+                .any(|l| l.starts_with(" 2") && l.contains("(this node)") && l.contains("20")),
+            "{t}"
+        );
     }
 }

@@ -23,9 +23,22 @@ const READY_AT_THE_LATEST: Duration = Duration::from_secs(10);
 pub fn status_line(view: &NodeView) -> String {
     let lag = view.commit_index.saturating_sub(view.applied_index);
     match view.leader {
-        Some(l) if l == view.id => format!("{} of term {}, commit {}", view.role.as_str(), view.term, view.commit_index),
-        Some(l) => format!("{}, leader node {l}, term {}, {lag} entries behind", view.role.as_str(), view.term),
-        None => format!("{}, no leader known (term {}): waiting for a majority", view.role.as_str(), view.term),
+        Some(l) if l == view.id => format!(
+            "{} of term {}, commit {}",
+            view.role.as_str(),
+            view.term,
+            view.commit_index
+        ),
+        Some(l) => format!(
+            "{}, leader node {l}, term {}, {lag} entries behind",
+            view.role.as_str(),
+            view.term
+        ),
+        None => format!(
+            "{}, no leader known (term {}): waiting for a majority",
+            view.role.as_str(),
+            view.term
+        ),
     }
 }
 
@@ -38,10 +51,17 @@ fn notify(states: &[NotifyState]) {
 /// Reports READY, then STATUS and watchdog pings until `stop` turns true.
 pub async fn supervise(node: NodeHandle, mut stop: watch::Receiver<bool>) {
     let watchdog = sd_notify::watchdog_enabled();
-    let _ = node.wait_view(READY_AT_THE_LATEST, |v| v.leader.is_some()).await;
-    notify(&[NotifyState::Ready, NotifyState::Status(&status_line(&node.view()))]);
+    let _ = node
+        .wait_view(READY_AT_THE_LATEST, |v| v.leader.is_some())
+        .await;
+    notify(&[
+        NotifyState::Ready,
+        NotifyState::Status(&status_line(&node.view())),
+    ]);
     // Ping at a third of the watchdog interval, so one slow round is not fatal.
-    let every = watchdog.map_or(Duration::from_secs(1), |w| (w / 3).min(Duration::from_secs(1)));
+    let every = watchdog.map_or(Duration::from_secs(1), |w| {
+        (w / 3).min(Duration::from_secs(1))
+    });
     let mut ticker = tokio::time::interval(every);
     let mut last_status = String::new();
     loop {
@@ -66,7 +86,10 @@ pub async fn supervise(node: NodeHandle, mut stop: watch::Receiver<bool>) {
 
 /// Tells systemd the node is stopping (it may still be handing leadership over).
 pub fn stopping() {
-    notify(&[NotifyState::Stopping, NotifyState::Status("stopping: handing leadership over if leading")]);
+    notify(&[
+        NotifyState::Stopping,
+        NotifyState::Status("stopping: handing leadership over if leading"),
+    ]);
 }
 
 #[cfg(test)]
@@ -91,8 +114,17 @@ mod tests {
 
     #[test]
     fn status_lines_say_role_leader_and_lag() {
-        assert_eq!(status_line(&view(1, Role::Leader, Some(1))), "leader of term 4, commit 10");
-        assert_eq!(status_line(&view(2, Role::Follower, Some(1))), "follower, leader node 1, term 4, 3 entries behind");
-        assert_eq!(status_line(&view(2, Role::Candidate, None)), "candidate, no leader known (term 4): waiting for a majority");
+        assert_eq!(
+            status_line(&view(1, Role::Leader, Some(1))),
+            "leader of term 4, commit 10"
+        );
+        assert_eq!(
+            status_line(&view(2, Role::Follower, Some(1))),
+            "follower, leader node 1, term 4, 3 entries behind"
+        );
+        assert_eq!(
+            status_line(&view(2, Role::Candidate, None)),
+            "candidate, no leader known (term 4): waiting for a majority"
+        );
     }
 }

@@ -323,11 +323,18 @@ pub fn normalize_serial(text: &str) -> Option<String> {
         return None;
     }
     let trimmed = hex.trim_start_matches('0');
-    Some(if trimmed.is_empty() { "0".to_string() } else { trimmed.to_string() })
+    Some(if trimmed.is_empty() {
+        "0".to_string()
+    } else {
+        trimmed.to_string()
+    })
 }
 
 /// Refuses a connection whose peer certificate is listed in `tls.revoked_serials`.
-pub fn refuse_revoked(conn: &rustls::CommonState, revoked: &std::collections::BTreeSet<String>) -> Result<(), String> {
+pub fn refuse_revoked(
+    conn: &rustls::CommonState,
+    revoked: &std::collections::BTreeSet<String>,
+) -> Result<(), String> {
     if revoked.is_empty() {
         return Ok(());
     }

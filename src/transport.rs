@@ -20,9 +20,9 @@ use tonic::transport::{Channel, Endpoint, Uri};
 use tracing::{debug, warn, Instrument};
 
 use crate::config::{NodeId, PeerConfig};
+use crate::proto::encode_raft_message;
 use crate::proto::peer::peer_client::PeerClient;
 use crate::proto::peer::RaftBatch;
-use crate::proto::encode_raft_message;
 use crate::tls::{LiveTls, PeerTls};
 
 /// Messages queued per peer before new ones are dropped.
@@ -62,12 +62,18 @@ struct Link {
 
 impl Transport {
     /// Creates a channel and a sender task per peer. Must be called inside a tokio runtime.
-    pub fn start(peers: &[PeerConfig], tls: &LiveTls, events: mpsc::Sender<LinkEvent>) -> Transport {
+    pub fn start(
+        peers: &[PeerConfig],
+        tls: &LiveTls,
+        events: mpsc::Sender<LinkEvent>,
+    ) -> Transport {
         let mut links = BTreeMap::new();
         for peer in peers {
             let channel = peer_channel(peer, tls.clone());
             let (queue, rx) = mpsc::channel(PEER_QUEUE);
-            tokio::spawn(sender_task(peer.id, channel.clone(), rx, events.clone()).in_current_span());
+            tokio::spawn(
+                sender_task(peer.id, channel.clone(), rx, events.clone()).in_current_span(),
+            );
             links.insert(
                 peer.id,
                 Link {
@@ -94,7 +100,10 @@ impl Transport {
                 None => false,
             };
             if !queued {
-                debug!(peer = to, "peer queue full or no link; dropping a raft message (raft retransmits)");
+                debug!(
+                    peer = to,
+                    "peer queue full or no link; dropping a raft message (raft retransmits)"
+                );
                 if is_snapshot {
                     dropped_snapshots.push(to);
                 }
@@ -105,9 +114,10 @@ impl Transport {
 
     /// A client for request/response calls to `peer` (status, transfer, barrier).
     pub fn client(&self, peer: NodeId) -> Option<PeerClient<Channel>> {
-        self.links
-            .get(&peer)
-            .map(|l| PeerClient::new(l.channel.clone()).max_decoding_message_size(crate::peer::MAX_MESSAGE_BYTES))
+        self.links.get(&peer).map(|l| {
+            PeerClient::new(l.channel.clone())
+                .max_decoding_message_size(crate::peer::MAX_MESSAGE_BYTES)
+        })
     }
 
     pub fn addr(&self, peer: NodeId) -> Option<&str> {
@@ -140,13 +150,29 @@ pub fn peer_channel(peer: &PeerConfig, tls: LiveTls) -> Channel {
         async move {
             let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&addr))
                 .await
-                .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, format!("connecting to {addr} timed out")))??;
+                .map_err(|_| {
+                    std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("connecting to {addr} timed out"),
+                    )
+                })??;
             tcp.set_nodelay(true)?;
-            let tls = tokio::time::timeout(CONNECT_TIMEOUT, connector.connect(PeerTls::server_name(id), tcp))
-                .await
-                .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, format!("TLS handshake with {addr} timed out")))??;
+            let tls = tokio::time::timeout(
+                CONNECT_TIMEOUT,
+                connector.connect(PeerTls::server_name(id), tcp),
+            )
+            .await
+            .map_err(|_| {
+                std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("TLS handshake with {addr} timed out"),
+                )
+            })??;
             crate::tls::refuse_revoked(tls.get_ref().1, &revoked).map_err(|why| {
-                std::io::Error::new(std::io::ErrorKind::PermissionDenied, format!("node {id} at {addr}: {why}"))
+                std::io::Error::new(
+                    std::io::ErrorKind::PermissionDenied,
+                    format!("node {id} at {addr}: {why}"),
+                )
             })?;
             Ok::<_, std::io::Error>(TokioIo::new(tls))
         }
@@ -192,7 +218,9 @@ async fn sender_task(
                 Err(_) => break,
             }
         }
-        let snapshot_sent = batch.iter().any(|m| m.get_msg_type() == MessageType::MsgSnapshot);
+        let snapshot_sent = batch
+            .iter()
+            .any(|m| m.get_msg_type() == MessageType::MsgSnapshot);
         let request = RaftBatch {
             term: batch.iter().map(|m| m.term).max().unwrap_or(0),
             messages: encoded,
@@ -212,7 +240,11 @@ async fn sender_task(
             }
             Err(status) => {
                 if !failing {
-                    warn!(peer, "cannot reach peer {peer}: {}; will retry", status_chain(&status));
+                    warn!(
+                        peer,
+                        "cannot reach peer {peer}: {}; will retry",
+                        status_chain(&status)
+                    );
                 }
                 failing = true;
                 let _ = events.try_send(LinkEvent::Unreachable(peer));
@@ -235,5 +267,8 @@ async fn sender_task(
 /// A gRPC status with the chain of errors behind it (connect, TLS, ...),
 /// since the status message alone often says only "transport error".
 fn status_chain(status: &tonic::Status) -> String {
-    crate::logging::with_causes(status.message().to_string(), std::error::Error::source(status))
+    crate::logging::with_causes(
+        status.message().to_string(),
+        std::error::Error::source(status),
+    )
 }

@@ -13,6 +13,8 @@
 //!   n<id>/data/            node.data_dir
 //!   n<id>/admin.sock       node.admin_socket
 //!   n<id>/node.log         stdout + stderr of every run of the node
+//!   n<id>/sets/<name>/     root of sync set <name> (ClusterBuilder::sync_set)
+//!   n<id>/files/<file>     single-file sync sets (ClusterBuilder::sync_file)
 //! ```
 //!
 //! Environment knobs (all optional):
@@ -31,6 +33,7 @@
 #![allow(dead_code)]
 
 pub mod proxy;
+pub mod tree;
 
 use std::collections::hash_map::RandomState;
 use std::collections::{BTreeMap, HashSet};
@@ -647,6 +650,47 @@ pub struct ClusterBuilder {
     extra: BTreeMap<u64, String>,
     not_started: HashSet<u64>,
     env: Vec<(String, String)>,
+    sync_sets: Vec<SyncSpec>,
+}
+
+/// A `[[sync]]` set the builder gives every node, each at its own path
+/// under its node directory (the node directories only exist in `start`).
+struct SyncSpec {
+    name: String,
+    /// `None`: a directory set at `<node dir>/sets/<name>`; `Some(f)`: a
+    /// single-file set at `<node dir>/files/<f>`.
+    file: Option<String>,
+    mode: String,
+    extra_lines: String,
+}
+
+impl SyncSpec {
+    /// Creates the set's root (or a single-file set's parent directory) under
+    /// `node_dir` and returns the `[[sync]]` section for that node.
+    fn render(&self, node_dir: &Path) -> String {
+        let (path, dir) = match &self.file {
+            None => {
+                let p = node_dir.join("sets").join(&self.name);
+                (p.clone(), p)
+            }
+            Some(f) => (node_dir.join("files").join(f), node_dir.join("files")),
+        };
+        fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
+        let mut s = String::new();
+        let _ = writeln!(s, "[[sync]]");
+        let _ = writeln!(s, "name = {}", toml_str(&self.name));
+        let _ = writeln!(s, "path = {}", toml_str(path_str(&path)));
+        let _ = writeln!(s, "mode = {}", toml_str(&self.mode));
+        if self.file.is_some() {
+            // The file need not exist yet on every node.
+            let _ = writeln!(s, "kind = \"file\"");
+        }
+        let extra = self.extra_lines.replace("{node_dir}", path_str(node_dir));
+        if !extra.trim().is_empty() {
+            let _ = writeln!(s, "{}", extra.trim_end());
+        }
+        s
+    }
 }
 
 impl ClusterBuilder {
@@ -662,6 +706,7 @@ impl ClusterBuilder {
             extra: BTreeMap::new(),
             not_started: HashSet::new(),
             env: Vec::new(),
+            sync_sets: Vec::new(),
         }
     }
 
@@ -725,6 +770,35 @@ impl ClusterBuilder {
         self
     }
 
+    /// A directory sync set `name` on every node, rooted at
+    /// `<node dir>/sets/<name>` (created empty), with `mode` (`mirror` or
+    /// `append`). `extra_lines` are raw `key = value` lines added to the set's
+    /// `[[sync]]` table (e.g. `exclude = ["*.lock"]`); `{node_dir}` in them
+    /// becomes that node's directory, for per-node paths such as an
+    /// `on_change` output file. `Cluster::set_path` finds the root again.
+    pub fn sync_set(mut self, name: &str, mode: &str, extra_lines: &str) -> Self {
+        self.sync_sets.push(SyncSpec {
+            name: name.to_string(),
+            file: None,
+            mode: mode.to_string(),
+            extra_lines: extra_lines.to_string(),
+        });
+        self
+    }
+
+    /// A single-file sync set `name` (like `/etc/aliases`) on every node, at
+    /// `<node dir>/files/<file_name>`; the parent directory is created, the
+    /// file is not. Otherwise as `sync_set`.
+    pub fn sync_file(mut self, name: &str, file_name: &str, mode: &str, extra_lines: &str) -> Self {
+        self.sync_sets.push(SyncSpec {
+            name: name.to_string(),
+            file: Some(file_name.to_string()),
+            mode: mode.to_string(),
+            extra_lines: extra_lines.to_string(),
+        });
+        self
+    }
+
     pub fn start(self) -> Cluster {
         let dir = short_tempdir("clusterd-test-");
         let root = dir.path().to_path_buf();
@@ -781,7 +855,13 @@ impl ClusterBuilder {
                     .collect(),
                 node_extra: self.node_extra.get(&i).cloned().unwrap_or_default(),
                 tls_extra: self.tls_extra.get(&i).cloned().unwrap_or_default(),
-                extra: self.extra.get(&i).cloned().unwrap_or_default(),
+                extra: {
+                    let mut extra = self.extra.get(&i).cloned().unwrap_or_default();
+                    for set in &self.sync_sets {
+                        extra.push_str(&set.render(&ndir));
+                    }
+                    extra
+                },
             };
             let config_path = ndir.join("config.toml");
             cfg.write(&config_path);
@@ -923,6 +1003,35 @@ impl Cluster {
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {CLUSTERD} for node {id}: {e}"));
         *child = Some(c);
+    }
+
+    /// The process id of node `id` while it runs (for /proc measurements).
+    pub fn pid(&self, id: u64) -> Option<u32> {
+        let mut child = self
+            .node(id)
+            .child
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let c = child.as_mut()?;
+        matches!(c.try_wait(), Ok(None)).then(|| c.id())
+    }
+
+    /// The root of sync set `name` on node `id`, as its config file says
+    /// (sets from `ClusterBuilder::sync_set`/`sync_file` or raw `extra_toml`).
+    #[track_caller]
+    pub fn set_path(&self, id: u64, name: &str) -> PathBuf {
+        let text = self.node(id).config().render();
+        let cfg: toml::Table = toml::from_str(&text)
+            .unwrap_or_else(|e| panic!("node {id}'s config is not TOML ({e}):\n{text}"));
+        cfg.get("sync")
+            .and_then(|s| s.as_array())
+            .and_then(|sets| {
+                sets.iter()
+                    .find(|s| s.get("name").and_then(|n| n.as_str()) == Some(name))
+            })
+            .and_then(|s| s.get("path")?.as_str())
+            .map(PathBuf::from)
+            .unwrap_or_else(|| panic!("node {id} has no [[sync]] set named {name:?}:\n{text}"))
     }
 
     /// SIGKILLs node `id` and reaps it. Returns its exit status, or `None`

@@ -15,7 +15,10 @@ use clusterd::proto::peer::BarrierRequest;
 use clusterd::status::{check, CheckCode, CheckThresholds, ClusterStatus};
 
 #[derive(Parser)]
-#[command(version, about = "Administer a clusterd cluster through the local node")]
+#[command(
+    version,
+    about = "Administer a clusterd cluster through the local node"
+)]
 struct Args {
     /// Read `node.admin_socket` from this clusterd config file.
     #[arg(long, global = true, conflicts_with = "socket")]
@@ -103,7 +106,10 @@ enum CertsCommand {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("clusterctl: cannot start the async runtime: {e}");
@@ -147,12 +153,16 @@ async fn run(args: Args) -> Result<ExitCode> {
             command: CertsCommand::Show { file },
         } => {
             use rustls::pki_types::pem::PemObject;
-            let der = rustls::pki_types::CertificateDer::from_pem_file(file)
-                .with_context(|| format!("cannot read a PEM certificate from {}", file.display()))?;
-            let node = clusterd::tls::node_id_from_cert(&der).map_or_else(|e| format!("none ({e})"), |id| id.to_string());
+            let der =
+                rustls::pki_types::CertificateDer::from_pem_file(file).with_context(|| {
+                    format!("cannot read a PEM certificate from {}", file.display())
+                })?;
+            let node = clusterd::tls::node_id_from_cert(&der)
+                .map_or_else(|e| format!("none ({e})"), |id| id.to_string());
             let serial = clusterd::tls::cert_serial_hex(&der)?;
-            let (_, parsed) = x509_parser::parse_x509_certificate(&der)
-                .map_err(|e| anyhow::anyhow!("{}: not an X.509 certificate: {e}", file.display()))?;
+            let (_, parsed) = x509_parser::parse_x509_certificate(&der).map_err(|e| {
+                anyhow::anyhow!("{}: not an X.509 certificate: {e}", file.display())
+            })?;
             println!("file:      {}", file.display());
             println!("node:      {node}");
             println!("serial:    {serial}");
@@ -160,7 +170,10 @@ async fn run(args: Args) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::ImportRsync { file } => {
-            print!("{}", clusterd::import_rsync::translate_file(file)?.to_toml());
+            print!(
+                "{}",
+                clusterd::import_rsync::translate_file(file)?.to_toml()
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Status {
@@ -217,12 +230,19 @@ async fn run(args: Args) -> Result<ExitCode> {
                     peer_timeout_ms: *peer_timeout_ms,
                 });
                 req.set_timeout(Duration::from_millis(*peer_timeout_ms + 2_000));
-                let reply = client.status(req).await.context("the node did not answer")?;
+                let reply = client
+                    .status(req)
+                    .await
+                    .context("the node did not answer")?;
                 anyhow::Ok(ClusterStatus::from(reply.get_ref()))
             }
             .await;
             let (code, line) = match status {
-                Ok(s) => check(&s, &thresholds, clusterd::status::unix_seconds(std::time::SystemTime::now())),
+                Ok(s) => check(
+                    &s,
+                    &thresholds,
+                    clusterd::status::unix_seconds(std::time::SystemTime::now()),
+                ),
                 Err(e) => (CheckCode::Unknown, format!("CLUSTERD UNKNOWN - {e:#}")),
             };
             println!("{line}");

@@ -44,7 +44,10 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     clusterd::logging::init(&config.log_level);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("clusterd: cannot start the async runtime: {e}");

@@ -26,7 +26,13 @@ impl Storage for MemLog {
     fn initial_state(&self) -> raft::Result<raft::RaftState> {
         self.mem.initial_state()
     }
-    fn entries(&self, low: u64, high: u64, max: impl Into<Option<u64>>, ctx: GetEntriesContext) -> raft::Result<Vec<Entry>> {
+    fn entries(
+        &self,
+        low: u64,
+        high: u64,
+        max: impl Into<Option<u64>>,
+        ctx: GetEntriesContext,
+    ) -> raft::Result<Vec<Entry>> {
         self.mem.entries(low, high, max, ctx)
     }
     fn term(&self, idx: u64) -> raft::Result<u64> {
@@ -58,10 +64,16 @@ impl LogStore for MemLog {
         Ok(())
     }
     fn apply_snapshot(&self, s: &Snapshot) -> Result<(), MemError> {
-        self.mem.wl().apply_snapshot(s.clone()).map_err(|e| MemError(e.to_string()))
+        self.mem
+            .wl()
+            .apply_snapshot(s.clone())
+            .map_err(|e| MemError(e.to_string()))
     }
     fn compact(&self, index: u64, _data: Vec<u8>) -> Result<(), MemError> {
-        self.mem.wl().compact(index).map_err(|e| MemError(e.to_string()))
+        self.mem
+            .wl()
+            .compact(index)
+            .map_err(|e| MemError(e.to_string()))
     }
     fn applied(&self) -> u64 {
         *self.applied.lock().unwrap()
@@ -129,7 +141,14 @@ impl Sim {
                 mem: MemStorage::new_with_conf_state(ConfState::from((voters.clone(), vec![]))),
                 applied: Arc::new(Mutex::new(0)),
             };
-            sim.nodes.insert(id, SimNode { log, core: None, sm: Recorder::default() });
+            sim.nodes.insert(
+                id,
+                SimNode {
+                    log,
+                    core: None,
+                    sm: Recorder::default(),
+                },
+            );
             sim.boot(id);
         }
         sim
@@ -138,8 +157,15 @@ impl Sim {
     fn boot(&mut self, id: NodeId) {
         let node = self.nodes.get_mut(&id).unwrap();
         node.core = Some(
-            RaftCore::new(id, &RaftTimers::default(), node.log.clone(), self.options.clone(), &self.logger, &mut node.sm)
-                .unwrap(),
+            RaftCore::new(
+                id,
+                &RaftTimers::default(),
+                node.log.clone(),
+                self.options.clone(),
+                &self.logger,
+                &mut node.sm,
+            )
+            .unwrap(),
         );
     }
 
@@ -153,7 +179,12 @@ impl Sim {
     }
 
     fn core_mut(&mut self, id: NodeId) -> &mut RaftCore<MemLog> {
-        self.nodes.get_mut(&id).unwrap().core.as_mut().expect("node is up")
+        self.nodes
+            .get_mut(&id)
+            .unwrap()
+            .core
+            .as_mut()
+            .expect("node is up")
     }
 
     fn isolate(&mut self, id: NodeId) {
@@ -230,7 +261,8 @@ impl Sim {
     }
 
     fn barrier(&mut self, via: NodeId, token: u64) -> Result<(), CoreError> {
-        self.core_mut(via).propose(&Command::Barrier { origin: via, token })?;
+        self.core_mut(via)
+            .propose(&Command::Barrier { origin: via, token })?;
         self.settle();
         Ok(())
     }
@@ -251,7 +283,10 @@ fn three_nodes_elect_one_leader_and_commit_everywhere() {
     sim.barrier(leader, 7).unwrap();
     sim.tick();
     for id in 1..=3 {
-        assert!(sim.applied_barrier(id, 7), "node {id} did not apply the barrier");
+        assert!(
+            sim.applied_barrier(id, 7),
+            "node {id} did not apply the barrier"
+        );
         assert_eq!(sim.core(id).leader(), Some(leader));
     }
     // Every node applied the same entries in the same order.
@@ -279,17 +314,31 @@ fn isolated_leader_steps_down_and_its_proposals_never_apply() {
     sim.isolate(old);
     // Proposed without a majority: must never apply anywhere (invariant 1).
     sim.barrier(old, 666).unwrap();
-    sim.run_until(60, "the majority elects a new leader and the old one steps down", |s| {
-        let leaders = s.leaders();
-        leaders.len() == 1 && leaders[0] != old
-    });
-    assert!(!sim.core(old).is_leader(), "check_quorum must depose the isolated leader");
+    sim.run_until(
+        60,
+        "the majority elects a new leader and the old one steps down",
+        |s| {
+            let leaders = s.leaders();
+            leaders.len() == 1 && leaders[0] != old
+        },
+    );
+    assert!(
+        !sim.core(old).is_leader(),
+        "check_quorum must depose the isolated leader"
+    );
     let new = sim.leaders()[0];
     sim.barrier(new, 42).unwrap();
     sim.heal();
-    sim.run_until(60, "the old leader follows and applies the new barrier", |s| s.applied_barrier(old, 42));
+    sim.run_until(
+        60,
+        "the old leader follows and applies the new barrier",
+        |s| s.applied_barrier(old, 42),
+    );
     for id in 1..=3 {
-        assert!(!sim.applied_barrier(id, 666), "node {id} applied an entry proposed without a majority");
+        assert!(
+            !sim.applied_barrier(id, 666),
+            "node {id} applied an entry proposed without a majority"
+        );
     }
     assert_eq!(sim.core(old).leader(), Some(new));
 }
@@ -309,7 +358,9 @@ fn isolated_follower_neither_leads_nor_inflates_its_term() {
     // depose the healthy leader when it comes back.
     assert_eq!(sim.core(follower).term(), term);
     sim.heal();
-    sim.run_until(30, "the follower hears from the leader again", |s| s.core(follower).leader() == Some(leader));
+    sim.run_until(30, "the follower hears from the leader again", |s| {
+        s.core(follower).leader() == Some(leader)
+    });
     assert_eq!(sim.leaders(), vec![leader]);
 }
 
@@ -324,7 +375,9 @@ fn a_crashed_node_keeps_term_and_vote_and_catches_up() {
     sim.boot(follower);
     let after = sim.core(follower).view();
     assert_eq!((after.term, after.vote), (before.term, before.vote));
-    sim.run_until(30, "the restarted follower applies what it missed", |s| s.applied_barrier(follower, 5));
+    sim.run_until(30, "the restarted follower applies what it missed", |s| {
+        s.applied_barrier(follower, 5)
+    });
 }
 
 #[test]
@@ -345,7 +398,9 @@ fn a_node_whose_log_was_wiped_catches_up_instead_of_panicking() {
     node.sm = Recorder::default();
     sim.boot(victim);
     sim.barrier(leader, 99).unwrap();
-    sim.run_until(30, "the wiped node applies everything again", |s| s.applied_barrier(victim, 99));
+    sim.run_until(30, "the wiped node applies everything again", |s| {
+        s.applied_barrier(victim, 99)
+    });
     assert_eq!(sim.nodes[&victim].sm.applied, sim.nodes[&leader].sm.applied);
 }
 
@@ -363,7 +418,13 @@ fn leadership_transfer_moves_the_leader() {
 
 #[test]
 fn the_log_is_compacted_and_a_lagging_node_catches_up_by_snapshot() {
-    let mut sim = Sim::with_options(3, CoreOptions { compact_after: 20, witness: false });
+    let mut sim = Sim::with_options(
+        3,
+        CoreOptions {
+            compact_after: 20,
+            witness: false,
+        },
+    );
     let leader = sim.elect();
     let lagging = (1..=3).find(|id| *id != leader).unwrap();
     sim.isolate(lagging);
@@ -371,11 +432,16 @@ fn the_log_is_compacted_and_a_lagging_node_catches_up_by_snapshot() {
         sim.barrier(leader, token).unwrap();
     }
     let first = sim.core(leader).view().first_index;
-    assert!(first > 20, "leader log was not compacted (first index {first})");
+    assert!(
+        first > 20,
+        "leader log was not compacted (first index {first})"
+    );
     sim.heal();
-    sim.run_until(60, "the lagging node catches up past the compaction point", |s| {
-        s.core(lagging).view().applied_index >= s.core(leader).view().commit_index
-    });
+    sim.run_until(
+        60,
+        "the lagging node catches up past the compaction point",
+        |s| s.core(lagging).view().applied_index >= s.core(leader).view().commit_index,
+    );
     sim.barrier(leader, 1000).unwrap();
     sim.tick();
     assert!(sim.applied_barrier(lagging, 1000));
@@ -387,8 +453,14 @@ fn the_log_is_compacted_and_a_lagging_node_catches_up_by_snapshot() {
     *sim.nodes[&lagging].log.applied.lock().unwrap() = 0;
     sim.nodes.get_mut(&lagging).unwrap().sm.restored.clear();
     sim.boot(lagging);
-    assert_eq!(sim.nodes[&lagging].sm.restored, vec![snapshot_index], "the state machine was not restored from the snapshot");
+    assert_eq!(
+        sim.nodes[&lagging].sm.restored,
+        vec![snapshot_index],
+        "the state machine was not restored from the snapshot"
+    );
     assert_eq!(sim.nodes[&lagging].log.applied(), snapshot_index);
     sim.barrier(leader, 1001).unwrap();
-    sim.run_until(30, "the restarted node applies new entries", |s| s.applied_barrier(lagging, 1001));
+    sim.run_until(30, "the restarted node applies new entries", |s| {
+        s.applied_barrier(lagging, 1001)
+    });
 }
