@@ -73,8 +73,10 @@ pub fn serve(shared: &Shared, req: &FetchRequest) -> Result<Vec<FetchChunk>, Sta
         Ok(sig) if !req.signature.is_empty() => delta::plan_with_signature(&sig, &data).0,
         _ => delta::plan(None, &data).0,
     };
-    Ok(patch
-        .encode()
+    let encoded = patch.encode();
+    crate::transport::WIRE_BYTES_SENT
+        .fetch_add(encoded.len() as u64, std::sync::atomic::Ordering::Relaxed);
+    Ok(encoded
         .chunks(CHUNK_LEN)
         .map(|c| FetchChunk { data: c.to_vec() })
         .collect())

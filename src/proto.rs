@@ -180,6 +180,7 @@ impl From<&FilesView> for peer::FilesStatus {
             bytes_proposed: f.bytes_proposed,
             bytes_saved: f.bytes_saved,
             bytes_fetched: f.bytes_fetched,
+            wire_bytes_sent: f.wire_bytes_sent,
             quarantined: f.quarantined,
             on_change_failures: f.on_change_failures,
         }
@@ -214,6 +215,7 @@ impl From<&peer::FilesStatus> for FilesView {
             bytes_proposed: f.bytes_proposed,
             bytes_saved: f.bytes_saved,
             bytes_fetched: f.bytes_fetched,
+            wire_bytes_sent: f.wire_bytes_sent,
             quarantined: f.quarantined,
             on_change_failures: f.on_change_failures,
         }

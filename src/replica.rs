@@ -226,6 +226,7 @@ impl Shared {
             bytes_proposed: c.bytes_proposed.load(Ordering::Relaxed),
             bytes_saved: c.bytes_saved.load(Ordering::Relaxed),
             bytes_fetched: c.bytes_fetched.load(Ordering::Relaxed),
+            wire_bytes_sent: crate::transport::WIRE_BYTES_SENT.load(Ordering::Relaxed),
             quarantined: c.quarantined.load(Ordering::Relaxed),
             on_change_failures: c.on_change_failures.load(Ordering::Relaxed),
         }

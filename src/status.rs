@@ -42,6 +42,8 @@ pub struct FilesView {
     pub bytes_proposed: u64,
     pub bytes_saved: u64,
     pub bytes_fetched: u64,
+    /// Raft and fetch payload bytes this node sent to peers.
+    pub wire_bytes_sent: u64,
     pub quarantined: u64,
     pub on_change_failures: u64,
 }
@@ -213,6 +215,7 @@ impl ClusterStatus {
                     "bytes_proposed": n.files.as_ref().map(|f| f.bytes_proposed),
                     "bytes_saved": n.files.as_ref().map(|f| f.bytes_saved),
                     "bytes_fetched": n.files.as_ref().map(|f| f.bytes_fetched),
+                    "wire_bytes_sent": n.files.as_ref().map(|f| f.wire_bytes_sent),
                     "quarantined": n.files.as_ref().map(|f| f.quarantined),
                     "on_change_failures": n.files.as_ref().map(|f| f.on_change_failures),
                 }),

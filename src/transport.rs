@@ -49,6 +49,11 @@ pub enum LinkEvent {
     Snapshot(NodeId, SnapshotStatus),
 }
 
+/// Raft message bytes this process delivered to peers (protobuf payload,
+/// before gRPC framing and TLS), plus file bytes served by `Fetch`: the
+/// "bytes on the wire" counter of status and metrics.
+pub static WIRE_BYTES_SENT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 #[derive(Clone)]
 pub struct Transport {
     links: Arc<BTreeMap<NodeId, Link>>,
@@ -221,6 +226,7 @@ async fn sender_task(
         let snapshot_sent = batch
             .iter()
             .any(|m| m.get_msg_type() == MessageType::MsgSnapshot);
+        let payload: usize = encoded.iter().map(Vec::len).sum();
         let request = RaftBatch {
             term: batch.iter().map(|m| m.term).max().unwrap_or(0),
             messages: encoded,
@@ -229,6 +235,7 @@ async fn sender_task(
         request.set_timeout(RAFT_RPC_TIMEOUT);
         match client.raft(request).await {
             Ok(_) => {
+                WIRE_BYTES_SENT.fetch_add(payload as u64, std::sync::atomic::Ordering::Relaxed);
                 if failing {
                     tracing::info!(peer, "peer reachable again");
                 }
