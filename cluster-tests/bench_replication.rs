@@ -682,6 +682,29 @@ fn full(o: &Opts, have_rsync: bool) -> Vec<Row> {
     let tree = c.set_path(leader, "full").join("tree");
     let t0 = Instant::now();
     fs::rename(&staging, &tree).unwrap();
+    // Follow progress through the status (one clusterctl per poll) rather
+    // than by walking three 10,000-file trees every few milliseconds, which
+    // would take CPU from the nodes under test; the tree walk then confirms.
+    wait_until(
+        o.deadline,
+        "both followers to report the whole set applied",
+        || {
+            let mut behind = Vec::new();
+            for &f in &followers {
+                let s = set_status(&c, leader, f, "full")?;
+                let files = s["files"].as_u64().unwrap_or(0);
+                let done = files as usize >= o.files && s["missing"] == 0 && s["lag_batches"] == 0;
+                if !done {
+                    behind.push(format!("node {f}: {s}"));
+                }
+            }
+            if behind.is_empty() {
+                Ok(())
+            } else {
+                Err(behind.join("; "))
+            }
+        },
+    );
     wait_metadata_equal(&c, "full", &ids, o.deadline);
     let took = t0.elapsed();
     let t = wait_trees_equal(&c, "full", &ids, o.deadline);

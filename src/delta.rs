@@ -69,9 +69,10 @@ const STRONG_LEN: u32 = 8;
 /// or foreign signature cannot quietly make false block matches likelier.
 const MIN_STRONG_LEN: u32 = 8;
 
-/// zstd's own default level. Higher levels compress text a little better but
-/// several times slower, and a first full sync must keep pace with rsync.
-const ZSTD_LEVEL: i32 = 3;
+/// zstd's fastest standard level. Config files and logs still shrink several
+/// times over; higher levels compress them a little better but cost CPU that a
+/// first full sync of a large tree needs to keep pace with rsync.
+const ZSTD_LEVEL: i32 = 1;
 
 /// Window (2^22 = 4 MiB) used when compressing and the most a decoder accepts.
 /// Pinning both sides caps what a hostile frame can make the decoder allocate.

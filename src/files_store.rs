@@ -134,6 +134,20 @@ impl StoreBatch {
     pub fn is_empty(&self) -> bool {
         self.wb.is_empty()
     }
+    /// Appends `other`'s changes after this batch's.
+    pub fn extend(&mut self, other: StoreBatch) {
+        // WriteBatch has no append: replay the other batch's operations.
+        struct Into<'a>(&'a mut WriteBatch);
+        impl rocksdb::WriteBatchIterator for Into<'_> {
+            fn put(&mut self, key: &[u8], value: &[u8]) {
+                self.0.put(key, value);
+            }
+            fn delete(&mut self, key: &[u8]) {
+                self.0.delete(key);
+            }
+        }
+        other.wb.iterate(&mut Into(&mut self.wb));
+    }
 }
 
 impl FilesStore {
@@ -161,6 +175,17 @@ impl FilesStore {
         opts.set_sync(true);
         self.db
             .write_opt(batch.wb, &opts)
+            .map_err(|source| FilesStoreError::Write {
+                path: self.path.clone(),
+                source,
+            })
+    }
+
+    /// Writes `batch` without waiting for an fsync: only for caches that are
+    /// validated when read (block signatures carry the digest they are of).
+    pub fn write_relaxed(&self, batch: StoreBatch) -> Result<(), FilesStoreError> {
+        self.db
+            .write(batch.wb)
             .map_err(|source| FilesStoreError::Write {
                 path: self.path.clone(),
                 source,

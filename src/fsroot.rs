@@ -718,6 +718,22 @@ impl Root {
         meta: &FileMeta,
         expected: &[u8; 32],
     ) -> Result<FileMeta, FsError> {
+        self.replace_file_with(comps, data, meta, expected, true)
+    }
+
+    /// [`Root::replace_file`] with the directory fsync left to the caller
+    /// (`sync_dir = false`), who must call [`Root::sync_dir`] on the parent
+    /// before it treats the replacement as durable: a batch of many files in
+    /// one directory then pays for one directory fsync, not one per file.
+    /// A crash before that fsync leaves the old version or the new one.
+    pub fn replace_file_with<C: AsComponent>(
+        &self,
+        comps: &[C],
+        data: &[u8],
+        meta: &FileMeta,
+        expected: &[u8; 32],
+        sync_dir: bool,
+    ) -> Result<FileMeta, FsError> {
         let comps = self.check(comps, false)?;
         let path = show(&comps);
         if meta.kind != Kind::File {
@@ -778,7 +794,9 @@ impl Root {
         rfs::renameat(&dir, guard.name.as_str(), &dir, leaf)
             .map_err(|e| self.io_err("rename temporary file over", path.clone(), e))?;
         guard.disarm();
-        rfs::fsync(&dir).map_err(|e| self.io_err("fsync the directory of", path, e))?;
+        if sync_dir {
+            rfs::fsync(&dir).map_err(|e| self.io_err("fsync the directory of", path, e))?;
+        }
         // The metadata of what we wrote, taken from our own descriptor: a
         // stat by name now could already see someone else's edit.
         Ok(FileMeta::from_stat(&ours))
@@ -834,6 +852,23 @@ impl Root {
             path,
             attempts: READ_ATTEMPTS,
         })
+    }
+
+    /// Fsyncs the directory at `comps` (the root itself when empty), so the
+    /// renames made in it are durable. Absent: nothing to do.
+    pub fn sync_dir<C: AsComponent>(&self, comps: &[C]) -> Result<(), FsError> {
+        if comps.is_empty() {
+            return rfs::fsync(&self.fd).map_err(|e| self.io_err("fsync", ".".into(), e));
+        }
+        let comps = self.check(comps, false)?;
+        let path = show(&comps);
+        let Some((dir, leaf)) = self.open_parent(&comps, None)? else {
+            return Ok(());
+        };
+        let Some(fd) = self.open_existing(&dir, leaf, &path, Kind::Dir)? else {
+            return Ok(());
+        };
+        rfs::fsync(&fd).map_err(|e| self.io_err("fsync", path, e))
     }
 
     /// Opens an existing regular file for reading, never through a symlink,

@@ -180,6 +180,19 @@ impl NodeHandle {
         commands: Vec<Command>,
         wait: Duration,
     ) -> Result<u64, RequestError> {
+        let rx = self.propose_start(term, commands, wait).await?;
+        rx.await.map_err(|_| RequestError::ShuttingDown)?
+    }
+
+    /// As [`NodeHandle::propose`], but returns once the node task has the
+    /// commands (so calls are proposed in the order they are made), with the
+    /// receiver of the outcome.
+    pub async fn propose_start(
+        &self,
+        term: u64,
+        commands: Vec<Command>,
+        wait: Duration,
+    ) -> Result<oneshot::Receiver<Result<u64, RequestError>>, RequestError> {
         let (reply, rx) = oneshot::channel();
         let deadline = Instant::now() + wait;
         self.inbox
@@ -191,7 +204,7 @@ impl NodeHandle {
             })
             .await
             .map_err(|_| RequestError::ShuttingDown)?;
-        rx.await.map_err(|_| RequestError::ShuttingDown)?
+        Ok(rx)
     }
 
     /// Hands peer messages to the node without waiting; drops them if it is overloaded.

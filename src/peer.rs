@@ -270,6 +270,12 @@ impl Peer for PeerService {
         let Some(files) = self.node.files() else {
             return Err(Status::not_found("this node holds no sync sets"));
         };
+        if files.witness_peers.contains(&who.node_id) {
+            warn!(peer = who.node_id, remote = %who.remote, "refused a file fetch from peer {}: it is a witness, which holds no files", who.node_id);
+            return Err(Status::permission_denied(
+                "witnesses hold no files and are served none",
+            ));
+        }
         let r = req.into_inner();
         let chunks = tokio::task::spawn_blocking(move || crate::fetch::serve(&files, &r))
             .await

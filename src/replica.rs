@@ -43,6 +43,8 @@ use crate::storage::RaftStore;
 
 /// Largest page of committed entries read back from the log at once.
 const APPLY_PAGE_BYTES: u64 = 64 << 20;
+/// Threads writing the files of one batch on a follower.
+const WRITERS: usize = 8;
 /// Staged chunks of an upload nobody finished are removed after this.
 const STAGING_MAX_AGE: Duration = Duration::from_secs(3600);
 
@@ -141,6 +143,10 @@ pub struct Counters {
 pub struct Shared {
     pub node_id: NodeId,
     pub witness: bool,
+    /// Peers that are witnesses: they hold no files, so they are never
+    /// served any (a witness host, often the monitoring server, must not be
+    /// able to read /etc/shadow through clusterd).
+    pub witness_peers: BTreeSet<NodeId>,
     pub sets: Vec<SetRuntime>,
     pub manifest: RwLock<Manifest>,
     pub records: Mutex<HashMap<String, HashMap<SetPath, LocalRecord>>>,
@@ -260,6 +266,12 @@ pub fn open_shared(config: &Config) -> Result<Arc<Shared>, FilesStoreError> {
     Ok(Arc::new(Shared {
         node_id: config.node.id,
         witness: config.node.witness,
+        witness_peers: config
+            .peers
+            .iter()
+            .filter(|p| p.witness)
+            .map(|p| p.id)
+            .collect(),
         sets,
         manifest: RwLock::new(manifest),
         records: Mutex::new(records),
@@ -872,7 +884,14 @@ impl Applier {
         store: &mut StoreBatch,
     ) {
         let mut dirs = Vec::new();
-        for op in checked {
+        // Everything but file contents first, in order (renames, removals,
+        // directories, links); then the files, which are independent of each
+        // other within a batch, written by several threads so their fsyncs
+        // overlap; then one fsync per directory that received files.
+        let (puts, others): (Vec<&CheckedOp>, Vec<&CheckedOp>) = checked
+            .iter()
+            .partition(|op| matches!(op, CheckedOp::Put { .. }));
+        for op in others {
             let result = match op {
                 CheckedOp::Put {
                     path,
@@ -927,6 +946,7 @@ impl Applier {
                     .note_error(&set.name, format!("entry {index}: {e}"));
             }
         }
+        self.write_files(set, root, index, term, &puts, store);
         // Writing a child changes its directory's mtime: set the committed
         // metadata of every directory the batch touched last, deepest first.
         let mut touched: BTreeMap<SetPath, Meta> = dirs.into_iter().collect();
@@ -955,6 +975,79 @@ impl Applier {
         }
         for (path, meta) in touched.iter().rev() {
             if let Err(e) = root.set_meta(&comps(path), &fs_meta(meta)) {
+                self.shared
+                    .note_error(&set.name, format!("entry {index}: {e}"));
+            }
+        }
+    }
+
+    /// Writes the files of one batch, [`WRITERS`] at a time, then fsyncs
+    /// each directory that received one.
+    fn write_files(
+        &self,
+        set: &SetRuntime,
+        root: &Root,
+        index: u64,
+        term: u64,
+        puts: &[&CheckedOp],
+        store: &mut StoreBatch,
+    ) {
+        if puts.is_empty() {
+            return;
+        }
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let workers = WRITERS.min(puts.len());
+        let results: Vec<(StoreBatch, Vec<String>)> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..workers)
+                .map(|_| {
+                    scope.spawn(|| {
+                        let mut local = StoreBatch::default();
+                        let mut errors = Vec::new();
+                        loop {
+                            let i = next.fetch_add(1, Ordering::Relaxed);
+                            let Some(CheckedOp::Put { path, entry, content, previous }) = puts.get(i).copied() else {
+                                break;
+                            };
+                            match self.put_file(set, root, path, entry, content, previous.as_ref(), index, term, &mut local) {
+                                Ok(PutOutcome::Done) => self.clear_missing(&set.name, path, &mut local),
+                                Ok(PutOutcome::Missing(why)) => {
+                                    debug!(set = %set.name, path = %path, "{why}; fetching the committed version");
+                                    self.mark_missing(&set.name, path, entry, &mut local);
+                                }
+                                Err(e) => {
+                                    self.mark_missing(&set.name, path, entry, &mut local);
+                                    errors.push(format!("entry {index}: {e}"));
+                                }
+                            }
+                        }
+                        (local, errors)
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("a file writer panicked"))
+                .collect()
+        });
+        for (local, errors) in results {
+            store.extend(local);
+            for e in errors {
+                self.shared.note_error(&set.name, e);
+            }
+        }
+        let parents: BTreeSet<Option<SetPath>> = puts
+            .iter()
+            .filter_map(|op| match op {
+                CheckedOp::Put { path, .. } => Some(path.parent()),
+                _ => None,
+            })
+            .collect();
+        for parent in parents {
+            let c: Vec<&[u8]> = parent
+                .as_ref()
+                .map(|p| p.components().collect())
+                .unwrap_or_default();
+            if let Err(e) = root.sync_dir(&c) {
                 self.shared
                     .note_error(&set.name, format!("entry {index}: {e}"));
             }
@@ -1110,7 +1203,7 @@ impl Applier {
 
     #[allow(clippy::too_many_arguments)]
     fn put_file(
-        &mut self,
+        &self,
         set: &SetRuntime,
         root: &Root,
         path: &SetPath,
@@ -1258,7 +1351,8 @@ impl Applier {
                     )))
                 }
             };
-            written = root.replace_file(&c, &new, &meta, &target.hash)?;
+            // The caller fsyncs the directory once for the whole batch.
+            written = root.replace_file_with(&c, &new, &meta, &target.hash, false)?;
             if set.mode == SyncMode::Mirror && new.len() >= delta::SMALL_FILE_LEN {
                 store.put_signature(
                     &set.name,
@@ -1793,6 +1887,14 @@ impl Applier {
         ) {
             Ok(PutOutcome::Done) => {
                 self.clear_missing(&f.set, &f.path, &mut store);
+                let parent: Vec<Vec<u8>> = f
+                    .path
+                    .parent()
+                    .map(|p| p.components().map(<[u8]>::to_vec).collect())
+                    .unwrap_or_default();
+                if let Err(e) = root.sync_dir(&parent) {
+                    self.shared.note_error(&f.set, format!("{}: {e}", f.path));
+                }
                 if let Some(parent) = f.path.parent() {
                     let meta = self
                         .shared

@@ -42,8 +42,11 @@ const INLINE_LIMIT: usize = 256 * 1024;
 const BATCH_BYTES: usize = 4 << 20;
 /// Or once it holds this many ops.
 const BATCH_OPS: usize = 2000;
-/// Chunks proposed before waiting for them to commit.
+/// Chunk entries per proposal.
 const CHUNK_WINDOW: usize = 8;
+/// Proposals of one pass in flight at once (each at most ~8 MiB): the
+/// pipeline that keeps disks and links busy during a first full sync.
+const MAX_IN_FLIGHT: usize = 6;
 /// How long a new leader waits for missing content to be fetched before it
 /// takes its own tree as the truth for those paths.
 const MISSING_GRACE: Duration = Duration::from_secs(5);
@@ -407,6 +410,14 @@ struct Builder {
     pending: Vec<(SetPath, crate::files_store::LocalRecord)>,
     /// Paths gone from the tree, by the inode they had, for rename detection.
     gone: Vec<(SetPath, crate::files_store::LocalRecord)>,
+    /// Block signatures of the versions being proposed (a cache keyed by
+    /// digest, so written without waiting for an fsync).
+    signatures: crate::files_store::StoreBatch,
+    /// Proposals of this pass not yet applied here. Every path appears once
+    /// per pass, so they may be in flight together; the next pass starts only
+    /// once all applied, keeping every delta against the committed version.
+    in_flight:
+        std::collections::VecDeque<tokio::sync::oneshot::Receiver<Result<u64, RequestError>>>,
 }
 
 fn plan_and_propose(
@@ -426,6 +437,8 @@ fn plan_and_propose(
         bytes: 0,
         pending: Vec::new(),
         gone: Vec::new(),
+        signatures: Default::default(),
+        in_flight: Default::default(),
     };
     // Deletions first (so a rename can find its source), then the rest in order.
     let mut present = Vec::new();
@@ -493,7 +506,7 @@ fn plan_and_propose(
                 .insert(path.clone());
         }
         if b.bytes >= BATCH_BYTES || b.ops.len() >= BATCH_OPS {
-            flush(shared, node, rt, term, set, &mut b)?;
+            flush(shared, node, rt, term, set, &mut b, false)?;
         }
     }
     for r in removed_roots {
@@ -515,7 +528,7 @@ fn plan_and_propose(
         FileOp::Remove { .. } | FileOp::Forget { .. } => 1,
         _ => 2,
     });
-    flush(shared, node, rt, term, set, &mut b)
+    flush(shared, node, rt, term, set, &mut b, true)
 }
 
 /// Examines one present path; returns false when it must be tried again
@@ -693,13 +706,11 @@ fn examine_file(
         None => delta::plan(None, &data).0,
     };
     if set.mode == SyncMode::Mirror && data.len() >= delta::SMALL_FILE_LEN {
-        let mut sb = crate::files_store::StoreBatch::default();
-        sb.put_signature(
+        b.signatures.put_signature(
             &set.name,
             path,
             &delta::BlockSignature::compute(&data).to_bytes(),
         );
-        let _ = shared.store.write(sb);
     }
     add_put(shared, path, m, new_digest, patch.encode(), data.len(), b);
     b.pending.push((path.clone(), record_of(&now, &new_digest)));
@@ -863,8 +874,9 @@ fn add_put(
     });
 }
 
-/// Proposes what `b` holds (chunks first, in windows, then the batch) and
-/// waits until it applied here.
+/// Proposes what `b` holds (chunks first, in windows, then the batch), in
+/// order, keeping at most [`MAX_IN_FLIGHT`] proposals unapplied; with
+/// `wait_all`, returns once everything proposed in this pass applied here.
 fn flush(
     shared: &Shared,
     node: &NodeHandle,
@@ -872,45 +884,76 @@ fn flush(
     term: u64,
     set: &SetRuntime,
     b: &mut Builder,
+    wait_all: bool,
 ) -> Result<(), RequestError> {
-    if b.ops.is_empty() {
-        b.chunks.clear();
-        return Ok(());
+    if !b.signatures.is_empty() {
+        let _ = shared
+            .store
+            .write_relaxed(std::mem::take(&mut b.signatures));
     }
-    let chunks = std::mem::take(&mut b.chunks);
-    for window in chunks.chunks(CHUNK_WINDOW) {
-        let commands: Vec<Command> = window.iter().cloned().map(Command::Chunk).collect();
-        let bytes: usize = window.iter().map(|c| c.data.len()).sum();
+    if !b.ops.is_empty() {
+        let chunks = std::mem::take(&mut b.chunks);
+        for window in chunks.chunks(CHUNK_WINDOW) {
+            let commands: Vec<Command> = window.iter().cloned().map(Command::Chunk).collect();
+            let bytes: usize = window.iter().map(|c| c.data.len()).sum();
+            shared
+                .counters
+                .bytes_proposed
+                .fetch_add(bytes as u64, Ordering::Relaxed);
+            submit(node, rt, term, commands, Duration::from_secs(120), b)?;
+        }
+        {
+            let mut pending = shared.pending_local.lock().unwrap();
+            for (p, r) in b.pending.drain(..) {
+                pending.insert((set.name.clone(), p), r);
+            }
+        }
+        let ops = std::mem::take(&mut b.ops);
+        debug!(set = %set.name, ops = ops.len(), "proposing a batch");
+        let command = Command::Files(FileBatch {
+            set: set.name.clone(),
+            origin: shared.node_id,
+            proposed_at_ms: unix_ms(),
+            ops,
+        });
         shared
             .counters
             .bytes_proposed
-            .fetch_add(bytes as u64, Ordering::Relaxed);
-        rt.block_on(node.propose(term, commands, Duration::from_secs(120)))?;
+            .fetch_add(command.encode().len() as u64, Ordering::Relaxed);
+        b.bytes = 0;
+        submit(node, rt, term, vec![command], Duration::from_secs(120), b)?;
     }
-    {
-        let mut pending = shared.pending_local.lock().unwrap();
-        for (p, r) in b.pending.drain(..) {
-            pending.insert((set.name.clone(), p), r);
+    b.chunks.clear();
+    if wait_all {
+        while let Some(rx) = b.in_flight.pop_front() {
+            await_applied(rt, rx)?;
         }
     }
-    let batch = FileBatch {
-        set: set.name.clone(),
-        origin: shared.node_id,
-        proposed_at_ms: unix_ms(),
-        ops: std::mem::take(&mut b.ops),
-    };
-    let command = Command::Files(batch);
-    shared
-        .counters
-        .bytes_proposed
-        .fetch_add(command.encode().len() as u64, Ordering::Relaxed);
-    let n = if let Command::Files(bt) = &command {
-        bt.ops.len()
-    } else {
-        0
-    };
-    debug!(set = %set.name, ops = n, "proposing a batch");
-    b.bytes = 0;
-    rt.block_on(node.propose(term, vec![command], Duration::from_secs(60)))?;
+    Ok(())
+}
+
+/// Hands `commands` to the node task (in order) and tracks the reply.
+fn submit(
+    node: &NodeHandle,
+    rt: &tokio::runtime::Handle,
+    term: u64,
+    commands: Vec<Command>,
+    wait: Duration,
+    b: &mut Builder,
+) -> Result<(), RequestError> {
+    while b.in_flight.len() >= MAX_IN_FLIGHT {
+        let rx = b.in_flight.pop_front().expect("non-empty");
+        await_applied(rt, rx)?;
+    }
+    let rx = rt.block_on(node.propose_start(term, commands, wait))?;
+    b.in_flight.push_back(rx);
+    Ok(())
+}
+
+fn await_applied(
+    rt: &tokio::runtime::Handle,
+    rx: tokio::sync::oneshot::Receiver<Result<u64, RequestError>>,
+) -> Result<(), RequestError> {
+    rt.block_on(rx).map_err(|_| RequestError::ShuttingDown)??;
     Ok(())
 }
