@@ -159,6 +159,7 @@ impl FilesStore {
         // Small memtables: this store holds little but is written on every
         // apply, and an idle node should stay small in memory.
         opts.set_write_buffer_size(4 << 20);
+        opts.set_block_based_table_factory(&crate::storage::small_block_cache());
         let db = DB::open(&opts, dir).map_err(|source| FilesStoreError::Open {
             path: dir.to_path_buf(),
             source,
@@ -179,6 +180,12 @@ impl FilesStore {
                 path: self.path.clone(),
                 source,
             })
+    }
+
+    /// Writes the memtable out so its memory is freed (see
+    /// [`crate::storage::RaftStore::flush_memtables`]).
+    pub fn flush_memtables(&self) {
+        let _ = self.db.flush();
     }
 
     /// Writes `batch` without waiting for an fsync: only for caches that are

@@ -336,6 +336,9 @@ pub struct Applier {
     /// Sets whose local tree must be reconciled with the manifest once their
     /// `skip_while` markers are gone.
     deferred: BTreeSet<String>,
+    /// The applied index at the previous tick and at the last memory trim.
+    applied_at_last_tick: u64,
+    applied_at_trim: u64,
 }
 
 /// A local entry found while walking a tree.
@@ -608,6 +611,8 @@ impl Applier {
             roots,
             quarantine,
             deferred: BTreeSet::new(),
+            applied_at_last_tick: 0,
+            applied_at_trim: 0,
         }
     }
 
@@ -641,6 +646,16 @@ impl Applier {
                 ApplyMsg::Tick => {
                     self.retry_deferred();
                     clean_staging(&self.shared.staging_dir());
+                    // Once a burst of applies is over (a quiet second after
+                    // it), give its memory back; never again while idle.
+                    let applied = self.shared.applied.load(Ordering::Relaxed);
+                    if applied == self.applied_at_last_tick && applied != self.applied_at_trim {
+                        self.log.flush_memtables();
+                        self.shared.store.flush_memtables();
+                        release_idle_memory(&self.shared);
+                        self.applied_at_trim = applied;
+                    }
+                    self.applied_at_last_tick = applied;
                     Ok(())
                 }
             };
@@ -1934,6 +1949,31 @@ fn default_dir_meta() -> FileMeta {
     let uid = unsafe { libc::geteuid() };
     let gid = unsafe { libc::getegid() };
     FileMeta::new(Kind::Dir, 0o755, uid, gid, unix_ms() as i128 * 1_000_000)
+}
+
+/// After a burst (a first sync of 100,000 files) the maps that carried it
+/// keep their capacity and the allocator keeps freed pages: give both back
+/// so an idle node stays small.
+fn release_idle_memory(shared: &Shared) {
+    {
+        let mut pending = shared.pending_local.lock().unwrap();
+        if pending.is_empty() && pending.capacity() > 1024 {
+            *pending = HashMap::new();
+        }
+    }
+    {
+        let mut uploads = shared.own_uploads.lock().unwrap();
+        if uploads.len() > 4096 {
+            // Uploads are staged and applied within seconds; old ids are only
+            // there to spare the proposer staging its own chunks.
+            uploads.clear();
+        }
+    }
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free heap pages to the kernel.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 fn clean_staging(dir: &Path) {

@@ -291,6 +291,17 @@ impl RaftStore {
         &self.inner.path
     }
 
+    /// Writes the memtables out to disk so their memory is freed (after a
+    /// burst, so an idle node stays small). Everything was durable already
+    /// through the WAL; this changes only where it is kept.
+    pub fn flush_memtables(&self) {
+        for cf in [CF_ENTRIES, CF_STATE] {
+            if let Ok(handle) = self.cf(cf) {
+                let _ = self.inner.db.flush_cf(handle);
+            }
+        }
+    }
+
     /// Whether this node has a membership: a `ConfState` was stored by
     /// [`bootstrap`](Self::bootstrap), [`set_conf_state`](Self::set_conf_state)
     /// or [`apply_snapshot`](Self::apply_snapshot). An uninitialized node
@@ -986,6 +997,14 @@ impl raft::Storage for RaftStore {
     }
 }
 
+/// A small block cache: the log is read mostly right after it is written
+/// (from memtables and the OS page cache), and an idle node must stay small.
+pub fn small_block_cache() -> rocksdb::BlockBasedOptions {
+    let mut table = rocksdb::BlockBasedOptions::default();
+    table.set_block_cache(&rocksdb::Cache::new_lru_cache(2 << 20));
+    table
+}
+
 fn cf_options() -> Options {
     let mut opts = Options::default();
     // Built without compression libraries; say so rather than rely on
@@ -1002,6 +1021,7 @@ fn cf_options() -> Options {
     opts.set_enable_blob_gc(true);
     opts.set_level_zero_slowdown_writes_trigger(40);
     opts.set_level_zero_stop_writes_trigger(80);
+    opts.set_block_based_table_factory(&small_block_cache());
     opts
 }
 
