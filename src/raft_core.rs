@@ -245,9 +245,9 @@ pub fn raft_config(id: NodeId, timers: &RaftTimers, applied: u64, witness: bool)
         pre_vote: true,
         check_quorum: true,
         max_size_per_msg: 1024 * 1024,
-        // With file content in entries, 32 × 1 MiB in flight per follower
+        // With file content in entries, 16 × 1 MiB in flight per follower
         // keeps heartbeats from queueing behind hundreds of MiB.
-        max_inflight_msgs: 32,
+        max_inflight_msgs: 16,
         ..Default::default()
     }
 }

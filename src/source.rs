@@ -43,10 +43,10 @@ const BATCH_BYTES: usize = 4 << 20;
 /// Or once it holds this many ops.
 const BATCH_OPS: usize = 2000;
 /// Chunk entries per proposal.
-const CHUNK_WINDOW: usize = 8;
-/// Proposals of one pass in flight at once (each at most ~8 MiB): the
+const CHUNK_WINDOW: usize = 4;
+/// Proposals of one pass in flight at once (each at most ~4 MiB): the
 /// pipeline that keeps disks and links busy during a first full sync.
-const MAX_IN_FLIGHT: usize = 6;
+const MAX_IN_FLIGHT: usize = 3;
 /// How long a new leader waits for missing content to be fetched before it
 /// takes its own tree as the truth for those paths.
 const MISSING_GRACE: Duration = Duration::from_secs(5);
