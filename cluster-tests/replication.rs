@@ -732,4 +732,32 @@ fn a_hand_edit_on_a_follower_is_quarantined_before_replacement() {
         q.is_empty(),
         "node {untouched} had no conflict, yet quarantined {q:?}"
     );
+
+    // `clusterctl conflicts` lists the record: set, path, node, term, time.
+    let out = c.ctl(edited, &["conflicts", "--json"], STATUS_TIMEOUT);
+    assert!(out.success(), "{out:?}");
+    let records: serde_json::Value = serde_json::from_str(out.stdout.trim()).unwrap();
+    let records = records.as_array().unwrap();
+    assert_eq!(records.len(), 1, "{records:?}");
+    let r = &records[0];
+    assert_eq!(
+        (r["set"].as_str(), r["path"].as_str(), r["node"].as_u64()),
+        (Some("conf"), Some("users"), Some(edited)),
+        "{r}"
+    );
+    assert!(
+        r["term"].as_u64().unwrap_or(0) >= 1 && r["time_unix_ms"].as_u64().unwrap_or(0) > 0,
+        "{r}"
+    );
+    assert_eq!(r["local_hash"].as_str(), Some(hand_hash.as_str()), "{r}");
+    let table = c.ctl(edited, &["conflicts"], STATUS_TIMEOUT);
+    assert!(
+        table.success() && table.stdout.contains("users") && table.stdout.contains("1 conflict(s)"),
+        "{table:?}"
+    );
+    let none = c.ctl(untouched, &["conflicts", "--json"], STATUS_TIMEOUT);
+    assert_eq!(none.stdout.trim(), "[]", "{none:?}");
+    // And status counts it.
+    let counted = node_counter(&c, edited, edited, "quarantined").unwrap();
+    assert_eq!(counted, 1);
 }

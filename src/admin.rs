@@ -340,6 +340,24 @@ impl Admin for AdminService {
         Ok(Response::new(PromoteReply { term }))
     }
 
+    async fn conflicts(
+        &self,
+        _req: Request<crate::proto::admin::ConflictsRequest>,
+    ) -> Result<Response<crate::proto::admin::ConflictsReply>, Status> {
+        let Some(files) = self.node.files() else {
+            return Ok(Response::new(crate::proto::admin::ConflictsReply {
+                records: Vec::new(),
+            }));
+        };
+        let records = tokio::task::spawn_blocking(move || files.conflicts(10_000))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| Status::unavailable(format!("cannot read the quarantine records: {e}")))?;
+        Ok(Response::new(crate::proto::admin::ConflictsReply {
+            records,
+        }))
+    }
+
     async fn barrier(
         &self,
         req: Request<BarrierRequest>,

@@ -144,7 +144,7 @@ pub fn render(
         gauge(
             &mut registry,
             "quarantined_files",
-            "Local versions moved to quarantine since start",
+            "Local versions set aside in data_dir/quarantine (never deleted automatically)",
             f.quarantined as i64,
         );
         let families: [(&str, &str, fn(&crate::status::SetView) -> i64); 6] = [

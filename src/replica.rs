@@ -135,6 +135,7 @@ pub struct Counters {
     pub bytes_saved: AtomicU64,
     /// Patch bytes received by fetching (catch-up outside the log).
     pub bytes_fetched: AtomicU64,
+    /// Records in `data_dir/quarantine/records.jsonl`.
     pub quarantined: AtomicU64,
     pub on_change_failures: AtomicU64,
 }
@@ -238,6 +239,23 @@ impl Shared {
         }
     }
 
+    /// The quarantine records, oldest first (at most the last `limit`).
+    pub fn conflicts(&self, limit: usize) -> std::io::Result<Vec<String>> {
+        let file = self.data_dir.join("quarantine").join("records.jsonl");
+        let text = match std::fs::read_to_string(&file) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        let lines: Vec<String> = text
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(str::to_string)
+            .collect();
+        let skip = lines.len().saturating_sub(limit);
+        Ok(lines.into_iter().skip(skip).collect())
+    }
+
     fn staging_dir(&self) -> PathBuf {
         self.data_dir.join("staging")
     }
@@ -263,7 +281,7 @@ pub fn open_shared(config: &Config) -> Result<Arc<Shared>, FilesStoreError> {
         config.sync.iter().map(SetRuntime::from_config).collect()
     };
     let _ = std::fs::create_dir_all(config.node.data_dir.join("staging"));
-    Ok(Arc::new(Shared {
+    let shared = Arc::new(Shared {
         node_id: config.node.id,
         witness: config.node.witness,
         witness_peers: config
@@ -285,7 +303,15 @@ pub fn open_shared(config: &Config) -> Result<Arc<Shared>, FilesStoreError> {
         applied: AtomicU64::new(applied),
         data_dir: config.node.data_dir.clone(),
         fetch_wakeup: Notify::new(),
-    }))
+    });
+    // Quarantine records are never deleted automatically: the count shown
+    // is of all of them, not only of this run's.
+    let on_disk = shared.conflicts(usize::MAX).map_or(0, |r| r.len() as u64);
+    shared
+        .counters
+        .quarantined
+        .store(on_disk, Ordering::Relaxed);
+    Ok(shared)
 }
 
 /// Committed content fetched from a peer for a missing path.

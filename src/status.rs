@@ -312,6 +312,14 @@ impl ClusterStatus {
             out.push('\n');
         }
         self.sets_table(&mut out);
+        for n in &self.nodes {
+            if let Some(q) = n.files.as_ref().map(|f| f.quarantined).filter(|q| *q > 0) {
+                out.push_str(&format!(
+                    "node {}: {q} local version(s) set aside in quarantine; `clusterctl conflicts` on node {} lists them\n",
+                    n.id, n.id
+                ));
+            }
+        }
         out
     }
 
@@ -719,6 +727,88 @@ mod tests {
         assert!(
             t.lines()
                 .any(|l| l.starts_with(" 2") && l.contains("(this node)") && l.contains("20")),
+            "{t}"
+        );
+    }
+}
+
+/// `clusterctl conflicts` as a table: one line per quarantined version.
+pub fn conflicts_table(records: &[Value]) -> String {
+    if records.is_empty() {
+        return "no conflicts: nothing was set aside in quarantine\n".to_string();
+    }
+    let mut rows: Vec<[String; 6]> = vec![[
+        "TIME (UTC)",
+        "SET",
+        "PATH",
+        "NODE",
+        "TERM",
+        "STORED AT (under data_dir/quarantine)",
+    ]
+    .map(str::to_string)];
+    for r in records {
+        let time = r["time_unix_ms"]
+            .as_u64()
+            .and_then(|ms| time::OffsetDateTime::from_unix_timestamp((ms / 1000) as i64).ok())
+            .map(|t| {
+                format!(
+                    "{:04}-{:02}-{:02} {:02}:{:02}:{:02}",
+                    t.year(),
+                    u8::from(t.month()),
+                    t.day(),
+                    t.hour(),
+                    t.minute(),
+                    t.second()
+                )
+            })
+            .unwrap_or_else(|| "-".to_string());
+        let text = |k: &str| {
+            r[k].as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| r[k].to_string())
+        };
+        rows.push([
+            time,
+            text("set"),
+            text("path"),
+            r["node"].to_string(),
+            r["term"].to_string(),
+            text("stored_at"),
+        ]);
+    }
+    let widths: Vec<usize> = (0..6)
+        .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for r in rows {
+        let line: Vec<String> = r
+            .iter()
+            .enumerate()
+            .map(|(c, cell)| format!("{cell:<w$}", w = widths[c]))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out.push_str(&format!(
+        "{} conflict(s); restore one by copying it back on the leader\n",
+        records.len()
+    ));
+    out
+}
+
+#[cfg(test)]
+mod conflicts_tests {
+    use super::*;
+
+    #[test]
+    fn conflicts_table_lists_set_path_node_term_and_time() {
+        assert!(conflicts_table(&[]).starts_with("no conflicts"));
+        let r = json!({"set": "tacacs", "path": "tac_plus.conf", "node": 2, "term": 7, "index": 40,
+            "time_unix_ms": 1_700_000_000_000u64, "stored_at": "tacacs/1700000000000-40/tac_plus.conf"});
+        let t = conflicts_table(&[r]);
+        assert!(t.contains("2023-11-14 22:13:20  tacacs  tac_plus.conf  2     7     tacacs/1700000000000-40/tac_plus.conf"), "{t}");
+        assert!(
+            t.ends_with("1 conflict(s); restore one by copying it back on the leader\n"),
             "{t}"
         );
     }

@@ -56,6 +56,13 @@ enum Command {
         #[arg(long, default_value_t = 5_000)]
         timeout_ms: u64,
     },
+    /// What this node set aside in quarantine (local versions it replaced or
+    /// deleted because they differed from what the cluster committed).
+    Conflicts {
+        /// A JSON array of the records instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Nagios/Icinga plugin: one line with performance data; exit 0 OK,
     /// 1 WARNING, 2 CRITICAL, 3 UNKNOWN.
     Check {
@@ -262,6 +269,29 @@ async fn run(args: Args) -> Result<ExitCode> {
                 }
                 Err(s) => bail!("promote node {node} failed: {}", s.message()),
             }
+        }
+        Command::Conflicts { json } => {
+            let mut client = admin::connect(&socket_path(&args)?).await?;
+            let mut req = tonic::Request::new(clusterd::proto::admin::ConflictsRequest {});
+            req.set_timeout(Duration::from_secs(10));
+            let reply = client
+                .conflicts(req)
+                .await
+                .map_err(|s| anyhow::anyhow!("conflicts failed: {}", s.message()))?;
+            let records: Vec<serde_json::Value> = reply
+                .get_ref()
+                .records
+                .iter()
+                .map(|l| {
+                    serde_json::from_str(l).unwrap_or_else(|_| serde_json::Value::String(l.clone()))
+                })
+                .collect();
+            if *json {
+                println!("{}", serde_json::Value::Array(records));
+            } else {
+                print!("{}", clusterd::status::conflicts_table(&records));
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Command::Barrier { timeout_ms } => {
             let mut client = admin::connect(&socket_path(&args)?).await?;
