@@ -5,6 +5,7 @@
 //! slow machine, or `CLUSTER_TESTS_TIME_SCALE=2` to widen every deadline).
 
 mod harness;
+mod hooks;
 mod replication;
 
 use std::time::{Duration, Instant};

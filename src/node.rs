@@ -320,6 +320,8 @@ struct NodeTask {
     /// This node lost leadership: reconcile its trees once the new leader's
     /// first entry is applied here.
     reconcile_pending: bool,
+    /// Role changes, for the role hooks (run in order by their own task).
+    role_events: mpsc::UnboundedSender<crate::hooks::RoleEvent>,
     was_leader: bool,
     transfers: Vec<PendingTransfer>,
     /// Members that vote but must never lead.
@@ -695,6 +697,11 @@ impl NodeTask {
             if self.was_leader && change.role != Role::Leader {
                 self.reconcile_pending = true;
             }
+            let _ = self.role_events.send(crate::hooks::RoleEvent {
+                role: change.role,
+                term: change.term,
+                leader: change.leader,
+            });
             self.was_leader = change.role == Role::Leader;
             if change.role != Role::Leader {
                 // A deposed leader's pending entries may still commit under the new
@@ -870,6 +877,8 @@ async fn run_inner(
             move || span.in_scope(|| applier.run(apply_rx))
         })
         .expect("spawn the applier thread");
+    let (role_tx, role_rx) = mpsc::unbounded_channel();
+    tokio::spawn(crate::hooks::run_role_hooks(config.hooks.clone(), id, role_rx).in_current_span());
     let (changed_tx, changed_rx) = mpsc::unbounded_channel();
     tokio::spawn(crate::replica::run_on_change(shared.clone(), changed_rx).in_current_span());
 
@@ -886,6 +895,7 @@ async fn run_inner(
         changed_sets: changed_tx,
         snapshot_rx: None,
         reconcile_pending: false,
+        role_events: role_tx,
         was_leader: false,
         transfers: Vec::new(),
         witnesses: config

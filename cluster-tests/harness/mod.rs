@@ -856,7 +856,13 @@ impl ClusterBuilder {
                 node_extra: self.node_extra.get(&i).cloned().unwrap_or_default(),
                 tls_extra: self.tls_extra.get(&i).cloned().unwrap_or_default(),
                 extra: {
-                    let mut extra = self.extra.get(&i).cloned().unwrap_or_default();
+                    // `{node_dir}` lets one snippet name each node's own files.
+                    let mut extra = self
+                        .extra
+                        .get(&i)
+                        .cloned()
+                        .unwrap_or_default()
+                        .replace("{node_dir}", path_str(&ndir));
                     for set in &self.sync_sets {
                         extra.push_str(&set.render(&ndir));
                     }
