@@ -761,3 +761,42 @@ fn a_hand_edit_on_a_follower_is_quarantined_before_replacement() {
     let counted = node_counter(&c, edited, edited, "quarantined").unwrap();
     assert_eq!(counted, 1);
 }
+
+/// A follower that starts with files of its own in a published mirror set
+/// (left from before it joined, or edited while it was stopped) sets them
+/// aside in quarantine once it has caught up, and ends identical to the
+/// leader, without the leader ever touching those paths.
+#[test]
+fn a_follower_starting_with_stray_files_sets_them_aside_and_converges() {
+    let mut b = Cluster::builder(3).dont_start(3);
+    for id in 1..=3 {
+        b = b.extra_toml(id, REPLICATION);
+    }
+    let c = b.sync_set("conf", "mirror", "").start();
+    let leader = c.wait_for_leader(&[1, 2]);
+    c.wait_barrier(leader);
+    wait_sets_ready(&c, &[1, 2], &["conf"]);
+    let other = if leader == 1 { 2 } else { 1 };
+    write_file(
+        &c.set_path(leader, "conf").join("real.conf"),
+        "from the leader\n",
+    );
+    wait_trees_equal(&c, "conf", &[leader, other], CONVERGE);
+
+    let stray_root = c.set_path(3, "conf");
+    fs::create_dir_all(&stray_root).unwrap();
+    write_file(&stray_root.join("stray.conf"), "only on node 3\n");
+    write_file(&stray_root.join("real.conf"), "an old local copy\n");
+    c.start_node(3);
+    let t = wait_trees_equal(&c, "conf", &[leader, other, 3], CONVERGE);
+    assert_eq!(t.keys().collect::<Vec<_>>(), vec!["real.conf"], "{t:?}");
+    let q = quarantine(&c, 3);
+    for content in ["only on node 3\n", "an old local copy\n"] {
+        let hash = blake3::hash(content.as_bytes()).to_hex().to_string();
+        assert!(
+            q.values()
+                .any(|i| i.content.as_deref() == Some(hash.as_str())),
+            "node 3's quarantine lacks {content:?}: {q:?}"
+        );
+    }
+}

@@ -328,6 +328,11 @@ struct NodeTask {
     witnesses: BTreeSet<NodeId>,
     tick: Duration,
     election_timeout: Duration,
+    /// How often a follower reconciles its trees with the manifest (the
+    /// leader rescans on the same period), so a hand edit on a follower is
+    /// set aside and replaced even if the leader never touches that file.
+    rescan: Duration,
+    last_reconcile: Instant,
 }
 
 impl NodeTask {
@@ -656,7 +661,12 @@ impl NodeTask {
             && self.core.committed_in_current_term()
         {
             self.reconcile_pending = false;
+            self.last_reconcile = Instant::now();
             let _ = self.applier.send(ApplyMsg::Reconcile);
+        }
+        if !self.core.is_leader() && self.last_reconcile.elapsed() >= self.rescan {
+            self.reconcile_pending = true;
+            self.last_reconcile = Instant::now();
         }
         self.view.send_if_modified(|v| {
             if *v != view {
@@ -894,7 +904,10 @@ async fn run_inner(
         applied_rx,
         changed_sets: changed_tx,
         snapshot_rx: None,
-        reconcile_pending: false,
+        // Once caught up after a start, a follower squares its trees with
+        // the manifest: stray files from before it joined, edits made while
+        // it was stopped.
+        reconcile_pending: !config.node.witness,
         role_events: role_tx,
         was_leader: false,
         transfers: Vec::new(),
@@ -907,6 +920,8 @@ async fn run_inner(
             .collect(),
         tick: config.raft.heartbeat,
         election_timeout: config.raft.election_timeout,
+        rescan: config.replication.rescan,
+        last_reconcile: Instant::now(),
     };
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut node_task = tokio::spawn(task.run(stop_rx).in_current_span());

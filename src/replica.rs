@@ -1799,7 +1799,17 @@ impl Applier {
         };
         let (found, _) = walk(set, root)?;
         let wanted: HashSet<&SetPath> = entries.iter().map(|(p, _)| p).collect();
-        if set.mode == SyncMode::Mirror {
+        // A set the cluster has never committed anything for is one the
+        // leader has not published yet (a fresh cluster whose nodes already
+        // hold the files): nothing here is stray until it has.
+        let published = self
+            .shared
+            .manifest
+            .read()
+            .unwrap()
+            .set(&set.name)
+            .is_some_and(|m| m.progress.seq > 0);
+        if set.mode == SyncMode::Mirror && published {
             // Deepest first, so a directory's contents go before it.
             for f in found.iter().rev() {
                 if wanted.contains(&f.path) || !set.holds(&f.path, f.meta.kind == Kind::Dir) {
