@@ -1640,7 +1640,13 @@ impl Applier {
         term: u64,
         store: &mut StoreBatch,
     ) -> Result<(), FsError> {
-        if root.stat(&comps(to))?.is_some() {
+        let from_here = root.stat(&comps(from))?.is_some();
+        let to_here = root.stat(&comps(to))?.is_some();
+        if !from_here && to_here {
+            // Replayed after a crash that came after the rename: done already.
+            return Ok(());
+        }
+        if to_here {
             self.quarantine(
                 &set.name,
                 root,
@@ -1651,10 +1657,6 @@ impl Applier {
             )?;
         }
         self.ensure_parents(set, root, to)?;
-        let Some(q) = &self.quarantine else {
-            return Ok(());
-        };
-        let _ = q;
         // A rename within one root: move_aside onto the same root renames.
         let moved = root.move_aside(&comps(from), root, &comps(to))?;
         let mut records = self.shared.records.lock().unwrap();
