@@ -320,6 +320,8 @@ struct NodeTask {
     /// This node lost leadership: reconcile its trees once the new leader's
     /// first entry is applied here.
     reconcile_pending: bool,
+    /// File replication state (its `leading` flag is kept here).
+    files: Option<Arc<Shared>>,
     /// Role changes, for the role hooks (run in order by their own task).
     role_events: mpsc::UnboundedSender<crate::hooks::RoleEvent>,
     was_leader: bool,
@@ -713,6 +715,11 @@ impl NodeTask {
                 leader: change.leader,
             });
             self.was_leader = change.role == Role::Leader;
+            if let Some(files) = self.files.as_ref() {
+                files
+                    .leading
+                    .store(self.was_leader, std::sync::atomic::Ordering::SeqCst);
+            }
             if change.role != Role::Leader {
                 // A deposed leader's pending entries may still commit under the new
                 // leader, but this node can no longer tell: let the callers retry.
@@ -909,6 +916,7 @@ async fn run_inner(
         // it was stopped.
         reconcile_pending: !config.node.witness,
         role_events: role_tx,
+        files: Some(shared.clone()),
         was_leader: false,
         transfers: Vec::new(),
         witnesses: config

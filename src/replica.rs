@@ -161,12 +161,17 @@ pub struct Shared {
     pub own_uploads: Mutex<HashSet<u64>>,
     /// Blake3 states of append-set files as last written, so an append is
     /// verified without re-reading the whole log.
-    pub append_hashers: Mutex<HashMap<(String, SetPath), FileHasher>>,
+    /// With each, [`fingerprint`] of the file's last bytes at that length: a
+    /// file rewritten in place (`cp new.log app.log` keeps the inode) is
+    /// caught before its old hash state is trusted.
+    pub append_hashers: Mutex<HashMap<(String, SetPath), (FileHasher, [u8; 32])>>,
     pub store: FilesStore,
     pub applied: AtomicU64,
     pub data_dir: PathBuf,
     /// Wakes the fetcher when paths become missing.
     pub fetch_wakeup: Notify,
+    /// This node leads: its trees are the source, never reconciled.
+    pub leading: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -303,6 +308,7 @@ pub fn open_shared(config: &Config) -> Result<Arc<Shared>, FilesStoreError> {
         applied: AtomicU64::new(applied),
         data_dir: config.node.data_dir.clone(),
         fetch_wakeup: Notify::new(),
+        leading: std::sync::atomic::AtomicBool::new(false),
     });
     // Quarantine records are never deleted automatically: the count shown
     // is of all of them, not only of this run's.
@@ -1354,8 +1360,8 @@ impl Applier {
                     .lock()
                     .unwrap()
                     .get(&key)
-                    .filter(|h| h.digest() == *base)
-                    .cloned()
+                    .filter(|(h, _)| h.digest() == *base)
+                    .map(|(h, _)| h.clone())
             }) {
                 Some(h) => h,
                 None => match hash_local(root, &c)? {
@@ -1374,7 +1380,15 @@ impl Applier {
             written = root.append_file(&c, base.len, &tail, &meta)?;
             let mut h = hasher;
             h.update(&tail);
-            self.shared.append_hashers.lock().unwrap().insert(key, h);
+            if let Ok(Some((file, _))) = root.open_file(&c) {
+                if let Ok(fp) = fingerprint(&file, h.len()) {
+                    self.shared
+                        .append_hashers
+                        .lock()
+                        .unwrap()
+                        .insert(key, (h, fp));
+                }
+            }
         } else {
             let base_bytes = match patch.base() {
                 Some(_) => match root.read_file(&c, set.max_file_size)? {
@@ -1576,6 +1590,28 @@ impl Applier {
                 }
             }
         }
+        // Files under the path that the cluster never had (made here) go to
+        // quarantine too, rather than out with the directory.
+        let known: HashSet<&SetPath> = removed.iter().map(|(p, _)| p).collect();
+        let mut local = BTreeSet::new();
+        local_subtree(set, root, path, &mut local);
+        for p in local {
+            if known.contains(&p) {
+                continue;
+            }
+            if let Some(m) = root.stat(&comps(&p))? {
+                if m.kind != Kind::Dir {
+                    self.quarantine(
+                        &set.name,
+                        root,
+                        &p,
+                        index,
+                        term,
+                        "the cluster deleted the directory holding it",
+                    )?;
+                }
+            }
+        }
         // Excluded entries under a removed directory are this node's own:
         // keep the directory if any remain.
         if set.filter.is_excluded(path, true) {
@@ -1738,6 +1774,19 @@ impl Applier {
     }
 
     fn retry_deferred(&mut self) {
+        if self.shared.leading.load(Ordering::SeqCst) {
+            // The leader's trees are the source: nothing to square them with.
+            for name in std::mem::take(&mut self.deferred) {
+                self.shared
+                    .health
+                    .lock()
+                    .unwrap()
+                    .entry(name)
+                    .or_default()
+                    .skipping = false;
+            }
+            return;
+        }
         for name in std::mem::take(&mut self.deferred) {
             let Some(set) = self.shared.set(&name).cloned() else {
                 continue;
@@ -1839,6 +1888,20 @@ impl Applier {
                         "the cluster does not have it",
                     )?;
                 }
+            }
+        }
+        // Missing paths the manifest no longer has (deleted or renamed since)
+        // have nothing left to fetch.
+        {
+            let mut missing = self.shared.missing.lock().unwrap();
+            let gone: Vec<(String, SetPath)> = missing
+                .keys()
+                .filter(|(s, p)| *s == set.name && !wanted.contains(p))
+                .cloned()
+                .collect();
+            for k in gone {
+                store.delete_missing(&k.0, &k.1);
+                missing.remove(&k);
             }
         }
         let mut dirs = Vec::new();
@@ -1972,6 +2035,35 @@ impl Applier {
         if let Err(e) = self.shared.store.write(store) {
             let _ = self.out.send(Applied::Failed(e.to_string()));
         }
+    }
+}
+
+/// blake3 of the (up to) 4 KiB of `file` that end at `len`.
+pub fn fingerprint(file: &std::fs::File, len: u64) -> std::io::Result<[u8; 32]> {
+    let start = len.saturating_sub(4096);
+    let mut buf = vec![0u8; (len - start) as usize];
+    file.read_exact_at(&mut buf, start)?;
+    Ok(*blake3::hash(&buf).as_bytes())
+}
+
+/// Every entry under `dir` here, excluded ones left out (they stay).
+fn local_subtree(set: &SetRuntime, root: &Root, dir: &SetPath, out: &mut BTreeSet<SetPath>) {
+    let c = comps(dir);
+    let Ok(Some(listing)) = root.list_dir(&c) else {
+        return;
+    };
+    for (name, kind) in listing {
+        if crate::fsroot::is_temp_name(&name) {
+            continue;
+        }
+        let Ok(p) = dir.join(&name) else { continue };
+        if set.filter.is_excluded(&p, kind == Kind::Dir) {
+            continue;
+        }
+        if kind == Kind::Dir {
+            local_subtree(set, root, &p, out);
+        }
+        out.insert(p);
     }
 }
 

@@ -188,11 +188,11 @@ impl Source {
             self.shared.fetch_wakeup.notify_one();
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        let left: Vec<_> = std::mem::take(&mut *self.shared.missing.lock().unwrap())
-            .into_keys()
-            .collect();
-        for (set, path) in left {
-            warn!(term, set = %set, path = %path, "no peer could supply the committed version of {path}; this leader's copy becomes the source");
+        // Paths still missing are never proposed from this tree (their local
+        // copy is older than what the cluster committed, or absent): they
+        // stay as committed until a peer supplies them.
+        for (set, path) in self.shared.missing.lock().unwrap().keys() {
+            warn!(term, set = %set, path = %path, "this leader lacks the committed version of {path}; it is not proposed from here until a peer supplies it");
         }
     }
 
@@ -443,8 +443,24 @@ fn plan_and_propose(
     // Deletions first (so a rename can find its source), then the rest in order.
     let mut present = Vec::new();
     let mut removed_roots: Vec<SetPath> = Vec::new();
+    let missing: BTreeSet<SetPath> = shared
+        .missing
+        .lock()
+        .unwrap()
+        .keys()
+        .filter(|(s, _)| *s == set.name)
+        .map(|(_, p)| p.clone())
+        .collect();
     for path in paths {
         if removed_roots.iter().any(|r| r.is_ancestor_of(&path)) {
+            continue;
+        }
+        if missing.contains(&path) || missing.iter().any(|m| path.is_ancestor_of(m)) {
+            // This node lacks the committed content: its tree is not the truth here.
+            left.paths
+                .entry(set.name.clone())
+                .or_default()
+                .insert(path.clone());
             continue;
         }
         let stat = match root.stat(&path.components().collect::<Vec<_>>()) {
@@ -738,10 +754,11 @@ fn append_tail(
         .lock()
         .unwrap()
         .get(&key)
-        .filter(|h| h.digest() == base)
+        .filter(|(h, _)| h.digest() == base)
         .cloned()
+        .filter(|(_, fp)| crate::replica::fingerprint(&file, base_len).is_ok_and(|now| now == *fp))
     {
-        Some(h) => h,
+        Some((h, _)) => h,
         None => {
             // Once per file and leadership: hash the committed prefix.
             let mut h = FileHasher::new();
@@ -825,7 +842,13 @@ fn append_tail(
     hasher.update(&tail);
     let new_digest = hasher.digest();
     let patch = delta::plan_append(&base, &tail);
-    shared.append_hashers.lock().unwrap().insert(key, hasher);
+    if let Ok(fp) = crate::replica::fingerprint(&file, base_len + tail.len() as u64) {
+        shared
+            .append_hashers
+            .lock()
+            .unwrap()
+            .insert(key, (hasher, fp));
+    }
     let m = meta_from_local(&meta, EntryKind::File, names);
     add_put(shared, path, m, new_digest, patch.encode(), tail.len(), b);
     b.pending
