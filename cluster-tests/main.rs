@@ -392,6 +392,7 @@ fn check_rejects_bad_config() {
             (2, format!("127.0.0.1:{}", free_port())),
             (3, format!("127.0.0.1:{}", free_port())),
         ],
+        witness_peers: vec![],
         node_extra: vec![],
         tls_extra: vec![],
         extra: String::new(),
@@ -581,6 +582,51 @@ fn promote_of_an_unreachable_node_fails_with_the_reason() {
     let survivors = c.others(&[victim]);
     assert_eq!(c.wait_for_leader(&survivors), leader);
     c.wait_barrier(leader);
+}
+
+/// A witness holds no files, so it is served none: its (valid) certificate
+/// cannot read a set's content through `Fetch` (the witness host is often the
+/// monitoring server, and sets hold /etc/shadow).
+#[test]
+fn a_witness_is_refused_file_contents() {
+    let c = Cluster::builder(3)
+        .witness(3)
+        .sync_set("secrets", "mirror", "")
+        .start();
+    let leader = c.wait_for_leader(&[1, 2]);
+    c.wait_barrier(leader);
+    harness::write_file(&c.set_path(1, "secrets").join("shadow"), "root:$6$secret\n");
+    let witness_tls = tls_from(&TlsFiles::in_dir(&c.dir().join("certs"), 3), 3);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let refused = rt.block_on(async {
+        direct_client(&c.node(1).config().listen, witness_tls)
+            .fetch(clusterd::proto::peer::FetchRequest {
+                set: "secrets".into(),
+                path: b"shadow".to_vec(),
+                digest: clusterd::delta::digest(b"root:$6$secret\n")
+                    .to_bytes()
+                    .to_vec(),
+                signature: Vec::new(),
+            })
+            .await
+    });
+    let status = refused.expect_err("a witness must not be served file contents");
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    wait_until(
+        scaled(Duration::from_secs(5)),
+        "node 1 to log the refusal",
+        || {
+            let log = c.log(1);
+            if log.contains("refused a file fetch from peer 3: it is a witness") {
+                Ok(())
+            } else {
+                Err("not yet".to_string())
+            }
+        },
+    );
 }
 
 #[test]

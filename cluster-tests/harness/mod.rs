@@ -433,6 +433,8 @@ pub struct NodeConfig {
     pub tls: TlsFiles,
     /// `[[peer]]` entries: (id, addr).
     pub peers: Vec<(u64, String)>,
+    /// Peers written with `witness = true` in their `[[peer]]` table.
+    pub witness_peers: Vec<u64>,
     /// Extra raw lines for the `[node]` section, e.g. `witness = true`.
     pub node_extra: Vec<String>,
     /// Extra `key = value` lines under `[tls]`.
@@ -472,6 +474,9 @@ impl NodeConfig {
             let _ = writeln!(s, "\n[[peer]]");
             let _ = writeln!(s, "id = {id}");
             let _ = writeln!(s, "addr = {}", toml_str(addr));
+            if self.witness_peers.contains(id) {
+                let _ = writeln!(s, "witness = true");
+            }
         }
         if !self.extra.is_empty() {
             let _ = writeln!(s, "\n{}", self.extra);
@@ -651,6 +656,7 @@ pub struct ClusterBuilder {
     not_started: HashSet<u64>,
     env: Vec<(String, String)>,
     sync_sets: Vec<SyncSpec>,
+    witnesses: Vec<u64>,
 }
 
 /// A `[[sync]]` set the builder gives every node, each at its own path
@@ -707,6 +713,7 @@ impl ClusterBuilder {
             not_started: HashSet::new(),
             env: Vec::new(),
             sync_sets: Vec::new(),
+            witnesses: Vec::new(),
         }
     }
 
@@ -740,6 +747,12 @@ impl ClusterBuilder {
     pub fn tls_option(mut self, id: u64, line: &str) -> Self {
         self.tls_extra.entry(id).or_default().push(line.to_string());
         self
+    }
+
+    /// Makes node `id` a witness, in its own config and in its peers'.
+    pub fn witness(mut self, id: u64) -> Self {
+        self.witnesses.push(id);
+        self.node_option(id, "witness = true")
     }
 
     pub fn node_option(mut self, id: u64, line: &str) -> Self {
@@ -853,6 +866,7 @@ impl ClusterBuilder {
                     .filter(|&&j| j != i)
                     .map(|&j| (j, peer_addr[&(i, j)].to_string()))
                     .collect(),
+                witness_peers: self.witnesses.clone(),
                 node_extra: self.node_extra.get(&i).cloned().unwrap_or_default(),
                 tls_extra: self.tls_extra.get(&i).cloned().unwrap_or_default(),
                 extra: {
