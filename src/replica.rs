@@ -1231,6 +1231,28 @@ impl Applier {
         Ok(())
     }
 
+    /// Removes what stands at `path` when the cluster knows it (`known`: it
+    /// is what this node last wrote or the committed version), else moves it
+    /// to quarantine with `why`.
+    #[allow(clippy::too_many_arguments)]
+    fn clear_way(
+        &self,
+        known: bool,
+        set: &SetRuntime,
+        root: &Root,
+        path: &SetPath,
+        index: u64,
+        term: u64,
+        why: &str,
+    ) -> Result<(), FsError> {
+        if known {
+            root.remove(&comps(path))?;
+            Ok(())
+        } else {
+            self.quarantine(&set.name, root, path, index, term, why)
+        }
+    }
+
     /// Whether the local file at `path` is one the cluster knows: what this
     /// node last wrote or read there, or the committed `previous` version.
     fn local_is_known(
@@ -1280,18 +1302,15 @@ impl Applier {
             }
             Some(m) => {
                 let known = previous.is_some_and(|p| p.meta.kind == entry_kind(m.kind));
-                if known {
-                    root.remove(&c)?;
-                } else {
-                    self.quarantine(
-                        &set.name,
-                        root,
-                        path,
-                        index,
-                        term,
-                        "a different kind of entry stood where the cluster put a file",
-                    )?;
-                }
+                self.clear_way(
+                    known,
+                    set,
+                    root,
+                    path,
+                    index,
+                    term,
+                    "a different kind of entry stood where the cluster put a file",
+                )?;
             }
             None => {}
         }
@@ -1524,18 +1543,15 @@ impl Applier {
                     Some((h, _)) => self.local_is_known(&set.name, path, &h.digest(), None),
                     None => true,
                 };
-                if known {
-                    root.remove(&c)?;
-                } else {
-                    self.quarantine(
-                        &set.name,
-                        root,
-                        path,
-                        index,
-                        term,
-                        "it differed from what the cluster last committed",
-                    )?;
-                }
+                self.clear_way(
+                    known,
+                    set,
+                    root,
+                    path,
+                    index,
+                    term,
+                    "it differed from what the cluster last committed",
+                )?;
             }
             Some(_) => self.quarantine(
                 &set.name,
@@ -2046,8 +2062,9 @@ pub fn fingerprint(file: &std::fs::File, len: u64) -> std::io::Result<[u8; 32]> 
     Ok(*blake3::hash(&buf).as_bytes())
 }
 
-/// Every entry under `dir` here, excluded ones left out (they stay).
-fn local_subtree(set: &SetRuntime, root: &Root, dir: &SetPath, out: &mut BTreeSet<SetPath>) {
+/// Every entry under `dir` here that belongs to the set (excluded ones left
+/// out), never following symlinks and skipping temporary names.
+pub fn local_subtree(set: &SetRuntime, root: &Root, dir: &SetPath, out: &mut BTreeSet<SetPath>) {
     let c = comps(dir);
     let Ok(Some(listing)) = root.list_dir(&c) else {
         return;
@@ -2057,7 +2074,7 @@ fn local_subtree(set: &SetRuntime, root: &Root, dir: &SetPath, out: &mut BTreeSe
             continue;
         }
         let Ok(p) = dir.join(&name) else { continue };
-        if set.filter.is_excluded(&p, kind == Kind::Dir) {
+        if !set.holds(&p, kind == Kind::Dir) {
             continue;
         }
         if kind == Kind::Dir {

@@ -359,36 +359,13 @@ fn process(
                     .collect()
             };
             for d in new_dirs {
-                subtree(&set, &root, &d, &mut paths);
+                crate::replica::local_subtree(&set, &root, &d, &mut paths);
             }
             paths.into_iter().collect()
         };
         plan_and_propose(shared, node, rt, term, &set, &root, paths, left)?;
     }
     Ok(())
-}
-
-/// Adds every entry under `dir` (not following symlinks, skipping excluded
-/// and temporary names) to `out`.
-fn subtree(set: &SetRuntime, root: &Root, dir: &SetPath, out: &mut BTreeSet<SetPath>) {
-    let comps: Vec<&[u8]> = dir.components().collect();
-    let Ok(Some(listing)) = root.list_dir(&comps) else {
-        return;
-    };
-    for (name, kind) in listing {
-        if crate::fsroot::is_temp_name(&name) {
-            continue;
-        }
-        let Ok(p) = dir.join(&name) else { continue };
-        let is_dir = kind == Kind::Dir;
-        if !set.holds(&p, is_dir) {
-            continue;
-        }
-        out.insert(p.clone());
-        if is_dir {
-            subtree(set, root, &p, out);
-        }
-    }
 }
 
 fn shared_error(shared: &Shared, set: &str, msg: String) {

@@ -299,18 +299,7 @@ impl ClusterStatus {
             };
             rows.push(row);
         }
-        let widths: Vec<usize> = (0..8)
-            .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
-            .collect();
-        for r in rows {
-            let line: Vec<String> = r
-                .iter()
-                .enumerate()
-                .map(|(c, cell)| format!("{cell:<w$}", w = widths[c]))
-                .collect();
-            out.push_str(line.join("  ").trim_end());
-            out.push('\n');
-        }
+        out.push_str(&aligned(&rows));
         self.sets_table(&mut out);
         for n in &self.nodes {
             if let Some(q) = n.files.as_ref().map(|f| f.quarantined).filter(|q| *q > 0) {
@@ -360,18 +349,7 @@ impl ClusterStatus {
             ["NODE", "SET", "FILES", "BYTES", "BEHIND", "LAG", "STATE"].map(str::to_string),
         );
         out.push('\n');
-        let widths: Vec<usize> = (0..7)
-            .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
-            .collect();
-        for r in rows {
-            let line: Vec<String> = r
-                .iter()
-                .enumerate()
-                .map(|(c, cell)| format!("{cell:<w$}", w = widths[c]))
-                .collect();
-            out.push_str(line.join("  ").trim_end());
-            out.push('\n');
-        }
+        out.push_str(&aligned(&rows));
     }
 }
 
@@ -732,6 +710,25 @@ mod tests {
     }
 }
 
+/// Rows as left-aligned columns two spaces apart, one line each: the one
+/// table layout of every `clusterctl` table.
+fn aligned<const N: usize>(rows: &[[String; N]]) -> String {
+    let widths: Vec<usize> = (0..N)
+        .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for r in rows {
+        let line: Vec<String> = r
+            .iter()
+            .enumerate()
+            .map(|(c, cell)| format!("{cell:<w$}", w = widths[c]))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
 /// `clusterctl conflicts` as a table: one line per quarantined version.
 pub fn conflicts_table(records: &[Value]) -> String {
     if records.is_empty() {
@@ -776,19 +773,7 @@ pub fn conflicts_table(records: &[Value]) -> String {
             text("stored_at"),
         ]);
     }
-    let widths: Vec<usize> = (0..6)
-        .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
-        .collect();
-    let mut out = String::new();
-    for r in rows {
-        let line: Vec<String> = r
-            .iter()
-            .enumerate()
-            .map(|(c, cell)| format!("{cell:<w$}", w = widths[c]))
-            .collect();
-        out.push_str(line.join("  ").trim_end());
-        out.push('\n');
-    }
+    let mut out = aligned(&rows);
     out.push_str(&format!(
         "{} conflict(s); restore one by copying it back on the leader\n",
         records.len()
