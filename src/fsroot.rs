@@ -1176,8 +1176,9 @@ impl Root {
     /// symlinks. Passes repeat until one finds nothing, since entries
     /// created during a pass may be missed by `readdir`.
     fn empty_dir(&self, fd: OwnedFd, path: &str, depth: usize) -> Result<(), FsError> {
+        // Fresh offset, as in `list_dir`.
         let mut dir =
-            Dir::new(fd).map_err(|e| self.io_err("list directory", path.to_string(), e))?;
+            Dir::read_from(&fd).map_err(|e| self.io_err("list directory", path.to_string(), e))?;
         // Bounded: a writer that keeps adding entries makes the final
         // `unlinkat(AT_REMOVEDIR)` fail with ENOTEMPTY instead of spinning.
         for _ in 0..4 {
@@ -1220,7 +1221,11 @@ impl Root {
         let Some(fd) = self.walk(&comps, None)? else {
             return Ok(None);
         };
-        let mut dir = Dir::new(fd).map_err(|e| self.io_err("list directory", path.clone(), e))?;
+        // A fresh open file description: `fd` may be a duplicate of the
+        // root handle, and duplicates share the directory offset, so reading
+        // through one would leave every later listing of the root empty.
+        let mut dir =
+            Dir::read_from(&fd).map_err(|e| self.io_err("list directory", path.clone(), e))?;
         let mut out = Vec::new();
         while let Some(ent) = dir.read() {
             let ent = ent.map_err(|e| self.io_err("list directory", path.clone(), e))?;
@@ -2247,5 +2252,26 @@ mod tests {
             fx.root.stat(&["f"]).unwrap().unwrap().mtime_ns,
             -1_500_000_000
         );
+    }
+}
+
+#[cfg(test)]
+mod listing_tests {
+    use super::*;
+
+    /// The root handle is duplicated for every call, and duplicates share
+    /// the directory offset: a second listing must still see everything.
+    #[test]
+    fn the_root_lists_the_same_every_time() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a"), "x").unwrap();
+        std::fs::create_dir(dir.path().join("d")).unwrap();
+        let root = Root::open(dir.path()).unwrap();
+        let none: [&[u8]; 0] = [];
+        let first = root.list_dir(&none).unwrap().unwrap();
+        assert_eq!(first.len(), 2);
+        for _ in 0..3 {
+            assert_eq!(root.list_dir(&none).unwrap().unwrap(), first);
+        }
     }
 }
