@@ -4,9 +4,11 @@
 //! Run: `cargo test --test cluster` (add `-- --test-threads=1` on a very
 //! slow machine, or `CLUSTER_TESTS_TIME_SCALE=2` to widen every deadline).
 
+mod failover;
 mod harness;
 mod hooks;
 mod replication;
+mod switchover;
 
 use std::time::{Duration, Instant};
 

@@ -18,7 +18,7 @@ use tonic::{Request, Response, Status};
 use tracing::info;
 
 use crate::config::NodeId;
-use crate::node::{join_ids, NodeError, NodeHandle, RequestError};
+use crate::node::{NodeError, NodeHandle, RequestError};
 use crate::peer::request_status;
 use crate::proto::admin::admin_client::AdminClient;
 use crate::proto::admin::admin_server::{Admin, AdminServer};
@@ -26,7 +26,7 @@ use crate::proto::admin::{
     ClusterStatus as PbClusterStatus, PromoteReply, PromoteRequest, StatusRequest,
 };
 use crate::proto::peer::{BarrierReply, BarrierRequest, NodeStatusRequest, TransferRequest};
-use crate::status::{ClusterStatus, NodeEntry};
+use crate::status::{promote_plan, ClusterStatus, NodeEntry, PlanError, PromotePlan};
 use crate::transport::Transport;
 
 /// Default deadline for asking one peer for its status.
@@ -165,16 +165,46 @@ impl AdminService {
             .ok_or(RequestError::NotLeader { leader: None })
     }
 
+    /// Plans a switchover to `target` from a fresh status, pinning
+    /// `must_apply` to the leader's commit index on the first look.
+    async fn plan(
+        &self,
+        target: NodeId,
+        must_apply: Option<u64>,
+        deadline: Instant,
+    ) -> Result<PromotePlan, PlanError> {
+        let peer_timeout = DEFAULT_PEER_STATUS_TIMEOUT
+            .min(deadline.saturating_duration_since(Instant::now()))
+            .max(Duration::from_millis(50));
+        let status = self.gather(peer_timeout).await;
+        promote_plan(&status, target, must_apply)
+    }
+
+    /// `clusterctl promote --dry-run`: what a promote would do now.
+    async fn promote_dry_run(
+        &self,
+        target: NodeId,
+        wait: Duration,
+    ) -> Result<String, RequestError> {
+        let deadline = Instant::now() + wait;
+        // A leader may be a moment away (an election in progress): wait for one.
+        let _ = self.known_leader(deadline).await;
+        self.plan(target, None, deadline)
+            .await
+            .map(|p| p.describe())
+            .map_err(|e| match e {
+                PlanError::Invalid(why) => RequestError::Invalid(why),
+                PlanError::NotNow(why) => RequestError::Unreachable(why),
+            })
+    }
+
+    /// A planned switchover: waits until `target` has applied everything
+    /// committed when it was asked for (and fetched every committed file),
+    /// so the switchover loses and quarantines nothing, then has the leader
+    /// transfer leadership. Returns the term in which `target` leads.
     async fn promote(&self, target: NodeId, wait: Duration) -> Result<u64, RequestError> {
         let deadline = Instant::now() + wait;
-        let mut members: Vec<NodeId> = self.transport.peers().chain([self.node.id()]).collect();
-        members.sort_unstable();
-        if !members.contains(&target) {
-            return Err(RequestError::Invalid(format!(
-                "node {target} is not a member of this cluster (members: {})",
-                join_ids(&members)
-            )));
-        }
+        let mut must_apply = None;
         let mut last_error = None;
         while Instant::now() < deadline {
             let leader = match self.known_leader(deadline).await {
@@ -186,6 +216,31 @@ impl AdminService {
             };
             if leader == target {
                 return Ok(self.node.view().term);
+            }
+            match self.plan(target, must_apply, deadline).await {
+                Err(PlanError::Invalid(why)) => return Err(RequestError::Invalid(why)),
+                Err(PlanError::NotNow(why)) => {
+                    last_error = Some(RequestError::Unreachable(why));
+                    self.pause(deadline).await;
+                    continue;
+                }
+                Ok(plan) if plan.already_leads() => {
+                    // Our own view has not caught up with the handover yet.
+                    self.pause(deadline).await;
+                    continue;
+                }
+                Ok(plan) => {
+                    must_apply = Some(plan.must_apply);
+                    if !plan.caught_up() {
+                        last_error = Some(RequestError::TimedOut(format!(
+                            "node {target} had not caught up within {} ms: {}",
+                            wait.as_millis(),
+                            plan.waiting_for()
+                        )));
+                        self.pause(deadline).await;
+                        continue;
+                    }
+                }
             }
             let remaining = deadline.saturating_duration_since(Instant::now());
             let result = if leader == self.node.id() {
@@ -207,9 +262,7 @@ impl AdminService {
                 }
                 // Leadership moved while we asked, or a transfer was under way: look again.
                 Err(RequestError::NotLeader { .. }) | Err(RequestError::Retry(_)) => {
-                    let pause = Duration::from_millis(50)
-                        .min(deadline.saturating_duration_since(Instant::now()));
-                    tokio::time::sleep(pause).await;
+                    self.pause(deadline).await;
                 }
                 Err(e) => return Err(e),
             }
@@ -220,6 +273,13 @@ impl AdminService {
                 wait.as_millis()
             ))
         }))
+    }
+
+    /// A short pause between looks, never past the deadline.
+    async fn pause(&self, deadline: Instant) {
+        let pause =
+            Duration::from_millis(50).min(deadline.saturating_duration_since(Instant::now()));
+        tokio::time::sleep(pause).await;
     }
 
     async fn forward_transfer(
@@ -333,11 +393,21 @@ impl Admin for AdminService {
         } else {
             r.timeout_ms.min(600_000)
         });
+        if r.dry_run {
+            let plan = self
+                .promote_dry_run(r.target, wait)
+                .await
+                .map_err(request_status)?;
+            return Ok(Response::new(PromoteReply { term: 0, plan }));
+        }
         info!(target = r.target, "promote requested by an administrator");
         let term = AdminService::promote(self, r.target, wait)
             .await
             .map_err(request_status)?;
-        Ok(Response::new(PromoteReply { term }))
+        Ok(Response::new(PromoteReply {
+            term,
+            plan: String::new(),
+        }))
     }
 
     async fn conflicts(

@@ -33,6 +33,7 @@ pub struct RoleEvent {
 pub async fn run_role_hooks(
     hooks: HooksConfig,
     node_id: NodeId,
+    on_failure: impl Fn() + Send + 'static,
     mut events: mpsc::UnboundedReceiver<RoleEvent>,
 ) {
     let mut leading = false;
@@ -63,13 +64,16 @@ pub async fn run_role_hooks(
             ("CLUSTERD_LEADER_ID", leader.as_str()),
             ("CLUSTERD_NODE_ID", me.as_str()),
         ];
-        run_command(
+        let ok = run_command(
             command,
             &env,
             ROLE_HOOK_LIMIT,
             &format!("{what} (term {term})"),
         )
         .await;
+        if !ok {
+            on_failure();
+        }
     }
 }
 

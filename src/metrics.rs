@@ -80,6 +80,13 @@ pub fn render(
         "First index in the local Raft log (after compaction)",
         view.first_index as i64,
     );
+    let stale: prometheus_client::metrics::counter::Counter = Default::default();
+    stale.inc_by(view.stale_term_messages);
+    registry.register(
+        "stale_term_messages",
+        "Messages from an older term rejected since start (a deposed or cut-off node)",
+        stale,
+    );
     let expiry = cert_not_after
         .duration_since(now)
         .map(|d| d.as_secs() as i64)
@@ -140,6 +147,12 @@ pub fn render(
             "on_change_failures",
             "on_change commands that failed or timed out",
             f.on_change_failures,
+        );
+        counter(
+            &mut registry,
+            "role_hook_failures",
+            "on_promote/on_demote commands that failed or timed out",
+            f.role_hook_failures,
         );
         gauge(
             &mut registry,
@@ -264,6 +277,7 @@ mod tests {
             applied_index: 119,
             first_index: 1,
             last_index: 121,
+            stale_term_messages: 3,
             progress: vec![
                 PeerProgress {
                     id: 1,
@@ -311,6 +325,7 @@ mod tests {
             first_index: 1,
             last_index: 9,
             progress: vec![],
+            stale_term_messages: 0,
         };
         let files = FilesView {
             sets: vec![crate::status::SetView {
@@ -357,6 +372,7 @@ mod tests {
             first_index: 1,
             last_index: 5,
             progress: vec![],
+            stale_term_messages: 0,
         };
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
         let text = render(&view, None, now - Duration::from_secs(60), now);

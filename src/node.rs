@@ -719,6 +719,9 @@ impl NodeTask {
                 files
                     .leading
                     .store(self.was_leader, std::sync::atomic::Ordering::SeqCst);
+                files
+                    .term
+                    .store(change.term, std::sync::atomic::Ordering::SeqCst);
             }
             if change.role != Role::Leader {
                 // A deposed leader's pending entries may still commit under the new
@@ -852,6 +855,13 @@ async fn run_inner(
         "starting node {id} of cluster [{}]",
         join_ids(&voters)
     );
+    if voters.len() == 2 {
+        // Only reachable with `node.allow_two_node = true` (the config check refuses it otherwise).
+        warn!(
+            "this cluster has only two voters (nodes {}): it cannot fail over, since losing either node stops all changes; add a third node or a witness to fix that",
+            join_ids(&voters)
+        );
+    }
 
     let listener = TcpListener::bind(config.node.listen)
         .await
@@ -895,7 +905,17 @@ async fn run_inner(
         })
         .expect("spawn the applier thread");
     let (role_tx, role_rx) = mpsc::unbounded_channel();
-    tokio::spawn(crate::hooks::run_role_hooks(config.hooks.clone(), id, role_rx).in_current_span());
+    let counted = shared.clone();
+    let on_failure = move || {
+        counted
+            .counters
+            .role_hook_failures
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    };
+    tokio::spawn(
+        crate::hooks::run_role_hooks(config.hooks.clone(), id, on_failure, role_rx)
+            .in_current_span(),
+    );
     let (changed_tx, changed_rx) = mpsc::unbounded_channel();
     tokio::spawn(crate::replica::run_on_change(shared.clone(), changed_rx).in_current_span());
 

@@ -57,6 +57,7 @@ impl From<&NodeView> for peer::NodeView {
                     recent_active: p.recent_active,
                 })
                 .collect(),
+            stale_term_messages: v.stale_term_messages,
             version: env!("CARGO_PKG_VERSION").to_string(),
             uptime_ms: 0,
             cert_not_after_unix: 0,
@@ -86,6 +87,7 @@ impl From<&peer::NodeView> for NodeView {
                     recent_active: p.recent_active,
                 })
                 .collect(),
+            stale_term_messages: v.stale_term_messages,
         }
     }
 }
@@ -183,6 +185,7 @@ impl From<&FilesView> for peer::FilesStatus {
             wire_bytes_sent: f.wire_bytes_sent,
             quarantined: f.quarantined,
             on_change_failures: f.on_change_failures,
+            role_hook_failures: f.role_hook_failures,
         }
     }
 }
@@ -218,6 +221,7 @@ impl From<&peer::FilesStatus> for FilesView {
             wire_bytes_sent: f.wire_bytes_sent,
             quarantined: f.quarantined,
             on_change_failures: f.on_change_failures,
+            role_hook_failures: f.role_hook_failures,
         }
     }
 }

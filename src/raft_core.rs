@@ -173,6 +173,9 @@ pub struct NodeView {
     pub last_index: u64,
     /// Filled on the leader only.
     pub progress: Vec<PeerProgress>,
+    /// Messages from an older term this node rejected since it started:
+    /// traffic of a deposed leader or of a node that was cut off.
+    pub stale_term_messages: u64,
 }
 
 /// A change of role or leader, for hooks and logs.
@@ -219,6 +222,11 @@ pub struct RaftCore<S: LogStore> {
     raw: RawNode<S>,
     options: CoreOptions,
     last_role: Option<RoleChange>,
+    /// Messages from an older term seen since start (for status).
+    stale_term_messages: u64,
+    /// The stale term last logged per sender, so a deposed leader's
+    /// heartbeats are logged once per term instead of ten times a second.
+    stale_logged: std::collections::HashMap<NodeId, u64>,
 }
 
 /// The raft-rs configuration every node uses: pre-vote and check-quorum on;
@@ -278,6 +286,8 @@ impl<S: LogStore> RaftCore<S> {
             raw,
             options,
             last_role: None,
+            stale_term_messages: 0,
+            stale_logged: std::collections::HashMap::new(),
         })
     }
 
@@ -291,7 +301,13 @@ impl<S: LogStore> RaftCore<S> {
     }
 
     /// Feeds a message from a peer (already authenticated by the shell).
+    ///
+    /// A message from an older term is rejected: raft-rs neither appends its
+    /// entries nor counts its votes, and answers with the current term so a
+    /// deposed leader learns it was replaced. It is counted and logged here
+    /// (once per sender and term).
     pub fn step(&mut self, mut message: Message) -> Result<(), CoreError> {
+        self.note_stale_term(&message);
         if self.options.witness && message.get_msg_type() == MessageType::MsgTimeoutNow {
             // A witness holds no files, so it refuses to be handed leadership.
             return Ok(());
@@ -411,6 +427,45 @@ impl<S: LogStore> RaftCore<S> {
         self.raw.raft.raft_log.last_index()
     }
 
+    fn note_stale_term(&mut self, message: &Message) {
+        let ours = self.raw.raft.term;
+        // Term 0 marks local messages (proposals, read index) that carry no term.
+        if message.term == 0 || message.term >= ours {
+            return;
+        }
+        self.stale_term_messages += 1;
+        if self.stale_logged.insert(message.from, message.term) == Some(message.term) {
+            return;
+        }
+        let from_leader = matches!(
+            message.get_msg_type(),
+            MessageType::MsgAppend | MessageType::MsgHeartbeat | MessageType::MsgSnapshot
+        );
+        if from_leader {
+            tracing::warn!(
+                peer = message.from,
+                their_term = message.term,
+                term = ours,
+                "rejected {:?} from node {} of older term {} (this node is at term {ours}): \
+                 it was deposed or cut off; nothing it proposed since then can commit",
+                message.get_msg_type(),
+                message.from,
+                message.term
+            );
+        } else {
+            // Late answers to an earlier election are normal after a partition.
+            tracing::debug!(
+                peer = message.from,
+                their_term = message.term,
+                term = ours,
+                "rejected {:?} from node {} of older term {}",
+                message.get_msg_type(),
+                message.from,
+                message.term
+            );
+        }
+    }
+
     pub fn view(&self) -> NodeView {
         let raft = &self.raw.raft;
         let role = match raft.state {
@@ -442,6 +497,7 @@ impl<S: LogStore> RaftCore<S> {
             leader: self.leader(),
             commit_index: raft.raft_log.committed,
             applied_index: raft.raft_log.applied,
+            stale_term_messages: self.stale_term_messages,
             first_index: raft.raft_log.first_index(),
             last_index: raft.raft_log.last_index(),
             progress,

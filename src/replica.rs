@@ -138,6 +138,8 @@ pub struct Counters {
     /// Records in `data_dir/quarantine/records.jsonl`.
     pub quarantined: AtomicU64,
     pub on_change_failures: AtomicU64,
+    /// on_promote/on_demote runs that failed, timed out or could not start.
+    pub role_hook_failures: AtomicU64,
 }
 
 /// State shared by the applier thread, the leader's source and the fetcher.
@@ -172,6 +174,9 @@ pub struct Shared {
     pub fetch_wakeup: Notify,
     /// This node leads: its trees are the source, never reconciled.
     pub leading: std::sync::atomic::AtomicBool,
+    /// The Raft term this node is in, for quarantine records made outside
+    /// the apply of an entry (reconciles).
+    pub term: AtomicU64,
 }
 
 impl Shared {
@@ -241,6 +246,7 @@ impl Shared {
             wire_bytes_sent: crate::transport::WIRE_BYTES_SENT.load(Ordering::Relaxed),
             quarantined: c.quarantined.load(Ordering::Relaxed),
             on_change_failures: c.on_change_failures.load(Ordering::Relaxed),
+            role_hook_failures: c.role_hook_failures.load(Ordering::Relaxed),
         }
     }
 
@@ -309,6 +315,7 @@ pub fn open_shared(config: &Config) -> Result<Arc<Shared>, FilesStoreError> {
         data_dir: config.node.data_dir.clone(),
         fetch_wakeup: Notify::new(),
         leading: std::sync::atomic::AtomicBool::new(false),
+        term: AtomicU64::new(0),
     });
     // Quarantine records are never deleted automatically: the count shown
     // is of all of them, not only of this run's.
@@ -1369,7 +1376,7 @@ impl Applier {
                 )));
             }
         }
-        self.ensure_parents(set, root, path)?;
+        self.ensure_parents(set, root, path, index, term)?;
         let written: FileMeta;
         if let Patch::Append { base, .. } = &patch {
             let key = (set.name.clone(), path.clone());
@@ -1467,7 +1474,14 @@ impl Applier {
 
     /// Creates missing parent directories (their metadata comes with their
     /// own Dir ops; until then they are 0755).
-    fn ensure_parents(&self, set: &SetRuntime, root: &Root, path: &SetPath) -> Result<(), FsError> {
+    fn ensure_parents(
+        &self,
+        set: &SetRuntime,
+        root: &Root,
+        path: &SetPath,
+        index: u64,
+        term: u64,
+    ) -> Result<(), FsError> {
         let all = comps(path);
         for depth in 1..all.len() {
             let prefix = &all[..depth];
@@ -1480,8 +1494,8 @@ impl Applier {
                         &set.name,
                         root,
                         &p,
-                        0,
-                        0,
+                        index,
+                        term,
                         "a non-directory stood where the cluster has a directory",
                     )?;
                     root.make_dir(prefix, &default_dir_meta())?;
@@ -1502,7 +1516,7 @@ impl Applier {
         term: u64,
     ) -> Result<(), FsError> {
         let c = comps(path);
-        self.ensure_parents(set, root, path)?;
+        self.ensure_parents(set, root, path, index, term)?;
         if let Some(m) = root.stat(&c)? {
             if m.kind != Kind::Dir {
                 self.quarantine(
@@ -1531,7 +1545,7 @@ impl Applier {
     ) -> Result<(), FsError> {
         let c = comps(path);
         let target = entry.target.clone().unwrap_or_default();
-        self.ensure_parents(set, root, path)?;
+        self.ensure_parents(set, root, path, index, term)?;
         match root.stat(&c)? {
             Some(m) if m.kind == Kind::Symlink => {
                 if root.read_link(&c)?.as_deref() == Some(&target[..]) {
@@ -1708,7 +1722,7 @@ impl Applier {
                 "something stood where the cluster moved another path",
             )?;
         }
-        self.ensure_parents(set, root, to)?;
+        self.ensure_parents(set, root, to, index, term)?;
         // A rename within one root: move_aside onto the same root renames.
         let moved = root.move_aside(&comps(from), root, &comps(to))?;
         let mut records = self.shared.records.lock().unwrap();
@@ -1853,6 +1867,7 @@ impl Applier {
         store: &mut StoreBatch,
     ) -> Result<(), FsError> {
         let index = self.shared.applied.load(Ordering::SeqCst);
+        let term = self.shared.term.load(Ordering::SeqCst);
         let entries: Vec<(SetPath, Entry)> = {
             let m = self.shared.manifest.read().unwrap();
             m.set(&set.name)
@@ -1888,7 +1903,9 @@ impl Applier {
                         .record(&set.name, &f.path)
                         .is_some_and(|r| unchanged_since(&r, &f.meta));
                 let c = comps(&f.path);
-                if ours || f.meta.kind == Kind::Symlink {
+                // A symlink carries no record of who made it: set it aside
+                // like any local edit rather than let it vanish unrecorded.
+                if ours {
                     root.remove(&c)?;
                 } else if f.meta.kind == Kind::Dir {
                     if root.list_dir(&c)?.is_none_or(|l| l.is_empty()) {
@@ -1900,7 +1917,7 @@ impl Applier {
                         root,
                         &f.path,
                         index,
-                        0,
+                        term,
                         "the cluster does not have it",
                     )?;
                 }
@@ -1929,9 +1946,9 @@ impl Applier {
             let result = match entry.meta.kind {
                 EntryKind::Dir => {
                     dirs.push((path.clone(), entry.meta.clone()));
-                    self.make_dir(set, root, path, &entry.meta, index, 0)
+                    self.make_dir(set, root, path, &entry.meta, index, term)
                 }
-                EntryKind::Symlink => self.make_symlink(set, root, path, entry, index, 0, store),
+                EntryKind::Symlink => self.make_symlink(set, root, path, entry, index, term, store),
                 EntryKind::File => {
                     let want = entry.digest.expect("files have digests").get();
                     let local = root.stat(&c)?;
@@ -2166,5 +2183,39 @@ pub async fn run_on_change(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{SyncMode, SyncSetConfig};
+
+    fn set(path: &Path, exclude: &[&str], skip_while: &[&str]) -> SetRuntime {
+        SetRuntime::from_config(&SyncSetConfig {
+            name: "mail".into(),
+            path: path.to_path_buf(),
+            mode: SyncMode::Mirror,
+            exclude: exclude.iter().map(|s| s.to_string()).collect(),
+            skip_while: skip_while.iter().map(|s| s.to_string()).collect(),
+            on_change: None,
+            single_file: false,
+            max_file_size: 1 << 30,
+        })
+    }
+
+    #[test]
+    fn a_skip_while_marker_is_found_even_when_excluded() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("aliases"), "x").unwrap();
+        let root = Root::open(dir.path()).unwrap();
+        let s = set(dir.path(), &["*.lock"], &["*.lock"]);
+        assert!(!has_marker(&s, &root).unwrap());
+        std::fs::write(dir.path().join("bayes.lock"), "x").unwrap();
+        assert!(has_marker(&s, &root).unwrap(), "marker at the root");
+        std::fs::remove_file(dir.path().join("bayes.lock")).unwrap();
+        std::fs::create_dir_all(dir.path().join("spool/.ssh")).unwrap();
+        std::fs::write(dir.path().join("spool/db.lock"), "x").unwrap();
+        assert!(has_marker(&s, &root).unwrap(), "marker in a subdirectory");
     }
 }

@@ -8,7 +8,7 @@
 use serde_json::{json, Value};
 
 use crate::config::NodeId;
-use crate::raft_core::NodeView;
+use crate::raft_core::{NodeView, Role};
 
 /// Every node's view as gathered by one node.
 #[derive(Debug, Clone, PartialEq)]
@@ -46,6 +46,7 @@ pub struct FilesView {
     pub wire_bytes_sent: u64,
     pub quarantined: u64,
     pub on_change_failures: u64,
+    pub role_hook_failures: u64,
 }
 
 /// One sync set on one node.
@@ -218,6 +219,8 @@ impl ClusterStatus {
                     "wire_bytes_sent": n.files.as_ref().map(|f| f.wire_bytes_sent),
                     "quarantined": n.files.as_ref().map(|f| f.quarantined),
                     "on_change_failures": n.files.as_ref().map(|f| f.on_change_failures),
+                    "role_hook_failures": n.files.as_ref().map(|f| f.role_hook_failures),
+                    "stale_term_messages": v.stale_term_messages,
                 }),
                 None => json!({
                     "id": n.id,
@@ -351,6 +354,157 @@ impl ClusterStatus {
         out.push('\n');
         out.push_str(&aligned(&rows));
     }
+}
+
+/// Why `clusterctl promote` cannot go ahead (yet).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PlanError {
+    /// Never possible as asked (unknown node, a witness): fail at once.
+    Invalid(String),
+    /// Not possible this instant (no leader, target unreachable): retry until the deadline.
+    NotNow(String),
+}
+
+/// What a planned switchover to `target` needs, judged from one gathered
+/// status: it must not lose or quarantine anything, so the target must have
+/// applied every entry committed when the switchover was asked for and hold
+/// every committed file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PromotePlan {
+    pub leader: NodeId,
+    pub term: u64,
+    pub target: NodeId,
+    /// The index the target must have applied before the transfer.
+    pub must_apply: u64,
+    pub target_applied: u64,
+    /// Sets the target still lacks committed files of: (name, files missing).
+    pub missing: Vec<(String, u64)>,
+    /// Sets the target has not applied because a `skip_while` marker exists there.
+    pub skipping: Vec<String>,
+}
+
+impl PromotePlan {
+    pub fn already_leads(&self) -> bool {
+        self.leader == self.target
+    }
+
+    /// True once the transfer cannot lose or quarantine a committed change.
+    pub fn caught_up(&self) -> bool {
+        self.target_applied >= self.must_apply
+            && self.missing.is_empty()
+            && self.skipping.is_empty()
+    }
+
+    /// What still stands between the target and the transfer.
+    pub fn waiting_for(&self) -> String {
+        let mut parts = Vec::new();
+        if self.target_applied < self.must_apply {
+            parts.push(format!(
+                "it has applied entry {} of {}",
+                self.target_applied, self.must_apply
+            ));
+        }
+        for (set, n) in &self.missing {
+            parts.push(format!(
+                "it still lacks {n} committed file(s) of set {set:?}"
+            ));
+        }
+        for set in &self.skipping {
+            parts.push(format!(
+                "set {set:?} waits there for a skip_while marker to disappear"
+            ));
+        }
+        parts.join("; ")
+    }
+
+    /// The `--dry-run` answer.
+    pub fn describe(&self) -> String {
+        if self.already_leads() {
+            return format!(
+                "node {} already leads (term {}): promote would do nothing",
+                self.target, self.term
+            );
+        }
+        let then = format!(
+            "then node {} hands leadership over (proposals pause for at most an election timeout) and node {} becomes the source of every sync set",
+            self.leader, self.target
+        );
+        if self.caught_up() {
+            format!(
+                "node {} leads term {}; node {} has applied every committed entry ({}) and holds every committed file, so promote would start at once; {then}. Nothing was changed.",
+                self.leader, self.term, self.target, self.must_apply
+            )
+        } else {
+            format!(
+                "node {} leads term {}; promote would first wait until node {} has caught up ({}), {then}. Nothing was changed.",
+                self.leader,
+                self.term,
+                self.target,
+                self.waiting_for()
+            )
+        }
+    }
+}
+
+/// Plans a switchover to `target`. `must_apply` pins the index to reach
+/// (the leader's commit index when the promote began); `None` takes the
+/// leader's commit index now.
+pub fn promote_plan(
+    status: &ClusterStatus,
+    target: NodeId,
+    must_apply: Option<u64>,
+) -> Result<PromotePlan, PlanError> {
+    let members: Vec<NodeId> = status.nodes.iter().map(|n| n.id).collect();
+    let Some(entry) = status.nodes.iter().find(|n| n.id == target) else {
+        let list: Vec<String> = members.iter().map(|m| m.to_string()).collect();
+        return Err(PlanError::Invalid(format!(
+            "node {target} is not a member of this cluster (members: {})",
+            list.join(", ")
+        )));
+    };
+    let Some(leader) = status.leader() else {
+        return Err(PlanError::NotNow(
+            "no leader is known: the cluster is electing one or lacks a majority".to_string(),
+        ));
+    };
+    let Some(view) = entry.view.as_ref() else {
+        return Err(PlanError::NotNow(format!(
+            "node {target} is unreachable from node {}: {}",
+            status.node_id,
+            entry.error.as_deref().unwrap_or("no answer")
+        )));
+    };
+    if view.role == Role::Witness {
+        return Err(PlanError::Invalid(format!(
+            "node {target} is a witness: it votes but holds no files, so it cannot lead"
+        )));
+    }
+    let Some(leader_view) = status.leader_view() else {
+        return Err(PlanError::NotNow(format!(
+            "the leader, node {leader}, is unreachable from node {}",
+            status.node_id
+        )));
+    };
+    let sets = entry.files.as_ref().map_or(&[][..], |f| &f.sets[..]);
+    let missing = sets
+        .iter()
+        .filter(|s| s.missing > 0)
+        .map(|s| (s.name.clone(), s.missing))
+        .collect();
+    let skipping = sets
+        .iter()
+        .filter(|s| s.skipping)
+        .map(|s| s.name.clone())
+        .collect();
+    Ok(PromotePlan {
+        leader,
+        term: leader_view.term,
+        target,
+        must_apply: must_apply.unwrap_or(leader_view.commit_index),
+        target_applied: view.applied_index,
+        missing,
+        skipping,
+    })
 }
 
 /// Thresholds of `clusterctl check`, the Nagios/Icinga plugin.
@@ -523,6 +677,7 @@ mod tests {
             applied_index: applied,
             first_index: 1,
             last_index: 120,
+            stale_term_messages: 0,
             progress: if role == Role::Leader {
                 vec![
                     PeerProgress {
@@ -585,6 +740,98 @@ mod tests {
                 },
             ],
         }
+    }
+
+    #[test]
+    fn promote_waits_for_the_applied_index_pinned_at_the_start_and_missing_files() {
+        let mut st = sample();
+        let plan = promote_plan(&st, 2, None).unwrap();
+        assert_eq!(
+            (plan.leader, plan.term, plan.must_apply, plan.target_applied),
+            (1, 7, 120, 100)
+        );
+        assert!(!plan.caught_up());
+        assert_eq!(plan.waiting_for(), "it has applied entry 100 of 120");
+        assert!(
+            plan.describe()
+                .contains("would first wait until node 2 has caught up"),
+            "{}",
+            plan.describe()
+        );
+        assert!(plan.describe().ends_with("Nothing was changed."));
+
+        // The leader committing more meanwhile does not move the goal post.
+        st.nodes[0].view.as_mut().unwrap().commit_index = 500;
+        st.nodes[1].view.as_mut().unwrap().applied_index = 120;
+        st.nodes[1].files = Some(FilesView {
+            sets: vec![SetView {
+                name: "tacacs".into(),
+                missing: 2,
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
+        let plan = promote_plan(&st, 2, Some(120)).unwrap();
+        assert!(
+            !plan.caught_up(),
+            "committed files still missing on the target"
+        );
+        assert_eq!(
+            plan.waiting_for(),
+            "it still lacks 2 committed file(s) of set \"tacacs\""
+        );
+
+        st.nodes[1].files.as_mut().unwrap().sets[0].missing = 0;
+        st.nodes[1].files.as_mut().unwrap().sets[0].skipping = true;
+        let plan = promote_plan(&st, 2, Some(120)).unwrap();
+        assert_eq!(
+            plan.waiting_for(),
+            "set \"tacacs\" waits there for a skip_while marker to disappear"
+        );
+        st.nodes[1].files.as_mut().unwrap().sets[0].skipping = false;
+        let plan = promote_plan(&st, 2, Some(120)).unwrap();
+        assert!(plan.caught_up());
+        assert!(
+            plan.describe().contains("promote would start at once"),
+            "{}",
+            plan.describe()
+        );
+
+        let plan = promote_plan(&st, 1, None).unwrap();
+        assert!(plan.already_leads());
+        assert!(plan.describe().contains("already leads"));
+    }
+
+    #[test]
+    fn promote_refuses_strangers_and_witnesses_and_waits_out_unreachable_nodes() {
+        let mut st = sample();
+        match promote_plan(&st, 9, None) {
+            Err(PlanError::Invalid(why)) => {
+                assert_eq!(
+                    why,
+                    "node 9 is not a member of this cluster (members: 1, 2, 3)"
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+        match promote_plan(&st, 3, None) {
+            Err(PlanError::NotNow(why)) => {
+                assert_eq!(why, "node 3 is unreachable from node 2: connection refused")
+            }
+            other => panic!("{other:?}"),
+        }
+        st.nodes[1].view.as_mut().unwrap().role = Role::Witness;
+        assert!(
+            matches!(promote_plan(&st, 2, None), Err(PlanError::Invalid(w)) if w.contains("is a witness"))
+        );
+        for n in &mut st.nodes {
+            if let Some(v) = n.view.as_mut() {
+                v.leader = None;
+            }
+        }
+        assert!(
+            matches!(promote_plan(&st, 1, None), Err(PlanError::NotNow(w)) if w.starts_with("no leader is known"))
+        );
     }
 
     #[test]

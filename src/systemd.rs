@@ -109,6 +109,7 @@ mod tests {
             first_index: 1,
             last_index: 10,
             progress: vec![],
+            stale_term_messages: 0,
         }
     }
 

@@ -580,3 +580,39 @@ pub fn append_pseudo_random(path: &Path, seed: u64, len: u64) {
         left -= n as u64;
     }
 }
+
+// ---------------------------------------------------------------------------
+// Quarantine and leadership order (failover tests)
+// ---------------------------------------------------------------------------
+
+/// Node `id`'s `data_dir/quarantine` as a tree (set aside copies and the
+/// record file; the layout below it is clusterd's, not fixed here).
+#[track_caller]
+pub fn quarantine_tree(c: &Cluster, id: u64) -> Tree {
+    snapshot(&c.node(id).data_dir.join("quarantine"))
+}
+
+/// Node `id`'s `clusterctl conflicts --json`: its quarantine records.
+pub fn conflict_records(c: &Cluster, id: u64) -> Result<Vec<Value>, String> {
+    let out = c.ctl(id, &["conflicts", "--json"], super::STATUS_TIMEOUT);
+    if !out.success() {
+        return Err(format!("node {id}: clusterctl conflicts --json: {out}"));
+    }
+    match serde_json::from_str::<Value>(out.stdout.trim()) {
+        Ok(Value::Array(records)) => Ok(records),
+        Ok(other) => Err(format!(
+            "node {id}: conflicts --json is not an array: {other}"
+        )),
+        Err(e) => Err(format!(
+            "node {id}: conflicts --json is not JSON ({e}): {out}"
+        )),
+    }
+}
+
+/// `leader` followed by the other nodes of `ids`: the order the tree
+/// comparisons use (everyone against the source).
+pub fn leader_then(leader: u64, ids: &[u64]) -> Vec<u64> {
+    let mut out = vec![leader];
+    out.extend(ids.iter().copied().filter(|&i| i != leader));
+    out
+}

@@ -44,11 +44,16 @@ enum Command {
         #[arg(long)]
         watch: bool,
     },
-    /// Hand leadership to NODE once it has caught up; exits 0 when it leads.
+    /// Hand leadership to NODE once it has applied everything committed and
+    /// holds every committed file (a planned switchover loses and
+    /// quarantines nothing); exits 0 when it leads.
     Promote {
         node: u64,
         #[arg(long, default_value_t = 15_000)]
         timeout_ms: u64,
+        /// Only say what would happen (who leads, what NODE still lacks).
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Commit a no-op through the leader and wait until it is applied here:
     /// proves the cluster accepts changes.
@@ -255,14 +260,23 @@ async fn run(args: Args) -> Result<ExitCode> {
             println!("{line}");
             Ok(ExitCode::from(code as u8))
         }
-        Command::Promote { node, timeout_ms } => {
+        Command::Promote {
+            node,
+            timeout_ms,
+            dry_run,
+        } => {
             let mut client = admin::connect(&socket_path(&args)?).await?;
             let mut req = tonic::Request::new(PromoteRequest {
                 target: *node,
                 timeout_ms: *timeout_ms,
+                dry_run: *dry_run,
             });
             req.set_timeout(Duration::from_millis(*timeout_ms + 2_000));
             match client.promote(req).await {
+                Ok(r) if *dry_run => {
+                    println!("{}", r.get_ref().plan);
+                    Ok(ExitCode::SUCCESS)
+                }
                 Ok(r) => {
                     println!("node {node} is the leader (term {})", r.get_ref().term);
                     Ok(ExitCode::SUCCESS)
