@@ -119,6 +119,8 @@ struct Sim {
     in_flight: VecDeque<Message>,
     logger: slog::Logger,
     options: CoreOptions,
+    /// Messages lost on cut links, for tests that deliver them late.
+    dropped: Vec<Message>,
 }
 
 impl Sim {
@@ -135,6 +137,7 @@ impl Sim {
             in_flight: VecDeque::new(),
             logger,
             options,
+            dropped: Vec::new(),
         };
         for id in 1..=n {
             let log = MemLog {
@@ -226,6 +229,7 @@ impl Sim {
             }
             while let Some(m) = self.in_flight.pop_front() {
                 if self.cut.contains(&(m.from, m.to)) {
+                    self.dropped.push(m);
                     continue;
                 }
                 if let Some(core) = self.nodes.get_mut(&m.to).and_then(|n| n.core.as_mut()) {
@@ -341,6 +345,63 @@ fn isolated_leader_steps_down_and_its_proposals_never_apply() {
         );
     }
     assert_eq!(sim.core(old).leader(), Some(new));
+}
+
+/// A deposed leader's messages that arrive late (held up in a partition)
+/// carry its old term: they are rejected, counted for status, and what they
+/// carry never applies (invariant 1, and issue 4's stale-leader rule).
+#[test]
+fn late_messages_of_a_deposed_leader_are_rejected_and_counted() {
+    let mut sim = Sim::new(3);
+    let old = sim.elect();
+    let old_term = sim.core(old).term();
+    sim.isolate(old);
+    sim.dropped.clear();
+    sim.barrier(old, 777).unwrap();
+    sim.tick(); // a heartbeat round, lost too
+    let late: Vec<Message> = std::mem::take(&mut sim.dropped)
+        .into_iter()
+        .filter(|m| m.from == old && m.term == old_term)
+        .collect();
+    assert!(
+        late.iter().any(|m| m.get_msg_type() == MessageType::MsgAppend),
+        "the isolated leader sent its proposal: {late:?}"
+    );
+    sim.run_until(300, "the majority elects a new leader", |s| {
+        s.leaders().iter().any(|l| *l != old)
+    });
+    let new = *sim.leaders().iter().find(|l| **l != old).unwrap();
+    let others: Vec<NodeId> = (1..=3).filter(|id| *id != old).collect();
+    let before: Vec<u64> = others
+        .iter()
+        .map(|id| sim.core(*id).view().stale_term_messages)
+        .collect();
+    for m in &late {
+        if let Some(core) = sim.nodes.get_mut(&m.to).and_then(|n| n.core.as_mut()) {
+            core.step(m.clone()).unwrap();
+        }
+    }
+    sim.settle();
+    for (id, before) in others.iter().zip(before) {
+        let view = sim.core(*id).view();
+        assert!(
+            view.stale_term_messages > before,
+            "node {id} did not count the late messages of term {old_term}"
+        );
+        assert!(view.term > old_term);
+        assert_eq!(sim.core(*id).leader(), Some(new));
+    }
+    sim.barrier(new, 778).unwrap();
+    sim.heal();
+    sim.run_until(100, "everyone applies the new leader's barrier", |s| {
+        (1..=3).all(|id| s.applied_barrier(id, 778))
+    });
+    for id in 1..=3 {
+        assert!(
+            !sim.applied_barrier(id, 777),
+            "node {id} applied what a deposed leader proposed"
+        );
+    }
 }
 
 #[test]
