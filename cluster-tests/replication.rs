@@ -757,9 +757,17 @@ fn a_hand_edit_on_a_follower_is_quarantined_before_replacement() {
     );
     let none = c.ctl(untouched, &["conflicts", "--json"], STATUS_TIMEOUT);
     assert_eq!(none.stdout.trim(), "[]", "{none:?}");
-    // And status counts it.
+    // And status counts it, and the monitoring check warns about it.
     let counted = node_counter(&c, edited, edited, "quarantined").unwrap();
     assert_eq!(counted, 1);
+    let check = c.ctl(leader, &["check"], STATUS_TIMEOUT);
+    assert!(
+        check.code == Some(1)
+            && check
+                .stdout
+                .contains(&format!("quarantine not empty (node {edited}: 1;")),
+        "{check:?}"
+    );
 }
 
 /// A follower that starts with files of its own in a published mirror set

@@ -508,7 +508,7 @@ pub fn promote_plan(
 }
 
 /// Thresholds of `clusterctl check`, the Nagios/Icinga plugin.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct CheckThresholds {
     /// WARNING when some node is this many committed entries behind.
     pub lag_warn: u64,
@@ -518,6 +518,16 @@ pub struct CheckThresholds {
     pub cert_warn_days: i64,
     /// CRITICAL when a node's certificate expires within this many days.
     pub cert_crit_days: i64,
+    /// WARNING when a node's copy of some set is this many seconds behind
+    /// the leader's (since the oldest batch it has not applied was committed).
+    pub lag_warn_secs: f64,
+    /// CRITICAL at this many seconds behind.
+    pub lag_crit_secs: f64,
+    /// WARNING when some node holds at least this many quarantined versions
+    /// (0: never).
+    pub quarantine_warn: u64,
+    /// CRITICAL at this many (0: never).
+    pub quarantine_crit: u64,
 }
 
 impl Default for CheckThresholds {
@@ -527,6 +537,10 @@ impl Default for CheckThresholds {
             lag_crit: 1000,
             cert_warn_days: 30,
             cert_crit_days: 7,
+            lag_warn_secs: 60.0,
+            lag_crit_secs: 300.0,
+            quarantine_warn: 1,
+            quarantine_crit: 0,
         }
     }
 }
@@ -617,6 +631,56 @@ pub fn check(status: &ClusterStatus, t: &CheckThresholds, now_unix: u64) -> (Che
         };
         raise(c, format!("max lag {lag} entries"));
     }
+    let now_ms = now_unix.saturating_mul(1000);
+    let set_lag_secs = status.leader_files().and_then(|leader| {
+        status
+            .nodes
+            .iter()
+            .filter_map(|n| Some((n.id, n.files.as_ref()?)))
+            .flat_map(|(id, f)| f.sets.iter().map(move |s| (id, s)))
+            .filter_map(|(id, s)| {
+                let l = leader.sets.iter().find(|x| x.name == s.name)?;
+                Some((id, s.name.as_str(), set_lag(l, s, now_ms).seconds))
+            })
+            .max_by(|a, b| a.2.total_cmp(&b.2))
+    });
+    if let Some((id, set, secs)) = set_lag_secs.filter(|(_, _, secs)| *secs > 0.0) {
+        let c = if secs >= t.lag_crit_secs {
+            CheckCode::Critical
+        } else if secs >= t.lag_warn_secs {
+            CheckCode::Warning
+        } else {
+            CheckCode::Ok
+        };
+        raise(c, format!("node {id} is {secs:.1} s behind in set {set:?}"));
+    }
+    let quarantined: Vec<(NodeId, u64)> = status
+        .nodes
+        .iter()
+        .filter_map(|n| Some((n.id, n.files.as_ref()?.quarantined)))
+        .filter(|(_, q)| *q > 0)
+        .collect();
+    let most_quarantined = quarantined.iter().map(|(_, q)| *q).max().unwrap_or(0);
+    if !quarantined.is_empty() {
+        let c = if t.quarantine_crit > 0 && most_quarantined >= t.quarantine_crit {
+            CheckCode::Critical
+        } else if t.quarantine_warn > 0 && most_quarantined >= t.quarantine_warn {
+            CheckCode::Warning
+        } else {
+            CheckCode::Ok
+        };
+        let list: Vec<String> = quarantined
+            .iter()
+            .map(|(id, q)| format!("node {id}: {q}"))
+            .collect();
+        raise(
+            c,
+            format!(
+                "quarantine not empty ({}; `clusterctl conflicts` on each lists them)",
+                list.join(", ")
+            ),
+        );
+    }
     let soonest = status
         .nodes
         .iter()
@@ -645,6 +709,20 @@ pub fn check(status: &ClusterStatus, t: &CheckThresholds, now_unix: u64) -> (Che
         t.lag_crit,
         status.term()
     );
+    if let Some((_, _, secs)) = set_lag_secs {
+        perf.push_str(&format!(
+            " max_set_lag_seconds={secs:.1}s;{};{};0;",
+            t.lag_warn_secs, t.lag_crit_secs
+        ));
+    }
+    if status.nodes.iter().any(|n| n.files.is_some()) {
+        let opt = |v: u64| if v == 0 { String::new() } else { v.to_string() };
+        perf.push_str(&format!(
+            " quarantined={most_quarantined};{};{};0;",
+            opt(t.quarantine_warn),
+            opt(t.quarantine_crit)
+        ));
+    }
     if let Some((_, days)) = soonest {
         perf.push_str(&format!(
             " cert_days_left={days};{};{};;",
@@ -858,6 +936,63 @@ mod tests {
         assert_eq!(nodes[1]["match_index"], 110);
         assert_eq!(nodes[2]["role"], "unknown");
         assert_eq!(nodes[2]["reachable"], false);
+    }
+
+    #[test]
+    fn check_judges_set_lag_in_seconds_and_a_non_empty_quarantine() {
+        let t = CheckThresholds::default();
+        let mut s = sample();
+        s.nodes[2] = NodeEntry {
+            view: Some(view(3, Role::Follower, 120)),
+            reachable: true,
+            error: None,
+            ..s.nodes[2].clone()
+        };
+        s.nodes[1].view.as_mut().unwrap().applied_index = 120;
+        let set = |seq: u64, recent: Vec<(u64, u64)>| SetView {
+            name: "tacacs".into(),
+            seq,
+            recent,
+            ..Default::default()
+        };
+        let files = |set: SetView, quarantined: u64| FilesView {
+            sets: vec![set],
+            quarantined,
+            ..Default::default()
+        };
+        let now_ms = NOW * 1000;
+        // The leader committed batch 5 at now - 90 s; node 2 has applied up to 4.
+        s.nodes[0].files = Some(files(set(5, vec![(4, now_ms - 200_000), (5, now_ms - 90_000)]), 0));
+        s.nodes[1].files = Some(files(set(4, vec![]), 0));
+        s.nodes[2].files = Some(files(set(5, vec![]), 0));
+        let (code, line) = check(&s, &t, NOW);
+        assert_eq!(code, CheckCode::Warning, "{line}");
+        assert!(line.contains("node 2 is 90.0 s behind in set \"tacacs\""), "{line}");
+        assert!(line.contains(" max_set_lag_seconds=90.0s;60;300;0;"), "{line}");
+
+        s.nodes[1].files = Some(files(set(3, vec![]), 0));
+        assert_eq!(check(&s, &t, NOW).0, CheckCode::Warning, "batch 4 is 200 s old");
+        s.nodes[0].files.as_mut().unwrap().sets[0].recent[0].1 = now_ms - 400_000;
+        assert_eq!(check(&s, &t, NOW).0, CheckCode::Critical);
+
+        // Caught up, but node 3 set something aside: WARNING by default,
+        // CRITICAL from --quarantine-crit, silent with --quarantine-warn 0.
+        s.nodes[1].files = Some(files(set(5, vec![]), 0));
+        s.nodes[2].files = Some(files(set(5, vec![]), 2));
+        let (code, line) = check(&s, &t, NOW);
+        assert_eq!(code, CheckCode::Warning, "{line}");
+        assert!(line.contains("quarantine not empty (node 3: 2;"), "{line}");
+        assert!(line.contains(" quarantined=2;1;;0;"), "{line}");
+        let strict = CheckThresholds {
+            quarantine_crit: 2,
+            ..t
+        };
+        assert_eq!(check(&s, &strict, NOW).0, CheckCode::Critical);
+        let relaxed = CheckThresholds {
+            quarantine_warn: 0,
+            ..t
+        };
+        assert_eq!(check(&s, &relaxed, NOW).0, CheckCode::Ok);
     }
 
     #[test]

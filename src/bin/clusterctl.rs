@@ -83,6 +83,18 @@ enum Command {
         /// CRITICAL when a node's certificate expires within this many days.
         #[arg(long, default_value_t = 7)]
         cert_crit_days: i64,
+        /// WARNING when a node's copy of a set is this many seconds behind the leader's.
+        #[arg(long, default_value_t = 60.0)]
+        lag_warn_secs: f64,
+        /// CRITICAL when a node's copy of a set is this many seconds behind.
+        #[arg(long, default_value_t = 300.0)]
+        lag_crit_secs: f64,
+        /// WARNING when a node holds this many quarantined versions (0: never).
+        #[arg(long, default_value_t = 1)]
+        quarantine_warn: u64,
+        /// CRITICAL when a node holds this many quarantined versions (0: never).
+        #[arg(long, default_value_t = 0)]
+        quarantine_crit: u64,
         #[arg(long, default_value_t = 800)]
         peer_timeout_ms: u64,
     },
@@ -227,6 +239,10 @@ async fn run(args: Args) -> Result<ExitCode> {
             lag_crit,
             cert_warn_days,
             cert_crit_days,
+            lag_warn_secs,
+            lag_crit_secs,
+            quarantine_warn,
+            quarantine_crit,
             peer_timeout_ms,
         } => {
             let thresholds = CheckThresholds {
@@ -234,6 +250,10 @@ async fn run(args: Args) -> Result<ExitCode> {
                 lag_crit: *lag_crit,
                 cert_warn_days: *cert_warn_days,
                 cert_crit_days: *cert_crit_days,
+                lag_warn_secs: *lag_warn_secs,
+                lag_crit_secs: *lag_crit_secs,
+                quarantine_warn: *quarantine_warn,
+                quarantine_crit: *quarantine_crit,
             };
             // A plugin must answer with a code in every case: failures to ask are UNKNOWN.
             let status = async {
