@@ -651,8 +651,9 @@ fn a_witness_votes_but_never_leads() {
     c.wait_barrier(3);
 }
 
-/// Under systemd (`Type=notify`): READY once a leader is known, STATUS with
-/// role and leader, watchdog pings while the node task answers.
+/// Under systemd (`Type=notify`): READY once a leader is known and the sync
+/// sets are reconciled, STATUS with role and leader, watchdog pings while the
+/// node task answers.
 #[test]
 fn systemd_notifications_report_ready_status_and_watchdog() {
     use std::os::unix::net::UnixDatagram;
@@ -662,6 +663,7 @@ fn systemd_notifications_report_ready_status_and_watchdog() {
     sock.set_read_timeout(Some(Duration::from_millis(200)))
         .unwrap();
     let c = Cluster::builder(3)
+        .sync_set("conf", "mirror", "")
         .env("NOTIFY_SOCKET", sock_path.to_str().unwrap())
         .env("WATCHDOG_USEC", "600000")
         .start();

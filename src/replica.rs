@@ -177,6 +177,10 @@ pub struct Shared {
     /// The Raft term this node is in, for quarantine records made outside
     /// the apply of an entry (reconciles).
     pub term: AtomicU64,
+    /// The start-up reconcile is done: as a follower, its trees were squared
+    /// with what the cluster committed; as the leader, its first full pass
+    /// was proposed. systemd's READY waits for it.
+    pub start_reconciled: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -292,6 +296,7 @@ pub fn open_shared(config: &Config) -> Result<Arc<Shared>, FilesStoreError> {
         config.sync.iter().map(SetRuntime::from_config).collect()
     };
     let _ = std::fs::create_dir_all(config.node.data_dir.join("staging"));
+    let no_sets = sets.is_empty();
     let shared = Arc::new(Shared {
         node_id: config.node.id,
         witness: config.node.witness,
@@ -316,6 +321,7 @@ pub fn open_shared(config: &Config) -> Result<Arc<Shared>, FilesStoreError> {
         fetch_wakeup: Notify::new(),
         leading: std::sync::atomic::AtomicBool::new(false),
         term: AtomicU64::new(0),
+        start_reconciled: std::sync::atomic::AtomicBool::new(no_sets),
     });
     // Quarantine records are never deleted automatically: the count shown
     // is of all of them, not only of this run's.
@@ -680,6 +686,7 @@ impl Applier {
                         self.deferred.insert(set.name.clone());
                     }
                     self.retry_deferred();
+                    self.shared.start_reconciled.store(true, Ordering::SeqCst);
                     Ok(())
                 }
                 ApplyMsg::Tick => {

@@ -137,7 +137,12 @@ impl Source {
                 })
                 .await;
                 match result {
-                    Ok((Ok(()), left)) => dirty = left,
+                    Ok((Ok(()), left)) => {
+                        dirty = left;
+                        self.shared
+                            .start_reconciled
+                            .store(true, std::sync::atomic::Ordering::SeqCst);
+                    }
                     Ok((Err(e), _)) => {
                         info!(term, "stopped proposing: {e}");
                         return;

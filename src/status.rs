@@ -962,16 +962,29 @@ mod tests {
         };
         let now_ms = NOW * 1000;
         // The leader committed batch 5 at now - 90 s; node 2 has applied up to 4.
-        s.nodes[0].files = Some(files(set(5, vec![(4, now_ms - 200_000), (5, now_ms - 90_000)]), 0));
+        s.nodes[0].files = Some(files(
+            set(5, vec![(4, now_ms - 200_000), (5, now_ms - 90_000)]),
+            0,
+        ));
         s.nodes[1].files = Some(files(set(4, vec![]), 0));
         s.nodes[2].files = Some(files(set(5, vec![]), 0));
         let (code, line) = check(&s, &t, NOW);
         assert_eq!(code, CheckCode::Warning, "{line}");
-        assert!(line.contains("node 2 is 90.0 s behind in set \"tacacs\""), "{line}");
-        assert!(line.contains(" max_set_lag_seconds=90.0s;60;300;0;"), "{line}");
+        assert!(
+            line.contains("node 2 is 90.0 s behind in set \"tacacs\""),
+            "{line}"
+        );
+        assert!(
+            line.contains(" max_set_lag_seconds=90.0s;60;300;0;"),
+            "{line}"
+        );
 
         s.nodes[1].files = Some(files(set(3, vec![]), 0));
-        assert_eq!(check(&s, &t, NOW).0, CheckCode::Warning, "batch 4 is 200 s old");
+        assert_eq!(
+            check(&s, &t, NOW).0,
+            CheckCode::Warning,
+            "batch 4 is 200 s old"
+        );
         s.nodes[0].files.as_mut().unwrap().sets[0].recent[0].1 = now_ms - 400_000;
         assert_eq!(check(&s, &t, NOW).0, CheckCode::Critical);
 

@@ -1,6 +1,7 @@
 //! systemd integration (`Type=notify`): READY once the node has joined a
-//! cluster with a leader, STATUS with role, leader, term and lag, WATCHDOG
-//! pings only while the node task answers, STOPPING when shutdown begins.
+//! cluster with a leader and finished its start-up reconcile, STATUS with
+//! role, leader, term and lag, WATCHDOG pings only while the node task
+//! answers, STOPPING when shutdown begins.
 //!
 //! Everything here is a no-op when the process is not run by systemd
 //! (`NOTIFY_SOCKET` unset), so the same binary runs in a terminal or a test.
@@ -18,6 +19,11 @@ use crate::raft_core::NodeView;
 /// node must not hold `systemctl start` hostage while the rest of the
 /// cluster is still booting; STATUS then says it waits for a majority.
 const READY_AT_THE_LATEST: Duration = Duration::from_secs(10);
+
+/// How much longer READY may wait for the start-up reconcile of the sync
+/// sets (well inside systemd's default 90 s start timeout); a node still
+/// catching up after that says so in STATUS and `clusterctl status`.
+const RECONCILED_AT_THE_LATEST: Duration = Duration::from_secs(60);
 
 /// The one-line STATUS systemd shows in `systemctl status clusterd`.
 pub fn status_line(view: &NodeView) -> String {
@@ -54,6 +60,26 @@ pub async fn supervise(node: NodeHandle, mut stop: watch::Receiver<bool>) {
     let _ = node
         .wait_view(READY_AT_THE_LATEST, |v| v.leader.is_some())
         .await;
+    // Then the start-up reconcile: a node is not ready to be a follower
+    // (or the source) while its trees still differ from what was committed.
+    if let Some(files) = node.files() {
+        let deadline = tokio::time::Instant::now() + RECONCILED_AT_THE_LATEST;
+        let mut told = false;
+        while !files
+            .start_reconciled
+            .load(std::sync::atomic::Ordering::SeqCst)
+            && tokio::time::Instant::now() < deadline
+            && !*stop.borrow()
+        {
+            if !told {
+                notify(&[NotifyState::Status(
+                    "catching up: squaring the sync sets with what the cluster committed",
+                )]);
+                told = true;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
     notify(&[
         NotifyState::Ready,
         NotifyState::Status(&status_line(&node.view())),

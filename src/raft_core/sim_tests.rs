@@ -364,7 +364,8 @@ fn late_messages_of_a_deposed_leader_are_rejected_and_counted() {
         .filter(|m| m.from == old && m.term == old_term)
         .collect();
     assert!(
-        late.iter().any(|m| m.get_msg_type() == MessageType::MsgAppend),
+        late.iter()
+            .any(|m| m.get_msg_type() == MessageType::MsgAppend),
         "the isolated leader sent its proposal: {late:?}"
     );
     sim.run_until(300, "the majority elects a new leader", |s| {
