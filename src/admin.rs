@@ -15,7 +15,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio_stream::wrappers::UnixListenerStream;
 use tonic::transport::{Channel, Endpoint, Uri};
 use tonic::{Request, Response, Status};
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::config::NodeId;
 use crate::node::{NodeError, NodeHandle, RequestError};
@@ -27,6 +27,7 @@ use crate::proto::admin::{
 };
 use crate::proto::peer::{BarrierReply, BarrierRequest, NodeStatusRequest, TransferRequest};
 use crate::status::{promote_plan, ClusterStatus, NodeEntry, PlanError, PromotePlan};
+use crate::tls::AdminCaller;
 use crate::transport::Transport;
 
 /// Default deadline for asking one peer for its status.
@@ -72,6 +73,58 @@ pub fn bind_socket(path: &Path) -> Result<UnixListener, NodeError> {
     Ok(listener)
 }
 
+/// Who called over the remote admin port, and from where.
+#[derive(Debug, Clone)]
+pub struct RemoteCaller {
+    pub caller: AdminCaller,
+    pub remote: std::net::SocketAddr,
+}
+
+/// Refuses a change (promote, barrier) to callers that are not
+/// administrators. The local socket (root only, mode 0600) carries no
+/// caller: it is always allowed.
+fn require_admin<T>(req: &Request<T>, what: &str) -> Result<(), Status> {
+    match req.extensions().get::<RemoteCaller>() {
+        None => Ok(()),
+        Some(RemoteCaller {
+            caller: AdminCaller::Admin(name),
+            remote,
+        }) => {
+            info!(admin = %name, %remote, "{what} by admin {name} from {remote}");
+            Ok(())
+        }
+        Some(RemoteCaller { caller, remote }) => {
+            warn!(%remote, "refused {what} from {caller} at {remote}: not an admin certificate");
+            Err(Status::permission_denied(format!(
+                "{what} needs an admin certificate; the certificate of {caller} may only read status and conflicts (make one with `clusterctl certs admin --out DIR --name NAME`)"
+            )))
+        }
+    }
+}
+
+/// The remote admin port: mutual TLS against the cluster CA; callers with
+/// an admin certificate may do everything the local socket allows, callers
+/// with a node certificate only read.
+pub fn remote_incoming(
+    listener: tokio::net::TcpListener,
+    tls: crate::tls::LiveTls,
+) -> tokio_stream::wrappers::ReceiverStream<std::io::Result<crate::peer::AuthedConn<RemoteCaller>>>
+{
+    crate::peer::accept_authenticated(
+        listener,
+        tls,
+        "admin client",
+        crate::tls::PeerTls::admin_acceptor,
+        |stream, remote| {
+            let leaf =
+                crate::tls::peer_leaf(stream.get_ref().1).ok_or("it presented no certificate")?;
+            let caller = crate::tls::admin_caller_from_cert(leaf).map_err(|e| e.to_string())?;
+            Ok(RemoteCaller { caller, remote })
+        },
+    )
+}
+
+#[derive(Clone)]
 pub struct AdminService {
     node: NodeHandle,
     transport: Transport,
@@ -80,6 +133,21 @@ pub struct AdminService {
 impl AdminService {
     pub fn new(node: NodeHandle, transport: Transport) -> Self {
         AdminService { node, transport }
+    }
+
+    /// Serves the remote admin port on authenticated connections.
+    pub async fn serve_remote(
+        self,
+        incoming: tokio_stream::wrappers::ReceiverStream<
+            std::io::Result<crate::peer::AuthedConn<RemoteCaller>>,
+        >,
+        shutdown: impl std::future::Future<Output = ()> + Send,
+    ) -> Result<(), tonic::transport::Error> {
+        tonic::transport::Server::builder()
+            .timeout(Duration::from_secs(620))
+            .add_service(AdminServer::new(self))
+            .serve_with_incoming_shutdown(incoming, shutdown)
+            .await
     }
 
     pub async fn serve(
@@ -387,6 +455,9 @@ impl Admin for AdminService {
         &self,
         req: Request<PromoteRequest>,
     ) -> Result<Response<PromoteReply>, Status> {
+        if !req.get_ref().dry_run {
+            require_admin(&req, "promote")?;
+        }
         let r = req.into_inner();
         let wait = Duration::from_millis(if r.timeout_ms == 0 {
             10_000
@@ -432,6 +503,7 @@ impl Admin for AdminService {
         &self,
         req: Request<BarrierRequest>,
     ) -> Result<Response<BarrierReply>, Status> {
+        require_admin(&req, "barrier")?;
         let ms = req.get_ref().timeout_ms;
         let wait = Duration::from_millis(if ms == 0 { 5_000 } else { ms.min(600_000) });
         let index = AdminService::barrier(self, wait)
@@ -460,8 +532,49 @@ pub async fn connect(socket: &Path) -> Result<AdminClient<Channel>, ClientError>
     Ok(AdminClient::new(channel))
 }
 
+/// Connects `clusterctl --remote` to node `node_id`'s remote admin port at
+/// `addr` over mutual TLS; the server must prove it is that node.
+pub async fn connect_remote(
+    addr: &str,
+    node_id: NodeId,
+    tls: &crate::tls::TlsPaths,
+) -> Result<AdminClient<Channel>, ClientError> {
+    let config = crate::tls::admin_client_config(tls).map_err(|e| ClientError::Tls {
+        reason: e.to_string(),
+    })?;
+    let connector = tokio_rustls::TlsConnector::from(config);
+    let target = addr.to_string();
+    let channel = Endpoint::from_static("http://clusterd.admin")
+        .connect_timeout(Duration::from_secs(5))
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let (target, connector) = (target.clone(), connector.clone());
+            async move {
+                let tcp = tokio::net::TcpStream::connect(&target).await?;
+                let tls = connector
+                    .connect(crate::tls::PeerTls::server_name(node_id), tcp)
+                    .await?;
+                Ok::<_, std::io::Error>(TokioIo::new(tls))
+            }
+        }))
+        .await
+        .map_err(|e| ClientError::Remote {
+            addr: addr.to_string(),
+            node_id,
+            reason: crate::logging::error_chain(&e),
+        })?;
+    Ok(AdminClient::new(channel))
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error("cannot reach clusterd at {socket}: {reason}; is clusterd running, and is this the right socket (--socket, or node.admin_socket in --config)?")]
     Connect { socket: String, reason: String },
+    #[error("cannot reach node {node_id}'s remote admin port at {addr}: {reason}; check [admin] listen on that node, --node-id, and that --tls-cert is an admin certificate of this cluster's CA")]
+    Remote {
+        addr: String,
+        node_id: NodeId,
+        reason: String,
+    },
+    #[error("cannot load the TLS files for --remote: {reason}")]
+    Tls { reason: String },
 }

@@ -106,6 +106,12 @@ pub enum CertError {
     },
     #[error("cannot generate {what}: {reason}")]
     Generate { what: String, reason: String },
+    #[error("admin name {0:?} is not usable; use 1 to 32 lowercase letters, digits and '-' (e.g. --name alice)")]
+    BadAdminName(String),
+    #[error("there is no CA in {dir} (ca.crt and ca.key); run `clusterctl certs admin` in the directory where `clusterctl certs init` made the CA")]
+    NoCa { dir: PathBuf },
+    #[error("{path} already exists; move it and its key away to issue a new admin certificate")]
+    AdminExists { path: PathBuf },
 }
 
 /// Creates (or reuses) the cluster CA in `out` and issues a certificate and
@@ -410,16 +416,74 @@ fn issue_node(
     validity_days: u32,
     now: OffsetDateTime,
 ) -> Result<(String, String), CertError> {
+    issue_leaf(
+        ca,
+        &node_dns_name(id),
+        &format!("clusterd node {id}"),
+        validity_days,
+        now,
+    )
+}
+
+/// Issues an administrator's certificate `admin-<name>.crt`/`.key` in `out`
+/// under the CA there: it lets `clusterctl --remote` call every admin RPC on
+/// a node's `[admin] listen` port. Refuses to overwrite an existing one.
+pub fn issue_admin(out: &Path, name: &str, validity_days: u32) -> Result<CertsReport, CertError> {
+    if !crate::tls::valid_admin_name(name) {
+        return Err(CertError::BadAdminName(name.to_string()));
+    }
+    if validity_days == 0 {
+        return Err(CertError::ZeroValidity);
+    }
+    let (ca_cert_path, ca_key_path) = (out.join(CA_CERT_FILE), out.join(CA_KEY_FILE));
+    if !(exists(&ca_cert_path)? && exists(&ca_key_path)?) {
+        return Err(CertError::NoCa {
+            dir: out.to_path_buf(),
+        });
+    }
+    let crt = out.join(format!("admin-{name}.crt"));
+    let key = out.join(format!("admin-{name}.key"));
+    for p in [&crt, &key] {
+        if exists(p)? {
+            return Err(CertError::AdminExists { path: p.clone() });
+        }
+    }
+    let now = OffsetDateTime::now_utc();
+    let ca = load_ca(&ca_cert_path, &ca_key_path, now)?;
+    let (cert_pem, key_pem) = issue_leaf(
+        &ca,
+        &crate::tls::admin_dns_name(name),
+        &format!("clusterd admin {name}"),
+        validity_days,
+        now,
+    )?;
+    write_atomic(&key, key_pem.as_bytes(), FileKind::PrivateKey)?;
+    write_atomic(&crt, cert_pem.as_bytes(), FileKind::Certificate)?;
+    Ok(CertsReport {
+        written: vec![key, crt],
+        kept: vec![ca_cert_path],
+    })
+}
+
+/// A leaf certificate for both TLS roles with the single identity SAN `dns`.
+fn issue_leaf(
+    ca: &Ca,
+    dns: &str,
+    common_name: &str,
+    validity_days: u32,
+    now: OffsetDateTime,
+) -> Result<(String, String), CertError> {
     let generate = |reason: String| CertError::Generate {
-        what: format!("the certificate for node {id}"),
+        what: format!("the certificate for {dns}"),
         reason,
     };
     let key = KeyPair::generate().map_err(|e| generate(e.to_string()))?;
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, format!("clusterd node {id}"));
+    dn.push(DnType::CommonName, common_name);
     params.distinguished_name = dn;
-    let name = node_dns_name(id)
+    let name = dns
+        .to_string()
         .try_into()
         .map_err(|e: rcgen::Error| generate(e.to_string()))?;
     params.subject_alt_names = vec![SanType::DnsName(name)];

@@ -70,6 +70,14 @@ pub struct RawConfig {
     pub metrics: RawMetrics,
     #[serde(default)]
     pub replication: RawReplication,
+    #[serde(default)]
+    pub admin: RawAdmin,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    pub listen: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -175,6 +183,9 @@ pub struct Config {
     pub log_level: String,
     /// Where the Prometheus endpoint listens; off when unset.
     pub metrics_listen: Option<SocketAddr>,
+    /// Where the remote admin service listens (mutual TLS, admin
+    /// certificates for changes); off when unset: the local socket only.
+    pub admin_listen: Option<SocketAddr>,
     /// Certificate serials (normalized hex) refused on every peer link, for
     /// certificates that were stolen or replaced.
     pub revoked_serials: BTreeSet<String>,
@@ -319,6 +330,29 @@ impl Config {
                 "cannot read the config file: {e}; pass the right path with --config"
             ))
         })?;
+        Self::parse_raw(&text, file, env)
+    }
+
+    /// Parses and validates config text as if read from `file` (what the
+    /// config fuzz target drives: any text must give a config or errors,
+    /// never a panic).
+    pub fn parse(
+        text: &str,
+        file: &Path,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        validate(Self::parse_raw(text, file, env)?, file)
+    }
+
+    fn parse_raw(
+        text: &str,
+        file: &Path,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<RawConfig, ConfigError> {
+        let load_err = |reason: String| ConfigError::Load {
+            file: file.to_path_buf(),
+            reason,
+        };
         let env_map: config::Map<String, String> = env
             .into_iter()
             // Only CLUSTERD_<SECTION>__<KEY> is configuration: other CLUSTERD_*
@@ -329,7 +363,7 @@ impl Config {
             })
             .collect();
         let raw: RawConfig = config::Config::builder()
-            .add_source(config::File::from_str(&text, config::FileFormat::Toml))
+            .add_source(config::File::from_str(text, config::FileFormat::Toml))
             .add_source(
                 config::Environment::with_prefix("CLUSTERD")
                     .prefix_separator("_")
@@ -388,16 +422,8 @@ pub fn validate(raw: RawConfig, file: &Path) -> Result<Config, ConfigError> {
     if let Some(n) = &node {
         v.quorum_shape(n, &peers);
     }
-    let metrics_listen = match raw.metrics.listen {
-        None => None,
-        Some(s) => match s.parse::<SocketAddr>() {
-            Ok(a) => Some(a),
-            Err(_) => {
-                v.problem(format!("key `metrics.listen` = {s:?} is not an IP:port address; use e.g. \"127.0.0.1:9770\""));
-                None
-            }
-        },
-    };
+    let metrics_listen = v.listen_addr("metrics.listen", raw.metrics.listen, "127.0.0.1:9770");
+    let admin_listen = v.listen_addr("admin.listen", raw.admin.listen, "0.0.0.0:7701");
 
     match (node, tls) {
         (Some(node), Some(tls)) if v.problems.is_empty() => Ok(Config {
@@ -412,6 +438,7 @@ pub fn validate(raw: RawConfig, file: &Path) -> Result<Config, ConfigError> {
             hooks,
             log_level,
             metrics_listen,
+            admin_listen,
             revoked_serials,
         }),
         _ => Err(ConfigError::Invalid {
@@ -717,6 +744,25 @@ impl Validator {
         }
     }
 
+    /// An optional `IP:port` key.
+    fn listen_addr(
+        &mut self,
+        key: &str,
+        value: Option<String>,
+        example: &str,
+    ) -> Option<SocketAddr> {
+        let s = value?;
+        match s.parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                self.problem(format!(
+                    "key `{key}` = {s:?} is not an IP:port address; use e.g. \"{example}\""
+                ));
+                None
+            }
+        }
+    }
+
     /// Two voters cannot survive the loss of either; refuse unless the user said they know.
     fn quorum_shape(&mut self, node: &NodeConfig, peers: &[PeerConfig]) {
         let voters = 1 + peers.len();
@@ -854,6 +900,7 @@ mod tests {
             (format!("{NODE}{PEERS}{}[[sync]]\nname = \"a\"\npath = \"/a\"\n[[sync]]\nname = \"a\"\npath = \"/b\"\n", f.tls()), "key `sync[1].name` = \"a\" is used by two sync sets"),
             (format!("{NODE}{PEERS}{}[hooks]\nrole_file = \"PROMOTE\"\n", f.tls()), "key `hooks.role_file` = \"PROMOTE\" must be an absolute path"),
             (format!("{NODE}{PEERS}{}[metrics]\nlisten = \"9770\"\n", f.tls()), "key `metrics.listen` = \"9770\" is not an IP:port address"),
+            (format!("{NODE}{PEERS}{}[admin]\nlisten = \"any:7701\"\n", f.tls()), "key `admin.listen` = \"any:7701\" is not an IP:port address; use e.g. \"0.0.0.0:7701\""),
             (format!("{NODE}{PEERS}{}revoked_serials = [\"0A:1B\", \"xyz\"]\n", f.tls()), "key `tls.revoked_serials[1]` = \"xyz\" is not a hexadecimal serial"),
             (format!("{NODE}{PEERS}{}[[sync]]\nname = \"a\"\npath = \"/a\"\nexclude = [\"!keep\"]\n", f.tls()), "key `sync[0].exclude` pattern \"!keep\""),
             (format!("{NODE}{PEERS}{}[log]\nlevel = \"info,,=[\"\n", f.tls()), "key `log.level`"),

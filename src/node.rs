@@ -57,6 +57,11 @@ pub enum NodeError {
         stored: Vec<NodeId>,
         configured: Vec<NodeId>,
     },
+    #[error("cannot serve the remote admin port on {addr} (key `admin.listen`): {source}")]
+    AdminListen {
+        addr: String,
+        source: std::io::Error,
+    },
     #[error("cannot serve metrics on {addr} (key `metrics.listen`): {source}")]
     Metrics {
         addr: String,
@@ -881,6 +886,19 @@ async fn run_inner(
         ),
         None => None,
     };
+    let remote_admin_listener = match config.admin_listen {
+        Some(addr) => {
+            Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| NodeError::AdminListen {
+                        addr: addr.to_string(),
+                        source,
+                    })?,
+            )
+        }
+        None => None,
+    };
     let cert_not_after = tls.own_cert_not_after();
 
     let (link_tx, link_rx) = mpsc::channel(1024);
@@ -960,7 +978,9 @@ async fn run_inner(
         let _ = rx.wait_for(|s| *s).await;
     };
     let incoming = crate::peer::accept_loop(listener, live_tls.clone(), members);
-    tokio::spawn(reload_tls_on_sighup(config.source.clone(), id, live_tls).in_current_span());
+    tokio::spawn(
+        reload_tls_on_sighup(config.source.clone(), id, live_tls.clone()).in_current_span(),
+    );
     let mut peer_server = tokio::spawn(
         crate::peer::serve(incoming, handle.clone(), stopped(servers_stop_rx.clone()))
             .in_current_span(),
@@ -982,6 +1002,15 @@ async fn run_inner(
     );
     drop(apply_tx);
     let admin = crate::admin::AdminService::new(handle.clone(), transport);
+    if let Some(listener) = remote_admin_listener {
+        let incoming = crate::admin::remote_incoming(listener, live_tls.clone());
+        tokio::spawn(
+            admin
+                .clone()
+                .serve_remote(incoming, stopped(servers_stop_rx.clone()))
+                .in_current_span(),
+        );
+    }
     let admin_server = tokio::spawn(
         admin
             .serve(admin_listener, stopped(servers_stop_rx.clone()))

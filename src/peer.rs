@@ -33,7 +33,7 @@ use crate::proto::peer::{
     BarrierReply, BarrierRequest, NodeStatusRequest, NodeView, RaftAck, RaftBatch, TransferReply,
     TransferRequest,
 };
-use crate::tls::{peer_node_id, LiveTls};
+use crate::tls::{peer_node_id, LiveTls, PeerTls};
 
 /// Largest gRPC message accepted from a peer.
 pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
@@ -49,21 +49,30 @@ pub struct PeerIdentity {
     pub remote: SocketAddr,
 }
 
-/// An accepted, authenticated connection, carrying its identity into tonic's
-/// request extensions.
-pub struct PeerConn {
+/// An accepted, authenticated connection, carrying who it is (`I`, proven by
+/// its certificate) into tonic's request extensions.
+pub struct AuthedConn<I> {
     stream: TlsStream<TcpStream>,
-    identity: PeerIdentity,
+    identity: I,
 }
 
-impl Connected for PeerConn {
-    type ConnectInfo = PeerIdentity;
-    fn connect_info(&self) -> PeerIdentity {
-        self.identity
+/// A peer node's connection to the peer service.
+pub type PeerConn = AuthedConn<PeerIdentity>;
+
+impl<I> AuthedConn<I> {
+    pub fn new(stream: TlsStream<TcpStream>, identity: I) -> Self {
+        AuthedConn { stream, identity }
     }
 }
 
-impl AsyncRead for PeerConn {
+impl<I: Clone + Send + Sync + 'static> Connected for AuthedConn<I> {
+    type ConnectInfo = I;
+    fn connect_info(&self) -> I {
+        self.identity.clone()
+    }
+}
+
+impl<I: Unpin> AsyncRead for AuthedConn<I> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -73,7 +82,7 @@ impl AsyncRead for PeerConn {
     }
 }
 
-impl AsyncWrite for PeerConn {
+impl<I: Unpin> AsyncWrite for AuthedConn<I> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -99,17 +108,47 @@ impl AsyncWrite for PeerConn {
     }
 }
 
-/// Accepts TCP connections, completes mutual TLS and admits only members.
-/// Refusals are logged with the remote address and the reason: at warning
-/// level the first time per address and reason each minute (a misconfigured
-/// peer retries every few hundred milliseconds), at debug level otherwise.
+/// Accepts TCP connections on the peer port, completes mutual TLS and
+/// admits only members.
 pub fn accept_loop(
     listener: TcpListener,
     tls: LiveTls,
     members: Arc<BTreeSet<NodeId>>,
 ) -> ReceiverStream<io::Result<PeerConn>> {
+    accept_authenticated(
+        listener,
+        tls,
+        "peer",
+        PeerTls::acceptor,
+        move |stream, remote| {
+            let node_id = peer_node_id(stream).map_err(|e| e.to_string())?;
+            if !members.contains(&node_id) {
+                return Err(format!(
+                "its certificate is for node {node_id}, which is not a member of this cluster; add it to [[peer]] on every node or revoke it"
+            ));
+            }
+            Ok(PeerIdentity { node_id, remote })
+        },
+    )
+}
+
+/// Accepts TCP connections, completes mutual TLS with the acceptor
+/// `acceptor_of` picks from the current TLS material (re-read per
+/// connection, so a SIGHUP reload applies to the next one), refuses revoked
+/// certificates, and admits what `identify` accepts. Refusals are logged
+/// with the remote address and the reason: at warning level the first time
+/// per address and reason each minute (a misconfigured client retries every
+/// few hundred milliseconds), at debug level otherwise.
+pub fn accept_authenticated<I: Send + 'static>(
+    listener: TcpListener,
+    tls: LiveTls,
+    what: &'static str,
+    acceptor_of: fn(&PeerTls) -> tokio_rustls::TlsAcceptor,
+    identify: impl Fn(&TlsStream<TcpStream>, SocketAddr) -> Result<I, String> + Send + Sync + 'static,
+) -> ReceiverStream<io::Result<AuthedConn<I>>> {
     let (tx, rx) = mpsc::channel(64);
     let refusals = Arc::new(RefusalLog::default());
+    let identify = Arc::new(identify);
     tokio::spawn(
         async move {
             loop {
@@ -122,26 +161,30 @@ pub fn accept_loop(
                     Ok(x) => x,
                     Err(e) => {
                         // EMFILE and friends: back off rather than spin.
-                        warn!(error = %e, "accepting a peer connection failed");
+                        warn!(error = %e, "accepting a {what} connection failed");
                         tokio::time::sleep(Duration::from_millis(100)).await;
                         continue;
                     }
                 };
                 let _ = tcp.set_nodelay(true);
-                // Read per connection, so a SIGHUP reload applies to the next one.
                 let (current, revoked) = tls.get();
-                let acceptor = current.acceptor();
-                let members = members.clone();
+                let acceptor = acceptor_of(&current);
                 let tx = tx.clone();
                 let refusals = refusals.clone();
+                let identify = identify.clone();
                 tokio::spawn(
                     async move {
-                        match admit(acceptor, tcp, remote, &members, &revoked).await {
+                        let admitted = handshake(acceptor, tcp).await.and_then(|stream| {
+                            crate::tls::refuse_revoked(stream.get_ref().1, &revoked)?;
+                            let identity = identify(&stream, remote)?;
+                            Ok(AuthedConn::new(stream, identity))
+                        });
+                        match admitted {
                             Ok(conn) => {
-                                debug!(%remote, peer = conn.identity.node_id, "peer connection authenticated");
+                                debug!(%remote, "{what} connection authenticated");
                                 let _ = tx.send(Ok(conn)).await;
                             }
-                            Err(reason) => refusals.log(remote, &reason),
+                            Err(reason) => refusals.log(what, remote, &reason),
                         }
                     }
                     .in_current_span(),
@@ -153,34 +196,18 @@ pub fn accept_loop(
     ReceiverStream::new(rx)
 }
 
-/// Mutual TLS, then the certificate's node id must be a member.
-async fn admit(
+/// The server side of mutual TLS, bounded by [`HANDSHAKE_TIMEOUT`].
+async fn handshake(
     acceptor: tokio_rustls::TlsAcceptor,
     tcp: TcpStream,
-    remote: SocketAddr,
-    members: &BTreeSet<NodeId>,
-    revoked: &BTreeSet<String>,
-) -> Result<PeerConn, String> {
-    let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => return Err(handshake_reason(&e)),
-        Err(_) => {
-            return Err(format!(
-                "TLS handshake did not finish within {HANDSHAKE_TIMEOUT:?}"
-            ))
-        }
-    };
-    let node_id = peer_node_id(&stream).map_err(|e| e.to_string())?;
-    crate::tls::refuse_revoked(stream.get_ref().1, revoked)?;
-    if !members.contains(&node_id) {
-        return Err(format!(
-            "its certificate is for node {node_id}, which is not a member of this cluster; add it to [[peer]] on every node or revoke it"
-        ));
+) -> Result<TlsStream<TcpStream>, String> {
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(s)) => Ok(s),
+        Ok(Err(e)) => Err(handshake_reason(&e)),
+        Err(_) => Err(format!(
+            "TLS handshake did not finish within {HANDSHAKE_TIMEOUT:?}"
+        )),
     }
-    Ok(PeerConn {
-        stream,
-        identity: PeerIdentity { node_id, remote },
-    })
 }
 
 /// Says what a failed handshake most likely means, for the operator.
@@ -207,7 +234,7 @@ struct RefusalLog {
 impl RefusalLog {
     const EVERY: Duration = Duration::from_secs(60);
 
-    fn log(&self, remote: SocketAddr, reason: &str) {
+    fn log(&self, what: &str, remote: SocketAddr, reason: &str) {
         let now = std::time::Instant::now();
         let loud = match self.last.lock() {
             Ok(mut last) => {
@@ -227,9 +254,9 @@ impl RefusalLog {
             Err(_) => true,
         };
         if loud {
-            warn!(%remote, "refused peer {remote}: {reason}");
+            warn!(%remote, "refused {what} {remote}: {reason}");
         } else {
-            debug!(%remote, "refused peer {remote}: {reason}");
+            debug!(%remote, "refused {what} {remote}: {reason}");
         }
     }
 }

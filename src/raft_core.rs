@@ -640,6 +640,7 @@ fn storage_err(e: impl std::error::Error) -> CoreError {
     CoreError::Storage(e.to_string())
 }
 
+#[cfg(feature = "node")]
 impl LogStore for crate::storage::RaftStore {
     type Error = crate::storage::StorageError;
     fn persist(

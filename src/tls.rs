@@ -104,6 +104,91 @@ pub enum TlsError {
     SeveralNodeNames { names: String },
     #[error("peer presented no certificate; peers must use mutual TLS with a certificate from the cluster CA")]
     NoPeerCertificate,
+    #[error("certificate names neither one admin (admin-<name>) nor one node (node-<id>) (it names: {names}); make an admin certificate with `clusterctl certs admin --out DIR --name NAME`")]
+    NoAdminIdentity { names: String },
+}
+
+/// Who called the remote admin service, as its certificate proves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AdminCaller {
+    /// An administrator's certificate (`admin-<name>`): every admin call.
+    Admin(String),
+    /// A node's certificate: read-only calls (status, conflicts), so a
+    /// monitoring host can reuse one; never promote or barrier.
+    Node(u64),
+}
+
+impl fmt::Display for AdminCaller {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AdminCaller::Admin(name) => write!(f, "admin {name}"),
+            AdminCaller::Node(id) => write!(f, "node {id}"),
+        }
+    }
+}
+
+/// The identity SAN of an administrator's certificate: `admin-<name>`.
+pub fn admin_dns_name(name: &str) -> String {
+    format!("admin-{name}")
+}
+
+/// A usable admin name: 1 to 32 lowercase letters, digits and '-', not
+/// starting with '-' (so `admin-<name>` is a valid DNS name).
+pub fn valid_admin_name(name: &str) -> bool {
+    (1..=32).contains(&name.len())
+        && !name.starts_with('-')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+fn parse_admin_dns_name(dns: &str) -> Option<&str> {
+    dns.strip_prefix("admin-").filter(|n| valid_admin_name(n))
+}
+
+fn dns_names(der: &CertificateDer<'_>) -> Result<Vec<String>, TlsError> {
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(der).map_err(|e| TlsError::BadCert(e.to_string()))?;
+    let san = cert
+        .subject_alternative_name()
+        .map_err(|e| TlsError::BadCert(e.to_string()))?;
+    Ok(san
+        .iter()
+        .flat_map(|s| s.value.general_names.iter())
+        .filter_map(|name| match name {
+            x509_parser::extensions::GeneralName::DNSName(dns) => Some(dns.to_string()),
+            _ => None,
+        })
+        .collect())
+}
+
+/// Who a (verified) admin-port client certificate speaks for: exactly one
+/// identity SAN, `admin-<name>` or `node-<id>`.
+pub fn admin_caller_from_cert(der: &CertificateDer<'_>) -> Result<AdminCaller, TlsError> {
+    let names = dns_names(der)?;
+    let mut callers: Vec<AdminCaller> = Vec::new();
+    for dns in &names {
+        let caller = if let Some(name) = parse_admin_dns_name(dns) {
+            AdminCaller::Admin(name.to_string())
+        } else if let Some(id) = parse_node_dns_name(dns) {
+            AdminCaller::Node(id)
+        } else {
+            continue;
+        };
+        if !callers.contains(&caller) {
+            callers.push(caller);
+        }
+    }
+    match callers.as_slice() {
+        [one] => Ok(one.clone()),
+        _ => Err(TlsError::NoAdminIdentity {
+            names: if names.is_empty() {
+                "no DNS names".into()
+            } else {
+                names.join(", ")
+            },
+        }),
+    }
 }
 
 /// Loaded TLS material of this node: ready acceptor and connector configs.
@@ -111,6 +196,9 @@ pub enum TlsError {
 pub struct PeerTls {
     own_id: u64,
     server: Arc<ServerConfig>,
+    /// The remote admin port's: clients must hold an admin or node
+    /// certificate of the cluster CA.
+    admin_server: Arc<ServerConfig>,
     client: Arc<ClientConfig>,
     not_after: SystemTime,
 }
@@ -181,11 +269,22 @@ impl PeerTls {
                     path: paths.ca.clone(),
                     reason: e.to_string(),
                 })?;
+        let mut admin_server = ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(config_err)?
+            .with_client_cert_verifier(Arc::new(IdentityClientVerifier {
+                inner: client_verifier.clone(),
+                identity: |der| admin_caller_from_cert(der).map(|_| ()),
+            }))
+            .with_single_cert(chain.clone(), key.clone_key())
+            .map_err(config_err)?;
+        admin_server.alpn_protocols = vec![ALPN_H2.to_vec()];
         let mut server = ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
             .map_err(config_err)?
-            .with_client_cert_verifier(Arc::new(NodeClientVerifier {
+            .with_client_cert_verifier(Arc::new(IdentityClientVerifier {
                 inner: client_verifier,
+                identity: |der| node_id_from_cert(der).map(|_| ()),
             }))
             .with_single_cert(chain.clone(), key.clone_key())
             .map_err(config_err)?;
@@ -213,6 +312,7 @@ impl PeerTls {
         Ok(PeerTls {
             own_id,
             server: Arc::new(server),
+            admin_server: Arc::new(admin_server),
             client: Arc::new(client),
             not_after,
         })
@@ -222,6 +322,12 @@ impl PeerTls {
     /// and naming exactly one node; ALPN "h2"; TLS 1.2 and 1.3.
     pub fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
         tokio_rustls::TlsAcceptor::from(self.server.clone())
+    }
+
+    /// The remote admin port: requires a client certificate of the cluster
+    /// CA naming one admin or one node ([`admin_caller_from_cert`]).
+    pub fn admin_acceptor(&self) -> tokio_rustls::TlsAcceptor {
+        tokio_rustls::TlsAcceptor::from(self.admin_server.clone())
     }
 
     /// Client side: presents our certificate and accepts the server only if it
@@ -261,24 +367,44 @@ impl PeerTls {
     }
 }
 
+/// The client side of the remote admin port (`clusterctl --remote`): our
+/// certificate (an admin's, or a node's for read-only calls) and the
+/// cluster CA; the server must prove it is the node that was named.
+pub fn admin_client_config(paths: &TlsPaths) -> Result<Arc<ClientConfig>, TlsError> {
+    let provider = provider();
+    let roots = load_roots(&paths.ca)?;
+    let chain = load_chain(&paths.cert, "certificate", "cert")?;
+    let key = load_key(&paths.key)?;
+    admin_caller_from_cert(&chain[0])?;
+    let server_verifier = WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
+        .build()
+        .map_err(|e| TlsError::BadCa {
+            path: paths.ca.clone(),
+            reason: e.to_string(),
+        })?;
+    let mut client = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(config_err)?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(NodeServerVerifier {
+            inner: server_verifier,
+        }))
+        .with_client_auth_cert(chain, key)
+        .map_err(config_err)?;
+    client.alpn_protocols = vec![ALPN_H2.to_vec()];
+    Ok(Arc::new(client))
+}
+
 /// Node id carried in a peer certificate (SAN DNS `node-<id>`); error if the
 /// certificate names no node or several. Other SANs are ignored. This does not
 /// verify the certificate: use it on certificates a verifier has accepted.
 pub fn node_id_from_cert(der: &CertificateDer<'_>) -> Result<u64, TlsError> {
-    let (_, cert) =
-        x509_parser::parse_x509_certificate(der).map_err(|e| TlsError::BadCert(e.to_string()))?;
-    let san = cert
-        .subject_alternative_name()
-        .map_err(|e| TlsError::BadCert(e.to_string()))?;
-    let mut all = Vec::new();
+    let all = dns_names(der)?;
     let mut ids = Vec::new();
-    for name in san.iter().flat_map(|s| s.value.general_names.iter()) {
-        if let x509_parser::extensions::GeneralName::DNSName(dns) = name {
-            all.push(dns.to_string());
-            if let Some(id) = parse_node_dns_name(dns) {
-                if !ids.contains(&id) {
-                    ids.push(id);
-                }
+    for dns in &all {
+        if let Some(id) = parse_node_dns_name(dns) {
+            if !ids.contains(&id) {
+                ids.push(id);
             }
         }
     }
@@ -625,15 +751,17 @@ impl ServerCertVerifier for NodeServerVerifier {
     }
 }
 
-/// WebPKI client verification plus: the certificate must name exactly one
-/// node, so that a connection that completes the handshake always has a
-/// well-defined peer id.
+/// WebPKI client verification plus an identity check: on the peer port the
+/// certificate must name exactly one node, so that a connection that
+/// completes the handshake always has a well-defined peer id; on the admin
+/// port exactly one admin or node.
 #[derive(Debug)]
-struct NodeClientVerifier {
+struct IdentityClientVerifier {
     inner: Arc<dyn ClientCertVerifier>,
+    identity: fn(&CertificateDer<'_>) -> Result<(), TlsError>,
 }
 
-impl ClientCertVerifier for NodeClientVerifier {
+impl ClientCertVerifier for IdentityClientVerifier {
     fn offer_client_auth(&self) -> bool {
         true
     }
@@ -655,7 +783,7 @@ impl ClientCertVerifier for NodeClientVerifier {
         let verified = self
             .inner
             .verify_client_cert(end_entity, intermediates, now)?;
-        node_id_from_cert(end_entity).map_err(identity_error)?;
+        (self.identity)(end_entity).map_err(identity_error)?;
         Ok(verified)
     }
 
@@ -777,6 +905,58 @@ mod tests {
         assert!(matches!(
             node_id_from_cert(&ca),
             Err(TlsError::NoNodeName { .. })
+        ));
+    }
+
+    #[test]
+    fn admin_callers_are_one_admin_or_one_node() {
+        let dir = tempfile::tempdir().unwrap();
+        init_certs(dir.path(), &[3], 825).unwrap();
+        crate::certs::issue_admin(dir.path(), "alice", 30).unwrap();
+        let load = |name: &str| {
+            CertificateDer::from_pem_slice(&fs::read(dir.path().join(name)).unwrap()).unwrap()
+        };
+        assert_eq!(
+            admin_caller_from_cert(&load("admin-alice.crt")).unwrap(),
+            AdminCaller::Admin("alice".into())
+        );
+        assert_eq!(
+            admin_caller_from_cert(&load("node-3.crt")).unwrap(),
+            AdminCaller::Node(3)
+        );
+        // An admin certificate is no node certificate: the peer port refuses it.
+        assert!(node_id_from_cert(&load("admin-alice.crt")).is_err());
+        let key = rcgen::KeyPair::generate().unwrap();
+        for names in [
+            vec!["admin-a", "admin-b"],
+            vec!["admin-a", "node-1"],
+            vec!["admin-", "other"],
+        ] {
+            let params = rcgen::CertificateParams::new(
+                names.iter().map(|n| n.to_string()).collect::<Vec<_>>(),
+            )
+            .unwrap();
+            let err = admin_caller_from_cert(params.self_signed(&key).unwrap().der()).unwrap_err();
+            assert!(
+                matches!(err, TlsError::NoAdminIdentity { .. }),
+                "{names:?}: {err}"
+            );
+        }
+        for bad in ["", "-x", "Alice", "a b", "a/b", &"x".repeat(33)] {
+            assert!(!valid_admin_name(bad), "{bad:?}");
+            assert!(matches!(
+                crate::certs::issue_admin(dir.path(), bad, 30),
+                Err(crate::certs::CertError::BadAdminName(_))
+            ));
+        }
+        assert!(matches!(
+            crate::certs::issue_admin(dir.path(), "alice", 30),
+            Err(crate::certs::CertError::AdminExists { .. })
+        ));
+        let empty = tempfile::tempdir().unwrap();
+        assert!(matches!(
+            crate::certs::issue_admin(empty.path(), "bob", 30),
+            Err(crate::certs::CertError::NoCa { .. })
         ));
     }
 

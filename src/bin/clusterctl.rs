@@ -26,6 +26,23 @@ struct Args {
     /// The node's admin socket (default /run/clusterd/admin.sock).
     #[arg(long, global = true)]
     socket: Option<PathBuf>,
+    /// Talk to a node's remote admin port (`[admin] listen`) instead of the
+    /// local socket, over mutual TLS: HOST:PORT.
+    #[arg(long, global = true, requires_all = ["node_id", "tls_ca", "tls_cert", "tls_key"], conflicts_with_all = ["socket", "config"])]
+    remote: Option<String>,
+    /// The id of the node at --remote (its certificate must name it).
+    #[arg(long, global = true)]
+    node_id: Option<u64>,
+    /// The cluster CA certificate, for --remote.
+    #[arg(long, global = true)]
+    tls_ca: Option<PathBuf>,
+    /// An admin certificate (`clusterctl certs admin`), or a node
+    /// certificate for read-only calls, for --remote.
+    #[arg(long, global = true)]
+    tls_cert: Option<PathBuf>,
+    /// The key of --tls-cert.
+    #[arg(long, global = true)]
+    tls_key: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -124,6 +141,17 @@ enum CertsCommand {
         #[arg(long, default_value_t = 825)]
         days: u32,
     },
+    /// Write DIR/admin-<name>.crt/.key under the CA in DIR: an administrator's
+    /// certificate for `clusterctl --remote` (promote, barrier, status).
+    Admin {
+        #[arg(long)]
+        out: PathBuf,
+        /// Who holds it (1 to 32 lowercase letters, digits and '-').
+        #[arg(long)]
+        name: String,
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+    },
     /// Print a certificate's node id, serial (for `tls.revoked_serials`) and expiry.
     Show { file: PathBuf },
 }
@@ -149,6 +177,28 @@ fn main() -> ExitCode {
     }
 }
 
+/// The admin service: a node's remote admin port over mutual TLS with
+/// --remote, else the local socket.
+async fn admin_client(
+    args: &Args,
+) -> Result<clusterd::proto::admin::admin_client::AdminClient<tonic::transport::Channel>> {
+    if let (Some(addr), Some(id), Some(ca), Some(cert), Some(key)) = (
+        &args.remote,
+        args.node_id,
+        &args.tls_ca,
+        &args.tls_cert,
+        &args.tls_key,
+    ) {
+        let paths = clusterd::tls::TlsPaths {
+            ca: ca.clone(),
+            cert: cert.clone(),
+            key: key.clone(),
+        };
+        return Ok(admin::connect_remote(addr, id, &paths).await?);
+    }
+    Ok(admin::connect(&socket_path(args)?).await?)
+}
+
 fn socket_path(args: &Args) -> Result<PathBuf> {
     if let Some(s) = &args.socket {
         return Ok(s.clone());
@@ -170,6 +220,15 @@ async fn run(args: Args) -> Result<ExitCode> {
             }
             for p in &report.kept {
                 println!("kept  {} (already there)", p.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Certs {
+            command: CertsCommand::Admin { out, name, days },
+        } => {
+            let report = clusterd::certs::issue_admin(out, name, *days)?;
+            for p in &report.written {
+                println!("wrote {}", p.display());
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -205,7 +264,7 @@ async fn run(args: Args) -> Result<ExitCode> {
             peer_timeout_ms,
             watch,
         } => {
-            let mut client = admin::connect(&socket_path(&args)?).await?;
+            let mut client = admin_client(&args).await?;
             loop {
                 let mut req = tonic::Request::new(StatusRequest {
                     peer_timeout_ms: *peer_timeout_ms,
@@ -257,7 +316,7 @@ async fn run(args: Args) -> Result<ExitCode> {
             };
             // A plugin must answer with a code in every case: failures to ask are UNKNOWN.
             let status = async {
-                let mut client = admin::connect(&socket_path(&args)?).await?;
+                let mut client = admin_client(&args).await?;
                 let mut req = tonic::Request::new(StatusRequest {
                     peer_timeout_ms: *peer_timeout_ms,
                 });
@@ -285,7 +344,7 @@ async fn run(args: Args) -> Result<ExitCode> {
             timeout_ms,
             dry_run,
         } => {
-            let mut client = admin::connect(&socket_path(&args)?).await?;
+            let mut client = admin_client(&args).await?;
             let mut req = tonic::Request::new(PromoteRequest {
                 target: *node,
                 timeout_ms: *timeout_ms,
@@ -305,7 +364,7 @@ async fn run(args: Args) -> Result<ExitCode> {
             }
         }
         Command::Conflicts { json } => {
-            let mut client = admin::connect(&socket_path(&args)?).await?;
+            let mut client = admin_client(&args).await?;
             let mut req = tonic::Request::new(clusterd::proto::admin::ConflictsRequest {});
             req.set_timeout(Duration::from_secs(10));
             let reply = client
@@ -328,7 +387,7 @@ async fn run(args: Args) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Barrier { timeout_ms } => {
-            let mut client = admin::connect(&socket_path(&args)?).await?;
+            let mut client = admin_client(&args).await?;
             let started = std::time::Instant::now();
             let mut req = tonic::Request::new(BarrierRequest {
                 timeout_ms: *timeout_ms,
