@@ -9,6 +9,7 @@ mod harness;
 mod hooks;
 mod remote_admin;
 mod replication;
+mod secrets;
 mod switchover;
 
 use std::time::{Duration, Instant};

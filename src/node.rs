@@ -791,6 +791,7 @@ pub fn join_ids(ids: &[NodeId]) -> String {
 /// them; a node with existing state never re-bootstraps.
 pub fn open_storage(data_dir: &Path, voters: &[NodeId]) -> Result<RaftStore, NodeError> {
     create_private_dir(data_dir)?;
+    create_private_dir(&data_dir.join("quarantine"))?;
     let raft_dir = data_dir.join("raft");
     let store = RaftStore::open(&raft_dir)?;
     if !store.is_initialized() {
@@ -810,16 +811,28 @@ pub fn open_storage(data_dir: &Path, voters: &[NodeId]) -> Result<RaftStore, Nod
     Ok(store)
 }
 
+/// Creates `dir` with mode 0700, or tightens an existing one to 0700: the
+/// Raft log and quarantine hold file contents such as /etc/shadow's.
 fn create_private_dir(dir: &Path) -> Result<(), NodeError> {
-    use std::os::unix::fs::DirBuilderExt;
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let err = |source| NodeError::DataDir {
+        path: dir.display().to_string(),
+        source,
+    };
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(dir)
-        .map_err(|source| NodeError::DataDir {
-            path: dir.display().to_string(),
-            source,
-        })
+        .map_err(err)?;
+    let mode = std::fs::metadata(dir).map_err(err)?.permissions().mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
+        warn!(
+            "tightened {} from mode {mode:o} to 700: it holds file contents of the sync sets",
+            dir.display()
+        );
+    }
+    Ok(())
 }
 
 /// Runs a node until `shutdown` resolves, then shuts down gracefully.
