@@ -1202,6 +1202,22 @@ fn sighup_reloads_the_revocation_list() {
         ask().is_err(),
         "after the reload the revoked certificate must be refused"
     );
+    // Node 3 itself holds that certificate: its live connections with node 1
+    // (the one node 3 opened and the one node 1 opened) are cut, not left
+    // running until they happen to reconnect.
+    wait_until(
+        Duration::from_secs(10),
+        "node 1 to close the live connections of the revoked certificate",
+        || {
+            let log = c.log(1);
+            let closed = log.matches("closed the live connection of").count();
+            if closed >= 2 && log.contains(&format!("(serial {serial}) is now revoked")) {
+                Ok(())
+            } else {
+                Err(format!("{closed} closed so far"))
+            }
+        },
+    );
     c.wait_barrier(1);
 }
 

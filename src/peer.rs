@@ -52,7 +52,7 @@ pub struct PeerIdentity {
 /// An accepted, authenticated connection, carrying who it is (`I`, proven by
 /// its certificate) into tonic's request extensions.
 pub struct AuthedConn<I> {
-    stream: TlsStream<TcpStream>,
+    stream: crate::tls::RevocableStream<TlsStream<TcpStream>>,
     identity: I,
 }
 
@@ -60,7 +60,7 @@ pub struct AuthedConn<I> {
 pub type PeerConn = AuthedConn<PeerIdentity>;
 
 impl<I> AuthedConn<I> {
-    pub fn new(stream: TlsStream<TcpStream>, identity: I) -> Self {
+    pub fn new(stream: crate::tls::RevocableStream<TlsStream<TcpStream>>, identity: I) -> Self {
         AuthedConn { stream, identity }
     }
 }
@@ -172,11 +172,23 @@ pub fn accept_authenticated<I: Send + 'static>(
                 let tx = tx.clone();
                 let refusals = refusals.clone();
                 let identify = identify.clone();
+                let live = tls.clone();
                 tokio::spawn(
                     async move {
                         let admitted = handshake(acceptor, tcp).await.and_then(|stream| {
                             crate::tls::refuse_revoked(stream.get_ref().1, &revoked)?;
                             let identity = identify(&stream, remote)?;
+                            let serial = crate::tls::peer_leaf(stream.get_ref().1)
+                                .map(crate::tls::cert_serial_hex)
+                                .transpose()
+                                .map_err(|e| e.to_string())?
+                                .unwrap_or_default();
+                            let stream = crate::tls::RevocableStream::new(
+                                stream,
+                                live,
+                                serial,
+                                format!("{what} {remote}"),
+                            );
                             Ok(AuthedConn::new(stream, identity))
                         });
                         match admitted {

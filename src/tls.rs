@@ -815,13 +815,21 @@ impl ClientCertVerifier for IdentityClientVerifier {
 #[derive(Clone)]
 pub struct LiveTls {
     current: Arc<std::sync::RwLock<(PeerTls, Arc<std::collections::BTreeSet<String>>)>>,
+    /// Bumped by every [`LiveTls::replace`], so live connections notice a
+    /// new revocation list with one atomic load per read or write.
+    generation: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl LiveTls {
     pub fn new(tls: PeerTls, revoked: std::collections::BTreeSet<String>) -> LiveTls {
         LiveTls {
             current: Arc::new(std::sync::RwLock::new((tls, Arc::new(revoked)))),
+            generation: Arc::new(std::sync::atomic::AtomicU64::new(0)),
         }
+    }
+
+    fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// The material in force now.
@@ -834,6 +842,108 @@ impl LiveTls {
     pub fn replace(&self, tls: PeerTls, revoked: std::collections::BTreeSet<String>) {
         let mut guard = self.current.write().unwrap_or_else(|e| e.into_inner());
         *guard = (tls, Arc::new(revoked));
+        drop(guard);
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+/// A TLS stream that fails (and so closes its connection) as soon as its
+/// peer's certificate appears in a reloaded `tls.revoked_serials`: a SIGHUP
+/// revocation cuts live connections, not only new ones.
+pub struct RevocableStream<S> {
+    inner: S,
+    live: LiveTls,
+    /// The peer certificate's serial (normalized hex).
+    serial: String,
+    /// What it is called in the log line.
+    who: String,
+    seen: u64,
+    revoked: bool,
+}
+
+impl<S> RevocableStream<S> {
+    /// `serial` is the peer certificate's; the list in force at `live` was
+    /// already checked when the connection was admitted.
+    pub fn new(inner: S, live: LiveTls, serial: String, who: String) -> Self {
+        let seen = live.generation();
+        RevocableStream {
+            inner,
+            live,
+            serial,
+            who,
+            seen,
+            revoked: false,
+        }
+    }
+
+    fn check(&mut self) -> std::io::Result<()> {
+        if !self.revoked {
+            let now = self.live.generation();
+            if now == self.seen {
+                return Ok(());
+            }
+            self.seen = now;
+            if !self.live.get().1.contains(&self.serial) {
+                return Ok(());
+            }
+            self.revoked = true;
+            tracing::warn!(
+                serial = %self.serial,
+                "closed the live connection of {}: its certificate (serial {}) is now revoked by `tls.revoked_serials`",
+                self.who,
+                self.serial
+            );
+        }
+        Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!("the certificate of {} was revoked", self.who),
+        ))
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for RevocableStream<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.check()?;
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for RevocableStream<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.check()?;
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.check()?;
+        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 

@@ -152,6 +152,7 @@ pub fn peer_channel(peer: &PeerConfig, tls: LiveTls) -> Channel {
         let (current, revoked) = tls.get();
         let connector = current.connector();
         let addr = addr.clone();
+        let live = tls.clone();
         async move {
             let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&addr))
                 .await
@@ -173,13 +174,22 @@ pub fn peer_channel(peer: &PeerConfig, tls: LiveTls) -> Channel {
                     format!("TLS handshake with {addr} timed out"),
                 )
             })??;
-            crate::tls::refuse_revoked(tls.get_ref().1, &revoked).map_err(|why| {
+            let refused = |why: String| {
                 std::io::Error::new(
                     std::io::ErrorKind::PermissionDenied,
                     format!("node {id} at {addr}: {why}"),
                 )
-            })?;
-            Ok::<_, std::io::Error>(TokioIo::new(tls))
+            };
+            crate::tls::refuse_revoked(tls.get_ref().1, &revoked).map_err(refused)?;
+            let serial = crate::tls::peer_leaf(tls.get_ref().1)
+                .map(crate::tls::cert_serial_hex)
+                .transpose()
+                .map_err(|e| refused(e.to_string()))?
+                .unwrap_or_default();
+            let who = format!("node {id} at {addr}");
+            Ok::<_, std::io::Error>(TokioIo::new(crate::tls::RevocableStream::new(
+                tls, live, serial, who,
+            )))
         }
     }))
 }
