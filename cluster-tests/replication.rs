@@ -808,3 +808,234 @@ fn a_follower_starting_with_stray_files_sets_them_aside_and_converges() {
         );
     }
 }
+
+/// A set with `xattrs = true` keeps the `user.*` extended attributes and
+/// POSIX ACLs (access and default) of files and directories: new, changed,
+/// removed, changed alone (a metadata-only change, applied in place) and
+/// dropped by an editor's save; a set without the option never carries
+/// them. ACLs are written as the raw `system.posix_acl_*` bytes `setfacl`
+/// would write, so the test needs no acl package.
+#[test]
+fn xattrs_and_acls_replicate_only_in_sets_that_ask() {
+    use std::collections::BTreeMap;
+    use std::os::unix::fs::MetadataExt;
+
+    use rustix::fs::{lgetxattr, llistxattr, lremovexattr, lsetxattr, XattrFlags};
+
+    type Attrs = BTreeMap<String, Vec<u8>>;
+
+    /// A POSIX ACL as the kernel stores it: owner rw, user 1234 `named`,
+    /// owning group r, mask `mask`, others none.
+    fn acl(named: u16, mask: u16) -> Vec<u8> {
+        let mut out = 2u32.to_le_bytes().to_vec();
+        for (tag, perm, id) in [
+            (0x01u16, 6u16, u32::MAX),
+            (0x02, named, 1234),
+            (0x04, 4, u32::MAX),
+            (0x10, mask, u32::MAX),
+            (0x20, 0, u32::MAX),
+        ] {
+            out.extend(tag.to_le_bytes());
+            out.extend(perm.to_le_bytes());
+            out.extend(id.to_le_bytes());
+        }
+        out
+    }
+
+    #[track_caller]
+    fn set_attr(path: &Path, name: &str, value: &[u8]) {
+        lsetxattr(path, name, value, XattrFlags::empty())
+            .unwrap_or_else(|e| panic!("setxattr {name} on {}: {e}", path.display()));
+    }
+
+    /// The replicated attributes (user.* and the ACLs) of one entry, never
+    /// following a symlink.
+    fn attrs(path: &Path) -> Result<Attrs, String> {
+        let mut names = vec![0u8; 65536];
+        let n = llistxattr(path, &mut names[..]).map_err(|e| format!("{}: {e}", path.display()))?;
+        let mut out = Attrs::new();
+        let mut value = vec![0u8; 65536];
+        for name in names[..n].split(|&b| b == 0).filter(|n| !n.is_empty()) {
+            let name = String::from_utf8_lossy(name).into_owned();
+            if !(name.starts_with("user.") || name.starts_with("system.posix_acl_")) {
+                continue;
+            }
+            let len = lgetxattr(path, name.as_str(), &mut value[..])
+                .map_err(|e| format!("{}: {name}: {e}", path.display()))?;
+            out.insert(name, value[..len].to_vec());
+        }
+        Ok(out)
+    }
+
+    /// Relative path → attributes of every file and directory of a tree.
+    fn tree_attrs(root: &Path) -> Result<BTreeMap<String, Attrs>, String> {
+        let mut out = BTreeMap::new();
+        let mut stack = vec![root.to_path_buf()];
+        while let Some(dir) = stack.pop() {
+            let list = fs::read_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            for ent in list {
+                let ent = ent.map_err(|e| e.to_string())?;
+                let kind = ent.file_type().map_err(|e| e.to_string())?;
+                if kind.is_symlink() {
+                    continue;
+                }
+                let rel = ent.path().strip_prefix(root).unwrap().display().to_string();
+                out.insert(rel, attrs(&ent.path())?);
+                if kind.is_dir() {
+                    stack.push(ent.path());
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    #[track_caller]
+    fn wait_attrs_equal(c: &Cluster, set: &str, ids: &[u64]) -> BTreeMap<String, Attrs> {
+        let want = tree_attrs(&c.set_path(ids[0], set)).unwrap();
+        for &id in &ids[1..] {
+            wait_until(
+                CONVERGE,
+                &format!(
+                    "node {id}'s extended attributes in set {set:?} equal to node {}'s",
+                    ids[0]
+                ),
+                || {
+                    let have = tree_attrs(&c.set_path(id, set))?;
+                    if have == want {
+                        Ok(())
+                    } else {
+                        Err(format!("want {want:?}\n  have {have:?}"))
+                    }
+                },
+            );
+        }
+        want
+    }
+
+    let (c, leader) = cluster_with(&["acl", "plain"], |b| {
+        b.sync_set("acl", "mirror", "xattrs = true")
+            .sync_set("plain", "mirror", "")
+    });
+    let ids = leader_first(&c, leader);
+    let root = c.set_path(leader, "acl");
+    let p = |rel: &str| root.join(rel);
+
+    // The test filesystem must keep user xattrs and ACLs at all.
+    write_file(&p("probe"), "");
+    if let Err(e) = lsetxattr(p("probe"), "user.probe", b"1", XattrFlags::empty()) {
+        eprintln!("skipped: {} keeps no user xattrs ({e})", root.display());
+        return;
+    }
+    fs::remove_file(p("probe")).unwrap();
+
+    // 1. New: a file with two user attributes and an access ACL, a directory
+    //    with an attribute and a default ACL, a file created inside it
+    //    (which inherits an access ACL from that default), a link (none).
+    write_file(&p("tac_plus.conf"), "key = secret\n");
+    set_attr(&p("tac_plus.conf"), "user.origin", b"leader");
+    set_attr(&p("tac_plus.conf"), "user.empty", b"");
+    set_attr(&p("tac_plus.conf"), "system.posix_acl_access", &acl(4, 6));
+    fs::create_dir(p("keys")).unwrap();
+    set_attr(&p("keys"), "user.purpose", b"host keys");
+    set_attr(&p("keys"), "system.posix_acl_default", &acl(4, 4));
+    write_file(&p("keys/host.key"), "-----BEGIN-----\n");
+    symlink("tac_plus.conf", p("current")).unwrap();
+    let t = wait_trees_equal(&c, "acl", &ids, CONVERGE);
+    let a = wait_attrs_equal(&c, "acl", &ids);
+    assert_eq!(a["tac_plus.conf"].len(), 3, "{a:?}");
+    assert_eq!(a["tac_plus.conf"]["system.posix_acl_access"], acl(4, 6));
+    assert_eq!(a["keys"].len(), 2, "{a:?}");
+    assert!(
+        a["keys/host.key"].contains_key("system.posix_acl_access"),
+        "the inherited ACL: {a:?}"
+    );
+    // The ACL's mask is the mode's group bits, on every node.
+    assert_eq!(
+        t["tac_plus.conf"].mode & 0o070,
+        0o060,
+        "{}",
+        t["tac_plus.conf"]
+    );
+
+    // 2. Attributes change alone (setfattr, setfacl): one value changes,
+    //    one is removed, the ACL narrows, the directory gains one. Followers
+    //    fix them in place: the file is not rewritten.
+    let follower = ids[1];
+    let inode = |id: u64| {
+        fs::metadata(c.set_path(id, "acl").join("tac_plus.conf"))
+            .unwrap()
+            .ino()
+    };
+    let before = inode(follower);
+    set_attr(&p("tac_plus.conf"), "user.origin", b"changed on the leader");
+    lremovexattr(p("tac_plus.conf"), "user.empty").unwrap();
+    set_attr(&p("tac_plus.conf"), "system.posix_acl_access", &acl(0, 4));
+    set_attr(&p("keys"), "user.added", b"1");
+    let t = wait_trees_equal(&c, "acl", &ids, CONVERGE);
+    let a = wait_attrs_equal(&c, "acl", &ids);
+    assert_eq!(
+        a["tac_plus.conf"].keys().collect::<Vec<_>>(),
+        vec!["system.posix_acl_access", "user.origin"]
+    );
+    assert_eq!(a["tac_plus.conf"]["user.origin"], b"changed on the leader");
+    assert_eq!(
+        t["tac_plus.conf"].mode & 0o070,
+        0o040,
+        "{}",
+        t["tac_plus.conf"]
+    );
+    assert_eq!(a["keys"].len(), 3, "{a:?}");
+    assert_eq!(
+        inode(follower),
+        before,
+        "an attribute change rewrote the file"
+    );
+
+    // 3. An editor's save (a new file renamed over the old one) drops the
+    //    attributes on the leader, so on the followers too; an in-place
+    //    append keeps them, with the new content.
+    write_file(&p("tac_plus.conf.new"), "key = rotated\n");
+    fs::rename(p("tac_plus.conf.new"), p("tac_plus.conf")).unwrap();
+    append(&p("keys/host.key"), "more\n");
+    wait_trees_equal(&c, "acl", &ids, CONVERGE);
+    let a = wait_attrs_equal(&c, "acl", &ids);
+    assert!(a["tac_plus.conf"].is_empty(), "{a:?}");
+    assert!(!a["keys/host.key"].is_empty(), "{a:?}");
+
+    // 4. A follower that was down while attributes changed catches up.
+    let late = ids[2];
+    c.kill(late);
+    set_attr(&p("keys"), "user.added", b"while node was down");
+    set_attr(&p("keys/host.key"), "user.new", b"1");
+    c.start_node(late);
+    wait_trees_equal(&c, "acl", &ids, CONVERGE);
+    let a = wait_attrs_equal(&c, "acl", &ids);
+    assert_eq!(a["keys"]["user.added"], b"while node was down");
+
+    // 5. A set without the option: content and mode replicate, attributes
+    //    and ACLs stay on the leader.
+    let plain = c.set_path(leader, "plain");
+    write_file(&plain.join("aliases"), "root: admin\n");
+    set_attr(&plain.join("aliases"), "user.origin", b"leader");
+    set_attr(
+        &plain.join("aliases"),
+        "system.posix_acl_access",
+        &acl(4, 4),
+    );
+    wait_trees_equal(&c, "plain", &ids, CONVERGE);
+    // A later change of the attributes alone proposes nothing either.
+    set_attr(&plain.join("aliases"), "user.later", b"x");
+    hold_for(
+        Duration::from_secs(2),
+        "followers of set \"plain\" without attributes",
+        || {
+            for &id in &ids[1..] {
+                let got = attrs(&c.set_path(id, "plain").join("aliases"))?;
+                if !got.is_empty() {
+                    return Err(format!("node {id} has {got:?}"));
+                }
+            }
+            Ok(())
+        },
+    );
+}

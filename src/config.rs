@@ -141,6 +141,10 @@ pub struct RawSync {
     /// "dir", "file" or absent (decided by what the path is).
     pub kind: Option<String>,
     pub max_file_size: Option<i64>,
+    /// Replicate extended attributes and POSIX ACLs (default false). Read
+    /// as text and checked here: the config crate would turn any number or
+    /// word into a boolean without a word.
+    pub xattrs: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -259,6 +263,10 @@ pub struct SyncSetConfig {
     /// Larger files are refused (with a logged reason), never half-sent:
     /// each version is held in memory while it is planned and applied.
     pub max_file_size: u64,
+    /// Keep extended attributes of files and directories: every `user.*`
+    /// name and the POSIX ACLs (`system.posix_acl_access`/`_default`); see
+    /// [`crate::manifest::is_replicated_xattr`] for what is left alone.
+    pub xattrs: bool,
 }
 
 /// How the leader notices changes.
@@ -693,6 +701,14 @@ impl Validator {
                     DEFAULT_MAX_FILE_SIZE
                 }
             };
+            let xattrs = match s.xattrs.as_deref() {
+                None | Some("false") => false,
+                Some("true") => true,
+                Some(other) => {
+                    self.problem(format!("key `{key}.xattrs` = {other:?} of sync set {name:?} must be true or false (true keeps user.* extended attributes and POSIX ACLs)"));
+                    false
+                }
+            };
             sets.push(SyncSetConfig {
                 name,
                 path,
@@ -702,6 +718,7 @@ impl Validator {
                 on_change: s.on_change,
                 single_file,
                 max_file_size,
+                xattrs,
             });
         }
         sets
@@ -920,6 +937,38 @@ mod tests {
             assert!(
                 msg.contains("clusterd.toml"),
                 "message does not name the file: {msg}"
+            );
+        }
+    }
+
+    #[test]
+    fn sync_xattrs_is_off_by_default_and_must_be_a_boolean() {
+        let f = Fixture::new();
+        let set = |extra: &str| {
+            format!(
+                "{NODE}{PEERS}{}[[sync]]\nname = \"a\"\npath = \"/a\"\nkind = \"dir\"\n{extra}",
+                f.tls()
+            )
+        };
+        assert!(!f.load(&set("")).unwrap().sync[0].xattrs);
+        assert!(f.load(&set("xattrs = true\n")).unwrap().sync[0].xattrs);
+        assert!(!f.load(&set("xattrs = false\n")).unwrap().sync[0].xattrs);
+        for (bad, expected) in [
+            (
+                "xattrs = \"all\"\n",
+                "key `sync[0].xattrs` = \"all\" of sync set \"a\" must be true or false",
+            ),
+            (
+                "xattrs = 1\n",
+                "key `sync[0].xattrs` = \"1\" of sync set \"a\" must be true or false",
+            ),
+            ("xattrs = \"yes\"\n", "key `sync[0].xattrs` = \"yes\""),
+            ("xattrs = [\"user\"]\n", "xattrs"),
+        ] {
+            let msg = f.problems(&set(bad));
+            assert!(
+                msg.contains(expected) && msg.contains("clusterd.toml"),
+                "{bad}: expected {expected:?} in {msg}"
             );
         }
     }

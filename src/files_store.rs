@@ -96,7 +96,9 @@ fn enc<T: Serialize>(v: &T) -> Vec<u8> {
 
 impl StoreBatch {
     pub fn put_entry(&mut self, set: &str, path: &SetPath, entry: &Entry) {
-        self.wb.put(path_key(P_ENTRY, set, path), enc(entry));
+        // Entries without xattrs keep the format older releases wrote.
+        self.wb
+            .put(path_key(P_ENTRY, set, path), entry.encode_stored());
     }
     pub fn delete_entry(&mut self, set: &str, path: &SetPath) {
         self.wb.delete(path_key(P_ENTRY, set, path));
@@ -226,6 +228,14 @@ impl FilesStore {
         &self,
         prefix: u8,
     ) -> Result<Vec<(String, SetPath, T)>, FilesStoreError> {
+        self.scan_with(prefix, |v| postcard::from_bytes(v))
+    }
+
+    fn scan_with<T>(
+        &self,
+        prefix: u8,
+        decode: impl Fn(&[u8]) -> Result<T, postcard::Error>,
+    ) -> Result<Vec<(String, SetPath, T)>, FilesStoreError> {
         let mut out = Vec::new();
         let iter = self
             .db
@@ -236,7 +246,7 @@ impl FilesStore {
                 break;
             }
             let (set, path) = split_path_key(&k).ok_or_else(|| self.corrupt(&k, "bad key"))?;
-            let value: T = postcard::from_bytes(&v).map_err(|e| self.corrupt(&k, e))?;
+            let value: T = decode(&v).map_err(|e| self.corrupt(&k, e))?;
             out.push((set, path, value));
         }
         Ok(out)
@@ -244,7 +254,7 @@ impl FilesStore {
 
     pub fn load_manifest(&self) -> Result<Manifest, FilesStoreError> {
         let mut m = Manifest::default();
-        for (set, path, entry) in self.scan::<Entry>(P_ENTRY)? {
+        for (set, path, entry) in self.scan_with(P_ENTRY, Entry::decode_stored)? {
             m.sets.entry(set).or_default().entries.insert(path, entry);
         }
         let iter = self.db.iterator(IteratorMode::From(
@@ -299,6 +309,7 @@ mod tests {
             },
             digest: Some(WireDigest::new(&crate::delta::digest(b"x"))),
             target: None,
+            xattrs: vec![(b"user.k".to_vec(), b"v".to_vec())],
         };
         {
             let s = FilesStore::open(dir.path()).unwrap();

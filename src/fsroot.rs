@@ -44,6 +44,16 @@
 //! * Recursion ([`Root::remove`] of a tree, cross-filesystem
 //!   [`Root::move_aside`] of a tree) stops with an error past [`MAX_DEPTH`]
 //!   levels; it holds one descriptor per level.
+//! * Extended attributes ([`Root::read_xattrs`], [`Root::set_xattrs`],
+//!   [`Root::replace_file_xattrs`]) are read and written through the
+//!   entry's own descriptor (`flistxattr`/`fgetxattr`/`fsetxattr`), never by
+//!   path, so a symlink is never followed; symlinks themselves have none
+//!   (Linux refuses `user.*` on them). Only the names
+//!   [`crate::manifest::is_replicated_xattr`] accepts are read, set or
+//!   removed; every other attribute (SELinux labels included) is left as it
+//!   is. A filesystem without xattr support (`ENOTSUP`) is not an error:
+//!   the attributes are skipped and [`Root::xattrs_unsupported_notice`]
+//!   tells the caller once.
 //! * Limit of the guarantee: the walk holds a descriptor for each directory
 //!   it passes, so a directory renamed away mid-walk by someone with write
 //!   access to the set is acted on where it now is. That needs a local user
@@ -58,10 +68,11 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU8, Ordering};
 
 use rustix::fs::{
     self as rfs, AtFlags, Dir, FileType, Gid, Mode, OFlags, RenameFlags, Stat, Timespec,
-    Timestamps, Uid,
+    Timestamps, Uid, XattrFlags,
 };
 use rustix::io::Errno;
 use thiserror::Error;
@@ -83,6 +94,18 @@ const CHUNK: usize = 64 * 1024;
 /// Permission bits kept from [`FileMeta::mode`]: rwx for all three classes
 /// plus setuid, setgid and sticky.
 const PERM_MASK: u32 = 0o7777;
+
+/// Buffer for one xattr name list or value: Linux's `XATTR_LIST_MAX` and
+/// `XATTR_SIZE_MAX`, so a read never fails for lack of room.
+const XATTR_BUF: usize = 64 * 1024;
+
+/// Extended attributes as read and set here: `(name, value)`, sorted by name.
+pub type Xattrs = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// [`Root::xattr_notice`] states: nothing seen, `ENOTSUP` seen, reported.
+const XATTR_OK: u8 = 0;
+const XATTR_UNSUPPORTED: u8 = 1;
+const XATTR_REPORTED: u8 = 2;
 
 /// Mode of directories this module creates on its own (missing parents in
 /// the quarantine root, directories being filled by a cross-filesystem move):
@@ -442,6 +465,9 @@ fn omit_atime() -> Timespec {
 pub struct Root {
     fd: OwnedFd,
     path: PathBuf,
+    /// Whether the filesystem refused extended attributes (`ENOTSUP`), and
+    /// whether the caller was told.
+    xattr_notice: AtomicU8,
 }
 
 impl Root {
@@ -454,6 +480,7 @@ impl Root {
             Ok(fd) => Ok(Root {
                 fd,
                 path: path.to_path_buf(),
+                xattr_notice: AtomicU8::new(XATTR_OK),
             }),
             Err(e @ (Errno::LOOP | Errno::NOTDIR)) => {
                 let found = match rfs::lstat(path) {
@@ -734,6 +761,22 @@ impl Root {
         expected: &[u8; 32],
         sync_dir: bool,
     ) -> Result<FileMeta, FsError> {
+        self.replace_file_xattrs(comps, data, meta, expected, sync_dir, None)
+    }
+
+    /// [`Root::replace_file_with`] that, with `xattrs`, also makes the
+    /// replicated extended attributes of the new version exactly those
+    /// (see [`Root::set_xattrs`]), on the temporary file before the rename:
+    /// content, metadata and attributes become visible together.
+    pub fn replace_file_xattrs<C: AsComponent>(
+        &self,
+        comps: &[C],
+        data: &[u8],
+        meta: &FileMeta,
+        expected: &[u8; 32],
+        sync_dir: bool,
+        xattrs: Option<&[(Vec<u8>, Vec<u8>)]>,
+    ) -> Result<FileMeta, FsError> {
         let comps = self.check(comps, false)?;
         let path = show(&comps);
         if meta.kind != Kind::File {
@@ -757,6 +800,11 @@ impl Root {
         file.write_all(data)
             .map_err(|e| self.io_err("write temporary file for", path.clone(), e))?;
         self.apply_meta(file.as_fd(), meta, &path)?;
+        if let Some(want) = xattrs {
+            // The new file may have inherited an ACL from its directory's
+            // default ACL: that is replaced (or removed) here too.
+            self.sync_xattrs(file.as_fd(), meta, want, &path)?;
+        }
         file.sync_all()
             .map_err(|e| self.io_err("fsync temporary file for", path.clone(), e))?;
 
@@ -800,6 +848,175 @@ impl Root {
         // The metadata of what we wrote, taken from our own descriptor: a
         // stat by name now could already see someone else's edit.
         Ok(FileMeta::from_stat(&ours))
+    }
+
+    /// The replicated extended attributes of a regular file or directory
+    /// (read through its descriptor, never through a symlink), sorted by
+    /// name. A symlink or special file has none here; `None` when absent.
+    /// A filesystem without xattr support gives an empty list.
+    pub fn read_xattrs<C: AsComponent>(&self, comps: &[C]) -> Result<Option<Xattrs>, FsError> {
+        let comps = self.check(comps, false)?;
+        let path = show(&comps);
+        let Some((dir, leaf)) = self.open_parent(&comps, None)? else {
+            return Ok(None);
+        };
+        let Some(st) = self.lstat_at(&dir, leaf, &path)? else {
+            return Ok(None);
+        };
+        let kind = stat_kind(&st);
+        if !matches!(kind, Kind::File | Kind::Dir) {
+            return Ok(Some(Vec::new()));
+        }
+        match self.open_existing(&dir, leaf, &path, kind) {
+            Ok(Some(fd)) => self.xattrs_of(fd.as_fd(), &path).map(Some),
+            Ok(None) => Ok(None),
+            // Replaced by another kind between lstat and open: the event
+            // that replaced it brings the path back.
+            Err(FsError::WrongKind { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Makes the replicated extended attributes of the existing regular
+    /// file or directory at `comps` (of `meta.kind`) exactly `want`:
+    /// missing ones are set, changed ones rewritten, extra ones removed;
+    /// names outside the replicated ones are never touched. A POSIX ACL
+    /// also sets the group bits of the mode, so the mode of `meta` is set
+    /// again afterwards when they differ. Symlinks are left alone (`false`);
+    /// so is an absent entry. Returns whether anything changed.
+    pub fn set_xattrs<C: AsComponent>(
+        &self,
+        comps: &[C],
+        meta: &FileMeta,
+        want: &[(Vec<u8>, Vec<u8>)],
+    ) -> Result<bool, FsError> {
+        let comps = self.check(comps, false)?;
+        let path = show(&comps);
+        if !matches!(meta.kind, Kind::File | Kind::Dir) {
+            return Ok(false);
+        }
+        let Some((dir, leaf)) = self.open_parent(&comps, None)? else {
+            return Ok(false);
+        };
+        let Some(fd) = self.open_existing(&dir, leaf, &path, meta.kind)? else {
+            return Ok(false);
+        };
+        let changed = self.sync_xattrs(fd.as_fd(), meta, want, &path)?;
+        if changed {
+            rfs::fsync(&fd).map_err(|e| self.io_err("fsync", path, e))?;
+        }
+        Ok(changed)
+    }
+
+    /// Returns `true` once, the first time after an operation of this root
+    /// met a filesystem without extended attribute support, so the caller
+    /// can say so once instead of at every file.
+    pub fn xattrs_unsupported_notice(&self) -> bool {
+        self.xattr_notice
+            .compare_exchange(
+                XATTR_UNSUPPORTED,
+                XATTR_REPORTED,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            )
+            .is_ok()
+    }
+
+    fn note_xattrs_unsupported(&self) {
+        let _ = self.xattr_notice.compare_exchange(
+            XATTR_OK,
+            XATTR_UNSUPPORTED,
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+    }
+
+    /// The replicated extended attributes of an open file or directory.
+    fn xattrs_of(&self, fd: BorrowedFd<'_>, path: &str) -> Result<Xattrs, FsError> {
+        let mut list = vec![0u8; XATTR_BUF];
+        let n = match rfs::flistxattr(fd, &mut list[..]) {
+            Ok(n) => n,
+            Err(Errno::NOTSUP) => return Ok(Vec::new()),
+            Err(e) => {
+                return Err(self.io_err("list the extended attributes of", path.to_string(), e))
+            }
+        };
+        let mut value = vec![0u8; XATTR_BUF];
+        let mut out = Vec::new();
+        for name in list[..n].split(|&b| b == 0) {
+            if !crate::manifest::is_replicated_xattr(name) {
+                continue;
+            }
+            match rfs::fgetxattr(fd, name, &mut value[..]) {
+                Ok(len) => out.push((name.to_vec(), value[..len].to_vec())),
+                // Removed since the list was taken.
+                Err(Errno::NODATA) => {}
+                Err(e) => {
+                    return Err(self.io_err(
+                        "read an extended attribute of",
+                        format!("{path} ({})", String::from_utf8_lossy(name)),
+                        e,
+                    ))
+                }
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// [`Root::set_xattrs`] on an open file or directory, without fsync.
+    fn sync_xattrs(
+        &self,
+        fd: BorrowedFd<'_>,
+        meta: &FileMeta,
+        want: &[(Vec<u8>, Vec<u8>)],
+        path: &str,
+    ) -> Result<bool, FsError> {
+        let shown = |name: &[u8]| format!("{path} ({})", String::from_utf8_lossy(name));
+        if let Some((name, _)) = want
+            .iter()
+            .find(|(n, _)| n.contains(&0) || !crate::manifest::is_replicated_xattr(n))
+        {
+            // The manifest refuses these already; this is the last line.
+            return Err(self.meta_err(
+                shown(name),
+                "only user.* attributes and POSIX ACLs are ever written",
+            ));
+        }
+        let have = self.xattrs_of(fd, path)?;
+        let mut changed = false;
+        for (name, _) in &have {
+            if want.iter().any(|(n, _)| n == name) {
+                continue;
+            }
+            match rfs::fremovexattr(fd, name.as_slice()) {
+                Ok(()) => changed = true,
+                Err(Errno::NODATA) => {}
+                Err(Errno::NOTSUP) => self.note_xattrs_unsupported(),
+                Err(e) => return Err(self.io_err("remove the extended attribute", shown(name), e)),
+            }
+        }
+        for (name, value) in want {
+            if have.iter().any(|(n, v)| n == name && v == value) {
+                continue;
+            }
+            match rfs::fsetxattr(fd, name.as_slice(), value, XattrFlags::empty()) {
+                Ok(()) => changed = true,
+                Err(Errno::NOTSUP) => self.note_xattrs_unsupported(),
+                Err(e) => return Err(self.io_err("set the extended attribute", shown(name), e)),
+            }
+        }
+        if changed {
+            // Setting or removing an access ACL rewrites the mode's group
+            // bits (they are its mask): put the committed mode back.
+            let st = rfs::fstat(fd).map_err(|e| self.io_err("stat", path.to_string(), e))?;
+            let want_mode = meta.mode & PERM_MASK;
+            if st.st_mode & PERM_MASK != want_mode {
+                rfs::fchmod(fd, Mode::from_raw_mode(want_mode))
+                    .map_err(|e| self.io_err("set mode of", path.to_string(), e))?;
+            }
+        }
+        Ok(changed)
     }
 
     /// Reads a regular file of at most `max_len` bytes with its metadata.
@@ -2252,6 +2469,125 @@ mod tests {
             fx.root.stat(&["f"]).unwrap().unwrap().mtime_ns,
             -1_500_000_000
         );
+    }
+    /// A POSIX access ACL as the kernel stores it: user rw, user 1234 r,
+    /// group r, mask `mask`, other none.
+    fn acl(mask: u16) -> Vec<u8> {
+        let mut out = 2u32.to_le_bytes().to_vec();
+        for (tag, perm, id) in [
+            (0x01u16, 6u16, u32::MAX),
+            (0x02, 4, 1234),
+            (0x04, 4, u32::MAX),
+            (0x10, mask, u32::MAX),
+            (0x20, 0, u32::MAX),
+        ] {
+            out.extend(tag.to_le_bytes());
+            out.extend(perm.to_le_bytes());
+            out.extend(id.to_le_bytes());
+        }
+        out
+    }
+
+    fn xa(pairs: &[(&str, &[u8])]) -> Xattrs {
+        pairs
+            .iter()
+            .map(|(n, v)| (n.as_bytes().to_vec(), v.to_vec()))
+            .collect()
+    }
+
+    /// Whether the test filesystem keeps user xattrs (tmpfs before 6.6
+    /// does not); the xattr tests say so and pass otherwise.
+    fn user_xattrs_work(dir: &Path) -> bool {
+        let probe = dir.join("probe");
+        std::fs::write(&probe, b"").unwrap();
+        let ok = rfs::setxattr(&probe, "user.probe", b"1", XattrFlags::empty()).is_ok();
+        std::fs::remove_file(&probe).unwrap();
+        if !ok {
+            eprintln!("skipped: {} keeps no user xattrs", dir.display());
+        }
+        ok
+    }
+
+    #[test]
+    fn xattrs_are_set_on_the_temporary_file_and_only_replicated_names_touched() {
+        let fx = fixture();
+        if !user_xattrs_work(&fx.root_path) {
+            return;
+        }
+        let root = &fx.root;
+        let want = xa(&[
+            ("system.posix_acl_access", &acl(6)),
+            ("user.a", b"1"),
+            ("user.empty", b""),
+        ]);
+        let meta = file_meta(0o660);
+        root.replace_file_xattrs(&["f"], b"data", &meta, &hash(b"data"), true, Some(&want))
+            .unwrap();
+        assert_eq!(root.read_xattrs(&["f"]).unwrap().unwrap(), want);
+        let on_disk = std::fs::metadata(fx.root_path.join("f")).unwrap();
+        assert_eq!(on_disk.mode() & 0o7777, 0o660);
+
+        // Another namespace (an LSM label, say) is never read nor removed.
+        let foreign = is_root()
+            && rfs::setxattr(
+                fx.root_path.join("f"),
+                "trusted.keep",
+                b"x",
+                XattrFlags::empty(),
+            )
+            .is_ok();
+        // Change one value, drop the ACL and one name.
+        let want2 = xa(&[("user.a", b"2")]);
+        assert!(root.set_xattrs(&["f"], &meta, &want2).unwrap());
+        assert_eq!(root.read_xattrs(&["f"]).unwrap().unwrap(), want2);
+        assert!(
+            !root.set_xattrs(&["f"], &meta, &want2).unwrap(),
+            "idempotent"
+        );
+        // Removing the ACL left the mode as committed.
+        let on_disk = std::fs::metadata(fx.root_path.join("f")).unwrap();
+        assert_eq!(on_disk.mode() & 0o7777, 0o660);
+        if foreign {
+            let mut buf = [0u8; 8];
+            let n = rfs::getxattr(fx.root_path.join("f"), "trusted.keep", &mut buf[..]).unwrap();
+            assert_eq!(&buf[..n], b"x");
+        }
+        // A name outside the replicated ones is refused before any change.
+        let err = root
+            .set_xattrs(&["f"], &meta, &xa(&[("security.selinux", b"x")]))
+            .unwrap_err();
+        assert!(err.to_string().contains("security.selinux"), "{err}");
+        assert_eq!(root.read_xattrs(&["f"]).unwrap().unwrap(), want2);
+        assert!(!root.xattrs_unsupported_notice());
+    }
+
+    #[test]
+    fn xattrs_of_directories_are_kept_and_symlinks_never_followed() {
+        let fx = fixture();
+        if !user_xattrs_work(&fx.root_path) {
+            return;
+        }
+        let root = &fx.root;
+        let (uid, gid) = me();
+        let dmeta = FileMeta::new(Kind::Dir, 0o750, uid, gid, 1_600_000_000_000_000_000);
+        root.make_dir(&["d"], &dmeta).unwrap();
+        let want = xa(&[("system.posix_acl_default", &acl(4)), ("user.d", b"x")]);
+        assert!(root.set_xattrs(&["d"], &dmeta, &want).unwrap());
+        assert_eq!(root.read_xattrs(&["d"]).unwrap().unwrap(), want);
+
+        // A link to a file outside: read as none, never written through.
+        symlink(fx.outside.join("shadow"), fx.root_path.join("l")).unwrap();
+        assert_eq!(root.read_xattrs(&["l"]).unwrap().unwrap(), Xattrs::new());
+        let lmeta = FileMeta::new(Kind::Symlink, 0o777, uid, gid, 0);
+        assert!(!root.set_xattrs(&["l"], &lmeta, &want).unwrap());
+        let err = root
+            .set_xattrs(&["l"], &file_meta(0o644), &want)
+            .unwrap_err();
+        assert!(matches!(err, FsError::WrongKind { .. }), "{err}");
+        let mut buf = [0u8; 256];
+        let n = rfs::listxattr(fx.outside.join("shadow"), &mut buf[..]).unwrap();
+        assert!(!buf[..n].starts_with(b"user."), "written through the link");
+        assert_eq!(root.read_xattrs(&["absent"]).unwrap(), None);
     }
 }
 

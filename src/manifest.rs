@@ -14,6 +14,14 @@
 //! Encoding: postcard of the structs below, behind the command header that
 //! [`crate::raft_core::Command`] writes. The bytes are pinned by tests: they
 //! live in every node's durable log and in snapshots.
+//!
+//! Extended attributes (sets with `xattrs = true`) were added without
+//! changing any existing encoding: they travel as [`FileOp::Xattrs`], a
+//! variant appended after the others (so every batch an older release wrote
+//! decodes as before, and a batch of a set without the option is
+//! byte-identical to an older release's), and [`Entry::xattrs`] is written
+//! only where it is needed: snapshot format 2 (format 1 is still read, and
+//! still written while no entry has xattrs) and [`Entry::encode_stored`].
 
 use std::collections::{BTreeMap, VecDeque};
 
@@ -30,6 +38,60 @@ pub const CHUNK_LEN: usize = 1024 * 1024;
 /// How many recent batches per set keep their commit time, for
 /// `lag_seconds` of a node that is behind.
 const RECENT_BATCHES: usize = 64;
+
+/// Most bytes of extended attributes (names plus values) replicated for one
+/// path: Linux's limit for a single value (`XATTR_SIZE_MAX`) and for a
+/// file's whole name list. Anything larger is refused, never cut.
+pub const XATTR_MAX_BYTES: usize = 64 * 1024;
+
+/// Extended attributes of one path as the cluster replicates them:
+/// `(name, value)` pairs, sorted by name, names unique, only the names
+/// [`is_replicated_xattr`] accepts.
+pub type Xattrs = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// The extended attributes a set with `xattrs = true` replicates: every
+/// `user.*` name and the two POSIX ACLs (`system.posix_acl_access`,
+/// `system.posix_acl_default`).
+///
+/// Left alone on every node, never read nor written: `security.*` (SELinux,
+/// SMACK and AppArmor labels belong to each host's policy, IMA/EVM data is
+/// signed with each host's keys, and file capabilities grant privilege; a
+/// label copied from another host is at best refused by the LSM and at
+/// worst wrong), `trusted.*` (filesystem and overlay internals, readable by
+/// root only) and any other `system.*` name (NFSv4 ACLs and the like, whose
+/// meaning depends on the filesystem).
+pub fn is_replicated_xattr(name: &[u8]) -> bool {
+    (name.len() > b"user.".len() && name.starts_with(b"user."))
+        || name == b"system.posix_acl_access"
+        || name == b"system.posix_acl_default"
+}
+
+/// Bytes counted against [`XATTR_MAX_BYTES`]: names plus values.
+pub fn xattrs_size(xattrs: &[(Vec<u8>, Vec<u8>)]) -> usize {
+    xattrs.iter().map(|(n, v)| n.len() + v.len()).sum()
+}
+
+/// Why a list of extended attributes cannot be committed, if it cannot.
+pub fn check_xattrs(xattrs: &[(Vec<u8>, Vec<u8>)]) -> Result<(), String> {
+    for (i, (name, _)) in xattrs.iter().enumerate() {
+        if name.contains(&0) || !is_replicated_xattr(name) {
+            return Err(format!(
+                "{:?} is not a replicated attribute (only user.* and the POSIX ACLs are)",
+                String::from_utf8_lossy(name)
+            ));
+        }
+        if i > 0 && xattrs[i - 1].0 >= *name {
+            return Err("the names are not sorted and unique".into());
+        }
+    }
+    let size = xattrs_size(xattrs);
+    if size > XATTR_MAX_BYTES {
+        return Err(format!(
+            "they take {size} bytes, more than the {XATTR_MAX_BYTES} bytes replicated per path"
+        ));
+    }
+    Ok(())
+}
 
 /// What a path is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -62,6 +124,76 @@ pub struct Entry {
     pub digest: Option<WireDigest>,
     /// Symlinks: the target, as bytes, never resolved.
     pub target: Option<Vec<u8>>,
+    /// Files and directories of sets with `xattrs = true`: their replicated
+    /// extended attributes (empty otherwise, and for symlinks).
+    pub xattrs: Xattrs,
+}
+
+/// [`Entry`] as format 1 wrote it (no xattrs): what snapshots of format 1
+/// and stored entries of older releases hold.
+#[derive(Deserialize)]
+struct EntryV1 {
+    meta: Meta,
+    digest: Option<WireDigest>,
+    target: Option<Vec<u8>>,
+}
+
+/// Borrowed [`EntryV1`], to write format 1 without copying.
+#[derive(Serialize)]
+struct EntryV1Ref<'a> {
+    meta: &'a Meta,
+    digest: &'a Option<WireDigest>,
+    target: &'a Option<Vec<u8>>,
+}
+
+impl From<EntryV1> for Entry {
+    fn from(e: EntryV1) -> Entry {
+        Entry {
+            meta: e.meta,
+            digest: e.digest,
+            target: e.target,
+            xattrs: Vec::new(),
+        }
+    }
+}
+
+impl<'a> From<&'a Entry> for EntryV1Ref<'a> {
+    fn from(e: &'a Entry) -> EntryV1Ref<'a> {
+        EntryV1Ref {
+            meta: &e.meta,
+            digest: &e.digest,
+            target: &e.target,
+        }
+    }
+}
+
+impl Entry {
+    /// The form `data_dir/files` keeps: format 1 (as older releases wrote
+    /// it) when the entry has no xattrs, else the full form. An older
+    /// release can still read every entry of a set without `xattrs = true`.
+    pub fn encode_stored(&self) -> Vec<u8> {
+        if self.xattrs.is_empty() {
+            postcard::to_allocvec(&EntryV1Ref::from(self))
+        } else {
+            postcard::to_allocvec(self)
+        }
+        .expect("an entry always serializes")
+    }
+
+    /// Reads either form [`Entry::encode_stored`] writes. Unambiguous: the
+    /// full form is the format-1 fields followed by the xattrs, so a format-1
+    /// value ends exactly where the full decoder still wants bytes, and each
+    /// decoder must consume the whole value.
+    pub fn decode_stored(bytes: &[u8]) -> Result<Entry, postcard::Error> {
+        match postcard::take_from_bytes::<Entry>(bytes) {
+            Ok((e, [])) => Ok(e),
+            Ok(_) => Err(postcard::Error::DeserializeBadEncoding),
+            Err(full) => match postcard::take_from_bytes::<EntryV1>(bytes) {
+                Ok((e, [])) => Ok(e.into()),
+                _ => Err(full),
+            },
+        }
+    }
 }
 
 /// [`FileDigest`] in its fixed 40-byte form.
@@ -134,6 +266,14 @@ pub enum FileOp {
     /// The path moved (a rotated log, a renamed directory): followers rename
     /// their copy instead of receiving the content again.
     Rename { from: Vec<u8>, to: Vec<u8> },
+    /// The replicated extended attributes of a committed file or directory
+    /// are now exactly `xattrs` (sets with `xattrs = true` only). A `Put` or
+    /// `Dir` commits a path with none; when this op follows it for the same
+    /// path in the same batch it is folded into that op, so the follower
+    /// sets them on the temporary file before the rename (invariant 2). Alone
+    /// it is a metadata-only change. Appended last: older variants keep
+    /// their tags, so the pinned encoding of every other op is unchanged.
+    Xattrs { path: Vec<u8>, xattrs: Xattrs },
 }
 
 impl FileOp {
@@ -143,7 +283,8 @@ impl FileOp {
             | FileOp::Dir { path, .. }
             | FileOp::Symlink { path, .. }
             | FileOp::Remove { path }
-            | FileOp::Forget { path } => path,
+            | FileOp::Forget { path }
+            | FileOp::Xattrs { path, .. } => path,
             FileOp::Rename { to, .. } => to,
         }
     }
@@ -204,6 +345,12 @@ pub enum ManifestError {
         from: SetPath,
         to: SetPath,
         why: &'static str,
+    },
+    #[error("sync set {set:?}: refused the extended attributes of {path}: {why}")]
+    Xattrs {
+        set: String,
+        path: SetPath,
+        why: String,
     },
     #[error("cannot decode {what}: {source}")]
     Decode {
@@ -305,6 +452,12 @@ pub enum CheckedOp {
         to: SetPath,
         moved: Vec<(SetPath, Entry)>,
     },
+    /// Only the extended attributes of a file or directory changed; `entry`
+    /// is its whole committed entry now.
+    Xattrs {
+        path: SetPath,
+        entry: Entry,
+    },
 }
 
 /// Every set's committed tree.
@@ -313,7 +466,55 @@ pub struct Manifest {
     pub sets: BTreeMap<String, SetManifest>,
 }
 
+/// Snapshot format 1: postcard of the manifest without xattrs.
 const SNAPSHOT_FORMAT_V1: u8 = 1;
+/// Snapshot format 2: as format 1, each entry followed by its xattrs.
+const SNAPSHOT_FORMAT_V2: u8 = 2;
+
+/// The manifest in snapshot format 1, to read.
+#[derive(Deserialize)]
+struct ManifestV1 {
+    sets: BTreeMap<String, SetManifestV1>,
+}
+
+#[derive(Deserialize)]
+struct SetManifestV1 {
+    entries: BTreeMap<SetPath, EntryV1>,
+    progress: SetProgress,
+}
+
+/// The manifest in snapshot format 1, borrowed, to write.
+#[derive(Serialize)]
+struct ManifestV1Ref<'a> {
+    sets: BTreeMap<&'a String, SetManifestV1Ref<'a>>,
+}
+
+#[derive(Serialize)]
+struct SetManifestV1Ref<'a> {
+    entries: BTreeMap<&'a SetPath, EntryV1Ref<'a>>,
+    progress: &'a SetProgress,
+}
+
+impl From<ManifestV1> for Manifest {
+    fn from(m: ManifestV1) -> Manifest {
+        Manifest {
+            sets: m
+                .sets
+                .into_iter()
+                .map(|(name, s)| {
+                    let entries = s.entries.into_iter().map(|(p, e)| (p, e.into())).collect();
+                    (
+                        name,
+                        SetManifest {
+                            entries,
+                            progress: s.progress,
+                        },
+                    )
+                })
+                .collect(),
+        }
+    }
+}
 
 impl Manifest {
     pub fn set(&self, name: &str) -> Option<&SetManifest> {
@@ -359,6 +560,7 @@ impl Manifest {
                         meta: meta.clone(),
                         digest: Some(*digest),
                         target: None,
+                        xattrs: Vec::new(),
                     };
                     let previous = scratch.entries.insert(path.clone(), entry.clone());
                     CheckedOp::Put {
@@ -373,6 +575,7 @@ impl Manifest {
                         meta: meta.clone(),
                         digest: None,
                         target: None,
+                        xattrs: Vec::new(),
                     };
                     scratch.entries.insert(path.clone(), entry.clone());
                     CheckedOp::Dir { path, entry }
@@ -384,6 +587,7 @@ impl Manifest {
                         meta: meta.clone(),
                         digest: None,
                         target: Some(target.clone()),
+                        xattrs: Vec::new(),
                     };
                     scratch.entries.insert(path.clone(), entry.clone());
                     CheckedOp::Symlink { path, entry }
@@ -421,6 +625,37 @@ impl Manifest {
                         moved,
                     }
                 }
+                FileOp::Xattrs { xattrs, .. } => {
+                    let refuse = |why: String| ManifestError::Xattrs {
+                        set: batch.set.clone(),
+                        path: path.clone(),
+                        why,
+                    };
+                    check_xattrs(xattrs).map_err(refuse)?;
+                    let Some(entry) = scratch
+                        .entries
+                        .get_mut(&path)
+                        .filter(|e| e.meta.kind != EntryKind::Symlink)
+                    else {
+                        return Err(refuse("the cluster has no file or directory there".into()));
+                    };
+                    entry.xattrs = xattrs.clone();
+                    // Right after the op that wrote the path: part of it, so
+                    // the follower writes content and xattrs as one version.
+                    if let Some(
+                        CheckedOp::Put { path: p, entry, .. } | CheckedOp::Dir { path: p, entry },
+                    ) = out.last_mut()
+                    {
+                        if *p == path {
+                            entry.xattrs = xattrs.clone();
+                            continue;
+                        }
+                    }
+                    CheckedOp::Xattrs {
+                        path,
+                        entry: entry.clone(),
+                    }
+                }
             };
             out.push(checked);
         }
@@ -453,10 +688,37 @@ impl Manifest {
         Ok(out)
     }
 
-    /// The snapshot form: a format byte, then postcard, then zstd.
+    /// The snapshot form: a format byte, then postcard, then zstd. Format 1
+    /// (readable by releases without xattrs) while no entry has xattrs,
+    /// format 2 once one has.
     pub fn encode(&self) -> Vec<u8> {
-        let body = postcard::to_allocvec(self).expect("a manifest always serializes");
-        let mut out = vec![SNAPSHOT_FORMAT_V1];
+        let with_xattrs = self
+            .sets
+            .values()
+            .any(|s| s.entries.values().any(|e| !e.xattrs.is_empty()));
+        let (format, body) = if with_xattrs {
+            (SNAPSHOT_FORMAT_V2, postcard::to_allocvec(self))
+        } else {
+            let v1 = ManifestV1Ref {
+                sets: self
+                    .sets
+                    .iter()
+                    .map(|(name, s)| {
+                        let entries = s.entries.iter().map(|(p, e)| (p, e.into())).collect();
+                        (
+                            name,
+                            SetManifestV1Ref {
+                                entries,
+                                progress: &s.progress,
+                            },
+                        )
+                    })
+                    .collect(),
+            };
+            (SNAPSHOT_FORMAT_V1, postcard::to_allocvec(&v1))
+        };
+        let body = body.expect("a manifest always serializes");
+        let mut out = vec![format];
         out.extend(zstd::bulk::compress(&body, 3).expect("zstd compresses in memory"));
         out
     }
@@ -467,7 +729,7 @@ impl Manifest {
             what: "manifest snapshot",
             source: postcard::Error::DeserializeUnexpectedEnd,
         })?;
-        if version != SNAPSHOT_FORMAT_V1 {
+        if version != SNAPSHOT_FORMAT_V1 && version != SNAPSHOT_FORMAT_V2 {
             return Err(ManifestError::Decode {
                 what: "manifest snapshot (unknown format; is a newer clusterd leading?)",
                 source: postcard::Error::DeserializeBadEncoding,
@@ -477,11 +739,29 @@ impl Manifest {
             what: "manifest snapshot (bad or oversized zstd frame)",
             source: postcard::Error::DeserializeBadEncoding,
         })?;
-        let manifest: Manifest =
-            postcard::from_bytes(&body).map_err(|source| ManifestError::Decode {
-                what: "manifest snapshot",
-                source,
-            })?;
+        let bad = |source| ManifestError::Decode {
+            what: "manifest snapshot",
+            source,
+        };
+        let manifest: Manifest = if version == SNAPSHOT_FORMAT_V1 {
+            postcard::from_bytes::<ManifestV1>(&body)
+                .map_err(bad)?
+                .into()
+        } else {
+            postcard::from_bytes(&body).map_err(bad)?
+        };
+        // What a batch could not commit, a snapshot cannot bring either.
+        for (name, set) in &manifest.sets {
+            for (path, entry) in &set.entries {
+                if let Err(why) = check_xattrs(&entry.xattrs) {
+                    return Err(ManifestError::Xattrs {
+                        set: name.clone(),
+                        path: path.clone(),
+                        why,
+                    });
+                }
+            }
+        }
         Ok(manifest)
     }
 }
@@ -687,6 +967,233 @@ mod tests {
         assert!(Manifest::decode(&framed, 1 << 20).is_err());
         assert!(Manifest::decode(&[9, 1, 2], 1 << 20).is_err());
         assert!(Manifest::decode(&[], 1 << 20).is_err());
+    }
+
+    fn xattrs_op(path: &str, pairs: &[(&str, &[u8])]) -> FileOp {
+        FileOp::Xattrs {
+            path: path.as_bytes().to_vec(),
+            xattrs: pairs
+                .iter()
+                .map(|(n, v)| (n.as_bytes().to_vec(), v.to_vec()))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn xattrs_op_is_a_new_tag_and_leaves_old_ops_alone() {
+        let b = batch(vec![xattrs_op("a", &[("user.k", b"v")])]);
+        let bytes = encode_batch(&b);
+        assert_eq!(decode_batch(&bytes).unwrap(), b);
+        // set "etc", origin 1, at 5, 1 op; tag 6 (after Rename), path "a",
+        // 1 pair: "user.k" = "v".
+        assert_eq!(
+            bytes,
+            [
+                &[3, b'e', b't', b'c', 1, 5, 1, 6, 1, b'a', 1, 6][..],
+                b"user.k",
+                &[1, b'v'],
+            ]
+            .concat()
+        );
+    }
+
+    #[test]
+    fn xattrs_after_a_put_fold_into_it_and_alone_are_metadata_only() {
+        let mut m = Manifest::default();
+        let ops = m
+            .apply(
+                1,
+                &batch(vec![
+                    put("a", 1),
+                    xattrs_op(
+                        "a",
+                        &[("system.posix_acl_access", b"acl"), ("user.k", b"v")],
+                    ),
+                    FileOp::Dir {
+                        path: b"d".to_vec(),
+                        meta: meta(EntryKind::Dir),
+                    },
+                    xattrs_op("d", &[("user.d", b"1")]),
+                ]),
+            )
+            .unwrap();
+        assert_eq!(ops.len(), 2, "{ops:?}");
+        let CheckedOp::Put { entry, .. } = &ops[0] else {
+            panic!("{ops:?}")
+        };
+        assert_eq!(entry.xattrs.len(), 2);
+        let CheckedOp::Dir { entry, .. } = &ops[1] else {
+            panic!("{ops:?}")
+        };
+        assert_eq!(entry.xattrs, vec![(b"user.d".to_vec(), b"1".to_vec())]);
+        let a = SetPath::from_network(b"a").unwrap();
+        assert_eq!(m.get("etc", &a).unwrap().xattrs.len(), 2);
+
+        // Only the xattrs changed: a metadata-only op with the whole entry.
+        let ops = m
+            .apply(2, &batch(vec![xattrs_op("a", &[("user.k", b"w")])]))
+            .unwrap();
+        let [CheckedOp::Xattrs { path, entry }] = &ops[..] else {
+            panic!("{ops:?}")
+        };
+        assert_eq!(path, &a);
+        assert_eq!(entry.digest, m.get("etc", &a).unwrap().digest);
+        assert_eq!(entry.xattrs, vec![(b"user.k".to_vec(), b"w".to_vec())]);
+
+        // A new version without an Xattrs op has none.
+        m.apply(3, &batch(vec![put("a", 2)])).unwrap();
+        assert!(m.get("etc", &a).unwrap().xattrs.is_empty());
+        // A rename carries them along.
+        m.apply(4, &batch(vec![xattrs_op("a", &[("user.k", b"x")])]))
+            .unwrap();
+        m.apply(
+            5,
+            &batch(vec![FileOp::Rename {
+                from: b"a".to_vec(),
+                to: b"b".to_vec(),
+            }]),
+        )
+        .unwrap();
+        let b_path = SetPath::from_network(b"b").unwrap();
+        assert_eq!(m.get("etc", &b_path).unwrap().xattrs.len(), 1);
+    }
+
+    #[test]
+    fn xattrs_outside_the_replicated_names_or_limits_refuse_the_batch() {
+        let mut m = Manifest::default();
+        m.apply(
+            1,
+            &batch(vec![
+                put("a", 1),
+                FileOp::Symlink {
+                    path: b"l".to_vec(),
+                    target: b"a".to_vec(),
+                    meta: meta(EntryKind::Symlink),
+                },
+            ]),
+        )
+        .unwrap();
+        let before = m.clone();
+        let big = vec![7u8; XATTR_MAX_BYTES];
+        let cases: Vec<(FileOp, &str)> = vec![
+            (
+                xattrs_op("a", &[("security.selinux", b"x")]),
+                "not a replicated",
+            ),
+            (xattrs_op("a", &[("trusted.x", b"x")]), "not a replicated"),
+            (xattrs_op("a", &[("user.", b"x")]), "not a replicated"),
+            (
+                xattrs_op("a", &[("user.b", b"x"), ("user.a", b"x")]),
+                "sorted",
+            ),
+            (
+                xattrs_op("a", &[("user.a", b"x"), ("user.a", b"y")]),
+                "sorted",
+            ),
+            (xattrs_op("a", &[("user.big", &big)]), "more than the 65536"),
+            (xattrs_op("l", &[("user.a", b"x")]), "no file or directory"),
+            (
+                xattrs_op("gone", &[("user.a", b"x")]),
+                "no file or directory",
+            ),
+        ];
+        for (op, why) in cases {
+            let err = m.apply(2, &batch(vec![put("c", 3), op])).unwrap_err();
+            assert!(
+                matches!(err, ManifestError::Xattrs { .. }) && err.to_string().contains(why),
+                "{err}"
+            );
+            assert_eq!(m, before);
+        }
+        // Exactly at the limit is fine.
+        let fits = vec![7u8; XATTR_MAX_BYTES - "user.big".len()];
+        m.apply(2, &batch(vec![xattrs_op("a", &[("user.big", &fits)])]))
+            .unwrap();
+    }
+
+    #[test]
+    fn snapshots_stay_format_1_without_xattrs_and_read_both_formats() {
+        let mut m = Manifest::default();
+        m.apply(1, &batch(vec![put("a", 1), put("b/c", 2)]))
+            .unwrap();
+        let v1 = m.encode();
+        assert_eq!(v1[0], SNAPSHOT_FORMAT_V1);
+        // Byte-identical to what a release without xattrs writes.
+        #[derive(Serialize)]
+        struct OldEntry<'a> {
+            meta: &'a Meta,
+            digest: &'a Option<WireDigest>,
+            target: &'a Option<Vec<u8>>,
+        }
+        #[derive(Serialize)]
+        struct OldSet<'a> {
+            entries: BTreeMap<&'a SetPath, OldEntry<'a>>,
+            progress: &'a SetProgress,
+        }
+        let s = m.set("etc").unwrap();
+        let etc = "etc".to_string();
+        let old: BTreeMap<&String, OldSet> = [(
+            &etc,
+            OldSet {
+                entries: s
+                    .entries
+                    .iter()
+                    .map(|(p, e)| {
+                        (
+                            p,
+                            OldEntry {
+                                meta: &e.meta,
+                                digest: &e.digest,
+                                target: &e.target,
+                            },
+                        )
+                    })
+                    .collect(),
+                progress: &s.progress,
+            },
+        )]
+        .into_iter()
+        .collect();
+        let old_body = postcard::to_allocvec(&(old,)).unwrap();
+        assert_eq!(zstd::bulk::decompress(&v1[1..], 1 << 20).unwrap(), old_body);
+        assert_eq!(Manifest::decode(&v1, 1 << 20).unwrap(), m);
+
+        m.apply(2, &batch(vec![xattrs_op("a", &[("user.k", b"v")])]))
+            .unwrap();
+        let v2 = m.encode();
+        assert_eq!(v2[0], SNAPSHOT_FORMAT_V2);
+        assert_eq!(Manifest::decode(&v2, 1 << 20).unwrap(), m);
+
+        // A snapshot cannot smuggle in what a batch could not commit.
+        let mut evil = m.clone();
+        let a = SetPath::from_network(b"a").unwrap();
+        evil.sets
+            .get_mut("etc")
+            .unwrap()
+            .entries
+            .get_mut(&a)
+            .unwrap()
+            .xattrs = vec![(b"security.selinux".to_vec(), b"x".to_vec())];
+        assert!(Manifest::decode(&evil.encode(), 1 << 20).is_err());
+    }
+
+    #[test]
+    fn stored_entries_keep_the_old_form_without_xattrs() {
+        let mut e = Entry {
+            meta: meta(EntryKind::File),
+            digest: Some(WireDigest::new(&crate::delta::digest(b"x"))),
+            target: None,
+            xattrs: Vec::new(),
+        };
+        let old = postcard::to_allocvec(&EntryV1Ref::from(&e)).unwrap();
+        assert_eq!(e.encode_stored(), old);
+        assert_eq!(Entry::decode_stored(&old).unwrap(), e);
+        e.xattrs = vec![(b"user.k".to_vec(), vec![])];
+        let new = e.encode_stored();
+        assert_eq!(new.len(), old.len() + 1 + 1 + 6 + 1);
+        assert_eq!(Entry::decode_stored(&new).unwrap(), e);
+        assert!(Entry::decode_stored(&new[..new.len() - 1]).is_err());
+        assert!(Entry::decode_stored(&[new.clone(), vec![0]].concat()).is_err());
     }
 
     #[test]

@@ -63,6 +63,8 @@ pub struct SetRuntime {
     pub filter: Filter,
     pub max_file_size: u64,
     pub on_change: Option<String>,
+    /// Replicate extended attributes and POSIX ACLs (`xattrs = true`).
+    pub xattrs: bool,
 }
 
 impl SetRuntime {
@@ -94,6 +96,7 @@ impl SetRuntime {
             filter,
             max_file_size: c.max_file_size,
             on_change: c.on_change.clone(),
+            xattrs: c.xattrs,
         }
     }
 
@@ -844,7 +847,8 @@ impl Applier {
                     | CheckedOp::Dir { path, .. }
                     | CheckedOp::Symlink { path, .. }
                     | CheckedOp::Remove { path, .. }
-                    | CheckedOp::Forget { path } => vec![path],
+                    | CheckedOp::Forget { path }
+                    | CheckedOp::Xattrs { path, .. } => vec![path],
                     CheckedOp::Rename { from, to, .. } => vec![from, to],
                 };
                 for p in paths {
@@ -930,7 +934,7 @@ impl Applier {
                         }
                     }
                 }
-                CheckedOp::Dir { .. } | CheckedOp::Symlink { .. } => {}
+                CheckedOp::Dir { .. } | CheckedOp::Symlink { .. } | CheckedOp::Xattrs { .. } => {}
             }
         }
     }
@@ -987,10 +991,12 @@ impl Applier {
                 CheckedOp::Dir { path, entry } => {
                     dirs.push((path.clone(), entry.meta.clone()));
                     self.make_dir(set, root, path, &entry.meta, index, term)
+                        .and_then(|()| self.settle_xattrs(set, root, path, entry))
                 }
                 CheckedOp::Symlink { path, entry } => {
                     self.make_symlink(set, root, path, entry, index, term, store)
                 }
+                CheckedOp::Xattrs { path, entry } => self.settle_xattrs(set, root, path, entry),
                 CheckedOp::Remove { path, removed } => {
                     self.remove(set, root, path, removed, index, term, store)
                 }
@@ -1020,7 +1026,8 @@ impl Applier {
                     | CheckedOp::Dir { path, .. }
                     | CheckedOp::Symlink { path, .. }
                     | CheckedOp::Remove { path, .. }
-                    | CheckedOp::Forget { path } => (Some(path), None),
+                    | CheckedOp::Forget { path }
+                    | CheckedOp::Xattrs { path, .. } => (Some(path), None),
                 };
                 for p in [a, b].into_iter().flatten() {
                     if let Some(parent) = p.parent() {
@@ -1331,6 +1338,7 @@ impl Applier {
         if let (Some(m), true) = (local, local_digest == Some(target)) {
             // Replayed, or the same bytes: only metadata may differ.
             let now = self.settle_meta(root, &c, &m, &entry.meta)?;
+            self.settle_xattrs(set, root, path, entry)?;
             self.put_record(&set.name, path, record_of(&now, &target), store);
             return Ok(PutOutcome::Done);
         }
@@ -1411,6 +1419,8 @@ impl Applier {
                 }
             };
             written = root.append_file(&c, base.len, &tail, &meta)?;
+            // Extended in place, so the attributes are too.
+            self.settle_xattrs(set, root, path, entry)?;
             let mut h = hasher;
             h.update(&tail);
             if let Ok(Some((file, _))) = root.open_file(&c) {
@@ -1440,7 +1450,9 @@ impl Applier {
                 }
             };
             // The caller fsyncs the directory once for the whole batch.
-            written = root.replace_file_with(&c, &new, &meta, &target.hash, false)?;
+            let xattrs = set.xattrs.then_some(&entry.xattrs[..]);
+            written = root.replace_file_xattrs(&c, &new, &meta, &target.hash, false, xattrs)?;
+            self.xattrs_notice(set, root);
             if set.mode == SyncMode::Mirror && new.len() >= delta::SMALL_FILE_LEN {
                 store.put_signature(
                     &set.name,
@@ -1477,6 +1489,33 @@ impl Applier {
             mtime_ns: set.mtime_ns,
             ..*before
         })
+    }
+
+    /// Gives an existing file or directory the committed extended
+    /// attributes, in sets with `xattrs = true` (others' are never touched).
+    /// Like mode or owner, a local difference is fixed, not quarantined.
+    fn settle_xattrs(
+        &self,
+        set: &SetRuntime,
+        root: &Root,
+        path: &SetPath,
+        entry: &Entry,
+    ) -> Result<(), FsError> {
+        if !set.xattrs || entry.meta.kind == EntryKind::Symlink {
+            return Ok(());
+        }
+        root.set_xattrs(&comps(path), &fs_meta(&entry.meta), &entry.xattrs)?;
+        self.xattrs_notice(set, root);
+        Ok(())
+    }
+
+    /// Says once per set (and process) that its filesystem here keeps no
+    /// extended attributes; applying goes on without them.
+    fn xattrs_notice(&self, set: &SetRuntime, root: &Root) {
+        if set.xattrs && root.xattrs_unsupported_notice() {
+            let msg = format!("sync set {:?} has xattrs = true, but the filesystem of {} on this node does not support extended attributes (ENOTSUP); files are replicated without them here. Put the set on a filesystem with xattr and ACL support (ext4, xfs, btrfs) or set xattrs = false on every node", set.name, set.path.display());
+            self.shared.note_error(&set.name, msg);
+        }
     }
 
     /// Creates missing parent directories (their metadata comes with their
@@ -1954,6 +1993,7 @@ impl Applier {
                 EntryKind::Dir => {
                     dirs.push((path.clone(), entry.meta.clone()));
                     self.make_dir(set, root, path, &entry.meta, index, term)
+                        .and_then(|()| self.settle_xattrs(set, root, path, entry))
                 }
                 EntryKind::Symlink => self.make_symlink(set, root, path, entry, index, term, store),
                 EntryKind::File => {
@@ -1974,6 +2014,7 @@ impl Applier {
                     };
                     if let (Some(m), true) = (local, have == Some(want)) {
                         let now = self.settle_meta(root, &c, &m, &entry.meta)?;
+                        self.settle_xattrs(set, root, path, entry)?;
                         self.put_record(&set.name, path, record_of(&now, &want), store);
                         self.clear_missing(&set.name, path, store);
                     } else {
@@ -2207,6 +2248,7 @@ mod tests {
             skip_while: skip_while.iter().map(|s| s.to_string()).collect(),
             on_change: None,
             single_file: false,
+            xattrs: false,
             max_file_size: 1 << 30,
         })
     }

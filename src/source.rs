@@ -28,7 +28,10 @@ use tracing::{debug, info, warn};
 use crate::config::{ReplicationConfig, SyncMode};
 use crate::delta::{self, FileDigest, FileHasher};
 use crate::fsroot::{FileMeta, Kind, Root};
-use crate::manifest::{Chunk, Content, Entry, EntryKind, FileBatch, FileOp, WireDigest, CHUNK_LEN};
+use crate::manifest::{
+    check_xattrs, Chunk, Content, Entry, EntryKind, FileBatch, FileOp, WireDigest, Xattrs,
+    CHUNK_LEN,
+};
 use crate::node::{NodeHandle, RequestError};
 use crate::paths::SetPath;
 use crate::raft_core::{Command, Role};
@@ -564,6 +567,22 @@ fn examine(
         }
     }
     let result: Result<(), Problem> = (|| {
+        // Sets with `xattrs = true`: a file's or directory's replicated
+        // extended attributes, read first so that a list too large to
+        // replicate refuses the whole path rather than half of it.
+        let local_xattrs = match meta.kind {
+            Kind::File | Kind::Dir if set.xattrs => match root.read_xattrs(&comps)? {
+                Some(x) => Some(x),
+                None => return Ok(()), // gone meanwhile: its deletion event follows
+            },
+            _ => None,
+        };
+        if let Some(Err(why)) = local_xattrs.as_deref().map(check_xattrs) {
+            return Err(Problem::Permanent(format!(
+                "its extended attributes cannot be replicated: {why}; the path is not replicated until they are reduced"
+            )));
+        }
+        let ops_before = b.ops.len();
         match meta.kind {
             Kind::Dir => {
                 let m = meta_from_local(meta, EntryKind::Dir, names);
@@ -598,6 +617,10 @@ fn examine(
                 debug!(set = %set.name, path = %path, "not replicated: {} (only files, directories and symlinks are)", meta.kind.describe())
             }
         }
+        if let Some(xattrs) = local_xattrs {
+            let op = xattrs_op(path, xattrs, &b.ops[ops_before..], committed.as_ref());
+            b.ops.extend(op);
+        }
         Ok(())
     })();
     match result {
@@ -611,6 +634,34 @@ fn examine(
             false
         }
     }
+}
+
+/// The [`FileOp::Xattrs`] to propose for `path`, whose local replicated
+/// extended attributes are `local`, after `planned` (the ops just planned
+/// for it) against its `committed` entry. A new version (`Put`, `Dir`)
+/// commits a path without attributes, so it is followed by its attributes
+/// unless it has none; otherwise they are proposed alone when they differ
+/// from the committed ones (an `IN_ATTRIB` event: `setfattr`, `setfacl`).
+fn xattrs_op(
+    path: &SetPath,
+    local: Xattrs,
+    planned: &[FileOp],
+    committed: Option<&Entry>,
+) -> Option<FileOp> {
+    let rewritten = planned.iter().any(|op| {
+        matches!(op, FileOp::Put { path: p, .. } | FileOp::Dir { path: p, .. } if p == path.as_bytes())
+    });
+    let needed = if rewritten {
+        !local.is_empty()
+    } else {
+        // Nothing committed (the path could not be read this time): nothing
+        // to attach attributes to yet.
+        committed.is_some_and(|e| e.xattrs != local)
+    };
+    needed.then(|| FileOp::Xattrs {
+        path: path.as_bytes().to_vec(),
+        xattrs: local,
+    })
 }
 
 /// Why a path was not proposed.
@@ -961,4 +1012,84 @@ fn await_applied(
 ) -> Result<(), RequestError> {
     rt.block_on(rx).map_err(|_| RequestError::ShuttingDown)??;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::Meta;
+
+    fn entry(xattrs: Xattrs) -> Entry {
+        Entry {
+            meta: Meta {
+                kind: EntryKind::File,
+                mode: 0o644,
+                uid: 0,
+                gid: 0,
+                user: None,
+                group: None,
+                mtime_ns: 1,
+            },
+            digest: None,
+            target: None,
+            xattrs,
+        }
+    }
+
+    fn x(pairs: &[(&str, &str)]) -> Xattrs {
+        pairs
+            .iter()
+            .map(|(n, v)| (n.as_bytes().to_vec(), v.as_bytes().to_vec()))
+            .collect()
+    }
+
+    #[test]
+    fn only_changed_xattrs_are_proposed_as_a_metadata_only_op() {
+        let p = SetPath::from_network(b"etc/conf").unwrap();
+        let committed = entry(x(&[("user.a", "1")]));
+        // Unchanged: nothing.
+        assert_eq!(
+            xattrs_op(&p, x(&[("user.a", "1")]), &[], Some(&committed)),
+            None
+        );
+        // Changed or removed with the content untouched: the op alone.
+        for local in [x(&[("user.a", "2")]), x(&[])] {
+            assert_eq!(
+                xattrs_op(&p, local.clone(), &[], Some(&committed)),
+                Some(FileOp::Xattrs {
+                    path: p.as_bytes().to_vec(),
+                    xattrs: local
+                })
+            );
+        }
+        // Nothing committed and nothing planned: nothing to attach them to.
+        assert_eq!(xattrs_op(&p, x(&[("user.a", "1")]), &[], None), None);
+    }
+
+    #[test]
+    fn a_new_version_carries_its_xattrs_unless_it_has_none() {
+        let p = SetPath::from_network(b"conf").unwrap();
+        let put = FileOp::Put {
+            path: p.as_bytes().to_vec(),
+            meta: entry(vec![]).meta,
+            digest: WireDigest::new(&delta::digest(b"x")),
+            content: Content::Unchanged,
+        };
+        let committed = entry(x(&[("user.a", "1")]));
+        // Even when equal to the committed ones: a Put clears them.
+        assert!(matches!(
+            xattrs_op(&p, x(&[("user.a", "1")]), &[put.clone()], Some(&committed)),
+            Some(FileOp::Xattrs { .. })
+        ));
+        assert_eq!(
+            xattrs_op(&p, x(&[]), &[put.clone()], Some(&committed)),
+            None
+        );
+        // A Put of another path does not count.
+        let other = SetPath::from_network(b"conf2").unwrap();
+        assert_eq!(
+            xattrs_op(&other, x(&[]), &[put], Some(&entry(x(&[])))),
+            None
+        );
+    }
 }
