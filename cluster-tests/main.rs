@@ -853,6 +853,20 @@ fn metrics_endpoint_serves_sane_values() {
             text.contains("clusterd_peer_lag_entries{peer=\"2\"}"),
             "{text}"
         );
+        // The leader's scrape shows every node's reachability and lag.
+        for id in 1..=3 {
+            assert_eq!(
+                value(&format!("clusterd_cluster_node_reachable{{node=\"{id}\"}}")),
+                1,
+                "{text}"
+            );
+            assert!(
+                text.contains(&format!("clusterd_cluster_node_lag_entries{{node=\"{id}\"}}")),
+                "{text}"
+            );
+        }
+    } else {
+        assert!(!text.contains("clusterd_cluster_node_reachable"), "{text}");
     }
 }
 

@@ -21,7 +21,7 @@ use tokio::net::TcpListener;
 use tracing::{debug, warn};
 
 use crate::raft_core::{NodeView, Role};
-use crate::status::FilesView;
+use crate::status::{ClusterStatus, FilesView};
 
 type Labels = Vec<(String, String)>;
 
@@ -29,6 +29,7 @@ type Labels = Vec<(String, String)>;
 pub fn render(
     view: &NodeView,
     files: Option<&FilesView>,
+    cluster: Option<&ClusterStatus>,
     cert_not_after: SystemTime,
     now: SystemTime,
 ) -> String {
@@ -195,16 +196,78 @@ pub fn render(
             registry.register(name, help, fam);
         }
     }
+    if let Some(cluster) = cluster {
+        render_cluster(&mut registry, cluster, now);
+    }
     let mut text = String::new();
     // Writing into a String cannot fail.
     let _ = encode(&mut text, &registry);
     text
 }
 
+/// The leader's view of every node: reachability and lag per node and per
+/// set, gathered from the peers at scrape time (followers do not export
+/// these, so one scrape of the leader shows the whole cluster).
+fn render_cluster(registry: &mut Registry, cluster: &ClusterStatus, now: SystemTime) {
+    let now_ms = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let reachable: Family<Labels, Gauge> = Family::default();
+    let entries: Family<Labels, Gauge> = Family::default();
+    let batches: Family<Labels, Gauge> = Family::default();
+    let bytes: Family<Labels, Gauge> = Family::default();
+    let seconds: Family<Labels, Gauge<f64, std::sync::atomic::AtomicU64>> = Family::default();
+    for n in cluster.cluster_lag(now_ms) {
+        let node = vec![("node".to_string(), n.id.to_string())];
+        reachable.get_or_create(&node).set(i64::from(n.reachable));
+        if let Some(e) = n.lag_entries {
+            entries.get_or_create(&node).set(e as i64);
+        }
+        for (set, lag) in n.sets {
+            let labels = vec![
+                ("node".to_string(), n.id.to_string()),
+                ("set".to_string(), set),
+            ];
+            batches.get_or_create(&labels).set(lag.batches as i64);
+            bytes.get_or_create(&labels).set(lag.bytes as i64);
+            seconds.get_or_create(&labels).set(lag.seconds);
+        }
+    }
+    registry.register(
+        "cluster_node_reachable",
+        "Leader only: 1 if the node answered the leader's status request",
+        reachable,
+    );
+    registry.register(
+        "cluster_node_lag_entries",
+        "Leader only: committed entries the node has not applied",
+        entries,
+    );
+    registry.register(
+        "cluster_set_lag_batches",
+        "Leader only: batches of the set the node has not applied",
+        batches,
+    );
+    registry.register(
+        "cluster_set_lag_bytes",
+        "Leader only: patch bytes of the set the node has not applied",
+        bytes,
+    );
+    registry.register(
+        "cluster_set_lag_seconds",
+        "Leader only: seconds since the leader committed the oldest batch of the set the node has not applied",
+        seconds,
+    );
+}
+
+/// How long the leader waits for each peer's status while being scraped.
+const CLUSTER_SCRAPE_PEER_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(800);
+
 /// Serves `/metrics` on `addr` until `shutdown` resolves.
 pub async fn serve(
     listener: TcpListener,
     node: crate::node::NodeHandle,
+    admin: crate::admin::AdminService,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
@@ -221,14 +284,23 @@ pub async fn serve(
             },
         };
         let node = node.clone();
+        let admin = admin.clone();
         let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
             let node = node.clone();
+            let admin = admin.clone();
             async move {
                 let response = if req.uri().path() == "/metrics" {
                     let files = node.files().map(|f| f.files_view());
+                    let view = node.view();
+                    let cluster = if view.role == Role::Leader {
+                        Some(admin.gather(CLUSTER_SCRAPE_PEER_TIMEOUT).await)
+                    } else {
+                        None
+                    };
                     let body = render(
-                        &node.view(),
+                        &view,
                         files.as_ref(),
+                        cluster.as_ref(),
                         node.cert_not_after(),
                         SystemTime::now(),
                     );
@@ -292,7 +364,7 @@ mod tests {
             ],
         };
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
-        let text = render(&view, None, now + Duration::from_secs(86_400), now);
+        let text = render(&view, None, None, now + Duration::from_secs(86_400), now);
         for line in [
             "clusterd_role{role=\"leader\"} 1",
             "clusterd_role{role=\"follower\"} 0",
@@ -344,7 +416,7 @@ mod tests {
             ..Default::default()
         };
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
-        let text = render(&view, Some(&files), now, now);
+        let text = render(&view, Some(&files), None, now, now);
         for line in [
             "clusterd_set_files{set=\"tacacs\"} 4",
             "clusterd_set_missing_files{set=\"tacacs\"} 1",
@@ -356,6 +428,76 @@ mod tests {
                 text.lines().any(|l| l == line),
                 "missing {line:?} in:\n{text}"
             );
+        }
+    }
+
+    #[test]
+    fn the_leader_exports_every_nodes_lag_per_set() {
+        use crate::status::{ClusterStatus, NodeEntry, SetView};
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let now_ms = 1_000_000_000u64;
+        let view = |id: u64, applied: u64| NodeView {
+            id,
+            role: if id == 1 {
+                Role::Leader
+            } else {
+                Role::Follower
+            },
+            term: 3,
+            vote: 1,
+            leader: Some(1),
+            commit_index: 50,
+            applied_index: applied,
+            first_index: 1,
+            last_index: 50,
+            stale_term_messages: 0,
+            progress: vec![],
+        };
+        let files = |seq: u64, bytes: u64| FilesView {
+            sets: vec![SetView {
+                name: "mail".into(),
+                seq,
+                committed_bytes: bytes,
+                recent: vec![(9, now_ms - 4_000), (10, now_ms - 2_500)],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let entry = |id: u64, applied: u64, seq: u64, bytes: u64| NodeEntry {
+            id,
+            addr: String::new(),
+            reachable: true,
+            view: Some(view(id, applied)),
+            error: None,
+            rtt_us: None,
+            cert_not_after_unix: None,
+            files: Some(files(seq, bytes)),
+        };
+        let cluster = ClusterStatus {
+            node_id: 1,
+            nodes: vec![
+                entry(1, 50, 10, 1000),
+                entry(2, 45, 9, 700),
+                NodeEntry {
+                    reachable: false,
+                    view: None,
+                    files: None,
+                    error: Some("no answer".into()),
+                    ..entry(3, 0, 0, 0)
+                },
+            ],
+        };
+        let text = render(&view(1, 50), None, Some(&cluster), now, now);
+        for line in [
+            "clusterd_cluster_node_reachable{node=\"2\"} 1",
+            "clusterd_cluster_node_reachable{node=\"3\"} 0",
+            "clusterd_cluster_node_lag_entries{node=\"2\"} 5",
+            "clusterd_cluster_set_lag_batches{node=\"2\",set=\"mail\"} 1",
+            "clusterd_cluster_set_lag_bytes{node=\"2\",set=\"mail\"} 300",
+            "clusterd_cluster_set_lag_seconds{node=\"2\",set=\"mail\"} 2.5",
+            "clusterd_cluster_set_lag_batches{node=\"1\",set=\"mail\"} 0",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in:\n{text}");
         }
     }
 
@@ -375,7 +517,7 @@ mod tests {
             stale_term_messages: 0,
         };
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
-        let text = render(&view, None, now - Duration::from_secs(60), now);
+        let text = render(&view, None, None, now - Duration::from_secs(60), now);
         assert!(text.contains("clusterd_leader_id 0"), "{text}");
         assert!(
             text.contains("clusterd_certificate_expiry_seconds -60"),

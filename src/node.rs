@@ -1015,6 +1015,7 @@ async fn run_inner(
     );
     drop(apply_tx);
     let admin = crate::admin::AdminService::new(handle.clone(), transport);
+    let admin_for_metrics = admin.clone();
     if let Some(listener) = remote_admin_listener {
         let incoming = crate::admin::remote_incoming(listener, live_tls.clone());
         tokio::spawn(
@@ -1034,8 +1035,13 @@ async fn run_inner(
     );
     if let Some(listener) = metrics_listener {
         tokio::spawn(
-            crate::metrics::serve(listener, handle.clone(), stopped(servers_stop_rx))
-                .in_current_span(),
+            crate::metrics::serve(
+                listener,
+                handle.clone(),
+                admin_for_metrics,
+                stopped(servers_stop_rx),
+            )
+            .in_current_span(),
         );
     }
     info!(listen = %config.node.listen, admin_socket = %config.node.admin_socket.display(), "node {id} is up");

@@ -78,6 +78,15 @@ pub struct SetLag {
     pub seconds: f64,
 }
 
+/// One node's lag as the leader sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeLag {
+    pub id: NodeId,
+    pub reachable: bool,
+    pub lag_entries: Option<u64>,
+    pub sets: Vec<(String, SetLag)>,
+}
+
 /// The lag of `node`'s set against the leader's, at `now_ms`.
 pub fn set_lag(leader: &SetView, node: &SetView, now_ms: u64) -> SetLag {
     let batches = leader.seq.saturating_sub(node.seq);
@@ -143,6 +152,31 @@ impl ClusterStatus {
     fn leader_files(&self) -> Option<&FilesView> {
         let leader = self.leader()?;
         self.nodes.iter().find(|n| n.id == leader)?.files.as_ref()
+    }
+
+    /// How far each node is behind the leader, per node and per set (what
+    /// the leader's metrics export).
+    pub fn cluster_lag(&self, now_ms: u64) -> Vec<NodeLag> {
+        let leader = self.leader_files();
+        self.nodes
+            .iter()
+            .map(|n| NodeLag {
+                id: n.id,
+                reachable: n.reachable,
+                lag_entries: n.view.as_ref().and_then(|v| self.lag_entries(v)),
+                sets: match (leader, &n.files) {
+                    (Some(l), Some(f)) => f
+                        .sets
+                        .iter()
+                        .filter_map(|s| {
+                            let ls = l.sets.iter().find(|x| x.name == s.name)?;
+                            Some((s.name.clone(), set_lag(ls, s, now_ms)))
+                        })
+                        .collect(),
+                    _ => Vec::new(),
+                },
+            })
+            .collect()
     }
 
     /// Per-set JSON of one node, with lag against the leader.
