@@ -7,6 +7,7 @@
 mod failover;
 mod harness;
 mod hooks;
+mod hostile;
 mod remote_admin;
 mod replication;
 mod secrets;

@@ -346,6 +346,13 @@ pub enum ManifestError {
         to: SetPath,
         why: &'static str,
     },
+    #[error("sync set {set:?}: {path} lies under {ancestor}, which the cluster has as a {kind}, not a directory; nothing can be written through it")]
+    UnderNonDir {
+        set: String,
+        path: SetPath,
+        ancestor: SetPath,
+        kind: &'static str,
+    },
     #[error("sync set {set:?}: refused the extended attributes of {path}: {why}")]
     Xattrs {
         set: String,
@@ -549,6 +556,30 @@ impl Manifest {
         let mut scratch = set.clone();
         let mut out = Vec::with_capacity(batch.ops.len());
         for (op, (path, from)) in batch.ops.iter().zip(paths) {
+            // Nothing may live below a committed symlink or file: followers
+            // would have to write through it (which fsroot refuses, leaving
+            // the set unable to converge), so the batch is refused whole.
+            for p in std::iter::once(&path).chain(from.as_ref()) {
+                let mut up = p.parent();
+                while let Some(ancestor) = up {
+                    if let Some(e) = scratch.entries.get(&ancestor) {
+                        let kind = match e.meta.kind {
+                            EntryKind::Dir => None,
+                            EntryKind::File => Some("file"),
+                            EntryKind::Symlink => Some("symlink"),
+                        };
+                        if let Some(kind) = kind {
+                            return Err(ManifestError::UnderNonDir {
+                                set: batch.set.clone(),
+                                path: p.clone(),
+                                ancestor,
+                                kind,
+                            });
+                        }
+                    }
+                    up = ancestor.parent();
+                }
+            }
             let checked = match op {
                 FileOp::Put {
                     meta,
@@ -866,7 +897,10 @@ mod tests {
         m.apply(
             1,
             &batch(vec![
-                put("a", 1),
+                FileOp::Dir {
+                    path: b"a".to_vec(),
+                    meta: meta(EntryKind::Dir),
+                },
                 put("a/b", 2),
                 put("a-c", 3),
                 put("ab", 4),
@@ -908,6 +942,49 @@ mod tests {
             assert!(matches!(err, ManifestError::Path { .. }), "{bad:?}");
             assert_eq!(m, before, "{bad:?} changed the manifest");
         }
+    }
+
+    #[test]
+    fn nothing_is_committed_below_a_symlink_or_a_file() {
+        let link = FileOp::Symlink {
+            path: b"evil".to_vec(),
+            target: b"/etc".to_vec(),
+            meta: meta(EntryKind::Symlink),
+        };
+        let mut m = Manifest::default();
+        m.apply(1, &batch(vec![link, put("plain", 2)])).unwrap();
+        let before = m.clone();
+        for ops in [
+            vec![put("fine", 3), put("evil/passwd", 4)],
+            vec![put("plain/x", 5)],
+            vec![FileOp::Rename {
+                from: b"plain".to_vec(),
+                to: b"evil/plain".to_vec(),
+            }],
+            vec![FileOp::Rename {
+                from: b"evil/shadow".to_vec(),
+                to: b"stolen".to_vec(),
+            }],
+        ] {
+            let err = m.apply(2, &batch(ops.clone())).unwrap_err();
+            assert!(
+                matches!(err, ManifestError::UnderNonDir { .. }),
+                "{ops:?}: {err}"
+            );
+            assert_eq!(m, before, "{ops:?} changed the manifest");
+        }
+        // Replacing the link by a directory first (a kind change) is fine.
+        m.apply(
+            3,
+            &batch(vec![
+                FileOp::Dir {
+                    path: b"evil".to_vec(),
+                    meta: meta(EntryKind::Dir),
+                },
+                put("evil/passwd", 6),
+            ]),
+        )
+        .unwrap();
     }
 
     #[test]

@@ -224,6 +224,15 @@ async fn handshake(
 
 /// Says what a failed handshake most likely means, for the operator.
 fn handshake_reason(e: &io::Error) -> String {
+    // Our own identity checks (no node name, several) carry their sentence.
+    if let Some(rustls::Error::InvalidCertificate(rustls::CertificateError::Other(other))) = e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    {
+        if let Some(ours) = other.0.downcast_ref::<crate::tls::TlsError>() {
+            return format!("TLS handshake failed: its {ours}");
+        }
+    }
     let text = e.to_string();
     if text.contains("received fatal alert") {
         format!("TLS handshake failed: the peer rejected our certificate ({text}); it probably trusts another cluster CA")
@@ -412,6 +421,66 @@ pub fn request_status(e: RequestError) -> Status {
     }
 }
 
+/// Logs requests a peer made that the gRPC layer refused before our handlers
+/// ran (a message over [`MAX_MESSAGE_BYTES`], a body cut short), with the
+/// peer's certificate identity: those never reach a handler that could.
+#[derive(Clone)]
+struct LogRefused<S> {
+    inner: S,
+}
+
+impl<S, B, R> tower::Service<http::Request<B>> for LogRefused<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<R>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future =
+        std::pin::Pin<Box<dyn std::future::Future<Output = Result<S::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let who = req.extensions().get::<PeerIdentity>().copied();
+        let method = req.uri().path().to_string();
+        let call = self.inner.call(req);
+        Box::pin(async move {
+            let response = call.await?;
+            let code = response
+                .headers()
+                .get("grpc-status")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<i32>().ok());
+            // Trailers-only responses: the request was refused before or
+            // without a handler. Our handlers log their own refusals, with
+            // codes other than these.
+            if let (Some(who), Some(code)) = (who, code) {
+                let code = tonic::Code::from_i32(code);
+                if matches!(
+                    code,
+                    tonic::Code::OutOfRange | tonic::Code::Internal | tonic::Code::Unknown
+                ) {
+                    let message = response
+                        .headers()
+                        .get("grpc-message")
+                        .and_then(|v| v.to_str().ok())
+                        .map(|m| {
+                            percent_encoding::percent_decode_str(m)
+                                .decode_utf8_lossy()
+                                .into_owned()
+                        })
+                        .unwrap_or_default();
+                    warn!(peer = who.node_id, remote = %who.remote, "refused a {method} request from peer {} ({}): {code:?}: {message}", who.node_id, who.remote);
+                }
+            }
+            Ok(response)
+        })
+    }
+}
+
 /// Serves the peer service on already-authenticated connections until `shutdown` resolves.
 pub async fn serve(
     incoming: ReceiverStream<io::Result<PeerConn>>,
@@ -422,6 +491,7 @@ pub async fn serve(
         .http2_keepalive_interval(Some(Duration::from_secs(2)))
         .http2_keepalive_timeout(Some(Duration::from_secs(3)))
         .tcp_nodelay(true)
+        .layer(tower::layer::layer_fn(|inner| LogRefused { inner }))
         .add_service(PeerService::server(node))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await

@@ -187,6 +187,15 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// The most a staged patch may hold: the largest `max_file_size` of the
+    /// sets here, plus what a delta's instructions may add (as in
+    /// `delta::apply`). Chunks beyond it are refused, so a hostile offset
+    /// cannot make a huge sparse file that is later read into memory.
+    pub fn staging_limit(&self) -> u64 {
+        let largest = self.sets.iter().map(|s| s.max_file_size).max().unwrap_or(0);
+        largest.saturating_add(largest / 8).saturating_add(1 << 20)
+    }
+
     pub fn set(&self, name: &str) -> Option<&SetRuntime> {
         self.sets.iter().find(|s| s.name == name)
     }
@@ -626,6 +635,10 @@ enum PutOutcome {
     Done,
     /// The content must be fetched.
     Missing(String),
+    /// The committed patch itself is bad (does not decode, does not verify,
+    /// too large): nothing was written; it is logged loudly and counted,
+    /// since an honest leader never sends one, then fetched like `Missing`.
+    Refused(String),
 }
 
 impl Applier {
@@ -779,6 +792,15 @@ impl Applier {
             .contains(&chunk.upload)
             || self.shared.sets.is_empty()
         {
+            return;
+        }
+        let end = chunk.offset.saturating_add(chunk.data.len() as u64);
+        if end > self.shared.staging_limit() {
+            warn!(
+                upload = chunk.upload,
+                offset = chunk.offset,
+                "refused a chunk ending at byte {end}: no sync set here allows a patch that large (max_file_size); the batch that needs it will be fetched instead"
+            );
             return;
         }
         let path = self
@@ -983,6 +1005,11 @@ impl Applier {
                         self.mark_missing(&set.name, path, entry, store);
                         Ok(())
                     }
+                    Ok(PutOutcome::Refused(why)) => {
+                        self.refuse_content(&set.name, path, index, &why);
+                        self.mark_missing(&set.name, path, entry, store);
+                        Ok(())
+                    }
                     Err(e) => {
                         self.mark_missing(&set.name, path, entry, store);
                         Err(e)
@@ -1080,6 +1107,10 @@ impl Applier {
                                 Ok(PutOutcome::Done) => self.clear_missing(&set.name, path, &mut local),
                                 Ok(PutOutcome::Missing(why)) => {
                                     debug!(set = %set.name, path = %path, "{why}; fetching the committed version");
+                                    self.mark_missing(&set.name, path, entry, &mut local);
+                                }
+                                Ok(PutOutcome::Refused(why)) => {
+                                    self.refuse_content(&set.name, path, index, &why);
                                     self.mark_missing(&set.name, path, entry, &mut local);
                                 }
                                 Err(e) => {
@@ -1182,6 +1213,15 @@ impl Applier {
             .entry(set.to_string())
             .or_default()
             .insert(path.clone(), rec);
+    }
+
+    /// Logs and counts a committed patch that is bad in itself.
+    fn refuse_content(&self, set: &str, path: &SetPath, index: u64, why: &str) {
+        warn!(set, path = %path, index, "refused the committed content of {path} in sync set {set:?} (entry {index}): {why}; nothing was written, the committed version is fetched from a peer instead");
+        let mut h = self.shared.health.lock().unwrap();
+        let h = h.entry(set.to_string()).or_default();
+        h.refused += 1;
+        h.last_error = Some(format!("entry {index}: {path}: {why}"));
     }
 
     /// Moves whatever is at `path` into quarantine, with a record line.
@@ -1364,11 +1404,21 @@ impl Applier {
             }
             Content::Inline(b) => b.clone(),
             Content::Staged { upload, len } => {
+                if *len > self.shared.staging_limit() {
+                    return Ok(PutOutcome::Refused(format!(
+                        "its staged patch claims {len} bytes, more than any sync set's max_file_size allows"
+                    )));
+                }
                 let staged = self.shared.staging_dir().join(format!("{upload:016x}"));
-                match std::fs::read(&staged) {
-                    Ok(b) if b.len() as u64 >= *len => {
-                        let mut b = b;
-                        b.truncate(*len as usize);
+                // Read exactly `len` bytes, never what a sparse file claims.
+                let read = std::fs::File::open(&staged).and_then(|f| {
+                    use std::io::Read;
+                    let mut b = Vec::new();
+                    f.take(*len).read_to_end(&mut b)?;
+                    Ok(b)
+                });
+                match read {
+                    Ok(b) if b.len() as u64 == *len => {
                         let _ = std::fs::remove_file(&staged);
                         b
                     }
@@ -1382,7 +1432,7 @@ impl Applier {
         };
         let patch = match Patch::decode(&patch_bytes) {
             Ok(p) => p,
-            Err(e) => return Ok(PutOutcome::Missing(format!("its patch is unusable: {e}"))),
+            Err(e) => return Ok(PutOutcome::Refused(format!("its patch is unusable: {e}"))),
         };
         if let Some(base) = patch.base() {
             if local_digest != Some(*base) {
@@ -1413,7 +1463,7 @@ impl Applier {
             let tail = match delta::apply_tail(&hasher, &patch, &target, set.max_file_size) {
                 Ok(t) => t,
                 Err(e) => {
-                    return Ok(PutOutcome::Missing(format!(
+                    return Ok(PutOutcome::Refused(format!(
                         "the appended bytes do not verify: {e}"
                     )))
                 }
@@ -1444,7 +1494,7 @@ impl Applier {
             {
                 Ok(n) => n,
                 Err(e) => {
-                    return Ok(PutOutcome::Missing(format!(
+                    return Ok(PutOutcome::Refused(format!(
                         "the patch does not rebuild the committed version: {e}"
                     )))
                 }
@@ -1996,7 +2046,10 @@ impl Applier {
                         .and_then(|()| self.settle_xattrs(set, root, path, entry))
                 }
                 EntryKind::Symlink => self.make_symlink(set, root, path, entry, index, term, store),
-                EntryKind::File => {
+                // Per path: one path that cannot be checked (a symlink
+                // planted where a directory should be, say) must not keep
+                // the rest of the set from converging.
+                EntryKind::File => (|| {
                     let want = entry.digest.expect("files have digests").get();
                     let local = root.stat(&c)?;
                     let have = match local {
@@ -2021,7 +2074,7 @@ impl Applier {
                         self.mark_missing(&set.name, path, entry, store);
                     }
                     Ok(())
-                }
+                })(),
             };
             if let Err(e) = result {
                 self.shared.note_error(&set.name, format!("{path}: {e}"));
@@ -2109,6 +2162,9 @@ impl Applier {
             }
             Ok(PutOutcome::Missing(why)) => {
                 debug!(set = %f.set, path = %f.path, "fetched content unusable: {why}")
+            }
+            Ok(PutOutcome::Refused(why)) => {
+                warn!(set = %f.set, path = %f.path, "refused the content a peer served for {} in sync set {:?}: {why}; nothing was written, another peer is asked next", f.path, f.set)
             }
             Err(e) => self.shared.note_error(&f.set, format!("{}: {e}", f.path)),
         }
