@@ -11,6 +11,37 @@ use crate::harness::*;
 
 const CONVERGE: Duration = Duration::from_secs(30);
 
+/// Runs `clusterctl promote target` on node `via` in the background, checks
+/// for a while that `target` is not handed leadership while it lags, then
+/// lets it catch up (`release`) and expects the promote to succeed.
+fn promote_waits_until(c: &Cluster, via: u64, target: u64, release: impl FnOnce()) {
+    thread::scope(|s| {
+        let promote = s.spawn(|| {
+            c.ctl(
+                via,
+                &["promote", &target.to_string(), "--timeout-ms", "60000"],
+                Duration::from_secs(70),
+            )
+        });
+        hold_for(
+            Duration::from_secs(3),
+            &format!("node {target} must not be handed leadership while it lags"),
+            || match c.view(via) {
+                Ok(v) if v.leader == Some(target) => {
+                    Err(format!("node {target} leads while it lags: {v:?}"))
+                }
+                _ => Ok(()),
+            },
+        );
+        release();
+        let out = promote.join().expect("promote thread");
+        assert!(
+            out.success() && out.stdout.contains(&format!("node {target} is the leader")),
+            "{out:?}"
+        );
+    });
+}
+
 /// The target is cut off from the leader (but not from the node the admin
 /// talks to) while 20 files are committed through the third node: promote
 /// must not transfer to a node that lacks them. Once the link heals, the
@@ -69,31 +100,7 @@ fn promote_waits_until_the_target_has_applied_everything_then_transfers() {
         "a dry run must not move leadership"
     );
 
-    thread::scope(|s| {
-        let promote = s.spawn(|| {
-            c.ctl(
-                via,
-                &["promote", &target.to_string(), "--timeout-ms", "60000"],
-                Duration::from_secs(70),
-            )
-        });
-        hold_for(
-            Duration::from_secs(3),
-            &format!("node {target} must not be handed leadership while it lacks committed files"),
-            || match c.view(via) {
-                Ok(v) if v.leader == Some(target) => {
-                    Err(format!("node {target} leads while cut off: {v:?}"))
-                }
-                _ => Ok(()),
-            },
-        );
-        c.heal(leader, target);
-        let out = promote.join().expect("promote thread");
-        assert!(
-            out.success() && out.stdout.contains(&format!("node {target} is the leader")),
-            "{out:?}"
-        );
-    });
+    promote_waits_until(&c, via, target, || c.heal(leader, target));
     c.wait_for_leader_is(&all, target);
     wait_trees_equal(&c, "conf", &leader_then(target, &all), CONVERGE);
 
@@ -161,29 +168,7 @@ fn promote_waits_while_the_target_defers_a_set_for_a_skip_while_marker() {
                 .contains("waits there for a skip_while marker to disappear"),
         "{dry:?}"
     );
-    thread::scope(|s| {
-        let promote = s.spawn(|| {
-            c.ctl(
-                via,
-                &["promote", &target.to_string(), "--timeout-ms", "60000"],
-                Duration::from_secs(70),
-            )
-        });
-        hold_for(
-            Duration::from_secs(3),
-            &format!("node {target} must not lead while it defers set mail"),
-            || match c.view(via) {
-                Ok(v) if v.leader == Some(target) => Err(format!("{v:?}")),
-                _ => Ok(()),
-            },
-        );
-        std::fs::remove_file(&marker).unwrap();
-        let out = promote.join().expect("promote thread");
-        assert!(
-            out.success() && out.stdout.contains(&format!("node {target} is the leader")),
-            "{out:?}"
-        );
-    });
+    promote_waits_until(&c, via, target, || std::fs::remove_file(&marker).unwrap());
     c.wait_for_leader_is(&all, target);
     wait_trees_equal(&c, "mail", &leader_then(target, &all), CONVERGE);
     for id in all {

@@ -329,14 +329,9 @@ impl Config {
         file: &Path,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<RawConfig, ConfigError> {
-        let load_err = |reason: String| ConfigError::Load {
+        let text = std::fs::read_to_string(file).map_err(|e| ConfigError::Load {
             file: file.to_path_buf(),
-            reason,
-        };
-        let text = std::fs::read_to_string(file).map_err(|e| {
-            load_err(format!(
-                "cannot read the config file: {e}; pass the right path with --config"
-            ))
+            reason: format!("cannot read the config file: {e}; pass the right path with --config"),
         })?;
         Self::parse_raw(&text, file, env)
     }

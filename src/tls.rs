@@ -290,24 +290,7 @@ impl PeerTls {
             .map_err(config_err)?;
         server.alpn_protocols = vec![ALPN_H2.to_vec()];
 
-        let server_verifier = WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
-            .build()
-            .map_err(|e| TlsError::BadCa {
-                path: paths.ca.clone(),
-                reason: e.to_string(),
-            })?;
-        let mut client = ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(config_err)?
-            // "dangerous" only because it is a custom verifier: it runs the
-            // full WebPKI check first and then narrows it further.
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(NodeServerVerifier {
-                inner: server_verifier,
-            }))
-            .with_client_auth_cert(chain, key)
-            .map_err(config_err)?;
-        client.alpn_protocols = vec![ALPN_H2.to_vec()];
+        let client = node_client_config(paths, roots, chain, key, provider)?;
 
         Ok(PeerTls {
             own_id,
@@ -376,6 +359,18 @@ pub fn admin_client_config(paths: &TlsPaths) -> Result<Arc<ClientConfig>, TlsErr
     let chain = load_chain(&paths.cert, "certificate", "cert")?;
     let key = load_key(&paths.key)?;
     admin_caller_from_cert(&chain[0])?;
+    node_client_config(paths, roots, chain, key, provider).map(Arc::new)
+}
+
+/// A client config that presents `chain` and accepts a server only if it
+/// chains to the CA and names exactly the node dialled; ALPN "h2".
+fn node_client_config(
+    paths: &TlsPaths,
+    roots: Arc<RootCertStore>,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    provider: Arc<CryptoProvider>,
+) -> Result<ClientConfig, TlsError> {
     let server_verifier = WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
         .build()
         .map_err(|e| TlsError::BadCa {
@@ -385,6 +380,8 @@ pub fn admin_client_config(paths: &TlsPaths) -> Result<Arc<ClientConfig>, TlsErr
     let mut client = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(config_err)?
+        // "dangerous" only because it is a custom verifier: it runs the
+        // full WebPKI check first and then narrows it further.
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(NodeServerVerifier {
             inner: server_verifier,
@@ -392,7 +389,7 @@ pub fn admin_client_config(paths: &TlsPaths) -> Result<Arc<ClientConfig>, TlsErr
         .with_client_auth_cert(chain, key)
         .map_err(config_err)?;
     client.alpn_protocols = vec![ALPN_H2.to_vec()];
-    Ok(Arc::new(client))
+    Ok(client)
 }
 
 /// Node id carried in a peer certificate (SAN DNS `node-<id>`); error if the
