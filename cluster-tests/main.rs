@@ -4,6 +4,7 @@
 //! Run: `cargo test --test cluster` (add `-- --test-threads=1` on a very
 //! slow machine, or `CLUSTER_TESTS_TIME_SCALE=2` to widen every deadline).
 
+mod chaos;
 mod failover;
 mod harness;
 mod hooks;
