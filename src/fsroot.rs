@@ -405,6 +405,32 @@ fn join_shown(parent: &str, name: &[u8]) -> String {
 
 /// Removes a temporary entry on drop unless disarmed, so every early return
 /// (`?`) on the way to the rename leaves no temporary file behind.
+/// What a guarded replace may displace without asking the caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expect {
+    /// Whatever is there (a plain rename).
+    Anything,
+    /// Nothing: the caller saw no entry (or moved it away).
+    Absent,
+    /// The regular file the caller checked, by identity and size/mtime.
+    File {
+        ino: u64,
+        dev: u64,
+        len: u64,
+        mtime_ns: i128,
+    },
+}
+
+/// The outcome of [`Root::replace_file_guarded`].
+#[derive(Debug)]
+pub struct Replaced {
+    /// The new version's metadata, from its own descriptor.
+    pub meta: FileMeta,
+    /// An entry the rename displaced that was not the one expected, left at
+    /// these components (a temporary name in the same directory).
+    pub displaced: Option<Vec<Vec<u8>>>,
+}
+
 struct TempGuard<'a> {
     dir: BorrowedFd<'a>,
     name: String,
@@ -777,6 +803,38 @@ impl Root {
         sync_dir: bool,
         xattrs: Option<&[(Vec<u8>, Vec<u8>)]>,
     ) -> Result<FileMeta, FsError> {
+        self.replace_file_guarded(
+            comps,
+            data,
+            meta,
+            expected,
+            sync_dir,
+            xattrs,
+            Expect::Anything,
+        )
+        .map(|r| r.meta)
+    }
+
+    /// [`Root::replace_file_xattrs`] that replaces only what the caller
+    /// checked (`expect`): the new version is swapped in with
+    /// `renameat2(RENAME_EXCHANGE)` (or `RENAME_NOREPLACE` where nothing
+    /// was), and whatever it displaced is compared with `expect`. What
+    /// matches is removed; anything else (an edit saved between the
+    /// caller's check and the rename) is left under a temporary name in the
+    /// same directory and returned in [`Replaced::displaced`], for the
+    /// caller to set aside: never deleted unseen. Filesystems without
+    /// `RENAME_EXCHANGE` fall back to a plain rename.
+    #[allow(clippy::too_many_arguments)]
+    pub fn replace_file_guarded<C: AsComponent>(
+        &self,
+        comps: &[C],
+        data: &[u8],
+        meta: &FileMeta,
+        expected: &[u8; 32],
+        sync_dir: bool,
+        xattrs: Option<&[(Vec<u8>, Vec<u8>)]>,
+        expect: Expect,
+    ) -> Result<Replaced, FsError> {
         let comps = self.check(comps, false)?;
         let path = show(&comps);
         if meta.kind != Kind::File {
@@ -839,15 +897,76 @@ impl Root {
             Err(e) => return Err(self.io_err("stat temporary file for", path, e)),
         }
 
-        rfs::renameat(&dir, guard.name.as_str(), &dir, leaf)
-            .map_err(|e| self.io_err("rename temporary file over", path.clone(), e))?;
+        let displaced = self.swap_in(&dir, &guard.name, leaf, expect, &path)?;
         guard.disarm();
         if sync_dir {
             rfs::fsync(&dir).map_err(|e| self.io_err("fsync the directory of", path, e))?;
         }
         // The metadata of what we wrote, taken from our own descriptor: a
         // stat by name now could already see someone else's edit.
-        Ok(FileMeta::from_stat(&ours))
+        Ok(Replaced {
+            meta: FileMeta::from_stat(&ours),
+            displaced: displaced.map(|name| {
+                let mut c: Vec<Vec<u8>> = comps[..comps.len() - 1]
+                    .iter()
+                    .map(|c| c.to_vec())
+                    .collect();
+                c.push(name.into_bytes());
+                c
+            }),
+        })
+    }
+
+    /// Renames `tmp` to `leaf` in `dir`; see [`Root::replace_file_guarded`].
+    /// Returns the temporary name of an unexpected displaced entry.
+    fn swap_in(
+        &self,
+        dir: &OwnedFd,
+        tmp: &str,
+        leaf: &[u8],
+        expect: Expect,
+        path: &str,
+    ) -> Result<Option<String>, FsError> {
+        let rename_err = |e| self.io_err("rename temporary file over", path.to_string(), e);
+        if expect == Expect::Anything {
+            rfs::renameat(dir, tmp, dir, leaf).map_err(rename_err)?;
+            return Ok(None);
+        }
+        for _ in 0..2 {
+            match rfs::renameat_with(dir, tmp, dir, leaf, RenameFlags::EXCHANGE) {
+                Ok(()) => {
+                    // `tmp` now names what stood at `leaf`.
+                    // If it cannot even be looked at, keep it for the caller.
+                    let Ok(st) = rfs::statat(dir, tmp, AtFlags::SYMLINK_NOFOLLOW) else {
+                        return Ok(Some(tmp.to_string()));
+                    };
+                    let seen = FileMeta::from_stat(&st);
+                    let as_checked = matches!(expect, Expect::File { ino, dev, len, mtime_ns }
+                        if seen.kind == Kind::File && seen.ino == ino && seen.dev == dev
+                            && seen.len == len && seen.mtime_ns == mtime_ns);
+                    if as_checked {
+                        rfs::unlinkat(dir, tmp, AtFlags::empty()).map_err(|e| {
+                            self.io_err("remove the replaced version of", path.to_string(), e)
+                        })?;
+                        return Ok(None);
+                    }
+                    return Ok(Some(tmp.to_string()));
+                }
+                Err(Errno::NOENT) => {
+                    match rfs::renameat_with(dir, tmp, dir, leaf, RenameFlags::NOREPLACE) {
+                        Ok(()) => return Ok(None),
+                        // Created meanwhile: swap again and look at it.
+                        Err(Errno::EXIST) => continue,
+                        Err(Errno::INVAL) | Err(Errno::NOSYS) | Err(Errno::OPNOTSUPP) => break,
+                        Err(e) => return Err(rename_err(e)),
+                    }
+                }
+                Err(Errno::INVAL) | Err(Errno::NOSYS) | Err(Errno::OPNOTSUPP) => break,
+                Err(e) => return Err(rename_err(e)),
+            }
+        }
+        rfs::renameat(dir, tmp, dir, leaf).map_err(rename_err)?;
+        Ok(None)
     }
 
     /// The replicated extended attributes of a regular file or directory
@@ -2609,5 +2728,96 @@ mod listing_tests {
         for _ in 0..3 {
             assert_eq!(root.list_dir(&none).unwrap().unwrap(), first);
         }
+    }
+}
+
+#[cfg(test)]
+mod guarded_replace_tests {
+    use super::*;
+
+    fn new_meta() -> FileMeta {
+        let uid = unsafe { libc::geteuid() };
+        let gid = unsafe { libc::getegid() };
+        FileMeta::new(Kind::File, 0o640, uid, gid, 1_700_000_000_000_000_000)
+    }
+
+    fn expect_of(m: &FileMeta) -> Expect {
+        Expect::File {
+            ino: m.ino,
+            dev: m.dev,
+            len: m.len,
+            mtime_ns: m.mtime_ns,
+        }
+    }
+
+    fn leftovers(dir: &Path) -> Vec<String> {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(TEMP_PREFIX))
+            .collect()
+    }
+
+    /// An edit saved between the caller's check and the rename is handed
+    /// back, never overwritten unseen; the checked version is replaced.
+    #[test]
+    fn an_edit_racing_the_rename_is_displaced_not_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = Root::open(dir.path()).unwrap();
+        let new = b"committed version\n";
+        let hash = *blake3::hash(new).as_bytes();
+
+        std::fs::write(dir.path().join("a"), "old\n").unwrap();
+        let checked = root.stat(&["a"]).unwrap().unwrap();
+        let r = root
+            .replace_file_guarded(
+                &["a"],
+                new,
+                &new_meta(),
+                &hash,
+                true,
+                None,
+                expect_of(&checked),
+            )
+            .unwrap();
+        assert!(r.displaced.is_none());
+        assert_eq!(std::fs::read(dir.path().join("a")).unwrap(), new);
+        assert!(
+            leftovers(dir.path()).is_empty(),
+            "the checked version is removed"
+        );
+
+        // Checked, then edited by hand before the rename.
+        let checked = root.stat(&["a"]).unwrap().unwrap();
+        std::fs::write(dir.path().join("a"), "edited by hand meanwhile\n").unwrap();
+        let r = root
+            .replace_file_guarded(
+                &["a"],
+                new,
+                &new_meta(),
+                &hash,
+                true,
+                None,
+                expect_of(&checked),
+            )
+            .unwrap();
+        let at = r.displaced.expect("the edit is handed back");
+        let at: Vec<&[u8]> = at.iter().map(|c| c.as_slice()).collect();
+        let (kept, _) = root.read_file(&at, 1 << 20).unwrap().unwrap();
+        assert_eq!(kept, b"edited by hand meanwhile\n");
+        assert_eq!(std::fs::read(dir.path().join("a")).unwrap(), new);
+
+        // Nothing was there when checked, but a file appeared.
+        std::fs::write(dir.path().join("b"), "created meanwhile\n").unwrap();
+        let r = root
+            .replace_file_guarded(&["b"], new, &new_meta(), &hash, true, None, Expect::Absent)
+            .unwrap();
+        assert!(r.displaced.is_some(), "a file that appeared is handed back");
+        // Nothing there, nothing displaced.
+        let r = root
+            .replace_file_guarded(&["c"], new, &new_meta(), &hash, true, None, Expect::Absent)
+            .unwrap();
+        assert!(r.displaced.is_none());
+        assert_eq!(std::fs::read(dir.path().join("c")).unwrap(), new);
     }
 }

@@ -33,7 +33,7 @@ use tracing::{debug, info, warn};
 use crate::config::{Config, NodeId, SyncMode, SyncSetConfig};
 use crate::delta::{self, FileDigest, FileHasher, Patch};
 use crate::files_store::{FilesStore, FilesStoreError, LocalRecord, StoreBatch};
-use crate::fsroot::{FileMeta, FsError, Kind, Root};
+use crate::fsroot::{Expect, FileMeta, FsError, Kind, Root};
 use crate::manifest::{
     CheckedOp, Content, Entry, EntryKind, FileBatch, Manifest, Meta, WireDigest,
 };
@@ -1234,6 +1234,22 @@ impl Applier {
         term: u64,
         why: &str,
     ) -> Result<(), FsError> {
+        self.quarantine_at(set, root, &comps(path), path, index, term, why)
+    }
+
+    /// [`Applier::quarantine`] of an entry that stands at `at` (a temporary
+    /// name a guarded replace left it under) but belongs to `path`.
+    #[allow(clippy::too_many_arguments)]
+    fn quarantine_at(
+        &self,
+        set: &str,
+        root: &Root,
+        at: &[&[u8]],
+        path: &SetPath,
+        index: u64,
+        term: u64,
+        why: &str,
+    ) -> Result<(), FsError> {
         let Some(q) = &self.quarantine else {
             return Err(FsError::Io {
                 root: self
@@ -1252,14 +1268,12 @@ impl Applier {
         let stamp = format!("{}-{index}", unix_ms());
         let mut dest: Vec<Vec<u8>> = vec![set.as_bytes().to_vec(), stamp.clone().into_bytes()];
         dest.extend(path.components().map(|c| c.to_vec()));
-        let local = root.stat(&comps(path))?;
+        let local = root.stat(at)?;
         let local_hash = match local {
-            Some(m) if m.kind == Kind::File => {
-                hash_local(root, &comps(path))?.map(|(h, _)| h.digest().hex())
-            }
+            Some(m) if m.kind == Kind::File => hash_local(root, at)?.map(|(h, _)| h.digest().hex()),
             _ => None,
         };
-        if !root.move_aside(&comps(path), q, &dest)? {
+        if !root.move_aside(at, q, &dest)? {
             return Ok(());
         }
         self.shared
@@ -1348,6 +1362,17 @@ impl Applier {
         let c = comps(path);
         let meta = fs_meta(&entry.meta);
         let local = root.stat(&c)?;
+        // What the final rename may displace without a second look: the
+        // file checked here, or nothing once it was moved aside.
+        let mut expect = match local {
+            Some(m) if m.kind == Kind::File => Expect::File {
+                ino: m.ino,
+                dev: m.dev,
+                len: m.len,
+                mtime_ns: m.mtime_ns,
+            },
+            _ => Expect::Absent,
+        };
         // What the local file holds, by record when lstat says it is untouched.
         let mut local_digest: Option<FileDigest> = None;
         let mut local_hasher: Option<FileHasher> = None;
@@ -1394,6 +1419,7 @@ impl Applier {
                 )?;
                 local_digest = None;
                 local_hasher = None;
+                expect = Expect::Absent;
             }
         }
         let patch_bytes = match content {
@@ -1501,7 +1527,21 @@ impl Applier {
             };
             // The caller fsyncs the directory once for the whole batch.
             let xattrs = set.xattrs.then_some(&entry.xattrs[..]);
-            written = root.replace_file_xattrs(&c, &new, &meta, &target.hash, false, xattrs)?;
+            let replaced =
+                root.replace_file_guarded(&c, &new, &meta, &target.hash, false, xattrs, expect)?;
+            if let Some(at) = &replaced.displaced {
+                let at: Vec<&[u8]> = at.iter().map(|c| c.as_slice()).collect();
+                self.quarantine_at(
+                    &set.name,
+                    root,
+                    &at,
+                    path,
+                    index,
+                    term,
+                    "it was edited while the committed version was being written",
+                )?;
+            }
+            written = replaced.meta;
             self.xattrs_notice(set, root);
             if set.mode == SyncMode::Mirror && new.len() >= delta::SMALL_FILE_LEN {
                 store.put_signature(
