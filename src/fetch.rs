@@ -9,12 +9,13 @@
 //! the patch to the applier, which verifies it again and applies it only if
 //! that digest is still what the manifest wants (invariant 1).
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tonic::Status;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use crate::config::NodeId;
 use crate::delta::{self, BlockSignature, FileDigest};
@@ -55,6 +56,21 @@ pub fn serve(shared: &Shared, req: &FetchRequest) -> Result<Vec<FetchChunk>, Sta
         return Err(Status::invalid_argument(
             "larger than the set's max_file_size",
         ));
+    }
+    // "Not held" (FailedPrecondition) is a promise the asker counts on: only
+    // a node that has applied this version and still lacks it may say so. A
+    // node that has not applied it yet may still rebuild it from the log.
+    let committed_here = shared
+        .manifest
+        .read()
+        .unwrap()
+        .get(&req.set, &path)
+        .and_then(|e| e.digest)
+        .is_some_and(|d| d.get() == want);
+    if !committed_here {
+        return Err(Status::unavailable(format!(
+            "this node has not applied that version of {path}"
+        )));
     }
     let root = set
         .open_root()
@@ -118,6 +134,9 @@ pub async fn run_fetcher(
                     .await
                     .unwrap_or_default()
             };
+            // Data nodes that answered they do not hold this version.
+            let mut lacking: BTreeSet<NodeId> = BTreeSet::new();
+            let mut fetched = false;
             for &peer in &order {
                 match fetch_one(&transport, peer, &set, &path, &want, &sig).await {
                     Ok(patch) => {
@@ -127,11 +146,22 @@ pub async fn run_fetcher(
                             want,
                             patch,
                         }));
+                        fetched = true;
                         break;
                     }
-                    Err(e) => {
+                    Err(FetchError::NotHeld(e)) => {
+                        lacking.insert(peer);
                         debug!(peer, set = %set, path = %path, "fetch from node {peer} failed: {e}")
                     }
+                    Err(FetchError::Other(e)) => {
+                        debug!(peer, set = %set, path = %path, "fetch from node {peer} failed: {e}")
+                    }
+                }
+            }
+            if !fetched && !shared.data_peers.is_empty() && shared.data_peers.is_subset(&lacking) {
+                let mut gone = shared.unobtainable.lock().unwrap();
+                if gone.insert((set.clone(), path.clone()), want) != Some(want) {
+                    warn!(set = %set, path = %path, "no node holds the committed version {want} of {path} in sync set {set:?} any more (every copy was edited before it arrived); a leader will propose its own copy, and the other copies go to quarantine");
                 }
             }
         }
@@ -156,6 +186,13 @@ fn local_signature(shared: &Shared, set: &str, path: &SetPath) -> Vec<u8> {
     }
 }
 
+/// Why a fetch failed: the peer definitely does not hold the version, or
+/// anything else (unreachable, timed out, refused for another reason).
+enum FetchError {
+    NotHeld(String),
+    Other(String),
+}
+
 async fn fetch_one(
     transport: &Transport,
     peer: NodeId,
@@ -163,8 +200,25 @@ async fn fetch_one(
     path: &SetPath,
     want: &FileDigest,
     signature: &[u8],
-) -> Result<Vec<u8>, String> {
-    let mut client = transport.client(peer).ok_or("no link")?;
+) -> Result<Vec<u8>, FetchError> {
+    fetch_patch(transport, peer, set, path, want, signature)
+        .await
+        .map_err(|(code, message)| match code {
+            Some(tonic::Code::FailedPrecondition) => FetchError::NotHeld(message),
+            _ => FetchError::Other(message),
+        })
+}
+
+async fn fetch_patch(
+    transport: &Transport,
+    peer: NodeId,
+    set: &str,
+    path: &SetPath,
+    want: &FileDigest,
+    signature: &[u8],
+) -> Result<Vec<u8>, (Option<tonic::Code>, String)> {
+    let other = |m: &str| (None, m.to_string());
+    let mut client = transport.client(peer).ok_or_else(|| other("no link"))?;
     let mut req = tonic::Request::new(FetchRequest {
         set: set.to_string(),
         path: path.as_bytes().to_vec(),
@@ -173,27 +227,20 @@ async fn fetch_one(
     });
     req.set_timeout(FETCH_TIMEOUT);
     let call = async {
-        let mut stream = client
-            .fetch(req)
-            .await
-            .map_err(|s| s.message().to_string())?
-            .into_inner();
+        let status = |s: tonic::Status| (Some(s.code()), s.message().to_string());
+        let mut stream = client.fetch(req).await.map_err(status)?.into_inner();
         let mut out = Vec::new();
-        while let Some(chunk) = stream
-            .message()
-            .await
-            .map_err(|s| s.message().to_string())?
-        {
+        while let Some(chunk) = stream.message().await.map_err(status)? {
             out.extend_from_slice(&chunk.data);
             // Bound what a peer can make us hold: a patch is never much larger
             // than the file (zstd of incompressible data adds a little).
             if out.len() as u64 > want.len + want.len / 8 + (1 << 20) {
-                return Err("the patch is larger than the file could need".to_string());
+                return Err(other("the patch is larger than the file could need"));
             }
         }
         Ok(out)
     };
     tokio::time::timeout(FETCH_TIMEOUT, call)
         .await
-        .map_err(|_| "timed out".to_string())?
+        .map_err(|_| other("timed out"))?
 }

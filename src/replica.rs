@@ -153,6 +153,14 @@ pub struct Shared {
     /// served any (a witness host, often the monitoring server, must not be
     /// able to read /etc/shadow through clusterd).
     pub witness_peers: BTreeSet<NodeId>,
+    /// The other data nodes (voters that hold sync sets).
+    pub data_peers: BTreeSet<NodeId>,
+    /// Missing paths whose committed version every other data node said it
+    /// does not hold either (value: that digest): the version is gone from
+    /// every tree (each node's copy was edited before it arrived), so a
+    /// leader proposes its own copy rather than freeze the path forever;
+    /// followers set their differing copies aside as usual.
+    pub unobtainable: Mutex<HashMap<(String, SetPath), FileDigest>>,
     pub sets: Vec<SetRuntime>,
     pub manifest: RwLock<Manifest>,
     pub records: Mutex<HashMap<String, HashMap<SetPath, LocalRecord>>>,
@@ -312,6 +320,13 @@ pub fn open_shared(config: &Config) -> Result<Arc<Shared>, FilesStoreError> {
     let shared = Arc::new(Shared {
         node_id: config.node.id,
         witness: config.node.witness,
+        data_peers: config
+            .peers
+            .iter()
+            .filter(|p| !p.witness)
+            .map(|p| p.id)
+            .collect(),
+        unobtainable: Mutex::new(HashMap::new()),
         witness_peers: config
             .peers
             .iter()
@@ -932,6 +947,12 @@ impl Applier {
                         store.put_record(set, path, &r);
                         recs.insert(path.clone(), r);
                     }
+                    // Our own version is the committed one now.
+                    let key = (set.to_string(), path.clone());
+                    if self.shared.missing.lock().unwrap().remove(&key).is_some() {
+                        store.delete_missing(set, path);
+                    }
+                    self.shared.unobtainable.lock().unwrap().remove(&key);
                 }
                 CheckedOp::Remove { removed, .. } => {
                     for (p, _) in removed {
@@ -1166,6 +1187,11 @@ impl Applier {
     }
 
     fn clear_missing(&self, set: &str, path: &SetPath, store: &mut StoreBatch) {
+        self.shared
+            .unobtainable
+            .lock()
+            .unwrap()
+            .remove(&(set.to_string(), path.clone()));
         if self
             .shared
             .missing

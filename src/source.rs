@@ -200,7 +200,7 @@ impl Source {
         // copy is older than what the cluster committed, or absent): they
         // stay as committed until a peer supplies them.
         for (set, path) in self.shared.missing.lock().unwrap().keys() {
-            warn!(term, set = %set, path = %path, "this leader lacks the committed version of {path}; it is not proposed from here until a peer supplies it");
+            warn!(term, set = %set, path = %path, "this leader lacks the committed version of {path}; it is not proposed from here until a peer supplies it, or every data node has said it lacks that version too");
         }
     }
 
@@ -428,13 +428,16 @@ fn plan_and_propose(
     // Deletions first (so a rename can find its source), then the rest in order.
     let mut present = Vec::new();
     let mut removed_roots: Vec<SetPath> = Vec::new();
+    // Paths this node lacks the committed content of, except those no node
+    // holds any more: those this tree proposes again (see `unobtainable`).
+    let gone = shared.unobtainable.lock().unwrap().clone();
     let missing: BTreeSet<SetPath> = shared
         .missing
         .lock()
         .unwrap()
-        .keys()
-        .filter(|(s, _)| *s == set.name)
-        .map(|(_, p)| p.clone())
+        .iter()
+        .filter(|((s, p), d)| *s == set.name && gone.get(&(s.clone(), p.clone())) != Some(&d.get()))
+        .map(|((_, p), _)| p.clone())
         .collect();
     for path in paths {
         if removed_roots.iter().any(|r| r.is_ancestor_of(&path)) {
