@@ -44,9 +44,12 @@
 //!   (`CHAOS_STEPS` defaults to 25 steps: about 40 s alone on 2 cores).
 //! - Long run: `CHAOS_STEPS=500 CHAOS_SEED=7 cargo test --test cluster chaos -- --nocapture`
 //!   (about 1.5 s a step, so some 12 minutes; any seed).
-//! - `CHAOS_FOLLOWER_EDITS=20` also makes 20 % of the writes by hand on a
-//!   node the harness does not believe leads (a follower, mostly), racing
-//!   the follower's own applies; default 0.
+//! - `CHAOS_FOLLOWER_EDITS=N` makes N % of the writes by hand on a node the
+//!   harness does not believe leads (a follower, mostly), racing the
+//!   follower's own applies; default 10 (0 turns it off). It found the two
+//!   bugs fixed since: an edit saved between an apply's check and its rename
+//!   overwritten without a record, and a path frozen once no node held its
+//!   committed version.
 //! - Replay a failure: the seed and step count are printed at the start and
 //!   again after a failure; add `CLUSTER_TESTS_KEEP=1` to keep the nodes'
 //!   directories (logs, data, quarantine) for a look. The report gives each
@@ -90,7 +93,7 @@ const SAMPLE_EVERY: Duration = Duration::from_millis(300);
 fn chaos_writes_faults_and_no_silent_loss() {
     let seed = env_u64("CHAOS_SEED", DEFAULT_SEED);
     let steps = env_u64("CHAOS_STEPS", DEFAULT_STEPS);
-    let follower_edits = env_u64("CHAOS_FOLLOWER_EDITS", 0);
+    let follower_edits = env_u64("CHAOS_FOLLOWER_EDITS", 10);
     let replay = replay_command(seed, steps, follower_edits);
     eprintln!("chaos: seed {seed}, {steps} steps; {replay}");
     // Declared before the cluster, so it drops after it: the hint follows
@@ -331,11 +334,7 @@ fn env_u64(key: &str, default: u64) -> u64 {
 }
 
 fn replay_command(seed: u64, steps: u64, follower_edits: u64) -> String {
-    let edits = if follower_edits > 0 {
-        format!(" CHAOS_FOLLOWER_EDITS={follower_edits}")
-    } else {
-        String::new()
-    };
+    let edits = format!(" CHAOS_FOLLOWER_EDITS={follower_edits}");
     format!(
         "replay with: CHAOS_SEED={seed} CHAOS_STEPS={steps}{edits} cargo test --test cluster chaos -- --nocapture"
     )
