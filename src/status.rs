@@ -114,6 +114,26 @@ pub fn unix_seconds(t: std::time::SystemTime) -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// Days ahead of expiry from which `clusterctl status` warns.
+pub const CERT_WARN_DAYS: i64 = 30;
+
+/// The status table's line for a certificate that expires within
+/// [`CERT_WARN_DAYS`] (or has expired).
+fn cert_warning(id: NodeId, not_after_unix: u64, now_unix: u64) -> Option<String> {
+    let days = days_left(not_after_unix, now_unix);
+    if days > CERT_WARN_DAYS {
+        return None;
+    }
+    let when = if days < 0 {
+        "has EXPIRED: its peers refuse it".to_string()
+    } else {
+        format!("expires in {days} days")
+    };
+    Some(format!(
+        "node {id}: certificate {when}; issue a new one (`clusterctl certs init --out DIR --nodes {id}` after moving the old pair away), install it and run `systemctl reload clusterd`\n"
+    ))
+}
+
 fn days_left(not_after_unix: u64, now_unix: u64) -> i64 {
     (not_after_unix as i64 - now_unix as i64).div_euclid(86_400)
 }
@@ -338,12 +358,19 @@ impl ClusterStatus {
         }
         out.push_str(&aligned(&rows));
         self.sets_table(&mut out);
+        let now = unix_seconds(std::time::SystemTime::now());
         for n in &self.nodes {
             if let Some(q) = n.files.as_ref().map(|f| f.quarantined).filter(|q| *q > 0) {
                 out.push_str(&format!(
                     "node {}: {q} local version(s) set aside in quarantine; `clusterctl conflicts` on node {} lists them\n",
                     n.id, n.id
                 ));
+            }
+            if let Some(line) = n
+                .cert_not_after_unix
+                .and_then(|t| cert_warning(n.id, t, now))
+            {
+                out.push_str(&line);
             }
         }
         out
@@ -970,6 +997,18 @@ mod tests {
         assert_eq!(nodes[1]["match_index"], 110);
         assert_eq!(nodes[2]["role"], "unknown");
         assert_eq!(nodes[2]["reachable"], false);
+    }
+
+    #[test]
+    fn status_warns_weeks_ahead_of_certificate_expiry() {
+        assert_eq!(cert_warning(2, NOW + 60 * 86_400, NOW), None);
+        let soon = cert_warning(2, NOW + 20 * 86_400, NOW).unwrap();
+        assert!(
+            soon.starts_with("node 2: certificate expires in 20 days;"),
+            "{soon}"
+        );
+        let gone = cert_warning(3, NOW - 86_400, NOW).unwrap();
+        assert!(gone.contains("has EXPIRED"), "{gone}");
     }
 
     #[test]
