@@ -11,6 +11,24 @@ use crate::harness::*;
 
 const CONVERGE: Duration = Duration::from_secs(30);
 
+/// A 3-node cluster with one mirror set `name` (plus `extra` lines), ready
+/// to replicate; returns it with its leader, the promote target and the node
+/// the admin talks to (the third).
+fn cluster_with(name: &str, extra: &str) -> (Cluster, u64, u64, u64) {
+    let mut b = Cluster::builder(3).sync_set(name, "mirror", extra);
+    for id in 1..=3 {
+        b = b.extra_toml(id, "[replication]\ndebounce_ms = 20\nrescan_secs = 300");
+    }
+    let c = b.start();
+    let all = c.ids();
+    let leader = c.wait_for_leader(&all);
+    c.wait_barrier(leader);
+    wait_sets_ready(&c, &all, &[name]);
+    let others = c.others(&[leader]);
+    let (target, via) = (others[0], others[1]);
+    (c, leader, target, via)
+}
+
 /// Runs `clusterctl promote target` on node `via` in the background, checks
 /// for a while that `target` is not handed leadership while it lags, then
 /// lets it catch up (`release`) and expects the promote to succeed.
@@ -49,17 +67,8 @@ fn promote_waits_until(c: &Cluster, via: u64, target: u64, release: impl FnOnce(
 /// quarantines.
 #[test]
 fn promote_waits_until_the_target_has_applied_everything_then_transfers() {
-    let mut b = Cluster::builder(3).sync_set("conf", "mirror", "");
-    for id in 1..=3 {
-        b = b.extra_toml(id, "[replication]\ndebounce_ms = 20\nrescan_secs = 300");
-    }
-    let c = b.start();
+    let (c, leader, target, via) = cluster_with("conf", "");
     let all = c.ids();
-    let leader = c.wait_for_leader(&all);
-    c.wait_barrier(leader);
-    wait_sets_ready(&c, &all, &["conf"]);
-    let others = c.others(&[leader]);
-    let (target, via) = (others[0], others[1]);
     let root = c.set_path(leader, "conf");
 
     write_file(&root.join("before"), "committed everywhere\n");
@@ -126,21 +135,9 @@ fn promote_waits_until_the_target_has_applied_everything_then_transfers() {
 /// the target has applied them.
 #[test]
 fn promote_waits_while_the_target_defers_a_set_for_a_skip_while_marker() {
-    let mut b = Cluster::builder(3).sync_set(
-        "mail",
-        "mirror",
-        "exclude = [\"*.lock\"]\nskip_while = [\"*.lock\"]",
-    );
-    for id in 1..=3 {
-        b = b.extra_toml(id, "[replication]\ndebounce_ms = 20\nrescan_secs = 300");
-    }
-    let c = b.start();
+    let (c, leader, target, via) =
+        cluster_with("mail", "exclude = [\"*.lock\"]\nskip_while = [\"*.lock\"]");
     let all = c.ids();
-    let leader = c.wait_for_leader(&all);
-    c.wait_barrier(leader);
-    wait_sets_ready(&c, &all, &["mail"]);
-    let others = c.others(&[leader]);
-    let (target, via) = (others[0], others[1]);
     let root = c.set_path(leader, "mail");
     let marker = c.set_path(target, "mail").join("bayes.lock");
     write_file(&marker, "held by a training run\n");

@@ -201,23 +201,7 @@ async fn fetch_one(
     want: &FileDigest,
     signature: &[u8],
 ) -> Result<Vec<u8>, FetchError> {
-    fetch_patch(transport, peer, set, path, want, signature)
-        .await
-        .map_err(|(code, message)| match code {
-            Some(tonic::Code::FailedPrecondition) => FetchError::NotHeld(message),
-            _ => FetchError::Other(message),
-        })
-}
-
-async fn fetch_patch(
-    transport: &Transport,
-    peer: NodeId,
-    set: &str,
-    path: &SetPath,
-    want: &FileDigest,
-    signature: &[u8],
-) -> Result<Vec<u8>, (Option<tonic::Code>, String)> {
-    let other = |m: &str| (None, m.to_string());
+    let other = |m: &str| FetchError::Other(m.to_string());
     let mut client = transport.client(peer).ok_or_else(|| other("no link"))?;
     let mut req = tonic::Request::new(FetchRequest {
         set: set.to_string(),
@@ -227,7 +211,10 @@ async fn fetch_patch(
     });
     req.set_timeout(FETCH_TIMEOUT);
     let call = async {
-        let status = |s: tonic::Status| (Some(s.code()), s.message().to_string());
+        let status = |s: tonic::Status| match s.code() {
+            tonic::Code::FailedPrecondition => FetchError::NotHeld(s.message().to_string()),
+            _ => FetchError::Other(s.message().to_string()),
+        };
         let mut stream = client.fetch(req).await.map_err(status)?.into_inner();
         let mut out = Vec::new();
         while let Some(chunk) = stream.message().await.map_err(status)? {

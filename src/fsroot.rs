@@ -2766,20 +2766,14 @@ mod guarded_replace_tests {
         let root = Root::open(dir.path()).unwrap();
         let new = b"committed version\n";
         let hash = *blake3::hash(new).as_bytes();
+        let replace = |name: &str, expect: Expect| {
+            root.replace_file_guarded(&[name], new, &new_meta(), &hash, true, None, expect)
+                .unwrap()
+        };
 
         std::fs::write(dir.path().join("a"), "old\n").unwrap();
         let checked = root.stat(&["a"]).unwrap().unwrap();
-        let r = root
-            .replace_file_guarded(
-                &["a"],
-                new,
-                &new_meta(),
-                &hash,
-                true,
-                None,
-                expect_of(&checked),
-            )
-            .unwrap();
+        let r = replace("a", expect_of(&checked));
         assert!(r.displaced.is_none());
         assert_eq!(std::fs::read(dir.path().join("a")).unwrap(), new);
         assert!(
@@ -2790,17 +2784,7 @@ mod guarded_replace_tests {
         // Checked, then edited by hand before the rename.
         let checked = root.stat(&["a"]).unwrap().unwrap();
         std::fs::write(dir.path().join("a"), "edited by hand meanwhile\n").unwrap();
-        let r = root
-            .replace_file_guarded(
-                &["a"],
-                new,
-                &new_meta(),
-                &hash,
-                true,
-                None,
-                expect_of(&checked),
-            )
-            .unwrap();
+        let r = replace("a", expect_of(&checked));
         let at = r.displaced.expect("the edit is handed back");
         let at: Vec<&[u8]> = at.iter().map(|c| c.as_slice()).collect();
         let (kept, _) = root.read_file(&at, 1 << 20).unwrap().unwrap();
@@ -2809,14 +2793,10 @@ mod guarded_replace_tests {
 
         // Nothing was there when checked, but a file appeared.
         std::fs::write(dir.path().join("b"), "created meanwhile\n").unwrap();
-        let r = root
-            .replace_file_guarded(&["b"], new, &new_meta(), &hash, true, None, Expect::Absent)
-            .unwrap();
+        let r = replace("b", Expect::Absent);
         assert!(r.displaced.is_some(), "a file that appeared is handed back");
         // Nothing there, nothing displaced.
-        let r = root
-            .replace_file_guarded(&["c"], new, &new_meta(), &hash, true, None, Expect::Absent)
-            .unwrap();
+        let r = replace("c", Expect::Absent);
         assert!(r.displaced.is_none());
         assert_eq!(std::fs::read(dir.path().join("c")).unwrap(), new);
     }
