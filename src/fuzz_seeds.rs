@@ -6,9 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::delta::{digest, plan, BlockSignature};
-use crate::manifest::{
-    Chunk, Content, EntryKind, FileBatch, FileOp, Manifest, Meta, WireDigest,
-};
+use crate::manifest::{Chunk, Content, EntryKind, FileBatch, FileOp, Manifest, Meta, WireDigest};
 use crate::raft_core::Command;
 
 fn meta(kind: EntryKind, mode: u32) -> Meta {
@@ -116,7 +114,9 @@ fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
     ] {
         out.push(("path_policy", name, path.to_vec()));
     }
-    let base: Vec<u8> = (0..4096u32).flat_map(|i| (i * 7919).to_le_bytes()).collect();
+    let base: Vec<u8> = (0..4096u32)
+        .flat_map(|i| (i * 7919).to_le_bytes())
+        .collect();
     let mut new = base.clone();
     new[5000] ^= 1;
     for (name, new) in [("delta", new), ("append", [&base[..], b"tail"].concat())] {
@@ -134,8 +134,8 @@ fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
     seed.extend_from_slice(&patch.encode());
     out.push(("delta_apply", "whole", seed));
     assert_eq!(digest(b"whole file"), d);
-    let example = std::fs::read(repo().join("packaging/clusterd.toml.example"))
-        .expect("the example config");
+    let example =
+        std::fs::read(repo().join("packaging/clusterd.toml.example")).expect("the example config");
     out.push(("config_parse", "example", example));
     out
 }

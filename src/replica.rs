@@ -212,14 +212,33 @@ impl Shared {
         self.records.lock().unwrap().get(set)?.get(path).copied()
     }
 
-    fn note_error(&self, set: &str, msg: String) {
-        warn!(set, "{msg}");
-        self.health
+    /// Runs `f` on the health record of `set` (created if new).
+    fn health_of(&self, set: &str, f: impl FnOnce(&mut SetHealth)) {
+        f(self
+            .health
             .lock()
             .unwrap()
             .entry(set.to_string())
-            .or_default()
-            .last_error = Some(msg);
+            .or_default())
+    }
+
+    /// Logs `msg` and keeps it as the set's last error.
+    pub fn note_error(&self, set: &str, msg: String) {
+        warn!(set, "{msg}");
+        self.health_of(set, |h| h.last_error = Some(msg));
+    }
+
+    /// Counts a refused entry or patch of `set`, keeping `msg` as its last error.
+    fn note_refused(&self, set: &str, msg: String) {
+        self.health_of(set, |h| {
+            h.refused += 1;
+            h.last_error = Some(msg);
+        });
+    }
+
+    /// Whether `set` waits for a `skip_while` marker to disappear.
+    pub fn set_skipping(&self, set: &str, skipping: bool) {
+        self.health_of(set, |h| h.skipping = skipping);
     }
 
     pub fn signature(
@@ -862,10 +881,8 @@ impl Applier {
                 Err(e) => {
                     drop(m);
                     warn!(index, origin = batch.origin, set = %set_name, "refused committed entry {index} proposed by node {}: {e}; skipped, the node keeps running", batch.origin);
-                    let mut h = self.shared.health.lock().unwrap();
-                    let h = h.entry(set_name.clone()).or_default();
-                    h.refused += 1;
-                    h.last_error = Some(format!("entry {index} refused: {e}"));
+                    self.shared
+                        .note_refused(&set_name, format!("entry {index} refused: {e}"));
                     return;
                 }
             }
@@ -919,13 +936,7 @@ impl Applier {
         if skip {
             info!(set = %set_name, index, "a skip_while marker exists in sync set {set_name:?}: its changes wait until it is gone");
             self.deferred.insert(set_name.clone());
-            self.shared
-                .health
-                .lock()
-                .unwrap()
-                .entry(set_name.clone())
-                .or_default()
-                .skipping = true;
+            self.shared.set_skipping(&set_name, true);
         } else if self.deferred.contains(&set_name) {
             // Still catching up on earlier skipped batches: the reconcile covers this one.
         } else {
@@ -1244,10 +1255,8 @@ impl Applier {
     /// Logs and counts a committed patch that is bad in itself.
     fn refuse_content(&self, set: &str, path: &SetPath, index: u64, why: &str) {
         warn!(set, path = %path, index, "refused the committed content of {path} in sync set {set:?} (entry {index}): {why}; nothing was written, the committed version is fetched from a peer instead");
-        let mut h = self.shared.health.lock().unwrap();
-        let h = h.entry(set.to_string()).or_default();
-        h.refused += 1;
-        h.last_error = Some(format!("entry {index}: {path}: {why}"));
+        self.shared
+            .note_refused(set, format!("entry {index}: {path}: {why}"));
     }
 
     /// Moves whatever is at `path` into quarantine, with a record line.
@@ -1969,13 +1978,7 @@ impl Applier {
         if self.shared.leading.load(Ordering::SeqCst) {
             // The leader's trees are the source: nothing to square them with.
             for name in std::mem::take(&mut self.deferred) {
-                self.shared
-                    .health
-                    .lock()
-                    .unwrap()
-                    .entry(name)
-                    .or_default()
-                    .skipping = false;
+                self.shared.set_skipping(&name, false);
             }
             return;
         }
@@ -1991,13 +1994,7 @@ impl Applier {
                     self.deferred.insert(name.clone());
                 }
                 Ok(false) => {
-                    self.shared
-                        .health
-                        .lock()
-                        .unwrap()
-                        .entry(name.clone())
-                        .or_default()
-                        .skipping = false;
+                    self.shared.set_skipping(&name, false);
                     let mut store = StoreBatch::default();
                     if let Err(e) = self.reconcile_local(&set, &root, &mut store) {
                         self.shared

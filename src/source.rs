@@ -302,7 +302,7 @@ fn process(
         let root = match set.open_root() {
             Ok(r) => r,
             Err(e) => {
-                shared_error(shared, &name, format!("cannot open sync set {name:?}: {e}"));
+                shared.note_error(&name, format!("cannot open sync set {name:?}: {e}"));
                 continue;
             }
         };
@@ -311,7 +311,7 @@ fn process(
             match walk(&set, &root) {
                 Ok(w) => w,
                 Err(e) => {
-                    shared_error(shared, &name, format!("cannot scan sync set {name:?}: {e}"));
+                    shared.note_error(&name, format!("cannot scan sync set {name:?}: {e}"));
                     continue;
                 }
             }
@@ -320,24 +320,12 @@ fn process(
         };
         if marker {
             debug!(set = %name, "a skip_while marker exists; leaving the set alone for now");
-            shared
-                .health
-                .lock()
-                .unwrap()
-                .entry(name.clone())
-                .or_default()
-                .skipping = true;
+            shared.set_skipping(&name, true);
             // Come back to it: a full pass once the marker is gone.
             left.full.insert(name.clone());
             continue;
         }
-        shared
-            .health
-            .lock()
-            .unwrap()
-            .entry(name.clone())
-            .or_default()
-            .skipping = false;
+        shared.set_skipping(&name, false);
         let paths: Vec<SetPath> = if full {
             let mut all: BTreeSet<SetPath> = found.iter().map(|f| f.path.clone()).collect();
             if let Some(m) = shared.manifest.read().unwrap().set(&name) {
@@ -374,17 +362,6 @@ fn process(
         plan_and_propose(shared, node, rt, term, &set, &root, paths, left)?;
     }
     Ok(())
-}
-
-fn shared_error(shared: &Shared, set: &str, msg: String) {
-    warn!(set, "{msg}");
-    shared
-        .health
-        .lock()
-        .unwrap()
-        .entry(set.to_string())
-        .or_default()
-        .last_error = Some(msg);
 }
 
 /// A batch being built.
@@ -454,7 +431,7 @@ fn plan_and_propose(
         let stat = match root.stat(&path.components().collect::<Vec<_>>()) {
             Ok(s) => s,
             Err(e) => {
-                shared_error(shared, &set.name, format!("{path}: {e}"));
+                shared.note_error(&set.name, format!("{path}: {e}"));
                 continue;
             }
         };
@@ -629,7 +606,7 @@ fn examine(
     match result {
         Ok(()) => true,
         Err(Problem::Permanent(e)) => {
-            shared_error(shared, &set.name, format!("{path}: {e}"));
+            shared.note_error(&set.name, format!("{path}: {e}"));
             true
         }
         Err(Problem::Retry(e)) => {
