@@ -45,7 +45,7 @@
 //!   [`Root::move_aside`] of a tree) stops with an error past [`MAX_DEPTH`]
 //!   levels; it holds one descriptor per level.
 //! * Extended attributes ([`Root::read_xattrs`], [`Root::set_xattrs`],
-//!   [`Root::replace_file_xattrs`]) are read and written through the
+//!   [`Root::replace_file_guarded`]) are read and written through the
 //!   entry's own descriptor (`flistxattr`/`fgetxattr`/`fsetxattr`), never by
 //!   path, so a symlink is never followed; symlinks themselves have none
 //!   (Linux refuses `user.*` on them). Only the names
@@ -787,36 +787,24 @@ impl Root {
         expected: &[u8; 32],
         sync_dir: bool,
     ) -> Result<FileMeta, FsError> {
-        self.replace_file_xattrs(comps, data, meta, expected, sync_dir, None)
-    }
-
-    /// [`Root::replace_file_with`] that, with `xattrs`, also makes the
-    /// replicated extended attributes of the new version exactly those
-    /// (see [`Root::set_xattrs`]), on the temporary file before the rename:
-    /// content, metadata and attributes become visible together.
-    pub fn replace_file_xattrs<C: AsComponent>(
-        &self,
-        comps: &[C],
-        data: &[u8],
-        meta: &FileMeta,
-        expected: &[u8; 32],
-        sync_dir: bool,
-        xattrs: Option<&[(Vec<u8>, Vec<u8>)]>,
-    ) -> Result<FileMeta, FsError> {
         self.replace_file_guarded(
             comps,
             data,
             meta,
             expected,
             sync_dir,
-            xattrs,
+            None,
             Expect::Anything,
         )
         .map(|r| r.meta)
     }
 
-    /// [`Root::replace_file_xattrs`] that replaces only what the caller
-    /// checked (`expect`): the new version is swapped in with
+    /// [`Root::replace_file_with`] that, with `xattrs`, also makes the
+    /// replicated extended attributes of the new version exactly those (see
+    /// [`Root::set_xattrs`]), on the temporary file before the rename, so
+    /// content, metadata and attributes become visible together; and that
+    /// replaces only what the caller checked (`expect`, [`Expect::Anything`]
+    /// for a plain rename): the new version is swapped in with
     /// `renameat2(RENAME_EXCHANGE)` (or `RENAME_NOREPLACE` where nothing
     /// was), and whatever it displaced is compared with `expect`. What
     /// matches is removed; anything else (an edit saved between the
@@ -2640,8 +2628,16 @@ mod tests {
             ("user.empty", b""),
         ]);
         let meta = file_meta(0o660);
-        root.replace_file_xattrs(&["f"], b"data", &meta, &hash(b"data"), true, Some(&want))
-            .unwrap();
+        root.replace_file_guarded(
+            &["f"],
+            b"data",
+            &meta,
+            &hash(b"data"),
+            true,
+            Some(&want),
+            Expect::Anything,
+        )
+        .unwrap();
         assert_eq!(root.read_xattrs(&["f"]).unwrap().unwrap(), want);
         let on_disk = std::fs::metadata(fx.root_path.join("f")).unwrap();
         assert_eq!(on_disk.mode() & 0o7777, 0o660);
