@@ -445,7 +445,8 @@ where
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
         let who = req.extensions().get::<PeerIdentity>().copied();
-        let method = req.uri().path().to_string();
+        // A refcounted clone: this runs for every Raft RPC.
+        let uri = req.uri().clone();
         let call = self.inner.call(req);
         Box::pin(async move {
             let response = call.await?;
@@ -473,7 +474,7 @@ where
                                 .into_owned()
                         })
                         .unwrap_or_default();
-                    warn!(peer = who.node_id, remote = %who.remote, "refused a {method} request from peer {} ({}): {code:?}: {message}", who.node_id, who.remote);
+                    warn!(peer = who.node_id, remote = %who.remote, "refused a {} request from peer {} ({}): {code:?}: {message}", uri.path(), who.node_id, who.remote);
                 }
             }
             Ok(response)

@@ -693,18 +693,15 @@ pub fn check(status: &ClusterStatus, t: &CheckThresholds, now_unix: u64) -> (Che
         raise(c, format!("max lag {lag} entries"));
     }
     let now_ms = now_unix.saturating_mul(1000);
-    let set_lag_secs = status.leader_files().and_then(|leader| {
-        status
-            .nodes
-            .iter()
-            .filter_map(|n| Some((n.id, n.files.as_ref()?)))
-            .flat_map(|(id, f)| f.sets.iter().map(move |s| (id, s)))
-            .filter_map(|(id, s)| {
-                let l = leader.sets.iter().find(|x| x.name == s.name)?;
-                Some((id, s.name.as_str(), set_lag(l, s, now_ms).seconds))
-            })
-            .max_by(|a, b| a.2.total_cmp(&b.2))
-    });
+    let lags = status.cluster_lag(now_ms);
+    let set_lag_secs = lags
+        .iter()
+        .flat_map(|n| {
+            n.sets
+                .iter()
+                .map(move |(set, lag)| (n.id, set.as_str(), lag.seconds))
+        })
+        .max_by(|a, b| a.2.total_cmp(&b.2));
     if let Some((id, set, secs)) = set_lag_secs.filter(|(_, _, secs)| *secs > 0.0) {
         let c = if secs >= t.lag_crit_secs {
             CheckCode::Critical
