@@ -167,3 +167,26 @@ fn fuzz_seeds_match_the_encoders() {
 fn display(p: &Path) -> String {
     p.strip_prefix(repo()).unwrap_or(p).display().to_string()
 }
+
+/// Regression (fuzz finding, `entry_decode`): an `Xattrs` op right after a
+/// `Dir` or `Put` of the same path is folded into it, so a batch may apply
+/// as fewer checked ops than it has; the target used to assert equality.
+/// The input is kept in `fuzz/corpus/entry_decode/regression-folded-xattrs`.
+#[test]
+fn fuzz_finding_folded_xattrs_apply_as_fewer_ops() {
+    let data = std::fs::read(repo().join("fuzz/corpus/entry_decode/regression-folded-xattrs"))
+        .expect("the regression input");
+    let Command::Files(batch) = Command::decode(&data).expect("it decodes") else {
+        panic!("a files batch")
+    };
+    assert_eq!(
+        Command::decode(&Command::Files(batch.clone()).encode()).unwrap(),
+        Command::Files(batch.clone())
+    );
+    let ops = Manifest::default().apply(1, &batch).expect("it applies");
+    assert_eq!(
+        (batch.ops.len(), ops.len()),
+        (5, 4),
+        "the Xattrs op is folded into the Dir before it"
+    );
+}

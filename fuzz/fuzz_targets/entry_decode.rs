@@ -17,7 +17,9 @@ fuzz_target!(|data: &[u8]| {
     if let Command::Files(batch) = command {
         let mut manifest = Manifest::default();
         if let Ok(ops) = manifest.apply(1, &batch) {
-            assert_eq!(ops.len(), batch.ops.len());
+            // An `Xattrs` op right after a `Put`/`Dir` of its path is folded
+            // into it, so there may be fewer checked ops, never more.
+            assert!(ops.len() <= batch.ops.len());
         }
     }
 });
