@@ -212,6 +212,67 @@ struct Cache {
     /// raft asks for it on every append and vote.
     last_term: u64,
     applied: u64,
+    /// Terms of the entries written since the store opened, so `term` never
+    /// reads an entry back (with its payload) from RocksDB: the leader asks
+    /// for a term on every append response, and on a full sync those reads
+    /// were 5 % of its CPU (perf).
+    terms: TermRuns,
+}
+
+/// The terms of a suffix of the log, one run per term: entries
+/// `from ..= last` where run `i` starts at `runs[i].0` with term `runs[i].1`.
+/// A term changes only on election, so this holds a handful of pairs however
+/// long the log.
+#[derive(Debug, Clone, Default)]
+struct TermRuns {
+    /// First index covered; `u64::MAX` when nothing is.
+    from: u64,
+    runs: Vec<(u64, u64)>,
+}
+
+impl TermRuns {
+    /// Covering nothing: lookups fall back to reading the entry.
+    fn empty() -> TermRuns {
+        TermRuns { from: u64::MAX, runs: Vec::new() }
+    }
+
+    /// Term of `index`, if covered (the caller checks `index <= last`).
+    fn get(&self, index: u64) -> Option<u64> {
+        if index < self.from {
+            return None;
+        }
+        let at = self.runs.partition_point(|&(start, _)| start <= index);
+        at.checked_sub(1).map(|i| self.runs[i].1)
+    }
+
+    /// Entries `first ..` (with `terms`, in order) replaced the log from
+    /// `first` on.
+    fn append(&mut self, first: u64, terms: impl Iterator<Item = u64>) {
+        if first < self.from {
+            self.from = first;
+            self.runs.clear();
+        } else {
+            let keep = self.runs.partition_point(|&(start, _)| start < first);
+            self.runs.truncate(keep);
+        }
+        for (offset, term) in terms.enumerate() {
+            if self.runs.last().map(|&(_, t)| t) != Some(term) {
+                self.runs.push((first + offset as u64, term));
+            }
+        }
+    }
+
+    /// The log now starts at `first`: runs wholly below it go.
+    fn compact(&mut self, first: u64) {
+        if first <= self.from {
+            return;
+        }
+        self.from = first;
+        let below = self.runs.partition_point(|&(start, _)| start <= first);
+        if below > 1 {
+            self.runs.drain(..below - 1);
+        }
+    }
 }
 
 struct Inner {
@@ -498,6 +559,9 @@ impl RaftStore {
             return Ok(());
         }
         self.write(batch, "persisting log entries and hard state")?;
+        if let Some(first) = entries.first() {
+            cache.terms.append(first.index, entries.iter().map(|e| e.term));
+        }
         cache.last_index = last_index;
         cache.last_term = last_term;
         if let Some(hs) = new_hs {
@@ -617,6 +681,7 @@ impl RaftStore {
         cache.first_index = meta.index + 1;
         cache.last_index = meta.index;
         cache.last_term = meta.term;
+        cache.terms = TermRuns::empty();
         Ok(())
     }
 
@@ -677,6 +742,7 @@ impl RaftStore {
 
         cache.snapshot_meta = meta;
         cache.first_index = index + 1;
+        cache.terms.compact(index + 1);
         Ok(())
     }
 
@@ -833,6 +899,8 @@ impl RaftStore {
             Ok(cache.snapshot_meta.term)
         } else if index == cache.last_index {
             Ok(cache.last_term)
+        } else if let Some(term) = cache.terms.get(index) {
+            Ok(term)
         } else {
             Ok(self.read_entry(index)?.term)
         }
@@ -1177,6 +1245,11 @@ fn load_cache(db: &Db, path: &Path) -> Result<Cache, StorageError> {
         last_index,
         last_term,
         applied,
+        // Older entries' terms are read from the log when asked for.
+        terms: TermRuns {
+            from: last_index,
+            runs: vec![(last_index, last_term)],
+        },
     })
 }
 
@@ -1185,6 +1258,42 @@ mod tests {
     use super::*;
     use raft::Storage;
     use tempfile::TempDir;
+
+    #[test]
+    fn term_runs_follow_appends_truncations_and_compaction() {
+        let mut runs = TermRuns::empty();
+        assert_eq!(runs.get(1), None);
+        runs.append(1, [1, 1, 2, 2, 2].into_iter());
+        assert_eq!((1..=5).map(|i| runs.get(i)).collect::<Vec<_>>(), [1, 1, 2, 2, 2].map(Some));
+        // A new leader overwrites 4.. with its term.
+        runs.append(4, [3, 3].into_iter());
+        assert_eq!((1..=5).map(|i| runs.get(i).unwrap()).collect::<Vec<_>>(), [1, 1, 2, 3, 3]);
+        runs.compact(3);
+        assert_eq!(runs.get(2), None, "compacted away");
+        assert_eq!(runs.get(3), Some(2));
+        assert_eq!(runs.get(5), Some(3));
+        // An append from before the covered range starts over.
+        runs.append(2, [4].into_iter());
+        assert_eq!(runs.get(2), Some(4));
+        assert_eq!(runs.get(1), None);
+    }
+
+    #[test]
+    fn terms_come_from_the_log_after_a_restart_and_from_memory_after_appends() {
+        let dir = TempDir::new().unwrap();
+        let entries = |ts: &[(u64, u64)]| ts.iter().map(|&(i, t)| new_entry(i, t)).collect::<Vec<_>>();
+        {
+            let store = RaftStore::open(dir.path()).unwrap();
+            store.persist(&entries(&[(1, 1), (2, 1), (3, 2)]), None).unwrap();
+            assert_eq!(store.term(2).unwrap(), 1);
+        }
+        let store = RaftStore::open(dir.path()).unwrap();
+        assert_eq!(store.term(2).unwrap(), 1, "read back from the log");
+        store.persist(&entries(&[(3, 3), (4, 3)]), None).unwrap();
+        assert_eq!(store.term(1).unwrap(), 1);
+        assert_eq!(store.term(3).unwrap(), 3);
+        assert_eq!(store.term(4).unwrap(), 3);
+    }
 
     fn new_entry(index: u64, term: u64) -> Entry {
         Entry {

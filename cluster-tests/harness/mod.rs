@@ -23,6 +23,8 @@
 //! - `CLUSTER_TESTS_LOG_LINES=200` lines of each node's log printed on failure.
 //! - `CLUSTER_TESTS_RUST_LOG=...` overrides the nodes' `RUST_LOG`
 //!   (default `info,clusterd=debug`).
+//! - `CLUSTER_TESTS_WRAP="heaptrack -o /tmp/ht"` starts every node under a
+//!   profiler (its pid is then the profiler's).
 //!
 //! Processes: every node is started from the thread that calls
 //! `start`/`restart` (normally the test thread), with `PR_SET_PDEATHSIG =
@@ -991,7 +993,18 @@ impl Cluster {
         );
         let log_err = log.try_clone().expect("clone log file handle");
 
-        let mut cmd = Command::new(CLUSTERD);
+        // A profiler in front of the node (CLUSTER_TESTS_WRAP="heaptrack -o
+        // /tmp/ht"): the figures of a benchmark then include its overhead.
+        let wrap = std::env::var("CLUSTER_TESTS_WRAP").unwrap_or_default();
+        let mut wrap = wrap.split_whitespace();
+        let mut cmd = match wrap.next() {
+            Some(profiler) => {
+                let mut c = Command::new(profiler);
+                c.args(wrap).arg(CLUSTERD);
+                c
+            }
+            None => Command::new(CLUSTERD),
+        };
         scrub_env(&mut cmd);
         let rust_log = std::env::var("CLUSTER_TESTS_RUST_LOG")
             .unwrap_or_else(|_| "info,clusterd=debug".to_string());
