@@ -420,12 +420,69 @@ impl SetManifest {
             .take_while(move |(p, _)| *p == path || path.is_ancestor_of(p))
     }
 
+}
+
+/// A set's entries changed in place, remembering each touched path's
+/// value from before, so a refused batch leaves them as they were.
+struct Undoable<'a> {
+    entries: &'a mut BTreeMap<SetPath, Entry>,
+    before: BTreeMap<SetPath, Option<Entry>>,
+}
+
+impl<'a> Undoable<'a> {
+    fn new(entries: &'a mut BTreeMap<SetPath, Entry>) -> Self {
+        Undoable {
+            entries,
+            before: BTreeMap::new(),
+        }
+    }
+
+    fn get(&self, path: &SetPath) -> Option<&Entry> {
+        self.entries.get(path)
+    }
+
+    fn touch(&mut self, path: &SetPath) {
+        if !self.before.contains_key(path) {
+            self.before
+                .insert(path.clone(), self.entries.get(path).cloned());
+        }
+    }
+
+    fn get_mut(&mut self, path: &SetPath) -> Option<&mut Entry> {
+        self.touch(path);
+        self.entries.get_mut(path)
+    }
+
+    fn insert(&mut self, path: SetPath, entry: Entry) -> Option<Entry> {
+        self.touch(&path);
+        self.entries.insert(path, entry)
+    }
+
     fn remove_subtree(&mut self, path: &SetPath) -> Vec<(SetPath, Entry)> {
-        let doomed: Vec<SetPath> = self.subtree(path).map(|(p, _)| p.clone()).collect();
-        doomed
-            .into_iter()
-            .filter_map(|p| self.entries.remove(&p).map(|e| (p, e)))
-            .collect()
+        let doomed: Vec<SetPath> = self
+            .entries
+            .range(path.clone()..)
+            .take_while(|(p, _)| *p == path || path.is_ancestor_of(p))
+            .map(|(p, _)| p.clone())
+            .collect();
+        let mut removed = Vec::with_capacity(doomed.len());
+        for p in doomed {
+            if let Some(e) = self.entries.remove(&p) {
+                self.before.entry(p.clone()).or_insert_with(|| Some(e.clone()));
+                removed.push((p, e));
+            }
+        }
+        removed
+    }
+
+    /// Puts every touched path back as it was.
+    fn undo(self) {
+        for (path, was) in self.before {
+            match was {
+                Some(e) => self.entries.insert(path, e),
+                None => self.entries.remove(&path),
+            };
+        }
     }
 }
 
@@ -553,16 +610,65 @@ impl Manifest {
             paths.push((SetPath::from_network(op.path()).map_err(bad)?, from));
         }
         let set = self.sets.entry(batch.set.clone()).or_default();
-        let mut scratch = set.clone();
-        let mut out = Vec::with_capacity(batch.ops.len());
-        for (op, (path, from)) in batch.ops.iter().zip(paths) {
+        // Changed in place and undone on refusal: cloning the set for every
+        // batch made a sync of N files cost O(N²).
+        let mut scratch = Undoable::new(&mut set.entries);
+        let out = match Self::check_ops(&batch.set, &batch.ops, paths, &mut scratch) {
+            Ok(out) => out,
+            Err(e) => {
+                scratch.undo();
+                return Err(e);
+            }
+        };
+        let patch_bytes: u64 = batch
+            .ops
+            .iter()
+            .map(|op| match op {
+                FileOp::Put {
+                    content: Content::Inline(p),
+                    ..
+                } => p.len() as u64,
+                FileOp::Put {
+                    content: Content::Staged { len, .. },
+                    ..
+                } => *len,
+                _ => 0,
+            })
+            .sum();
+        let progress = &mut set.progress;
+        progress.seq += 1;
+        progress.index = index;
+        progress.bytes += patch_bytes;
+        progress
+            .recent
+            .push_back((progress.seq, batch.proposed_at_ms));
+        while progress.recent.len() > RECENT_BATCHES {
+            progress.recent.pop_front();
+        }
+        Ok(out)
+    }
+
+    /// The ops of one batch applied to `scratch` in order, each checked;
+    /// the first refusal ends it (the caller undoes what went before).
+    fn check_ops(
+        set_name: &str,
+        ops: &[FileOp],
+        paths: Vec<(SetPath, Option<SetPath>)>,
+        scratch: &mut Undoable<'_>,
+    ) -> Result<Vec<CheckedOp>, ManifestError> {
+        let bad = |source| ManifestError::Path {
+            set: set_name.to_string(),
+            source,
+        };
+        let mut out = Vec::with_capacity(ops.len());
+        for (op, (path, from)) in ops.iter().zip(paths) {
             // Nothing may live below a committed symlink or file: followers
             // would have to write through it (which fsroot refuses, leaving
             // the set unable to converge), so the batch is refused whole.
             for p in std::iter::once(&path).chain(from.as_ref()) {
                 let mut up = p.parent();
                 while let Some(ancestor) = up {
-                    if let Some(e) = scratch.entries.get(&ancestor) {
+                    if let Some(e) = scratch.get(&ancestor) {
                         let kind = match e.meta.kind {
                             EntryKind::Dir => None,
                             EntryKind::File => Some("file"),
@@ -570,7 +676,7 @@ impl Manifest {
                         };
                         if let Some(kind) = kind {
                             return Err(ManifestError::UnderNonDir {
-                                set: batch.set.clone(),
+                                set: set_name.to_string(),
                                 path: p.clone(),
                                 ancestor,
                                 kind,
@@ -593,7 +699,7 @@ impl Manifest {
                         target: None,
                         xattrs: Vec::new(),
                     };
-                    let previous = scratch.entries.insert(path.clone(), entry.clone());
+                    let previous = scratch.insert(path.clone(), entry.clone());
                     CheckedOp::Put {
                         path,
                         entry,
@@ -608,7 +714,7 @@ impl Manifest {
                         target: None,
                         xattrs: Vec::new(),
                     };
-                    scratch.entries.insert(path.clone(), entry.clone());
+                    scratch.insert(path.clone(), entry.clone());
                     CheckedOp::Dir { path, entry }
                 }
                 FileOp::Symlink { target, meta, .. } => {
@@ -620,7 +726,7 @@ impl Manifest {
                         target: Some(target.clone()),
                         xattrs: Vec::new(),
                     };
-                    scratch.entries.insert(path.clone(), entry.clone());
+                    scratch.insert(path.clone(), entry.clone());
                     CheckedOp::Symlink { path, entry }
                 }
                 FileOp::Remove { .. } => {
@@ -635,7 +741,7 @@ impl Manifest {
                     let from = from.expect("rename carries a source");
                     if from == path || from.is_ancestor_of(&path) {
                         return Err(ManifestError::Rename {
-                            set: batch.set.clone(),
+                            set: set_name.to_string(),
                             from,
                             to: path,
                             why: "the destination lies inside the source",
@@ -648,7 +754,7 @@ impl Manifest {
                         let mut bytes = path.as_bytes().to_vec();
                         bytes.extend_from_slice(rest);
                         let to = SetPath::from_network(&bytes).map_err(bad)?;
-                        scratch.entries.insert(to, e.clone());
+                        scratch.insert(to, e.clone());
                     }
                     CheckedOp::Rename {
                         from,
@@ -658,13 +764,12 @@ impl Manifest {
                 }
                 FileOp::Xattrs { xattrs, .. } => {
                     let refuse = |why: String| ManifestError::Xattrs {
-                        set: batch.set.clone(),
+                        set: set_name.to_string(),
                         path: path.clone(),
                         why,
                     };
                     check_xattrs(xattrs).map_err(refuse)?;
                     let Some(entry) = scratch
-                        .entries
                         .get_mut(&path)
                         .filter(|e| e.meta.kind != EntryKind::Symlink)
                     else {
@@ -690,32 +795,6 @@ impl Manifest {
             };
             out.push(checked);
         }
-        let patch_bytes: u64 = batch
-            .ops
-            .iter()
-            .map(|op| match op {
-                FileOp::Put {
-                    content: Content::Inline(p),
-                    ..
-                } => p.len() as u64,
-                FileOp::Put {
-                    content: Content::Staged { len, .. },
-                    ..
-                } => *len,
-                _ => 0,
-            })
-            .sum();
-        let progress = &mut scratch.progress;
-        progress.seq += 1;
-        progress.index = index;
-        progress.bytes += patch_bytes;
-        progress
-            .recent
-            .push_back((progress.seq, batch.proposed_at_ms));
-        while progress.recent.len() > RECENT_BATCHES {
-            progress.recent.pop_front();
-        }
-        *set = scratch;
         Ok(out)
     }
 
@@ -942,6 +1021,43 @@ mod tests {
             assert!(matches!(err, ManifestError::Path { .. }), "{bad:?}");
             assert_eq!(m, before, "{bad:?} changed the manifest");
         }
+    }
+
+    #[test]
+    fn a_refused_batch_undoes_removals_renames_and_replacements_before_it() {
+        let dir = |p: &str| FileOp::Dir {
+            path: p.as_bytes().to_vec(),
+            meta: meta(EntryKind::Dir),
+        };
+        let mut m = Manifest::default();
+        m.apply(1, &batch(vec![dir("a"), put("a/x", 1), put("a/y", 2), dir("b"), put("b/z", 3), put("f", 4)]))
+            .unwrap();
+        let before = m.clone();
+        let err = m
+            .apply(
+                2,
+                &batch(vec![
+                    FileOp::Remove { path: b"a".to_vec() },
+                    FileOp::Rename { from: b"b".to_vec(), to: b"c".to_vec() },
+                    put("f", 9),
+                    put("new", 5),
+                    put("f/under", 6),
+                ]),
+            )
+            .unwrap_err();
+        assert!(matches!(err, ManifestError::UnderNonDir { .. }), "{err}");
+        assert_eq!(m, before, "the refused batch left changes behind");
+        // And the same ops without the bad one apply.
+        m.apply(
+            3,
+            &batch(vec![
+                FileOp::Remove { path: b"a".to_vec() },
+                FileOp::Rename { from: b"b".to_vec(), to: b"c".to_vec() },
+            ]),
+        )
+        .unwrap();
+        let paths: Vec<String> = m.set("etc").unwrap().entries.keys().map(|p| p.to_string()).collect();
+        assert_eq!(paths, ["c", "c/z", "f"]);
     }
 
     #[test]

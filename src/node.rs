@@ -322,6 +322,9 @@ struct NodeTask {
     changed_sets: mpsc::UnboundedSender<String>,
     /// A compaction snapshot asked of the applier and not yet received.
     snapshot_rx: Option<oneshot::Receiver<(u64, Vec<u8>)>>,
+    /// A compaction snapshot that a live follower does not hold the index
+    /// of yet (`RaftCore::compactable`): tried again on every tick.
+    held_compaction: Option<(u64, Vec<u8>)>,
     /// This node lost leadership: reconcile its trees once the new leader's
     /// first entry is applied here.
     reconcile_pending: bool,
@@ -353,6 +356,7 @@ impl NodeTask {
                 _ = ticker.tick() => {
                     self.core.tick();
                     self.expire_requests();
+                    self.try_compact();
                     ticks += 1;
                     if ticks % 10 == 0 {
                         let _ = self.applier.send(ApplyMsg::Tick);
@@ -361,10 +365,9 @@ impl NodeTask {
                 Some(done) = self.applied_rx.recv() => self.on_applied(done)?,
                 snap = async { self.snapshot_rx.as_mut().expect("guarded").await }, if self.snapshot_rx.is_some() => {
                     self.snapshot_rx = None;
-                    if let Ok((index, data)) = snap {
-                        if let Err(e) = self.core.compact(index, data) {
-                            warn!(index, "log compaction skipped: {e}");
-                        }
+                    if let Ok(snap) = snap {
+                        self.held_compaction = Some(snap);
+                        self.try_compact();
                     }
                 }
                 Some(msg) = self.inbox.recv() => {
@@ -496,9 +499,19 @@ impl NodeTask {
             return;
         }
         for c in &commands {
-            if let Err(e) = self.core.propose(c) {
-                let _ = reply.send(Err(e.into()));
-                return;
+            match self.core.propose(c) {
+                Ok(len) => {
+                    if let (Some(files), Command::Files(_) | Command::Chunk(_)) = (&self.files, c) {
+                        files
+                            .counters
+                            .bytes_proposed
+                            .fetch_add(len as u64, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(e.into()));
+                    return;
+                }
             }
         }
         let index = self.core.last_index();
@@ -528,7 +541,11 @@ impl NodeTask {
                         let _ = w.reply.send(Ok(i));
                     }
                 }
-                if self.snapshot_rx.is_none() && self.core.compaction_due() {
+                self.try_compact();
+                if self.snapshot_rx.is_none()
+                    && self.held_compaction.is_none()
+                    && self.core.compaction_due()
+                {
                     let (tx, rx) = oneshot::channel();
                     let _ = self.applier.send(ApplyMsg::Snapshot(tx));
                     self.snapshot_rx = Some(rx);
@@ -684,6 +701,21 @@ impl NodeTask {
             }
         });
         Ok(())
+    }
+
+    /// Compacts the log with the held snapshot once no live follower still
+    /// needs the entries it replaces.
+    fn try_compact(&mut self) {
+        let Some((index, _)) = &self.held_compaction else {
+            return;
+        };
+        if !self.core.compactable(*index) {
+            return;
+        }
+        let (index, data) = self.held_compaction.take().expect("checked above");
+        if let Err(e) = self.core.compact(index, data) {
+            warn!(index, "log compaction skipped: {e}");
+        }
     }
 
     fn ready_once(&mut self) -> Result<(), NodeError> {
@@ -858,6 +890,7 @@ async fn run_inner(
     let options = CoreOptions {
         witness: config.node.witness,
         compact_after: config.compact_after,
+        ..CoreOptions::default()
     };
     let logger = crate::logging::raft_logger(id);
     let shared = crate::replica::open_shared(&config)?;
@@ -962,6 +995,7 @@ async fn run_inner(
         applied_rx,
         changed_sets: changed_tx,
         snapshot_rx: None,
+        held_compaction: None,
         // Once caught up after a start, a follower squares its trees with
         // the manifest: stray files from before it joined, edits made while
         // it was stopped.

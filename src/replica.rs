@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use raft::{GetEntriesContext, Storage};
+use raft::Storage;
 use tokio::sync::{mpsc, oneshot, Notify};
 use tracing::{debug, info, warn};
 
@@ -774,7 +774,7 @@ impl Applier {
                     applied + 1,
                     up_to + 1,
                     Some(APPLY_PAGE_BYTES),
-                    GetEntriesContext::empty(false),
+                    crate::storage::with_data(),
                 )
                 .map_err(|e| {
                     format!(

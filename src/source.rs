@@ -928,14 +928,13 @@ fn flush(
             .write_relaxed(std::mem::take(&mut b.signatures));
     }
     if !b.ops.is_empty() {
-        let chunks = std::mem::take(&mut b.chunks);
-        for window in chunks.chunks(CHUNK_WINDOW) {
-            let commands: Vec<Command> = window.iter().cloned().map(Command::Chunk).collect();
-            let bytes: usize = window.iter().map(|c| c.data.len()).sum();
-            shared
-                .counters
-                .bytes_proposed
-                .fetch_add(bytes as u64, Ordering::Relaxed);
+        let mut chunks = std::mem::take(&mut b.chunks).into_iter().peekable();
+        while chunks.peek().is_some() {
+            let commands: Vec<Command> = chunks
+                .by_ref()
+                .take(CHUNK_WINDOW)
+                .map(Command::Chunk)
+                .collect();
             submit(node, rt, term, commands, Duration::from_secs(120), b)?;
         }
         {
@@ -952,10 +951,6 @@ fn flush(
             proposed_at_ms: unix_ms(),
             ops,
         });
-        shared
-            .counters
-            .bytes_proposed
-            .fetch_add(command.encode().len() as u64, Ordering::Relaxed);
         b.bytes = 0;
         submit(node, rt, term, vec![command], Duration::from_secs(120), b)?;
     }

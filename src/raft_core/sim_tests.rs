@@ -484,7 +484,7 @@ fn the_log_is_compacted_and_a_lagging_node_catches_up_by_snapshot() {
         3,
         CoreOptions {
             compact_after: 20,
-            witness: false,
+            ..CoreOptions::default()
         },
     );
     let leader = sim.elect();
@@ -524,5 +524,36 @@ fn the_log_is_compacted_and_a_lagging_node_catches_up_by_snapshot() {
     sim.barrier(leader, 1001).unwrap();
     sim.run_until(30, "the restarted node applies new entries", |s| {
         s.applied_barrier(lagging, 1001)
+    });
+}
+
+#[test]
+fn the_byte_trigger_waits_for_a_live_follower_but_not_for_a_dead_one() {
+    let mut sim = Sim::with_options(
+        3,
+        CoreOptions {
+            compact_after: 1_000_000,
+            compact_bytes: 1,
+            ..CoreOptions::default()
+        },
+    );
+    let leader = sim.elect();
+    let lagging = (1..=3).find(|id| *id != leader).unwrap();
+    // Cut off, but heard from within the last election timeout: still live.
+    sim.isolate(lagging);
+    let held = sim.core(lagging).view().applied_index;
+    for token in 0..5 {
+        sim.barrier(leader, token).unwrap();
+    }
+    let view = sim.core(leader).view();
+    assert!(view.applied_index > held + 4, "the barriers committed without it");
+    assert!(
+        view.first_index <= held + 1,
+        "compacted to {} past entry {held} that a live follower still needs",
+        view.first_index - 1
+    );
+    // Once it has been silent for an election timeout it no longer counts.
+    sim.run_until(60, "the leader compacts past the dead follower", |s| {
+        s.core(leader).view().first_index > held + 1
     });
 }
