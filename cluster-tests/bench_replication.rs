@@ -34,8 +34,10 @@
 //!   with `--append` (which trusts that the file only grew).
 //! - `full`: `--files` files totalling `--full-mib`, built in a staging
 //!   directory and moved into the leader's set with one rename; timed from
-//!   the rename until both followers hold every file with its size, mode and
-//!   mtime (a stat walk every 50 ms), then checked by content (not timed).
+//!   the rename until both followers report the set applied and hold every
+//!   file with its size, mode and mtime, then checked by content (not
+//!   timed). Peers dial each other directly here: the harness's proxies
+//!   would take CPU from the nodes that rsync never pays.
 //!   rsync: `rsync -a src/ dst/` into an empty directory, once per follower
 //!   (the seed scripts push to each slave in turn); one copy shown too.
 //! - `idle`: `--idle-files` files in the set; after replication settled, CPU
@@ -296,17 +298,23 @@ fn print_table(rows: &[Row]) {
 
 /// A 3-node cluster at default timers with one set `name` in `mode`, its
 /// leader and followers, once every node runs the set.
-fn bench_cluster(name: &str, mode: &str) -> (Cluster, u64, Vec<u64>) {
-    let c = Cluster::builder(3)
-        .default_timers()
-        .sync_set(name, mode, "")
-        .start();
+/// With `direct`, peers dial each other without the harness's proxies (no
+/// wire counts, and no proxy competing with the nodes for CPU).
+fn bench_cluster(name: &str, mode: &str, direct: bool) -> (Cluster, u64, Vec<u64>) {
+    let mut b = Cluster::builder(3).default_timers().sync_set(name, mode, "");
+    if direct {
+        b = b.direct_links();
+    }
+    let c = b.start();
     let all = c.ids();
     let leader = c.wait_for_leader(&all);
     c.wait_barrier(leader);
     wait_sets_ready(&c, &all, &[name]);
     let followers = c.others(&[leader]);
-    println!("3 nodes, default timers; leader {leader}; set {name:?} ({mode})");
+    println!(
+        "3 nodes, default timers; leader {leader}; set {name:?} ({mode}){}",
+        if direct { "; direct links (no proxy)" } else { "" }
+    );
     (c, leader, followers)
 }
 
@@ -469,7 +477,7 @@ fn build_tree(dir: &Path, files: usize, total: u64, seed: u64) {
 // ---------------------------------------------------------------------------
 
 fn latency(o: &Opts, have_rsync: bool) -> Vec<Row> {
-    let (c, leader, followers) = bench_cluster("latency", "mirror");
+    let (c, leader, followers) = bench_cluster("latency", "mirror", false);
     let name = "tac_plus.conf";
     let file = c.set_path(leader, "latency").join(name);
     let on_followers: Vec<PathBuf> = followers
@@ -552,7 +560,7 @@ fn latency(o: &Opts, have_rsync: bool) -> Vec<Row> {
 }
 
 fn delta(o: &Opts, have_rsync: bool) -> Vec<Row> {
-    let (c, leader, followers) = bench_cluster("delta", "mirror");
+    let (c, leader, followers) = bench_cluster("delta", "mirror", false);
     let f = followers[0];
     let file = c.set_path(leader, "delta").join("data.bin");
     let size = o.delta_mib * MIB;
@@ -610,7 +618,7 @@ fn delta(o: &Opts, have_rsync: bool) -> Vec<Row> {
 }
 
 fn append(o: &Opts, have_rsync: bool) -> Vec<Row> {
-    let (c, leader, followers) = bench_cluster("logs", "append");
+    let (c, leader, followers) = bench_cluster("logs", "append", false);
     let f = followers[0];
     let log = c.set_path(leader, "logs").join("big.log");
     append_pseudo_random(&log, 1, o.log_mib * MIB);
@@ -675,7 +683,7 @@ fn append(o: &Opts, have_rsync: bool) -> Vec<Row> {
 }
 
 fn full(o: &Opts, have_rsync: bool) -> Vec<Row> {
-    let (c, leader, followers) = bench_cluster("full", "mirror");
+    let (c, leader, followers) = bench_cluster("full", "mirror", true);
     let ids = [leader, followers[0], followers[1]];
     let staging = c.node(leader).dir.join("staging");
     build_tree(&staging, o.files, o.full_mib * MIB, 10);
@@ -779,7 +787,7 @@ fn children_usage() -> (f64, u64) {
 }
 
 fn idle(o: &Opts, have_rsync: bool) -> Vec<Row> {
-    let (c, leader, followers) = bench_cluster("idle", "mirror");
+    let (c, leader, followers) = bench_cluster("idle", "mirror", false);
     let f = followers[0];
     let staging = c.node(leader).dir.join("staging");
     // Small files, as in /home or /etc: the count is what costs.
