@@ -69,7 +69,7 @@ use std::time::{Duration, Instant};
 use clusterd::manifest::FileOp;
 use clusterd::raft_core::Command;
 use clusterd::storage::RaftStore;
-use raft::{GetEntriesContext, Storage};
+use raft::Storage;
 use serde_json::Value;
 
 use crate::harness::tree::*;
@@ -708,7 +708,7 @@ fn read_raft_log(dir: &Path, id: u64) -> RaftLog {
                 low,
                 commit + 1,
                 Some(16 << 20),
-                GetEntriesContext::empty(false),
+                clusterd::storage::with_data(),
             )
             .unwrap_or_else(|e| panic!("read node {id}'s log from {low}: {e}"));
         assert!(

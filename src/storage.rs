@@ -1316,6 +1316,19 @@ mod tests {
     }
 
     #[test]
+    fn contexts_raft_rs_cannot_serve_async_get_headers_without_reading_data() {
+        let (_dir, store) = new_store();
+        let mut e = new_entry(1, 1);
+        e.data = b"file content".to_vec().into();
+        store.persist(&[e.clone(), new_entry(2, 2)], None).unwrap();
+        assert_eq!(store.entries(1, 3, None, with_data()).unwrap()[0], e);
+        let headers = store
+            .entries(1, 3, None, GetEntriesContext::empty(false))
+            .unwrap();
+        assert_eq!(headers, vec![new_entry(1, 1), new_entry(2, 2)]);
+    }
+
+    #[test]
     fn terms_come_from_the_log_after_a_restart_and_from_memory_after_appends() {
         let dir = TempDir::new().unwrap();
         let entries = |ts: &[(u64, u64)]| ts.iter().map(|&(i, t)| new_entry(i, t)).collect::<Vec<_>>();
