@@ -24,7 +24,9 @@
 //! - `CLUSTER_TESTS_RUST_LOG=...` overrides the nodes' `RUST_LOG`
 //!   (default `info,clusterd=debug`).
 //! - `CLUSTER_TESTS_WRAP="heaptrack -o /tmp/ht"` starts every node under a
-//!   profiler (its pid is then the profiler's).
+//!   profiler (its pid is then the profiler's). A profiler that runs the node
+//!   as its child can leave it running when the harness kills the profiler:
+//!   `pkill -f clusterd-test-` afterwards, or later benchmarks share the CPU.
 //!
 //! Processes: every node is started from the thread that calls
 //! `start`/`restart` (normally the test thread), with `PR_SET_PDEATHSIG =
