@@ -301,7 +301,9 @@ fn print_table(rows: &[Row]) {
 /// With `direct`, peers dial each other without the harness's proxies (no
 /// wire counts, and no proxy competing with the nodes for CPU).
 fn bench_cluster(name: &str, mode: &str, direct: bool) -> (Cluster, u64, Vec<u64>) {
-    let mut b = Cluster::builder(3).default_timers().sync_set(name, mode, "");
+    let mut b = Cluster::builder(3)
+        .default_timers()
+        .sync_set(name, mode, "");
     if direct {
         b = b.direct_links();
     }
@@ -313,7 +315,11 @@ fn bench_cluster(name: &str, mode: &str, direct: bool) -> (Cluster, u64, Vec<u64
     let followers = c.others(&[leader]);
     println!(
         "3 nodes, default timers; leader {leader}; set {name:?} ({mode}){}",
-        if direct { "; direct links (no proxy)" } else { "" }
+        if direct {
+            "; direct links (no proxy)"
+        } else {
+            ""
+        }
     );
     (c, leader, followers)
 }

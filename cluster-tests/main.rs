@@ -863,7 +863,9 @@ fn metrics_endpoint_serves_sane_values() {
                 "{text}"
             );
             assert!(
-                text.contains(&format!("clusterd_cluster_node_lag_entries{{node=\"{id}\"}}")),
+                text.contains(&format!(
+                    "clusterd_cluster_node_lag_entries{{node=\"{id}\"}}"
+                )),
                 "{text}"
             );
         }

@@ -1039,3 +1039,146 @@ fn xattrs_and_acls_replicate_only_in_sets_that_ask() {
         },
     );
 }
+
+/// A set with `hard_links = true` keeps names that share an inode on the
+/// leader sharing one inode on every follower (same `st_ino`, the right
+/// `st_nlink`): new links, content written through one name, the primary
+/// name deleted, a name moved; a follower that missed the changes (caught up
+/// by snapshot, the log being compacted) ends with the names linked too. A
+/// set without the option replicates each name as a file of its own.
+#[test]
+fn hard_links_stay_links_only_in_sets_that_ask() {
+    use std::os::unix::fs::MetadataExt;
+
+    let mut b = Cluster::builder(3).env("CLUSTERD_RAFT__COMPACT_AFTER", "10");
+    for id in 1..=3 {
+        b = b.extra_toml(id, REPLICATION);
+    }
+    let c = b
+        .sync_set("linked", "mirror", "hard_links = true")
+        .sync_set("plain", "mirror", "")
+        .start();
+    let all = c.ids();
+    let leader = c.wait_for_leader(&all);
+    c.wait_barrier(leader);
+    wait_sets_ready(&c, &all, &["linked", "plain"]);
+    let ids = leader_first(&c, leader);
+    let root = c.set_path(leader, "linked");
+    let p = |rel: &str| root.join(rel);
+
+    /// `(st_ino, st_nlink)` of each name of `set` on node `id`.
+    fn inodes(c: &Cluster, id: u64, set: &str, names: &[&str]) -> Result<Vec<(u64, u64)>, String> {
+        names
+            .iter()
+            .map(|n| {
+                fs::symlink_metadata(c.set_path(id, set).join(n))
+                    .map(|m| (m.ino(), m.nlink()))
+                    .map_err(|e| format!("{n}: {e}"))
+            })
+            .collect()
+    }
+    /// Waits until, on every node of `ids`, the trees of set "linked" are
+    /// equal and `names` are one inode with `nlink` names.
+    #[track_caller]
+    fn wait_linked(c: &Cluster, ids: &[u64], names: &[&str], nlink: u64) {
+        wait_trees_equal(c, "linked", ids, CONVERGE);
+        for &id in ids {
+            wait_until(
+                CONVERGE,
+                &format!("node {id}: {names:?} one inode with {nlink} names"),
+                || {
+                    let v = inodes(c, id, "linked", names)?;
+                    if v.iter().all(|x| *x == (v[0].0, nlink)) {
+                        Ok(())
+                    } else {
+                        Err(format!("(ino, nlink): {v:?}"))
+                    }
+                },
+            );
+        }
+    }
+
+    // 1. A file gets two more names, one in a subdirectory; another file
+    //    has none. (The name committed first stays the primary.)
+    write_file(&p("passwd"), "root:x:0:0::/root:/bin/sh\n");
+    fs::create_dir(p("backup")).unwrap();
+    wait_trees_equal(&c, "linked", &ids, CONVERGE);
+    fs::hard_link(p("passwd"), p("backup/passwd")).unwrap();
+    fs::hard_link(p("passwd"), p("passwd.old")).unwrap();
+    write_file(&p("alone"), "no links\n");
+    wait_linked(&c, &ids, &["backup/passwd", "passwd", "passwd.old"], 3);
+    for &id in &ids {
+        assert_eq!(inodes(&c, id, "linked", &["alone"]).unwrap()[0].1, 1);
+    }
+    // The bytes of the file count once.
+    let files = set_status(&c, leader, ids[1], "linked").unwrap();
+    assert_eq!(files["files"], 4, "{files}");
+    assert_eq!(
+        files["bytes"].as_u64(),
+        Some(("root:x:0:0::/root:/bin/sh\n".len() + "no links\n".len()) as u64),
+        "{files}"
+    );
+
+    // 2. Content written in place through one name: every name has it.
+    write_file(
+        &p("passwd.old"),
+        "root:x:0:0::/root:/bin/sh\nalice:x:1000:1000::/home/alice:/bin/sh\n",
+    );
+    wait_linked(&c, &ids, &["backup/passwd", "passwd", "passwd.old"], 3);
+    for &id in &ids[1..] {
+        assert!(read(&c.set_path(id, "linked").join("backup/passwd")).contains("alice"));
+    }
+
+    // 3. The primary is deleted: the other names stay, still linked; then
+    //    one of them is moved.
+    fs::remove_file(p("passwd")).unwrap();
+    wait_linked(&c, &ids, &["backup/passwd", "passwd.old"], 2);
+    fs::rename(p("passwd.old"), p("backup/passwd.old")).unwrap();
+    wait_linked(&c, &ids, &["backup/passwd", "backup/passwd.old"], 2);
+    let q = quarantine(&c, ids[1]);
+    assert!(q.is_empty(), "node {} quarantined: {q:?}", ids[1]);
+
+    // 4. A follower misses new links, a change written through a link and
+    //    a deleted primary, while the log is compacted past them: it
+    //    catches up by snapshot and fetch, and ends with the names linked.
+    let late = ids[2];
+    let up = [ids[0], ids[1]];
+    let killed_at = c.view_now(leader).commit_index.unwrap_or(0);
+    c.kill(late);
+    fs::hard_link(p("backup/passwd"), p("group")).unwrap();
+    write_file(&p("shadow"), "root:*:19000::::::\n");
+    fs::hard_link(p("shadow"), p("backup/shadow")).unwrap();
+    wait_linked(&c, &up, &["backup/passwd", "backup/passwd.old", "group"], 3);
+    write_file(&p("group"), "root:x:0:\nwheel:x:10:alice\n");
+    fs::remove_file(p("backup/passwd")).unwrap();
+    wait_linked(&c, &up, &["backup/passwd.old", "group"], 2);
+    wait_linked(&c, &up, &["shadow", "backup/shadow"], 2);
+    for _ in 0..25 {
+        c.wait_barrier(leader);
+    }
+    let first_index =
+        entry(&c.view_now(leader).raw, leader).and_then(|n| n["first_index"].as_u64());
+    assert!(
+        first_index.unwrap_or(0) > killed_at + 1,
+        "the leader's log was not compacted past node {late}'s last entry {killed_at} (first index {first_index:?})"
+    );
+    c.start_node(late);
+    wait_linked(&c, &ids, &["backup/passwd.old", "group"], 2);
+    wait_linked(&c, &ids, &["shadow", "backup/shadow"], 2);
+    assert!(read(&c.set_path(late, "linked").join("backup/passwd.old")).contains("wheel"));
+    let q = quarantine(&c, late);
+    assert!(q.is_empty(), "node {late} quarantined: {q:?}");
+
+    // 5. A set without the option: each name is a file of its own.
+    let plain = c.set_path(leader, "plain");
+    write_file(&plain.join("aliases"), "root: admin\n");
+    fs::hard_link(plain.join("aliases"), plain.join("aliases.bak")).unwrap();
+    wait_trees_equal(&c, "plain", &ids, CONVERGE);
+    for &id in &ids[1..] {
+        let v = inodes(&c, id, "plain", &["aliases", "aliases.bak"]).unwrap();
+        assert!(
+            v[0].0 != v[1].0 && v[0].1 == 1 && v[1].1 == 1,
+            "node {id}: {v:?}"
+        );
+    }
+}

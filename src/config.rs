@@ -145,6 +145,9 @@ pub struct RawSync {
     /// as text and checked here: the config crate would turn any number or
     /// word into a boolean without a word.
     pub xattrs: Option<String>,
+    /// Keep hard links between names of the set (default false); read as
+    /// text for the same reason as `xattrs`.
+    pub hard_links: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -267,6 +270,10 @@ pub struct SyncSetConfig {
     /// name and the POSIX ACLs (`system.posix_acl_access`/`_default`); see
     /// [`crate::manifest::is_replicated_xattr`] for what is left alone.
     pub xattrs: bool,
+    /// Names of the set that share an inode on the leader share one on
+    /// every follower (`hard_links = true`); links across sets or to files
+    /// outside the set are not kept.
+    pub hard_links: bool,
 }
 
 /// How the leader notices changes.
@@ -704,6 +711,18 @@ impl Validator {
                     false
                 }
             };
+            let hard_links = match s.hard_links.as_deref() {
+                None | Some("false") => false,
+                Some("true") if mode == SyncMode::Append => {
+                    self.problem(format!("key `{key}.hard_links` = true of sync set {name:?} cannot be used with mode = \"append\" (followers extend appended files in place, so linked names would grow together); use mode = \"mirror\" or drop hard_links"));
+                    false
+                }
+                Some("true") => true,
+                Some(other) => {
+                    self.problem(format!("key `{key}.hard_links` = {other:?} of sync set {name:?} must be true or false (true keeps hard links between names of the set)"));
+                    false
+                }
+            };
             sets.push(SyncSetConfig {
                 name,
                 path,
@@ -714,6 +733,7 @@ impl Validator {
                 single_file,
                 max_file_size,
                 xattrs,
+                hard_links,
             });
         }
         sets
@@ -959,6 +979,44 @@ mod tests {
             ),
             ("xattrs = \"yes\"\n", "key `sync[0].xattrs` = \"yes\""),
             ("xattrs = [\"user\"]\n", "xattrs"),
+        ] {
+            let msg = f.problems(&set(bad));
+            assert!(
+                msg.contains(expected) && msg.contains("clusterd.toml"),
+                "{bad}: expected {expected:?} in {msg}"
+            );
+        }
+    }
+
+    #[test]
+    fn sync_hard_links_is_off_by_default_boolean_and_not_for_append_sets() {
+        let f = Fixture::new();
+        let set = |extra: &str| {
+            format!(
+                "{NODE}{PEERS}{}[[sync]]\nname = \"a\"\npath = \"/a\"\nkind = \"dir\"\n{extra}",
+                f.tls()
+            )
+        };
+        assert!(!f.load(&set("")).unwrap().sync[0].hard_links);
+        assert!(f.load(&set("hard_links = true\n")).unwrap().sync[0].hard_links);
+        assert!(!f.load(&set("hard_links = false\n")).unwrap().sync[0].hard_links);
+        // Independent of xattrs.
+        let both = f.load(&set("hard_links = true\nxattrs = true\n")).unwrap();
+        assert!(both.sync[0].hard_links && both.sync[0].xattrs);
+        for (bad, expected) in [
+            (
+                "hard_links = \"yes\"\n",
+                "key `sync[0].hard_links` = \"yes\" of sync set \"a\" must be true or false",
+            ),
+            (
+                "hard_links = 1\n",
+                "key `sync[0].hard_links` = \"1\" of sync set \"a\" must be true or false",
+            ),
+            (
+                "hard_links = true\nmode = \"append\"\n",
+                "key `sync[0].hard_links` = true of sync set \"a\" cannot be used with mode = \"append\"",
+            ),
+            ("hard_links = [true]\n", "hard_links"),
         ] {
             let msg = f.problems(&set(bad));
             assert!(

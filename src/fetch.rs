@@ -112,21 +112,46 @@ pub async fn run_fetcher(
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             _ = stop.changed() => return,
         }
-        let wanted: Vec<((String, SetPath), FileDigest)> = shared
-            .missing
-            .lock()
-            .unwrap()
-            .iter()
-            .take(FETCH_BATCH)
-            .map(|(k, d)| (k.clone(), d.get()))
-            .collect();
+        // Hard links (in sets that keep them here) whose primary is missing
+        // too wait for it, and take no place in the round.
+        let wanted: Vec<((String, SetPath), FileDigest, Option<SetPath>)> = {
+            let manifest = shared.manifest.read().unwrap();
+            let missing = shared.missing.lock().unwrap();
+            missing
+                .iter()
+                .map(|((set, path), d)| {
+                    let primary = shared
+                        .set(set)
+                        .filter(|s| s.hard_links)
+                        .and_then(|_| manifest.get(set, path)?.link.clone());
+                    ((set.clone(), path.clone()), d.get(), primary)
+                })
+                .filter(|((set, _), _, primary)| {
+                    primary
+                        .as_ref()
+                        .is_none_or(|p| !missing.contains_key(&(set.clone(), p.clone())))
+                })
+                .take(FETCH_BATCH)
+                .collect()
+        };
         if wanted.is_empty() {
             continue;
         }
         let view = node.view();
         let mut order: Vec<NodeId> = transport.peers().collect();
         order.sort_by_key(|p| (Some(*p) != view.leader, *p));
-        for ((set, path), want) in wanted {
+        for ((set, path), want, primary) in wanted {
+            // A hard link is made from its primary, never fetched: the
+            // applier links it (or asks for the primary).
+            if primary.is_some() {
+                let _ = applier.send(ApplyMsg::Fetched(Fetched {
+                    set: set.clone(),
+                    path: path.clone(),
+                    want,
+                    patch: Vec::new(),
+                }));
+                continue;
+            }
             let sig = {
                 let s = shared.clone();
                 let (set, path) = (set.clone(), path.clone());

@@ -310,6 +310,7 @@ mod tests {
             digest: Some(WireDigest::new(&crate::delta::digest(b"x"))),
             target: None,
             xattrs: vec![(b"user.k".to_vec(), b"v".to_vec())],
+            link: None,
         };
         {
             let s = FilesStore::open(dir.path()).unwrap();

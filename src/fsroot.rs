@@ -203,9 +203,9 @@ impl Kind {
 
 /// Metadata of one entry, as `lstat` reports it, and as the setters take it.
 ///
-/// Setters use `kind`, `mode`, `uid`, `gid` and `mtime_ns`; `len`, `ino` and
-/// `dev` are only reported (they let a caller notice a rotated log or a
-/// move across filesystems).
+/// Setters use `kind`, `mode`, `uid`, `gid` and `mtime_ns`; `len`, `ino`,
+/// `dev` and `nlink` are only reported (they let a caller notice a rotated
+/// log, a move across filesystems or a hard-linked file).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct FileMeta {
     /// What the entry is.
@@ -226,11 +226,13 @@ pub struct FileMeta {
     pub ino: u64,
     /// Device of the filesystem holding it.
     pub dev: u64,
+    /// Number of hard links (names) of the inode.
+    pub nlink: u64,
 }
 
 impl FileMeta {
-    /// Metadata to apply: `len`, `ino` and `dev` are zero (setters ignore
-    /// them).
+    /// Metadata to apply: `len`, `ino`, `dev` and `nlink` are zero (setters
+    /// ignore them).
     pub fn new(kind: Kind, mode: u32, uid: u32, gid: u32, mtime_ns: i128) -> FileMeta {
         FileMeta {
             kind,
@@ -241,6 +243,7 @@ impl FileMeta {
             len: 0,
             ino: 0,
             dev: 0,
+            nlink: 0,
         }
     }
 
@@ -254,6 +257,7 @@ impl FileMeta {
             len: u64::try_from(st.st_size).unwrap_or(0),
             ino: st.st_ino,
             dev: st.st_dev,
+            nlink: u64::from(st.st_nlink),
         }
     }
 }
@@ -894,6 +898,97 @@ impl Root {
         // stat by name now could already see someone else's edit.
         Ok(Replaced {
             meta: FileMeta::from_stat(&ours),
+            displaced: displaced.map(|name| {
+                let mut c: Vec<Vec<u8>> = comps[..comps.len() - 1]
+                    .iter()
+                    .map(|c| c.to_vec())
+                    .collect();
+                c.push(name.into_bytes());
+                c
+            }),
+        })
+    }
+
+    /// Makes `comps` another hard link of the regular file at `target`,
+    /// atomically: `linkat` (relative to the parents' handles, no symlink
+    /// followed in either path, and never `AT_SYMLINK_FOLLOW`, so a symlink
+    /// at `target` would be linked itself, and is refused) makes a temporary
+    /// name in `comps`' directory; that name is checked to be the very file
+    /// `checked` describes (inode, device, size, mtime: the file whose
+    /// content the caller verified), swapped in over `comps` as in
+    /// [`Root::replace_file_guarded`] (`expect` says what may be displaced
+    /// unseen; anything else is returned in [`Replaced::displaced`]), and
+    /// the directory is fsynced. A name that already is that inode is left
+    /// as it is. Both parent directories must exist; both names must be on
+    /// one filesystem (a mount point inside the set gives `EXDEV`).
+    pub fn link_file_guarded<C: AsComponent, D: AsComponent>(
+        &self,
+        comps: &[C],
+        target: &[D],
+        checked: &FileMeta,
+        expect: Expect,
+    ) -> Result<Replaced, FsError> {
+        let comps = self.check(comps, false)?;
+        let target = self.check(target, false)?;
+        let path = show(&comps);
+        let (dir, leaf) = self.require_parent(&comps)?;
+        let (tdir, tleaf) = self.require_parent(&target)?;
+        let same = |st: &Stat| {
+            stat_kind(st) == Kind::File && st.st_ino == checked.ino && st.st_dev == checked.dev
+        };
+        if let Some(st) = self.lstat_at(&dir, leaf, &path)? {
+            if same(&st) {
+                rfs::fsync(&dir).map_err(|e| self.io_err("fsync the directory of", path, e))?;
+                return Ok(Replaced {
+                    meta: FileMeta::from_stat(&st),
+                    displaced: None,
+                });
+            }
+        }
+        let mut made = None;
+        for _ in 0..8 {
+            let name = temp_name();
+            match rfs::linkat(&tdir, tleaf, &dir, name.as_str(), AtFlags::empty()) {
+                Ok(()) => {
+                    made = Some(name);
+                    break;
+                }
+                Err(Errno::EXIST) => continue,
+                Err(e) => {
+                    return Err(self.io_err(
+                        "make a temporary hard link for",
+                        format!("{path} (a link of {})", show(&target)),
+                        e,
+                    ))
+                }
+            }
+        }
+        let name = made.ok_or_else(|| {
+            self.io_err("make a temporary hard link for", path.clone(), Errno::EXIST)
+        })?;
+        let mut guard = TempGuard {
+            dir: dir.as_fd(),
+            name,
+            armed: true,
+        };
+        let st = rfs::statat(&dir, guard.name.as_str(), AtFlags::SYMLINK_NOFOLLOW)
+            .map_err(|e| self.io_err("stat the temporary hard link for", path.clone(), e))?;
+        let seen = FileMeta::from_stat(&st);
+        if !same(&st) || seen.len != checked.len || seen.mtime_ns != checked.mtime_ns {
+            return Err(self.io_err(
+                "make a hard link for",
+                path,
+                io::Error::other(format!(
+                    "{} is not the file that was checked any more (it was replaced or changed meanwhile)",
+                    show(&target)
+                )),
+            ));
+        }
+        let displaced = self.swap_in(&dir, &guard.name, leaf, expect, &path)?;
+        guard.disarm();
+        rfs::fsync(&dir).map_err(|e| self.io_err("fsync the directory of", path, e))?;
+        Ok(Replaced {
+            meta: seen,
             displaced: displaced.map(|name| {
                 let mut c: Vec<Vec<u8>> = comps[..comps.len() - 1]
                     .iter()
@@ -1939,6 +2034,100 @@ mod tests {
         assert_eq!(meta.len, 4);
         assert_eq!(meta.mtime_ns, m.mtime_ns);
         assert_eq!(fx.root.stat(&["a"]).unwrap().unwrap(), meta);
+    }
+
+    #[test]
+    fn link_file_guarded_links_atomically_only_the_checked_file() {
+        let fx = fixture();
+        let m = file_meta(0o640);
+        std::fs::create_dir(fx.root_path.join("d")).unwrap();
+        fx.root
+            .replace_file(&["a"], b"one", &m, &hash(b"one"))
+            .unwrap();
+        let checked = fx.root.stat(&["a"]).unwrap().unwrap();
+        assert_eq!(checked.nlink, 1);
+        // A new name, in another directory.
+        let r = fx
+            .root
+            .link_file_guarded(&["d", "b"], &["a"], &checked, Expect::Absent)
+            .unwrap();
+        assert!(r.displaced.is_none());
+        let b = std::fs::metadata(fx.root_path.join("d/b")).unwrap();
+        assert_eq!((b.ino(), b.nlink()), (checked.ino, 2));
+        assert_eq!(fx.root.stat(&["a"]).unwrap().unwrap().nlink, 2);
+        // Again: nothing changes.
+        fx.root
+            .link_file_guarded(&["d", "b"], &["a"], &checked, Expect::Absent)
+            .unwrap();
+        assert_eq!(
+            std::fs::metadata(fx.root_path.join("a")).unwrap().nlink(),
+            2
+        );
+        // Over an existing file that was checked: it goes.
+        std::fs::write(fx.root_path.join("c"), b"old c").unwrap();
+        let c = fx.root.stat(&["c"]).unwrap().unwrap();
+        let expect = Expect::File {
+            ino: c.ino,
+            dev: c.dev,
+            len: c.len,
+            mtime_ns: c.mtime_ns,
+        };
+        let r = fx
+            .root
+            .link_file_guarded(&["c"], &["a"], &checked, expect)
+            .unwrap();
+        assert!(r.displaced.is_none());
+        assert_eq!(std::fs::read(fx.root_path.join("c")).unwrap(), b"one");
+        assert_eq!(
+            std::fs::metadata(fx.root_path.join("a")).unwrap().nlink(),
+            3
+        );
+        // Over a file that is not the one checked: set aside, not deleted.
+        std::fs::write(fx.root_path.join("e"), b"edited by hand").unwrap();
+        let r = fx
+            .root
+            .link_file_guarded(&["e"], &["a"], &checked, Expect::Absent)
+            .unwrap();
+        let aside = r.displaced.expect("the unexpected file is kept");
+        let aside = fx.root_path.join(std::str::from_utf8(&aside[0]).unwrap());
+        assert_eq!(std::fs::read(&aside).unwrap(), b"edited by hand");
+        std::fs::remove_file(&aside).unwrap();
+        // A target that changed since it was checked is not linked.
+        fx.root
+            .replace_file(&["a"], b"two", &m, &hash(b"two"))
+            .unwrap();
+        let err = fx
+            .root
+            .link_file_guarded(&["f"], &["a"], &checked, Expect::Absent)
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("not the file that was checked"),
+            "{err}"
+        );
+        assert!(!fx.root_path.join("f").exists());
+        // Never through or to a symlink.
+        symlink(&fx.outside, fx.root_path.join("evil")).unwrap();
+        let x = std::fs::metadata(fx.outside.join("x")).unwrap();
+        let mut outside = checked;
+        outside.ino = x.ino();
+        outside.dev = x.dev();
+        assert!(fx
+            .root
+            .link_file_guarded(&["g"], &["evil", "x"], &outside, Expect::Absent)
+            .is_err());
+        assert!(fx
+            .root
+            .link_file_guarded(&["evil", "g"], &["a"], &checked, Expect::Absent)
+            .is_err());
+        symlink("a", fx.root_path.join("sl")).unwrap();
+        assert!(fx
+            .root
+            .link_file_guarded(&["h"], &["sl"], &checked, Expect::Absent)
+            .is_err());
+        assert!(!fx.root_path.join("h").exists() && !fx.root_path.join("g").exists());
+        assert_eq!(std::fs::metadata(fx.outside.join("x")).unwrap().nlink(), 1);
+        assert!(temp_leftovers(&fx.root_path).is_empty());
+        assert!(temp_leftovers(&fx.root_path.join("d")).is_empty());
     }
 
     #[test]

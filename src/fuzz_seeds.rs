@@ -68,6 +68,38 @@ fn batch() -> FileBatch {
     }
 }
 
+/// A new file and two more names of it, as a leader proposes them for a
+/// set with `hard_links = true`.
+fn links_batch() -> FileBatch {
+    let content = b"root:x:0:0::/root:/bin/sh\n";
+    let (patch, d) = plan(None, content);
+    FileBatch {
+        set: "accounts".into(),
+        origin: 1,
+        proposed_at_ms: 1_763_000_000_000,
+        ops: vec![
+            FileOp::Dir {
+                path: b"backup".to_vec(),
+                meta: meta(EntryKind::Dir, 0o700),
+            },
+            FileOp::Put {
+                path: b"backup/passwd".to_vec(),
+                meta: meta(EntryKind::File, 0o644),
+                digest: WireDigest::new(&d),
+                content: Content::Inline(patch.encode()),
+            },
+            FileOp::Link {
+                path: b"passwd".to_vec(),
+                target: b"backup/passwd".to_vec(),
+            },
+            FileOp::Link {
+                path: b"passwd-".to_vec(),
+                target: b"backup/passwd".to_vec(),
+            },
+        ],
+    }
+}
+
 fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
     let mut out = Vec::new();
     out.push((
@@ -104,6 +136,18 @@ fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
     });
     manifest.apply(5, &b).expect("the seed batch applies");
     out.push(("snapshot_decode", "tacacs", manifest.encode()));
+    // Hard links (sets with `hard_links = true`): a batch that gives a file
+    // two more names, and the snapshot format (3) that carries them.
+    let mut linked = Manifest::default();
+    linked
+        .apply(5, &links_batch())
+        .expect("the links batch applies");
+    out.push((
+        "entry_decode",
+        "links",
+        Command::Files(links_batch()).encode(),
+    ));
+    out.push(("snapshot_decode", "links", linked.encode()));
     for (name, path) in [
         ("plain", &b"\x00conf.d/tac_plus.conf"[..]),
         ("dir", b"\x01home/alice"),

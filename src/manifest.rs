@@ -22,8 +22,15 @@
 //! byte-identical to an older release's), and [`Entry::xattrs`] is written
 //! only where it is needed: snapshot format 2 (format 1 is still read, and
 //! still written while no entry has xattrs) and [`Entry::encode_stored`].
+//!
+//! Hard links (sets with `hard_links = true`) were added the same way:
+//! [`FileOp::Link`] is appended after [`FileOp::Xattrs`], and
+//! [`Entry::link`] is written only where it is needed: snapshot format 3
+//! (written only while some entry is a link) and the stored form of link
+//! entries. A cluster that uses neither option writes exactly the bytes an
+//! older release writes.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
@@ -127,6 +134,12 @@ pub struct Entry {
     /// Files and directories of sets with `xattrs = true`: their replicated
     /// extended attributes (empty otherwise, and for symlinks).
     pub xattrs: Xattrs,
+    /// Files of sets with `hard_links = true`: `Some(primary)` when this
+    /// name is another hard link of the committed file `primary` (a file of
+    /// the same set that is not a link itself). `meta`, `digest` and
+    /// `xattrs` are then the primary's (one inode has one of each), so
+    /// status, fetch and comparisons read a link like any file.
+    pub link: Option<SetPath>,
 }
 
 /// [`Entry`] as format 1 wrote it (no xattrs): what snapshots of format 1
@@ -146,6 +159,24 @@ struct EntryV1Ref<'a> {
     target: &'a Option<Vec<u8>>,
 }
 
+/// [`Entry`] as format 2 wrote it (xattrs, no links).
+#[derive(Deserialize)]
+struct EntryV2 {
+    meta: Meta,
+    digest: Option<WireDigest>,
+    target: Option<Vec<u8>>,
+    xattrs: Xattrs,
+}
+
+/// Borrowed [`EntryV2`], to write format 2 without copying.
+#[derive(Serialize)]
+struct EntryV2Ref<'a> {
+    meta: &'a Meta,
+    digest: &'a Option<WireDigest>,
+    target: &'a Option<Vec<u8>>,
+    xattrs: &'a Xattrs,
+}
+
 impl From<EntryV1> for Entry {
     fn from(e: EntryV1) -> Entry {
         Entry {
@@ -153,6 +184,19 @@ impl From<EntryV1> for Entry {
             digest: e.digest,
             target: e.target,
             xattrs: Vec::new(),
+            link: None,
+        }
+    }
+}
+
+impl From<EntryV2> for Entry {
+    fn from(e: EntryV2) -> Entry {
+        Entry {
+            meta: e.meta,
+            digest: e.digest,
+            target: e.target,
+            xattrs: e.xattrs,
+            link: None,
         }
     }
 }
@@ -167,30 +211,51 @@ impl<'a> From<&'a Entry> for EntryV1Ref<'a> {
     }
 }
 
+impl<'a> From<&'a Entry> for EntryV2Ref<'a> {
+    fn from(e: &'a Entry) -> EntryV2Ref<'a> {
+        EntryV2Ref {
+            meta: &e.meta,
+            digest: &e.digest,
+            target: &e.target,
+            xattrs: &e.xattrs,
+        }
+    }
+}
+
 impl Entry {
     /// The form `data_dir/files` keeps: format 1 (as older releases wrote
-    /// it) when the entry has no xattrs, else the full form. An older
-    /// release can still read every entry of a set without `xattrs = true`.
+    /// it) when the entry has no xattrs and is no link, format 2 when it has
+    /// xattrs, else the full form. An older release can still read every
+    /// entry of a set without `xattrs = true` or `hard_links = true`.
     pub fn encode_stored(&self) -> Vec<u8> {
-        if self.xattrs.is_empty() {
+        if self.link.is_some() {
+            postcard::to_allocvec(self)
+        } else if self.xattrs.is_empty() {
             postcard::to_allocvec(&EntryV1Ref::from(self))
         } else {
-            postcard::to_allocvec(self)
+            postcard::to_allocvec(&EntryV2Ref::from(self))
         }
         .expect("an entry always serializes")
     }
 
-    /// Reads either form [`Entry::encode_stored`] writes. Unambiguous: the
-    /// full form is the format-1 fields followed by the xattrs, so a format-1
-    /// value ends exactly where the full decoder still wants bytes, and each
-    /// decoder must consume the whole value.
+    /// Reads any form [`Entry::encode_stored`] writes, and only those.
+    /// Unambiguous: each form is the one before it followed by more fields
+    /// (format 1, then the xattrs, then the link), so a shorter form ends
+    /// exactly where a longer decoder still wants bytes, each decoder must
+    /// consume the whole value, and the full form must hold a link.
     pub fn decode_stored(bytes: &[u8]) -> Result<Entry, postcard::Error> {
         match postcard::take_from_bytes::<Entry>(bytes) {
-            Ok((e, [])) => Ok(e),
+            Ok((e, [])) if e.link.is_some() => Ok(e),
+            // The full form is written only for links: anything else in
+            // it (a format-2 value with a stray byte) is not ours.
             Ok(_) => Err(postcard::Error::DeserializeBadEncoding),
-            Err(full) => match postcard::take_from_bytes::<EntryV1>(bytes) {
+            Err(full) => match postcard::take_from_bytes::<EntryV2>(bytes) {
                 Ok((e, [])) => Ok(e.into()),
-                _ => Err(full),
+                Ok(_) => Err(full),
+                Err(_) => match postcard::take_from_bytes::<EntryV1>(bytes) {
+                    Ok((e, [])) => Ok(e.into()),
+                    _ => Err(full),
+                },
             },
         }
     }
@@ -274,6 +339,18 @@ pub enum FileOp {
     /// it is a metadata-only change. Appended last: older variants keep
     /// their tags, so the pinned encoding of every other op is unchanged.
     Xattrs { path: Vec<u8>, xattrs: Xattrs },
+    /// `path` is now another hard link of `target`, a committed regular
+    /// file of the set that is not a link itself (sets with
+    /// `hard_links = true` only): followers link the name to the inode that
+    /// holds `target`, and no content travels. Whatever stood at `path`
+    /// goes, as for a [`FileOp::Symlink`]. A link lasts until the next op
+    /// that names either side: a new version of `target` (a `Put`, whose
+    /// rename gives it a new inode on followers), its removal or its
+    /// replacement leaves each link a file of its own with the content and
+    /// metadata it had, as on a follower's disk; a leader whose names are
+    /// still linked then proposes the links again. Appended after `Xattrs`
+    /// for the same reason as it.
+    Link { path: Vec<u8>, target: Vec<u8> },
 }
 
 impl FileOp {
@@ -284,7 +361,8 @@ impl FileOp {
             | FileOp::Symlink { path, .. }
             | FileOp::Remove { path }
             | FileOp::Forget { path }
-            | FileOp::Xattrs { path, .. } => path,
+            | FileOp::Xattrs { path, .. }
+            | FileOp::Link { path, .. } => path,
             FileOp::Rename { to, .. } => to,
         }
     }
@@ -359,6 +437,13 @@ pub enum ManifestError {
         path: SetPath,
         why: String,
     },
+    #[error("sync set {set:?}: refused to make {path} a hard link of {target}: {why}")]
+    Link {
+        set: String,
+        path: SetPath,
+        target: SetPath,
+        why: &'static str,
+    },
     #[error("cannot decode {what}: {source}")]
     Decode {
         what: &'static str,
@@ -402,12 +487,37 @@ pub struct SetManifest {
 }
 
 impl SetManifest {
-    /// Files and their total bytes.
+    /// Files (every name, hard links included) and their total bytes (a
+    /// hard-linked file's bytes counted once: its links hold no more).
     pub fn totals(&self) -> (u64, u64) {
         self.entries
             .values()
-            .filter_map(|e| e.digest.map(|d| d.get().len))
+            .filter_map(|e| {
+                e.digest
+                    .map(|d| if e.link.is_some() { 0 } else { d.get().len })
+            })
             .fold((0, 0), |(n, b), len| (n + 1, b + len))
+    }
+
+    /// The other names of the hard-linked file `path` belongs to (the
+    /// primary and its links, `path` left out); empty when it is no link
+    /// and has none. One pass over the set.
+    pub fn link_group(&self, path: &SetPath) -> Vec<SetPath> {
+        let Some(e) = self.entries.get(path) else {
+            return Vec::new();
+        };
+        let primary = e.link.clone().unwrap_or_else(|| path.clone());
+        let mut out: Vec<SetPath> = self
+            .entries
+            .iter()
+            .filter(|(p, e)| e.link.as_ref() == Some(&primary) && *p != path)
+            .map(|(p, _)| p.clone())
+            .collect();
+        if e.link.is_some() {
+            out.push(primary);
+            out.sort();
+        }
+        out
     }
 
     /// `path` and everything under it, in order.
@@ -419,21 +529,48 @@ impl SetManifest {
             .range(path.clone()..)
             .take_while(move |(p, _)| *p == path || path.is_ancestor_of(p))
     }
-
 }
 
-/// A set's entries changed in place, remembering each touched path's
-/// value from before, so a refused batch leaves them as they were.
-struct Undoable<'a> {
+/// A set's tree while a batch is applied, with the hard links indexed by
+/// their primary and kept consistent: a primary that is replaced or removed
+/// leaves its links files of their own (a follower's rename or unlink of the
+/// primary leaves them holding the old inode), a moved primary takes its
+/// links' reference along (a rename keeps the inode).
+///
+/// The set is changed in place, and every touched path's value from before
+/// is remembered so a refused batch is undone: cloning the set for every
+/// batch made a sync of N files cost O(N²).
+struct Scratch<'a> {
     entries: &'a mut BTreeMap<SetPath, Entry>,
+    /// Each touched path's entry before the batch (`None`: absent).
     before: BTreeMap<SetPath, Option<Entry>>,
+    /// Primary → its links.
+    links: BTreeMap<SetPath, BTreeSet<SetPath>>,
+    /// Entries changed on the side (a link detached or retargeted, shared
+    /// attributes), which no op of the batch names.
+    touched: BTreeSet<SetPath>,
 }
 
-impl<'a> Undoable<'a> {
-    fn new(entries: &'a mut BTreeMap<SetPath, Entry>) -> Self {
-        Undoable {
+impl<'a> Scratch<'a> {
+    fn new(entries: &'a mut BTreeMap<SetPath, Entry>) -> Scratch<'a> {
+        let mut links: BTreeMap<SetPath, BTreeSet<SetPath>> = BTreeMap::new();
+        for (p, e) in entries.iter() {
+            if let Some(t) = &e.link {
+                links.entry(t.clone()).or_default().insert(p.clone());
+            }
+        }
+        Scratch {
             entries,
             before: BTreeMap::new(),
+            links,
+            touched: BTreeSet::new(),
+        }
+    }
+
+    fn remember(&mut self, path: &SetPath) {
+        if !self.before.contains_key(path) {
+            self.before
+                .insert(path.clone(), self.entries.get(path).cloned());
         }
     }
 
@@ -441,38 +578,27 @@ impl<'a> Undoable<'a> {
         self.entries.get(path)
     }
 
-    fn touch(&mut self, path: &SetPath) {
-        if !self.before.contains_key(path) {
-            self.before
-                .insert(path.clone(), self.entries.get(path).cloned());
-        }
-    }
-
     fn get_mut(&mut self, path: &SetPath) -> Option<&mut Entry> {
-        self.touch(path);
+        self.remember(path);
         self.entries.get_mut(path)
     }
 
-    fn insert(&mut self, path: SetPath, entry: Entry) -> Option<Entry> {
-        self.touch(&path);
-        self.entries.insert(path, entry)
+    fn raw_remove(&mut self, path: &SetPath) -> Option<Entry> {
+        self.remember(path);
+        self.entries.remove(path)
     }
 
-    fn remove_subtree(&mut self, path: &SetPath) -> Vec<(SetPath, Entry)> {
-        let doomed: Vec<SetPath> = self
-            .entries
+    fn raw_insert(&mut self, path: SetPath, entry: Entry) {
+        self.remember(&path);
+        self.entries.insert(path, entry);
+    }
+
+    fn subtree_names(&self, path: &SetPath) -> Vec<SetPath> {
+        self.entries
             .range(path.clone()..)
             .take_while(|(p, _)| *p == path || path.is_ancestor_of(p))
             .map(|(p, _)| p.clone())
-            .collect();
-        let mut removed = Vec::with_capacity(doomed.len());
-        for p in doomed {
-            if let Some(e) = self.entries.remove(&p) {
-                self.before.entry(p.clone()).or_insert_with(|| Some(e.clone()));
-                removed.push((p, e));
-            }
-        }
-        removed
+            .collect()
     }
 
     /// Puts every touched path back as it was.
@@ -483,6 +609,115 @@ impl<'a> Undoable<'a> {
                 None => self.entries.remove(&path),
             };
         }
+    }
+
+    fn unindex(&mut self, primary: &SetPath, link: &SetPath) {
+        if let Some(names) = self.links.get_mut(primary) {
+            names.remove(link);
+            if names.is_empty() {
+                self.links.remove(primary);
+            }
+        }
+    }
+
+    /// Takes `path`'s entry out; its links, if it had any, become files of
+    /// their own.
+    fn remove(&mut self, path: &SetPath) -> Option<Entry> {
+        let e = self.raw_remove(path)?;
+        if let Some(t) = &e.link {
+            self.unindex(t, path);
+        }
+        for name in self.links.remove(path).unwrap_or_default() {
+            if let Some(l) = self.get_mut(&name) {
+                l.link = None;
+                self.touched.insert(name);
+            }
+        }
+        Some(e)
+    }
+
+    /// Puts `entry` at `path` (what stood there is removed as above).
+    fn insert(&mut self, path: SetPath, entry: Entry) -> Option<Entry> {
+        let previous = self.remove(&path);
+        if let Some(t) = &entry.link {
+            self.links
+                .entry(t.clone())
+                .or_default()
+                .insert(path.clone());
+        }
+        self.raw_insert(path, entry);
+        previous
+    }
+
+    fn remove_subtree(&mut self, path: &SetPath) -> Vec<(SetPath, Entry)> {
+        let doomed = self.subtree_names(path);
+        doomed
+            .into_iter()
+            .filter_map(|p| self.remove(&p).map(|e| (p, e)))
+            .collect()
+    }
+
+    /// Moves `from` and its subtree to `to`. Links keep pointing at the
+    /// same file under its new name, wherever they are.
+    fn rename(&mut self, from: &SetPath, to: &SetPath) -> Result<Vec<(SetPath, Entry)>, PathError> {
+        let moved_to = |p: &SetPath| -> Result<SetPath, PathError> {
+            let rest = &p.as_bytes()[from.as_bytes().len()..];
+            let mut bytes = to.as_bytes().to_vec();
+            bytes.extend_from_slice(rest);
+            SetPath::from_network(&bytes)
+        };
+        let inside = |p: &SetPath| p == from || from.is_ancestor_of(p);
+        let names = self.subtree_names(from);
+        let mut renamed = Vec::with_capacity(names.len());
+        for p in &names {
+            renamed.push(moved_to(p)?);
+        }
+        let mut moved = Vec::with_capacity(names.len());
+        let mut groups = Vec::new();
+        for p in names {
+            let e = self.raw_remove(&p).expect("listed just now");
+            if let Some(t) = &e.link {
+                self.unindex(t, &p);
+            }
+            if let Some(g) = self.links.remove(&p) {
+                groups.push((p.clone(), g));
+            }
+            moved.push((p, e));
+        }
+        for ((_, e), new) in moved.iter().zip(renamed) {
+            let mut e = e.clone();
+            if let Some(t) = e.link.take() {
+                let t = if inside(&t) { moved_to(&t)? } else { t };
+                self.links.entry(t.clone()).or_default().insert(new.clone());
+                e.link = Some(t);
+            }
+            self.raw_insert(new, e);
+        }
+        for (primary, names) in groups {
+            let primary = moved_to(&primary)?;
+            for name in names.into_iter().filter(|n| !inside(n)) {
+                if let Some(l) = self.get_mut(&name) {
+                    l.link = Some(primary.clone());
+                    self.links
+                        .entry(primary.clone())
+                        .or_default()
+                        .insert(name.clone());
+                    self.touched.insert(name);
+                }
+            }
+        }
+        Ok(moved)
+    }
+
+    /// The names of the file `path` (itself, its primary, their links).
+    fn names_of(&self, path: &SetPath) -> Vec<SetPath> {
+        let primary = match self.get(path).and_then(|e| e.link.clone()) {
+            Some(t) => t,
+            None => path.clone(),
+        };
+        let mut out = vec![primary.clone()];
+        out.extend(self.links.get(&primary).into_iter().flatten().cloned());
+        out
     }
 }
 
@@ -522,6 +757,15 @@ pub enum CheckedOp {
         path: SetPath,
         entry: Entry,
     },
+    /// `path` is now a hard link of `target`; `entry` is its committed
+    /// entry (the target's, with [`Entry::link`] set).
+    Link {
+        path: SetPath,
+        target: SetPath,
+        entry: Entry,
+        /// What the cluster had at `path` before, if anything.
+        previous: Option<Entry>,
+    },
 }
 
 /// Every set's committed tree.
@@ -530,37 +774,39 @@ pub struct Manifest {
     pub sets: BTreeMap<String, SetManifest>,
 }
 
-/// Snapshot format 1: postcard of the manifest without xattrs.
+/// Snapshot format 1: postcard of the manifest without xattrs or links.
 const SNAPSHOT_FORMAT_V1: u8 = 1;
 /// Snapshot format 2: as format 1, each entry followed by its xattrs.
 const SNAPSHOT_FORMAT_V2: u8 = 2;
+/// Snapshot format 3: as format 2, each entry followed by its link.
+const SNAPSHOT_FORMAT_V3: u8 = 3;
 
-/// The manifest in snapshot format 1, to read.
+/// The manifest in an older snapshot format (entries of type `E`), to read.
 #[derive(Deserialize)]
-struct ManifestV1 {
-    sets: BTreeMap<String, SetManifestV1>,
+struct ManifestAs<E> {
+    sets: BTreeMap<String, SetManifestAs<E>>,
 }
 
 #[derive(Deserialize)]
-struct SetManifestV1 {
-    entries: BTreeMap<SetPath, EntryV1>,
+struct SetManifestAs<E> {
+    entries: BTreeMap<SetPath, E>,
     progress: SetProgress,
 }
 
-/// The manifest in snapshot format 1, borrowed, to write.
+/// The manifest in an older snapshot format, borrowed, to write.
 #[derive(Serialize)]
-struct ManifestV1Ref<'a> {
-    sets: BTreeMap<&'a String, SetManifestV1Ref<'a>>,
+struct ManifestRefAs<'a, E> {
+    sets: BTreeMap<&'a String, SetManifestRefAs<'a, E>>,
 }
 
 #[derive(Serialize)]
-struct SetManifestV1Ref<'a> {
-    entries: BTreeMap<&'a SetPath, EntryV1Ref<'a>>,
+struct SetManifestRefAs<'a, E> {
+    entries: BTreeMap<&'a SetPath, E>,
     progress: &'a SetProgress,
 }
 
-impl From<ManifestV1> for Manifest {
-    fn from(m: ManifestV1) -> Manifest {
+impl<E: Into<Entry>> From<ManifestAs<E>> for Manifest {
+    fn from(m: ManifestAs<E>) -> Manifest {
         Manifest {
             sets: m
                 .sets
@@ -597,29 +843,43 @@ impl Manifest {
         index: u64,
         batch: &FileBatch,
     ) -> Result<Vec<CheckedOp>, ManifestError> {
+        self.apply_tracked(index, batch).map(|(ops, _)| ops)
+    }
+
+    /// [`Manifest::apply`], also returning the paths whose entries changed
+    /// though no op names them (hard links left as files of their own, or
+    /// following their primary's move or attributes): a caller that stores
+    /// entries per path stores those too.
+    pub fn apply_tracked(
+        &mut self,
+        index: u64,
+        batch: &FileBatch,
+    ) -> Result<(Vec<CheckedOp>, BTreeSet<SetPath>), ManifestError> {
         let bad = |source| ManifestError::Path {
             set: batch.set.clone(),
             source,
         };
         let mut paths = Vec::with_capacity(batch.ops.len());
         for op in &batch.ops {
-            let from = match op {
+            let other = match op {
                 FileOp::Rename { from, .. } => Some(SetPath::from_network(from).map_err(bad)?),
+                FileOp::Link { target, .. } => Some(SetPath::from_network(target).map_err(bad)?),
                 _ => None,
             };
-            paths.push((SetPath::from_network(op.path()).map_err(bad)?, from));
+            paths.push((SetPath::from_network(op.path()).map_err(bad)?, other));
         }
         let set = self.sets.entry(batch.set.clone()).or_default();
-        // Changed in place and undone on refusal: cloning the set for every
-        // batch made a sync of N files cost O(N²).
-        let mut scratch = Undoable::new(&mut set.entries);
-        let out = match Self::check_ops(&batch.set, &batch.ops, paths, &mut scratch) {
+        let mut scratch = Scratch::new(&mut set.entries);
+        let checked = Self::check_ops(batch, paths, &mut scratch);
+        let out = match checked {
             Ok(out) => out,
             Err(e) => {
                 scratch.undo();
                 return Err(e);
             }
         };
+        let touched = std::mem::take(&mut scratch.touched);
+        drop(scratch);
         let patch_bytes: u64 = batch
             .ops
             .iter()
@@ -645,27 +905,26 @@ impl Manifest {
         while progress.recent.len() > RECENT_BATCHES {
             progress.recent.pop_front();
         }
-        Ok(out)
+        Ok((out, touched))
     }
 
-    /// The ops of one batch applied to `scratch` in order, each checked;
+    /// The ops of `batch` carried out on `scratch` in order, each checked;
     /// the first refusal ends it (the caller undoes what went before).
     fn check_ops(
-        set_name: &str,
-        ops: &[FileOp],
+        batch: &FileBatch,
         paths: Vec<(SetPath, Option<SetPath>)>,
-        scratch: &mut Undoable<'_>,
+        scratch: &mut Scratch<'_>,
     ) -> Result<Vec<CheckedOp>, ManifestError> {
         let bad = |source| ManifestError::Path {
-            set: set_name.to_string(),
+            set: batch.set.clone(),
             source,
         };
-        let mut out = Vec::with_capacity(ops.len());
-        for (op, (path, from)) in ops.iter().zip(paths) {
+        let mut out = Vec::with_capacity(batch.ops.len());
+        for (op, (path, other)) in batch.ops.iter().zip(paths) {
             // Nothing may live below a committed symlink or file: followers
             // would have to write through it (which fsroot refuses, leaving
             // the set unable to converge), so the batch is refused whole.
-            for p in std::iter::once(&path).chain(from.as_ref()) {
+            for p in std::iter::once(&path).chain(other.as_ref()) {
                 let mut up = p.parent();
                 while let Some(ancestor) = up {
                     if let Some(e) = scratch.get(&ancestor) {
@@ -676,7 +935,7 @@ impl Manifest {
                         };
                         if let Some(kind) = kind {
                             return Err(ManifestError::UnderNonDir {
-                                set: set_name.to_string(),
+                                set: batch.set.clone(),
                                 path: p.clone(),
                                 ancestor,
                                 kind,
@@ -698,6 +957,7 @@ impl Manifest {
                         digest: Some(*digest),
                         target: None,
                         xattrs: Vec::new(),
+                        link: None,
                     };
                     let previous = scratch.insert(path.clone(), entry.clone());
                     CheckedOp::Put {
@@ -713,6 +973,7 @@ impl Manifest {
                         digest: None,
                         target: None,
                         xattrs: Vec::new(),
+                        link: None,
                     };
                     scratch.insert(path.clone(), entry.clone());
                     CheckedOp::Dir { path, entry }
@@ -725,6 +986,7 @@ impl Manifest {
                         digest: None,
                         target: Some(target.clone()),
                         xattrs: Vec::new(),
+                        link: None,
                     };
                     scratch.insert(path.clone(), entry.clone());
                     CheckedOp::Symlink { path, entry }
@@ -738,24 +1000,17 @@ impl Manifest {
                     CheckedOp::Forget { path }
                 }
                 FileOp::Rename { .. } => {
-                    let from = from.expect("rename carries a source");
+                    let from = other.expect("rename carries a source");
                     if from == path || from.is_ancestor_of(&path) {
                         return Err(ManifestError::Rename {
-                            set: set_name.to_string(),
+                            set: batch.set.clone(),
                             from,
                             to: path,
                             why: "the destination lies inside the source",
                         });
                     }
                     scratch.remove_subtree(&path);
-                    let moved = scratch.remove_subtree(&from);
-                    for (p, e) in &moved {
-                        let rest = &p.as_bytes()[from.as_bytes().len()..];
-                        let mut bytes = path.as_bytes().to_vec();
-                        bytes.extend_from_slice(rest);
-                        let to = SetPath::from_network(&bytes).map_err(bad)?;
-                        scratch.insert(to, e.clone());
-                    }
+                    let moved = scratch.rename(&from, &path).map_err(bad)?;
                     CheckedOp::Rename {
                         from,
                         to: path,
@@ -764,7 +1019,7 @@ impl Manifest {
                 }
                 FileOp::Xattrs { xattrs, .. } => {
                     let refuse = |why: String| ManifestError::Xattrs {
-                        set: set_name.to_string(),
+                        set: batch.set.clone(),
                         path: path.clone(),
                         why,
                     };
@@ -776,6 +1031,19 @@ impl Manifest {
                         return Err(refuse("the cluster has no file or directory there".into()));
                     };
                     entry.xattrs = xattrs.clone();
+                    let entry = entry.clone();
+                    // The names of a hard-linked file share one inode, so
+                    // one set of attributes.
+                    if entry.meta.kind == EntryKind::File {
+                        for name in scratch.names_of(&path) {
+                            if name != path {
+                                if let Some(e) = scratch.get_mut(&name) {
+                                    e.xattrs = xattrs.clone();
+                                    scratch.touched.insert(name);
+                                }
+                            }
+                        }
+                    }
                     // Right after the op that wrote the path: part of it, so
                     // the follower writes content and xattrs as one version.
                     if let Some(
@@ -787,9 +1055,46 @@ impl Manifest {
                             continue;
                         }
                     }
-                    CheckedOp::Xattrs {
+                    CheckedOp::Xattrs { path, entry }
+                }
+                FileOp::Link { .. } => {
+                    let target = other.expect("a link carries a target");
+                    let refuse = |why: &'static str| ManifestError::Link {
+                        set: batch.set.clone(),
+                        path: path.clone(),
+                        target: target.clone(),
+                        why,
+                    };
+                    if target == path {
+                        return Err(refuse("a name cannot be a link of itself"));
+                    }
+                    if path.is_ancestor_of(&target) {
+                        return Err(refuse("the target lies under the link's name"));
+                    }
+                    let Some(t) = scratch
+                        .get(&target)
+                        .filter(|e| e.meta.kind == EntryKind::File && e.link.is_none())
+                    else {
+                        return Err(refuse(
+                            "the cluster has no regular file there that is not a link itself",
+                        ));
+                    };
+                    let entry = Entry {
+                        link: Some(target.clone()),
+                        ..t.clone()
+                    };
+                    // The link replaces whatever was there, subtree included.
+                    let previous = scratch
+                        .remove_subtree(&path)
+                        .into_iter()
+                        .find(|(p, _)| *p == path)
+                        .map(|(_, e)| e);
+                    scratch.insert(path.clone(), entry.clone());
+                    CheckedOp::Link {
                         path,
-                        entry: entry.clone(),
+                        target,
+                        entry,
+                        previous,
                     }
                 }
             };
@@ -799,25 +1104,22 @@ impl Manifest {
     }
 
     /// The snapshot form: a format byte, then postcard, then zstd. Format 1
-    /// (readable by releases without xattrs) while no entry has xattrs,
-    /// format 2 once one has.
+    /// (readable by releases without xattrs) while no entry has xattrs or
+    /// is a link, format 2 once one has xattrs, format 3 once one is a link.
     pub fn encode(&self) -> Vec<u8> {
-        let with_xattrs = self
-            .sets
-            .values()
-            .any(|s| s.entries.values().any(|e| !e.xattrs.is_empty()));
-        let (format, body) = if with_xattrs {
-            (SNAPSHOT_FORMAT_V2, postcard::to_allocvec(self))
-        } else {
-            let v1 = ManifestV1Ref {
-                sets: self
+        let entries = || self.sets.values().flat_map(|s| s.entries.values());
+        let with_links = entries().any(|e| e.link.is_some());
+        let with_xattrs = entries().any(|e| !e.xattrs.is_empty());
+        fn older<'a, E: Serialize + From<&'a Entry>>(m: &'a Manifest) -> Vec<u8> {
+            let old = ManifestRefAs {
+                sets: m
                     .sets
                     .iter()
                     .map(|(name, s)| {
-                        let entries = s.entries.iter().map(|(p, e)| (p, e.into())).collect();
+                        let entries = s.entries.iter().map(|(p, e)| (p, E::from(e))).collect();
                         (
                             name,
-                            SetManifestV1Ref {
+                            SetManifestRefAs {
                                 entries,
                                 progress: &s.progress,
                             },
@@ -825,9 +1127,18 @@ impl Manifest {
                     })
                     .collect(),
             };
-            (SNAPSHOT_FORMAT_V1, postcard::to_allocvec(&v1))
+            postcard::to_allocvec(&old).expect("a manifest always serializes")
+        }
+        let (format, body) = if with_links {
+            (
+                SNAPSHOT_FORMAT_V3,
+                postcard::to_allocvec(self).expect("a manifest always serializes"),
+            )
+        } else if with_xattrs {
+            (SNAPSHOT_FORMAT_V2, older::<EntryV2Ref>(self))
+        } else {
+            (SNAPSHOT_FORMAT_V1, older::<EntryV1Ref>(self))
         };
-        let body = body.expect("a manifest always serializes");
         let mut out = vec![format];
         out.extend(zstd::bulk::compress(&body, 3).expect("zstd compresses in memory"));
         out
@@ -839,7 +1150,7 @@ impl Manifest {
             what: "manifest snapshot",
             source: postcard::Error::DeserializeUnexpectedEnd,
         })?;
-        if version != SNAPSHOT_FORMAT_V1 && version != SNAPSHOT_FORMAT_V2 {
+        if !(SNAPSHOT_FORMAT_V1..=SNAPSHOT_FORMAT_V3).contains(&version) {
             return Err(ManifestError::Decode {
                 what: "manifest snapshot (unknown format; is a newer clusterd leading?)",
                 source: postcard::Error::DeserializeBadEncoding,
@@ -853,12 +1164,14 @@ impl Manifest {
             what: "manifest snapshot",
             source,
         };
-        let manifest: Manifest = if version == SNAPSHOT_FORMAT_V1 {
-            postcard::from_bytes::<ManifestV1>(&body)
+        let manifest: Manifest = match version {
+            SNAPSHOT_FORMAT_V1 => postcard::from_bytes::<ManifestAs<EntryV1>>(&body)
                 .map_err(bad)?
-                .into()
-        } else {
-            postcard::from_bytes(&body).map_err(bad)?
+                .into(),
+            SNAPSHOT_FORMAT_V2 => postcard::from_bytes::<ManifestAs<EntryV2>>(&body)
+                .map_err(bad)?
+                .into(),
+            _ => postcard::from_bytes(&body).map_err(bad)?,
         };
         // What a batch could not commit, a snapshot cannot bring either.
         for (name, set) in &manifest.sets {
@@ -869,6 +1182,28 @@ impl Manifest {
                         path: path.clone(),
                         why,
                     });
+                }
+                if let Some(target) = &entry.link {
+                    let primary = set.entries.get(target);
+                    let why = if entry.meta.kind != EntryKind::File || entry.digest.is_none() {
+                        Some("only a regular file can be a link")
+                    } else if !primary.is_some_and(|t| {
+                        t.meta.kind == EntryKind::File
+                            && t.link.is_none()
+                            && t.digest == entry.digest
+                    }) {
+                        Some("the snapshot has no regular file with that content there that is not a link itself")
+                    } else {
+                        None
+                    };
+                    if let Some(why) = why {
+                        return Err(ManifestError::Link {
+                            set: name.clone(),
+                            path: path.clone(),
+                            target: target.clone(),
+                            why,
+                        });
+                    }
                 }
             }
         }
@@ -1030,15 +1365,30 @@ mod tests {
             meta: meta(EntryKind::Dir),
         };
         let mut m = Manifest::default();
-        m.apply(1, &batch(vec![dir("a"), put("a/x", 1), put("a/y", 2), dir("b"), put("b/z", 3), put("f", 4)]))
-            .unwrap();
+        m.apply(
+            1,
+            &batch(vec![
+                dir("a"),
+                put("a/x", 1),
+                put("a/y", 2),
+                dir("b"),
+                put("b/z", 3),
+                put("f", 4),
+            ]),
+        )
+        .unwrap();
         let before = m.clone();
         let err = m
             .apply(
                 2,
                 &batch(vec![
-                    FileOp::Remove { path: b"a".to_vec() },
-                    FileOp::Rename { from: b"b".to_vec(), to: b"c".to_vec() },
+                    FileOp::Remove {
+                        path: b"a".to_vec(),
+                    },
+                    FileOp::Rename {
+                        from: b"b".to_vec(),
+                        to: b"c".to_vec(),
+                    },
                     put("f", 9),
                     put("new", 5),
                     put("f/under", 6),
@@ -1051,12 +1401,23 @@ mod tests {
         m.apply(
             3,
             &batch(vec![
-                FileOp::Remove { path: b"a".to_vec() },
-                FileOp::Rename { from: b"b".to_vec(), to: b"c".to_vec() },
+                FileOp::Remove {
+                    path: b"a".to_vec(),
+                },
+                FileOp::Rename {
+                    from: b"b".to_vec(),
+                    to: b"c".to_vec(),
+                },
             ]),
         )
         .unwrap();
-        let paths: Vec<String> = m.set("etc").unwrap().entries.keys().map(|p| p.to_string()).collect();
+        let paths: Vec<String> = m
+            .set("etc")
+            .unwrap()
+            .entries
+            .keys()
+            .map(|p| p.to_string())
+            .collect();
         assert_eq!(paths, ["c", "c/z", "f"]);
     }
 
@@ -1377,6 +1738,7 @@ mod tests {
             digest: Some(WireDigest::new(&crate::delta::digest(b"x"))),
             target: None,
             xattrs: Vec::new(),
+            link: None,
         };
         let old = postcard::to_allocvec(&EntryV1Ref::from(&e)).unwrap();
         assert_eq!(e.encode_stored(), old);
@@ -1387,6 +1749,275 @@ mod tests {
         assert_eq!(Entry::decode_stored(&new).unwrap(), e);
         assert!(Entry::decode_stored(&new[..new.len() - 1]).is_err());
         assert!(Entry::decode_stored(&[new.clone(), vec![0]].concat()).is_err());
+    }
+
+    fn link(path: &str, target: &str) -> FileOp {
+        FileOp::Link {
+            path: path.as_bytes().to_vec(),
+            target: target.as_bytes().to_vec(),
+        }
+    }
+
+    fn sp(p: &str) -> SetPath {
+        SetPath::from_network(p.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn link_op_is_a_new_tag_and_leaves_old_ops_alone() {
+        let b = batch(vec![link("b", "a")]);
+        let bytes = encode_batch(&b);
+        assert_eq!(decode_batch(&bytes).unwrap(), b);
+        // set "etc", origin 1, at 5, 1 op; tag 7 (after Xattrs), path "b",
+        // target "a".
+        assert_eq!(bytes, [3, b'e', b't', b'c', 1, 5, 1, 7, 1, b'b', 1, b'a']);
+    }
+
+    #[test]
+    fn a_link_needs_a_committed_file_that_is_no_link_itself() {
+        let mut m = Manifest::default();
+        m.apply(
+            1,
+            &batch(vec![
+                put("a", 1),
+                FileOp::Dir {
+                    path: b"d".to_vec(),
+                    meta: meta(EntryKind::Dir),
+                },
+                put("d/x", 2),
+                FileOp::Symlink {
+                    path: b"l".to_vec(),
+                    target: b"a".to_vec(),
+                    meta: meta(EntryKind::Symlink),
+                },
+                link("b", "a"),
+            ]),
+        )
+        .unwrap();
+        let before = m.clone();
+        for (op, why) in [
+            (link("c", "gone"), "no regular file"),
+            (link("c", "d"), "no regular file"),
+            (link("c", "l"), "no regular file"),
+            (link("c", "b"), "not a link itself"),
+            (link("a", "a"), "of itself"),
+            (link("d", "d/x"), "under the link"),
+            (link("c", "a/under"), "lies under a"),
+        ] {
+            let err = m.apply(2, &batch(vec![put("z", 3), op])).unwrap_err();
+            assert!(err.to_string().contains(why), "{err}");
+            assert_eq!(m, before, "{err}");
+        }
+        // Both names pass the path policy.
+        for op in [
+            link("c", "../etc/shadow"),
+            link("/etc/x", "a"),
+            link("c", "a\0b"),
+        ] {
+            let err = m.apply(2, &batch(vec![op])).unwrap_err();
+            assert!(matches!(err, ManifestError::Path { .. }), "{err}");
+            assert_eq!(m, before);
+        }
+
+        // A link is the primary's entry with `link` set; its bytes count once.
+        let (a, b) = (sp("a"), sp("b"));
+        let eb = m.get("etc", &b).unwrap();
+        assert_eq!(eb.link, Some(a.clone()));
+        assert_eq!(
+            Entry {
+                link: None,
+                ..eb.clone()
+            },
+            m.get("etc", &a).unwrap().clone()
+        );
+        assert_eq!(m.set("etc").unwrap().totals(), (3, 2));
+        assert_eq!(m.set("etc").unwrap().link_group(&a), vec![b.clone()]);
+        assert_eq!(m.set("etc").unwrap().link_group(&b), vec![a.clone()]);
+        // A link replaces a file, and a directory with its subtree.
+        let ops = m
+            .apply(3, &batch(vec![link("d", "a"), put("z", 4), link("z", "a")]))
+            .unwrap();
+        let CheckedOp::Link {
+            previous: Some(prev),
+            target,
+            ..
+        } = &ops[0]
+        else {
+            panic!("{ops:?}")
+        };
+        assert_eq!((prev.meta.kind, target), (EntryKind::Dir, &a));
+        assert!(m.get("etc", &sp("d/x")).is_none());
+        assert_eq!(
+            m.get("etc", &sp("z")).unwrap().digest,
+            m.get("etc", &a).unwrap().digest
+        );
+        assert_eq!(
+            m.set("etc").unwrap().link_group(&a),
+            vec![b, sp("d"), sp("z")]
+        );
+    }
+
+    #[test]
+    fn a_new_version_removal_or_move_of_the_primary_is_what_followers_disks_do() {
+        let mut m = Manifest::default();
+        m.apply(1, &batch(vec![put("a", 1), link("b", "a"), link("c", "a")]))
+            .unwrap();
+        let old = m.get("etc", &sp("a")).unwrap().digest;
+        // A new version of the primary: followers rename a new inode over
+        // it, the links keep the old one, as files of their own.
+        let (ops, touched) = m.apply_tracked(2, &batch(vec![put("a", 2)])).unwrap();
+        assert_eq!(ops.len(), 1);
+        assert_eq!(touched, [sp("b"), sp("c")].into_iter().collect());
+        for n in ["b", "c"] {
+            let e = m.get("etc", &sp(n)).unwrap();
+            assert_eq!((e.link.as_ref(), e.digest), (None, old), "{n}");
+        }
+        // The leader links them again (here c to b, a to b).
+        m.apply(3, &batch(vec![link("c", "b"), link("a", "b")]))
+            .unwrap();
+        assert_eq!(m.get("etc", &sp("a")).unwrap().digest, old);
+        // Moving the primary takes the links' reference along; moving a
+        // link keeps its target.
+        let (_, touched) = m
+            .apply_tracked(
+                4,
+                &batch(vec![
+                    FileOp::Rename {
+                        from: b"b".to_vec(),
+                        to: b"p".to_vec(),
+                    },
+                    FileOp::Rename {
+                        from: b"c".to_vec(),
+                        to: b"q".to_vec(),
+                    },
+                ]),
+            )
+            .unwrap();
+        assert!(touched.contains(&sp("a")), "{touched:?}");
+        assert_eq!(m.get("etc", &sp("a")).unwrap().link, Some(sp("p")));
+        assert_eq!(m.get("etc", &sp("q")).unwrap().link, Some(sp("p")));
+        // Attributes are the inode's: set through any name, all names have them.
+        m.apply(5, &batch(vec![xattrs_op("q", &[("user.k", b"v")])]))
+            .unwrap();
+        for n in ["a", "p", "q"] {
+            assert_eq!(m.get("etc", &sp(n)).unwrap().xattrs.len(), 1, "{n}");
+        }
+        // Removing the primary leaves the links, as files.
+        let (ops, touched) = m
+            .apply_tracked(
+                6,
+                &batch(vec![FileOp::Remove {
+                    path: b"p".to_vec(),
+                }]),
+            )
+            .unwrap();
+        let [CheckedOp::Remove { removed, .. }] = &ops[..] else {
+            panic!("{ops:?}")
+        };
+        assert_eq!(removed.len(), 1);
+        assert_eq!(touched.len(), 2);
+        for n in ["a", "q"] {
+            let e = m.get("etc", &sp(n)).unwrap();
+            assert_eq!((e.link.as_ref(), e.digest), (None, old), "{n}");
+        }
+        // A directory moved whole: links inside and outside follow.
+        m.apply(
+            7,
+            &batch(vec![
+                FileOp::Dir {
+                    path: b"d".to_vec(),
+                    meta: meta(EntryKind::Dir),
+                },
+                put("d/f", 3),
+                link("d/g", "d/f"),
+                link("h", "d/f"),
+                link("d/i", "a"),
+            ]),
+        )
+        .unwrap();
+        m.apply(
+            8,
+            &batch(vec![FileOp::Rename {
+                from: b"d".to_vec(),
+                to: b"e".to_vec(),
+            }]),
+        )
+        .unwrap();
+        let link_of = |n: &str| m.get("etc", &sp(n)).unwrap().link.clone();
+        assert_eq!(link_of("e/g"), Some(sp("e/f")));
+        assert_eq!(link_of("h"), Some(sp("e/f")));
+        assert_eq!(link_of("e/i"), Some(sp("a")));
+        assert_eq!(link_of("e/f"), None);
+        // The encoded snapshot holds the same, and stays readable.
+        assert_eq!(Manifest::decode(&m.encode(), 1 << 20).unwrap(), m);
+    }
+
+    #[test]
+    fn snapshots_with_links_are_format_3_and_checked() {
+        let mut m = Manifest::default();
+        m.apply(
+            1,
+            &batch(vec![put("a", 1), xattrs_op("a", &[("user.k", b"v")])]),
+        )
+        .unwrap();
+        assert_eq!(m.encode()[0], SNAPSHOT_FORMAT_V2);
+        m.apply(2, &batch(vec![link("b", "a")])).unwrap();
+        let v3 = m.encode();
+        assert_eq!(v3[0], SNAPSHOT_FORMAT_V3);
+        assert_eq!(Manifest::decode(&v3, 1 << 20).unwrap(), m);
+        // A snapshot cannot bring a link a batch could not commit.
+        let edit = |f: &dyn Fn(&mut SetManifest)| {
+            let mut evil = m.clone();
+            f(evil.sets.get_mut("etc").unwrap());
+            Manifest::decode(&evil.encode(), 1 << 20)
+        };
+        for (what, f) in [
+            (
+                "target gone",
+                &(|s: &mut SetManifest| {
+                    s.entries.remove(&SetPath::from_network(b"a").unwrap());
+                }) as &dyn Fn(&mut SetManifest),
+            ),
+            ("target a link", &|s: &mut SetManifest| {
+                let a = SetPath::from_network(b"a").unwrap();
+                s.entries.get_mut(&a).unwrap().link = Some(a.clone());
+            }),
+            ("other content", &|s: &mut SetManifest| {
+                let b = SetPath::from_network(b"b").unwrap();
+                s.entries.get_mut(&b).unwrap().digest =
+                    Some(WireDigest::new(&crate::delta::digest(b"other")));
+            }),
+        ] {
+            assert!(matches!(edit(f), Err(ManifestError::Link { .. })), "{what}");
+        }
+        assert!(edit(&|_: &mut SetManifest| {}).is_ok());
+    }
+
+    #[test]
+    fn stored_link_entries_take_the_full_form_and_others_keep_theirs() {
+        let mut e = Entry {
+            meta: meta(EntryKind::File),
+            digest: Some(WireDigest::new(&crate::delta::digest(b"x"))),
+            target: None,
+            xattrs: vec![(b"user.k".to_vec(), vec![])],
+            link: None,
+        };
+        let v2 = e.encode_stored();
+        assert_eq!(v2, postcard::to_allocvec(&EntryV2Ref::from(&e)).unwrap());
+        assert_eq!(Entry::decode_stored(&v2).unwrap(), e);
+        e.link = Some(sp("primary"));
+        let v3 = e.encode_stored();
+        assert_eq!(v3.len(), v2.len() + 1 + 1 + "primary".len());
+        assert_eq!(Entry::decode_stored(&v3).unwrap(), e);
+        e.xattrs.clear();
+        let v3 = e.encode_stored();
+        assert_eq!(Entry::decode_stored(&v3).unwrap(), e);
+        assert!(Entry::decode_stored(&v3[..v3.len() - 1]).is_err());
+        assert!(Entry::decode_stored(&[v3.clone(), vec![0]].concat()).is_err());
+        // A link's target is checked like any path.
+        let mut evil = v3.clone();
+        let n = evil.len();
+        evil[n - 7..].copy_from_slice(b"../../x");
+        assert!(Entry::decode_stored(&evil).is_err());
     }
 
     #[test]

@@ -626,7 +626,8 @@ impl<S: LogStore> RaftCore<S> {
     pub fn compactable(&self, index: u64) -> bool {
         let applied = self.raw.raft.raft_log.applied;
         let first = self.raw.raft.raft_log.first_index();
-        if self.raw.raft.state != StateRole::Leader || applied >= first + self.options.compact_after {
+        if self.raw.raft.state != StateRole::Leader || applied >= first + self.options.compact_after
+        {
             return true;
         }
         let me = self.raw.raft.id;

@@ -65,6 +65,8 @@ pub struct SetRuntime {
     pub on_change: Option<String>,
     /// Replicate extended attributes and POSIX ACLs (`xattrs = true`).
     pub xattrs: bool,
+    /// Keep hard links between names of the set (`hard_links = true`).
+    pub hard_links: bool,
 }
 
 impl SetRuntime {
@@ -97,6 +99,7 @@ impl SetRuntime {
             max_file_size: c.max_file_size,
             on_change: c.on_change.clone(),
             xattrs: c.xattrs,
+            hard_links: c.hard_links,
         }
     }
 
@@ -874,9 +877,9 @@ impl Applier {
             }
             v
         };
-        let checked = {
+        let (checked, touched) = {
             let mut m = self.shared.manifest.write().unwrap();
-            match m.apply(index, batch) {
+            match m.apply_tracked(index, batch) {
                 Ok(c) => c,
                 Err(e) => {
                     drop(m);
@@ -902,13 +905,22 @@ impl Applier {
                     | CheckedOp::Symlink { path, .. }
                     | CheckedOp::Remove { path, .. }
                     | CheckedOp::Forget { path }
-                    | CheckedOp::Xattrs { path, .. } => vec![path],
+                    | CheckedOp::Xattrs { path, .. }
+                    | CheckedOp::Link { path, .. } => vec![path],
                     CheckedOp::Rename { from, to, .. } => vec![from, to],
                 };
                 for p in paths {
                     for (k, e) in set.subtree(p) {
                         store.put_entry(&set_name, k, e);
                     }
+                }
+            }
+            // Hard links the batch changed on the side (left as files of
+            // their own, following a moved primary).
+            for p in &touched {
+                match set.entries.get(p) {
+                    Some(e) => store.put_entry(&set_name, p, e),
+                    None => store.delete_entry(&set_name, p),
                 }
             }
             store.put_progress(&set_name, &set.progress);
@@ -953,7 +965,7 @@ impl Applier {
         let recs = records.entry(set.to_string()).or_default();
         for op in checked {
             match op {
-                CheckedOp::Put { path, .. } => {
+                CheckedOp::Put { path, .. } | CheckedOp::Link { path, .. } => {
                     if let Some(r) = pending.remove(&(set.to_string(), path.clone())) {
                         store.put_record(set, path, &r);
                         recs.insert(path.clone(), r);
@@ -1007,9 +1019,14 @@ impl Applier {
         // directories, links); then the files, which are independent of each
         // other within a batch, written by several threads so their fsyncs
         // overlap; then one fsync per directory that received files.
+        // Hard links come last, in order: each names a file this batch may
+        // have just written.
         let (puts, others): (Vec<&CheckedOp>, Vec<&CheckedOp>) = checked
             .iter()
             .partition(|op| matches!(op, CheckedOp::Put { .. }));
+        let (links, others): (Vec<&CheckedOp>, Vec<&CheckedOp>) = others
+            .into_iter()
+            .partition(|op| matches!(op, CheckedOp::Link { .. }));
         for op in others {
             let result = match op {
                 CheckedOp::Put {
@@ -1066,6 +1083,7 @@ impl Applier {
                 CheckedOp::Rename { from, to, .. } => {
                     self.rename(set, root, from, to, index, term, store)
                 }
+                CheckedOp::Link { .. } => unreachable!("links are carried out last"),
             };
             if let Err(e) = result {
                 self.shared
@@ -1073,6 +1091,39 @@ impl Applier {
             }
         }
         self.write_files(set, root, index, term, &puts, store);
+        for op in links {
+            let CheckedOp::Link {
+                path,
+                entry,
+                previous,
+                ..
+            } = op
+            else {
+                continue;
+            };
+            let result = if set.hard_links {
+                self.link_file(
+                    set,
+                    root,
+                    path,
+                    entry,
+                    previous.as_ref(),
+                    index,
+                    term,
+                    store,
+                )
+            } else {
+                // This node keeps no links in the set: the name is a file
+                // of its own, with the same content.
+                self.mark_missing(&set.name, path, entry, store);
+                Ok(())
+            };
+            if let Err(e) = result {
+                self.mark_missing(&set.name, path, entry, store);
+                self.shared
+                    .note_error(&set.name, format!("entry {index}: {e}"));
+            }
+        }
         // Writing a child changes its directory's mtime: set the committed
         // metadata of every directory the batch touched last, deepest first.
         let mut touched: BTreeMap<SetPath, Meta> = dirs.into_iter().collect();
@@ -1086,7 +1137,8 @@ impl Applier {
                     | CheckedOp::Symlink { path, .. }
                     | CheckedOp::Remove { path, .. }
                     | CheckedOp::Forget { path }
-                    | CheckedOp::Xattrs { path, .. } => (Some(path), None),
+                    | CheckedOp::Xattrs { path, .. }
+                    | CheckedOp::Link { path, .. } => (Some(path), None),
                 };
                 for p in [a, b].into_iter().flatten() {
                     if let Some(parent) = p.parent() {
@@ -1436,6 +1488,13 @@ impl Applier {
             None => {}
         }
         if let (Some(m), true) = (local, local_digest == Some(target)) {
+            if set.hard_links && m.nlink > 1 {
+                // Other names share this inode here, but the committed
+                // version is this name's own (a `Put` ends its links, see
+                // `FileOp::Link`): give it an inode of its own first, so
+                // the others keep their metadata.
+                return self.own_inode(set, root, path, entry, expect, index, term, store);
+            }
             // Replayed, or the same bytes: only metadata may differ.
             let now = self.settle_meta(root, &c, &m, &entry.meta)?;
             self.settle_xattrs(set, root, path, entry)?;
@@ -1590,6 +1649,178 @@ impl Applier {
         // edit made a moment later must still look like an edit.
         self.put_record(&set.name, path, record_of(&written, &target), store);
         Ok(PutOutcome::Done)
+    }
+
+    /// Replaces the file at `path`, which holds the committed content of
+    /// `entry` but shares its inode with other names here, by a copy of its
+    /// own (atomically, verified, with the committed metadata), leaving the
+    /// other names on the old inode.
+    #[allow(clippy::too_many_arguments)]
+    fn own_inode(
+        &self,
+        set: &SetRuntime,
+        root: &Root,
+        path: &SetPath,
+        entry: &Entry,
+        expect: Expect,
+        index: u64,
+        term: u64,
+        store: &mut StoreBatch,
+    ) -> Result<PutOutcome, FsError> {
+        let target = entry.digest.expect("a file has a digest").get();
+        let c = comps(path);
+        let Some((data, _)) = root.read_file(&c, set.max_file_size)? else {
+            return Ok(PutOutcome::Missing("the file vanished".into()));
+        };
+        if delta::digest(&data) != target {
+            return Ok(PutOutcome::Missing(
+                "the file changed while it was copied".into(),
+            ));
+        }
+        let xattrs = set.xattrs.then_some(&entry.xattrs[..]);
+        let replaced = root.replace_file_guarded(
+            &c,
+            &data,
+            &fs_meta(&entry.meta),
+            &target.hash,
+            true,
+            xattrs,
+            expect,
+        )?;
+        if let Some(at) = &replaced.displaced {
+            let at: Vec<&[u8]> = at.iter().map(|c| c.as_slice()).collect();
+            self.quarantine_at(
+                &set.name,
+                root,
+                &at,
+                path,
+                index,
+                term,
+                "it was edited while the committed version was being written",
+            )?;
+        }
+        self.put_record(&set.name, path, record_of(&replaced.meta, &target), store);
+        Ok(PutOutcome::Done)
+    }
+
+    /// The metadata of `target` when it holds `want` here (by its record
+    /// when `lstat` says it is untouched, else by hashing it): the file a
+    /// hard link to it may share.
+    fn holds_committed(
+        &self,
+        set: &SetRuntime,
+        root: &Root,
+        target: &SetPath,
+        want: &FileDigest,
+    ) -> Result<Option<FileMeta>, FsError> {
+        let tc = comps(target);
+        let Some(m) = root.stat(&tc)?.filter(|m| m.kind == Kind::File) else {
+            return Ok(None);
+        };
+        if let Some(r) = self
+            .shared
+            .record(&set.name, target)
+            .filter(|r| unchanged_since(r, &m))
+        {
+            return Ok((r.digest.get() == *want).then_some(m));
+        }
+        Ok(match hash_local(root, &tc)? {
+            Some((h, now)) if h.digest() == *want && now == m => Some(m),
+            _ => None,
+        })
+    }
+
+    /// Makes `path` a hard link of its committed primary (`entry.link`),
+    /// atomically: a local file that differs from what the cluster last
+    /// committed is quarantined first, as before any replace. When the
+    /// primary does not hold the committed content here, the path is
+    /// marked missing; the fetcher brings the primary's content and the
+    /// link is made then.
+    #[allow(clippy::too_many_arguments)]
+    fn link_file(
+        &self,
+        set: &SetRuntime,
+        root: &Root,
+        path: &SetPath,
+        entry: &Entry,
+        previous: Option<&Entry>,
+        index: u64,
+        term: u64,
+        store: &mut StoreBatch,
+    ) -> Result<(), FsError> {
+        let target = entry.link.as_ref().expect("a link entry names its primary");
+        let want = entry.digest.expect("a link is a file").get();
+        let Some(tm) = self.holds_committed(set, root, target, &want)? else {
+            debug!(set = %set.name, path = %path, "the primary {target} of hard link {path} lacks its committed content here; fetching it first");
+            self.mark_missing(&set.name, path, entry, store);
+            return Ok(());
+        };
+        let c = comps(path);
+        self.ensure_parents(set, root, path, index, term)?;
+        let mut expect = Expect::Absent;
+        match root.stat(&c)? {
+            Some(m) if m.kind == Kind::File => {
+                if m.ino != tm.ino || m.dev != tm.dev {
+                    let local = match self
+                        .shared
+                        .record(&set.name, path)
+                        .filter(|r| unchanged_since(r, &m))
+                    {
+                        Some(r) => Some(r.digest.get()),
+                        None => hash_local(root, &c)?.map(|(h, _)| h.digest()),
+                    };
+                    let known = local.is_some_and(|d| {
+                        d == want || self.local_is_known(&set.name, path, &d, previous)
+                    });
+                    if known {
+                        expect = Expect::File {
+                            ino: m.ino,
+                            dev: m.dev,
+                            len: m.len,
+                            mtime_ns: m.mtime_ns,
+                        };
+                    } else {
+                        self.quarantine(
+                            &set.name,
+                            root,
+                            path,
+                            index,
+                            term,
+                            "it differed from what the cluster last committed",
+                        )?;
+                    }
+                }
+            }
+            Some(m) => {
+                let known = previous.is_some_and(|p| p.meta.kind == entry_kind(m.kind));
+                self.clear_way(
+                    known,
+                    set,
+                    root,
+                    path,
+                    index,
+                    term,
+                    "a different kind of entry stood where the cluster put a hard link",
+                )?;
+            }
+            None => {}
+        }
+        let replaced = root.link_file_guarded(&c, &comps(target), &tm, expect)?;
+        if let Some(at) = &replaced.displaced {
+            let at: Vec<&[u8]> = at.iter().map(|c| c.as_slice()).collect();
+            self.quarantine_at(
+                &set.name,
+                root,
+                &at,
+                path,
+                index,
+                term,
+                "it was edited while the hard link was being made",
+            )?;
+        }
+        self.put_record(&set.name, path, record_of(&replaced.meta, &want), store);
+        self.clear_missing(&set.name, path, store);
+        Ok(())
     }
 
     /// Gives an existing file the committed metadata and returns what its
@@ -2097,8 +2328,17 @@ impl Applier {
             }
         }
         let mut dirs = Vec::new();
+        // Sets with `hard_links`: links are made once every file is
+        // settled, and an inode here may be the file of one committed name
+        // only (with its links): any other name on it gets its own.
+        let mut links = Vec::new();
+        let mut claimed: HashMap<(u64, u64), &SetPath> = HashMap::new();
         for (path, entry) in &entries {
             if !set.holds(path, entry.meta.kind == EntryKind::Dir) {
+                continue;
+            }
+            if set.hard_links && entry.link.is_some() {
+                links.push((path, entry));
                 continue;
             }
             let c = comps(path);
@@ -2129,6 +2369,25 @@ impl Applier {
                         _ => None,
                     };
                     if let (Some(m), true) = (local, have == Some(want)) {
+                        if set.hard_links && m.nlink > 1 {
+                            if let Some(other) = claimed.get(&(m.dev, m.ino)) {
+                                debug!(set = %set.name, path = %path, "{path} shares its inode with {other} here, but the cluster has them as separate files");
+                                let expect = Expect::File {
+                                    ino: m.ino,
+                                    dev: m.dev,
+                                    len: m.len,
+                                    mtime_ns: m.mtime_ns,
+                                };
+                                match self
+                                    .own_inode(set, root, path, entry, expect, index, term, store)?
+                                {
+                                    PutOutcome::Done => self.clear_missing(&set.name, path, store),
+                                    _ => self.mark_missing(&set.name, path, entry, store),
+                                }
+                                return Ok(());
+                            }
+                            claimed.insert((m.dev, m.ino), path);
+                        }
                         let now = self.settle_meta(root, &c, &m, &entry.meta)?;
                         self.settle_xattrs(set, root, path, entry)?;
                         self.put_record(&set.name, path, record_of(&now, &want), store);
@@ -2143,10 +2402,33 @@ impl Applier {
                 self.shared.note_error(&set.name, format!("{path}: {e}"));
             }
         }
+        for (path, entry) in links {
+            if let Err(e) = self.link_file(set, root, path, entry, None, index, term, store) {
+                self.mark_missing(&set.name, path, entry, store);
+                self.shared.note_error(&set.name, format!("{path}: {e}"));
+            }
+        }
         for (path, meta) in dirs.iter().rev() {
             let _ = root.set_meta(&comps(path), &fs_meta(meta));
         }
         Ok(())
+    }
+
+    /// Gives the directory holding `path` its committed metadata again
+    /// (writing an entry in it changed its mtime).
+    fn settle_parent_meta(&self, set: &str, root: &Root, path: &SetPath) {
+        if let Some(parent) = path.parent() {
+            let meta = self
+                .shared
+                .manifest
+                .read()
+                .unwrap()
+                .get(set, &parent)
+                .map(|e| e.meta.clone());
+            if let Some(meta) = meta.filter(|m| m.kind == EntryKind::Dir) {
+                let _ = root.set_meta(&comps(&parent), &fs_meta(&meta));
+            }
+        }
     }
 
     fn apply_fetched(&mut self, f: Fetched) {
@@ -2183,6 +2465,45 @@ impl Applier {
         };
         let mut store = StoreBatch::default();
         let index = self.shared.applied.load(Ordering::SeqCst);
+        if let Some(primary) = entry.link.as_ref().filter(|_| set.hard_links) {
+            // A hard link travels as none of its bytes: the fetcher asks for
+            // it (with no content) once its primary is no longer missing.
+            match self.holds_committed(&set, &root, primary, &f.want) {
+                Ok(Some(_)) => {
+                    let term = self.shared.term.load(Ordering::SeqCst);
+                    if let Err(e) =
+                        self.link_file(&set, &root, &f.path, &entry, None, index, term, &mut store)
+                    {
+                        self.shared.note_error(&f.set, format!("{}: {e}", f.path));
+                    } else {
+                        // Linking changed the directory's mtime.
+                        self.settle_parent_meta(&f.set, &root, &f.path);
+                        info!(set = %f.set, path = %f.path, "linked {} to {primary}", f.path);
+                        let _ = self.out.send(Applied::SetChanged(f.set.clone()));
+                    }
+                }
+                Ok(None) => {
+                    // The primary here is not the committed version (edited
+                    // by hand, say): it is fetched first.
+                    let pentry = self
+                        .shared
+                        .manifest
+                        .read()
+                        .unwrap()
+                        .get(&f.set, primary)
+                        .cloned();
+                    if let Some(pentry) = pentry {
+                        self.mark_missing(&f.set, primary, &pentry, &mut store);
+                    }
+                }
+                Err(e) => self.shared.note_error(&f.set, format!("{}: {e}", f.path)),
+            }
+            self.roots.insert(f.set.clone(), root);
+            if let Err(e) = self.shared.store.write(store) {
+                let _ = self.out.send(Applied::Failed(e.to_string()));
+            }
+            return;
+        }
         self.shared
             .counters
             .bytes_fetched
@@ -2208,18 +2529,7 @@ impl Applier {
                 if let Err(e) = root.sync_dir(&parent) {
                     self.shared.note_error(&f.set, format!("{}: {e}", f.path));
                 }
-                if let Some(parent) = f.path.parent() {
-                    let meta = self
-                        .shared
-                        .manifest
-                        .read()
-                        .unwrap()
-                        .get(&f.set, &parent)
-                        .map(|e| e.meta.clone());
-                    if let Some(meta) = meta.filter(|m| m.kind == EntryKind::Dir) {
-                        let _ = root.set_meta(&comps(&parent), &fs_meta(&meta));
-                    }
-                }
+                self.settle_parent_meta(&f.set, &root, &f.path);
                 info!(set = %f.set, path = %f.path, "fetched the committed version of {}", f.path);
                 let _ = self.out.send(Applied::SetChanged(f.set.clone()));
             }
@@ -2368,6 +2678,7 @@ mod tests {
             on_change: None,
             single_file: false,
             xattrs: false,
+            hard_links: false,
             max_file_size: 1 << 30,
         })
     }

@@ -14,7 +14,7 @@
 //!   so no torn version is ever proposed; a set with a `skip_while` marker
 //!   present is not read at all.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -357,7 +357,12 @@ fn process(
             for d in new_dirs {
                 crate::replica::local_subtree(&set, &root, &d, &mut paths);
             }
-            paths.into_iter().collect()
+            let paths: Vec<SetPath> = paths.into_iter().collect();
+            if set.hard_links {
+                with_other_names(shared, &set, &root, paths)
+            } else {
+                paths
+            }
         };
         plan_and_propose(shared, node, rt, term, &set, &root, paths, left)?;
     }
@@ -453,43 +458,76 @@ fn plan_and_propose(
             Some(meta) => present.push((path, meta)),
         }
     }
-    let mut renamed: BTreeSet<SetPath> = BTreeSet::new();
+    // New names of files that just left another name: renames (`mv`, a
+    // rotated log), found by the inode the old name had.
+    let mut renames: BTreeMap<SetPath, SetPath> = BTreeMap::new();
+    for (path, meta) in &present {
+        if meta.kind != Kind::File || !set.holds(path, false) {
+            continue;
+        }
+        if shared
+            .manifest
+            .read()
+            .unwrap()
+            .get(&set.name, path)
+            .is_some()
+        {
+            continue;
+        }
+        if let Some(i) = b.gone.iter().position(|(_, r)| {
+            r.ino == meta.ino && r.len == meta.len && r.mtime_ns == meta.mtime_ns
+        }) {
+            let (from, _) = b.gone.remove(i);
+            renames.insert(path.clone(), from);
+        }
+    }
+    let renamed: BTreeSet<SetPath> = renames.values().cloned().collect();
+    let mut links = if set.hard_links {
+        LinkPlan::new(shared, set, &present, &renames, &removed_roots)
+    } else {
+        LinkPlan::default()
+    };
     for (path, meta) in present {
         if !set.holds(&path, meta.kind == Kind::Dir) {
             continue;
         }
-        if meta.kind == Kind::File
-            && shared
-                .manifest
-                .read()
-                .unwrap()
-                .get(&set.name, &path)
-                .is_none()
-        {
-            // A new name for a file that just left another name: a rename.
-            if let Some(i) = b.gone.iter().position(|(_, r)| {
-                r.ino == meta.ino && r.len == meta.len && r.mtime_ns == meta.mtime_ns
-            }) {
-                let (from, rec) = b.gone.remove(i);
-                renamed.insert(from.clone());
-                b.ops.push(FileOp::Rename {
-                    from: from.as_bytes().to_vec(),
-                    to: path.as_bytes().to_vec(),
-                });
-                let _ = rec;
-                continue;
-            }
+        if let Some(from) = renames.get(&path) {
+            b.ops.push(FileOp::Rename {
+                from: from.as_bytes().to_vec(),
+                to: path.as_bytes().to_vec(),
+            });
+            continue;
         }
-        if !examine(shared, set, root, &path, &meta, &mut names, &mut b) {
+        if links.primary_of.contains_key(&path) {
+            // Another name of a file whose primary name is examined: it
+            // becomes a link of that name below.
+            continue;
+        }
+        let committed = links.effective(shared, set, &path);
+        let ops_before = b.ops.len();
+        let done = examine(
+            shared, set, root, &path, &meta, committed, &mut names, &mut b,
+        );
+        if !done {
             left.paths
                 .entry(set.name.clone())
                 .or_default()
                 .insert(path.clone());
         }
+        if links.primaries.contains(&path) {
+            let planned = b.ops[ops_before..].iter().find_map(|op| match op {
+                FileOp::Put {
+                    path: p, digest, ..
+                } if p == path.as_bytes() => Some(*digest),
+                _ => None,
+            });
+            links.note_examined(shared, set, &path, done, planned);
+        }
         if b.bytes >= BATCH_BYTES || b.ops.len() >= BATCH_OPS {
             flush(shared, node, rt, term, set, &mut b, false)?;
         }
     }
+    links.propose(shared, set, &mut b, left);
     for r in removed_roots {
         if renamed.contains(&r) {
             continue;
@@ -503,32 +541,263 @@ fn plan_and_propose(
             },
         });
     }
-    // Renames and removals must precede puts that reuse their names.
+    // Renames and removals must precede puts that reuse their names, and
+    // links follow the new versions of their primaries.
     b.ops.sort_by_key(|op| match op {
         FileOp::Rename { .. } => 0,
         FileOp::Remove { .. } | FileOp::Forget { .. } => 1,
+        FileOp::Link { .. } => 3,
         _ => 2,
     });
     flush(shared, node, rt, term, set, &mut b, true)
 }
 
-/// Examines one present path; returns false when it must be tried again
-/// later (it was changing while read, or could not be read this time).
+/// Sets with `hard_links = true`: `paths` with the other names of the
+/// files among them, which must be examined together (inotify reports a
+/// change only under the name it was made through): the names the cluster
+/// has for the same file (its primary and links), and the names this node
+/// last saw on the same inode (by the node-local records: the old name of
+/// a new link, or the names left holding an inode whose other name was
+/// replaced). Taken to a fixed point, in path order.
+fn with_other_names(
+    shared: &Shared,
+    set: &SetRuntime,
+    root: &Root,
+    paths: Vec<SetPath>,
+) -> Vec<SetPath> {
+    let mut all: BTreeSet<SetPath> = paths.into_iter().collect();
+    let mut fresh: Vec<SetPath> = all.iter().cloned().collect();
+    // A few rounds reach every name of every group in practice; the next
+    // change or rescan picks up anything further.
+    for _ in 0..3 {
+        if fresh.is_empty() {
+            break;
+        }
+        let mut inodes: HashSet<u64> = HashSet::new();
+        for p in &fresh {
+            if let Some(r) = shared.record(&set.name, p) {
+                inodes.insert(r.ino);
+            }
+            if let Ok(Some(m)) = root.stat(&p.components().collect::<Vec<_>>()) {
+                if m.kind == Kind::File && m.nlink > 1 {
+                    inodes.insert(m.ino);
+                }
+            }
+        }
+        let mut found = BTreeSet::new();
+        {
+            let m = shared.manifest.read().unwrap();
+            if let Some(sm) = m.set(&set.name) {
+                let primaries: HashSet<SetPath> = fresh
+                    .iter()
+                    .filter_map(|p| {
+                        sm.entries
+                            .get(p)
+                            .map(|e| e.link.clone().unwrap_or_else(|| p.clone()))
+                    })
+                    .collect();
+                for (p, e) in &sm.entries {
+                    if let Some(t) = e.link.as_ref().filter(|t| primaries.contains(*t)) {
+                        found.insert(p.clone());
+                        found.insert(t.clone());
+                    }
+                }
+            }
+        }
+        if !inodes.is_empty() {
+            if let Some(recs) = shared.records.lock().unwrap().get(&set.name) {
+                found.extend(
+                    recs.iter()
+                        .filter(|(_, r)| inodes.contains(&r.ino))
+                        .map(|(p, _)| p.clone()),
+                );
+            }
+        }
+        fresh = found
+            .into_iter()
+            .filter(|p| all.insert(p.clone()))
+            .collect();
+    }
+    all.into_iter().collect()
+}
+
+/// The hard links one pass of a set with `hard_links = true` proposes.
+/// Names of one inode found in the pass form a group; one of them is the
+/// primary, examined like any file (a new version of it travels as usual),
+/// and every other name becomes a [`FileOp::Link`] of it unless the cluster
+/// already has it so. The primary is the name the cluster already has as
+/// the file (so nothing needs proposing), else a name moved from it, else
+/// the first other name (proposed as a file of its own first).
+#[derive(Default)]
+struct LinkPlan {
+    /// New name → old name, for the renames of this pass.
+    renames: BTreeMap<SetPath, SetPath>,
+    /// Old name → new name.
+    moved: BTreeMap<SetPath, SetPath>,
+    /// Paths this pass removes.
+    removed: Vec<SetPath>,
+    /// Every other name of a group → its primary.
+    primary_of: BTreeMap<SetPath, SetPath>,
+    /// Primaries examined in this pass.
+    primaries: BTreeSet<SetPath>,
+    /// Primaries usable as a link target once this pass applied, with the
+    /// digest they will have.
+    ok: BTreeMap<SetPath, WireDigest>,
+    /// Primaries that get a new version (a `Put`) in this pass: a `Put`
+    /// ends the links of a name, so they are proposed again.
+    rewritten: BTreeSet<SetPath>,
+    /// Primaries that could not be read this time: retried with their names.
+    retry: BTreeSet<SetPath>,
+    /// `lstat` of every grouped name.
+    metas: BTreeMap<SetPath, FileMeta>,
+}
+
+impl LinkPlan {
+    fn new(
+        shared: &Shared,
+        set: &SetRuntime,
+        present: &[(SetPath, FileMeta)],
+        renames: &BTreeMap<SetPath, SetPath>,
+        removed: &[SetPath],
+    ) -> LinkPlan {
+        let mut plan = LinkPlan {
+            renames: renames.clone(),
+            moved: renames
+                .iter()
+                .map(|(t, f)| (f.clone(), t.clone()))
+                .collect(),
+            removed: removed.to_vec(),
+            ..LinkPlan::default()
+        };
+        let mut by_inode: BTreeMap<(u64, u64), Vec<SetPath>> = BTreeMap::new();
+        for (p, m) in present {
+            if m.kind == Kind::File && m.nlink > 1 && set.holds(p, false) {
+                by_inode.entry((m.dev, m.ino)).or_default().push(p.clone());
+                plan.metas.insert(p.clone(), *m);
+            }
+        }
+        for members in by_inode.into_values().filter(|v| v.len() > 1) {
+            let is_file = |p: &SetPath| {
+                plan.effective(shared, set, p)
+                    .is_some_and(|e| e.meta.kind == EntryKind::File && e.link.is_none())
+            };
+            let moved_here = |p: &SetPath| plan.renames.contains_key(p);
+            let Some(primary) = members
+                .iter()
+                .find(|p| !moved_here(p) && is_file(p))
+                .or_else(|| members.iter().find(|p| moved_here(p) && is_file(p)))
+                .or_else(|| members.iter().find(|p| !moved_here(p)))
+                .cloned()
+            else {
+                continue;
+            };
+            if moved_here(&primary) {
+                // Moved from the committed primary: it stays the file.
+                if let Some(d) = plan.effective(shared, set, &primary).and_then(|e| e.digest) {
+                    plan.ok.insert(primary.clone(), d);
+                }
+            } else {
+                plan.primaries.insert(primary.clone());
+            }
+            for m in members.into_iter().filter(|m| *m != primary) {
+                plan.primary_of.insert(m, primary.clone());
+            }
+        }
+        plan
+    }
+
+    /// The committed entry of `path` as it will be once this pass's renames
+    /// and removals applied: a moved name has its source's entry, and a
+    /// link whose primary is removed is a file of its own.
+    fn effective(&self, shared: &Shared, set: &SetRuntime, path: &SetPath) -> Option<Entry> {
+        let m = shared.manifest.read().unwrap();
+        let src = self.renames.get(path).unwrap_or(path);
+        let mut e = m.get(&set.name, src)?.clone();
+        if let Some(t) = e.link.take() {
+            let t = self.moved.get(&t).cloned().unwrap_or(t);
+            if !self.removed.iter().any(|r| *r == t || r.is_ancestor_of(&t)) {
+                e.link = Some(t);
+            }
+        }
+        Some(e)
+    }
+
+    /// The primary `path` was examined (`done`: not to be retried), and
+    /// `planned` is the digest of the new version proposed for it, if any.
+    fn note_examined(
+        &mut self,
+        shared: &Shared,
+        set: &SetRuntime,
+        path: &SetPath,
+        done: bool,
+        planned: Option<WireDigest>,
+    ) {
+        if !done {
+            self.retry.insert(path.clone());
+        } else if let Some(d) = planned {
+            self.ok.insert(path.clone(), d);
+            self.rewritten.insert(path.clone());
+        } else if let Some(e) = self
+            .effective(shared, set, path)
+            .filter(|e| e.meta.kind == EntryKind::File && e.link.is_none())
+        {
+            if let Some(d) = e.digest {
+                self.ok.insert(path.clone(), d);
+            }
+        }
+    }
+
+    /// Adds the links of this pass to `b` (after every other op of the
+    /// pass); the names of primaries to retry go to `left` with them.
+    fn propose(&self, shared: &Shared, set: &SetRuntime, b: &mut Builder, left: &mut Dirty) {
+        for (name, primary) in &self.primary_of {
+            let Some(digest) = self.ok.get(primary) else {
+                if self.retry.contains(primary) {
+                    left.paths
+                        .entry(set.name.clone())
+                        .or_default()
+                        .insert(name.clone());
+                }
+                continue;
+            };
+            let linked = !self.rewritten.contains(primary)
+                && self
+                    .effective(shared, set, name)
+                    .is_some_and(|e| e.link.as_ref() == Some(primary));
+            if linked {
+                continue;
+            }
+            b.ops.push(FileOp::Link {
+                path: name.as_bytes().to_vec(),
+                target: primary.as_bytes().to_vec(),
+            });
+            if let Some(m) = self.metas.get(name) {
+                b.pending.push((name.clone(), record_of(m, &digest.get())));
+            }
+            // A link puts none of the file's bytes on the wire.
+            shared
+                .counters
+                .bytes_saved
+                .fetch_add(digest.get().len, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Examines one present path against its `committed` entry (as it will be
+/// once this pass's renames and removals applied); returns false when it
+/// must be tried again later (it was changing while read, or could not be
+/// read this time).
+#[allow(clippy::too_many_arguments)]
 fn examine(
     shared: &Shared,
     set: &SetRuntime,
     root: &Root,
     path: &SetPath,
     meta: &FileMeta,
+    mut committed: Option<Entry>,
     names: &mut OwnerNames,
     b: &mut Builder,
 ) -> bool {
-    let mut committed: Option<Entry> = shared
-        .manifest
-        .read()
-        .unwrap()
-        .get(&set.name, path)
-        .cloned();
     let comps: Vec<&[u8]> = path.components().collect();
     let local_kind = match meta.kind {
         Kind::Dir => Some(EntryKind::Dir),
@@ -678,10 +947,15 @@ fn examine_file(
     let comps: Vec<&[u8]> = path.components().collect();
     let committed_digest = committed.and_then(|e| e.digest).map(|d| d.get());
     let record = shared.record(&set.name, path);
+    // Committed as a hard link of another name, but examined as a file of
+    // its own (its links are gone, or it is the primary now): a `Put` makes
+    // it one, even with the same content and metadata.
+    let own = committed.is_some_and(|e| e.link.is_some());
     if let (Some(r), Some(c)) = (record, committed_digest) {
         if unchanged_since(&r, meta)
             && r.digest.get() == c
             && committed.is_some_and(|e| e.meta.kind == EntryKind::File)
+            && !own
         {
             return Ok(());
         }
@@ -709,7 +983,7 @@ fn examine_file(
     let m = meta_from_local(&now, EntryKind::File, names);
     if committed_digest == Some(new_digest) {
         b.pending.push((path.clone(), record_of(&now, &new_digest)));
-        if committed.map(|e| &e.meta) != Some(&m) {
+        if committed.map(|e| &e.meta) != Some(&m) || own {
             b.ops.push(FileOp::Put {
                 path: path.as_bytes().to_vec(),
                 meta: m,
@@ -1008,6 +1282,7 @@ mod tests {
             digest: None,
             target: None,
             xattrs,
+            link: None,
         }
     }
 

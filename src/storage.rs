@@ -239,7 +239,10 @@ struct TermRuns {
 impl TermRuns {
     /// Covering nothing: lookups fall back to reading the entry.
     fn empty() -> TermRuns {
-        TermRuns { from: u64::MAX, runs: Vec::new() }
+        TermRuns {
+            from: u64::MAX,
+            runs: Vec::new(),
+        }
     }
 
     /// Term of `index`, if covered (the caller checks `index <= last`).
@@ -567,7 +570,9 @@ impl RaftStore {
         }
         self.write(batch, "persisting log entries and hard state")?;
         if let Some(first) = entries.first() {
-            cache.terms.append(first.index, entries.iter().map(|e| e.term));
+            cache
+                .terms
+                .append(first.index, entries.iter().map(|e| e.term));
         }
         cache.last_index = last_index;
         cache.last_term = last_term;
@@ -1301,10 +1306,16 @@ mod tests {
         let mut runs = TermRuns::empty();
         assert_eq!(runs.get(1), None);
         runs.append(1, [1, 1, 2, 2, 2].into_iter());
-        assert_eq!((1..=5).map(|i| runs.get(i)).collect::<Vec<_>>(), [1, 1, 2, 2, 2].map(Some));
+        assert_eq!(
+            (1..=5).map(|i| runs.get(i)).collect::<Vec<_>>(),
+            [1, 1, 2, 2, 2].map(Some)
+        );
         // A new leader overwrites 4.. with its term.
         runs.append(4, [3, 3].into_iter());
-        assert_eq!((1..=5).map(|i| runs.get(i).unwrap()).collect::<Vec<_>>(), [1, 1, 2, 3, 3]);
+        assert_eq!(
+            (1..=5).map(|i| runs.get(i).unwrap()).collect::<Vec<_>>(),
+            [1, 1, 2, 3, 3]
+        );
         runs.compact(3);
         assert_eq!(runs.get(2), None, "compacted away");
         assert_eq!(runs.get(3), Some(2));
@@ -1331,10 +1342,13 @@ mod tests {
     #[test]
     fn terms_come_from_the_log_after_a_restart_and_from_memory_after_appends() {
         let dir = TempDir::new().unwrap();
-        let entries = |ts: &[(u64, u64)]| ts.iter().map(|&(i, t)| new_entry(i, t)).collect::<Vec<_>>();
+        let entries =
+            |ts: &[(u64, u64)]| ts.iter().map(|&(i, t)| new_entry(i, t)).collect::<Vec<_>>();
         {
             let store = RaftStore::open(dir.path()).unwrap();
-            store.persist(&entries(&[(1, 1), (2, 1), (3, 2)]), None).unwrap();
+            store
+                .persist(&entries(&[(1, 1), (2, 1), (3, 2)]), None)
+                .unwrap();
             assert_eq!(store.term(2).unwrap(), 1);
         }
         let store = RaftStore::open(dir.path()).unwrap();

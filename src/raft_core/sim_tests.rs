@@ -546,7 +546,10 @@ fn the_byte_trigger_waits_for_a_live_follower_but_not_for_a_dead_one() {
         sim.barrier(leader, token).unwrap();
     }
     let view = sim.core(leader).view();
-    assert!(view.applied_index > held + 4, "the barriers committed without it");
+    assert!(
+        view.applied_index > held + 4,
+        "the barriers committed without it"
+    );
     assert!(
         view.first_index <= held + 1,
         "compacted to {} past entry {held} that a live follower still needs",
