@@ -18,10 +18,12 @@
 //!   (an unclosed quote) becomes a note; nothing here panics on input.
 //! * **Options.** `--exclude=PAT` and `--exclude PAT` become `exclude`.
 //!   `--delete` and its variants are noted on the set (mirror mode deletes
-//!   anyway). The archive and transfer options (`-a -r -l -p -t -g -o -D -z -P
-//!   -v -q -h -i -H -A -X -S -c`, `--progress`, `--partial`, `-e`/`--rsh`, ...)
-//!   describe what clusterd always does, or only how rsync talks, and are
-//!   dropped without a note. Every other option (`--include`, `--filter`, `-u`,
+//!   anyway). `-H`/`--hard-links` becomes `hard_links = true` and
+//!   `-A`/`-X`/`--acls`/`--xattrs` become `xattrs = true` (not on append
+//!   sets, which keep no links: noted instead). The archive and transfer
+//!   options (`-a -r -l -p -t -g -o -D -z -P -v -q -h -i -S -c`,
+//!   `--progress`, `--partial`, `-e`/`--rsh`, ...) describe what clusterd
+//!   always does, or only how rsync talks, and are dropped without a note. Every other option (`--include`, `--filter`, `-u`,
 //!   `-n`, `--bwlimit`, ...) is named in a comment on the set.
 //! * **Operands.** The last operand is the destination, the others sources; a
 //!   remote operand is `[user@]host:path`. The set's `path` is the **remote
@@ -90,6 +92,7 @@ const RULES: &[&str] = &[
     "\"dir/\" is the directory; a path without a trailing slash is a single file unless it is a well-known directory",
     "the excludes of every line of a path are kept; \"a/b\" becomes \"**/a/b\" because rsync matches it at any depth",
     "-a -r -z -P -v and the like are what clusterd does anyway; --delete is noted (mirror mode deletes anyway)",
+    "-H gives hard_links = true, -A and -X give xattrs = true",
     "mode is \"append\" under /var/log (logs only grow), \"mirror\" elsewhere",
     "an rsync line in the no-lock branch of `if [ -f DIR/*.lock ]` gets skip_while = [\"*.lock\"]",
     "service reloads and restarts are suggested as on_change; ssh commands, ping/PROMOTE logic and lock files are not translated; echo and sleep are dropped",
@@ -138,6 +141,10 @@ pub struct SyncSetDraft {
     pub exclude: Vec<String>,
     /// `skip_while`, from a lock check around the rsync line.
     pub skip_while: Vec<String>,
+    /// `hard_links`: a line passed `-H` (not on append sets).
+    pub hard_links: bool,
+    /// `xattrs`: a line passed `-A` or `-X`.
+    pub xattrs: bool,
     /// Printed as `#` lines above the set: where it came from and what to review.
     pub comments: Vec<String>,
 }
@@ -224,6 +231,12 @@ impl Translation {
             }
             if !set.skip_while.is_empty() {
                 let _ = writeln!(out, "skip_while = {}", toml_array(&set.skip_while));
+            }
+            if set.hard_links {
+                out.push_str("hard_links = true\n");
+            }
+            if set.xattrs {
+                out.push_str("xattrs = true\n");
             }
         }
         out
@@ -607,7 +620,7 @@ const RSYNC_LONG_IMPLIED: &[&str] = &[
 ];
 
 /// Short options that are implied (see [`RSYNC_LONG_IMPLIED`]).
-const RSYNC_SHORT_IMPLIED: &str = "arlptgoDvqzPhiHAXScEWOJ846sIy";
+const RSYNC_SHORT_IMPLIED: &str = "arlptgoDvqzPhiScEWOJ846sIy";
 
 #[derive(Debug, Default)]
 struct RsyncArgs {
@@ -615,6 +628,10 @@ struct RsyncArgs {
     excludes: Vec<String>,
     deletes: Vec<String>,
     unknown: Vec<String>,
+    /// `-H` / `--hard-links`.
+    hard_links: bool,
+    /// `-A` / `-X` / `--acls` / `--xattrs`.
+    xattrs: bool,
 }
 
 fn parse_rsync_args(words: &[String]) -> RsyncArgs {
@@ -654,6 +671,8 @@ fn parse_rsync_args(words: &[String]) -> RsyncArgs {
                     None => a.unknown.push(shown),
                 },
                 n if n == "del" || n.starts_with("delete") => a.deletes.push(shown),
+                "hard-links" => a.hard_links = true,
+                "acls" | "xattrs" => a.xattrs = true,
                 n if RSYNC_LONG_IMPLIED.contains(&n) => {}
                 _ => a.unknown.push(shown),
             }
@@ -677,6 +696,10 @@ fn parse_rsync_args(words: &[String]) -> RsyncArgs {
                 if matches!(c, 'f' | 'M') {
                     a.unknown.push(format!("-{c} {value}"));
                 }
+            } else if c == 'H' {
+                a.hard_links = true;
+            } else if matches!(c, 'A' | 'X') {
+                a.xattrs = true;
             } else if !RSYNC_SHORT_IMPLIED.contains(c) {
                 a.unknown.push(format!("-{c}"));
             }
@@ -843,6 +866,10 @@ struct Use {
     excludes: Vec<String>,
     /// The line passed --delete or a variant.
     delete: bool,
+    /// The line passed -H.
+    hard_links: bool,
+    /// The line passed -A or -X.
+    xattrs: bool,
 }
 
 #[derive(Debug)]
@@ -1432,6 +1459,8 @@ impl Translator {
                 directory,
                 excludes,
                 delete: !args.deletes.is_empty(),
+                hard_links: args.hard_links,
+                xattrs: args.xattrs,
             });
             set.guards.extend(set_guards);
             set.comments.extend(comments);
@@ -1688,6 +1717,18 @@ fn draft(acc: SetAcc, taken: &mut HashSet<String>) -> SyncSetDraft {
             lines.join(", ")
         ));
     }
+    let lines_with = |f: fn(&Use) -> bool| -> Vec<String> {
+        acc.uses.iter().filter(|u| f(u)).map(|u| u.line.to_string()).collect()
+    };
+    let linked = lines_with(|u| u.hard_links);
+    let hard_links = !linked.is_empty() && mode == SetMode::Mirror;
+    if !linked.is_empty() && !hard_links {
+        comments.push(format!(
+            "-H on line {}: not kept, an append set cannot keep hard links",
+            linked.join(", ")
+        ));
+    }
+    let xattrs = !lines_with(|u| u.xattrs).is_empty();
     for c in acc.comments {
         if !comments.contains(&c) {
             comments.push(c);
@@ -1700,6 +1741,8 @@ fn draft(acc: SetAcc, taken: &mut HashSet<String>) -> SyncSetDraft {
         mode,
         exclude,
         skip_while,
+        hard_links,
+        xattrs,
         comments,
     }
 }
@@ -1793,7 +1836,8 @@ mod tests {
             let s = s.as_table().expect("table");
             for key in s.keys() {
                 assert!(
-                    ["name", "path", "mode", "exclude", "skip_while"].contains(&key.as_str()),
+                    ["name", "path", "mode", "exclude", "skip_while", "hard_links", "xattrs"]
+                        .contains(&key.as_str()),
                     "unexpected key {key}"
                 );
             }
@@ -1802,6 +1846,9 @@ mod tests {
             assert_eq!(s["mode"].as_str(), Some(d.mode.as_str()));
             assert_eq!(strings(s.get("exclude")), d.exclude);
             assert_eq!(strings(s.get("skip_while")), d.skip_while);
+            let flag = |k: &str| s.get(k).map(|v| v.as_bool().expect("a boolean"));
+            assert_eq!(flag("hard_links").unwrap_or(false), d.hard_links);
+            assert_eq!(flag("xattrs").unwrap_or(false), d.xattrs);
         }
         assert!(
             table.keys().all(|k| k == "sync"),
