@@ -1324,6 +1324,26 @@ impl Applier {
         self.quarantine_at(set, root, &comps(path), path, index, term, why)
     }
 
+    /// Quarantines what a guarded swap displaced (an edit that landed
+    /// between the check and the rename), if anything.
+    #[allow(clippy::too_many_arguments)]
+    fn quarantine_displaced(
+        &self,
+        set: &str,
+        root: &Root,
+        displaced: &Option<Vec<Vec<u8>>>,
+        path: &SetPath,
+        index: u64,
+        term: u64,
+        why: &str,
+    ) -> Result<(), FsError> {
+        let Some(at) = displaced else {
+            return Ok(());
+        };
+        let at: Vec<&[u8]> = at.iter().map(|c| c.as_slice()).collect();
+        self.quarantine_at(set, root, &at, path, index, term, why)
+    }
+
     /// [`Applier::quarantine`] of an entry that stands at `at` (a temporary
     /// name a guarded replace left it under) but belongs to `path`.
     #[allow(clippy::too_many_arguments)]
@@ -1623,18 +1643,15 @@ impl Applier {
             let xattrs = set.xattrs.then_some(&entry.xattrs[..]);
             let replaced =
                 root.replace_file_guarded(&c, &new, &meta, &target.hash, false, xattrs, expect)?;
-            if let Some(at) = &replaced.displaced {
-                let at: Vec<&[u8]> = at.iter().map(|c| c.as_slice()).collect();
-                self.quarantine_at(
-                    &set.name,
-                    root,
-                    &at,
-                    path,
-                    index,
-                    term,
-                    "it was edited while the committed version was being written",
-                )?;
-            }
+            self.quarantine_displaced(
+                &set.name,
+                root,
+                &replaced.displaced,
+                path,
+                index,
+                term,
+                "it was edited while the committed version was being written",
+            )?;
             written = replaced.meta;
             self.xattrs_notice(set, root);
             if set.mode == SyncMode::Mirror && new.len() >= delta::SMALL_FILE_LEN {
@@ -1687,18 +1704,15 @@ impl Applier {
             xattrs,
             expect,
         )?;
-        if let Some(at) = &replaced.displaced {
-            let at: Vec<&[u8]> = at.iter().map(|c| c.as_slice()).collect();
-            self.quarantine_at(
-                &set.name,
-                root,
-                &at,
-                path,
-                index,
-                term,
-                "it was edited while the committed version was being written",
-            )?;
-        }
+        self.quarantine_displaced(
+            &set.name,
+            root,
+            &replaced.displaced,
+            path,
+            index,
+            term,
+            "it was edited while the committed version was being written",
+        )?;
         self.put_record(&set.name, path, record_of(&replaced.meta, &target), store);
         Ok(PutOutcome::Done)
     }
@@ -1806,18 +1820,15 @@ impl Applier {
             None => {}
         }
         let replaced = root.link_file_guarded(&c, &comps(target), &tm, expect)?;
-        if let Some(at) = &replaced.displaced {
-            let at: Vec<&[u8]> = at.iter().map(|c| c.as_slice()).collect();
-            self.quarantine_at(
-                &set.name,
-                root,
-                &at,
-                path,
-                index,
-                term,
-                "it was edited while the hard link was being made",
-            )?;
-        }
+        self.quarantine_displaced(
+            &set.name,
+            root,
+            &replaced.displaced,
+            path,
+            index,
+            term,
+            "it was edited while the hard link was being made",
+        )?;
         self.put_record(&set.name, path, record_of(&replaced.meta, &want), store);
         self.clear_missing(&set.name, path, store);
         Ok(())
