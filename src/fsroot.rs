@@ -898,14 +898,7 @@ impl Root {
         // stat by name now could already see someone else's edit.
         Ok(Replaced {
             meta: FileMeta::from_stat(&ours),
-            displaced: displaced.map(|name| {
-                let mut c: Vec<Vec<u8>> = comps[..comps.len() - 1]
-                    .iter()
-                    .map(|c| c.to_vec())
-                    .collect();
-                c.push(name.into_bytes());
-                c
-            }),
+            displaced: displaced.map(|name| sibling(&comps, name.into_bytes())),
         })
     }
 
@@ -989,14 +982,7 @@ impl Root {
         rfs::fsync(&dir).map_err(|e| self.io_err("fsync the directory of", path, e))?;
         Ok(Replaced {
             meta: seen,
-            displaced: displaced.map(|name| {
-                let mut c: Vec<Vec<u8>> = comps[..comps.len() - 1]
-                    .iter()
-                    .map(|c| c.to_vec())
-                    .collect();
-                c.push(name.into_bytes());
-                c
-            }),
+            displaced: displaced.map(|name| sibling(&comps, name.into_bytes())),
         })
     }
 
@@ -1913,6 +1899,16 @@ fn read_capped(f: &File, cap: u64, hint: u64) -> io::Result<Vec<u8>> {
     Ok(out)
 }
 
+
+/// The components of `name` in the directory of the entry at `comps`.
+fn sibling<C: AsComponent>(comps: &[C], name: Vec<u8>) -> Vec<Vec<u8>> {
+    let mut c: Vec<Vec<u8>> = comps[..comps.len() - 1]
+        .iter()
+        .map(|c| c.component_bytes().to_vec())
+        .collect();
+    c.push(name);
+    c
+}
 #[cfg(test)]
 mod tests {
     use super::*;
