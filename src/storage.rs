@@ -904,13 +904,20 @@ impl RaftStore {
         }
     }
 
-    /// Entries `[low, high)` without their data (see `entries`).
-    fn headers(&self, cache: &Cache, low: u64, high: u64) -> Result<Vec<Entry>, StorageError> {
+    /// Entries `[low, high)` without their data (see `entries`), if the
+    /// terms kept in memory cover them (after a restart, older ones are
+    /// read from the log once, in one pass, by the caller).
+    fn headers(cache: &Cache, low: u64, high: u64) -> Option<Vec<Entry>> {
         (low..high)
             .map(|index| {
-                Ok(Entry {
+                let term = if index == cache.last_index {
+                    cache.last_term
+                } else {
+                    cache.terms.get(index)?
+                };
+                Some(Entry {
                     index,
-                    term: self.term_in(cache, index)?,
+                    term,
                     ..Default::default()
                 })
             })
@@ -1001,8 +1008,11 @@ impl raft::Storage for RaftStore {
         if low >= high {
             return Ok(Vec::new());
         }
-        if !context.can_async() {
-            return Ok(self.headers(&cache, low, high)?);
+        let headers_only = !context.can_async();
+        if headers_only {
+            if let Some(headers) = Self::headers(&cache, low, high) {
+                return Ok(headers);
+            }
         }
 
         let path = &self.inner.path;
@@ -1059,6 +1069,11 @@ impl raft::Storage for RaftStore {
             .into());
         }
         raft::util::limit_size(&mut ents, max_size);
+        if headers_only {
+            for e in &mut ents {
+                e.data = Default::default();
+            }
+        }
         Ok(ents)
     }
 
