@@ -8,7 +8,9 @@
 //! in one fsync'd write batch, so after a crash the manifest is exactly the
 //! one at the stored applied index and re-applying later entries is safe.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use rocksdb::{IteratorMode, Options, WriteBatch, WriteOptions, DB};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
@@ -82,12 +84,23 @@ fn split_path_key(key: &[u8]) -> Option<(String, SetPath)> {
 pub struct FilesStore {
     db: DB,
     path: PathBuf,
+    /// Records put into (or deleted from, `None`) batches that are not
+    /// written yet, by key. Records live on disk only: with 100,000 files a
+    /// copy in memory would be most of an idle node's heap. This overlay
+    /// lets every reader (the applier reading back what an earlier entry of
+    /// the same page recorded, the leader's source) see a record from the
+    /// moment it is put, as the in-memory map once did. It holds one page of
+    /// batches at most: [`FilesStore::write`] drops what it wrote.
+    unwritten: Mutex<HashMap<Vec<u8>, Option<LocalRecord>>>,
 }
 
 /// Changes written together by [`FilesStore::write`].
 #[derive(Default)]
 pub struct StoreBatch {
     wb: WriteBatch,
+    /// The records this batch puts or deletes, to leave the store's
+    /// overlay once written.
+    records: Vec<(Vec<u8>, Option<LocalRecord>)>,
 }
 
 fn enc<T: Serialize>(v: &T) -> Vec<u8> {
@@ -105,12 +118,6 @@ impl StoreBatch {
     }
     pub fn put_progress(&mut self, set: &str, progress: &SetProgress) {
         self.wb.put(set_key(P_PROGRESS, set), enc(progress));
-    }
-    pub fn put_record(&mut self, set: &str, path: &SetPath, record: &LocalRecord) {
-        self.wb.put(path_key(P_RECORD, set, path), enc(record));
-    }
-    pub fn delete_record(&mut self, set: &str, path: &SetPath) {
-        self.wb.delete(path_key(P_RECORD, set, path));
     }
     pub fn put_signature(&mut self, set: &str, path: &SetPath, signature: &[u8]) {
         self.wb.put(path_key(P_SIGNATURE, set, path), signature);
@@ -149,6 +156,7 @@ impl StoreBatch {
             }
         }
         other.wb.iterate(&mut Into(&mut self.wb));
+        self.records.extend(other.records);
     }
 }
 
@@ -169,6 +177,7 @@ impl FilesStore {
         Ok(FilesStore {
             db,
             path: dir.to_path_buf(),
+            unwritten: Mutex::new(HashMap::new()),
         })
     }
 
@@ -176,12 +185,114 @@ impl FilesStore {
     pub fn write(&self, batch: StoreBatch) -> Result<(), FilesStoreError> {
         let mut opts = WriteOptions::default();
         opts.set_sync(true);
+        self.write_with(batch, &opts)
+    }
+
+    fn write_with(&self, batch: StoreBatch, opts: &WriteOptions) -> Result<(), FilesStoreError> {
         self.db
-            .write_opt(batch.wb, &opts)
+            .write_opt(batch.wb, opts)
             .map_err(|source| FilesStoreError::Write {
                 path: self.path.clone(),
                 source,
-            })
+            })?;
+        if !batch.records.is_empty() {
+            let mut unwritten = self.unwritten.lock().unwrap();
+            for (key, record) in batch.records {
+                // A later batch, not written yet, may have put the key again.
+                if unwritten.get(&key) == Some(&record) {
+                    unwritten.remove(&key);
+                }
+            }
+            if unwritten.is_empty() && unwritten.capacity() > 1024 {
+                *unwritten = HashMap::new();
+            }
+        }
+        Ok(())
+    }
+
+    /// Puts `record` into `batch`; readers see it at once.
+    pub fn put_record(&self, batch: &mut StoreBatch, set: &str, path: &SetPath, record: &LocalRecord) {
+        let key = path_key(P_RECORD, set, path);
+        batch.wb.put(&key, enc(record));
+        self.stage_record(batch, key, Some(*record));
+    }
+
+    /// Deletes the record of `path` in `batch`; readers miss it at once.
+    pub fn delete_record(&self, batch: &mut StoreBatch, set: &str, path: &SetPath) {
+        let key = path_key(P_RECORD, set, path);
+        batch.wb.delete(&key);
+        self.stage_record(batch, key, None);
+    }
+
+    fn stage_record(&self, batch: &mut StoreBatch, key: Vec<u8>, record: Option<LocalRecord>) {
+        self.unwritten.lock().unwrap().insert(key.clone(), record);
+        batch.records.push((key, record));
+    }
+
+    /// What this node last put at (or read from) `path`, unwritten batches
+    /// included.
+    pub fn record(&self, set: &str, path: &SetPath) -> Option<LocalRecord> {
+        let key = path_key(P_RECORD, set, path);
+        if let Some(r) = self.unwritten.lock().unwrap().get(&key) {
+            return *r;
+        }
+        let value = self.db.get(&key).ok().flatten()?;
+        // A record that does not decode is as good as none: the file is
+        // read again, and the next put replaces it.
+        postcard::from_bytes(&value).ok()
+    }
+
+    /// The records of `path` and of every path below it, in path order.
+    pub fn records_under(&self, set: &str, path: &SetPath) -> Vec<(SetPath, LocalRecord)> {
+        let exact = path_key(P_RECORD, set, path);
+        let under = |key: &[u8]| {
+            key.starts_with(&exact) && (key.len() == exact.len() || key[exact.len()] == b'/')
+        };
+        self.records_where(&exact, under)
+    }
+
+    /// Every record of `set`, in path order.
+    pub fn records_of_set(&self, set: &str) -> Vec<(SetPath, LocalRecord)> {
+        let mut prefix = set_key(P_RECORD, set);
+        prefix.push(0);
+        self.records_where(&prefix, |_| true)
+    }
+
+    /// Records whose keys start with `prefix` and that `wanted` accepts:
+    /// the disk's, overlaid with unwritten batches.
+    fn records_where(
+        &self,
+        prefix: &[u8],
+        wanted: impl Fn(&[u8]) -> bool,
+    ) -> Vec<(SetPath, LocalRecord)> {
+        let wanted = |k: &[u8]| k.starts_with(prefix) && wanted(k);
+        let mut found: std::collections::BTreeMap<Vec<u8>, LocalRecord> = Default::default();
+        let iter = self
+            .db
+            .iterator(IteratorMode::From(prefix, rocksdb::Direction::Forward));
+        for item in iter {
+            let Ok((k, v)) = item else { break };
+            if !k.starts_with(prefix) {
+                break;
+            }
+            if wanted(&k) {
+                if let Ok(r) = postcard::from_bytes(&v) {
+                    found.insert(k.into_vec(), r);
+                }
+            }
+        }
+        for (k, r) in self.unwritten.lock().unwrap().iter() {
+            if wanted(k) {
+                match r {
+                    Some(r) => found.insert(k.clone(), *r),
+                    None => found.remove(k),
+                };
+            }
+        }
+        found
+            .into_iter()
+            .filter_map(|(k, r)| split_path_key(&k).map(|(_, p)| (p, r)))
+            .collect()
     }
 
     /// Writes the memtable out so its memory is freed (see
@@ -193,12 +304,7 @@ impl FilesStore {
     /// Writes `batch` without waiting for an fsync: only for caches that are
     /// validated when read (block signatures carry the digest they are of).
     pub fn write_relaxed(&self, batch: StoreBatch) -> Result<(), FilesStoreError> {
-        self.db
-            .write(batch.wb)
-            .map_err(|source| FilesStoreError::Write {
-                path: self.path.clone(),
-                source,
-            })
+        self.write_with(batch, &WriteOptions::default())
     }
 
     fn corrupt(&self, key: &[u8], why: impl ToString) -> FilesStoreError {
@@ -275,10 +381,6 @@ impl FilesStore {
         Ok(m)
     }
 
-    pub fn load_records(&self) -> Result<Vec<(String, SetPath, LocalRecord)>, FilesStoreError> {
-        self.scan(P_RECORD)
-    }
-
     pub fn load_missing(&self) -> Result<Vec<(String, SetPath, WireDigest)>, FilesStoreError> {
         self.scan(P_MISSING)
     }
@@ -292,6 +394,65 @@ impl FilesStore {
 mod tests {
     use super::*;
     use crate::manifest::{EntryKind, Meta};
+
+    fn rec(ino: u64) -> LocalRecord {
+        LocalRecord {
+            digest: WireDigest::new(&crate::delta::digest(b"x")),
+            len: 1,
+            mtime_ns: 7,
+            ino,
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+        }
+    }
+
+    fn names(v: &[(SetPath, LocalRecord)]) -> Vec<(&[u8], u64)> {
+        v.iter().map(|(p, r)| (p.as_bytes(), r.ino)).collect()
+    }
+
+    #[test]
+    fn records_read_back_from_unwritten_batches_and_from_disk_alike() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = FilesStore::open(dir.path()).unwrap();
+        let p = |b: &[u8]| SetPath::from_network(b).unwrap();
+        let mut first = StoreBatch::default();
+        for (i, name) in [&b"a"[..], b"a.txt", b"a/x", b"a/y/z", b"ab", b"b"].iter().enumerate() {
+            s.put_record(&mut first, "etc", &p(name), &rec(i as u64));
+        }
+        s.put_record(&mut first, "other", &p(b"a/x"), &rec(99));
+        // Seen before it is written, as by the applier's next entry.
+        assert_eq!(s.record("etc", &p(b"a/y/z")), Some(rec(3)));
+        s.write(first).unwrap();
+        assert!(s.unwritten.lock().unwrap().is_empty());
+        assert_eq!(s.record("etc", &p(b"a/y/z")), Some(rec(3)));
+        let under = s.records_under("etc", &p(b"a"));
+        assert_eq!(names(&under), [(&b"a"[..], 0), (b"a/x", 2), (b"a/y/z", 3)]);
+
+        // An unwritten deletion hides the disk's record, an unwritten put
+        // shows, and both stay visible until their own batch is written,
+        // even when an earlier batch with the same key is written first.
+        let mut second = StoreBatch::default();
+        s.delete_record(&mut second, "etc", &p(b"a/x"));
+        s.put_record(&mut second, "etc", &p(b"a/w"), &rec(10));
+        let mut third = StoreBatch::default();
+        s.put_record(&mut third, "etc", &p(b"a/w"), &rec(11));
+        assert_eq!(s.record("etc", &p(b"a/x")), None);
+        let under = s.records_under("etc", &p(b"a"));
+        assert_eq!(names(&under), [(&b"a"[..], 0), (b"a/w", 11), (b"a/y/z", 3)]);
+        s.write(second).unwrap();
+        assert_eq!(s.record("etc", &p(b"a/w")), Some(rec(11)));
+        s.write(third).unwrap();
+        assert_eq!(s.record("etc", &p(b"a/w")), Some(rec(11)));
+        assert!(s.unwritten.lock().unwrap().is_empty());
+        assert_eq!(s.records_of_set("etc").len(), 6);
+        assert_eq!(names(&s.records_of_set("other")), [(&b"a/x"[..], 99)]);
+
+        drop(s);
+        let s = FilesStore::open(dir.path()).unwrap();
+        assert_eq!(s.record("etc", &p(b"a/w")), Some(rec(11)));
+        assert_eq!(s.record("etc", &p(b"a/x")), None);
+    }
 
     #[test]
     fn manifest_and_applied_survive_reopen_and_clear() {

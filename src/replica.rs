@@ -166,7 +166,6 @@ pub struct Shared {
     pub unobtainable: Mutex<HashMap<(String, SetPath), FileDigest>>,
     pub sets: Vec<SetRuntime>,
     pub manifest: RwLock<Manifest>,
-    pub records: Mutex<HashMap<String, HashMap<SetPath, LocalRecord>>>,
     pub missing: Mutex<BTreeMap<(String, SetPath), WireDigest>>,
     pub health: Mutex<BTreeMap<String, SetHealth>>,
     pub counters: Counters,
@@ -212,7 +211,19 @@ impl Shared {
     }
 
     pub fn record(&self, set: &str, path: &SetPath) -> Option<LocalRecord> {
-        self.records.lock().unwrap().get(set)?.get(path).copied()
+        self.store.record(set, path)
+    }
+
+    /// Records what the source just read at `path` outside any applied
+    /// batch (the same bytes as committed, or a rewrite in place that must
+    /// not pass for an append). Not fsync'd: a record is checked against
+    /// `lstat` before it is trusted, and a lost one only costs a re-read.
+    pub fn remember_record(&self, set: &str, path: &SetPath, record: &LocalRecord) {
+        let mut batch = StoreBatch::default();
+        self.store.put_record(&mut batch, set, path, record);
+        if let Err(e) = self.store.write_relaxed(batch) {
+            warn!(set, path = %path, "{e}");
+        }
     }
 
     /// Runs `f` on the health record of `set` (created if new).
@@ -322,10 +333,6 @@ impl Shared {
 pub fn open_shared(config: &Config) -> Result<Arc<Shared>, FilesStoreError> {
     let store = FilesStore::open(&config.node.data_dir.join("files"))?;
     let manifest = store.load_manifest()?;
-    let mut records: HashMap<String, HashMap<SetPath, LocalRecord>> = HashMap::new();
-    for (set, path, r) in store.load_records()? {
-        records.entry(set).or_default().insert(path, r);
-    }
     let missing = store
         .load_missing()?
         .into_iter()
@@ -357,7 +364,6 @@ pub fn open_shared(config: &Config) -> Result<Arc<Shared>, FilesStoreError> {
             .collect(),
         sets,
         manifest: RwLock::new(manifest),
-        records: Mutex::new(records),
         missing: Mutex::new(missing),
         health: Mutex::new(BTreeMap::new()),
         counters: Counters::default(),
@@ -961,14 +967,11 @@ impl Applier {
     /// A batch this node proposed: its tree already holds it.
     fn adopt_own(&mut self, set: &str, checked: &[CheckedOp], store: &mut StoreBatch) {
         let mut pending = self.shared.pending_local.lock().unwrap();
-        let mut records = self.shared.records.lock().unwrap();
-        let recs = records.entry(set.to_string()).or_default();
         for op in checked {
             match op {
                 CheckedOp::Put { path, .. } | CheckedOp::Link { path, .. } => {
                     if let Some(r) = pending.remove(&(set.to_string(), path.clone())) {
-                        store.put_record(set, path, &r);
-                        recs.insert(path.clone(), r);
+                        self.shared.store.put_record(store, set, path, &r);
                     }
                     // Our own version is the committed one now.
                     let key = (set.to_string(), path.clone());
@@ -979,24 +982,22 @@ impl Applier {
                 }
                 CheckedOp::Remove { removed, .. } => {
                     for (p, _) in removed {
-                        recs.remove(p);
-                        store.delete_record(set, p);
+                        self.shared.store.delete_record(store, set, p);
                         store.delete_signature(set, p);
                     }
                 }
                 CheckedOp::Forget { path } => {
-                    recs.remove(path);
-                    store.delete_record(set, path);
+                    self.shared.store.delete_record(store, set, path);
                 }
                 CheckedOp::Rename { from, to, moved } => {
                     for (p, _) in moved {
                         let rest = &p.as_bytes()[from.as_bytes().len()..];
                         let mut b = to.as_bytes().to_vec();
                         b.extend_from_slice(rest);
-                        if let (Some(r), Ok(np)) = (recs.remove(p), SetPath::from_network(&b)) {
-                            store.delete_record(set, p);
-                            store.put_record(set, &np, &r);
-                            recs.insert(np, r);
+                        let old = self.shared.store.record(set, p);
+                        if let (Some(r), Ok(np)) = (old, SetPath::from_network(&b)) {
+                            self.shared.store.delete_record(store, set, p);
+                            self.shared.store.put_record(store, set, &np, &r);
                         }
                     }
                 }
@@ -1268,18 +1269,9 @@ impl Applier {
     }
 
     fn forget_records(&self, set: &str, path: &SetPath, store: &mut StoreBatch) {
-        let mut records = self.shared.records.lock().unwrap();
-        if let Some(recs) = records.get_mut(set) {
-            let doomed: Vec<SetPath> = recs
-                .keys()
-                .filter(|k| *k == path || path.is_ancestor_of(k))
-                .cloned()
-                .collect();
-            for k in doomed {
-                recs.remove(&k);
-                store.delete_record(set, &k);
-                store.delete_signature(set, &k);
-            }
+        for (k, _) in self.shared.store.records_under(set, path) {
+            self.shared.store.delete_record(store, set, &k);
+            store.delete_signature(set, &k);
         }
         let mut missing = self.shared.missing.lock().unwrap();
         let doomed: Vec<(String, SetPath)> = missing
@@ -1294,14 +1286,7 @@ impl Applier {
     }
 
     fn put_record(&self, set: &str, path: &SetPath, rec: LocalRecord, store: &mut StoreBatch) {
-        store.put_record(set, path, &rec);
-        self.shared
-            .records
-            .lock()
-            .unwrap()
-            .entry(set.to_string())
-            .or_default()
-            .insert(path.clone(), rec);
+        self.shared.store.put_record(store, set, path, &rec);
     }
 
     /// Logs and counts a committed patch that is bad in itself.
@@ -2138,24 +2123,14 @@ impl Applier {
         self.ensure_parents(set, root, to, index, term)?;
         // A rename within one root: move_aside onto the same root renames.
         let moved = root.move_aside(&comps(from), root, &comps(to))?;
-        let mut records = self.shared.records.lock().unwrap();
-        let recs = records.entry(set.name.clone()).or_default();
-        let old: Vec<(SetPath, LocalRecord)> = recs
-            .iter()
-            .filter(|(k, _)| *k == from || from.is_ancestor_of(k))
-            .map(|(k, v)| (k.clone(), *v))
-            .collect();
-        for (k, r) in old {
-            recs.remove(&k);
-            store.delete_record(&set.name, &k);
+        for (k, r) in self.shared.store.records_under(&set.name, from) {
+            self.shared.store.delete_record(store, &set.name, &k);
             let mut b = to.as_bytes().to_vec();
             b.extend_from_slice(&k.as_bytes()[from.as_bytes().len()..]);
             if let (true, Ok(nk)) = (moved, SetPath::from_network(&b)) {
-                store.put_record(&set.name, &nk, &r);
-                recs.insert(nk, r);
+                self.shared.store.put_record(store, &set.name, &nk, &r);
             }
         }
-        drop(records);
         if !moved {
             // Nothing to move here: the content under `to` is fetched.
             let m = self.shared.manifest.read().unwrap();

@@ -605,13 +605,14 @@ fn with_other_names(
             }
         }
         if !inodes.is_empty() {
-            if let Some(recs) = shared.records.lock().unwrap().get(&set.name) {
-                found.extend(
-                    recs.iter()
-                        .filter(|(_, r)| inodes.contains(&r.ino))
-                        .map(|(p, _)| p.clone()),
-                );
-            }
+            found.extend(
+                shared
+                    .store
+                    .records_of_set(&set.name)
+                    .into_iter()
+                    .filter(|(_, r)| inodes.contains(&r.ino))
+                    .map(|(p, _)| p),
+            );
         }
         fresh = found
             .into_iter()
@@ -992,13 +993,7 @@ fn examine_file(
             });
         } else {
             // Same bytes, same metadata (say, a touch undone): just remember it.
-            shared
-                .records
-                .lock()
-                .unwrap()
-                .entry(set.name.clone())
-                .or_default()
-                .insert(path.clone(), record_of(&now, &new_digest));
+            shared.remember_record(&set.name, path, &record_of(&now, &new_digest));
             b.pending.pop();
         }
         return Ok(());
@@ -1069,13 +1064,7 @@ fn append_tail(
                     .record(&set.name, path)
                     .expect("append needs a record");
                 record.ino = u64::MAX;
-                shared
-                    .records
-                    .lock()
-                    .unwrap()
-                    .entry(set.name.clone())
-                    .or_default()
-                    .insert(path.clone(), record);
+                shared.remember_record(&set.name, path, &record);
                 let meta = root.stat(comps).map_err(|e| e.to_string())?.ok_or("gone")?;
                 let committed = shared
                     .manifest

@@ -6,6 +6,33 @@ use std::process::ExitCode;
 use clap::Parser;
 use clusterd::config::Config;
 
+/// jemalloc instead of glibc's malloc, for Rust and (unprefixed) RocksDB's
+/// C++ alike: a node that just replicated 100,000 files has freed most of
+/// what that took, and glibc keeps such memory in fragmented per-thread
+/// arenas for good, while jemalloc's background thread hands unused pages
+/// back within about a second (see `MALLOC_CONF`). Measured in
+/// ARCHITECTURE.md ("Idle memory").
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// jemalloc's `malloc_conf` (a C `const char *`), read before `main`:
+/// purge unused pages from a background thread after one second, rather
+/// than on later allocations that an idle node never makes. The
+/// `MALLOC_CONF` environment variable still overrides it.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[export_name = "malloc_conf"]
+static MALLOC_CONF: ConfString =
+    ConfString(c"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0".as_ptr());
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[repr(transparent)]
+struct ConfString(*const std::ffi::c_char);
+
+// SAFETY: it points to a string literal, which is never written.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+unsafe impl Sync for ConfString {}
+
 /// Raft-led replication of config, account and log files across an HA cluster.
 #[derive(Parser)]
 #[command(version, about)]
