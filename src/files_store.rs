@@ -378,6 +378,7 @@ impl FilesStore {
                 postcard::from_bytes(&v).map_err(|e| self.corrupt(&k, e))?;
             m.sets.entry(set).or_default().progress = progress;
         }
+        m.repack();
         Ok(m)
     }
 

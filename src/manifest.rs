@@ -108,6 +108,69 @@ pub enum EntryKind {
     Symlink,
 }
 
+/// A user or group name in a [`Meta`]. Interned: a tree of 100,000 files
+/// has a handful of owners, and two strings per file were a tenth of an
+/// idle node's heap. Encoded as a plain string, exactly as before.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct OwnerName(std::sync::Arc<str>);
+
+/// Names interned so far. Bounded: past [`MAX_INTERNED_NAMES`] (far more
+/// than any user database holds) names are simply allocated, so a stream
+/// of made-up names cannot grow this table without end.
+static OWNER_NAMES: std::sync::Mutex<BTreeSet<std::sync::Arc<str>>> =
+    std::sync::Mutex::new(BTreeSet::new());
+const MAX_INTERNED_NAMES: usize = 1 << 16;
+
+impl OwnerName {
+    pub fn new(name: &str) -> OwnerName {
+        let mut names = OWNER_NAMES.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(known) = names.get(name) {
+            return OwnerName(known.clone());
+        }
+        let name: std::sync::Arc<str> = name.into();
+        if names.len() < MAX_INTERNED_NAMES {
+            names.insert(name.clone());
+        }
+        OwnerName(name)
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::ops::Deref for OwnerName {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<&str> for OwnerName {
+    fn from(name: &str) -> OwnerName {
+        OwnerName::new(name)
+    }
+}
+
+impl std::fmt::Debug for OwnerName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+impl Serialize for OwnerName {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for OwnerName {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<OwnerName, D::Error> {
+        let name = std::borrow::Cow::<'de, str>::deserialize(d)?;
+        Ok(OwnerName::new(&name))
+    }
+}
+
 /// Metadata as the cluster replicates it. Owners travel by name and number:
 /// a follower uses the name when it knows it, the number otherwise.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -117,8 +180,8 @@ pub struct Meta {
     pub mode: u32,
     pub uid: u32,
     pub gid: u32,
-    pub user: Option<String>,
-    pub group: Option<String>,
+    pub user: Option<OwnerName>,
+    pub group: Option<OwnerName>,
     /// Nanoseconds since the epoch.
     pub mtime_ns: i128,
 }
@@ -487,6 +550,24 @@ pub struct SetManifest {
 }
 
 impl SetManifest {
+    /// Rebuilds the tree with full nodes. Entries inserted one at a time in
+    /// path order (a first sync, a load from disk, a decoded snapshot) leave
+    /// B-tree nodes little more than half full: 412 bytes per entry against
+    /// 236 packed, measured with 100,000 paths. Packing after such a burst
+    /// is most of what keeps an idle node with 100,000 files small.
+    pub fn repack(&mut self) {
+        // `append` into a non-empty map bulk-builds full nodes from the two
+        // sorted iterators, freeing the old nodes as it goes; `collect`
+        // would first copy every entry into one large vector.
+        let Some((path, entry)) = self.entries.pop_first() else {
+            return;
+        };
+        let mut packed = BTreeMap::new();
+        packed.insert(path, entry);
+        packed.append(&mut self.entries);
+        self.entries = packed;
+    }
+
     /// Files (every name, hard links included) and their total bytes (a
     /// hard-linked file's bytes counted once: its links hold no more).
     pub fn totals(&self) -> (u64, u64) {
@@ -827,6 +908,18 @@ impl<E: Into<Entry>> From<ManifestAs<E>> for Manifest {
 }
 
 impl Manifest {
+    /// Packs every set's tree ([`SetManifest::repack`]).
+    pub fn repack(&mut self) {
+        for set in self.sets.values_mut() {
+            set.repack();
+        }
+    }
+
+    /// How many paths the manifest holds, over all sets.
+    pub fn path_count(&self) -> usize {
+        self.sets.values().map(|s| s.entries.len()).sum()
+    }
+
     pub fn set(&self, name: &str) -> Option<&SetManifest> {
         self.sets.get(name)
     }
@@ -1207,6 +1300,8 @@ impl Manifest {
                 }
             }
         }
+        let mut manifest = manifest;
+        manifest.repack();
         Ok(manifest)
     }
 }
@@ -1278,6 +1373,36 @@ mod tests {
             proposed_at_ms: 5,
             ops,
         }
+    }
+
+    #[test]
+    fn owner_names_are_shared_and_encode_as_plain_strings() {
+        let a = OwnerName::new("postfix");
+        let b: OwnerName = postcard::from_bytes(&postcard::to_allocvec("postfix").unwrap()).unwrap();
+        assert!(std::sync::Arc::ptr_eq(&a.0, &b.0), "one allocation per name");
+        assert_eq!(postcard::to_allocvec(&a).unwrap(), postcard::to_allocvec("postfix").unwrap());
+        assert_eq!(serde_json::to_string(&Some(a)).unwrap(), "\"postfix\"");
+        assert_eq!(b.as_str(), "postfix");
+    }
+
+    #[test]
+    fn a_packed_set_holds_the_same_entries_in_the_same_order() {
+        let mut m = Manifest::default();
+        let names: Vec<String> = (0..500).map(|i| format!("d{}/f{i:03}", i % 7)).collect();
+        let ops = names.iter().enumerate().map(|(i, p)| put(p, i as u8)).collect();
+        m.apply(1, &batch(ops)).unwrap();
+        let before = m.clone();
+        m.repack();
+        assert_eq!(m, before);
+        let set = m.set("etc").unwrap();
+        assert!(set.entries.keys().zip(set.entries.keys().skip(1)).all(|(a, b)| a < b));
+        assert_eq!(set.entries.len(), 500);
+        for p in &names {
+            assert!(m.get("etc", &SetPath::from_network(p.as_bytes()).unwrap()).is_some());
+        }
+        let mut empty = SetManifest::default();
+        empty.repack();
+        assert!(empty.entries.is_empty());
     }
 
     #[test]

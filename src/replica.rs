@@ -35,7 +35,7 @@ use crate::delta::{self, FileDigest, FileHasher, Patch};
 use crate::files_store::{FilesStore, FilesStoreError, LocalRecord, StoreBatch};
 use crate::fsroot::{Expect, FileMeta, FsError, Kind, Root};
 use crate::manifest::{
-    CheckedOp, Content, Entry, EntryKind, FileBatch, Manifest, Meta, WireDigest,
+    CheckedOp, Content, Entry, EntryKind, FileBatch, Manifest, Meta, OwnerName, WireDigest,
 };
 use crate::paths::{Filter, SetPath};
 use crate::raft_core::{Command, CoreError};
@@ -439,6 +439,9 @@ pub struct Applier {
     /// The applied index at the previous tick and at the last memory trim.
     applied_at_last_tick: u64,
     applied_at_trim: u64,
+    /// File ops applied since the manifest's trees were last packed
+    /// ([`crate::manifest::SetManifest::repack`]).
+    ops_since_repack: usize,
 }
 
 /// A local entry found while walking a tree.
@@ -605,24 +608,24 @@ pub fn meta_from_local(m: &FileMeta, kind: EntryKind, names: &mut OwnerNames) ->
 /// /etc/passwd itself is replicated, so nothing is cached for longer).
 #[derive(Default)]
 pub struct OwnerNames {
-    users: HashMap<u32, Option<String>>,
-    groups: HashMap<u32, Option<String>>,
+    users: HashMap<u32, Option<OwnerName>>,
+    groups: HashMap<u32, Option<OwnerName>>,
 }
 
 impl OwnerNames {
-    pub fn user(&mut self, uid: u32) -> Option<String> {
+    pub fn user(&mut self, uid: u32) -> Option<OwnerName> {
         self.users
             .entry(uid)
             .or_insert_with(|| {
-                uzers::get_user_by_uid(uid).map(|u| u.name().to_string_lossy().into_owned())
+                uzers::get_user_by_uid(uid).map(|u| OwnerName::new(&u.name().to_string_lossy()))
             })
             .clone()
     }
-    pub fn group(&mut self, gid: u32) -> Option<String> {
+    pub fn group(&mut self, gid: u32) -> Option<OwnerName> {
         self.groups
             .entry(gid)
             .or_insert_with(|| {
-                uzers::get_group_by_gid(gid).map(|g| g.name().to_string_lossy().into_owned())
+                uzers::get_group_by_gid(gid).map(|g| OwnerName::new(&g.name().to_string_lossy()))
             })
             .clone()
     }
@@ -717,6 +720,7 @@ impl Applier {
             deferred: BTreeSet::new(),
             applied_at_last_tick: 0,
             applied_at_trim: 0,
+            ops_since_repack: 0,
         }
     }
 
@@ -757,6 +761,14 @@ impl Applier {
                     if applied == self.applied_at_last_tick && applied != self.applied_at_trim {
                         self.log.flush_memtables();
                         self.shared.store.flush_memtables();
+                        // Packing costs a pass over the manifest: only
+                        // after bursts that inserted a good part of it.
+                        let mut m = self.shared.manifest.write().unwrap();
+                        if self.ops_since_repack > (m.path_count() / 8).max(1024) {
+                            m.repack();
+                            self.ops_since_repack = 0;
+                        }
+                        drop(m);
                         release_idle_memory(&self.shared);
                         self.applied_at_trim = applied;
                     }
@@ -864,6 +876,7 @@ impl Applier {
 
     fn apply_batch(&mut self, index: u64, term: u64, batch: &FileBatch, store: &mut StoreBatch) {
         let set_name = batch.set.clone();
+        self.ops_since_repack += batch.ops.len();
         // The manifest paths each op touches, before and after.
         let before: Vec<SetPath> = {
             let m = self.shared.manifest.read().unwrap();
@@ -2596,6 +2609,8 @@ fn release_idle_memory(shared: &Shared) {
             uploads.clear();
         }
     }
+    // With glibc's malloc (the library's tests; the clusterd binary runs
+    // on jemalloc, which purges on its own and leaves glibc's heap empty).
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only returns free heap pages to the kernel.
     unsafe {
