@@ -12,7 +12,11 @@ use clusterd::config::Config;
 /// arenas for good, while jemalloc's background thread hands unused pages
 /// back within about a second (see `MALLOC_CONF`). Measured in
 /// ARCHITECTURE.md ("Idle memory").
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[cfg(all(
+    target_os = "linux",
+    target_env = "gnu",
+    not(feature = "system-allocator")
+))]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
@@ -20,17 +24,29 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 /// purge unused pages from a background thread after one second, rather
 /// than on later allocations that an idle node never makes. The
 /// `MALLOC_CONF` environment variable still overrides it.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[cfg(all(
+    target_os = "linux",
+    target_env = "gnu",
+    not(feature = "system-allocator")
+))]
 #[export_name = "malloc_conf"]
 static MALLOC_CONF: ConfString =
     ConfString(c"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0".as_ptr());
 
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[cfg(all(
+    target_os = "linux",
+    target_env = "gnu",
+    not(feature = "system-allocator")
+))]
 #[repr(transparent)]
 struct ConfString(*const std::ffi::c_char);
 
 // SAFETY: it points to a string literal, which is never written.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[cfg(all(
+    target_os = "linux",
+    target_env = "gnu",
+    not(feature = "system-allocator")
+))]
 unsafe impl Sync for ConfString {}
 
 /// Raft-led replication of config, account and log files across an HA cluster.
