@@ -211,7 +211,13 @@ impl FilesStore {
     }
 
     /// Puts `record` into `batch`; readers see it at once.
-    pub fn put_record(&self, batch: &mut StoreBatch, set: &str, path: &SetPath, record: &LocalRecord) {
+    pub fn put_record(
+        &self,
+        batch: &mut StoreBatch,
+        set: &str,
+        path: &SetPath,
+        record: &LocalRecord,
+    ) {
         let key = path_key(P_RECORD, set, path);
         batch.wb.put(&key, enc(record));
         self.stage_record(batch, key, Some(*record));
@@ -418,7 +424,10 @@ mod tests {
         let s = FilesStore::open(dir.path()).unwrap();
         let p = |b: &[u8]| SetPath::from_network(b).unwrap();
         let mut first = StoreBatch::default();
-        for (i, name) in [&b"a"[..], b"a.txt", b"a/x", b"a/y/z", b"ab", b"b"].iter().enumerate() {
+        for (i, name) in [&b"a"[..], b"a.txt", b"a/x", b"a/y/z", b"ab", b"b"]
+            .iter()
+            .enumerate()
+        {
             s.put_record(&mut first, "etc", &p(name), &rec(i as u64));
         }
         s.put_record(&mut first, "other", &p(b"a/x"), &rec(99));

@@ -1899,7 +1899,6 @@ fn read_capped(f: &File, cap: u64, hint: u64) -> io::Result<Vec<u8>> {
     Ok(out)
 }
 
-
 /// The components of `name` in the directory of the entry at `comps`.
 fn sibling<C: AsComponent>(comps: &[C], name: Vec<u8>) -> Vec<Vec<u8>> {
     let mut c: Vec<Vec<u8>> = comps[..comps.len() - 1]

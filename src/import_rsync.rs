@@ -1718,7 +1718,11 @@ fn draft(acc: SetAcc, taken: &mut HashSet<String>) -> SyncSetDraft {
         ));
     }
     let lines_with = |f: fn(&Use) -> bool| -> Vec<String> {
-        acc.uses.iter().filter(|u| f(u)).map(|u| u.line.to_string()).collect()
+        acc.uses
+            .iter()
+            .filter(|u| f(u))
+            .map(|u| u.line.to_string())
+            .collect()
     };
     let linked = lines_with(|u| u.hard_links);
     let hard_links = !linked.is_empty() && mode == SetMode::Mirror;
@@ -1836,8 +1840,16 @@ mod tests {
             let s = s.as_table().expect("table");
             for key in s.keys() {
                 assert!(
-                    ["name", "path", "mode", "exclude", "skip_while", "hard_links", "xattrs"]
-                        .contains(&key.as_str()),
+                    [
+                        "name",
+                        "path",
+                        "mode",
+                        "exclude",
+                        "skip_while",
+                        "hard_links",
+                        "xattrs"
+                    ]
+                    .contains(&key.as_str()),
                     "unexpected key {key}"
                 );
             }

@@ -1378,9 +1378,16 @@ mod tests {
     #[test]
     fn owner_names_are_shared_and_encode_as_plain_strings() {
         let a = OwnerName::new("postfix");
-        let b: OwnerName = postcard::from_bytes(&postcard::to_allocvec("postfix").unwrap()).unwrap();
-        assert!(std::sync::Arc::ptr_eq(&a.0, &b.0), "one allocation per name");
-        assert_eq!(postcard::to_allocvec(&a).unwrap(), postcard::to_allocvec("postfix").unwrap());
+        let b: OwnerName =
+            postcard::from_bytes(&postcard::to_allocvec("postfix").unwrap()).unwrap();
+        assert!(
+            std::sync::Arc::ptr_eq(&a.0, &b.0),
+            "one allocation per name"
+        );
+        assert_eq!(
+            postcard::to_allocvec(&a).unwrap(),
+            postcard::to_allocvec("postfix").unwrap()
+        );
         assert_eq!(serde_json::to_string(&Some(a)).unwrap(), "\"postfix\"");
         assert_eq!(b.as_str(), "postfix");
     }
@@ -1389,16 +1396,26 @@ mod tests {
     fn a_packed_set_holds_the_same_entries_in_the_same_order() {
         let mut m = Manifest::default();
         let names: Vec<String> = (0..500).map(|i| format!("d{}/f{i:03}", i % 7)).collect();
-        let ops = names.iter().enumerate().map(|(i, p)| put(p, i as u8)).collect();
+        let ops = names
+            .iter()
+            .enumerate()
+            .map(|(i, p)| put(p, i as u8))
+            .collect();
         m.apply(1, &batch(ops)).unwrap();
         let before = m.clone();
         m.repack();
         assert_eq!(m, before);
         let set = m.set("etc").unwrap();
-        assert!(set.entries.keys().zip(set.entries.keys().skip(1)).all(|(a, b)| a < b));
+        assert!(set
+            .entries
+            .keys()
+            .zip(set.entries.keys().skip(1))
+            .all(|(a, b)| a < b));
         assert_eq!(set.entries.len(), 500);
         for p in &names {
-            assert!(m.get("etc", &SetPath::from_network(p.as_bytes()).unwrap()).is_some());
+            assert!(m
+                .get("etc", &SetPath::from_network(p.as_bytes()).unwrap())
+                .is_some());
         }
         let mut empty = SetManifest::default();
         empty.repack();
