@@ -696,16 +696,19 @@ fn full(o: &Opts, have_rsync: bool) -> Vec<Row> {
     let tree = c.set_path(leader, "full").join("tree");
     let t0 = Instant::now();
     fs::rename(&staging, &tree).unwrap();
-    // Follow progress through the status (one clusterctl per poll) rather
-    // than by walking three 10,000-file trees every few milliseconds, which
-    // would take CPU from the nodes under test; the tree walk then confirms.
-    wait_until(
+    // Follow progress through the status (one clusterctl every 200 ms)
+    // rather than by walking three 10,000-file trees every few
+    // milliseconds, which would take CPU from the nodes under test; the
+    // tree walk then confirms.
+    wait_until_every(
+        Duration::from_millis(200),
         o.deadline,
         "both followers to report the whole set applied",
         || {
+            let status = c.status_result(leader, STATUS_TIMEOUT)?;
             let mut behind = Vec::new();
             for &f in &followers {
-                let s = set_status(&c, leader, f, "full")?;
+                let s = set_status_in(&status, leader, f, "full")?;
                 let files = s["files"].as_u64().unwrap_or(0);
                 let done = files as usize >= o.files && s["missing"] == 0 && s["lag_batches"] == 0;
                 if !done {

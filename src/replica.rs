@@ -2630,8 +2630,8 @@ fn release_idle_memory(shared: &Shared) {
             uploads.clear();
         }
     }
-    // With glibc's malloc (the library's tests; the clusterd binary runs
-    // on jemalloc, which purges on its own and leaves glibc's heap empty).
+    // glibc keeps freed memory in its heap until asked to give back whole
+    // free pages (clusterd runs it with one arena: src/bin/clusterd.rs).
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only returns free heap pages to the kernel.
     unsafe {

@@ -126,7 +126,20 @@ impl<T, E: std::fmt::Display> Attempt<T> for Result<T, E> {
 /// (scaled by `CLUSTER_TESTS_TIME_SCALE`); panics naming `what` and the last
 /// observation on timeout. `f` may itself panic to fail fast.
 #[track_caller]
-pub fn wait_until<T, R: Attempt<T>>(deadline: Duration, what: &str, mut f: impl FnMut() -> R) -> T {
+pub fn wait_until<T, R: Attempt<T>>(deadline: Duration, what: &str, f: impl FnMut() -> R) -> T {
+    wait_until_every(POLL, deadline, what, f)
+}
+
+/// [`wait_until`] polling every `period`: benchmarks poll less often, so
+/// that the harness's own work (a `clusterctl` per poll) takes little CPU
+/// from the nodes it measures.
+#[track_caller]
+pub fn wait_until_every<T, R: Attempt<T>>(
+    period: Duration,
+    deadline: Duration,
+    what: &str,
+    mut f: impl FnMut() -> R,
+) -> T {
     let deadline = scaled(deadline);
     let start = Instant::now();
     let mut polls = 0u32;
@@ -143,7 +156,7 @@ pub fn wait_until<T, R: Attempt<T>>(deadline: Duration, what: &str, mut f: impl 
                 elapsed
             );
         }
-        thread::sleep(POLL.min(deadline - elapsed));
+        thread::sleep(period.min(deadline - elapsed));
     }
 }
 

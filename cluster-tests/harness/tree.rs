@@ -445,7 +445,13 @@ pub fn hold_for(window: Duration, what: &str, mut f: impl FnMut() -> Result<(), 
 /// status JSON node `via` prints.
 pub fn set_status(c: &Cluster, via: u64, id: u64, set: &str) -> Result<Value, String> {
     let v = c.status_result(via, super::STATUS_TIMEOUT)?;
-    let node = entry(&v, id)
+    set_status_in(&v, via, id, set)
+}
+
+/// Node `id`'s entry for set `set` in `v`, a status JSON node `via` printed:
+/// several nodes' sets read from one `clusterctl status`.
+pub fn set_status_in(v: &Value, via: u64, id: u64, set: &str) -> Result<Value, String> {
+    let node = entry(v, id)
         .ok_or_else(|| format!("no entry for node {id} in node {via}'s status: {v}"))?;
     node.get("sets")
         .and_then(Value::as_array)
