@@ -12,7 +12,7 @@ use clusterd::config::Config;
 /// live data is spread over all of them: on the idle benchmark (100,000
 /// files) a node stayed at 73 to 90 MiB resident with the default and sits
 /// at 52 MiB with one arena, and the 1 GiB first full sync was not slower
-/// (27 to 29 s either way, where jemalloc took 30 to 35 s). clusterd has few
+/// (27 to 29 s either way, where jemalloc took 31 to 37 s). clusterd has few
 /// busy threads and glibc's per-thread caches serve their small
 /// allocations, so the one arena's lock is seldom contended. Setting
 /// `MALLOC_ARENA_MAX` or `GLIBC_TUNABLES` in the environment keeps glibc's
