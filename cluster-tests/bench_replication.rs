@@ -722,8 +722,10 @@ fn full(o: &Opts, have_rsync: bool) -> Vec<Row> {
             }
         },
     );
+    let applied = t0.elapsed();
     wait_metadata_equal(&c, "full", &ids, o.deadline);
     let took = t0.elapsed();
+    println!("clusterd: status showed both followers done at {applied:.2?}, trees compared at {took:.2?}");
     let t = wait_trees_equal(&c, "full", &ids, o.deadline);
     let files = t.values().filter(|i| i.kind == Kind::File).count();
     println!(

@@ -262,9 +262,19 @@ pub struct BlockSignature {
 impl BlockSignature {
     /// The signature of `content`, with a block length from [`block_len_for`].
     pub fn compute(content: &[u8]) -> BlockSignature {
+        Self::compute_hashed(content, digest(content))
+    }
+
+    /// The signature of `content` whose digest the caller already computed
+    /// (the source hashed what it read, the applier verified what it
+    /// wrote): saves a second blake3 pass over every file. A wrong
+    /// `content_digest` is caught where the signature is used: a delta
+    /// planned from it is checked against the base it names.
+    pub fn compute_hashed(content: &[u8], content_digest: FileDigest) -> BlockSignature {
+        debug_assert_eq!(content_digest.len, content.len() as u64);
         let block_len = block_len_for(content.len() as u64);
         BlockSignature {
-            base: digest(content),
+            base: content_digest,
             sig: fast_rsync::Signature::calculate(
                 content,
                 fast_rsync::SignatureOptions {
@@ -581,15 +591,20 @@ fn plan_against(base: &[u8], sig: &BlockSignature, new: &[u8]) -> Patch {
 /// content. A false block match cannot be caught here either; followers
 /// refuse it with `Verify`, and the caller then sends the file whole.
 pub fn plan_with_signature(base_sig: &BlockSignature, new: &[u8]) -> (Patch, FileDigest) {
-    let new_digest = digest(new);
-    if new.len() < SMALL_FILE_LEN {
-        return (whole(new), new_digest);
+    (plan_from(Some(base_sig), new), digest(new))
+}
+
+/// The patch from the version `base_sig` describes (a whole file without
+/// one) to `new`, for a caller that hashes `new` itself: the leader's
+/// source hashes each file once and uses that digest everywhere.
+pub fn plan_from(base_sig: Option<&BlockSignature>, new: &[u8]) -> Patch {
+    match base_sig {
+        Some(sig) if new.len() >= SMALL_FILE_LEN => match raw_delta(sig, new) {
+            Some(delta) => choose(sig.base, &delta, new),
+            None => whole(new),
+        },
+        _ => whole(new),
     }
-    let patch = match raw_delta(base_sig, new) {
-        Some(delta) => choose(base_sig.base, &delta, new),
-        None => whole(new),
-    };
-    (patch, new_digest)
 }
 
 /// The patch that adds `new_tail` after the version `base_digest`.
@@ -984,6 +999,25 @@ mod tests {
         let (patch, d) = plan(Some((&base, &other)), &new);
         assert_eq!(patch.kind(), "delta");
         assert_eq!(apply(Some(&base), &patch, &d, MAX).as_deref(), Ok(&new[..]));
+    }
+
+    #[test]
+    fn planning_from_a_known_digest_matches_planning_from_scratch() {
+        let base = noise("known-base", 300_000);
+        let mut new = base.clone();
+        new[150_000] ^= 0xff;
+        let sig = BlockSignature::compute(&base);
+        assert_eq!(BlockSignature::compute_hashed(&base, digest(&base)), sig);
+        let (patch, new_digest) = plan_with_signature(&sig, &new);
+        assert_eq!(plan_from(Some(&sig), &new), patch);
+        assert!(matches!(patch, Patch::Delta { .. }));
+        assert_eq!(
+            apply(Some(&base), &patch, &new_digest, u64::MAX).unwrap(),
+            new
+        );
+        let whole = plan_from(None, &new);
+        assert!(matches!(whole, Patch::Whole { .. }));
+        assert_eq!(apply(None, &whole, &new_digest, u64::MAX).unwrap(), new);
     }
 
     #[test]

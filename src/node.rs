@@ -153,6 +153,9 @@ pub struct NodeHandle {
     cert_not_after: std::time::SystemTime,
     /// File replication state, for status and for serving fetches.
     files: Option<Arc<Shared>>,
+    /// Followers' applied indexes as their replies report them: the
+    /// source's flow control.
+    peer_applied: Option<crate::transport::PeerApplied>,
 }
 
 impl NodeHandle {
@@ -162,6 +165,19 @@ impl NodeHandle {
 
     pub fn view(&self) -> NodeView {
         self.view.borrow().clone()
+    }
+
+    /// This node's applied index, without cloning the whole view.
+    pub fn applied_index(&self) -> u64 {
+        self.view.borrow().applied_index
+    }
+
+    /// The applied index `peer` last reported and how long ago, if it
+    /// answered a Raft call since this node started.
+    pub fn peer_applied(&self, peer: NodeId) -> Option<(u64, Duration)> {
+        let slot = self.peer_applied.as_ref()?.get(&peer)?;
+        let got = *slot.lock().unwrap();
+        got.map(|(index, at)| (index, at.elapsed()))
     }
 
     pub fn uptime(&self) -> Duration {
@@ -959,6 +975,7 @@ async fn run_inner(
         started: Instant::now(),
         cert_not_after,
         files: Some(shared.clone()),
+        peer_applied: Some(transport.peer_applied()),
     };
     let (apply_tx, apply_rx) = mpsc::unbounded_channel();
     let applier_thread = std::thread::Builder::new()

@@ -363,7 +363,9 @@ impl Peer for PeerService {
             messages.push(m);
         }
         self.node.deliver(messages);
-        Ok(Response::new(RaftAck {}))
+        Ok(Response::new(RaftAck {
+            applied: self.node.applied_index(),
+        }))
     }
 
     async fn node_status(

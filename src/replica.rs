@@ -1561,7 +1561,7 @@ impl Applier {
                     "metadata-only change, but the local content is not the committed one".into(),
                 ))
             }
-            Content::Inline(b) => b.clone(),
+            Content::Inline(b) => std::borrow::Cow::Borrowed(&b[..]),
             Content::Staged { upload, len } => {
                 if *len > self.shared.staging_limit() {
                     return Ok(PutOutcome::Refused(format!(
@@ -1579,7 +1579,7 @@ impl Applier {
                 match read {
                     Ok(b) if b.len() as u64 == *len => {
                         let _ = std::fs::remove_file(&staged);
-                        b
+                        std::borrow::Cow::Owned(b)
                     }
                     _ => {
                         return Ok(PutOutcome::Missing(
@@ -1677,7 +1677,7 @@ impl Applier {
                 store.put_signature(
                     &set.name,
                     path,
-                    &delta::BlockSignature::compute(&new).to_bytes(),
+                    &delta::BlockSignature::compute_hashed(&new, target).to_bytes(),
                 );
             }
         }

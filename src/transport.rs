@@ -57,7 +57,12 @@ pub static WIRE_BYTES_SENT: std::sync::atomic::AtomicU64 = std::sync::atomic::At
 #[derive(Clone)]
 pub struct Transport {
     links: Arc<BTreeMap<NodeId, Link>>,
+    applied: PeerApplied,
 }
+
+/// What each peer last reported as its applied index (with the reply to
+/// any Raft call, so at least every heartbeat), and when.
+pub type PeerApplied = Arc<BTreeMap<NodeId, std::sync::Mutex<Option<(u64, std::time::Instant)>>>>;
 
 struct Link {
     addr: String,
@@ -73,11 +78,24 @@ impl Transport {
         events: mpsc::Sender<LinkEvent>,
     ) -> Transport {
         let mut links = BTreeMap::new();
+        let applied: PeerApplied = Arc::new(
+            peers
+                .iter()
+                .map(|p| (p.id, std::sync::Mutex::new(None)))
+                .collect(),
+        );
         for peer in peers {
             let channel = peer_channel(peer, tls.clone());
             let (queue, rx) = mpsc::channel(PEER_QUEUE);
             tokio::spawn(
-                sender_task(peer.id, channel.clone(), rx, events.clone()).in_current_span(),
+                sender_task(
+                    peer.id,
+                    channel.clone(),
+                    rx,
+                    events.clone(),
+                    applied.clone(),
+                )
+                .in_current_span(),
             );
             links.insert(
                 peer.id,
@@ -90,7 +108,13 @@ impl Transport {
         }
         Transport {
             links: Arc::new(links),
+            applied,
         }
+    }
+
+    /// Every peer's last reported applied index (see [`PeerApplied`]).
+    pub fn peer_applied(&self) -> PeerApplied {
+        self.applied.clone()
     }
 
     /// Enqueues messages for their peers without waiting. Returns the peers
@@ -199,6 +223,7 @@ async fn sender_task(
     channel: Channel,
     mut queue: mpsc::Receiver<Message>,
     events: mpsc::Sender<LinkEvent>,
+    applied: PeerApplied,
 ) {
     let mut client = PeerClient::new(channel)
         .max_encoding_message_size(crate::peer::MAX_MESSAGE_BYTES)
@@ -244,7 +269,11 @@ async fn sender_task(
         let mut request = tonic::Request::new(request);
         request.set_timeout(RAFT_RPC_TIMEOUT);
         match client.raft(request).await {
-            Ok(_) => {
+            Ok(reply) => {
+                if let Some(slot) = applied.get(&peer) {
+                    *slot.lock().unwrap() =
+                        Some((reply.get_ref().applied, std::time::Instant::now()));
+                }
                 WIRE_BYTES_SENT.fetch_add(payload as u64, std::sync::atomic::Ordering::Relaxed);
                 if failing {
                     tracing::info!(peer, "peer reachable again");
