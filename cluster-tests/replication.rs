@@ -549,6 +549,72 @@ fn follower_killed_during_a_large_transfer_ends_identical() {
     );
 }
 
+/// Files of 32 KiB and more travel beside the Raft log: the leader stages
+/// a batch's content on the followers and proposes the batch once enough
+/// of them hold it. Killed right after such batches committed, the leader
+/// leaves nothing unrecoverable: both survivors end with every file, byte
+/// for byte, as the dead leader's disk has it.
+#[test]
+fn staged_content_survives_the_leader_dying_right_after_the_commit() {
+    let (c, leader) = cluster_with(&["bulk"], |b| b.sync_set("bulk", "mirror", ""));
+    let ids = leader_first(&c, leader);
+    let survivors = [ids[1], ids[2]];
+    let root = c.set_path(leader, "bulk");
+    for i in 0..40u64 {
+        append_pseudo_random(&root.join(format!("f{i:02}")), 300 + i, 64 * 1024 + i * 999);
+    }
+    // Kill the leader as soon as one follower has the last file.
+    let last = c.set_path(survivors[0], "bulk").join("f39");
+    wait_until(
+        CONVERGE,
+        "a follower to apply the last file",
+        || match fs::metadata(&last) {
+            Ok(m) if m.len() == 64 * 1024 + 39 * 999 => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    );
+    c.kill(leader);
+    let before = snapshot(&root);
+    let new_leader = c.wait_for_leader(&survivors);
+    c.wait_barrier(new_leader);
+    let t = wait_trees_equal(
+        &c,
+        "bulk",
+        &leader_then(new_leader, &survivors),
+        BIG_CONVERGE,
+    );
+    assert_eq!(
+        diff(&before, &t),
+        Vec::<String>::new(),
+        "the survivors' trees differ from the dead leader's"
+    );
+}
+
+/// When no follower can stage content (here, each one's staging directory
+/// is a file), the batch's content goes through the Raft log instead, and
+/// whatever a follower cannot keep even from there it fetches: the trees
+/// still end identical.
+#[test]
+fn content_that_cannot_be_staged_still_arrives() {
+    let (c, leader) = cluster_with(&["bulk"], |b| b.sync_set("bulk", "mirror", ""));
+    let ids = leader_first(&c, leader);
+    for &f in &ids[1..] {
+        let staging = c.node(f).data_dir.join("staging");
+        fs::remove_dir_all(&staging).unwrap();
+        fs::write(&staging, "not a directory").unwrap();
+    }
+    let root = c.set_path(leader, "bulk");
+    for i in 0..10u64 {
+        append_pseudo_random(&root.join(format!("f{i}")), 500 + i, 100 * 1024);
+    }
+    wait_trees_equal(&c, "bulk", &ids, CONVERGE);
+    let log = fs::read_to_string(&c.node(leader).log_path).unwrap_or_default();
+    assert!(
+        log.contains("sending it through the log"),
+        "the leader never fell back to the log; its log:\n{log}"
+    );
+}
+
 /// A follower down while 1,000 changes (creations, edits, deletions of
 /// small files) happen catches up to the identical tree when it returns,
 /// and every node's status shows the set caught up.

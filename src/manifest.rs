@@ -364,6 +364,14 @@ pub enum Content {
     Inline(#[serde(with = "serde_bytes_vec")] Vec<u8>),
     /// An encoded patch of `len` bytes sent before as [`Chunk`]s of `upload`.
     Staged { upload: u64, len: u64 },
+    /// An encoded patch of `len` bytes at `offset` of the staged upload
+    /// `upload`, which holds the patches of one batch one after another.
+    /// The leader sends it to followers outside the log (the `Stage` RPC)
+    /// and proposes the batch only once enough of them hold it durably (see
+    /// ARCHITECTURE.md, "Bulk content travels beside the log"); where that
+    /// is not possible, as [`Chunk`]s of `upload` before the batch. Appended
+    /// last, so every other variant keeps its tag.
+    Blob { upload: u64, offset: u64, len: u64 },
 }
 
 /// One change to one path. Paths are raw bytes here and become [`SetPath`]s
@@ -982,7 +990,7 @@ impl Manifest {
                     ..
                 } => p.len() as u64,
                 FileOp::Put {
-                    content: Content::Staged { len, .. },
+                    content: Content::Staged { len, .. } | Content::Blob { len, .. },
                     ..
                 } => *len,
                 _ => 0,
@@ -1445,6 +1453,26 @@ mod tests {
             data: vec![9, 9],
         };
         assert_eq!(encode_chunk(&c), vec![7, 3, 2, 9, 9]);
+        // Blob content: tag 3, then upload, offset and length (varints).
+        let FileOp::Put {
+            path, meta, digest, ..
+        } = put("a", 1)
+        else {
+            unreachable!()
+        };
+        let blob = batch(vec![FileOp::Put {
+            path,
+            meta,
+            digest,
+            content: Content::Blob {
+                upload: 5,
+                offset: 300,
+                len: 7,
+            },
+        }]);
+        let bytes = encode_batch(&blob);
+        assert_eq!(decode_batch(&bytes).unwrap(), blob);
+        assert!(bytes.ends_with(&[3, 5, 0xac, 0x02, 7]), "{bytes:?}");
     }
 
     #[test]

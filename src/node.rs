@@ -153,9 +153,9 @@ pub struct NodeHandle {
     cert_not_after: std::time::SystemTime,
     /// File replication state, for status and for serving fetches.
     files: Option<Arc<Shared>>,
-    /// Followers' applied indexes as their replies report them: the
-    /// source's flow control.
-    peer_applied: Option<crate::transport::PeerApplied>,
+    /// Links to the peers: the source stages bulk content through them and
+    /// reads the applied indexes their replies report (its flow control).
+    transport: Option<Transport>,
 }
 
 impl NodeHandle {
@@ -175,9 +175,13 @@ impl NodeHandle {
     /// The applied index `peer` last reported and how long ago, if it
     /// answered a Raft call since this node started.
     pub fn peer_applied(&self, peer: NodeId) -> Option<(u64, Duration)> {
-        let slot = self.peer_applied.as_ref()?.get(&peer)?;
-        let got = *slot.lock().unwrap();
-        got.map(|(index, at)| (index, at.elapsed()))
+        let (index, at) = self.transport.as_ref()?.peer_applied(peer)?;
+        Some((index, at.elapsed()))
+    }
+
+    /// The links to the peers (`None` only in tests that build no node).
+    pub fn transport(&self) -> Option<&Transport> {
+        self.transport.as_ref()
     }
 
     pub fn uptime(&self) -> Duration {
@@ -975,7 +979,7 @@ async fn run_inner(
         started: Instant::now(),
         cert_not_after,
         files: Some(shared.clone()),
-        peer_applied: Some(transport.peer_applied()),
+        transport: Some(transport.clone()),
     };
     let (apply_tx, apply_rx) = mpsc::unbounded_channel();
     let applier_thread = std::thread::Builder::new()

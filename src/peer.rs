@@ -336,6 +336,32 @@ impl Peer for PeerService {
         )))
     }
 
+    async fn stage(
+        &self,
+        req: Request<crate::proto::peer::StageRequest>,
+    ) -> Result<Response<crate::proto::peer::StageReply>, Status> {
+        let who = identity(&req)?;
+        let Some(files) = self.node.files() else {
+            return Err(Status::not_found("this node holds no sync sets"));
+        };
+        if files.sets.is_empty() {
+            return Err(Status::failed_precondition(
+                "this node holds no sync sets: nothing to stage",
+            ));
+        }
+        let r = req.into_inner();
+        tokio::task::spawn_blocking(move || {
+            files.stage_piece(r.upload, r.offset, &r.data, r.durable)
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(|e| {
+            warn!(peer = who.node_id, remote = %who.remote, "did not stage content from peer {}: {e}", who.node_id);
+            Status::unavailable(e)
+        })?;
+        Ok(Response::new(crate::proto::peer::StageReply {}))
+    }
+
     async fn raft(&self, req: Request<RaftBatch>) -> Result<Response<RaftAck>, Status> {
         let who = identity(&req)?;
         let batch = req.into_inner();

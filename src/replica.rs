@@ -35,7 +35,7 @@ use crate::delta::{self, FileDigest, FileHasher, Patch};
 use crate::files_store::{FilesStore, FilesStoreError, LocalRecord, StoreBatch};
 use crate::fsroot::{Expect, FileMeta, FsError, Kind, Root};
 use crate::manifest::{
-    CheckedOp, Content, Entry, EntryKind, FileBatch, Manifest, Meta, OwnerName, WireDigest,
+    CheckedOp, Content, Entry, EntryKind, FileBatch, FileOp, Manifest, Meta, OwnerName, WireDigest,
 };
 use crate::paths::{Filter, SetPath};
 use crate::raft_core::{Command, CoreError};
@@ -327,6 +327,50 @@ impl Shared {
     fn staging_dir(&self) -> PathBuf {
         self.data_dir.join("staging")
     }
+
+    fn staged_path(&self, upload: u64) -> PathBuf {
+        self.staging_dir().join(format!("{upload:016x}"))
+    }
+
+    /// Writes `data` at `offset` of the staged upload `upload` (created if
+    /// new); with `durable`, then fsyncs it and the staging directory, so
+    /// the caller may report it held. Refuses anything ending past
+    /// [`staging_limit`](Self::staging_limit): a hostile offset cannot make
+    /// a huge sparse file that is later read into memory.
+    pub fn stage_piece(
+        &self,
+        upload: u64,
+        offset: u64,
+        data: &[u8],
+        durable: bool,
+    ) -> Result<(), String> {
+        let end = offset.saturating_add(data.len() as u64);
+        if end > self.staging_limit() {
+            return Err(format!(
+                "a staged piece ending at byte {end} of upload {upload:016x} is larger than any sync set here allows (max_file_size)"
+            ));
+        }
+        let path = self.staged_path(upload);
+        let write = || -> std::io::Result<()> {
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .write(true)
+                .truncate(false)
+                .open(&path)?;
+            f.write_all_at(data, offset)?;
+            if durable {
+                f.sync_all()?;
+                std::fs::File::open(self.staging_dir())?.sync_all()?;
+            }
+            Ok(())
+        };
+        write().map_err(|e| {
+            format!(
+                "cannot stage upload {upload:016x} in {}: {e}",
+                path.display()
+            )
+        })
+    }
 }
 
 /// Opens the file state and loads it; `None` sets for a witness.
@@ -442,6 +486,9 @@ pub struct Applier {
     /// File ops applied since the manifest's trees were last packed
     /// ([`crate::manifest::SetManifest::repack`]).
     ops_since_repack: usize,
+    /// Staged uploads of batches applied in this round (their
+    /// [`Content::Blob`]s), removed once the round is durably applied.
+    consumed_uploads: Vec<u64>,
 }
 
 /// A local entry found while walking a tree.
@@ -721,6 +768,7 @@ impl Applier {
             applied_at_last_tick: 0,
             applied_at_trim: 0,
             ops_since_repack: 0,
+            consumed_uploads: Vec::new(),
         }
     }
 
@@ -847,6 +895,11 @@ impl Applier {
             }
             batch.set_applied(last);
             self.shared.store.write(batch).map_err(|e| e.to_string())?;
+            // Only now: a crash before the write applies these batches
+            // again, from the same staged content.
+            for upload in self.consumed_uploads.drain(..) {
+                let _ = std::fs::remove_file(self.shared.staged_path(upload));
+            }
             self.shared.applied.store(last, Ordering::SeqCst);
             let _ = self.out.send(Applied::Index(last));
         }
@@ -870,33 +923,32 @@ impl Applier {
         {
             return;
         }
-        let end = chunk.offset.saturating_add(chunk.data.len() as u64);
-        if end > self.shared.staging_limit() {
+        if let Err(e) = self
+            .shared
+            .stage_piece(chunk.upload, chunk.offset, &chunk.data, false)
+        {
+            // The batch that needs it will find it short and fetch instead.
             warn!(
                 upload = chunk.upload,
                 offset = chunk.offset,
-                "refused a chunk ending at byte {end}: no sync set here allows a patch that large (max_file_size); the batch that needs it will be fetched instead"
+                "{e}; the batch that needs it will be fetched instead"
             );
-            return;
-        }
-        let path = self
-            .shared
-            .staging_dir()
-            .join(format!("{:016x}", chunk.upload));
-        let result = std::fs::OpenOptions::new()
-            .create(true)
-            .write(true)
-            .truncate(false)
-            .open(&path)
-            .and_then(|f| f.write_all_at(&chunk.data, chunk.offset));
-        if let Err(e) = result {
-            // The batch that needs it will find it short and fetch instead.
-            warn!("cannot stage a chunk in {}: {e}", path.display());
         }
     }
 
     fn apply_batch(&mut self, index: u64, term: u64, batch: &FileBatch, store: &mut StoreBatch) {
         let set_name = batch.set.clone();
+        for op in &batch.ops {
+            if let FileOp::Put {
+                content: Content::Blob { upload, .. },
+                ..
+            } = op
+            {
+                if !self.consumed_uploads.contains(upload) {
+                    self.consumed_uploads.push(*upload);
+                }
+            }
+        }
         self.ops_since_repack += batch.ops.len();
         // The manifest paths each op touches, before and after.
         let before: Vec<SetPath> = {
@@ -1562,28 +1614,33 @@ impl Applier {
                 ))
             }
             Content::Inline(b) => std::borrow::Cow::Borrowed(&b[..]),
-            Content::Staged { upload, len } => {
-                if *len > self.shared.staging_limit() {
+            Content::Staged { upload, len } | Content::Blob { upload, len, .. } => {
+                let offset = match content {
+                    Content::Blob { offset, .. } => *offset,
+                    _ => 0,
+                };
+                if offset.saturating_add(*len) > self.shared.staging_limit() {
                     return Ok(PutOutcome::Refused(format!(
-                        "its staged patch claims {len} bytes, more than any sync set's max_file_size allows"
+                        "its staged patch claims {len} bytes at {offset}, more than any sync set's max_file_size allows"
                     )));
                 }
-                let staged = self.shared.staging_dir().join(format!("{upload:016x}"));
+                let staged = self.shared.staged_path(*upload);
                 // Read exactly `len` bytes, never what a sparse file claims.
                 let read = std::fs::File::open(&staged).and_then(|f| {
-                    use std::io::Read;
-                    let mut b = Vec::new();
-                    f.take(*len).read_to_end(&mut b)?;
+                    let mut b = vec![0u8; *len as usize];
+                    f.read_exact_at(&mut b, offset)?;
                     Ok(b)
                 });
                 match read {
-                    Ok(b) if b.len() as u64 == *len => {
-                        let _ = std::fs::remove_file(&staged);
+                    Ok(b) => {
+                        if matches!(content, Content::Staged { .. }) {
+                            let _ = std::fs::remove_file(&staged);
+                        }
                         std::borrow::Cow::Owned(b)
                     }
-                    _ => {
+                    Err(_) => {
                         return Ok(PutOutcome::Missing(
-                            "its staged chunks are incomplete".into(),
+                            "its staged content is not here (this node was not reachable when the leader staged it)".into(),
                         ))
                     }
                 }

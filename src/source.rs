@@ -38,9 +38,17 @@ use crate::raft_core::{Command, Role};
 use crate::replica::{
     meta_from_local, record_of, unchanged_since, unix_ms, walk, OwnerNames, SetRuntime, Shared,
 };
+use crate::transport::Transport;
 
-/// Inline patches larger than this travel as chunks, so one entry stays small.
-const INLINE_LIMIT: usize = 256 * 1024;
+/// Patches of at least this size travel beside the log (staged on the
+/// followers before the batch that references them is proposed); smaller
+/// ones inside the batch's entry, where an edit costs no extra round trip.
+const BLOB_MIN: usize = 32 * 1024;
+/// The largest piece of staged content in one `Stage` call.
+const STAGE_PIECE: usize = 4 << 20;
+/// How long one `Stage` call may take before that follower counts as not
+/// holding the content.
+const STAGE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A batch is proposed once its patches reach this size.
 const BATCH_BYTES: usize = 4 << 20;
 /// Or once it holds this many ops.
@@ -386,7 +394,13 @@ fn process(
 /// A batch being built.
 struct Builder {
     ops: Vec<FileOp>,
-    chunks: Vec<Chunk>,
+    /// The patches of the batch's [`Content::Blob`]s, one after another,
+    /// staged on the followers before the batch is proposed.
+    blob: Vec<u8>,
+    /// The staged upload `blob` becomes.
+    blob_upload: u64,
+    /// The previous batch, proposed once its content is staged.
+    staged: Option<ReadyBatch>,
     bytes: usize,
     pending: Vec<(SetPath, crate::files_store::LocalRecord)>,
     /// Paths gone from the tree, by the inode they had, for rename detection.
@@ -414,7 +428,9 @@ fn plan_and_propose(
     let mut names = OwnerNames::default();
     let mut b = Builder {
         ops: Vec::new(),
-        chunks: Vec::new(),
+        blob: Vec::new(),
+        blob_upload: 0,
+        staged: None,
         bytes: 0,
         pending: Vec::new(),
         gone: Vec::new(),
@@ -1199,24 +1215,24 @@ fn add_put(
         (raw_len as u64).saturating_sub(patch.len() as u64),
         Ordering::Relaxed,
     );
-    let content = if patch.len() > INLINE_LIMIT {
-        let upload: u64 = rand::random();
-        shared.own_uploads.lock().unwrap().insert(upload);
-        let len = patch.len() as u64;
-        for (i, piece) in patch.chunks(CHUNK_LEN).enumerate() {
-            b.chunks.push(Chunk {
-                upload,
-                offset: (i * CHUNK_LEN) as u64,
-                data: piece.to_vec(),
-            });
+    let content = if patch.len() >= BLOB_MIN {
+        if b.blob.is_empty() {
+            b.blob_upload = rand::random();
+            shared.own_uploads.lock().unwrap().insert(b.blob_upload);
         }
-        Content::Staged { upload, len }
+        let offset = b.blob.len() as u64;
+        b.blob.extend_from_slice(&patch);
+        Content::Blob {
+            upload: b.blob_upload,
+            offset,
+            len: patch.len() as u64,
+        }
     } else {
         Content::Inline(patch)
     };
     b.bytes += match &content {
         Content::Inline(p) => p.len(),
-        Content::Staged { len, .. } => *len as usize,
+        Content::Staged { len, .. } | Content::Blob { len, .. } => *len as usize,
         Content::Unchanged => 0,
     };
     b.ops.push(FileOp::Put {
@@ -1245,39 +1261,171 @@ fn flush(
             .write_relaxed(std::mem::take(&mut b.signatures));
     }
     if !b.ops.is_empty() {
-        let mut chunks = std::mem::take(&mut b.chunks).into_iter().peekable();
-        while chunks.peek().is_some() {
-            let commands: Vec<Command> = chunks
-                .by_ref()
-                .take(CHUNK_WINDOW)
-                .map(Command::Chunk)
-                .collect();
-            submit(node, rt, term, commands, Duration::from_secs(120), b)?;
-        }
-        {
-            let mut pending = shared.pending_local.lock().unwrap();
-            for (p, r) in b.pending.drain(..) {
-                pending.insert((set.name.clone(), p), r);
-            }
-        }
-        let ops = std::mem::take(&mut b.ops);
-        debug!(set = %set.name, ops = ops.len(), "proposing a batch");
-        let command = Command::Files(FileBatch {
-            set: set.name.clone(),
-            origin: shared.node_id,
-            proposed_at_ms: unix_ms(),
-            ops,
+        // Stage this batch's content in the background while the next batch
+        // is read; the batch itself is proposed at the next flush, after the
+        // one staged before it.
+        let blob = std::mem::take(&mut b.blob);
+        let staging = (!blob.is_empty()).then(|| {
+            let blob = Arc::new(blob);
+            let task = start_staging(shared, node, rt, b.blob_upload, blob.clone());
+            (b.blob_upload, blob, task)
         });
+        let batch = ReadyBatch {
+            ops: std::mem::take(&mut b.ops),
+            pending: std::mem::take(&mut b.pending),
+            staging,
+        };
         b.bytes = 0;
-        submit(node, rt, term, vec![command], Duration::from_secs(120), b)?;
+        if let Some(previous) = b.staged.replace(batch) {
+            propose_batch(shared, node, rt, term, set, previous, b)?;
+        }
     }
-    b.chunks.clear();
     if wait_all {
+        if let Some(last) = b.staged.take() {
+            propose_batch(shared, node, rt, term, set, last, b)?;
+        }
         while let Some(rx) = b.in_flight.pop_front() {
             await_applied(rt, rx)?;
         }
     }
     Ok(())
+}
+
+/// A batch whose content is being staged, proposed once that is done.
+struct ReadyBatch {
+    ops: Vec<FileOp>,
+    /// What the source read of each path (see `Shared::pending_local`).
+    pending: Vec<(SetPath, crate::files_store::LocalRecord)>,
+    /// The upload its `Content::Blob`s point into, its bytes and the task
+    /// staging them (true: enough followers hold them).
+    staging: Option<(u64, Arc<Vec<u8>>, tokio::task::JoinHandle<bool>)>,
+}
+
+/// Proposes `batch` once its staging finished: its content through the log
+/// first (as chunks) if too few followers hold it.
+fn propose_batch(
+    shared: &Shared,
+    node: &NodeHandle,
+    rt: &tokio::runtime::Handle,
+    term: u64,
+    set: &SetRuntime,
+    batch: ReadyBatch,
+    b: &mut Builder,
+) -> Result<(), RequestError> {
+    if let Some((upload, blob, task)) = batch.staging {
+        if rt.block_on(task).unwrap_or(false) {
+            // Proposed beside the log: counted here, as the node task counts
+            // what it proposes in entries.
+            shared
+                .counters
+                .bytes_proposed
+                .fetch_add(blob.len() as u64, Ordering::Relaxed);
+        } else {
+            info!(set = %set.name, upload, bytes = blob.len(), "too few followers could stage a batch's content (see their logs); sending it through the log");
+            let mut chunks = blob
+                .chunks(CHUNK_LEN)
+                .enumerate()
+                .map(|(i, piece)| Chunk {
+                    upload,
+                    offset: (i * CHUNK_LEN) as u64,
+                    data: piece.to_vec(),
+                })
+                .peekable();
+            while chunks.peek().is_some() {
+                let commands: Vec<Command> = chunks
+                    .by_ref()
+                    .take(CHUNK_WINDOW)
+                    .map(Command::Chunk)
+                    .collect();
+                submit(node, rt, term, commands, Duration::from_secs(120), b)?;
+            }
+        }
+    }
+    {
+        let mut pending = shared.pending_local.lock().unwrap();
+        for (p, r) in batch.pending {
+            pending.insert((set.name.clone(), p), r);
+        }
+    }
+    debug!(set = %set.name, ops = batch.ops.len(), "proposing a batch");
+    let command = Command::Files(FileBatch {
+        set: set.name.clone(),
+        origin: shared.node_id,
+        proposed_at_ms: unix_ms(),
+        ops: batch.ops,
+    });
+    submit(node, rt, term, vec![command], Duration::from_secs(120), b)
+}
+
+/// Sends the content of a batch about to be proposed (`blob`, the patches
+/// its [`Content::Blob`]s point into) to every data follower Raft sees as
+/// active, in pieces, the last one durable (`Stage` RPC), in a task. The
+/// task is true when enough followers hold it that any majority of the
+/// cluster without this leader includes one: at least as many as the
+/// cluster tolerates failures, and at least one. Only then may the batch
+/// reference it, so a committed change survives this leader dying right
+/// after the commit; a follower that did not get it fetches the file from
+/// one that did. False: the caller sends it through the log instead.
+fn start_staging(
+    shared: &Shared,
+    node: &NodeHandle,
+    rt: &tokio::runtime::Handle,
+    upload: u64,
+    blob: Arc<Vec<u8>>,
+) -> tokio::task::JoinHandle<bool> {
+    let view = node.view();
+    let voters = view.progress.len();
+    let needed = voters.saturating_sub(voters / 2 + 1).max(1);
+    let targets: Vec<u64> = view
+        .progress
+        .iter()
+        .filter(|p| p.id != view.id && p.recent_active && !shared.witness_peers.contains(&p.id))
+        .map(|p| p.id)
+        .collect();
+    let transport = node.transport().cloned();
+    rt.spawn(async move {
+        let Some(transport) = transport else {
+            return false;
+        };
+        if targets.len() < needed {
+            return false;
+        }
+        let sends = targets
+            .iter()
+            .map(|&peer| stage_on(&transport, peer, upload, &blob));
+        let held = futures::future::join_all(sends).await;
+        held.iter().filter(|&&ok| ok).count() >= needed
+    })
+}
+
+/// Sends `blob` to `peer` as staged upload `upload`; true once it holds it
+/// durably.
+async fn stage_on(transport: &Transport, peer: u64, upload: u64, blob: &[u8]) -> bool {
+    let Some(client) = transport.client(peer) else {
+        return false;
+    };
+    let mut client = client.max_encoding_message_size(crate::peer::MAX_MESSAGE_BYTES);
+    let pieces = blob.len().div_ceil(STAGE_PIECE);
+    for (i, piece) in blob.chunks(STAGE_PIECE).enumerate() {
+        let mut req = tonic::Request::new(crate::proto::peer::StageRequest {
+            upload,
+            offset: (i * STAGE_PIECE) as u64,
+            data: piece.to_vec(),
+            durable: i + 1 == pieces,
+        });
+        req.set_timeout(STAGE_TIMEOUT);
+        if let Err(e) = client.stage(req).await {
+            debug!(
+                peer,
+                upload,
+                "staging content on node {peer} failed: {}",
+                e.message()
+            );
+            return false;
+        }
+        crate::transport::WIRE_BYTES_SENT.fetch_add(piece.len() as u64, Ordering::Relaxed);
+    }
+    true
 }
 
 /// Hands `commands` to the node task (in order) and tracks the reply.

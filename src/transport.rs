@@ -112,9 +112,9 @@ impl Transport {
         }
     }
 
-    /// Every peer's last reported applied index (see [`PeerApplied`]).
-    pub fn peer_applied(&self) -> PeerApplied {
-        self.applied.clone()
+    /// The applied index `peer` last reported, and when (see [`PeerApplied`]).
+    pub fn peer_applied(&self, peer: NodeId) -> Option<(u64, std::time::Instant)> {
+        *self.applied.get(&peer)?.lock().unwrap()
     }
 
     /// Enqueues messages for their peers without waiting. Returns the peers
