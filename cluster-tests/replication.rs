@@ -590,10 +590,11 @@ fn staged_content_survives_the_leader_dying_right_after_the_commit() {
     );
 }
 
-/// When no follower can stage content (here, each one's staging directory
-/// is a file), the batch's content goes through the Raft log instead, and
-/// whatever a follower cannot keep even from there it fetches: the trees
-/// still end identical.
+/// When a follower cannot stage content (here, each one's staging
+/// directory is a file), the batch's content goes through the Raft log
+/// instead, and whatever a follower cannot keep even from there (patches
+/// over 256 KiB, staged from chunks) it fetches: the trees still end
+/// identical.
 #[test]
 fn content_that_cannot_be_staged_still_arrives() {
     let (c, leader) = cluster_with(&["bulk"], |b| b.sync_set("bulk", "mirror", ""));
@@ -607,6 +608,7 @@ fn content_that_cannot_be_staged_still_arrives() {
     for i in 0..10u64 {
         append_pseudo_random(&root.join(format!("f{i}")), 500 + i, 100 * 1024);
     }
+    append_pseudo_random(&root.join("large"), 510, 600 * 1024);
     wait_trees_equal(&c, "bulk", &ids, CONVERGE);
     let log = fs::read_to_string(&c.node(leader).log_path).unwrap_or_default();
     assert!(

@@ -46,6 +46,9 @@ use crate::transport::Transport;
 const BLOB_MIN: usize = 32 * 1024;
 /// The largest piece of staged content in one `Stage` call.
 const STAGE_PIECE: usize = 4 << 20;
+/// Patches carried inside a batch's entry when its content goes through
+/// the log; larger ones as chunks first.
+const INLINE_LIMIT: usize = 256 * 1024;
 /// How long one `Stage` call may take before that follower counts as not
 /// holding the content.
 const STAGE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -1312,6 +1315,7 @@ fn propose_batch(
     batch: ReadyBatch,
     b: &mut Builder,
 ) -> Result<(), RequestError> {
+    let mut ops = batch.ops;
     if let Some((upload, blob, task)) = batch.staging {
         if rt.block_on(task).unwrap_or(false) {
             // Proposed beside the log: counted here, as the node task counts
@@ -1321,16 +1325,12 @@ fn propose_batch(
                 .bytes_proposed
                 .fetch_add(blob.len() as u64, Ordering::Relaxed);
         } else {
-            info!(set = %set.name, upload, bytes = blob.len(), "too few followers could stage a batch's content (see their logs); sending it through the log");
-            let mut chunks = blob
-                .chunks(CHUNK_LEN)
-                .enumerate()
-                .map(|(i, piece)| Chunk {
-                    upload,
-                    offset: (i * CHUNK_LEN) as u64,
-                    data: piece.to_vec(),
-                })
-                .peekable();
+            info!(set = %set.name, upload, bytes = blob.len(), "not every active follower could stage a batch's content (see their logs); sending it through the log");
+            let chunks = through_the_log(&mut ops, &blob);
+            let mut own = shared.own_uploads.lock().unwrap();
+            own.extend(chunks.iter().map(|c| c.upload));
+            drop(own);
+            let mut chunks = chunks.into_iter().peekable();
             while chunks.peek().is_some() {
                 let commands: Vec<Command> = chunks
                     .by_ref()
@@ -1347,25 +1347,61 @@ fn propose_batch(
             pending.insert((set.name.clone(), p), r);
         }
     }
-    debug!(set = %set.name, ops = batch.ops.len(), "proposing a batch");
+    debug!(set = %set.name, ops = ops.len(), "proposing a batch");
     let command = Command::Files(FileBatch {
         set: set.name.clone(),
         origin: shared.node_id,
         proposed_at_ms: unix_ms(),
-        ops: batch.ops,
+        ops,
     });
     submit(node, rt, term, vec![command], Duration::from_secs(120), b)
+}
+
+/// Rewrites the [`Content::Blob`]s of `ops` (pointing into `blob`) to
+/// carry their patches through the log, exactly as releases before staged
+/// content did: inline up to [`INLINE_LIMIT`], else as [`Chunk`]s of an
+/// upload of their own (returned, to be proposed before the batch) and a
+/// [`Content::Staged`] reference. So a batch that could not be staged on
+/// every active follower is also one that any older release applies.
+fn through_the_log(ops: &mut [FileOp], blob: &[u8]) -> Vec<Chunk> {
+    let mut chunks = Vec::new();
+    for op in ops {
+        let FileOp::Put { content, .. } = op else {
+            continue;
+        };
+        let Content::Blob { offset, len, .. } = *content else {
+            continue;
+        };
+        let patch = &blob[offset as usize..(offset + len) as usize];
+        *content = if patch.len() <= INLINE_LIMIT {
+            Content::Inline(patch.to_vec())
+        } else {
+            let upload: u64 = rand::random();
+            for (i, piece) in patch.chunks(CHUNK_LEN).enumerate() {
+                chunks.push(Chunk {
+                    upload,
+                    offset: (i * CHUNK_LEN) as u64,
+                    data: piece.to_vec(),
+                });
+            }
+            Content::Staged { upload, len }
+        };
+    }
+    chunks
 }
 
 /// Sends the content of a batch about to be proposed (`blob`, the patches
 /// its [`Content::Blob`]s point into) to every data follower Raft sees as
 /// active, in pieces, the last one durable (`Stage` RPC), in a task. The
-/// task is true when enough followers hold it that any majority of the
-/// cluster without this leader includes one: at least as many as the
-/// cluster tolerates failures, and at least one. Only then may the batch
-/// reference it, so a committed change survives this leader dying right
-/// after the commit; a follower that did not get it fetches the file from
-/// one that did. False: the caller sends it through the log instead.
+/// task is true when every one of them holds it, and they are enough that
+/// any majority of the cluster without this leader includes one (at least
+/// as many as the cluster tolerates failures, and at least one). Only then
+/// may the batch reference it, so a committed change survives this leader
+/// dying right after the commit; a follower that was down meanwhile
+/// fetches the file from one that holds it. False: the caller sends it
+/// through the log instead ([`through_the_log`]), as older releases did,
+/// which also keeps a follower that refused it (an older release has no
+/// `Stage`, a full disk) applying every batch.
 fn start_staging(
     shared: &Shared,
     node: &NodeHandle,
@@ -1394,7 +1430,7 @@ fn start_staging(
             .iter()
             .map(|&peer| stage_on(&transport, peer, upload, &blob));
         let held = futures::future::join_all(sends).await;
-        held.iter().filter(|&&ok| ok).count() >= needed
+        held.iter().all(|&ok| ok)
     })
 }
 
@@ -1510,6 +1546,71 @@ fn await_applied(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn content_that_was_not_staged_goes_through_the_log_in_the_old_format() {
+        let small = vec![1u8; 1000];
+        let large: Vec<u8> = (0..INLINE_LIMIT + CHUNK_LEN + 5).map(|i| i as u8).collect();
+        let mut blob = small.clone();
+        blob.extend_from_slice(&large);
+        let put = |name: &str, content| FileOp::Put {
+            path: name.as_bytes().to_vec(),
+            meta: entry(Vec::new()).meta,
+            digest: WireDigest::new(&delta::digest(b"")),
+            content,
+        };
+        let mut ops = vec![
+            put(
+                "s",
+                Content::Blob {
+                    upload: 9,
+                    offset: 0,
+                    len: 1000,
+                },
+            ),
+            FileOp::Remove {
+                path: b"gone".to_vec(),
+            },
+            put(
+                "l",
+                Content::Blob {
+                    upload: 9,
+                    offset: 1000,
+                    len: large.len() as u64,
+                },
+            ),
+        ];
+        let chunks = through_the_log(&mut ops, &blob);
+        let FileOp::Put {
+            content: Content::Inline(inline),
+            ..
+        } = &ops[0]
+        else {
+            panic!("{:?}", ops[0])
+        };
+        assert_eq!(inline, &small);
+        assert_eq!(
+            ops[1],
+            FileOp::Remove {
+                path: b"gone".to_vec()
+            }
+        );
+        let FileOp::Put {
+            content: Content::Staged { upload, len },
+            ..
+        } = &ops[2]
+        else {
+            panic!("{:?}", ops[2])
+        };
+        assert_eq!(*len, large.len() as u64);
+        assert_eq!(chunks.len(), 2);
+        let mut rebuilt = vec![0u8; large.len()];
+        for c in &chunks {
+            assert_eq!(c.upload, *upload);
+            rebuilt[c.offset as usize..c.offset as usize + c.data.len()].copy_from_slice(&c.data);
+        }
+        assert_eq!(rebuilt, large);
+    }
 
     #[test]
     fn only_followers_keeping_up_hold_the_source_back() {
