@@ -349,6 +349,14 @@ impl Peer for PeerService {
                 "this node holds no sync sets: nothing to stage",
             ));
         }
+        // Only the leader this node follows may fill its staging directory.
+        let leader = self.node.view().leader;
+        if leader != Some(who.node_id) {
+            return Err(Status::failed_precondition(format!(
+                "node {} is not the leader this node follows ({leader:?}); send the content through the log",
+                who.node_id
+            )));
+        }
         let r = req.into_inner();
         tokio::task::spawn_blocking(move || {
             files.stage_piece(r.upload, r.offset, &r.data, r.durable)

@@ -45,7 +45,9 @@ use crate::storage::RaftStore;
 const APPLY_PAGE_BYTES: u64 = 64 << 20;
 /// Threads writing the files of one batch on a follower.
 const WRITERS: usize = 8;
-/// Staged chunks of an upload nobody finished are removed after this.
+/// Staged uploads no applied batch consumed (the leader that staged them
+/// died before proposing, the batch was never committed) are removed after
+/// this.
 const STAGING_MAX_AGE: Duration = Duration::from_secs(3600);
 
 /// One configured sync set, ready to use.
@@ -174,6 +176,11 @@ pub struct Shared {
     pub pending_local: Mutex<HashMap<(String, SetPath), LocalRecord>>,
     /// Uploads this node proposed: its chunks need no staging here.
     pub own_uploads: Mutex<HashSet<u64>>,
+    /// As leader: until when content goes through the log without trying
+    /// to stage it first, after a batch some active follower did not stage
+    /// (an older release, a full disk): retrying each batch would send its
+    /// content twice and leave an orphaned upload on the others.
+    pub staging_paused_until: Mutex<Option<Instant>>,
     /// Blake3 states of append-set files as last written, so an append is
     /// verified without re-reading the whole log.
     /// With each, [`fingerprint`] of the file's last bytes at that length: a
@@ -413,6 +420,7 @@ pub fn open_shared(config: &Config) -> Result<Arc<Shared>, FilesStoreError> {
         counters: Counters::default(),
         pending_local: Mutex::new(HashMap::new()),
         own_uploads: Mutex::new(HashSet::new()),
+        staging_paused_until: Mutex::new(None),
         append_hashers: Mutex::new(HashMap::new()),
         store,
         applied: AtomicU64::new(applied),

@@ -46,6 +46,9 @@ use crate::transport::Transport;
 const BLOB_MIN: usize = 32 * 1024;
 /// The largest piece of staged content in one `Stage` call.
 const STAGE_PIECE: usize = 4 << 20;
+/// After a batch not every active follower staged, content goes through
+/// the log this long before staging is tried again.
+const STAGING_PAUSE: Duration = Duration::from_secs(60);
 /// Patches carried inside a batch's entry when its content goes through
 /// the log; larger ones as chunks first.
 const INLINE_LIMIT: usize = 256 * 1024;
@@ -1268,9 +1271,15 @@ fn flush(
         // is read; the batch itself is proposed at the next flush, after the
         // one staged before it.
         let blob = std::mem::take(&mut b.blob);
+        let paused = shared
+            .staging_paused_until
+            .lock()
+            .unwrap()
+            .is_some_and(|until| Instant::now() < until);
         let staging = (!blob.is_empty()).then(|| {
             let blob = Arc::new(blob);
-            let task = start_staging(shared, node, rt, b.blob_upload, blob.clone());
+            let task =
+                (!paused).then(|| start_staging(shared, node, rt, b.blob_upload, blob.clone()));
             (b.blob_upload, blob, task)
         });
         let batch = ReadyBatch {
@@ -1300,8 +1309,9 @@ struct ReadyBatch {
     /// What the source read of each path (see `Shared::pending_local`).
     pending: Vec<(SetPath, crate::files_store::LocalRecord)>,
     /// The upload its `Content::Blob`s point into, its bytes and the task
-    /// staging them (true: enough followers hold them).
-    staging: Option<(u64, Arc<Vec<u8>>, tokio::task::JoinHandle<bool>)>,
+    /// staging them (true: enough followers hold them; none: staging is
+    /// paused, the content goes through the log).
+    staging: Option<(u64, Arc<Vec<u8>>, Option<tokio::task::JoinHandle<bool>>)>,
 }
 
 /// Proposes `batch` once its staging finished: its content through the log
@@ -1317,7 +1327,11 @@ fn propose_batch(
 ) -> Result<(), RequestError> {
     let mut ops = batch.ops;
     if let Some((upload, blob, task)) = batch.staging {
-        if rt.block_on(task).unwrap_or(false) {
+        let staged = match task {
+            Some(task) => rt.block_on(task).unwrap_or(false),
+            None => false,
+        };
+        if staged {
             // Proposed beside the log: counted here, as the node task counts
             // what it proposes in entries.
             shared
@@ -1325,7 +1339,12 @@ fn propose_batch(
                 .bytes_proposed
                 .fetch_add(blob.len() as u64, Ordering::Relaxed);
         } else {
-            info!(set = %set.name, upload, bytes = blob.len(), "not every active follower could stage a batch's content (see their logs); sending it through the log");
+            let mut paused = shared.staging_paused_until.lock().unwrap();
+            if paused.is_none_or(|until| Instant::now() >= until) {
+                info!(set = %set.name, upload, bytes = blob.len(), "not every active follower could stage a batch's content (see their logs); sending it, and content for the next {}s, through the log", STAGING_PAUSE.as_secs());
+                *paused = Some(Instant::now() + STAGING_PAUSE);
+            }
+            drop(paused);
             let chunks = through_the_log(&mut ops, &blob);
             let mut own = shared.own_uploads.lock().unwrap();
             own.extend(chunks.iter().map(|c| c.upload));
