@@ -227,7 +227,9 @@ async fn fetch_one(
     signature: &[u8],
 ) -> Result<Vec<u8>, FetchError> {
     let other = |m: &str| FetchError::Other(m.to_string());
-    let mut client = transport.client(peer).ok_or_else(|| other("no link"))?;
+    let mut client = transport
+        .bulk_client(peer)
+        .ok_or_else(|| other("no link"))?;
     let mut req = tonic::Request::new(FetchRequest {
         set: set.to_string(),
         path: path.as_bytes().to_vec(),

@@ -368,9 +368,10 @@ pub enum Content {
     /// `upload`, which holds the patches of one batch one after another.
     /// The leader sends it to followers outside the log (the `Stage` RPC)
     /// and proposes the batch only once enough of them hold it durably (see
-    /// ARCHITECTURE.md, "Bulk content travels beside the log"); where that
-    /// is not possible, as [`Chunk`]s of `upload` before the batch. Appended
-    /// last, so every other variant keeps its tag.
+    /// ARCHITECTURE.md, "Small changes travel inside Raft entries; bulk
+    /// content beside them"); where that is not possible the batch is
+    /// rewritten to [`Content::Inline`] and [`Content::Staged`] instead.
+    /// Appended last, so every other variant keeps its tag.
     Blob { upload: u64, offset: u64, len: u64 },
 }
 

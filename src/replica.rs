@@ -181,6 +181,13 @@ pub struct Shared {
     /// (an older release, a full disk): retrying each batch would send its
     /// content twice and leave an orphaned upload on the others.
     pub staging_paused_until: Mutex<Option<Instant>>,
+    /// As leader: the data peers that staged content for this node, so run
+    /// a release that applies `Content::Blob`. A batch references staged
+    /// content only if every data peer is among them or holds it.
+    pub stage_capable: Arc<Mutex<HashSet<NodeId>>>,
+    /// As leader: each follower's last reported applied index and when it
+    /// last changed (the source's flow control).
+    pub follower_applied_moved: Mutex<BTreeMap<NodeId, (u64, Instant)>>,
     /// Blake3 states of append-set files as last written, so an append is
     /// verified without re-reading the whole log.
     /// With each, [`fingerprint`] of the file's last bytes at that length: a
@@ -211,6 +218,12 @@ impl Shared {
     pub fn staging_limit(&self) -> u64 {
         let largest = self.sets.iter().map(|s| s.max_file_size).max().unwrap_or(0);
         largest.saturating_add(largest / 8).saturating_add(1 << 20)
+    }
+
+    /// The most a staged upload may hold: a batch's patches (proposed once
+    /// they pass 4 MiB) plus one patch of [`staging_limit`](Self::staging_limit).
+    pub fn upload_limit(&self) -> u64 {
+        self.staging_limit().saturating_add(8 << 20)
     }
 
     pub fn set(&self, name: &str) -> Option<&SetRuntime> {
@@ -352,7 +365,7 @@ impl Shared {
         durable: bool,
     ) -> Result<(), String> {
         let end = offset.saturating_add(data.len() as u64);
-        if end > self.staging_limit() {
+        if end > self.upload_limit() {
             return Err(format!(
                 "a staged piece ending at byte {end} of upload {upload:016x} is larger than any sync set here allows (max_file_size)"
             ));
@@ -421,6 +434,8 @@ pub fn open_shared(config: &Config) -> Result<Arc<Shared>, FilesStoreError> {
         pending_local: Mutex::new(HashMap::new()),
         own_uploads: Mutex::new(HashSet::new()),
         staging_paused_until: Mutex::new(None),
+        stage_capable: Arc::new(Mutex::new(HashSet::new())),
+        follower_applied_moved: Mutex::new(BTreeMap::new()),
         append_hashers: Mutex::new(HashMap::new()),
         store,
         applied: AtomicU64::new(applied),
@@ -1627,7 +1642,9 @@ impl Applier {
                     Content::Blob { offset, .. } => *offset,
                     _ => 0,
                 };
-                if offset.saturating_add(*len) > self.shared.staging_limit() {
+                if *len > self.shared.staging_limit()
+                    || offset.saturating_add(*len) > self.shared.upload_limit()
+                {
                     return Ok(PutOutcome::Refused(format!(
                         "its staged patch claims {len} bytes at {offset}, more than any sync set's max_file_size allows"
                     )));

@@ -66,10 +66,10 @@ const CHUNK_WINDOW: usize = 4;
 const MAX_IN_FLIGHT: usize = 3;
 /// Entries a follower's applier may be behind this leader's before the
 /// source waits for it (see [`wait_for_followers`]): with proposals of at
-/// most 4 MiB, about 12 MiB of content, a fifth of the followers' 64 MiB
-/// log memtable. Measured in a 1 GiB first sync: followers wrote about
-/// 0.5 GB of log content to blob files with 3, 0.9 GB with 8, 1.2 GB
-/// without the wait.
+/// most 4 MiB, about 12 MiB of content. While content went through the
+/// log this kept it in the followers' 64 MiB log memtable until applied
+/// (measured in a 1 GiB first sync: 0.5 GB flushed to blob files per
+/// follower with 3, 0.9 GB with 8, 1.2 GB without the wait).
 const FOLLOWER_APPLY_WINDOW: u64 = 3;
 /// A follower further behind than this is catching up (it was down, or
 /// restored a snapshot): it is not waited for, so its catch-up never delays
@@ -1356,7 +1356,15 @@ fn propose_batch(
                     .take(CHUNK_WINDOW)
                     .map(Command::Chunk)
                     .collect();
-                submit(node, rt, term, commands, Duration::from_secs(120), b)?;
+                submit(
+                    shared,
+                    node,
+                    rt,
+                    term,
+                    commands,
+                    Duration::from_secs(120),
+                    b,
+                )?;
             }
         }
     }
@@ -1373,7 +1381,15 @@ fn propose_batch(
         proposed_at_ms: unix_ms(),
         ops,
     });
-    submit(node, rt, term, vec![command], Duration::from_secs(120), b)
+    submit(
+        shared,
+        node,
+        rt,
+        term,
+        vec![command],
+        Duration::from_secs(120),
+        b,
+    )
 }
 
 /// Rewrites the [`Content::Blob`]s of `ops` (pointing into `blob`) to
@@ -1431,13 +1447,34 @@ fn start_staging(
     let view = node.view();
     let voters = view.progress.len();
     let needed = voters.saturating_sub(voters / 2 + 1).max(1);
-    let targets: Vec<u64> = view
+    let data_peers: Vec<u64> = view
         .progress
         .iter()
-        .filter(|p| p.id != view.id && p.recent_active && !shared.witness_peers.contains(&p.id))
+        .filter(|p| p.id != view.id && !shared.witness_peers.contains(&p.id))
         .map(|p| p.id)
         .collect();
+    // Active: answered a Raft call within the last second (raft-rs's
+    // `recent_active` is reset every election timeout under check_quorum,
+    // and would drop live followers now and then).
+    let targets: Vec<u64> = data_peers
+        .iter()
+        .copied()
+        .filter(|&p| {
+            node.peer_applied(p)
+                .is_some_and(|(_, age)| age <= Duration::from_secs(1))
+        })
+        .collect();
+    // A follower that was down meanwhile applies the batch from the log
+    // later: only a data peer known to stage (so running a release that
+    // knows `Content::Blob`) may miss it.
+    let all_capable = {
+        let capable = shared.stage_capable.lock().unwrap();
+        data_peers
+            .iter()
+            .all(|p| targets.contains(p) || capable.contains(p))
+    };
     let transport = node.transport().cloned();
+    let capable = shared.stage_capable.clone();
     rt.spawn(async move {
         let Some(transport) = transport else {
             return false;
@@ -1449,17 +1486,24 @@ fn start_staging(
             .iter()
             .map(|&peer| stage_on(&transport, peer, upload, &blob));
         let held = futures::future::join_all(sends).await;
-        held.iter().all(|&ok| ok)
+        {
+            let mut capable = capable.lock().unwrap();
+            for (&peer, &ok) in targets.iter().zip(&held) {
+                if ok {
+                    capable.insert(peer);
+                }
+            }
+        }
+        all_capable && held.iter().all(|&ok| ok)
     })
 }
 
 /// Sends `blob` to `peer` as staged upload `upload`; true once it holds it
 /// durably.
 async fn stage_on(transport: &Transport, peer: u64, upload: u64, blob: &[u8]) -> bool {
-    let Some(client) = transport.client(peer) else {
+    let Some(mut client) = transport.bulk_client(peer) else {
         return false;
     };
-    let mut client = client.max_encoding_message_size(crate::peer::MAX_MESSAGE_BYTES);
     let pieces = blob.len().div_ceil(STAGE_PIECE);
     for (i, piece) in blob.chunks(STAGE_PIECE).enumerate() {
         let mut req = tonic::Request::new(crate::proto::peer::StageRequest {
@@ -1468,7 +1512,12 @@ async fn stage_on(transport: &Transport, peer: u64, upload: u64, blob: &[u8]) ->
             data: piece.to_vec(),
             durable: i + 1 == pieces,
         });
-        req.set_timeout(STAGE_TIMEOUT);
+        // The last call fsyncs the whole upload.
+        let timeout = match i + 1 == pieces {
+            true => STAGE_TIMEOUT + Duration::from_secs(blob.len() as u64 / (20 << 20)),
+            false => STAGE_TIMEOUT,
+        };
+        req.set_timeout(timeout);
         if let Err(e) = client.stage(req).await {
             debug!(
                 peer,
@@ -1485,6 +1534,7 @@ async fn stage_on(transport: &Transport, peer: u64, upload: u64, blob: &[u8]) ->
 
 /// Hands `commands` to the node task (in order) and tracks the reply.
 fn submit(
+    shared: &Shared,
     node: &NodeHandle,
     rt: &tokio::runtime::Handle,
     term: u64,
@@ -1496,7 +1546,7 @@ fn submit(
         let rx = b.in_flight.pop_front().expect("non-empty");
         await_applied(rt, rx)?;
     }
-    wait_for_followers(node);
+    wait_for_followers(shared, node);
     let rx = rt.block_on(node.propose_start(term, commands, wait))?;
     b.in_flight.push_back(rx);
     Ok(())
@@ -1507,15 +1557,13 @@ fn submit(
 ///
 /// Without it a bulk transfer commits as fast as followers can append to
 /// their logs, and their appliers (which write and fsync every file) fall
-/// hundreds of MiB behind: those entries then outlive the log's 64 MiB
-/// memtable and are written to disk a second time (into blob files, by the
-/// flush): on the 2-core test machine 1.2 GB more per follower for a 1 GiB
-/// first sync, whose speed there is the disk's. A follower that stopped
+/// hundreds of MiB behind: what `promote` waits for and a failover to them
+/// has to catch up (and, for content in the log, entries that outlive the
+/// log's memtable and are written twice). A follower that stopped
 /// answering (no report for a second), that is catching up (more than
 /// [`FOLLOWER_CATCHING_UP`] behind) or whose applier stopped advancing (for
 /// [`FOLLOWER_STALL`]) holds nobody back.
-fn wait_for_followers(node: &NodeHandle) {
-    let mut seen: BTreeMap<u64, (u64, Instant)> = BTreeMap::new();
+fn wait_for_followers(shared: &Shared, node: &NodeHandle) {
     loop {
         let view = node.view();
         if view.role != Role::Leader {
@@ -1531,11 +1579,17 @@ fn wait_for_followers(node: &NodeHandle) {
             let Some((applied, age)) = node.peer_applied(p.id) else {
                 continue;
             };
-            let (last, since) = seen.entry(p.id).or_insert((applied, Instant::now()));
-            if applied != *last {
-                (*last, *since) = (applied, Instant::now());
-            }
-            waiting |= holds_back(ours.saturating_sub(applied), age, since.elapsed());
+            // When each follower's applied index last moved, across calls:
+            // a stalled one must not cost every proposal FOLLOWER_STALL.
+            let unmoved = {
+                let mut moved = shared.follower_applied_moved.lock().unwrap();
+                let (last, since) = moved.entry(p.id).or_insert((applied, Instant::now()));
+                if applied != *last {
+                    (*last, *since) = (applied, Instant::now());
+                }
+                since.elapsed()
+            };
+            waiting |= holds_back(ours.saturating_sub(applied), age, unmoved);
         }
         if !waiting {
             return;

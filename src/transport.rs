@@ -50,7 +50,8 @@ pub enum LinkEvent {
 }
 
 /// Raft message bytes this process delivered to peers (protobuf payload,
-/// before gRPC framing and TLS), plus file bytes served by `Fetch`: the
+/// before gRPC framing and TLS), plus content staged on peers (`Stage`) and
+/// file bytes served by `Fetch`: the
 /// "bytes on the wire" counter of status and metrics.
 pub static WIRE_BYTES_SENT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
@@ -67,6 +68,11 @@ pub type PeerApplied = Arc<BTreeMap<NodeId, std::sync::Mutex<Option<(u64, std::t
 struct Link {
     addr: String,
     channel: Channel,
+    /// A second connection for bulk content (`Stage`, `Fetch`): megabytes
+    /// queued on the Raft connection would delay heartbeats behind them
+    /// past the election timeout (seen: a leader deposed while staging a
+    /// 1 GiB file).
+    bulk: Channel,
     queue: mpsc::Sender<Message>,
 }
 
@@ -102,6 +108,7 @@ impl Transport {
                 Link {
                     addr: peer.addr.clone(),
                     channel,
+                    bulk: peer_channel(peer, tls.clone()),
                     queue,
                 },
             );
@@ -146,6 +153,16 @@ impl Transport {
         self.links.get(&peer).map(|l| {
             PeerClient::new(l.channel.clone())
                 .max_decoding_message_size(crate::peer::MAX_MESSAGE_BYTES)
+        })
+    }
+
+    /// A client for bulk transfers to `peer` (`Stage`, `Fetch`), on a
+    /// connection of their own so they never delay Raft messages.
+    pub fn bulk_client(&self, peer: NodeId) -> Option<PeerClient<Channel>> {
+        self.links.get(&peer).map(|l| {
+            PeerClient::new(l.bulk.clone())
+                .max_decoding_message_size(crate::peer::MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(crate::peer::MAX_MESSAGE_BYTES)
         })
     }
 
