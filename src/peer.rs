@@ -359,7 +359,7 @@ impl Peer for PeerService {
         }
         let r = req.into_inner();
         tokio::task::spawn_blocking(move || {
-            files.stage_piece(r.upload, r.offset, &r.data, r.durable)
+            files.stage_piece(r.upload, r.offset, &r.data, r.durable, true)
         })
         .await
         .map_err(|e| Status::internal(e.to_string()))?

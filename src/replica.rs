@@ -354,7 +354,9 @@ impl Shared {
 
     /// Writes `data` at `offset` of the staged upload `upload` (created if
     /// new); with `durable`, then fsyncs it and the staging directory, so
-    /// the caller may report it held. Refuses anything ending past
+    /// the caller may report it held. Pieces `from_leader` (the `Stage`
+    /// RPC) are flushed one by one; chunks from the log are not (the log
+    /// itself is their durable copy). Refuses anything ending past
     /// [`staging_limit`](Self::staging_limit): a hostile offset cannot make
     /// a huge sparse file that is later read into memory.
     pub fn stage_piece(
@@ -363,6 +365,7 @@ impl Shared {
         offset: u64,
         data: &[u8],
         durable: bool,
+        from_leader: bool,
     ) -> Result<(), String> {
         let end = offset.saturating_add(data.len() as u64);
         if end > self.upload_limit() {
@@ -381,6 +384,12 @@ impl Shared {
             if durable {
                 f.sync_all()?;
                 std::fs::File::open(self.staging_dir())?.sync_all()?;
+            } else if from_leader {
+                // Flushed piece by piece: one fsync of a whole 1 GiB upload
+                // held this node's Raft log writes (and with them its
+                // heartbeat answers) behind it for seconds, long enough for
+                // an election.
+                f.sync_data()?;
             }
             Ok(())
         };
@@ -946,9 +955,9 @@ impl Applier {
         {
             return;
         }
-        if let Err(e) = self
-            .shared
-            .stage_piece(chunk.upload, chunk.offset, &chunk.data, false)
+        if let Err(e) =
+            self.shared
+                .stage_piece(chunk.upload, chunk.offset, &chunk.data, false, false)
         {
             // The batch that needs it will find it short and fetch instead.
             warn!(
