@@ -359,7 +359,11 @@ impl Peer for PeerService {
         }
         let r = req.into_inner();
         tokio::task::spawn_blocking(move || {
-            files.stage_piece(r.upload, r.offset, &r.data, r.durable, true)
+            let flush = match r.durable {
+                true => crate::replica::StageFlush::Upload,
+                false => crate::replica::StageFlush::Piece,
+            };
+            files.stage_piece(r.upload, r.offset, &r.data, flush)
         })
         .await
         .map_err(|e| Status::internal(e.to_string()))?

@@ -45,6 +45,21 @@ use crate::storage::RaftStore;
 const APPLY_PAGE_BYTES: u64 = 64 << 20;
 /// Threads writing the files of one batch on a follower.
 const WRITERS: usize = 8;
+/// How [`Shared::stage_piece`] flushes what it wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StageFlush {
+    /// Not at all: a `Chunk` from the log, which is itself the durable copy.
+    None,
+    /// This piece (the `Stage` RPC): one fsync of a whole 1 GiB upload at
+    /// the end held this node's Raft log writes (and with them its
+    /// heartbeat answers) behind it for seconds, long enough for an
+    /// election.
+    Piece,
+    /// The whole upload and the staging directory: the last piece, after
+    /// which the caller may report the upload held.
+    Upload,
+}
+
 /// Staged uploads no applied batch consumed (the leader that staged them
 /// died before proposing, the batch was never committed) are removed after
 /// this.
@@ -353,19 +368,15 @@ impl Shared {
     }
 
     /// Writes `data` at `offset` of the staged upload `upload` (created if
-    /// new); with `durable`, then fsyncs it and the staging directory, so
-    /// the caller may report it held. Pieces `from_leader` (the `Stage`
-    /// RPC) are flushed one by one; chunks from the log are not (the log
-    /// itself is their durable copy). Refuses anything ending past
-    /// [`staging_limit`](Self::staging_limit): a hostile offset cannot make
-    /// a huge sparse file that is later read into memory.
+    /// new), flushed as `flush` says. Refuses anything ending past
+    /// [`upload_limit`](Self::upload_limit): a hostile offset cannot make a
+    /// huge sparse file that is later read into memory.
     pub fn stage_piece(
         &self,
         upload: u64,
         offset: u64,
         data: &[u8],
-        durable: bool,
-        from_leader: bool,
+        flush: StageFlush,
     ) -> Result<(), String> {
         let end = offset.saturating_add(data.len() as u64);
         if end > self.upload_limit() {
@@ -381,15 +392,13 @@ impl Shared {
                 .truncate(false)
                 .open(&path)?;
             f.write_all_at(data, offset)?;
-            if durable {
-                f.sync_all()?;
-                std::fs::File::open(self.staging_dir())?.sync_all()?;
-            } else if from_leader {
-                // Flushed piece by piece: one fsync of a whole 1 GiB upload
-                // held this node's Raft log writes (and with them its
-                // heartbeat answers) behind it for seconds, long enough for
-                // an election.
-                f.sync_data()?;
+            match flush {
+                StageFlush::None => {}
+                StageFlush::Piece => f.sync_data()?,
+                StageFlush::Upload => {
+                    f.sync_all()?;
+                    std::fs::File::open(self.staging_dir())?.sync_all()?;
+                }
             }
             Ok(())
         };
@@ -957,7 +966,7 @@ impl Applier {
         }
         if let Err(e) =
             self.shared
-                .stage_piece(chunk.upload, chunk.offset, &chunk.data, false, false)
+                .stage_piece(chunk.upload, chunk.offset, &chunk.data, StageFlush::None)
         {
             // The batch that needs it will find it short and fetch instead.
             warn!(
@@ -1555,6 +1564,42 @@ impl Applier {
                 .is_some_and(|d| d.get() == *local)
     }
 
+    /// The `len` bytes at `offset` of staged upload `upload` (removed
+    /// afterwards when `remove`), or why the put cannot use them.
+    fn read_staged(
+        &self,
+        upload: u64,
+        offset: u64,
+        len: u64,
+        remove: bool,
+    ) -> Result<Vec<u8>, PutOutcome> {
+        if len > self.shared.staging_limit()
+            || offset.saturating_add(len) > self.shared.upload_limit()
+        {
+            return Err(PutOutcome::Refused(format!(
+                "its staged patch claims {len} bytes at {offset}, more than any sync set's max_file_size allows"
+            )));
+        }
+        let staged = self.shared.staged_path(upload);
+        // Read exactly `len` bytes, never what a sparse file claims.
+        let read = std::fs::File::open(&staged).and_then(|f| {
+            let mut b = vec![0u8; len as usize];
+            f.read_exact_at(&mut b, offset)?;
+            Ok(b)
+        });
+        match read {
+            Ok(b) => {
+                if remove {
+                    let _ = std::fs::remove_file(&staged);
+                }
+                Ok(b)
+            }
+            Err(_) => Err(PutOutcome::Missing(
+                "its staged content is not here (this node was not reachable when the leader staged it)".into(),
+            )),
+        }
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn put_file(
         &self,
@@ -1646,39 +1691,20 @@ impl Applier {
                 ))
             }
             Content::Inline(b) => std::borrow::Cow::Borrowed(&b[..]),
-            Content::Staged { upload, len } | Content::Blob { upload, len, .. } => {
-                let offset = match content {
-                    Content::Blob { offset, .. } => *offset,
-                    _ => 0,
-                };
-                if *len > self.shared.staging_limit()
-                    || offset.saturating_add(*len) > self.shared.upload_limit()
-                {
-                    return Ok(PutOutcome::Refused(format!(
-                        "its staged patch claims {len} bytes at {offset}, more than any sync set's max_file_size allows"
-                    )));
-                }
-                let staged = self.shared.staged_path(*upload);
-                // Read exactly `len` bytes, never what a sparse file claims.
-                let read = std::fs::File::open(&staged).and_then(|f| {
-                    let mut b = vec![0u8; *len as usize];
-                    f.read_exact_at(&mut b, offset)?;
-                    Ok(b)
-                });
-                match read {
-                    Ok(b) => {
-                        if matches!(content, Content::Staged { .. }) {
-                            let _ = std::fs::remove_file(&staged);
-                        }
-                        std::borrow::Cow::Owned(b)
-                    }
-                    Err(_) => {
-                        return Ok(PutOutcome::Missing(
-                            "its staged content is not here (this node was not reachable when the leader staged it)".into(),
-                        ))
-                    }
-                }
-            }
+            // A `Staged` upload holds this one patch and goes with it; a
+            // `Blob`'s is the batch's, removed once the batch applied.
+            Content::Staged { upload, len } => match self.read_staged(*upload, 0, *len, true) {
+                Ok(b) => std::borrow::Cow::Owned(b),
+                Err(outcome) => return Ok(outcome),
+            },
+            Content::Blob {
+                upload,
+                offset,
+                len,
+            } => match self.read_staged(*upload, *offset, *len, false) {
+                Ok(b) => std::borrow::Cow::Owned(b),
+                Err(outcome) => return Ok(outcome),
+            },
         };
         let patch = match Patch::decode(&patch_bytes) {
             Ok(p) => p,

@@ -78,6 +78,11 @@ const FOLLOWER_CATCHING_UP: u64 = 64;
 /// A follower whose applied index did not move for this long is not
 /// waited for.
 const FOLLOWER_STALL: Duration = Duration::from_secs(2);
+/// A follower whose last reply is older than this is not active: not
+/// staged on, not waited for. (raft-rs's `recent_active` is reset every
+/// election timeout under check_quorum, and would drop live followers now
+/// and then.)
+const ANSWERED_WITHIN: Duration = Duration::from_secs(1);
 /// How long a new leader waits for missing content to be fetched before it
 /// takes its own tree as the truth for those paths.
 const MISSING_GRACE: Duration = Duration::from_secs(5);
@@ -1271,13 +1276,13 @@ fn flush(
         // is read; the batch itself is proposed at the next flush, after the
         // one staged before it.
         let blob = std::mem::take(&mut b.blob);
-        let paused = shared
-            .staging_paused_until
-            .lock()
-            .unwrap()
-            .is_some_and(|until| Instant::now() < until);
         let staging = (!blob.is_empty()).then(|| {
             let blob = Arc::new(blob);
+            let paused = shared
+                .staging_paused_until
+                .lock()
+                .unwrap()
+                .is_some_and(|until| Instant::now() < until);
             let task =
                 (!paused).then(|| start_staging(shared, node, rt, b.blob_upload, blob.clone()));
             (b.blob_upload, blob, task)
@@ -1453,15 +1458,12 @@ fn start_staging(
         .filter(|p| p.id != view.id && !shared.witness_peers.contains(&p.id))
         .map(|p| p.id)
         .collect();
-    // Active: answered a Raft call within the last second (raft-rs's
-    // `recent_active` is reset every election timeout under check_quorum,
-    // and would drop live followers now and then).
     let targets: Vec<u64> = data_peers
         .iter()
         .copied()
         .filter(|&p| {
             node.peer_applied(p)
-                .is_some_and(|(_, age)| age <= Duration::from_secs(1))
+                .is_some_and(|(_, age)| age <= ANSWERED_WITHIN)
         })
         .collect();
     // A follower that was down meanwhile applies the batch from the log
@@ -1506,18 +1508,18 @@ async fn stage_on(transport: &Transport, peer: u64, upload: u64, blob: &[u8]) ->
     };
     let pieces = blob.len().div_ceil(STAGE_PIECE);
     for (i, piece) in blob.chunks(STAGE_PIECE).enumerate() {
+        let last = i + 1 == pieces;
         let mut req = tonic::Request::new(crate::proto::peer::StageRequest {
             upload,
             offset: (i * STAGE_PIECE) as u64,
             data: piece.to_vec(),
-            durable: i + 1 == pieces,
+            durable: last,
         });
         // The last call fsyncs the whole upload.
-        let timeout = match i + 1 == pieces {
+        req.set_timeout(match last {
             true => STAGE_TIMEOUT + Duration::from_secs(blob.len() as u64 / (20 << 20)),
             false => STAGE_TIMEOUT,
-        };
-        req.set_timeout(timeout);
+        });
         if let Err(e) = client.stage(req).await {
             debug!(
                 peer,
@@ -1602,7 +1604,7 @@ fn wait_for_followers(shared: &Shared, node: &NodeHandle) {
 /// `report_age` old and whose applied index has not moved for `unmoved`,
 /// makes the source wait (see [`wait_for_followers`]).
 fn holds_back(behind: u64, report_age: Duration, unmoved: Duration) -> bool {
-    report_age <= Duration::from_secs(1)
+    report_age <= ANSWERED_WITHIN
         && behind > FOLLOWER_APPLY_WINDOW
         && behind <= FOLLOWER_CATCHING_UP
         && unmoved < FOLLOWER_STALL

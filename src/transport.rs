@@ -63,7 +63,7 @@ pub struct Transport {
 
 /// What each peer last reported as its applied index (with the reply to
 /// any Raft call, so at least every heartbeat), and when.
-pub type PeerApplied = Arc<BTreeMap<NodeId, std::sync::Mutex<Option<(u64, std::time::Instant)>>>>;
+type PeerApplied = Arc<BTreeMap<NodeId, std::sync::Mutex<Option<(u64, std::time::Instant)>>>>;
 
 struct Link {
     addr: String,
