@@ -6,6 +6,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        // Bulk content: shared between followers on the leader and sliced
+        // out of the received buffer on a follower, never copied.
+        .bytes(".clusterd.peer.v1.StageRequest.data")
         .compile_protos(&["proto/peer.proto", "proto/admin.proto"], &["proto"])?;
     println!("cargo:rerun-if-changed=proto");
     Ok(())

@@ -902,6 +902,120 @@ impl Root {
         })
     }
 
+    /// [`Root::replace_file_guarded`] for a new version that is already a
+    /// finished file outside the root: `name` in the directory `from`
+    /// (`data_dir`'s staging area), whose content this node checked against
+    /// the version's digest, wrote and fsynced before it was committed. The
+    /// file must be a regular file of `len` bytes with no other name; it
+    /// gets `meta` (and, with `xattrs`, exactly those attributes) and an
+    /// fsync, is renamed to a temporary name next to the leaf (so, as in
+    /// invariant 2, a temporary file in the same directory), checked to be
+    /// the same inode there, and swapped in as [`Root::replace_file_guarded`]
+    /// does. `Ok(None)`: `from` is on another filesystem than the leaf's
+    /// directory (`EXDEV`), nothing in the root was changed, and the caller
+    /// copies the content instead. The directory fsync is left to the caller, as with
+    /// `sync_dir = false`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn adopt_file_guarded<C: AsComponent>(
+        &self,
+        comps: &[C],
+        from: &Path,
+        name: &str,
+        meta: &FileMeta,
+        len: u64,
+        xattrs: Option<&[(Vec<u8>, Vec<u8>)]>,
+        expect: Expect,
+    ) -> Result<Option<Replaced>, FsError> {
+        let comps = self.check(comps, false)?;
+        let path = show(&comps);
+        if meta.kind != Kind::File {
+            return Err(self.meta_err(
+                path,
+                format!(
+                    "metadata is for {}, not a regular file",
+                    meta.kind.describe()
+                ),
+            ));
+        }
+        self.check_meta(meta, &path)?;
+        let (dir, leaf) = self.require_parent(&comps)?;
+        let staged = from.join(name);
+        let from_dir = rfs::open(from, dir_flags(), Mode::empty())
+            .map_err(|e| self.io_err("open the staging directory for", path.clone(), e))?;
+        let file = rfs::openat(
+            &from_dir,
+            name,
+            OFlags::RDWR | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK,
+            Mode::empty(),
+        )
+        .map_err(|e| self.io_err("open the staged version of", path.clone(), e))?;
+        let st = rfs::fstat(&file)
+            .map_err(|e| self.io_err("stat the staged version of", path.clone(), e))?;
+        if stat_kind(&st) != Kind::File || st.st_nlink != 1 || st.st_size as u64 != len {
+            return Err(self.io_err(
+                "use the staged version of",
+                path,
+                io::Error::other(format!(
+                    "{} is not a regular file of {len} bytes with one name",
+                    staged.display()
+                )),
+            ));
+        }
+        self.apply_meta(file.as_fd(), meta, &path)?;
+        if let Some(want) = xattrs {
+            self.sync_xattrs(file.as_fd(), meta, want, &path)?;
+        }
+        rfs::fsync(&file)
+            .map_err(|e| self.io_err("fsync the staged version of", path.clone(), e))?;
+        let ours = rfs::fstat(&file)
+            .map_err(|e| self.io_err("stat the staged version of", path.clone(), e))?;
+        let mut moved = None;
+        for _ in 0..8 {
+            let tmp = temp_name();
+            match rename_noreplace(&from_dir, name.as_bytes(), &dir, tmp.as_bytes()) {
+                Ok(()) => {
+                    moved = Some(tmp);
+                    break;
+                }
+                Err(Errno::EXIST) => continue,
+                Err(Errno::XDEV) => return Ok(None),
+                Err(e) => return Err(self.io_err("move the staged version next to", path, e)),
+            }
+        }
+        let tmp = moved.ok_or_else(|| {
+            self.io_err(
+                "move the staged version next to",
+                path.clone(),
+                Errno::EXIST,
+            )
+        })?;
+        let mut guard = TempGuard {
+            dir: dir.as_fd(),
+            name: tmp,
+            armed: true,
+        };
+        match rfs::statat(&dir, guard.name.as_str(), AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) if st.st_ino == ours.st_ino && st.st_dev == ours.st_dev => {}
+            Ok(_) => {
+                guard.disarm();
+                return Err(self.io_err(
+                    "rename temporary file over",
+                    path,
+                    io::Error::other(
+                        "its temporary name was taken over by another file during the move",
+                    ),
+                ));
+            }
+            Err(e) => return Err(self.io_err("stat temporary file for", path, e)),
+        }
+        let displaced = self.swap_in(&dir, &guard.name, leaf, expect, &path)?;
+        guard.disarm();
+        Ok(Some(Replaced {
+            meta: FileMeta::from_stat(&ours),
+            displaced: displaced.map(|name| sibling(&comps, name.into_bytes())),
+        }))
+    }
+
     /// Makes `comps` another hard link of the regular file at `target`,
     /// atomically: `linkat` (relative to the parents' handles, no symlink
     /// followed in either path, and never `AT_SYMLINK_FOLLOW`, so a symlink
@@ -1962,6 +2076,95 @@ mod tests {
             root,
             root_path,
             outside,
+        }
+    }
+
+    /// A staged version is renamed in with its metadata, displacing what
+    /// was expected; one that is not what the caller claims (another size,
+    /// a second name) is refused and stays where it was; one on another
+    /// filesystem is left alone for the caller to copy.
+    #[test]
+    fn adopting_a_staged_file_renames_it_in_or_refuses_it() {
+        let f = fixture();
+        let staging = f.base.join("staging");
+        std::fs::create_dir(&staging).unwrap();
+        std::fs::write(staging.join("v1"), b"new content").unwrap();
+        std::fs::write(f.root_path.join("aliases"), b"old").unwrap();
+        let ino = std::fs::metadata(staging.join("v1")).unwrap().ino();
+        let before = snapshot(&f.outside);
+
+        let meta = file_meta(0o640);
+        let wrong_len = f.root.adopt_file_guarded(
+            &["aliases"],
+            &staging,
+            "v1",
+            &meta,
+            3,
+            None,
+            Expect::Anything,
+        );
+        assert!(wrong_len.is_err());
+        std::fs::hard_link(staging.join("v1"), staging.join("other")).unwrap();
+        let linked = f.root.adopt_file_guarded(
+            &["aliases"],
+            &staging,
+            "v1",
+            &meta,
+            11,
+            None,
+            Expect::Anything,
+        );
+        assert!(linked.is_err());
+        std::fs::remove_file(staging.join("other")).unwrap();
+        assert_eq!(std::fs::read(f.root_path.join("aliases")).unwrap(), b"old");
+
+        let r = f
+            .root
+            .adopt_file_guarded(
+                &["aliases"],
+                &staging,
+                "v1",
+                &meta,
+                11,
+                None,
+                Expect::Anything,
+            )
+            .unwrap()
+            .expect("one filesystem");
+        assert!(r.displaced.is_none());
+        let m = std::fs::metadata(f.root_path.join("aliases")).unwrap();
+        assert_eq!(
+            std::fs::read(f.root_path.join("aliases")).unwrap(),
+            b"new content"
+        );
+        assert_eq!((m.ino(), m.mode() & 0o7777), (ino, 0o640));
+        assert_eq!(r.meta.ino, ino);
+        assert!(!staging.join("v1").exists());
+        let names: Vec<_> = std::fs::read_dir(&f.root_path).unwrap().collect();
+        assert_eq!(names.len(), 1, "no temporary name left: {names:?}");
+        assert_eq!(snapshot(&f.outside), before);
+
+        // /dev/shm is a tmpfs where there is one: another filesystem.
+        if let Ok(other) = tempfile::tempdir_in("/dev/shm") {
+            let dev = |p: &Path| std::fs::metadata(p).unwrap().dev();
+            if dev(other.path()) != dev(&f.root_path) {
+                std::fs::write(other.path().join("v2"), b"elsewhere").unwrap();
+                let r = f.root.adopt_file_guarded(
+                    &["aliases"],
+                    other.path(),
+                    "v2",
+                    &meta,
+                    9,
+                    None,
+                    Expect::Anything,
+                );
+                assert!(matches!(r, Ok(None)), "{r:?}");
+                assert!(other.path().join("v2").exists());
+                assert_eq!(
+                    std::fs::read(f.root_path.join("aliases")).unwrap(),
+                    b"new content"
+                );
+            }
         }
     }
 

@@ -359,9 +359,23 @@ impl Peer for PeerService {
         }
         let r = req.into_inner();
         tokio::task::spawn_blocking(move || {
+            use crate::replica::StageFlush;
+            if r.versions_follow {
+                // Nothing flushed until the last piece makes it all durable.
+                files.stage_piece(r.upload, r.offset, &r.data, StageFlush::None)?;
+                if !r.durable {
+                    return Ok(());
+                }
+                let versions = r
+                    .versions
+                    .iter()
+                    .map(crate::replica::StagedVersion::try_from)
+                    .collect::<Result<Vec<_>, _>>()?;
+                return files.finish_upload(r.upload, &versions);
+            }
             let flush = match r.durable {
-                true => crate::replica::StageFlush::Upload,
-                false => crate::replica::StageFlush::Piece,
+                true => StageFlush::Upload,
+                false => StageFlush::Piece,
             };
             files.stage_piece(r.upload, r.offset, &r.data, flush)
         })

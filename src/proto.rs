@@ -225,3 +225,32 @@ impl From<&peer::FilesStatus> for FilesView {
         }
     }
 }
+
+impl From<&crate::replica::StagedVersion> for peer::StagedVersion {
+    fn from(v: &crate::replica::StagedVersion) -> Self {
+        peer::StagedVersion {
+            offset: v.offset,
+            len: v.len,
+            digest: v.digest.to_bytes().to_vec(),
+        }
+    }
+}
+
+impl TryFrom<&peer::StagedVersion> for crate::replica::StagedVersion {
+    type Error = String;
+    fn try_from(v: &peer::StagedVersion) -> Result<Self, String> {
+        let digest: &[u8; crate::delta::FileDigest::ENCODED_LEN] =
+            v.digest.as_slice().try_into().map_err(|_| {
+                format!(
+                    "a staged version's digest must be {} bytes, not {}",
+                    crate::delta::FileDigest::ENCODED_LEN,
+                    v.digest.len()
+                )
+            })?;
+        Ok(crate::replica::StagedVersion {
+            offset: v.offset,
+            len: v.len,
+            digest: crate::delta::FileDigest::from_bytes(digest),
+        })
+    }
+}
