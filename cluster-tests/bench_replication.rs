@@ -33,7 +33,9 @@
 //!   wire bytes as for `delta`. rsync: the same with `--no-whole-file`, and
 //!   with `--append` (which trusts that the file only grew).
 //! - `full`: `--files` files totalling `--full-mib`, built in a staging
-//!   directory and moved into the leader's set with one rename; timed from
+//!   directory, written back to disk (`sync`, as before the rsync runs, so
+//!   neither side pays for the bench's own writes), and moved into the
+//!   leader's set with one rename; timed from
 //!   the rename until both followers report the set applied and hold every
 //!   file with its size, mode and mtime, then checked by content (not
 //!   timed). Peers dial each other directly here: the harness's proxies
@@ -693,6 +695,8 @@ fn full(o: &Opts, have_rsync: bool) -> Vec<Row> {
     let ids = [leader, followers[0], followers[1]];
     let staging = c.node(leader).dir.join("staging");
     build_tree(&staging, o.files, o.full_mib * MIB, 10);
+    // Neither side is charged with writing back the tree the bench made.
+    settle_disk();
     let tree = c.set_path(leader, "full").join("tree");
     let t0 = Instant::now();
     fs::rename(&staging, &tree).unwrap();
@@ -734,6 +738,7 @@ fn full(o: &Opts, have_rsync: bool) -> Vec<Row> {
     );
 
     let (rsync_cell, met) = if have_rsync {
+        settle_disk();
         let one = rsync(&["-a"], &tree, &scratch(&c, "full-dst-1")).took;
         let two = one + rsync(&["-a"], &tree, &scratch(&c, "full-dst-2")).took;
         println!("rsync -a: one copy {one:.2?}, a copy per follower {two:.2?}");
@@ -758,6 +763,13 @@ fn full(o: &Opts, have_rsync: bool) -> Vec<Row> {
         bar: "not slower than rsync (2 copies)".to_string(),
         met,
     }]
+}
+
+/// Writes back everything dirty (`sync`), so what a timed run writes is
+/// not queued behind what the bench wrote before it.
+fn settle_disk() {
+    let ok = Command::new("sync").status().is_ok_and(|s| s.success());
+    assert!(ok, "sync failed");
 }
 
 /// utime + stime of `pid` in seconds.
