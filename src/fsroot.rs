@@ -456,6 +456,58 @@ impl Drop for TempGuard<'_> {
     }
 }
 
+/// Sets owner, then mode (chown clears setuid/setgid, so the mode must
+/// come after it), then mtime (last, since nothing after it may touch the
+/// inode's content). Skips what already matches; returns whether anything
+/// changed, or what failed.
+fn set_meta(
+    fd: BorrowedFd<'_>,
+    meta: &FileMeta,
+    mtime: Timespec,
+) -> Result<bool, (&'static str, Errno)> {
+    let st = rfs::fstat(fd).map_err(|e| ("stat", e))?;
+    let mut changed = false;
+    if st.st_uid != meta.uid || st.st_gid != meta.gid {
+        rfs::fchown(
+            fd,
+            Some(Uid::from_raw(meta.uid)),
+            Some(Gid::from_raw(meta.gid)),
+        )
+        .map_err(|e| ("set owner and group of", e))?;
+        changed = true;
+    }
+    let want_mode = meta.mode & PERM_MASK;
+    if changed || st.st_mode & PERM_MASK != want_mode {
+        rfs::fchmod(fd, Mode::from_raw_mode(want_mode)).map_err(|e| ("set mode of", e))?;
+        changed = true;
+    }
+    if stat_mtime_ns(&st) != meta.mtime_ns {
+        let times = Timestamps {
+            last_access: omit_atime(),
+            last_modification: mtime,
+        };
+        rfs::futimens(fd, &times).map_err(|e| ("set mtime of", e))?;
+        changed = true;
+    }
+    Ok(changed)
+}
+
+/// Gives `file`, a new version staged outside any root (in `data_dir`), the
+/// owner, mode and mtime of `meta` ahead of its fsync, so that applying it
+/// later changes nothing but its name (see [`Root::adopt_file_guarded`]).
+pub fn set_staged_meta(file: &File, meta: &FileMeta) -> io::Result<()> {
+    if meta.uid == u32::MAX || meta.gid == u32::MAX {
+        return Err(io::Error::other(
+            "uid or gid 4294967295 (-1) is not an owner",
+        ));
+    }
+    let mtime = to_timespec(meta.mtime_ns)
+        .ok_or_else(|| io::Error::other(format!("mtime {} ns is out of range", meta.mtime_ns)))?;
+    set_meta(file.as_fd(), meta, mtime)
+        .map(|_| ())
+        .map_err(|(op, e)| io::Error::other(format!("cannot {op} the staged file: {e}")))
+}
+
 fn temp_name() -> String {
     format!("{TEMP_PREFIX}{:016x}", rand::random::<u64>())
 }
@@ -705,39 +757,10 @@ impl Root {
         })
     }
 
-    /// Sets owner, then mode (chown clears setuid/setgid, so the mode must
-    /// come after it), then mtime (last, since nothing after it may touch
-    /// the inode's content). Skips what already matches; returns whether
-    /// anything changed.
+    /// [`set_meta`] with this root's checks and errors.
     fn apply_meta(&self, fd: BorrowedFd<'_>, meta: &FileMeta, path: &str) -> Result<bool, FsError> {
         let mtime = self.check_meta(meta, path)?;
-        let st = rfs::fstat(fd).map_err(|e| self.io_err("stat", path.to_string(), e))?;
-        let mut changed = false;
-        if st.st_uid != meta.uid || st.st_gid != meta.gid {
-            rfs::fchown(
-                fd,
-                Some(Uid::from_raw(meta.uid)),
-                Some(Gid::from_raw(meta.gid)),
-            )
-            .map_err(|e| self.io_err("set owner and group of", path.to_string(), e))?;
-            changed = true;
-        }
-        let want_mode = meta.mode & PERM_MASK;
-        if changed || st.st_mode & PERM_MASK != want_mode {
-            rfs::fchmod(fd, Mode::from_raw_mode(want_mode))
-                .map_err(|e| self.io_err("set mode of", path.to_string(), e))?;
-            changed = true;
-        }
-        if stat_mtime_ns(&st) != meta.mtime_ns {
-            let times = Timestamps {
-                last_access: omit_atime(),
-                last_modification: mtime,
-            };
-            rfs::futimens(fd, &times)
-                .map_err(|e| self.io_err("set mtime of", path.to_string(), e))?;
-            changed = true;
-        }
-        Ok(changed)
+        set_meta(fd, meta, mtime).map_err(|(op, e)| self.io_err(op, path.to_string(), e))
     }
 
     /// Creates a new temporary regular file in `dir`, mode 0600, `O_EXCL`
@@ -961,12 +984,16 @@ impl Root {
                 )),
             ));
         }
-        self.apply_meta(file.as_fd(), meta, &path)?;
+        // Staged with this metadata already (and fsynced then), it needs no
+        // second fsync; anything set here does.
+        let changed = self.apply_meta(file.as_fd(), meta, &path)?;
         if let Some(want) = xattrs {
             self.sync_xattrs(file.as_fd(), meta, want, &path)?;
         }
-        rfs::fsync(&file)
-            .map_err(|e| self.io_err("fsync the staged version of", path.clone(), e))?;
+        if changed || xattrs.is_some() {
+            rfs::fsync(&file)
+                .map_err(|e| self.io_err("fsync the staged version of", path.clone(), e))?;
+        }
         let ours = rfs::fstat(&file)
             .map_err(|e| self.io_err("stat the staged version of", path.clone(), e))?;
         let mut moved = None;

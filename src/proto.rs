@@ -232,6 +232,11 @@ impl From<&crate::replica::StagedVersion> for peer::StagedVersion {
             offset: v.offset,
             len: v.len,
             digest: v.digest.to_bytes().to_vec(),
+            meta: v
+                .meta
+                .as_ref()
+                .and_then(|m| postcard::to_allocvec(m).ok())
+                .unwrap_or_default(),
         }
     }
 }
@@ -251,6 +256,8 @@ impl TryFrom<&peer::StagedVersion> for crate::replica::StagedVersion {
             offset: v.offset,
             len: v.len,
             digest: crate::delta::FileDigest::from_bytes(digest),
+            // Only an optimisation: unreadable metadata is set when applied.
+            meta: postcard::from_bytes(&v.meta).ok(),
         })
     }
 }

@@ -62,7 +62,7 @@ pub enum StageFlush {
 
 /// A file version whose patch a staged upload holds, as the leader lists it
 /// in the upload's last piece.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StagedVersion {
     /// Where its patch starts in the upload.
     pub offset: u64,
@@ -70,8 +70,14 @@ pub struct StagedVersion {
     pub len: u64,
     /// The content the patch makes.
     pub digest: FileDigest,
+    /// The version's metadata, given to the finished file ahead of its
+    /// fsync when this node can set it.
+    pub meta: Option<Meta>,
 }
 
+/// Most bytes of [`Shared::keep_finished_signature`]s kept at once (about
+/// 2 % of the content they describe).
+const FINISHED_SIGNATURES_MAX: usize = 32 << 20;
 /// Finished files larger than this are flushed every [`FINISH_FLUSH_STEP`]
 /// bytes as they are written, for the reason [`StageFlush::Piece`] gives.
 const FINISH_FLUSH_STEP: usize = 4 << 20;
@@ -207,6 +213,10 @@ pub struct Shared {
     pub pending_local: Mutex<HashMap<(String, SetPath), LocalRecord>>,
     /// Uploads this node proposed: its chunks need no staging here.
     pub own_uploads: Mutex<HashSet<u64>>,
+    /// Block signatures made of finished files while they were staged, by
+    /// upload and offset, and their bytes in all (see
+    /// [`Shared::keep_finished_signature`]).
+    finished_signatures: Mutex<(HashMap<(u64, u64), Vec<u8>>, usize)>,
     /// As leader: until when content goes through the log without trying
     /// to stage it first, after a batch some active follower did not stage
     /// (an older release, a full disk): retrying each batch would send its
@@ -399,16 +409,37 @@ impl Shared {
         )
     }
 
-    /// Where [`finish_upload`](Self::finish_upload) leaves the block
-    /// signature of the finished file `finished`.
-    fn signature_path(finished: &Path) -> PathBuf {
-        finished.with_extension("sig")
+    /// Keeps the block signature [`finish_upload`](Self::finish_upload)
+    /// made of the finished file at `offset` of `upload`, unless too many
+    /// are kept already (the file is read again for it then).
+    fn keep_finished_signature(&self, upload: u64, offset: u64, sig: Vec<u8>) {
+        let mut kept = self.finished_signatures.lock().unwrap();
+        if kept.1 + sig.len() <= FINISHED_SIGNATURES_MAX {
+            kept.1 += sig.len();
+            kept.0.insert((upload, offset), sig);
+        }
+    }
+
+    /// Takes the signature kept for the finished file at `offset` of `upload`.
+    fn take_finished_signature(&self, upload: u64, offset: u64) -> Option<Vec<u8>> {
+        let mut kept = self.finished_signatures.lock().unwrap();
+        let sig = kept.0.remove(&(upload, offset))?;
+        kept.1 -= sig.len();
+        Some(sig)
     }
 
     /// Removes staged upload `upload` and what was made from it.
     fn remove_upload(&self, upload: u64) {
         let _ = std::fs::remove_file(self.staged_path(upload));
         let _ = std::fs::remove_dir_all(self.finished_dir(upload));
+        let mut kept = self.finished_signatures.lock().unwrap();
+        let (map, bytes) = &mut *kept;
+        map.retain(|&(u, _), sig| {
+            if u == upload {
+                *bytes -= sig.len();
+            }
+            u != upload
+        });
     }
 
     /// Makes staged upload `upload` durable after its last piece, whose
@@ -476,6 +507,11 @@ impl Shared {
                         f.sync_data()?;
                     }
                 }
+                // Best effort (an owner this node cannot give, say): what is
+                // not set here is set, and fsynced, when it is applied.
+                if let Some(meta) = v.meta.as_ref().filter(|m| m.kind == EntryKind::File) {
+                    let _ = crate::fsroot::set_staged_meta(&f, &fs_meta(meta));
+                }
                 // Start the write-back now; the fsync below then mostly
                 // waits for what is already on its way.
                 // SAFETY: a plain syscall on a descriptor we own.
@@ -491,17 +527,17 @@ impl Shared {
             };
             written.push(write().map_err(|e| fail("write a finished file of", e))?);
             // The signature this node keeps for when it leads, made while
-            // the content is at hand; never flushed (it is recomputed from
-            // the file if lost).
+            // the content is at hand; only in memory (made from the file
+            // again if lost): a file more per version would cost an inode.
             if content.len() >= delta::SMALL_FILE_LEN {
                 let sig = delta::BlockSignature::compute_hashed(&content, v.digest).to_bytes();
-                let _ = std::fs::write(Self::signature_path(&name), sig);
+                self.keep_finished_signature(upload, v.offset, sig);
             }
             rest -= v.len.min(rest);
         }
         let wrote = started.elapsed();
         for f in &written {
-            f.sync_data()
+            f.sync_all()
                 .map_err(|e| fail("fsync a finished file of", e))?;
         }
         if !written.is_empty() {
@@ -606,6 +642,7 @@ pub fn open_shared(config: &Config) -> Result<Arc<Shared>, FilesStoreError> {
         counters: Counters::default(),
         pending_local: Mutex::new(HashMap::new()),
         own_uploads: Mutex::new(HashSet::new()),
+        finished_signatures: Mutex::new((HashMap::new(), 0)),
         staging_paused_until: Mutex::new(None),
         stage_capable: Arc::new(Mutex::new(HashSet::new())),
         follower_applied_moved: Mutex::new(BTreeMap::new()),
@@ -1864,7 +1901,7 @@ impl Applier {
                 let name = Shared::finished_name(*offset, &target);
                 if dir.join(&name).symlink_metadata().is_ok() {
                     return self.put_finished(
-                        set, root, path, entry, &dir, &name, expect, index, term, store,
+                        set, root, path, entry, *upload, *offset, expect, index, term, store,
                     );
                 }
                 match self.read_staged(*upload, *offset, *len, false) {
@@ -1972,7 +2009,8 @@ impl Applier {
     }
 
     /// Puts the committed version of `entry` at `path` from the finished
-    /// file `name` in `dir` (see [`Shared::finish_upload`]): renamed in when
+    /// file made from the patch at `offset` of `upload` (see
+    /// [`Shared::finish_upload`]): renamed in when
     /// the set is on the same filesystem as `data_dir`, else copied. Its
     /// content was checked against the digest before it got that name.
     #[allow(clippy::too_many_arguments)]
@@ -1982,8 +2020,8 @@ impl Applier {
         root: &Root,
         path: &SetPath,
         entry: &Entry,
-        dir: &Path,
-        name: &str,
+        upload: u64,
+        offset: u64,
         expect: Expect,
         index: u64,
         term: u64,
@@ -1993,7 +2031,9 @@ impl Applier {
         let c = comps(path);
         let meta = fs_meta(&entry.meta);
         let xattrs = set.xattrs.then_some(&entry.xattrs[..]);
-        let finished = dir.join(name);
+        let dir = self.shared.finished_dir(upload);
+        let name = Shared::finished_name(offset, &target);
+        let finished = dir.join(&name);
         let unreadable = |e: std::io::Error| {
             PutOutcome::Missing(format!("its finished file cannot be read: {e}"))
         };
@@ -2004,8 +2044,9 @@ impl Applier {
         let mut signature = None;
         let mut content = None;
         if wants_signature {
-            signature = std::fs::read(Shared::signature_path(&finished))
-                .ok()
+            signature = self
+                .shared
+                .take_finished_signature(upload, offset)
                 .filter(|b| {
                     delta::BlockSignature::from_bytes(b).is_ok_and(|s| s.base_digest() == target)
                 });
@@ -2017,7 +2058,8 @@ impl Applier {
             }
         }
         self.ensure_parents(set, root, path, index, term)?;
-        let adopted = root.adopt_file_guarded(&c, dir, name, &meta, target.len, xattrs, expect)?;
+        let adopted =
+            root.adopt_file_guarded(&c, &dir, &name, &meta, target.len, xattrs, expect)?;
         let replaced = match adopted {
             Some(r) => r,
             None => {
@@ -3126,14 +3168,30 @@ mod tests {
         assert!(pc.base().is_some(), "c travels as a delta");
         let (ea, eb, ec) = (pa.encode(), pb.encode(), pc.encode());
         let blob = [&ea[..], &eb[..], &ec[..]].concat();
+        // SAFETY: plain getters without arguments.
+        let me = unsafe { libc::getuid() };
+        let group = unsafe { libc::getgid() };
+        let meta = Meta {
+            kind: EntryKind::File,
+            mode: 0o640,
+            uid: me,
+            gid: group,
+            user: None,
+            group: None,
+            mtime_ns: 1_600_000_000_123_456_789,
+        };
         let at = |offset: usize, e: &[u8], digest| StagedVersion {
             offset: offset as u64,
             len: e.len() as u64,
             digest,
+            meta: Some(meta.clone()),
         };
         let versions = [
             at(0, &ea, da),
-            at(ea.len(), &eb, db),
+            StagedVersion {
+                meta: None,
+                ..at(ea.len(), &eb, db)
+            },
             at(ea.len() + eb.len(), &ec, dc),
         ];
         let upload = 42;
@@ -3152,6 +3210,9 @@ mod tests {
                 .join(Shared::finished_name(offset, digest))
         };
         assert_eq!(std::fs::read(finished(0, &da)).unwrap(), a);
+        use std::os::unix::fs::MetadataExt;
+        let staged_a = std::fs::metadata(finished(0, &da)).unwrap();
+        assert_eq!(staged_a.mode() & 0o7777, 0o640, "metadata set when staged");
         assert_eq!(std::fs::read(finished(ea.len() as u64, &db)).unwrap(), b);
         assert!(
             !finished(versions[2].offset, &dc).exists(),
@@ -3165,7 +3226,7 @@ mod tests {
         // A version that does not match its listed digest is refused.
         let wrong = StagedVersion {
             digest: db,
-            ..versions[0]
+            ..versions[0].clone()
         };
         shared.stage_piece(43, 0, &ea, StageFlush::None).unwrap();
         assert!(shared.finish_upload(43, &[wrong]).is_err());
@@ -3173,21 +3234,8 @@ mod tests {
         shared.stage_piece(44, 0, &eb, StageFlush::None).unwrap();
         shared.finish_upload(44, &[at(0, &eb, db)]).unwrap();
         assert!(!shared.staged_path(44).exists());
-        use std::os::unix::fs::MetadataExt;
-        let inode_of_a = std::fs::metadata(finished(0, &da)).unwrap().ino();
+        let inode_of_a = staged_a.ino();
 
-        // SAFETY: plain getters without arguments.
-        let me = unsafe { libc::getuid() };
-        let group = unsafe { libc::getgid() };
-        let meta = Meta {
-            kind: EntryKind::File,
-            mode: 0o640,
-            uid: me,
-            gid: group,
-            user: None,
-            group: None,
-            mtime_ns: 1_600_000_000_123_456_789,
-        };
         let put = |path: &str, digest: &FileDigest, v: &StagedVersion| FileOp::Put {
             path: path.as_bytes().to_vec(),
             meta: meta.clone(),

@@ -1483,11 +1483,13 @@ fn staged_versions(ops: &[FileOp]) -> Vec<StagedVersion> {
             FileOp::Put {
                 digest,
                 content: Content::Blob { offset, len, .. },
+                meta,
                 ..
             } => Some(StagedVersion {
                 offset: *offset,
                 len: *len,
                 digest: digest.get(),
+                meta: Some(meta.clone()),
             }),
             _ => None,
         })
