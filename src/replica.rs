@@ -428,6 +428,27 @@ impl Shared {
         Some(sig)
     }
 
+    /// Drops the signatures of finished files whose upload is gone without
+    /// a batch using it (it was removed as stale, or the batch went through
+    /// the log instead), so they do not fill [`FINISHED_SIGNATURES_MAX`].
+    fn forget_unused_signatures(&self) {
+        let mut kept = self.finished_signatures.lock().unwrap();
+        if kept.0.is_empty() {
+            return;
+        }
+        let (map, bytes) = &mut *kept;
+        let mut present = HashMap::new();
+        map.retain(|&(upload, _), sig| {
+            let keep = *present
+                .entry(upload)
+                .or_insert_with(|| self.finished_dir(upload).exists());
+            if !keep {
+                *bytes -= sig.len();
+            }
+            keep
+        });
+    }
+
     /// Removes staged upload `upload` and what was made from it.
     fn remove_upload(&self, upload: u64) {
         let _ = std::fs::remove_file(self.staged_path(upload));
@@ -1036,6 +1057,7 @@ impl Applier {
                 ApplyMsg::Tick => {
                     self.retry_deferred();
                     clean_staging(&self.shared.staging_dir());
+                    self.shared.forget_unused_signatures();
                     // Once a burst of applies is over (a quiet second after
                     // it), give its memory back; never again while idle.
                     let applied = self.shared.applied.load(Ordering::Relaxed);
