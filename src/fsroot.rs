@@ -508,6 +508,19 @@ pub fn set_staged_meta(file: &File, meta: &FileMeta) -> io::Result<()> {
         .map_err(|(op, e)| io::Error::other(format!("cannot {op} the staged file: {e}")))
 }
 
+/// Whether new files in `dir` get something from it that a file made
+/// elsewhere and linked in would lack: a security label (SELinux, Smack:
+/// set by policy when a file is created) or a default ACL.
+fn labels_new_files(dir: &OwnedFd) -> bool {
+    [
+        "security.selinux",
+        "security.SMACK64",
+        "system.posix_acl_default",
+    ]
+    .iter()
+    .any(|attr| rfs::fgetxattr(dir, *attr, &mut [0u8; 0][..]).is_ok())
+}
+
 fn temp_name() -> String {
     format!("{TEMP_PREFIX}{:016x}", rand::random::<u64>())
 }
@@ -929,15 +942,18 @@ impl Root {
     /// finished file outside the root: `name` in the directory `from`
     /// (`data_dir`'s staging area), whose content this node checked against
     /// the version's digest, wrote and fsynced before it was committed. The
-    /// file must be a regular file of `len` bytes with no other name; it
-    /// gets `meta` (and, with `xattrs`, exactly those attributes) and an
-    /// fsync, is renamed to a temporary name next to the leaf (so, as in
-    /// invariant 2, a temporary file in the same directory), checked to be
-    /// the same inode there, and swapped in as [`Root::replace_file_guarded`]
-    /// does. `Ok(None)`: `from` is on another filesystem than the leaf's
-    /// directory (`EXDEV`), nothing in the root was changed, and the caller
-    /// copies the content instead. The directory fsync is left to the caller, as with
-    /// `sync_dir = false`.
+    /// file must be a regular file of `len` bytes; it gets `meta` (and, with
+    /// `xattrs`, exactly those attributes; an fsync if that changed
+    /// anything), is hard-linked to a temporary name next to the leaf (so,
+    /// as in invariant 2, a temporary file in the same directory), checked
+    /// to be the same inode there, and swapped in as
+    /// [`Root::replace_file_guarded`] does. The staged name stays: it is
+    /// the copy a replay after a crash uses until the caller removes it.
+    /// `Ok(None)`: nothing in the root was changed, and the caller copies
+    /// the content instead, because `from` is on another filesystem, or the
+    /// leaf's directory gives new files a security label (SELinux, Smack)
+    /// or a default ACL, which a file made elsewhere would not get. The
+    /// directory fsync is left to the caller, as with `sync_dir = false`.
     #[allow(clippy::too_many_arguments)]
     pub fn adopt_file_guarded<C: AsComponent>(
         &self,
@@ -965,31 +981,33 @@ impl Root {
         let staged = from.join(name);
         let from_dir = rfs::open(from, dir_flags(), Mode::empty())
             .map_err(|e| self.io_err("open the staging directory for", path.clone(), e))?;
-        let file = rfs::openat(
-            &from_dir,
-            name,
-            OFlags::RDWR | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK,
-            Mode::empty(),
-        )
-        .map_err(|e| self.io_err("open the staged version of", path.clone(), e))?;
+        // Read-only is enough to set metadata, and works for a non-root
+        // daemon on a version whose mode is read-only.
+        let file = rfs::openat(&from_dir, name, read_flags(), Mode::empty())
+            .map_err(|e| self.io_err("open the staged version of", path.clone(), e))?;
         let st = rfs::fstat(&file)
             .map_err(|e| self.io_err("stat the staged version of", path.clone(), e))?;
-        if stat_kind(&st) != Kind::File || st.st_nlink != 1 || st.st_size as u64 != len {
+        if stat_kind(&st) != Kind::File || st.st_size as u64 != len {
             return Err(self.io_err(
                 "use the staged version of",
                 path,
                 io::Error::other(format!(
-                    "{} is not a regular file of {len} bytes with one name",
+                    "{} is not a regular file of {len} bytes",
                     staged.display()
                 )),
             ));
         }
-        // Staged with this metadata already (and fsynced then), it needs no
-        // second fsync; anything set here does.
+        let dir_st =
+            rfs::fstat(&dir).map_err(|e| self.io_err("stat the directory of", path.clone(), e))?;
+        if dir_st.st_dev != st.st_dev || labels_new_files(&dir) {
+            return Ok(None);
+        }
         let changed = self.apply_meta(file.as_fd(), meta, &path)?;
         if let Some(want) = xattrs {
             self.sync_xattrs(file.as_fd(), meta, want, &path)?;
         }
+        // Staged with this metadata already (and fsynced then), it needs no
+        // second fsync; anything set here does.
         if changed || xattrs.is_some() {
             rfs::fsync(&file)
                 .map_err(|e| self.io_err("fsync the staged version of", path.clone(), e))?;
@@ -999,19 +1017,19 @@ impl Root {
         let mut moved = None;
         for _ in 0..8 {
             let tmp = temp_name();
-            match rename_noreplace(&from_dir, name.as_bytes(), &dir, tmp.as_bytes()) {
+            match rfs::linkat(&from_dir, name, &dir, tmp.as_str(), AtFlags::empty()) {
                 Ok(()) => {
                     moved = Some(tmp);
                     break;
                 }
                 Err(Errno::EXIST) => continue,
                 Err(Errno::XDEV) => return Ok(None),
-                Err(e) => return Err(self.io_err("move the staged version next to", path, e)),
+                Err(e) => return Err(self.io_err("link the staged version next to", path, e)),
             }
         }
         let tmp = moved.ok_or_else(|| {
             self.io_err(
-                "move the staged version next to",
+                "link the staged version next to",
                 path.clone(),
                 Errno::EXIST,
             )
@@ -2106,16 +2124,18 @@ mod tests {
         }
     }
 
-    /// A staged version is renamed in with its metadata, displacing what
-    /// was expected; one that is not what the caller claims (another size,
-    /// a second name) is refused and stays where it was; one on another
-    /// filesystem is left alone for the caller to copy.
+    /// A staged version is linked in with its metadata, displacing what
+    /// was expected, and keeps its staged name (the copy a replay uses);
+    /// one that is not what the caller claims (another size) is refused;
+    /// one on another filesystem is left alone for the caller to copy.
     #[test]
-    fn adopting_a_staged_file_renames_it_in_or_refuses_it() {
+    fn adopting_a_staged_file_links_it_in_or_refuses_it() {
         let f = fixture();
         let staging = f.base.join("staging");
         std::fs::create_dir(&staging).unwrap();
         std::fs::write(staging.join("v1"), b"new content").unwrap();
+        std::fs::set_permissions(staging.join("v1"), std::fs::Permissions::from_mode(0o400))
+            .unwrap();
         std::fs::write(f.root_path.join("aliases"), b"old").unwrap();
         let ino = std::fs::metadata(staging.join("v1")).unwrap().ino();
         let before = snapshot(&f.outside);
@@ -2131,18 +2151,6 @@ mod tests {
             Expect::Anything,
         );
         assert!(wrong_len.is_err());
-        std::fs::hard_link(staging.join("v1"), staging.join("other")).unwrap();
-        let linked = f.root.adopt_file_guarded(
-            &["aliases"],
-            &staging,
-            "v1",
-            &meta,
-            11,
-            None,
-            Expect::Anything,
-        );
-        assert!(linked.is_err());
-        std::fs::remove_file(staging.join("other")).unwrap();
         assert_eq!(std::fs::read(f.root_path.join("aliases")).unwrap(), b"old");
 
         let r = f
@@ -2157,7 +2165,7 @@ mod tests {
                 Expect::Anything,
             )
             .unwrap()
-            .expect("one filesystem");
+            .expect("one filesystem, no labels");
         assert!(r.displaced.is_none());
         let m = std::fs::metadata(f.root_path.join("aliases")).unwrap();
         assert_eq!(
@@ -2166,7 +2174,7 @@ mod tests {
         );
         assert_eq!((m.ino(), m.mode() & 0o7777), (ino, 0o640));
         assert_eq!(r.meta.ino, ino);
-        assert!(!staging.join("v1").exists());
+        assert!(staging.join("v1").exists(), "the staged name stays");
         let names: Vec<_> = std::fs::read_dir(&f.root_path).unwrap().collect();
         assert_eq!(names.len(), 1, "no temporary name left: {names:?}");
         assert_eq!(snapshot(&f.outside), before);

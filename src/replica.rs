@@ -217,6 +217,9 @@ pub struct Shared {
     /// upload and offset, and their bytes in all (see
     /// [`Shared::keep_finished_signature`]).
     finished_signatures: Mutex<(HashMap<(u64, u64), Vec<u8>>, usize)>,
+    /// Whether some sync set is on `data_dir`'s filesystem, so staged whole
+    /// content is worth finishing into files (see [`Shared::finish_upload`]).
+    finish_files: bool,
     /// As leader: until when content goes through the log without trying
     /// to stage it first, after a batch some active follower did not stage
     /// (an older release, a full disk): retrying each batch would send its
@@ -468,12 +471,13 @@ impl Shared {
     /// `versions` whose patch is whole content (a new file, the first full
     /// sync) is rebuilt, checked against its digest and written as a
     /// finished file of its own in the upload's [`finished_dir`]
-    /// (Self::finished_dir): applying it is then a rename into the set
-    /// (when the set is on the same filesystem as `data_dir`), so this node
-    /// writes its content once, not once here and again when applied. The
-    /// rest of the upload (patches against a base) is fsynced; an upload
-    /// that holds nothing else is removed unflushed, so its pieces mostly
-    /// never reach the disk.
+    /// (Self::finished_dir) (written under a part name, fsynced, then
+    /// renamed): applying it is then a link into the set, so this node
+    /// writes its content once, not once here and again when applied. Only
+    /// where some set shares `data_dir`'s filesystem ([`Shared::finish_files`]).
+    /// The rest of the upload (patches against a base) is fsynced; an
+    /// upload the finished files cover entirely is removed unflushed, so
+    /// its pieces mostly never reach the disk.
     pub fn finish_upload(&self, upload: u64, versions: &[StagedVersion]) -> Result<(), String> {
         let path = self.staged_path(upload);
         let dir = self.finished_dir(upload);
@@ -487,9 +491,10 @@ impl Shared {
         let limit = self.staging_limit();
         let upload_file = std::fs::File::open(&path).map_err(|e| fail("open", e))?;
         let upload_len = upload_file.metadata().map_err(|e| fail("stat", e))?.len();
-        let mut rest = upload_len;
+        // The byte ranges of the upload made into finished files.
+        let mut finished_ranges = BTreeMap::new();
         let mut written = Vec::new();
-        for v in versions {
+        for v in versions.iter().filter(|_| self.finish_files) {
             if v.len > limit || v.digest.len > limit || v.offset.saturating_add(v.len) > upload_len
             {
                 return Err(format!(
@@ -507,7 +512,7 @@ impl Shared {
                     v.offset
                 )
             })?;
-            if patch.base().is_some() {
+            if patch.base().is_some() || finished_ranges.contains_key(&v.offset) {
                 continue;
             }
             let content = delta::apply(None, &patch, &v.digest, limit).map_err(|e| {
@@ -519,9 +524,12 @@ impl Shared {
             if written.is_empty() {
                 std::fs::create_dir_all(&dir).map_err(|e| fail("make the directory for", e))?;
             }
+            // Its own name only once complete and fsynced (below): a crash
+            // before leaves a part file no batch ever uses.
             let name = dir.join(Self::finished_name(v.offset, &v.digest));
+            let part = name.with_extension("part");
             let write = || -> std::io::Result<std::fs::File> {
-                let mut f = std::fs::File::create(&name)?;
+                let mut f = std::fs::File::create(&part)?;
                 for step in content.chunks(FINISH_FLUSH_STEP) {
                     std::io::Write::write_all(&mut f, step)?;
                     if content.len() > FINISH_FLUSH_STEP {
@@ -546,7 +554,12 @@ impl Shared {
                 };
                 Ok(f)
             };
-            written.push(write().map_err(|e| fail("write a finished file of", e))?);
+            written.push((
+                write().map_err(|e| fail("write a finished file of", e))?,
+                part,
+                name,
+            ));
+            finished_ranges.insert(v.offset, v.len);
             // The signature this node keeps for when it leads, made while
             // the content is at hand; only in memory (made from the file
             // again if lost): a file more per version would cost an inode.
@@ -554,11 +567,11 @@ impl Shared {
                 let sig = delta::BlockSignature::compute_hashed(&content, v.digest).to_bytes();
                 self.keep_finished_signature(upload, v.offset, sig);
             }
-            rest -= v.len.min(rest);
         }
         let wrote = started.elapsed();
-        for f in &written {
+        for (f, part, name) in &written {
             f.sync_all()
+                .and_then(|()| std::fs::rename(part, name))
                 .map_err(|e| fail("fsync a finished file of", e))?;
         }
         if !written.is_empty() {
@@ -566,7 +579,15 @@ impl Shared {
                 .and_then(|d| d.sync_all())
                 .map_err(|e| fail("fsync the finished files' directory of", e))?;
         }
-        if rest == 0 {
+        // Whatever the finished files do not cover (deltas, appends) is
+        // still needed from the upload.
+        let mut covered = 0u64;
+        for (&offset, &len) in &finished_ranges {
+            if offset == covered {
+                covered += len;
+            }
+        }
+        if covered == upload_len {
             drop(upload_file);
             let _ = std::fs::remove_file(&path);
         } else {
@@ -639,6 +660,12 @@ pub fn open_shared(config: &Config) -> Result<Arc<Shared>, FilesStoreError> {
         config.sync.iter().map(SetRuntime::from_config).collect()
     };
     let _ = std::fs::create_dir_all(config.node.data_dir.join("staging"));
+    let finish_files = {
+        use std::os::unix::fs::MetadataExt;
+        let dev = |p: &Path| std::fs::metadata(p).map(|m| m.dev()).ok();
+        let staging = dev(&config.node.data_dir.join("staging"));
+        staging.is_some() && sets.iter().any(|s| dev(&s.root_dir) == staging)
+    };
     let no_sets = sets.is_empty();
     let shared = Arc::new(Shared {
         node_id: config.node.id,
@@ -664,6 +691,7 @@ pub fn open_shared(config: &Config) -> Result<Arc<Shared>, FilesStoreError> {
         pending_local: Mutex::new(HashMap::new()),
         own_uploads: Mutex::new(HashSet::new()),
         finished_signatures: Mutex::new((HashMap::new(), 0)),
+        finish_files,
         staging_paused_until: Mutex::new(None),
         stage_capable: Arc::new(Mutex::new(HashSet::new())),
         follower_applied_moved: Mutex::new(BTreeMap::new()),
@@ -2032,7 +2060,7 @@ impl Applier {
 
     /// Puts the committed version of `entry` at `path` from the finished
     /// file made from the patch at `offset` of `upload` (see
-    /// [`Shared::finish_upload`]): renamed in when
+    /// [`Shared::finish_upload`]): linked in when
     /// the set is on the same filesystem as `data_dir`, else copied. Its
     /// content was checked against the digest before it got that name.
     #[allow(clippy::too_many_arguments)]
@@ -2059,8 +2087,14 @@ impl Applier {
         let unreadable = |e: std::io::Error| {
             PutOutcome::Missing(format!("its finished file cannot be read: {e}"))
         };
+        if target.len > set.max_file_size {
+            return Ok(PutOutcome::Refused(format!(
+                "it is {} bytes, more than the set's max_file_size ({})",
+                target.len, set.max_file_size
+            )));
+        }
         // The signature is kept for when this node leads: made when the file
-        // was finished, else from the file, read before the rename takes it.
+        // was finished, else from the file.
         let wants_signature =
             set.mode == SyncMode::Mirror && target.len >= delta::SMALL_FILE_LEN as u64;
         let mut signature = None;
@@ -2073,10 +2107,9 @@ impl Applier {
                     delta::BlockSignature::from_bytes(b).is_ok_and(|s| s.base_digest() == target)
                 });
             if signature.is_none() {
-                match std::fs::read(&finished) {
-                    Ok(b) => content = Some(b),
-                    Err(e) => return Ok(unreadable(e)),
-                }
+                // Unreadable: kept without a signature (its next change then
+                // travels whole from this node, should it lead).
+                content = std::fs::read(&finished).ok();
             }
         }
         self.ensure_parents(set, root, path, index, term)?;
@@ -3252,6 +3285,21 @@ mod tests {
         };
         shared.stage_piece(43, 0, &ea, StageFlush::None).unwrap();
         assert!(shared.finish_upload(43, &[wrong]).is_err());
+        let parts: Vec<_> = std::fs::read_dir(shared.finished_dir(upload))
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.path().extension().is_some_and(|x| x == "part"))
+            .collect();
+        assert!(parts.is_empty(), "{parts:?}");
+        // A version listed twice does not make the upload look covered.
+        let mixed = [&ea[..], &ec[..]].concat();
+        shared.stage_piece(45, 0, &mixed, StageFlush::None).unwrap();
+        let twice = at(0, &ea, da);
+        let delta = at(ea.len(), &ec, dc);
+        shared
+            .finish_upload(45, &[twice.clone(), twice, delta])
+            .unwrap();
+        assert!(shared.staged_path(45).exists(), "the delta is still needed");
         // Nothing but whole content: the upload itself is not kept.
         shared.stage_piece(44, 0, &eb, StageFlush::None).unwrap();
         shared.finish_upload(44, &[at(0, &eb, db)]).unwrap();

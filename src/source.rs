@@ -60,7 +60,7 @@ const STAGE_TIMEOUT: Duration = Duration::from_secs(10);
 const BATCH_BYTES: usize = 4 << 20;
 /// Or once it holds this many ops.
 const BATCH_OPS: usize = 2000;
-/// Batches whose content is staged at once: each follower finishes
+/// Most batches whose content is staged at once: each follower finishes
 /// (writes and fsyncs) several uploads side by side, which keeps its disk
 /// busy where one at a time left the source waiting most of a first sync
 /// (9.3 s of 12.5 s, measured in the 1 GiB benchmark).
@@ -1296,8 +1296,15 @@ fn flush(
     }
     if !b.ops.is_empty() {
         // Stage this batch's content in the background while the next ones
-        // are read; the batch itself is proposed at a later flush, once
-        // [`STAGING_DEPTH`] batches are staging, after those before it.
+        // are read; the batch itself is proposed at a later flush, when
+        // [`STAGING_DEPTH`] batches (or [`STAGING_BYTES`]) are staging, after
+        // those before it.
+        while b.staged.len() >= STAGING_DEPTH
+            || (!b.staged.is_empty() && staging_bytes(&b.staged) + b.blob.len() > STAGING_BYTES)
+        {
+            let oldest = b.staged.pop_front().expect("non-empty");
+            propose_batch(shared, node, rt, term, set, oldest, b)?;
+        }
         let blob = std::mem::take(&mut b.blob);
         let staging = (!blob.is_empty()).then(|| {
             // Shared by every follower's pieces without a copy.
@@ -1319,12 +1326,6 @@ fn flush(
         };
         b.bytes = 0;
         b.staged.push_back(batch);
-        while b.staged.len() > STAGING_DEPTH
-            || (b.staged.len() > 1 && staging_bytes(&b.staged) > STAGING_BYTES)
-        {
-            let oldest = b.staged.pop_front().expect("non-empty");
-            propose_batch(shared, node, rt, term, set, oldest, b)?;
-        }
     }
     if wait_all {
         while let Some(oldest) = b.staged.pop_front() {
@@ -1594,9 +1595,10 @@ async fn stage_on(
                 false => Vec::new(),
             },
         });
-        // The last call fsyncs the whole upload.
+        // The last call writes back and fsyncs the whole upload (and the
+        // files made of it), beside up to STAGING_DEPTH others.
         req.set_timeout(match last {
-            true => STAGE_TIMEOUT + Duration::from_secs(blob.len() as u64 / (20 << 20)),
+            true => STAGE_TIMEOUT + Duration::from_secs(blob.len() as u64 / (5 << 20)),
             false => STAGE_TIMEOUT,
         });
         if let Err(e) = client.stage(req).await {
