@@ -41,7 +41,9 @@
 //!   timed). Peers dial each other directly here: the harness's proxies
 //!   would take CPU from the nodes that rsync never pays.
 //!   rsync: `rsync -a src/ dst/` into an empty directory, once per follower
-//!   (the seed scripts push to each slave in turn); one copy shown too.
+//!   (the seed scripts push to each slave in turn); one copy shown too. For
+//!   reference (not the bar) also `rsync -a --fsync`, which makes each file
+//!   durable before it is renamed into place, as clusterd does.
 //! - `idle`: `--idle-files` files in the set; after replication settled, CPU
 //!   (utime + stime from /proc/<pid>/stat) and resident memory (VmRSS from
 //!   /proc/<pid>/status, sampled every second) of the leader and one follower
@@ -383,6 +385,14 @@ fn rsync_available() -> bool {
         .arg("--version")
         .output()
         .is_ok_and(|o| o.status.success())
+}
+
+/// Whether this rsync can fsync what it writes (`--fsync`, rsync 3.2.4).
+fn rsync_has_fsync() -> bool {
+    Command::new("rsync")
+        .arg("--help")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("--fsync"))
 }
 
 /// One rsync run: wall time and, with `--stats`, its byte counts.
@@ -742,11 +752,21 @@ fn full(o: &Opts, have_rsync: bool) -> Vec<Row> {
         let one = rsync(&["-a"], &tree, &scratch(&c, "full-dst-1")).took;
         let two = one + rsync(&["-a"], &tree, &scratch(&c, "full-dst-2")).took;
         println!("rsync -a: one copy {one:.2?}, a copy per follower {two:.2?}");
+        // For reference, not the bar: rsync made as durable as clusterd's
+        // writes (each file fsynced before it is renamed into place).
+        let durable = rsync_has_fsync().then(|| {
+            settle_disk();
+            let a = rsync(&["-a", "--fsync"], &tree, &scratch(&c, "full-dst-3")).took;
+            let b = rsync(&["-a", "--fsync"], &tree, &scratch(&c, "full-dst-4")).took;
+            println!("rsync -a --fsync: a copy per follower {:.2?}", a + b);
+            format!("; -a --fsync {:.2} s", (a + b).as_secs_f64())
+        });
         (
             format!(
-                "{:.2} s per copy, {:.2} s for 2 copies",
+                "{:.2} s per copy, {:.2} s for 2 copies{}",
                 one.as_secs_f64(),
-                two.as_secs_f64()
+                two.as_secs_f64(),
+                durable.unwrap_or_default()
             ),
             Some(took <= two),
         )
