@@ -75,6 +75,13 @@ pub struct StagedVersion {
     pub meta: Option<Meta>,
 }
 
+/// Uploads larger than this (a batch holding one large file) are flushed
+/// piece by piece as they arrive and not made into finished files: left
+/// unflushed, a 1 GiB upload's write-back held the shared disk long enough
+/// for the leader to miss its heartbeats (measured: an election in the
+/// append benchmark), and rebuilding it would hold all of it in memory at
+/// once. Its content is written twice on the follower, as before.
+pub const FINISH_UPLOAD_MAX: u64 = 64 << 20;
 /// Most bytes of [`Shared::keep_finished_signature`]s kept at once (about
 /// 2 % of the content they describe).
 const FINISHED_SIGNATURES_MAX: usize = 32 << 20;
@@ -494,7 +501,8 @@ impl Shared {
         // The byte ranges of the upload made into finished files.
         let mut finished_ranges = BTreeMap::new();
         let mut written = Vec::new();
-        for v in versions.iter().filter(|_| self.finish_files) {
+        let finish = self.finish_files && upload_len <= FINISH_UPLOAD_MAX;
+        for v in versions.iter().filter(|_| finish) {
             if v.len > limit || v.digest.len > limit || v.offset.saturating_add(v.len) > upload_len
             {
                 return Err(format!(
