@@ -863,19 +863,7 @@ impl Root {
         xattrs: Option<&[(Vec<u8>, Vec<u8>)]>,
         expect: Expect,
     ) -> Result<Replaced, FsError> {
-        let comps = self.check(comps, false)?;
-        let path = show(&comps);
-        if meta.kind != Kind::File {
-            return Err(self.meta_err(
-                path,
-                format!(
-                    "metadata is for {}, not a regular file",
-                    meta.kind.describe()
-                ),
-            ));
-        }
-        self.check_meta(meta, &path)?;
-        let (dir, leaf) = self.require_parent(&comps)?;
+        let (comps, path, dir, leaf) = self.file_target(comps, meta)?;
         let (mut file, tmp) = self.create_temp(&dir, &path)?;
         let mut guard = TempGuard {
             dir: dir.as_fd(),
@@ -909,24 +897,7 @@ impl Root {
         // The rename is by name: make sure the name still is our inode.
         let ours = rfs::fstat(&file)
             .map_err(|e| self.io_err("stat temporary file for", path.clone(), e))?;
-        match rfs::statat(&dir, guard.name.as_str(), AtFlags::SYMLINK_NOFOLLOW) {
-            Ok(st) if st.st_ino == ours.st_ino && st.st_dev == ours.st_dev => {}
-            Ok(_) => {
-                // Not ours any more: leave whatever is there alone.
-                guard.disarm();
-                return Err(self.io_err(
-                    "rename temporary file over",
-                    path,
-                    io::Error::other(
-                        "its temporary name was taken over by another file during the write",
-                    ),
-                ));
-            }
-            Err(e) => return Err(self.io_err("stat temporary file for", path, e)),
-        }
-
-        let displaced = self.swap_in(&dir, &guard.name, leaf, expect, &path)?;
-        guard.disarm();
+        let displaced = self.swap_in_ours(&dir, &mut guard, &ours, leaf, expect, &path)?;
         if sync_dir {
             rfs::fsync(&dir).map_err(|e| self.io_err("fsync the directory of", path, e))?;
         }
@@ -965,19 +936,7 @@ impl Root {
         xattrs: Option<&[(Vec<u8>, Vec<u8>)]>,
         expect: Expect,
     ) -> Result<Option<Replaced>, FsError> {
-        let comps = self.check(comps, false)?;
-        let path = show(&comps);
-        if meta.kind != Kind::File {
-            return Err(self.meta_err(
-                path,
-                format!(
-                    "metadata is for {}, not a regular file",
-                    meta.kind.describe()
-                ),
-            ));
-        }
-        self.check_meta(meta, &path)?;
-        let (dir, leaf) = self.require_parent(&comps)?;
+        let (comps, path, dir, leaf) = self.file_target(comps, meta)?;
         let staged = from.join(name);
         let from_dir = rfs::open(from, dir_flags(), Mode::empty())
             .map_err(|e| self.io_err("open the staging directory for", path.clone(), e))?;
@@ -1039,22 +998,7 @@ impl Root {
             name: tmp,
             armed: true,
         };
-        match rfs::statat(&dir, guard.name.as_str(), AtFlags::SYMLINK_NOFOLLOW) {
-            Ok(st) if st.st_ino == ours.st_ino && st.st_dev == ours.st_dev => {}
-            Ok(_) => {
-                guard.disarm();
-                return Err(self.io_err(
-                    "rename temporary file over",
-                    path,
-                    io::Error::other(
-                        "its temporary name was taken over by another file during the move",
-                    ),
-                ));
-            }
-            Err(e) => return Err(self.io_err("stat temporary file for", path, e)),
-        }
-        let displaced = self.swap_in(&dir, &guard.name, leaf, expect, &path)?;
-        guard.disarm();
+        let displaced = self.swap_in_ours(&dir, &mut guard, &ours, leaf, expect, &path)?;
         Ok(Some(Replaced {
             meta: FileMeta::from_stat(&ours),
             displaced: displaced.map(|name| sibling(&comps, name.into_bytes())),
@@ -1143,6 +1087,59 @@ impl Root {
             meta: seen,
             displaced: displaced.map(|name| sibling(&comps, name.into_bytes())),
         })
+    }
+
+    /// For a regular file about to be replaced with `meta`: the checked
+    /// components, their display form, the parent's handle and the leaf.
+    #[allow(clippy::type_complexity)]
+    fn file_target<'c, C: AsComponent>(
+        &self,
+        comps: &'c [C],
+        meta: &FileMeta,
+    ) -> Result<(Vec<&'c [u8]>, String, OwnedFd, &'c [u8]), FsError> {
+        let comps = self.check(comps, false)?;
+        let path = show(&comps);
+        if meta.kind != Kind::File {
+            return Err(self.meta_err(
+                path,
+                format!(
+                    "metadata is for {}, not a regular file",
+                    meta.kind.describe()
+                ),
+            ));
+        }
+        self.check_meta(meta, &path)?;
+        let (dir, leaf) = self.require_parent(&comps)?;
+        Ok((comps, path, dir, leaf))
+    }
+
+    /// [`Root::swap_in`] of `guard`'s temporary name, once it is checked to
+    /// still be `ours` (the rename is by name); one taken over by another
+    /// file meanwhile is left alone and refused.
+    fn swap_in_ours(
+        &self,
+        dir: &OwnedFd,
+        guard: &mut TempGuard<'_>,
+        ours: &Stat,
+        leaf: &[u8],
+        expect: Expect,
+        path: &str,
+    ) -> Result<Option<String>, FsError> {
+        match rfs::statat(dir, guard.name.as_str(), AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) if st.st_ino == ours.st_ino && st.st_dev == ours.st_dev => {}
+            Ok(_) => {
+                guard.disarm();
+                return Err(self.io_err(
+                    "rename temporary file over",
+                    path.to_string(),
+                    io::Error::other("its temporary name was taken over by another file meanwhile"),
+                ));
+            }
+            Err(e) => return Err(self.io_err("stat temporary file for", path.to_string(), e)),
+        }
+        let displaced = self.swap_in(dir, &guard.name, leaf, expect, path)?;
+        guard.disarm();
+        Ok(displaced)
     }
 
     /// Renames `tmp` to `leaf` in `dir`; see [`Root::replace_file_guarded`].

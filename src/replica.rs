@@ -82,6 +82,8 @@ pub struct StagedVersion {
 /// append benchmark), and rebuilding it would hold all of it in memory at
 /// once. Its content is written twice on the follower, as before.
 pub const FINISH_UPLOAD_MAX: u64 = 64 << 20;
+/// Block signatures of finished files, by upload and offset.
+type FinishedSignatures = HashMap<(u64, u64), Vec<u8>>;
 /// Most bytes of [`Shared::keep_finished_signature`]s kept at once (about
 /// 2 % of the content they describe).
 const FINISHED_SIGNATURES_MAX: usize = 32 << 20;
@@ -223,7 +225,7 @@ pub struct Shared {
     /// Block signatures made of finished files while they were staged, by
     /// upload and offset, and their bytes in all (see
     /// [`Shared::keep_finished_signature`]).
-    finished_signatures: Mutex<(HashMap<(u64, u64), Vec<u8>>, usize)>,
+    finished_signatures: Mutex<(FinishedSignatures, usize)>,
     /// Whether some sync set is on `data_dir`'s filesystem, so staged whole
     /// content is worth finishing into files (see [`Shared::finish_upload`]).
     finish_files: bool,
@@ -1691,6 +1693,28 @@ impl Applier {
     /// Quarantines what a guarded swap displaced (an edit that landed
     /// between the check and the rename), if anything.
     #[allow(clippy::too_many_arguments)]
+    /// Sets aside what a replacement displaced unexpectedly: an edit saved
+    /// while the committed version was being written.
+    fn set_aside_edited_during_write(
+        &self,
+        set: &str,
+        root: &Root,
+        replaced: &crate::fsroot::Replaced,
+        path: &SetPath,
+        index: u64,
+        term: u64,
+    ) -> Result<(), FsError> {
+        self.quarantine_displaced(
+            set,
+            root,
+            &replaced.displaced,
+            path,
+            index,
+            term,
+            "it was edited while the committed version was being written",
+        )
+    }
+
     fn quarantine_displaced(
         &self,
         set: &str,
@@ -2041,15 +2065,7 @@ impl Applier {
             let xattrs = set.xattrs.then_some(&entry.xattrs[..]);
             let replaced =
                 root.replace_file_guarded(&c, &new, &meta, &target.hash, false, xattrs, expect)?;
-            self.quarantine_displaced(
-                &set.name,
-                root,
-                &replaced.displaced,
-                path,
-                index,
-                term,
-                "it was edited while the committed version was being written",
-            )?;
+            self.set_aside_edited_during_write(&set.name, root, &replaced, path, index, term)?;
             written = replaced.meta;
             self.xattrs_notice(set, root);
             if set.mode == SyncMode::Mirror && new.len() >= delta::SMALL_FILE_LEN {
@@ -2147,15 +2163,7 @@ impl Applier {
                 r
             }
         };
-        self.quarantine_displaced(
-            &set.name,
-            root,
-            &replaced.displaced,
-            path,
-            index,
-            term,
-            "it was edited while the committed version was being written",
-        )?;
+        self.set_aside_edited_during_write(&set.name, root, &replaced, path, index, term)?;
         self.xattrs_notice(set, root);
         if wants_signature {
             let signature = signature.or_else(|| {
@@ -2205,15 +2213,7 @@ impl Applier {
             xattrs,
             expect,
         )?;
-        self.quarantine_displaced(
-            &set.name,
-            root,
-            &replaced.displaced,
-            path,
-            index,
-            term,
-            "it was edited while the committed version was being written",
-        )?;
+        self.set_aside_edited_during_write(&set.name, root, &replaced, path, index, term)?;
         self.put_record(&set.name, path, record_of(&replaced.meta, &target), store);
         Ok(PutOutcome::Done)
     }
