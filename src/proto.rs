@@ -226,6 +226,7 @@ impl From<&peer::FilesStatus> for FilesView {
     }
 }
 
+#[cfg(feature = "node")]
 impl From<&crate::replica::StagedVersion> for peer::StagedVersion {
     fn from(v: &crate::replica::StagedVersion) -> Self {
         peer::StagedVersion {
@@ -241,6 +242,7 @@ impl From<&crate::replica::StagedVersion> for peer::StagedVersion {
     }
 }
 
+#[cfg(feature = "node")]
 impl TryFrom<&peer::StagedVersion> for crate::replica::StagedVersion {
     type Error = String;
     fn try_from(v: &peer::StagedVersion) -> Result<Self, String> {
