@@ -588,6 +588,14 @@ fn staged_content_survives_the_leader_dying_right_after_the_commit() {
         Vec::<String>::new(),
         "the survivors' trees differ from the dead leader's"
     );
+    // The content took the staged path: the survivor that had every file
+    // linked them into place from finished files, written once.
+    let linked = node_counter(&c, survivors[0], survivors[0], "files_linked").unwrap();
+    assert!(
+        linked > 0,
+        "node {} linked no file from staging",
+        survivors[0]
+    );
 }
 
 /// When a follower cannot stage content (here, each one's staging

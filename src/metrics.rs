@@ -155,6 +155,12 @@ pub fn render(
             "on_promote/on_demote commands that failed or timed out",
             f.role_hook_failures,
         );
+        counter(
+            &mut registry,
+            "files_linked",
+            "New file versions linked into place from staging, written once",
+            f.files_linked,
+        );
         gauge(
             &mut registry,
             "quarantined_files",

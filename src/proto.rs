@@ -186,6 +186,7 @@ impl From<&FilesView> for peer::FilesStatus {
             quarantined: f.quarantined,
             on_change_failures: f.on_change_failures,
             role_hook_failures: f.role_hook_failures,
+            files_linked: f.files_linked,
         }
     }
 }
@@ -222,6 +223,7 @@ impl From<&peer::FilesStatus> for FilesView {
             quarantined: f.quarantined,
             on_change_failures: f.on_change_failures,
             role_hook_failures: f.role_hook_failures,
+            files_linked: f.files_linked,
         }
     }
 }

@@ -194,6 +194,9 @@ pub struct Counters {
     pub on_change_failures: AtomicU64,
     /// on_promote/on_demote runs that failed, timed out or could not start.
     pub role_hook_failures: AtomicU64,
+    /// New versions put in place by linking the finished file staged for
+    /// them (see [`Shared::finish_upload`]) rather than by writing them.
+    pub files_linked: AtomicU64,
 }
 
 /// State shared by the applier thread, the leader's source and the fetcher.
@@ -377,6 +380,7 @@ impl Shared {
             quarantined: c.quarantined.load(Ordering::Relaxed),
             on_change_failures: c.on_change_failures.load(Ordering::Relaxed),
             role_hook_failures: c.role_hook_failures.load(Ordering::Relaxed),
+            files_linked: c.files_linked.load(Ordering::Relaxed),
         }
     }
 
@@ -2140,7 +2144,13 @@ impl Applier {
         let adopted =
             root.adopt_file_guarded(&c, &dir, &name, &meta, target.len, xattrs, expect)?;
         let replaced = match adopted {
-            Some(r) => r,
+            Some(r) => {
+                self.shared
+                    .counters
+                    .files_linked
+                    .fetch_add(1, Ordering::Relaxed);
+                r
+            }
             None => {
                 // Another filesystem: copied, as any other version.
                 let data = match content.take() {
@@ -3363,6 +3373,7 @@ mod tests {
             shared.signature("mail", &path_a, &da).is_some(),
             "signature kept"
         );
+        assert_eq!(shared.counters.files_linked.load(Ordering::Relaxed), 2);
         assert!(!shared.finished_dir(upload).exists(), "nothing left staged");
         assert!(!shared.staged_path(upload).exists(), "nothing left staged");
     }

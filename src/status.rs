@@ -47,6 +47,8 @@ pub struct FilesView {
     pub quarantined: u64,
     pub on_change_failures: u64,
     pub role_hook_failures: u64,
+    /// New versions linked into place from staging (written once).
+    pub files_linked: u64,
 }
 
 /// One sync set on one node.
@@ -274,6 +276,7 @@ impl ClusterStatus {
                     "quarantined": n.files.as_ref().map(|f| f.quarantined),
                     "on_change_failures": n.files.as_ref().map(|f| f.on_change_failures),
                     "role_hook_failures": n.files.as_ref().map(|f| f.role_hook_failures),
+                    "files_linked": n.files.as_ref().map(|f| f.files_linked),
                     "stale_term_messages": v.stale_term_messages,
                 }),
                 None => json!({
