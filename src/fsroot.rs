@@ -456,6 +456,15 @@ impl Drop for TempGuard<'_> {
     }
 }
 
+/// `meta`'s mtime as the kernel takes it, or why `meta` cannot be set
+/// (an owner of -1 would mean "leave unchanged" to `fchown`).
+fn settable_mtime(meta: &FileMeta) -> Result<Timespec, String> {
+    if meta.uid == u32::MAX || meta.gid == u32::MAX {
+        return Err("uid or gid 4294967295 (-1) is not an owner".to_string());
+    }
+    to_timespec(meta.mtime_ns).ok_or_else(|| format!("mtime {} ns is out of range", meta.mtime_ns))
+}
+
 /// Sets owner, then mode (chown clears setuid/setgid, so the mode must
 /// come after it), then mtime (last, since nothing after it may touch the
 /// inode's content). Skips what already matches; returns whether anything
@@ -496,13 +505,7 @@ fn set_meta(
 /// owner, mode and mtime of `meta` ahead of its fsync, so that applying it
 /// later changes nothing but its name (see [`Root::adopt_file_guarded`]).
 pub fn set_staged_meta(file: &File, meta: &FileMeta) -> io::Result<()> {
-    if meta.uid == u32::MAX || meta.gid == u32::MAX {
-        return Err(io::Error::other(
-            "uid or gid 4294967295 (-1) is not an owner",
-        ));
-    }
-    let mtime = to_timespec(meta.mtime_ns)
-        .ok_or_else(|| io::Error::other(format!("mtime {} ns is out of range", meta.mtime_ns)))?;
+    let mtime = settable_mtime(meta).map_err(io::Error::other)?;
     set_meta(file.as_fd(), meta, mtime)
         .map(|_| ())
         .map_err(|(op, e)| io::Error::other(format!("cannot {op} the staged file: {e}")))
@@ -756,18 +759,7 @@ impl Root {
     }
 
     fn check_meta(&self, meta: &FileMeta, path: &str) -> Result<Timespec, FsError> {
-        if meta.uid == u32::MAX || meta.gid == u32::MAX {
-            return Err(self.meta_err(
-                path.to_string(),
-                "uid or gid 4294967295 (-1) is not an owner",
-            ));
-        }
-        to_timespec(meta.mtime_ns).ok_or_else(|| {
-            self.meta_err(
-                path.to_string(),
-                format!("mtime {} ns is out of range", meta.mtime_ns),
-            )
-        })
+        settable_mtime(meta).map_err(|why| self.meta_err(path.to_string(), why))
     }
 
     /// [`set_meta`] with this root's checks and errors.

@@ -361,13 +361,8 @@ impl Peer for PeerService {
         tokio::task::spawn_blocking(move || {
             use crate::replica::StageFlush;
             if r.versions_follow {
-                // Nothing flushed until the last piece makes it all durable,
-                // unless the upload is large (see `finish_upload`).
                 let end = r.offset.saturating_add(r.data.len() as u64);
-                let flush = match end > crate::replica::FINISH_UPLOAD_MAX {
-                    true => StageFlush::Piece,
-                    false => StageFlush::None,
-                };
+                let flush = StageFlush::before_finish(end);
                 files.stage_piece(r.upload, r.offset, &r.data, flush)?;
                 if !r.durable {
                     return Ok(());

@@ -81,15 +81,39 @@ pub struct StagedVersion {
 /// for the leader to miss its heartbeats (measured: an election in the
 /// append benchmark), and rebuilding it would hold all of it in memory at
 /// once. Its content is written twice on the follower, as before.
-pub const FINISH_UPLOAD_MAX: u64 = 64 << 20;
+const FINISH_UPLOAD_MAX: u64 = 64 << 20;
 /// Block signatures of finished files, by upload and offset.
 type FinishedSignatures = HashMap<(u64, u64), Vec<u8>>;
+/// Keeps the signatures whose upload `keep` accepts, and their byte count.
+fn retain_signatures(kept: &mut (FinishedSignatures, usize), mut keep: impl FnMut(u64) -> bool) {
+    let (map, bytes) = kept;
+    map.retain(|&(upload, _), sig| {
+        let kept = keep(upload);
+        if !kept {
+            *bytes -= sig.len();
+        }
+        kept
+    });
+}
 /// Most bytes of [`Shared::keep_finished_signature`]s kept at once (about
 /// 2 % of the content they describe).
 const FINISHED_SIGNATURES_MAX: usize = 32 << 20;
 /// Finished files larger than this are flushed every [`FINISH_FLUSH_STEP`]
 /// bytes as they are written, for the reason [`StageFlush::Piece`] gives.
 const FINISH_FLUSH_STEP: usize = 4 << 20;
+
+impl StageFlush {
+    /// For a piece ending at byte `end` of an upload whose last piece will
+    /// list its versions ([`Shared::finish_upload`] makes it all durable
+    /// then): no flush of its own, unless the upload is past
+    /// [`FINISH_UPLOAD_MAX`].
+    pub fn before_finish(end: u64) -> StageFlush {
+        match end > FINISH_UPLOAD_MAX {
+            true => StageFlush::Piece,
+            false => StageFlush::None,
+        }
+    }
+}
 
 /// Staged uploads no applied batch consumed (the leader that staged them
 /// died before proposing, the batch was never committed) are removed after
@@ -452,16 +476,11 @@ impl Shared {
         if kept.0.is_empty() {
             return;
         }
-        let (map, bytes) = &mut *kept;
         let mut present = HashMap::new();
-        map.retain(|&(upload, _), sig| {
-            let keep = *present
+        retain_signatures(&mut kept, |upload| {
+            *present
                 .entry(upload)
-                .or_insert_with(|| self.finished_dir(upload).exists());
-            if !keep {
-                *bytes -= sig.len();
-            }
-            keep
+                .or_insert_with(|| self.finished_dir(upload).exists())
         });
     }
 
@@ -469,12 +488,7 @@ impl Shared {
     fn remove_upload(&self, upload: u64) {
         let _ = std::fs::remove_file(self.staged_path(upload));
         let _ = std::fs::remove_dir_all(self.finished_dir(upload));
-        let mut kept = self.finished_signatures.lock().unwrap();
-        let (map, bytes) = &mut *kept;
-        map.retain(|&(u, _), sig| {
-            if u == upload {
-                *bytes -= sig.len();
-            }
+        retain_signatures(&mut self.finished_signatures.lock().unwrap(), |u| {
             u != upload
         });
     }
@@ -509,6 +523,9 @@ impl Shared {
         let mut written = Vec::new();
         let finish = self.finish_files && upload_len <= FINISH_UPLOAD_MAX;
         for v in versions.iter().filter(|_| finish) {
+            if finished_ranges.contains_key(&v.offset) {
+                continue;
+            }
             if v.len > limit || v.digest.len > limit || v.offset.saturating_add(v.len) > upload_len
             {
                 return Err(format!(
@@ -526,7 +543,7 @@ impl Shared {
                     v.offset
                 )
             })?;
-            if patch.base().is_some() || finished_ranges.contains_key(&v.offset) {
+            if patch.base().is_some() {
                 continue;
             }
             let content = delta::apply(None, &patch, &v.digest, limit).map_err(|e| {
@@ -1982,7 +1999,7 @@ impl Applier {
                 offset,
                 len,
             } => {
-                // Made into a finished file when it was staged: renamed in.
+                // Made into a finished file when it was staged: linked in.
                 let dir = self.shared.finished_dir(*upload);
                 let name = Shared::finished_name(*offset, &target);
                 if dir.join(&name).symlink_metadata().is_ok() {
@@ -2128,12 +2145,8 @@ impl Applier {
         let mut signature = None;
         let mut content = None;
         if wants_signature {
-            signature = self
-                .shared
-                .take_finished_signature(upload, offset)
-                .filter(|b| {
-                    delta::BlockSignature::from_bytes(b).is_ok_and(|s| s.base_digest() == target)
-                });
+            // Made from this very version: its name holds the digest.
+            signature = self.shared.take_finished_signature(upload, offset);
             if signature.is_none() {
                 // Unreadable: kept without a signature (its next change then
                 // travels whole from this node, should it lead).
@@ -2152,7 +2165,8 @@ impl Applier {
                 r
             }
             None => {
-                // Another filesystem: copied, as any other version.
+                // Another filesystem, or a labelling directory: copied, as
+                // any other version.
                 let data = match content.take() {
                     Some(b) => b,
                     None => match std::fs::read(&finished) {
