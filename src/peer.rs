@@ -361,9 +361,7 @@ impl Peer for PeerService {
         tokio::task::spawn_blocking(move || {
             use crate::replica::StageFlush;
             if r.versions_follow {
-                let end = r.offset.saturating_add(r.data.len() as u64);
-                let flush = StageFlush::before_finish(end);
-                files.stage_piece(r.upload, r.offset, &r.data, flush)?;
+                files.stage_before_finish(r.upload, r.offset, r.data)?;
                 if !r.durable {
                     return Ok(());
                 }

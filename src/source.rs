@@ -64,9 +64,9 @@ const BATCH_OPS: usize = 2000;
 /// (writes and fsyncs) several uploads side by side, which keeps its disk
 /// busy where one at a time left the source waiting most of a first sync
 /// (9.3 s of 12.5 s, measured in the 1 GiB benchmark).
-const STAGING_DEPTH: usize = 4;
+const STAGING_DEPTH: usize = 8;
 /// Unless their content passes this (a batch holding one huge file).
-const STAGING_BYTES: usize = 32 << 20;
+const STAGING_BYTES: usize = 64 << 20;
 /// Chunk entries per proposal.
 const CHUNK_WINDOW: usize = 4;
 /// Proposals of one pass in flight at once (each at most ~4 MiB): the
