@@ -9,6 +9,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Bulk content: shared between followers on the leader and sliced
         // out of the received buffer on a follower, never copied.
         .bytes(".clusterd.peer.v1.StageRequest.data")
+        // Reserves each message's size before encoding it (see the type).
+        .codec_path("crate::proto::Codec")
         .compile_protos(&["proto/peer.proto", "proto/admin.proto"], &["proto"])?;
     println!("cargo:rerun-if-changed=proto");
     Ok(())

@@ -457,6 +457,13 @@ impl Patch {
     /// the chunks of one) already delimits the whole patch.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.encoded_len());
+        self.encode_into(&mut out);
+        out
+    }
+
+    /// Appends [`encode`](Self::encode)'s output to `out`.
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
+        out.reserve(self.encoded_len());
         out.push(PATCH_FORMAT_VERSION);
         match self {
             Patch::Whole { .. } => out.push(KIND_WHOLE),
@@ -470,7 +477,6 @@ impl Patch {
             }
         }
         out.extend_from_slice(self.body());
-        out
     }
 
     /// Parses [`encode`](Self::encode) output; anything else is an error,
@@ -773,11 +779,7 @@ pub fn apply(
         Ok(base)
     };
     match patch {
-        Patch::Whole { data_zstd } => {
-            let mut out = Vec::new();
-            decompress_into(data_zstd, expected.len, &mut out)?;
-            verified(out, expected)
-        }
+        Patch::Whole { data_zstd } => apply_whole(data_zstd, expected, max_len),
         Patch::Append {
             base: want,
             tail_zstd,
@@ -812,6 +814,33 @@ pub fn apply(
             verified(out, expected)
         }
     }
+}
+
+/// The zstd body of an encoded [`Patch::Whole`], borrowed from `encoded`
+/// rather than copied out as [`Patch::decode`] does; `None` for a patch
+/// that needs a base. Refuses what `decode` refuses of a whole patch.
+pub fn whole_body(encoded: &[u8]) -> Result<Option<&[u8]>, DeltaError> {
+    match encoded {
+        [PATCH_FORMAT_VERSION, KIND_WHOLE, body @ ..] => match body.starts_with(&ZSTD_MAGIC) {
+            true => Ok(Some(body)),
+            false => Err(DeltaError::MalformedPatch("its body is not a zstd frame")),
+        },
+        _ => Patch::decode(encoded).map(|_| None),
+    }
+}
+
+/// [`apply`] for a whole patch's body (see [`whole_body`]).
+pub fn apply_whole(
+    body: &[u8],
+    expected: &FileDigest,
+    max_len: u64,
+) -> Result<Vec<u8>, DeltaError> {
+    if expected.len > max_len {
+        return Err(DeltaError::TooLarge { limit: max_len });
+    }
+    let mut out = Vec::new();
+    decompress_into(body, expected.len, &mut out)?;
+    verified(out, expected)
 }
 
 /// Applies an [`Patch::Append`] to a base that is not in memory: `base` has
@@ -940,6 +969,37 @@ mod tests {
     fn whole_without_base() {
         let new = noise("w", 100_000);
         assert_eq!(roundtrip(None, &new).kind(), "whole");
+    }
+
+    #[test]
+    fn a_whole_patch_body_is_borrowed_and_applied_as_apply_does() {
+        let new = noise("b", 100_000);
+        let (whole, digest) = plan(None, &new);
+        let encoded = whole.encode();
+        let body = whole_body(&encoded).unwrap().expect("a whole patch");
+        assert_eq!(body, whole.body());
+        assert_eq!(apply_whole(body, &digest, 1 << 20).unwrap(), new);
+        assert!(matches!(
+            apply_whole(body, &digest, 1000),
+            Err(DeltaError::TooLarge { .. })
+        ));
+        let mut other = new.clone();
+        other[7] ^= 1;
+        assert!(matches!(
+            apply_whole(body, &super::digest(&other), 1 << 20),
+            Err(DeltaError::Verify { .. }) | Err(DeltaError::Decompress(_))
+        ));
+        // A delta needs its base: not a whole body.
+        let mut edited = new.clone();
+        edited[50_000] ^= 1;
+        let (delta, _) = plan(Some((&new, &BlockSignature::compute(&new))), &edited);
+        assert!(delta.base().is_some());
+        assert_eq!(whole_body(&delta.encode()).unwrap(), None);
+        // Refused as decode refuses it.
+        let mut bad = encoded.clone();
+        bad[2] ^= 0xff;
+        assert!(whole_body(&bad).is_err());
+        assert!(whole_body(&encoded[..1]).is_err());
     }
 
     #[test]

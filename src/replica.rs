@@ -98,6 +98,8 @@ fn retain_signatures(kept: &mut (FinishedSignatures, usize), mut keep: impl FnMu
 /// Most bytes of [`Shared::keep_finished_signature`]s kept at once (about
 /// 2 % of the content they describe).
 const FINISHED_SIGNATURES_MAX: usize = 32 << 20;
+/// Threads fsyncing one upload's finished files.
+const FSYNC_THREADS: usize = 4;
 /// Finished files larger than this are flushed every [`FINISH_FLUSH_STEP`]
 /// bytes as they are written, for the reason [`StageFlush::Piece`] gives.
 const FINISH_FLUSH_STEP: usize = 4 << 20;
@@ -629,16 +631,17 @@ impl Shared {
             let patch = upload_bytes
                 .read(v.offset, v.len)
                 .map_err(|e| fail("read", e))?;
-            let patch = Patch::decode(&patch).map_err(|e| {
+            let body = delta::whole_body(&patch).map_err(|e| {
                 format!(
                     "staged upload {upload:016x} holds an unusable patch at {}: {e}",
                     v.offset
                 )
             })?;
-            if patch.base().is_some() {
+            // A delta or an append: applied from the upload, against its base.
+            let Some(body) = body else {
                 continue;
-            }
-            let content = delta::apply(None, &patch, &v.digest, limit).map_err(|e| {
+            };
+            let content = delta::apply_whole(body, &v.digest, limit).map_err(|e| {
                 format!(
                     "the patch at {} of staged upload {upload:016x} does not make the version the leader listed: {e}",
                     v.offset
@@ -695,11 +698,24 @@ impl Shared {
             }
         }
         let wrote = started.elapsed();
-        for (f, part, name) in &written {
-            f.sync_all()
-                .and_then(|()| std::fs::rename(part, name))
-                .map_err(|e| fail("fsync a finished file of", e))?;
-        }
+        // Side by side: the disk then merges their cache flushes, where one
+        // after the other each waited for a flush of its own.
+        let fsync_and_name = |files: &[(std::fs::File, PathBuf, PathBuf)]| {
+            files.iter().try_for_each(|(f, part, name)| {
+                f.sync_all().and_then(|()| std::fs::rename(part, name))
+            })
+        };
+        let per_thread = written.len().div_ceil(FSYNC_THREADS).max(1);
+        std::thread::scope(|s| {
+            let threads: Vec<_> = written
+                .chunks(per_thread)
+                .map(|files| s.spawn(move || fsync_and_name(files)))
+                .collect();
+            threads
+                .into_iter()
+                .try_for_each(|t| t.join().expect("an fsync thread panicked"))
+        })
+        .map_err(|e| fail("fsync a finished file of", e))?;
         if !written.is_empty() {
             std::fs::File::open(&dir)
                 .and_then(|d| d.sync_all())

@@ -1063,7 +1063,7 @@ fn examine_file(
     if let Some(sig) = p.signature {
         b.signatures.put_signature(&set.name, path, &sig);
     }
-    add_put(shared, path, m, p.digest, patch, p.len, b);
+    add_put(shared, path, m, p.digest, &patch, p.len, b);
     b.pending.push((path.clone(), record_of(&p.now, &p.digest)));
     Ok(())
 }
@@ -1075,9 +1075,9 @@ struct Prepared {
     now: FileMeta,
     digest: FileDigest,
     len: usize,
-    /// The encoded patch against the committed version; `None` when the
-    /// content is the committed one.
-    patch: Option<Vec<u8>>,
+    /// The patch against the committed version; `None` when the content is
+    /// the committed one. Encoded only where it goes (see [`add_put`]).
+    patch: Option<delta::Patch>,
     /// The block signature of the new version (mirror sets, files of
     /// [`delta::SMALL_FILE_LEN`] and more), stored once proposed.
     signature: Option<Vec<u8>>,
@@ -1107,7 +1107,7 @@ fn prepare_file(
         }));
     }
     let sig = committed.and_then(|c| shared.signature(&set.name, path, &c));
-    let patch = delta::plan_from(sig.as_ref(), &data).encode();
+    let patch = delta::plan_from(sig.as_ref(), &data);
     let signature = (set.mode == SyncMode::Mirror && data.len() >= delta::SMALL_FILE_LEN)
         .then(|| delta::BlockSignature::compute_hashed(&data, digest).to_bytes());
     Ok(Some(Prepared {
@@ -1230,7 +1230,7 @@ fn append_tail(
             .insert(key, (hasher, fp));
     }
     let m = meta_from_local(&meta, EntryKind::File, names);
-    add_put(shared, path, m, new_digest, patch.encode(), tail.len(), b);
+    add_put(shared, path, m, new_digest, &patch, tail.len(), b);
     b.pending
         .push((path.clone(), record_of(&meta, &new_digest)));
     Ok(())
@@ -1241,28 +1241,32 @@ fn add_put(
     path: &SetPath,
     meta: crate::manifest::Meta,
     digest: FileDigest,
-    patch: Vec<u8>,
+    patch: &delta::Patch,
     raw_len: usize,
     b: &mut Builder,
 ) {
+    let len = patch.encoded_len();
     shared.counters.bytes_saved.fetch_add(
-        (raw_len as u64).saturating_sub(patch.len() as u64),
+        (raw_len as u64).saturating_sub(len as u64),
         Ordering::Relaxed,
     );
-    let content = if patch.len() >= BLOB_MIN {
+    let content = if len >= BLOB_MIN {
         if b.blob.is_empty() {
             b.blob_upload = rand::random();
             shared.own_uploads.lock().unwrap().insert(b.blob_upload);
+            // All of the batch at once (it is proposed past BATCH_BYTES):
+            // growing it copied every byte of a full sync again.
+            b.blob.reserve(BATCH_BYTES + len);
         }
         let offset = b.blob.len() as u64;
-        b.blob.extend_from_slice(&patch);
+        patch.encode_into(&mut b.blob);
         Content::Blob {
             upload: b.blob_upload,
             offset,
-            len: patch.len() as u64,
+            len: len as u64,
         }
     } else {
-        Content::Inline(patch)
+        Content::Inline(patch.encode())
     };
     b.bytes += match &content {
         Content::Inline(p) => p.len(),
