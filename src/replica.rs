@@ -774,6 +774,11 @@ impl Shared {
     ) -> Result<(), String> {
         let end = offset.saturating_add(data.len() as u64);
         if end > FINISH_UPLOAD_MAX {
+            // Too large to finish: what was held of it goes to its file too.
+            let spilled = self.held.lock().unwrap().take(upload);
+            for (at, piece) in spilled.iter().flat_map(|h| &h.pieces) {
+                self.stage_piece(upload, *at, piece, StageFlush::Piece)?;
+            }
             return self.stage_piece(upload, offset, &data, StageFlush::Piece);
         }
         let mut held = self.held.lock().unwrap();
@@ -3576,6 +3581,21 @@ mod tests {
         assert_eq!(std::fs::read(shared.staged_path(47)).unwrap(), eb);
         shared.finish_upload(47, &[at(0, &eb, db)]).unwrap();
         assert!(!shared.staged_path(47).exists());
+        // Past FINISH_UPLOAD_MAX (one large file) the upload is on file,
+        // with what was held of it before.
+        shared
+            .stage_before_finish(49, 0, eb_bytes.slice(..third))
+            .unwrap();
+        shared
+            .stage_before_finish(49, FINISH_UPLOAD_MAX - 10, eb_bytes.slice(..20))
+            .unwrap();
+        assert!(shared.held.lock().unwrap().uploads.is_empty());
+        let on_file = std::fs::File::open(shared.staged_path(49)).unwrap();
+        assert_eq!(on_file.metadata().unwrap().len(), FINISH_UPLOAD_MAX + 10);
+        let mut head = vec![0u8; third];
+        on_file.read_exact_at(&mut head, 0).unwrap();
+        assert_eq!(head, eb[..third]);
+        shared.remove_upload(49);
         // An upload abandoned mid-way is freed.
         shared
             .stage_before_finish(48, 0, eb_bytes.slice(..third))
