@@ -469,6 +469,15 @@ fn one_byte_change_in_a_100_mib_file_travels_as_a_delta() {
         proposed0 >= 50 * MIB,
         "100 MiB of incompressible data were replicated, yet bytes_proposed is {proposed0}"
     );
+    // It was staged beside the log: a follower refusing it (which sends
+    // it through the log instead) would say so.
+    for &id in &ids[1..] {
+        assert!(
+            !c.log(id).contains("did not stage content"),
+            "node {id} refused the 100 MiB file's staged content: {}",
+            c.log_tail(id, 40)
+        );
+    }
     let saved0 = wait_until(Duration::from_secs(10), "the leader's bytes_saved", || {
         node_counter(&c, leader, leader, "bytes_saved")
     });
