@@ -82,22 +82,13 @@ pub struct StagedVersion {
 /// append benchmark), and rebuilding it would hold all of it in memory at
 /// once. Its content is written twice on the follower, as before.
 const FINISH_UPLOAD_MAX: u64 = 64 << 20;
-/// Block signatures of finished files, by upload and offset.
-type FinishedSignatures = HashMap<(u64, u64), Vec<u8>>;
-/// Keeps the signatures whose upload `keep` accepts, and their byte count.
-fn retain_signatures(kept: &mut (FinishedSignatures, usize), mut keep: impl FnMut(u64) -> bool) {
-    let (map, bytes) = kept;
-    map.retain(|&(upload, _), sig| {
-        let kept = keep(upload);
-        if !kept {
-            *bytes -= sig.len();
-        }
-        kept
-    });
-}
-/// Most bytes of [`Shared::keep_finished_signature`]s kept at once (about
-/// 2 % of the content they describe).
-const FINISHED_SIGNATURES_MAX: usize = 32 << 20;
+/// Versions waiting for [`Applier::sign_linked`] at most: past it (a
+/// sync of millions of files) the rest go unsigned, and their next change
+/// travels whole should this node lead.
+const UNSIGNED_MAX: usize = 1 << 20;
+/// Time [`Applier::sign_linked`] takes of each idle applier tick (one a
+/// second).
+const SIGN_BUDGET: Duration = Duration::from_millis(250);
 /// Threads fsyncing one upload's finished files.
 const FSYNC_THREADS: usize = 4;
 /// Finished files larger than this are flushed every [`FINISH_FLUSH_STEP`]
@@ -336,10 +327,9 @@ pub struct Shared {
     pub pending_local: Mutex<HashMap<(String, SetPath), LocalRecord>>,
     /// Uploads this node proposed: its chunks need no staging here.
     pub own_uploads: Mutex<HashSet<u64>>,
-    /// Block signatures made of finished files while they were staged, by
-    /// upload and offset, and their bytes in all (see
-    /// [`Shared::keep_finished_signature`]).
-    finished_signatures: Mutex<(FinishedSignatures, usize)>,
+    /// Versions linked in from staging whose block signature is still to
+    /// be made (see [`Shared::defer_signature`]).
+    unsigned: Mutex<std::collections::VecDeque<(String, SetPath, FileDigest)>>,
     /// Pieces of uploads kept in memory until their last piece (see
     /// [`Shared::stage_before_finish`]).
     held: Mutex<HeldUploads>,
@@ -539,48 +529,24 @@ impl Shared {
         )
     }
 
-    /// Keeps the block signature [`finish_upload`](Self::finish_upload)
-    /// made of the finished file at `offset` of `upload`, unless too many
-    /// are kept already (the file is read again for it then).
-    fn keep_finished_signature(&self, upload: u64, offset: u64, sig: Vec<u8>) {
-        let mut kept = self.finished_signatures.lock().unwrap();
-        if kept.1 + sig.len() <= FINISHED_SIGNATURES_MAX {
-            kept.1 += sig.len();
-            kept.0.insert((upload, offset), sig);
-        }
-    }
-
-    /// Takes the signature kept for the finished file at `offset` of `upload`.
-    fn take_finished_signature(&self, upload: u64, offset: u64) -> Option<Vec<u8>> {
-        let mut kept = self.finished_signatures.lock().unwrap();
-        let sig = kept.0.remove(&(upload, offset))?;
-        kept.1 -= sig.len();
-        Some(sig)
-    }
-
-    /// Drops the signatures of finished files whose upload is gone without
-    /// a batch using it (it was removed as stale, or the batch went through
-    /// the log instead), so they do not fill [`FINISHED_SIGNATURES_MAX`].
-    fn forget_unused_signatures(&self) {
-        let mut kept = self.finished_signatures.lock().unwrap();
-        if kept.0.is_empty() {
-            return;
-        }
-        let mut present = HashMap::new();
-        retain_signatures(&mut kept, |upload| {
-            *present
-                .entry(upload)
-                .or_insert_with(|| self.finished_dir(upload).exists())
-        });
-    }
-
     /// Removes staged upload `upload` and what was made from it.
     fn remove_upload(&self, upload: u64) {
         let _ = std::fs::remove_file(self.staged_path(upload));
         let _ = std::fs::remove_dir_all(self.finished_dir(upload));
-        retain_signatures(&mut self.finished_signatures.lock().unwrap(), |u| {
-            u != upload
-        });
+    }
+
+    /// Notes that `set`'s `path` now holds `digest`, linked in from staging
+    /// without being read, and lacks the block signature this node keeps
+    /// for when it leads. Making it there took a tenth of a follower's CPU
+    /// in a first full sync; [`Applier::sign_linked`] makes it once
+    /// nothing is applied (seconds later), from the file. Until then (or
+    /// after a restart, as the list is not kept) that version's next change
+    /// travels whole should this node lead meanwhile.
+    fn defer_signature(&self, set: &str, path: &SetPath, digest: FileDigest) {
+        let mut unsigned = self.unsigned.lock().unwrap();
+        if unsigned.len() < UNSIGNED_MAX {
+            unsigned.push_back((set.to_string(), path.clone(), digest));
+        }
     }
 
     /// Makes staged upload `upload` durable after its last piece, whose
@@ -689,13 +655,6 @@ impl Shared {
                 name,
             ));
             finished_ranges.insert(v.offset, v.len);
-            // The signature this node keeps for when it leads, made while
-            // the content is at hand; only in memory (made from the file
-            // again if lost): a file more per version would cost an inode.
-            if content.len() >= delta::SMALL_FILE_LEN {
-                let sig = delta::BlockSignature::compute_hashed(&content, v.digest).to_bytes();
-                self.keep_finished_signature(upload, v.offset, sig);
-            }
         }
         let wrote = started.elapsed();
         // Side by side: the disk then merges their cache flushes, where one
@@ -916,7 +875,7 @@ pub fn open_shared(config: &Config) -> Result<Arc<Shared>, FilesStoreError> {
         counters: Counters::default(),
         pending_local: Mutex::new(HashMap::new()),
         own_uploads: Mutex::new(HashSet::new()),
-        finished_signatures: Mutex::new((HashMap::new(), 0)),
+        unsigned: Mutex::new(std::collections::VecDeque::new()),
         held: Mutex::new(HeldUploads::default()),
         finish_files,
         staging_paused_until: Mutex::new(None),
@@ -992,6 +951,8 @@ pub struct Applier {
     /// The applied index at the previous tick and at the last memory trim.
     applied_at_last_tick: u64,
     applied_at_trim: u64,
+    /// Signatures were stored since the last memory trim.
+    signed_since_trim: bool,
     /// File ops applied since the manifest's trees were last packed
     /// ([`crate::manifest::SetManifest::repack`]).
     ops_since_repack: usize,
@@ -1296,6 +1257,7 @@ impl Applier {
             deferred: BTreeSet::new(),
             applied_at_last_tick: 0,
             applied_at_trim: 0,
+            signed_since_trim: false,
             ops_since_repack: 0,
             consumed_uploads: Vec::new(),
         }
@@ -1332,12 +1294,19 @@ impl Applier {
                 ApplyMsg::Tick => {
                     self.retry_deferred();
                     clean_staging(&self.shared.staging_dir());
-                    self.shared.forget_unused_signatures();
                     self.shared.drop_abandoned_uploads();
                     // Once a burst of applies is over (a quiet second after
-                    // it), give its memory back; never again while idle.
+                    // it), sign what it linked in, then give its memory
+                    // back; never again while idle.
                     let applied = self.shared.applied.load(Ordering::Relaxed);
-                    if applied == self.applied_at_last_tick && applied != self.applied_at_trim {
+                    let quiet = applied == self.applied_at_last_tick;
+                    let signed = quiet && self.sign_linked();
+                    self.signed_since_trim |= signed;
+                    if quiet
+                        && !signed
+                        && (applied != self.applied_at_trim || self.signed_since_trim)
+                    {
+                        self.signed_since_trim = false;
                         self.log.flush_memtables();
                         self.shared.store.flush_memtables();
                         // Packing costs a pass over the manifest: only
@@ -1360,6 +1329,48 @@ impl Applier {
                 return;
             }
         }
+    }
+
+    /// Makes and stores, for [`SIGN_BUDGET`], the block signatures
+    /// [`Shared::defer_signature`] left to make: of each version still
+    /// committed and still what its file holds (checked by its digest; an
+    /// edited file keeps none, as any version this node could not read).
+    /// True if it made any.
+    fn sign_linked(&mut self) -> bool {
+        let started = Instant::now();
+        let mut batch = StoreBatch::default();
+        let mut signed = 0usize;
+        while started.elapsed() < SIGN_BUDGET {
+            let Some((set_name, path, digest)) = self.shared.unsigned.lock().unwrap().pop_front()
+            else {
+                break;
+            };
+            let committed = (self.shared.manifest.read().unwrap())
+                .get(&set_name, &path)
+                .and_then(|e| e.digest)
+                .map(|d| d.get());
+            let (Some(set), true) = (self.shared.set(&set_name), committed == Some(digest)) else {
+                continue;
+            };
+            let Some(root) = self.roots.get(&set_name) else {
+                continue;
+            };
+            let Ok(Some((data, _))) = root.read_file(&comps(&path), set.max_file_size) else {
+                continue;
+            };
+            if delta::digest(&data) == digest {
+                let sig = delta::BlockSignature::compute_hashed(&data, digest).to_bytes();
+                batch.put_signature(&set_name, &path, &sig);
+                signed += 1;
+            }
+        }
+        if signed > 0 {
+            if let Err(e) = self.shared.store.write(batch) {
+                warn!("cannot store the block signatures of {signed} linked files: {e}");
+            }
+            debug!(signed, took = ?started.elapsed(), "signed linked files");
+        }
+        signed > 0
     }
 
     fn apply_up_to(&mut self, up_to: u64) -> Result<(), String> {
@@ -2355,21 +2366,10 @@ impl Applier {
                 target.len, set.max_file_size
             )));
         }
-        // The signature is kept for when this node leads: made when the file
-        // was finished, else from the file.
+        // The signature is kept for when this node leads.
         let wants_signature =
             set.mode == SyncMode::Mirror && target.len >= delta::SMALL_FILE_LEN as u64;
-        let mut signature = None;
         let mut content = None;
-        if wants_signature {
-            // Made from this very version: its name holds the digest.
-            signature = self.shared.take_finished_signature(upload, offset);
-            if signature.is_none() {
-                // Unreadable: kept without a signature (its next change then
-                // travels whole from this node, should it lead).
-                content = std::fs::read(&finished).ok();
-            }
-        }
         self.ensure_parents(set, root, path, index, term)?;
         let adopted =
             root.adopt_file_guarded(&c, &dir, &name, &meta, target.len, xattrs, expect)?;
@@ -2384,12 +2384,9 @@ impl Applier {
             None => {
                 // Another filesystem, or a labelling directory: copied, as
                 // any other version.
-                let data = match content.take() {
-                    Some(b) => b,
-                    None => match std::fs::read(&finished) {
-                        Ok(b) => b,
-                        Err(e) => return Ok(unreadable(e)),
-                    },
+                let data = match std::fs::read(&finished) {
+                    Ok(b) => b,
+                    Err(e) => return Ok(unreadable(e)),
                 };
                 let r = root.replace_file_guarded(
                     &c,
@@ -2407,11 +2404,14 @@ impl Applier {
         self.set_aside_edited_during_write(&set.name, root, &replaced, path, index, term)?;
         self.xattrs_notice(set, root);
         if wants_signature {
-            let signature = signature.or_else(|| {
-                content.map(|data| delta::BlockSignature::compute_hashed(&data, target).to_bytes())
-            });
-            if let Some(sig) = signature {
-                store.put_signature(&set.name, path, &sig);
+            match content {
+                Some(data) => {
+                    let sig = delta::BlockSignature::compute_hashed(&data, target).to_bytes();
+                    store.put_signature(&set.name, path, &sig);
+                }
+                // Linked in without passing through memory: signed once this
+                // node is idle (see `sign_linked`).
+                None => self.shared.defer_signature(&set.name, path, target),
             }
         }
         self.put_record(&set.name, path, record_of(&replaced.meta, &target), store);
@@ -3660,9 +3660,20 @@ mod tests {
         assert_eq!(st.nlink(), 1);
         let path_a = SetPath::from_network(b"a").unwrap();
         assert!(
+            shared.signature("mail", &path_a, &da).is_none(),
+            "linked in unread: signed later"
+        );
+        // Edited here before it was signed: no signature of a version the
+        // file no longer holds.
+        std::fs::write(root.join("sub/b"), b"edited by hand").unwrap();
+        assert!(applier.sign_linked(), "signed once idle");
+        assert!(
             shared.signature("mail", &path_a, &da).is_some(),
             "signature kept"
         );
+        let path_b = SetPath::from_network(b"sub/b").unwrap();
+        assert!(shared.signature("mail", &path_b, &db).is_none());
+        assert!(!applier.sign_linked(), "nothing left to sign");
         assert_eq!(shared.counters.files_linked.load(Ordering::Relaxed), 2);
         assert!(!shared.finished_dir(upload).exists(), "nothing left staged");
         assert!(!shared.staged_path(upload).exists(), "nothing left staged");
