@@ -85,7 +85,7 @@ const FINISH_UPLOAD_MAX: u64 = 64 << 20;
 /// Versions waiting for [`Applier::sign_linked`] at most: past it (a
 /// sync of millions of files) the rest go unsigned, and their next change
 /// travels whole should this node lead.
-const UNSIGNED_MAX: usize = 1 << 20;
+const UNSIGNED_MAX: usize = 1 << 17;
 /// Time [`Applier::sign_linked`] takes of each idle applier tick (one a
 /// second).
 const SIGN_BUDGET: Duration = Duration::from_millis(250);
@@ -152,7 +152,7 @@ impl UploadBytes {
                 for (&offset, piece) in pieces {
                     if offset != end {
                         return Err(format!(
-                            "staged upload {upload:016x} lacks bytes {end}..{offset} (this node restarted or dropped it while it arrived); the leader sends the batch through the log instead"
+                            "staged upload {upload:016x} lacks bytes {end}..{offset} (its pieces overlap or arrived out of order); the leader sends the batch through the log instead"
                         ));
                     }
                     end += piece.len() as u64;
@@ -732,13 +732,11 @@ impl Shared {
         data: prost::bytes::Bytes,
     ) -> Result<(), String> {
         let end = offset.saturating_add(data.len() as u64);
+        self.check_piece_end(upload, end)?;
         if end > FINISH_UPLOAD_MAX {
             // Too large to finish: what was held of it goes to its file too.
             let spilled = self.held.lock().unwrap().take(upload);
-            for (at, piece) in spilled.iter().flat_map(|h| &h.pieces) {
-                self.stage_piece(upload, *at, piece, StageFlush::Piece)?;
-            }
-            return self.stage_piece(upload, offset, &data, StageFlush::Piece);
+            return self.spill_and_stage(spilled, upload, offset, &data, StageFlush::Piece);
         }
         let mut held = self.held.lock().unwrap();
         let room = held.bytes + data.len() <= HELD_BYTES_MAX;
@@ -764,11 +762,44 @@ impl Shared {
                 // No room: what is held of it goes to the file too.
                 let spilled = held.take(upload);
                 drop(held);
-                for (at, piece) in spilled.iter().flat_map(|h| &h.pieces) {
-                    self.stage_piece(upload, *at, piece, StageFlush::None)?;
-                }
-                self.stage_piece(upload, offset, &data, StageFlush::None)
+                self.spill_and_stage(spilled, upload, offset, &data, StageFlush::None)
             }
+        }
+    }
+
+    /// Writes what was held of upload `upload`, then `data` at `offset`, to
+    /// its file. Refuses a piece past the start of an upload of which
+    /// nothing is held or on file: its first pieces are gone (this node
+    /// restarted, or dropped the upload as abandoned), and a file starting
+    /// with zeros must never be reported as holding the upload.
+    fn spill_and_stage(
+        &self,
+        held: Option<HeldUpload>,
+        upload: u64,
+        offset: u64,
+        data: &[u8],
+        flush: StageFlush,
+    ) -> Result<(), String> {
+        if held.is_none() && offset != 0 && !self.staged_path(upload).exists() {
+            return Err(format!(
+                "staged upload {upload:016x} lacks bytes 0..{offset} (this node restarted or dropped it while it arrived); the leader sends the batch through the log instead"
+            ));
+        }
+        for (at, piece) in held.iter().flat_map(|h| &h.pieces) {
+            self.stage_piece(upload, *at, piece, flush)?;
+        }
+        self.stage_piece(upload, offset, data, flush)
+    }
+
+    /// Refuses a piece ending past [`upload_limit`](Self::upload_limit): a
+    /// hostile offset cannot make a huge sparse file, nor a held upload,
+    /// that is later read into memory.
+    fn check_piece_end(&self, upload: u64, end: u64) -> Result<(), String> {
+        match end > self.upload_limit() {
+            true => Err(format!(
+                "a staged piece ending at byte {end} of upload {upload:016x} is larger than any sync set here allows (max_file_size)"
+            )),
+            false => Ok(()),
         }
     }
 
@@ -796,12 +827,7 @@ impl Shared {
         data: &[u8],
         flush: StageFlush,
     ) -> Result<(), String> {
-        let end = offset.saturating_add(data.len() as u64);
-        if end > self.upload_limit() {
-            return Err(format!(
-                "a staged piece ending at byte {end} of upload {upload:016x} is larger than any sync set here allows (max_file_size)"
-            ));
-        }
+        self.check_piece_end(upload, offset.saturating_add(data.len() as u64))?;
         let path = self.staged_path(upload);
         let write = || -> std::io::Result<()> {
             let f = std::fs::OpenOptions::new()
@@ -3569,6 +3595,15 @@ mod tests {
             .unwrap();
         let gap = shared.finish_upload(46, &[at(0, &eb, db)]).unwrap_err();
         assert!(gap.contains("lacks bytes"), "{gap}");
+        // A later piece of an upload of which nothing is held or on file
+        // (this node restarted meanwhile) is refused, past 64 MiB too.
+        let lost = shared.stage_before_finish(50, third as u64, eb_bytes.slice(third..));
+        assert!(lost.unwrap_err().contains("lacks bytes 0.."));
+        let past = FINISH_UPLOAD_MAX - 10;
+        assert!(shared
+            .stage_before_finish(51, past, eb_bytes.slice(..20))
+            .is_err());
+        assert!(!shared.staged_path(50).exists() && !shared.staged_path(51).exists());
         // A later piece with no room left sends what is held to the file.
         shared
             .stage_before_finish(47, 0, eb_bytes.slice(..third))
