@@ -49,7 +49,7 @@ where
     type Decoder = tonic_prost::ProstDecoder<U>;
 
     fn encoder(&mut self) -> Self::Encoder {
-        ReservingEncoder(std::marker::PhantomData)
+        ReservingEncoder(tonic_prost::ProstEncoder::default())
     }
 
     fn decoder(&mut self) -> Self::Decoder {
@@ -57,8 +57,8 @@ where
     }
 }
 
-/// See [`Codec`].
-pub struct ReservingEncoder<T>(std::marker::PhantomData<T>);
+/// tonic-prost's encoder, after reserving the message's size (see [`Codec`]).
+pub struct ReservingEncoder<T>(tonic_prost::ProstEncoder<T>);
 
 impl<T: prost::Message> tonic::codec::Encoder for ReservingEncoder<T> {
     type Item = T;
@@ -70,8 +70,11 @@ impl<T: prost::Message> tonic::codec::Encoder for ReservingEncoder<T> {
         buf: &mut tonic::codec::EncodeBuf<'_>,
     ) -> Result<(), tonic::Status> {
         buf.reserve(item.encoded_len());
-        item.encode(buf)
-            .map_err(|e| tonic::Status::internal(format!("cannot encode a message: {e}")))
+        self.0.encode(item, buf)
+    }
+
+    fn buffer_settings(&self) -> tonic::codec::BufferSettings {
+        self.0.buffer_settings()
     }
 }
 

@@ -253,6 +253,14 @@ impl SetRuntime {
         }
     }
 
+    /// Whether a node keeps the block signature of a `len`-byte version of a
+    /// file of this set, to plan the next change as a delta: mirror sets
+    /// only (append sets ship the new bytes), and not small files, which
+    /// travel whole.
+    pub fn keeps_signature(&self, len: u64) -> bool {
+        self.mode == SyncMode::Mirror && len >= delta::SMALL_FILE_LEN as u64
+    }
+
     /// Opens the root, creating a missing set directory (it is a configured
     /// sync path, so clusterd may write it).
     pub fn open_root(&self) -> Result<Root, FsError> {
@@ -806,14 +814,13 @@ impl Shared {
     /// Frees held uploads that got no piece for [`HELD_MAX_IDLE`].
     fn drop_abandoned_uploads(&self) {
         let mut held = self.held.lock().unwrap();
-        let HeldUploads { uploads, bytes } = &mut *held;
-        uploads.retain(|_, h| {
-            let keep = h.last_piece.elapsed() < HELD_MAX_IDLE;
-            if !keep {
-                *bytes -= h.len_held();
-            }
-            keep
-        });
+        let abandoned: Vec<u64> = (held.uploads.iter())
+            .filter(|(_, h)| h.last_piece.elapsed() >= HELD_MAX_IDLE)
+            .map(|(&upload, _)| upload)
+            .collect();
+        for upload in abandoned {
+            held.take(upload);
+        }
     }
 
     /// Writes `data` at `offset` of the staged upload `upload` (created if
@@ -2343,7 +2350,7 @@ impl Applier {
             self.set_aside_edited_during_write(&set.name, root, &replaced, path, index, term)?;
             written = replaced.meta;
             self.xattrs_notice(set, root);
-            if set.mode == SyncMode::Mirror && new.len() >= delta::SMALL_FILE_LEN {
+            if set.keeps_signature(new.len() as u64) {
                 store.put_signature(
                     &set.name,
                     path,
@@ -2392,20 +2399,17 @@ impl Applier {
                 target.len, set.max_file_size
             )));
         }
-        // The signature is kept for when this node leads.
-        let wants_signature =
-            set.mode == SyncMode::Mirror && target.len >= delta::SMALL_FILE_LEN as u64;
-        let mut content = None;
         self.ensure_parents(set, root, path, index, term)?;
         let adopted =
             root.adopt_file_guarded(&c, &dir, &name, &meta, target.len, xattrs, expect)?;
-        let replaced = match adopted {
+        // With the content, when it passed through memory.
+        let (replaced, content) = match adopted {
             Some(r) => {
                 self.shared
                     .counters
                     .files_linked
                     .fetch_add(1, Ordering::Relaxed);
-                r
+                (r, None)
             }
             None => {
                 // Another filesystem, or a labelling directory: copied, as
@@ -2423,13 +2427,13 @@ impl Applier {
                     xattrs,
                     expect,
                 )?;
-                content = Some(data);
-                r
+                (r, Some(data))
             }
         };
         self.set_aside_edited_during_write(&set.name, root, &replaced, path, index, term)?;
         self.xattrs_notice(set, root);
-        if wants_signature {
+        // The signature is kept for when this node leads.
+        if set.keeps_signature(target.len) {
             match content {
                 Some(data) => {
                     let sig = delta::BlockSignature::compute_hashed(&data, target).to_bytes();

@@ -1108,7 +1108,8 @@ fn prepare_file(
     }
     let sig = committed.and_then(|c| shared.signature(&set.name, path, &c));
     let patch = delta::plan_from(sig.as_ref(), &data);
-    let signature = (set.mode == SyncMode::Mirror && data.len() >= delta::SMALL_FILE_LEN)
+    let signature = set
+        .keeps_signature(data.len() as u64)
         .then(|| delta::BlockSignature::compute_hashed(&data, digest).to_bytes());
     Ok(Some(Prepared {
         now,
