@@ -51,7 +51,8 @@
 //! - `idle`: `--idle-files` files in the set; after replication settled, CPU
 //!   (utime + stime from /proc/<pid>/stat) and resident memory (VmRSS from
 //!   /proc/<pid>/status, sampled every second) of the leader and one follower
-//!   over `--idle-secs`. rsync: CPU and peak RSS of one `rsync -a` run over
+//!   over `--idle-secs` (default: one rescan period, 300 s, so the
+//!   average counts one periodic walk of the sets on every node). rsync: CPU and peak RSS of one `rsync -a` run over
 //!   the same, already identical tree (what the cron scripts spend every
 //!   period), and that CPU as a share of a core if run every 60 s.
 //!
@@ -132,7 +133,13 @@ impl Opts {
                 files: 10_000,
                 full_mib: 1024,
                 idle_files: 100_000,
-                idle_secs: 30,
+                // One whole rescan period (the default
+                // `replication.rescan_secs`): every node walks and checks
+                // its sets once per period, and an idle average must count
+                // that walk once, not leave it out or catch it twice.
+                idle_secs: clusterd::config::ReplicationConfig::default()
+                    .rescan
+                    .as_secs(),
                 deadline: Duration::from_secs(1800),
                 enforce: false,
             }
