@@ -51,10 +51,11 @@
 //! - `idle`: `--idle-files` files in the set; after replication settled, CPU
 //!   (utime + stime from /proc/<pid>/stat) and resident memory (VmRSS from
 //!   /proc/<pid>/status, sampled every second) of the leader and one follower
-//!   over `--idle-secs` (default: one rescan period, 300 s, so the
-//!   average counts one periodic walk of the sets on every node). rsync: CPU and peak RSS of one `rsync -a` run over
-//!   the same, already identical tree (what the cron scripts spend every
-//!   period), and that CPU as a share of a core if run every 60 s.
+//!   over `--idle-secs` (default: one rescan period, 300 s, so the average
+//!   counts one periodic walk of the sets on every node). rsync: CPU and
+//!   peak RSS of one `rsync -a` run over the same, already identical tree
+//!   (what the cron scripts spend every period), and that CPU as a share of
+//!   a core if run every 60 s.
 //!
 //! Without `--bench` (as `cargo test --all-targets` runs it) every scenario
 //! runs once with tiny sizes, as a smoke test that the benchmark works.

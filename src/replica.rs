@@ -1297,10 +1297,12 @@ fn fs_meta(meta: &Meta) -> FileMeta {
     FileMeta::new(kind, meta.mode, uid, gid, meta.mtime_ns)
 }
 
-/// Metadata equal as far as this node can set it.
-fn meta_matches(want: &Meta, have: &FileMeta) -> bool {
-    let w = fs_meta(want);
-    have.mode == w.mode && have.uid == w.uid && have.gid == w.gid && have.mtime_ns == w.mtime_ns
+/// Metadata equal as far as this node can set it (`want` from [`fs_meta`]).
+fn meta_matches(want: &FileMeta, have: &FileMeta) -> bool {
+    have.mode == want.mode
+        && have.uid == want.uid
+        && have.gid == want.gid
+        && have.mtime_ns == want.mtime_ns
 }
 
 fn comps(path: &SetPath) -> Vec<&[u8]> {
@@ -2684,10 +2686,10 @@ impl Applier {
         before: &FileMeta,
         want: &Meta,
     ) -> Result<FileMeta, FsError> {
-        if meta_matches(want, before) {
+        let set = fs_meta(want);
+        if meta_matches(&set, before) {
             return Ok(*before);
         }
-        let set = fs_meta(want);
         root.set_meta(c, &set)?;
         Ok(FileMeta {
             mode: set.mode,
