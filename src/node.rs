@@ -30,6 +30,8 @@ use crate::transport::{LinkEvent, Transport};
 const INBOX: usize = 8192;
 /// How long a leader that is shutting down waits for its successor.
 const SHUTDOWN_HANDOVER: Duration = Duration::from_secs(3);
+/// How often the applier is sent [`crate::replica::ApplyMsg::Tick`].
+const APPLIER_TICK: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -371,6 +373,10 @@ impl NodeTask {
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut handover_until: Option<Instant> = None;
         let mut ticks: u64 = 0;
+        // The applier's housekeeping (deferred paths, staging, memory) runs
+        // about once a second, whatever the tick.
+        let ticks_per_applier_tick =
+            (APPLIER_TICK.as_millis() / self.tick.as_millis().max(1)).max(1) as u64;
         loop {
             tokio::select! {
                 _ = ticker.tick() => {
@@ -378,7 +384,7 @@ impl NodeTask {
                     self.expire_requests();
                     self.try_compact();
                     ticks += 1;
-                    if ticks % 10 == 0 {
+                    if ticks % ticks_per_applier_tick == 0 {
                         let _ = self.applier.send(ApplyMsg::Tick);
                     }
                 }
@@ -1032,7 +1038,7 @@ async fn run_inner(
             .map(|p| p.id)
             .chain(config.node.witness.then_some(id))
             .collect(),
-        tick: config.raft.heartbeat,
+        tick: config.raft.tick(),
         election_timeout: config.raft.election_timeout,
         rescan: config.replication.rescan,
         last_reconcile: Instant::now(),

@@ -252,7 +252,7 @@ pub struct RaftCore<S: LogStore> {
 pub fn raft_config(id: NodeId, timers: &RaftTimers, applied: u64, witness: bool) -> raft::Config {
     let election_tick = timers.election_ticks().max(3);
     let (min_election_tick, max_election_tick) = if witness {
-        let never = (86_400_000 / timers.heartbeat.as_millis().max(1)) as usize;
+        let never = (86_400_000 / timers.tick().as_millis().max(1)) as usize;
         (never, never + 1)
     } else {
         (election_tick, election_tick + election_tick / 2)
@@ -260,7 +260,7 @@ pub fn raft_config(id: NodeId, timers: &RaftTimers, applied: u64, witness: bool)
     raft::Config {
         id,
         election_tick,
-        heartbeat_tick: 1,
+        heartbeat_tick: crate::config::TICKS_PER_HEARTBEAT as usize,
         min_election_tick,
         max_election_tick,
         applied,
