@@ -305,6 +305,43 @@ fn wait_of(ms: u64) -> Duration {
     Duration::from_millis(ms).min(MAX_REQUEST_WAIT)
 }
 
+/// Checks a batch of Raft messages from `who` (each must decode, come from
+/// the node its certificate names and be addressed to this node) and hands
+/// them to the node task; the ack carries this node's applied index.
+fn deliver_batch(
+    node: &NodeHandle,
+    who: PeerIdentity,
+    batch: RaftBatch,
+) -> Result<RaftAck, Status> {
+    let mut messages = Vec::with_capacity(batch.messages.len());
+    for bytes in &batch.messages {
+        let m = decode_raft_message(bytes).map_err(|e| {
+                warn!(peer = who.node_id, remote = %who.remote, "refused a raft message from peer {}: it does not decode: {e}", who.node_id);
+                Status::invalid_argument(format!("undecodable raft message: {e}"))
+            })?;
+        if m.from != who.node_id {
+            warn!(peer = who.node_id, remote = %who.remote, claimed = m.from,
+                    "refused a raft message from peer {}: it claims to come from node {}", who.node_id, m.from);
+            return Err(Status::permission_denied(format!(
+                "your certificate is for node {}, but the message claims node {}",
+                who.node_id, m.from
+            )));
+        }
+        if m.to != node.id() {
+            return Err(Status::invalid_argument(format!(
+                "message addressed to node {}, but this is node {}",
+                m.to,
+                node.id()
+            )));
+        }
+        messages.push(m);
+    }
+    node.deliver(messages);
+    Ok(RaftAck {
+        applied: node.applied_index(),
+    })
+}
+
 #[tonic::async_trait]
 impl Peer for PeerService {
     type FetchStream =
@@ -389,34 +426,25 @@ impl Peer for PeerService {
 
     async fn raft(&self, req: Request<RaftBatch>) -> Result<Response<RaftAck>, Status> {
         let who = identity(&req)?;
-        let batch = req.into_inner();
-        let mut messages = Vec::with_capacity(batch.messages.len());
-        for bytes in &batch.messages {
-            let m = decode_raft_message(bytes).map_err(|e| {
-                warn!(peer = who.node_id, remote = %who.remote, "refused a raft message from peer {}: it does not decode: {e}", who.node_id);
-                Status::invalid_argument(format!("undecodable raft message: {e}"))
-            })?;
-            if m.from != who.node_id {
-                warn!(peer = who.node_id, remote = %who.remote, claimed = m.from,
-                    "refused a raft message from peer {}: it claims to come from node {}", who.node_id, m.from);
-                return Err(Status::permission_denied(format!(
-                    "your certificate is for node {}, but the message claims node {}",
-                    who.node_id, m.from
-                )));
-            }
-            if m.to != self.node.id() {
-                return Err(Status::invalid_argument(format!(
-                    "message addressed to node {}, but this is node {}",
-                    m.to,
-                    self.node.id()
-                )));
-            }
-            messages.push(m);
-        }
-        self.node.deliver(messages);
-        Ok(Response::new(RaftAck {
-            applied: self.node.applied_index(),
-        }))
+        deliver_batch(&self.node, who, req.into_inner()).map(Response::new)
+    }
+
+    type RaftStreamStream =
+        std::pin::Pin<Box<dyn futures::Stream<Item = Result<RaftAck, Status>> + Send>>;
+
+    async fn raft_stream(
+        &self,
+        req: Request<tonic::Streaming<RaftBatch>>,
+    ) -> Result<Response<Self::RaftStreamStream>, Status> {
+        use futures::StreamExt;
+        let who = identity(&req)?;
+        let node = self.node.clone();
+        // A refused batch ends the call with its status, as `raft` would
+        // answer it; the caller opens a new one.
+        let acks = req
+            .into_inner()
+            .map(move |batch| batch.and_then(|b| deliver_batch(&node, who, b)));
+        Ok(Response::new(Box::pin(acks)))
     }
 
     async fn node_status(

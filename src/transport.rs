@@ -242,9 +242,13 @@ async fn sender_task(
     events: mpsc::Sender<LinkEvent>,
     applied: PeerApplied,
 ) {
-    let mut client = PeerClient::new(channel)
-        .max_encoding_message_size(crate::peer::MAX_MESSAGE_BYTES)
-        .max_decoding_message_size(crate::peer::MAX_MESSAGE_BYTES);
+    let mut link = RaftLink {
+        client: PeerClient::new(channel)
+            .max_encoding_message_size(crate::peer::MAX_MESSAGE_BYTES)
+            .max_decoding_message_size(crate::peer::MAX_MESSAGE_BYTES),
+        stream: None,
+        unary_only: false,
+    };
     let mut backoff = BACKOFF_START;
     let mut failing = false;
     // A message taken from the queue that did not fit the previous batch.
@@ -283,13 +287,10 @@ async fn sender_task(
             term: batch.iter().map(|m| m.term).max().unwrap_or(0),
             messages: encoded,
         };
-        let mut request = tonic::Request::new(request);
-        request.set_timeout(RAFT_RPC_TIMEOUT);
-        match client.raft(request).await {
-            Ok(reply) => {
+        match link.send(request).await {
+            Ok(ack) => {
                 if let Some(slot) = applied.get(&peer) {
-                    *slot.lock().unwrap() =
-                        Some((reply.get_ref().applied, std::time::Instant::now()));
+                    *slot.lock().unwrap() = Some((ack.applied, std::time::Instant::now()));
                 }
                 WIRE_BYTES_SENT.fetch_add(payload as u64, std::sync::atomic::Ordering::Relaxed);
                 if failing {
@@ -327,6 +328,79 @@ async fn sender_task(
     }
 }
 
+/// The sending half of one peer's Raft link. Batches travel on one
+/// long-lived `RaftStream` call, one ack each, one batch in flight: idle,
+/// a node's traffic is its heartbeats and their answers, and a message on
+/// an open stream costs a fraction of a call of its own (no headers, no new
+/// HTTP/2 stream, no task per call on the receiver). A peer that does not
+/// know `RaftStream` (an older version, mid-upgrade) gets a `Raft` call per
+/// batch until it fails, when streaming is tried again.
+struct RaftLink {
+    client: PeerClient<Channel>,
+    /// The open call, if any; dropped on any error or timeout, so the next
+    /// batch opens a new one (on a new connection if the old one died).
+    stream: Option<RaftStream>,
+    unary_only: bool,
+}
+
+struct RaftStream {
+    batches: mpsc::Sender<RaftBatch>,
+    acks: tonic::Streaming<crate::proto::peer::RaftAck>,
+}
+
+impl RaftLink {
+    /// Delivers one batch and returns the peer's ack. Opening a stream and
+    /// the exchange on it each get [`RAFT_RPC_TIMEOUT`].
+    async fn send(
+        &mut self,
+        batch: RaftBatch,
+    ) -> Result<crate::proto::peer::RaftAck, tonic::Status> {
+        let late =
+            || tonic::Status::deadline_exceeded(format!("no answer within {RAFT_RPC_TIMEOUT:?}"));
+        if !self.unary_only && self.stream.is_none() {
+            let (batches, rx) = mpsc::channel(1);
+            let call = self
+                .client
+                .raft_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
+            match tokio::time::timeout(RAFT_RPC_TIMEOUT, call).await {
+                Ok(Ok(call)) => {
+                    self.stream = Some(RaftStream {
+                        batches,
+                        acks: call.into_inner(),
+                    })
+                }
+                Ok(Err(status)) if status.code() == tonic::Code::Unimplemented => {
+                    debug!("the peer has no Raft stream; sending a call per batch");
+                    self.unary_only = true;
+                }
+                Ok(Err(status)) => return Err(status),
+                Err(_) => return Err(late()),
+            }
+        }
+        let Some(stream) = self.stream.as_mut() else {
+            let mut request = tonic::Request::new(batch);
+            request.set_timeout(RAFT_RPC_TIMEOUT);
+            let reply = self.client.raft(request).await;
+            // Failing: the peer may be restarting, perhaps upgraded.
+            self.unary_only = reply.is_ok();
+            return reply.map(tonic::Response::into_inner);
+        };
+        let exchange = async {
+            let closed = || tonic::Status::unavailable("the peer closed the Raft stream");
+            stream.batches.send(batch).await.map_err(|_| closed())?;
+            stream.acks.message().await?.ok_or_else(closed)
+        };
+        let result = match tokio::time::timeout(RAFT_RPC_TIMEOUT, exchange).await {
+            Ok(r) => r,
+            Err(_) => Err(late()),
+        };
+        if result.is_err() {
+            self.stream = None;
+        }
+        result
+    }
+}
+
 /// A gRPC status with the chain of errors behind it (connect, TLS, ...),
 /// since the status message alone often says only "transport error".
 fn status_chain(status: &tonic::Status) -> String {
@@ -334,4 +408,158 @@ fn status_chain(status: &tonic::Status) -> String {
         status.message().to_string(),
         std::error::Error::source(status),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use futures::StreamExt;
+    use tonic::{Request, Response, Status};
+
+    use super::*;
+    use crate::proto::peer::peer_server::{Peer, PeerServer};
+    use crate::proto::peer::*;
+
+    /// A peer that answers each batch with its term as the applied index.
+    #[derive(Clone, Default)]
+    struct FakePeer {
+        /// Whether it knows `RaftStream` (an older version does not).
+        streams: bool,
+        /// Acks after which it ends each stream.
+        end_after: Option<usize>,
+        opened: Arc<AtomicUsize>,
+        calls: Arc<AtomicUsize>,
+    }
+
+    fn nope<T>() -> Result<T, Status> {
+        Err(Status::unimplemented("not in this test"))
+    }
+
+    #[tonic::async_trait]
+    impl Peer for FakePeer {
+        type FetchStream = futures::stream::Empty<Result<FetchChunk, Status>>;
+        type RaftStreamStream =
+            std::pin::Pin<Box<dyn futures::Stream<Item = Result<RaftAck, Status>> + Send>>;
+
+        async fn raft(&self, req: Request<RaftBatch>) -> Result<Response<RaftAck>, Status> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            Ok(Response::new(RaftAck {
+                applied: req.into_inner().term,
+            }))
+        }
+
+        async fn raft_stream(
+            &self,
+            req: Request<tonic::Streaming<RaftBatch>>,
+        ) -> Result<Response<Self::RaftStreamStream>, Status> {
+            if !self.streams {
+                return Err(Status::unimplemented("unknown method RaftStream"));
+            }
+            self.opened.fetch_add(1, Ordering::SeqCst);
+            let acks = req
+                .into_inner()
+                .map(|b| b.map(|b| RaftAck { applied: b.term }));
+            Ok(Response::new(match self.end_after {
+                Some(n) => Box::pin(acks.take(n)),
+                None => Box::pin(acks),
+            }))
+        }
+
+        async fn fetch(
+            &self,
+            _: Request<FetchRequest>,
+        ) -> Result<Response<Self::FetchStream>, Status> {
+            nope()
+        }
+        async fn stage(&self, _: Request<StageRequest>) -> Result<Response<StageReply>, Status> {
+            nope()
+        }
+        async fn node_status(
+            &self,
+            _: Request<NodeStatusRequest>,
+        ) -> Result<Response<NodeView>, Status> {
+            nope()
+        }
+        async fn transfer_leadership(
+            &self,
+            _: Request<TransferRequest>,
+        ) -> Result<Response<TransferReply>, Status> {
+            nope()
+        }
+        async fn barrier(
+            &self,
+            _: Request<BarrierRequest>,
+        ) -> Result<Response<BarrierReply>, Status> {
+            nope()
+        }
+    }
+
+    /// Serves `peer` on loopback (plain HTTP/2: the link logic is under
+    /// test, not TLS) and returns a link to it.
+    async fn link_to(peer: FakePeer) -> RaftLink {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(PeerServer::new(peer))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let channel = Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect_lazy();
+        RaftLink {
+            client: PeerClient::new(channel),
+            stream: None,
+            unary_only: false,
+        }
+    }
+
+    fn batch(term: u64) -> RaftBatch {
+        RaftBatch {
+            term,
+            messages: vec![vec![1, 2, 3]],
+        }
+    }
+
+    #[tokio::test]
+    async fn batches_travel_on_one_stream_with_an_ack_each() {
+        let peer = FakePeer {
+            streams: true,
+            ..Default::default()
+        };
+        let mut link = link_to(peer.clone()).await;
+        for term in 1..=3 {
+            assert_eq!(link.send(batch(term)).await.unwrap().applied, term);
+        }
+        assert_eq!(peer.opened.load(Ordering::SeqCst), 1);
+        assert_eq!(peer.calls.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn a_peer_without_the_stream_gets_a_call_per_batch() {
+        let peer = FakePeer::default();
+        let mut link = link_to(peer.clone()).await;
+        for term in 1..=2 {
+            assert_eq!(link.send(batch(term)).await.unwrap().applied, term);
+        }
+        assert_eq!(peer.calls.load(Ordering::SeqCst), 2);
+        assert!(link.unary_only);
+    }
+
+    #[tokio::test]
+    async fn a_stream_the_peer_ended_fails_one_batch_then_is_opened_again() {
+        let peer = FakePeer {
+            streams: true,
+            end_after: Some(1),
+            ..Default::default()
+        };
+        let mut link = link_to(peer.clone()).await;
+        assert_eq!(link.send(batch(1)).await.unwrap().applied, 1);
+        // Raft resends what a failed batch carried; the link reports it.
+        assert!(link.send(batch(2)).await.is_err());
+        assert_eq!(link.send(batch(3)).await.unwrap().applied, 3);
+        assert_eq!(peer.opened.load(Ordering::SeqCst), 2);
+        assert_eq!(peer.calls.load(Ordering::SeqCst), 0);
+    }
 }
