@@ -780,6 +780,53 @@ fn on_change_runs_on_followers_after_applying() {
     );
 }
 
+/// A follower's periodic reconcile that finds its tree in place runs no
+/// `on_change` (a service reload every period would be churn); one that
+/// puts a hand edit right does.
+#[test]
+fn on_change_runs_after_a_reconcile_only_when_it_changed_something() {
+    let hook = "on_change = \"cat {node_dir}/sets/hooked/app.conf >> {node_dir}/on_change.out\"";
+    let (c, leader) = cluster_with(&["hooked"], |b| {
+        b.sync_set("hooked", "mirror", hook)
+            .env("CLUSTERD_REPLICATION__RESCAN_SECS", "1")
+    });
+    let ids = leader_first(&c, leader);
+    let f = ids[1];
+    let out = || fs::read_to_string(c.node(f).dir.join("on_change.out")).unwrap_or_default();
+    write_file(&c.set_path(leader, "hooked").join("app.conf"), "v1\n");
+    wait_trees_equal(&c, "hooked", &ids, CONVERGE);
+    wait_until(CONVERGE, &format!("node {f}'s on_change to see v1"), || {
+        let text = out();
+        if text.contains("v1") {
+            Ok(())
+        } else {
+            Err(text)
+        }
+    });
+    let before = out().lines().count();
+    hold_for(
+        Duration::from_secs(4),
+        "no on_change while every reconcile (one a second) finds the tree in place",
+        || match out().lines().count() {
+            n if n == before => Ok(()),
+            n => Err(format!("on_change ran {} more times", n - before)),
+        },
+    );
+    write_file(
+        &c.set_path(f, "hooked").join("app.conf"),
+        "edited by hand\n",
+    );
+    wait_trees_equal(&c, "hooked", &ids, CONVERGE);
+    wait_until(
+        CONVERGE,
+        &format!("node {f}'s on_change after its reconcile restored app.conf"),
+        || match out().lines().count() {
+            n if n > before => Ok(()),
+            _ => Err(out()),
+        },
+    );
+}
+
 /// A file edited by hand on a follower is moved into that follower's
 /// `data_dir/quarantine` before the leader's next version replaces it
 /// (invariant 4); the other follower sets nothing aside.

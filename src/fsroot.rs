@@ -262,6 +262,57 @@ impl FileMeta {
     }
 }
 
+/// A directory of a [`Root`], resolved once: its entries are listed and
+/// stat'ed relative to it, so a walk of a tree costs one `fstatat` per
+/// entry where [`Root::stat`] would resolve every parent again for each.
+#[derive(Debug)]
+pub struct OpenDir<'r> {
+    root: &'r Root,
+    fd: OwnedFd,
+    /// Its path relative to the root, for messages.
+    path: String,
+}
+
+impl OpenDir<'_> {
+    /// Names and kinds, sorted by name, temporary names included.
+    pub fn list(&self) -> Result<DirListing, FsError> {
+        let err = |e: Errno| self.root.io_err("list directory", self.path.clone(), e);
+        // A fresh open file description: `fd` may be a duplicate of the
+        // root handle, and duplicates share the directory offset, so reading
+        // through one would leave every later listing of the root empty.
+        let mut dir = Dir::read_from(&self.fd).map_err(err)?;
+        let mut out = Vec::new();
+        while let Some(ent) = dir.read() {
+            let ent = ent.map_err(err)?;
+            if is_dot(ent.file_name()) {
+                continue;
+            }
+            let name = ent.file_name().to_bytes().to_vec();
+            let kind = match ent.file_type() {
+                FileType::Unknown => match self.stat(&name)? {
+                    Some(meta) => meta.kind,
+                    None => continue,
+                },
+                t => Kind::from_file_type(t),
+            };
+            out.push((name, kind));
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
+    }
+
+    /// `lstat` of the entry `name` (a symlink is described, not followed);
+    /// `None` when it does not exist.
+    pub fn stat(&self, name: &[u8]) -> Result<Option<FileMeta>, FsError> {
+        self.root.check(&[name], false)?;
+        match rfs::statat(&self.fd, name, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) => Ok(Some(FileMeta::from_stat(&st))),
+            Err(Errno::NOENT) => Ok(None),
+            Err(e) => Err(self.root.io_err("stat", join_shown(&self.path, name), e)),
+        }
+    }
+}
+
 fn stat_mtime_ns(st: &Stat) -> i128 {
     i128::from(st.st_mtime) * 1_000_000_000 + i128::from(st.st_mtime_nsec)
 }
@@ -1769,40 +1820,25 @@ impl Root {
     /// kinds, sorted by name, temporary names included. `None` when absent;
     /// an error when it is a symlink or not a directory.
     pub fn list_dir<C: AsComponent>(&self, comps: &[C]) -> Result<Option<DirListing>, FsError> {
+        match self.open_dir(comps)? {
+            Some(dir) => dir.list().map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Opens a directory (the root itself for an empty path) for listing
+    /// and stat'ing its entries. `None` when absent; an error when it is a
+    /// symlink or not a directory.
+    pub fn open_dir<C: AsComponent>(&self, comps: &[C]) -> Result<Option<OpenDir<'_>>, FsError> {
         let comps = self.check(comps, true)?;
-        let path = show(&comps);
         let Some(fd) = self.walk(&comps, None)? else {
             return Ok(None);
         };
-        // A fresh open file description: `fd` may be a duplicate of the
-        // root handle, and duplicates share the directory offset, so reading
-        // through one would leave every later listing of the root empty.
-        let mut dir =
-            Dir::read_from(&fd).map_err(|e| self.io_err("list directory", path.clone(), e))?;
-        let mut out = Vec::new();
-        while let Some(ent) = dir.read() {
-            let ent = ent.map_err(|e| self.io_err("list directory", path.clone(), e))?;
-            if is_dot(ent.file_name()) {
-                continue;
-            }
-            let name = ent.file_name().to_bytes().to_vec();
-            let kind = match ent.file_type() {
-                FileType::Unknown => {
-                    let dfd = dir
-                        .fd()
-                        .map_err(|e| self.io_err("list directory", path.clone(), e))?;
-                    match rfs::statat(dfd, name.as_slice(), AtFlags::SYMLINK_NOFOLLOW) {
-                        Ok(st) => stat_kind(&st),
-                        Err(Errno::NOENT) => continue,
-                        Err(e) => return Err(self.io_err("stat", join_shown(&path, &name), e)),
-                    }
-                }
-                t => Kind::from_file_type(t),
-            };
-            out.push((name, kind));
-        }
-        out.sort_by(|a, b| a.0.cmp(&b.0));
-        Ok(Some(out))
+        Ok(Some(OpenDir {
+            root: self,
+            fd,
+            path: show(&comps),
+        }))
     }
 
     /// `lstat` of an entry: a symlink is described, not followed. `None`

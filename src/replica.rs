@@ -86,6 +86,8 @@ const FINISH_UPLOAD_MAX: u64 = 64 << 20;
 /// sync of millions of files) the rest go unsigned, and their next change
 /// travels whole should this node lead.
 const UNSIGNED_MAX: usize = 1 << 17;
+/// Manifest entries [`Applier::reconcile_local`] copies out at a time.
+const RECONCILE_SLICE: usize = 1024;
 /// Time [`Applier::sign_linked`] takes of each idle applier tick (one a
 /// second).
 const SIGN_BUDGET: Duration = Duration::from_millis(250);
@@ -999,18 +1001,55 @@ pub struct Found {
     pub meta: FileMeta,
 }
 
+/// The paths a pass walked, as 64-bit hashes: what lets a pass keep only
+/// the entries that need attention and still tell which committed paths
+/// are gone (about 10 bytes a path, where keeping each path and its
+/// metadata took over 130). Hashes are keyed afresh for each pass, so a
+/// collision, which would hide one deletion from one pass, does not repeat.
+#[derive(Default)]
+pub struct SeenPaths {
+    hasher: std::collections::hash_map::RandomState,
+    hashes: HashSet<u64>,
+}
+
+impl SeenPaths {
+    pub fn insert(&mut self, path: &SetPath) {
+        use std::hash::BuildHasher;
+        self.hashes.insert(self.hasher.hash_one(path));
+    }
+
+    pub fn contains(&self, path: &SetPath) -> bool {
+        use std::hash::BuildHasher;
+        self.hashes.contains(&self.hasher.hash_one(path))
+    }
+}
+
 /// Walks a set's local tree (never following symlinks), skipping excluded
 /// subtrees and temporary files. Returns entries in manifest order and
 /// whether a `skip_while` marker exists.
 pub fn walk(set: &SetRuntime, root: &Root) -> Result<(Vec<Found>, bool), FsError> {
+    walk_keeping(set, root, |_| true)
+}
+
+/// [`walk`], keeping only the entries `keep` returns true for (it sees
+/// every entry): a pass over a large set holds only what needs its
+/// attention, not a copy of the whole tree.
+pub fn walk_keeping(
+    set: &SetRuntime,
+    root: &Root,
+    mut keep: impl FnMut(&Found) -> bool,
+) -> Result<(Vec<Found>, bool), FsError> {
     let mut out = Vec::new();
     let mut marker = false;
     if let Some(name) = &set.single_file {
         if let Some(meta) = root.stat(&[name.as_bytes()])? {
-            out.push(Found {
+            let found = Found {
                 path: name.clone(),
                 meta,
-            });
+            };
+            if keep(&found) {
+                out.push(found);
+            }
         }
         return Ok((out, false));
     }
@@ -1020,11 +1059,11 @@ pub fn walk(set: &SetRuntime, root: &Root) -> Result<(Vec<Found>, bool), FsError
             .as_ref()
             .map(|d| d.components().collect())
             .unwrap_or_default();
-        let Some(listing) = root.list_dir(&comps)? else {
+        let Some(opened) = root.open_dir(&comps)? else {
             continue;
         };
         let mut subdirs = Vec::new();
-        for (name, kind) in listing {
+        for (name, kind) in opened.list()? {
             if crate::fsroot::is_temp_name(&name) {
                 continue;
             }
@@ -1044,15 +1083,16 @@ pub fn walk(set: &SetRuntime, root: &Root) -> Result<(Vec<Found>, bool), FsError
                 }
                 continue;
             }
-            let mut pc: Vec<&[u8]> = comps.clone();
-            pc.push(&name);
-            let Some(meta) = root.stat(&pc)? else {
+            let Some(meta) = opened.stat(&name)? else {
                 continue;
             };
             if is_dir {
                 subdirs.push((path.clone(), false));
             }
-            out.push(Found { path, meta });
+            let found = Found { path, meta };
+            if keep(&found) {
+                out.push(found);
+            }
         }
         // Excluded directories are only searched for markers.
         for (d, excluded_only) in subdirs.into_iter().rev() {
@@ -1189,7 +1229,12 @@ impl OwnerNames {
 /// (inode, size, mtime or ctime), so a user this node just got (say a
 /// replicated `useradd`, applied one batch before the files it owns) is
 /// found at once; and at the latest after [`OWNER_IDS_MAX_AGE`], for
-/// databases that are not those files (LDAP, sssd).
+/// databases that are not those files (LDAP, sssd). The files are stat'ed
+/// at most every [`OWNER_STAMPS_RECHECK`]: two `stat`s per lookup were a
+/// twentieth of a reconcile pass over 100,000 files. A file applied in that
+/// window, right after a replicated `useradd`, gets the leader's number for
+/// a new name, which is the right one exactly when the databases are
+/// replicated, the one case where they change under the applier.
 #[derive(Default)]
 struct LocalIds {
     users: HashMap<OwnerName, Option<u32>>,
@@ -1198,11 +1243,17 @@ struct LocalIds {
     stamps: [Option<FileStamp>; 2],
     /// When the maps were started (`None`: never).
     started: Option<Instant>,
+    /// When `stamps` were last compared with the files.
+    checked: Option<Instant>,
 }
 
 /// How long a cached owner lookup stands when the user and group files do
 /// not change (see [`LocalIds`]).
 const OWNER_IDS_MAX_AGE: Duration = Duration::from_secs(1);
+
+/// How long the user and group files' stamps are taken as unchanged
+/// without a `stat` (see [`LocalIds`]).
+const OWNER_STAMPS_RECHECK: Duration = Duration::from_millis(100);
 
 /// The files NSS's `files` source reads; a change to either drops the cache.
 const OWNER_DATABASES: [&str; 2] = ["/etc/passwd", "/etc/group"];
@@ -1276,12 +1327,22 @@ pub fn local_ids(meta: &Meta) -> (u32, u32) {
     if meta.user.is_none() && meta.group.is_none() {
         return (meta.uid, meta.gid);
     }
-    let stamps = OWNER_DATABASES.map(FileStamp::of);
+    let now = Instant::now();
     let mut ids = LOCAL_IDS.lock().unwrap_or_else(|e| e.into_inner());
-    ids.get_or_insert_with(LocalIds::default).of_with(
+    let ids = ids.get_or_insert_with(LocalIds::default);
+    let recent = ids
+        .checked
+        .is_some_and(|t| now.saturating_duration_since(t) < OWNER_STAMPS_RECHECK);
+    let stamps = if recent {
+        ids.stamps
+    } else {
+        ids.checked = Some(now);
+        OWNER_DATABASES.map(FileStamp::of)
+    };
+    ids.of_with(
         meta,
         stamps,
-        Instant::now(),
+        now,
         |name| uzers::get_user_by_name(name).map(|u| u.uid()),
         |name| uzers::get_group_by_name(name).map(|g| g.gid()),
     )
@@ -1984,6 +2045,12 @@ impl Applier {
     }
 
     fn clear_missing(&self, set: &str, path: &SetPath, store: &mut StoreBatch) {
+        // Nearly always: nothing is missing (and the key costs two copies).
+        if self.shared.missing.lock().unwrap().is_empty()
+            && self.shared.unobtainable.lock().unwrap().is_empty()
+        {
+            return;
+        }
         self.shared
             .unobtainable
             .lock()
@@ -3070,15 +3137,23 @@ impl Applier {
                 Ok(false) => {
                     self.shared.set_skipping(&name, false);
                     let mut store = StoreBatch::default();
-                    if let Err(e) = self.reconcile_local(&set, &root, &mut store) {
-                        self.shared
-                            .note_error(&name, format!("reconciling with the manifest: {e}"));
-                        self.deferred.insert(name.clone());
-                    }
+                    let touched = match self.reconcile_local(&set, &root, &mut store) {
+                        Ok(touched) => touched,
+                        Err(e) => {
+                            self.shared
+                                .note_error(&name, format!("reconciling with the manifest: {e}"));
+                            self.deferred.insert(name.clone());
+                            true
+                        }
+                    };
                     if let Err(e) = self.shared.store.write(store) {
                         let _ = self.out.send(Applied::Failed(e.to_string()));
                     }
-                    let _ = self.out.send(Applied::SetChanged(name.clone()));
+                    // A periodic pass that found everything in place must
+                    // not reload the service (`on_change`) every period.
+                    if touched {
+                        let _ = self.out.send(Applied::SetChanged(name.clone()));
+                    }
                 }
                 Err(e) => {
                     self.shared
@@ -3092,77 +3167,97 @@ impl Applier {
 
     /// Makes the local tree match the manifest where it can without content
     /// (directories, links, metadata, deletions) and marks the files whose
-    /// content must be fetched.
+    /// content must be fetched. Returns whether it found anything not in
+    /// place (and so may have changed the tree).
     fn reconcile_local(
         &mut self,
         set: &SetRuntime,
         root: &Root,
         store: &mut StoreBatch,
-    ) -> Result<(), FsError> {
+    ) -> Result<bool, FsError> {
         let index = self.shared.applied.load(Ordering::SeqCst);
         let term = self.shared.term.load(Ordering::SeqCst);
-        let entries: Vec<(SetPath, Entry)> = {
+        // The walk keeps only what needs attention: paths the manifest does
+        // not have, and committed paths not settled here (see
+        // `Applier::settled`); the rest are only marked as seen.
+        let mut walked = SeenPaths::default();
+        let missing_here: HashSet<SetPath> = self
+            .shared
+            .missing
+            .lock()
+            .unwrap()
+            .keys()
+            .filter(|(s, _)| *s == set.name)
+            .map(|(_, p)| p.clone())
+            .collect();
+        let (found, _) = {
             let m = self.shared.manifest.read().unwrap();
-            m.set(&set.name)
-                .map(|s| {
-                    s.entries
-                        .iter()
-                        .map(|(k, e)| (k.clone(), e.clone()))
-                        .collect()
-                })
-                .unwrap_or_default()
+            let committed = m.set(&set.name);
+            walk_keeping(set, root, |f| {
+                walked.insert(&f.path);
+                match committed.and_then(|sm| sm.entries.get(&f.path)) {
+                    None => true,
+                    Some(e) => missing_here.contains(&f.path) || !self.settled(set, e, f),
+                }
+            })?
         };
-        let (found, _) = walk(set, root)?;
-        let wanted: HashSet<&SetPath> = entries.iter().map(|(p, _)| p).collect();
+        // Directories whose entries this pass changed, to be given their
+        // committed metadata (an mtime) again at the end.
+        let mut parents: BTreeSet<SetPath> = BTreeSet::new();
         // A set the cluster has never committed anything for is one the
         // leader has not published yet (a fresh cluster whose nodes already
         // hold the files): nothing here is stray until it has.
-        let published = self
-            .shared
-            .manifest
-            .read()
-            .unwrap()
-            .set(&set.name)
-            .is_some_and(|m| m.progress.seq > 0);
-        if set.mode == SyncMode::Mirror && published {
-            // Deepest first, so a directory's contents go before it.
-            for f in found.iter().rev() {
-                if wanted.contains(&f.path) || !set.holds(&f.path, f.meta.kind == Kind::Dir) {
-                    continue;
-                }
-                let ours = f.meta.kind == Kind::File
-                    && self
-                        .shared
-                        .record(&set.name, &f.path)
-                        .is_some_and(|r| unchanged_since(&r, &f.meta));
-                let c = comps(&f.path);
-                // A symlink carries no record of who made it: set it aside
-                // like any local edit rather than let it vanish unrecorded.
-                if ours {
+        let strays: Vec<&Found> = {
+            let m = self.shared.manifest.read().unwrap();
+            match m.set(&set.name) {
+                Some(sm) if set.mode == SyncMode::Mirror && sm.progress.seq > 0 => found
+                    .iter()
+                    .filter(|f| {
+                        !sm.entries.contains_key(&f.path)
+                            && set.holds(&f.path, f.meta.kind == Kind::Dir)
+                    })
+                    .collect(),
+                _ => Vec::new(),
+            }
+        };
+        let mut touched = !strays.is_empty();
+        // Deepest first, so a directory's contents go before it.
+        for f in strays.iter().rev() {
+            let ours = f.meta.kind == Kind::File
+                && self
+                    .shared
+                    .record(&set.name, &f.path)
+                    .is_some_and(|r| unchanged_since(&r, &f.meta));
+            let c = comps(&f.path);
+            parents.extend(f.path.parent());
+            // A symlink carries no record of who made it: set it aside
+            // like any local edit rather than let it vanish unrecorded.
+            if ours {
+                root.remove(&c)?;
+            } else if f.meta.kind == Kind::Dir {
+                if root.list_dir(&c)?.is_none_or(|l| l.is_empty()) {
                     root.remove(&c)?;
-                } else if f.meta.kind == Kind::Dir {
-                    if root.list_dir(&c)?.is_none_or(|l| l.is_empty()) {
-                        root.remove(&c)?;
-                    }
-                } else {
-                    self.quarantine(
-                        &set.name,
-                        root,
-                        &f.path,
-                        index,
-                        term,
-                        "the cluster does not have it",
-                    )?;
                 }
+            } else {
+                self.quarantine(
+                    &set.name,
+                    root,
+                    &f.path,
+                    index,
+                    term,
+                    "the cluster does not have it",
+                )?;
             }
         }
+        drop(strays);
         // Missing paths the manifest no longer has (deleted or renamed since)
         // have nothing left to fetch.
         {
+            let m = self.shared.manifest.read().unwrap();
             let mut missing = self.shared.missing.lock().unwrap();
             let gone: Vec<(String, SetPath)> = missing
                 .keys()
-                .filter(|(s, p)| *s == set.name && !wanted.contains(p))
+                .filter(|(s, p)| *s == set.name && m.get(s, p).is_none())
                 .cloned()
                 .collect();
             for k in gone {
@@ -3175,86 +3270,192 @@ impl Applier {
         // settled, and an inode here may be the file of one committed name
         // only (with its links): any other name on it gets its own.
         let mut links = Vec::new();
-        let mut claimed: HashMap<(u64, u64), &SetPath> = HashMap::new();
-        for (path, entry) in &entries {
-            if !set.holds(path, entry.meta.kind == EntryKind::Dir) {
-                continue;
-            }
-            if set.hard_links && entry.link.is_some() {
-                links.push((path, entry));
-                continue;
-            }
-            let c = comps(path);
-            let result = match entry.meta.kind {
-                EntryKind::Dir => {
-                    dirs.push((path.clone(), entry.meta.clone()));
-                    self.make_dir(set, root, path, &entry.meta, index, term)
-                        .and_then(|()| self.settle_xattrs(set, root, path, entry))
-                }
-                EntryKind::Symlink => self.make_symlink(set, root, path, entry, index, term, store),
-                // Per path: one path that cannot be checked (a symlink
-                // planted where a directory should be, say) must not keep
-                // the rest of the set from converging.
-                EntryKind::File => (|| {
-                    let want = entry.digest.expect("files have digests").get();
-                    let local = root.stat(&c)?;
-                    let have = match local {
-                        Some(m) if m.kind == Kind::File => {
-                            match self
-                                .shared
-                                .record(&set.name, path)
-                                .filter(|r| unchanged_since(r, &m))
-                            {
-                                Some(r) => Some(r.digest.get()),
-                                None => hash_local(root, &c)?.map(|(h, _)| h.digest()),
-                            }
-                        }
-                        _ => None,
-                    };
-                    if let (Some(m), true) = (local, have == Some(want)) {
-                        if set.hard_links && m.nlink > 1 {
-                            if let Some(other) = claimed.get(&(m.dev, m.ino)) {
-                                debug!(set = %set.name, path = %path, "{path} shares its inode with {other} here, but the cluster has them as separate files");
-                                let expect = Expect::File {
-                                    ino: m.ino,
-                                    dev: m.dev,
-                                    len: m.len,
-                                    mtime_ns: m.mtime_ns,
-                                };
-                                match self
-                                    .own_inode(set, root, path, entry, expect, index, term, store)?
-                                {
-                                    PutOutcome::Done => self.clear_missing(&set.name, path, store),
-                                    _ => self.mark_missing(&set.name, path, entry, store),
-                                }
-                                return Ok(());
-                            }
-                            claimed.insert((m.dev, m.ino), path);
-                        }
-                        let now = self.settle_meta(root, &c, &m, &entry.meta)?;
-                        self.settle_xattrs(set, root, path, entry)?;
-                        self.put_record(&set.name, path, record_of(&now, &want), store);
-                        self.clear_missing(&set.name, path, store);
-                    } else {
-                        self.mark_missing(&set.name, path, entry, store);
-                    }
-                    Ok(())
-                })(),
+        let mut claimed: HashMap<(u64, u64), SetPath> = HashMap::new();
+        // The manifest is read a slice at a time, so a pass over a large set
+        // never holds a copy of it, nor its lock while files are written.
+        let mut after: Option<SetPath> = None;
+        loop {
+            let slice: Vec<(SetPath, Entry)> = {
+                let m = self.shared.manifest.read().unwrap();
+                let Some(sm) = m.set(&set.name) else { break };
+                let from = match &after {
+                    Some(a) => std::ops::Bound::Excluded(a),
+                    None => std::ops::Bound::Unbounded,
+                };
+                sm.entries
+                    .range::<SetPath, _>((from, std::ops::Bound::Unbounded))
+                    .take(RECONCILE_SLICE)
+                    .map(|(k, e)| (k.clone(), e.clone()))
+                    .collect()
             };
-            if let Err(e) = result {
-                self.shared.note_error(&set.name, format!("{path}: {e}"));
+            let Some((last, _)) = slice.last() else { break };
+            after = Some(last.clone());
+            for (path, entry) in slice {
+                if !set.holds(&path, entry.meta.kind == EntryKind::Dir) {
+                    continue;
+                }
+                if set.hard_links && entry.link.is_some() {
+                    links.push((path, entry));
+                    continue;
+                }
+                let local = match found.binary_search_by(|f| f.path.cmp(&path)) {
+                    Ok(i) => Some(found[i].meta),
+                    Err(_) if walked.contains(&path) => continue, // settled
+                    Err(_) => None,
+                };
+                touched = true;
+                if entry.meta.kind != EntryKind::Dir {
+                    parents.extend(path.parent());
+                }
+                let result = self.reconcile_entry(
+                    set,
+                    root,
+                    &path,
+                    &entry,
+                    local,
+                    &mut claimed,
+                    &mut dirs,
+                    index,
+                    term,
+                    store,
+                );
+                if let Err(e) = result {
+                    self.shared.note_error(&set.name, format!("{path}: {e}"));
+                }
             }
         }
-        for (path, entry) in links {
+        touched |= !links.is_empty();
+        for (path, entry) in &links {
+            parents.extend(path.parent());
             if let Err(e) = self.link_file(set, root, path, entry, None, index, term, store) {
                 self.mark_missing(&set.name, path, entry, store);
                 self.shared.note_error(&set.name, format!("{path}: {e}"));
             }
         }
         for (path, meta) in dirs.iter().rev() {
+            parents.remove(path);
             let _ = root.set_meta(&comps(path), &fs_meta(meta));
         }
-        Ok(())
+        for path in parents.iter().rev() {
+            let meta = self
+                .shared
+                .manifest
+                .read()
+                .unwrap()
+                .get(&set.name, path)
+                .map(|e| e.meta.clone());
+            if let Some(meta) = meta.filter(|m| m.kind == EntryKind::Dir) {
+                let _ = root.set_meta(&comps(path), &fs_meta(&meta));
+            }
+        }
+        Ok(touched)
+    }
+
+    /// Whether the committed `entry` is exactly what the walk `found` at
+    /// its path, as far as a reconcile pass would check it, so the pass
+    /// need not look at it again. Sets that keep extended attributes or
+    /// hard links are always checked in full (neither shows in `lstat`).
+    fn settled(&self, set: &SetRuntime, entry: &Entry, found: &Found) -> bool {
+        if set.xattrs || set.hard_links {
+            return false;
+        }
+        let same_meta = || meta_matches(&fs_meta(&entry.meta), &found.meta);
+        match (entry.meta.kind, found.meta.kind) {
+            (EntryKind::Dir, Kind::Dir) => same_meta(),
+            (EntryKind::File, Kind::File) => {
+                entry.link.is_none()
+                    && entry.digest.is_some_and(|d| {
+                        self.shared
+                            .record(&set.name, &found.path)
+                            .is_some_and(|r| unchanged_since(&r, &found.meta) && r.digest == d)
+                    })
+                    && same_meta()
+            }
+            _ => false,
+        }
+    }
+
+    /// [`Applier::reconcile_local`] for one committed entry that is not a
+    /// hard link: makes the tree hold it, or marks it missing. `walked` is
+    /// what the pass's walk found at `path` (`None`: stat it now).
+    #[allow(clippy::too_many_arguments)]
+    fn reconcile_entry(
+        &mut self,
+        set: &SetRuntime,
+        root: &Root,
+        path: &SetPath,
+        entry: &Entry,
+        walked: Option<FileMeta>,
+        claimed: &mut HashMap<(u64, u64), SetPath>,
+        dirs: &mut Vec<(SetPath, Meta)>,
+        index: u64,
+        term: u64,
+        store: &mut StoreBatch,
+    ) -> Result<(), FsError> {
+        let c = comps(path);
+        match entry.meta.kind {
+            EntryKind::Dir => {
+                dirs.push((path.clone(), entry.meta.clone()));
+                self.make_dir(set, root, path, &entry.meta, index, term)?;
+                self.settle_xattrs(set, root, path, entry)
+            }
+            EntryKind::Symlink => self.make_symlink(set, root, path, entry, index, term, store),
+            // Per path: one path that cannot be checked (a symlink
+            // planted where a directory should be, say) must not keep
+            // the rest of the set from converging.
+            EntryKind::File => {
+                let want = entry.digest.expect("files have digests").get();
+                let local = match walked {
+                    Some(m) => Some(m),
+                    None => root.stat(&c)?,
+                };
+                let mut recorded = None;
+                let have = match local {
+                    Some(m) if m.kind == Kind::File => {
+                        recorded = self
+                            .shared
+                            .record(&set.name, path)
+                            .filter(|r| unchanged_since(r, &m));
+                        match recorded {
+                            Some(r) => Some(r.digest.get()),
+                            None => hash_local(root, &c)?.map(|(h, _)| h.digest()),
+                        }
+                    }
+                    _ => None,
+                };
+                let Some(m) = local.filter(|_| have == Some(want)) else {
+                    self.mark_missing(&set.name, path, entry, store);
+                    return Ok(());
+                };
+                if set.hard_links && m.nlink > 1 {
+                    if let Some(other) = claimed.get(&(m.dev, m.ino)) {
+                        debug!(set = %set.name, path = %path, "{path} shares its inode with {other} here, but the cluster has them as separate files");
+                        let expect = Expect::File {
+                            ino: m.ino,
+                            dev: m.dev,
+                            len: m.len,
+                            mtime_ns: m.mtime_ns,
+                        };
+                        match self.own_inode(set, root, path, entry, expect, index, term, store)? {
+                            PutOutcome::Done => self.clear_missing(&set.name, path, store),
+                            _ => self.mark_missing(&set.name, path, entry, store),
+                        }
+                        return Ok(());
+                    }
+                    claimed.insert((m.dev, m.ino), path.clone());
+                }
+                let now = self.settle_meta(root, &c, &m, &entry.meta)?;
+                self.settle_xattrs(set, root, path, entry)?;
+                // An unchanged file keeps its record: rewriting every record
+                // of a large set on every pass is most of what a pass wrote.
+                let record = record_of(&now, &want);
+                if recorded != Some(record) {
+                    self.put_record(&set.name, path, record, store);
+                }
+                self.clear_missing(&set.name, path, store);
+                Ok(())
+            }
+        }
     }
 
     /// Gives the directory holding `path` its committed metadata again

@@ -36,8 +36,8 @@ use crate::node::{NodeHandle, RequestError};
 use crate::paths::SetPath;
 use crate::raft_core::{Command, Role};
 use crate::replica::{
-    meta_from_local, record_of, unchanged_since, unix_ms, walk, OwnerNames, SetRuntime, Shared,
-    StagedVersion,
+    meta_from_local, record_of, unchanged_since, unix_ms, walk_keeping, Found, OwnerNames,
+    SeenPaths, SetRuntime, Shared, StagedVersion,
 };
 use crate::transport::Transport;
 
@@ -348,8 +348,20 @@ fn process(
             }
         };
         let full = work.full.contains(&name);
+        // A full pass keeps, of what it walks, only what is not settled
+        // (see `settled`); the rest are only marked as seen, to tell the
+        // committed paths that are gone.
+        let mut walked = SeenPaths::default();
+        let mut names = OwnerNames::default();
         let (found, marker) = if full || set.filter.has_skip_while() {
-            match walk(&set, &root) {
+            let keep = |f: &Found| {
+                if !full {
+                    return false; // only looking for a skip_while marker
+                }
+                walked.insert(&f.path);
+                !settled(shared, &set, &f.path, &f.meta, &mut names)
+            };
+            match walk_keeping(&set, &root, keep) {
                 Ok(w) => w,
                 Err(e) => {
                     shared.note_error(&name, format!("cannot scan sync set {name:?}: {e}"));
@@ -368,11 +380,14 @@ fn process(
         }
         shared.set_skipping(&name, false);
         let paths: Vec<SetPath> = if full {
-            let mut all: BTreeSet<SetPath> = found.iter().map(|f| f.path.clone()).collect();
-            if let Some(m) = shared.manifest.read().unwrap().set(&name) {
-                all.extend(m.entries.keys().cloned());
-            }
-            all.into_iter().collect()
+            let m = shared.manifest.read().unwrap();
+            let gone = m
+                .set(&name)
+                .map(|m| m.entries.keys())
+                .into_iter()
+                .flatten()
+                .filter(|p| !walked.contains(p));
+            merge_sorted(found.iter().map(|f| &f.path), gone)
         } else {
             let mut paths: BTreeSet<SetPath> = work.paths.get(&name).cloned().unwrap_or_default();
             // A directory new to the manifest may have been filled before its
@@ -405,9 +420,36 @@ fn process(
                 paths
             }
         };
-        plan_and_propose(shared, node, rt, term, &set, &root, paths, left)?;
+        plan_and_propose(shared, node, rt, term, &set, &root, paths, &found, left)?;
     }
     Ok(())
+}
+
+/// The union of two sorted sequences of paths, sorted, each path once.
+fn merge_sorted<'p>(
+    a: impl Iterator<Item = &'p SetPath>,
+    b: impl Iterator<Item = &'p SetPath>,
+) -> Vec<SetPath> {
+    let (mut a, mut b) = (a.peekable(), b.peekable());
+    let mut out = Vec::with_capacity(a.size_hint().0.max(b.size_hint().0));
+    loop {
+        let next = match (a.peek(), b.peek()) {
+            (Some(x), Some(y)) => match x.cmp(y) {
+                std::cmp::Ordering::Less => a.next(),
+                std::cmp::Ordering::Greater => b.next(),
+                std::cmp::Ordering::Equal => {
+                    b.next();
+                    a.next()
+                }
+            },
+            (Some(_), None) => a.next(),
+            (None, _) => b.next(),
+        };
+        match next {
+            Some(p) => out.push(p.clone()),
+            None => return out,
+        }
+    }
 }
 
 /// A batch being built.
@@ -456,6 +498,7 @@ fn plan_and_propose(
     set: &SetRuntime,
     root: &Root,
     paths: Vec<SetPath>,
+    walked: &[Found],
     left: &mut Dirty,
 ) -> Result<(), RequestError> {
     let mut names = OwnerNames::default();
@@ -497,12 +540,17 @@ fn plan_and_propose(
                 .insert(path.clone());
             continue;
         }
-        let stat = match root.stat(&path.components().collect::<Vec<_>>()) {
-            Ok(s) => s,
-            Err(e) => {
-                shared.note_error(&set.name, format!("{path}: {e}"));
-                continue;
-            }
+        // A walk just before this pass stat'ed what it found: stat again
+        // only what it did not (deletions, paths from events).
+        let stat = match walked.binary_search_by(|f| f.path.cmp(&path)) {
+            Ok(i) => Some(walked[i].meta),
+            Err(_) => match root.stat(&path.components().collect::<Vec<_>>()) {
+                Ok(s) => s,
+                Err(e) => {
+                    shared.note_error(&set.name, format!("{path}: {e}"));
+                    continue;
+                }
+            },
         };
         match stat {
             None => {
@@ -519,6 +567,7 @@ fn plan_and_propose(
                     removed_roots.push(path);
                 }
             }
+            Some(meta) if settled(shared, set, &path, &meta, &mut names) => {}
             Some(meta) => present.push((path, meta)),
         }
     }
@@ -614,6 +663,50 @@ fn plan_and_propose(
         _ => 2,
     });
     flush(shared, node, rt, term, set, &mut b, true)
+}
+
+/// Whether `path`, found locally as `meta`, is exactly what the cluster
+/// committed and this node last recorded, so that [`examine`] would
+/// propose nothing for it: left out of a pass before anything more is
+/// kept of it, which is what keeps a rescan of a large, unchanged set
+/// small. Sets that replicate extended attributes or hard links are always
+/// examined (neither shows in `lstat`).
+fn settled(
+    shared: &Shared,
+    set: &SetRuntime,
+    path: &SetPath,
+    meta: &FileMeta,
+    names: &mut OwnerNames,
+) -> bool {
+    if set.xattrs || set.hard_links || !set.holds(path, meta.kind == Kind::Dir) {
+        return false;
+    }
+    match meta.kind {
+        Kind::File => {
+            let committed = {
+                let m = shared.manifest.read().unwrap();
+                match m.get(&set.name, path) {
+                    Some(e) if e.meta.kind == EntryKind::File && e.link.is_none() => e.digest,
+                    _ => None,
+                }
+            };
+            committed.is_some_and(|d| {
+                shared
+                    .record(&set.name, path)
+                    .is_some_and(|r| unchanged_since(&r, meta) && r.digest.get() == d.get())
+            })
+        }
+        Kind::Dir => {
+            let local = meta_from_local(meta, EntryKind::Dir, names);
+            shared
+                .manifest
+                .read()
+                .unwrap()
+                .get(&set.name, path)
+                .is_some_and(|e| e.meta == local)
+        }
+        _ => false,
+    }
 }
 
 /// Sets with `hard_links = true`: `paths` with the other names of the
