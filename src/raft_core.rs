@@ -760,9 +760,10 @@ mod tests {
 
     #[test]
     fn default_timers_give_pre_vote_check_quorum_and_randomized_timeout() {
+        // Heartbeats every 200 ms, ticks of 100 ms, elections after 1 s.
         let c = raft_config(1, &RaftTimers::default(), 0, false);
         assert!(c.pre_vote && c.check_quorum);
-        assert_eq!((c.heartbeat_tick, c.election_tick), (1, 10));
+        assert_eq!((c.heartbeat_tick, c.election_tick), (2, 10));
         assert_eq!((c.min_election_tick, c.max_election_tick), (10, 15));
         c.validate().unwrap();
         let w = raft_config(1, &RaftTimers::default(), 0, true);
