@@ -35,6 +35,9 @@ const MAX_BATCH: usize = 256;
 const MAX_BATCH_BYTES: usize = 8 * 1024 * 1024;
 /// Deadline of one Raft RPC; a peer slower than this is treated as unreachable.
 const RAFT_RPC_TIMEOUT: Duration = Duration::from_secs(2);
+/// Batches up to this size (votes, heartbeats, small appends) are sent
+/// again once on a new stream when a reused one turns out dead.
+const RETRY_BYTES: usize = 64 * 1024;
 /// TCP connect plus TLS handshake deadline.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// Backoff after a failed send, doubling up to the maximum. Kept short so a
@@ -357,6 +360,12 @@ impl RaftLink {
     ) -> Result<crate::proto::peer::RaftAck, tonic::Status> {
         let late =
             || tonic::Status::deadline_exceeded(format!("no answer within {RAFT_RPC_TIMEOUT:?}"));
+        // A stream whose connection died (the peer restarted since this
+        // node last sent to it, say) is only found out by using it.
+        if self.stream.as_ref().is_some_and(|s| s.batches.is_closed()) {
+            self.stream = None;
+        }
+        let reused = self.stream.is_some();
         if !self.unary_only && self.stream.is_none() {
             let (batches, rx) = mpsc::channel(1);
             let call = self
@@ -385,12 +394,25 @@ impl RaftLink {
             self.unary_only = reply.is_ok();
             return reply.map(tonic::Response::into_inner);
         };
+        // Votes and heartbeats lost to a dead stream would cost an election
+        // timeout: a small batch on a reused stream is kept for one retry on
+        // a new one. Large batches are not copied; Raft resends them.
+        let retry = (reused && batch.messages.iter().map(Vec::len).sum::<usize>() <= RETRY_BYTES)
+            .then(|| batch.clone());
         let exchange = async {
             let closed = || tonic::Status::unavailable("the peer closed the Raft stream");
             stream.batches.send(batch).await.map_err(|_| closed())?;
             stream.acks.message().await?.ok_or_else(closed)
         };
         let result = match tokio::time::timeout(RAFT_RPC_TIMEOUT, exchange).await {
+            Ok(Err(status)) if retry.is_some() => {
+                debug!(
+                    "the Raft stream failed ({}); sending again on a new one",
+                    status.message()
+                );
+                self.stream = None;
+                return Box::pin(self.send(retry.expect("checked"))).await;
+            }
             Ok(r) => r,
             Err(_) => Err(late()),
         };
@@ -548,18 +570,17 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_stream_the_peer_ended_fails_one_batch_then_is_opened_again() {
+    async fn a_small_batch_on_a_stream_the_peer_ended_goes_again_on_a_new_one() {
         let peer = FakePeer {
             streams: true,
             end_after: Some(1),
             ..Default::default()
         };
         let mut link = link_to(peer.clone()).await;
-        assert_eq!(link.send(batch(1)).await.unwrap().applied, 1);
-        // Raft resends what a failed batch carried; the link reports it.
-        assert!(link.send(batch(2)).await.is_err());
-        assert_eq!(link.send(batch(3)).await.unwrap().applied, 3);
-        assert_eq!(peer.opened.load(Ordering::SeqCst), 2);
+        for term in 1..=3 {
+            assert_eq!(link.send(batch(term)).await.unwrap().applied, term);
+        }
+        assert_eq!(peer.opened.load(Ordering::SeqCst), 3);
         assert_eq!(peer.calls.load(Ordering::SeqCst), 0);
     }
 }
