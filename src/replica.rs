@@ -3337,16 +3337,7 @@ impl Applier {
             let _ = root.set_meta(&comps(path), &fs_meta(meta));
         }
         for path in parents.iter().rev() {
-            let meta = self
-                .shared
-                .manifest
-                .read()
-                .unwrap()
-                .get(&set.name, path)
-                .map(|e| e.meta.clone());
-            if let Some(meta) = meta.filter(|m| m.kind == EntryKind::Dir) {
-                let _ = root.set_meta(&comps(path), &fs_meta(&meta));
-            }
+            self.settle_dir_meta(&set.name, root, path);
         }
         Ok(touched)
     }
@@ -3462,16 +3453,22 @@ impl Applier {
     /// (writing an entry in it changed its mtime).
     fn settle_parent_meta(&self, set: &str, root: &Root, path: &SetPath) {
         if let Some(parent) = path.parent() {
-            let meta = self
-                .shared
-                .manifest
-                .read()
-                .unwrap()
-                .get(set, &parent)
-                .map(|e| e.meta.clone());
-            if let Some(meta) = meta.filter(|m| m.kind == EntryKind::Dir) {
-                let _ = root.set_meta(&comps(&parent), &fs_meta(&meta));
-            }
+            self.settle_dir_meta(set, root, &parent);
+        }
+    }
+
+    /// Gives the directory `dir` its committed metadata, if the manifest
+    /// has it as a directory.
+    fn settle_dir_meta(&self, set: &str, root: &Root, dir: &SetPath) {
+        let meta = self
+            .shared
+            .manifest
+            .read()
+            .unwrap()
+            .get(set, dir)
+            .map(|e| e.meta.clone());
+        if let Some(meta) = meta.filter(|m| m.kind == EntryKind::Dir) {
+            let _ = root.set_meta(&comps(dir), &fs_meta(&meta));
         }
     }
 
