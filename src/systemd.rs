@@ -48,9 +48,61 @@ pub fn status_line(view: &NodeView) -> String {
     }
 }
 
-fn notify(states: &[NotifyState]) {
-    if let Err(e) = sd_notify::notify(states) {
-        debug!(error = %e, "cannot notify systemd");
+/// One notification, owned so that it can wait for the notifier thread.
+enum Note {
+    Ready,
+    Status(String),
+    Watchdog,
+    Stopping,
+}
+
+/// Notifications waiting for the notifier thread before new ones are
+/// dropped (a later STATUS or WATCHDOG supersedes them).
+const NOTES_QUEUED: usize = 16;
+
+/// Hands `notes` to the notifier thread, never waiting. `sd_notify` blocks
+/// while the notification socket's queue is full (ten datagrams by default,
+/// when whoever listens does not read), and a runtime thread blocked there
+/// stops the node (seen in a test: three nodes frozen, their peer links
+/// dropped by keepalive); a thread of its own can block instead.
+fn notify(notes: Vec<Note>) {
+    use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
+    use std::sync::{Mutex, OnceLock};
+    static NOTIFIER: OnceLock<Mutex<SyncSender<Vec<Note>>>> = OnceLock::new();
+    let sender = NOTIFIER.get_or_init(|| {
+        let (tx, rx) = sync_channel::<Vec<Note>>(NOTES_QUEUED);
+        let spawned = std::thread::Builder::new()
+            .name("sd-notify".into())
+            .spawn(move || {
+                for notes in rx {
+                    let states: Vec<NotifyState> = notes
+                        .iter()
+                        .map(|n| match n {
+                            Note::Ready => NotifyState::Ready,
+                            Note::Status(s) => NotifyState::Status(s),
+                            Note::Watchdog => NotifyState::Watchdog,
+                            Note::Stopping => NotifyState::Stopping,
+                        })
+                        .collect();
+                    if let Err(e) = sd_notify::notify(&states) {
+                        debug!(error = %e, "cannot notify systemd");
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            warn!("cannot start the systemd notifier thread: {e}; systemd is not told the node's state");
+        }
+        Mutex::new(tx)
+    });
+    match sender
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .try_send(notes)
+    {
+        Ok(()) | Err(TrySendError::Disconnected(_)) => {}
+        Err(TrySendError::Full(_)) => {
+            debug!("systemd is not reading notifications; dropping one")
+        }
     }
 }
 
@@ -72,18 +124,15 @@ pub async fn supervise(node: NodeHandle, mut stop: watch::Receiver<bool>) {
             && !*stop.borrow()
         {
             if !told {
-                notify(&[NotifyState::Status(
-                    "catching up: squaring the sync sets with what the cluster committed",
+                notify(vec![Note::Status(
+                    "catching up: squaring the sync sets with what the cluster committed".into(),
                 )]);
                 told = true;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
-    notify(&[
-        NotifyState::Ready,
-        NotifyState::Status(&status_line(&node.view())),
-    ]);
+    notify(vec![Note::Ready, Note::Status(status_line(&node.view()))]);
     // Ping at a third of the watchdog interval, so one slow round is not fatal.
     let every = watchdog.map_or(Duration::from_secs(1), |w| {
         (w / 3).min(Duration::from_secs(1))
@@ -97,12 +146,12 @@ pub async fn supervise(node: NodeHandle, mut stop: watch::Receiver<bool>) {
         }
         let status = status_line(&node.view());
         if status != last_status {
-            notify(&[NotifyState::Status(&status)]);
+            notify(vec![Note::Status(status.clone())]);
             last_status = status;
         }
         if watchdog.is_some() {
             if node.ping(every).await {
-                notify(&[NotifyState::Watchdog]);
+                notify(vec![Note::Watchdog]);
             } else {
                 warn!("the node task did not answer within {every:?}; withholding the systemd watchdog ping");
             }
@@ -112,9 +161,9 @@ pub async fn supervise(node: NodeHandle, mut stop: watch::Receiver<bool>) {
 
 /// Tells systemd the node is stopping (it may still be handing leadership over).
 pub fn stopping() {
-    notify(&[
-        NotifyState::Stopping,
-        NotifyState::Status("stopping: handing leadership over if leading"),
+    notify(vec![
+        Note::Stopping,
+        Note::Status("stopping: handing leadership over if leading".into()),
     ]);
 }
 
