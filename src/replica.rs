@@ -1027,13 +1027,9 @@ impl SeenPaths {
 /// Walks a set's local tree (never following symlinks), skipping excluded
 /// subtrees and temporary files. Returns entries in manifest order and
 /// whether a `skip_while` marker exists.
-pub fn walk(set: &SetRuntime, root: &Root) -> Result<(Vec<Found>, bool), FsError> {
-    walk_keeping(set, root, |_| true)
-}
-
-/// [`walk`], keeping only the entries `keep` returns true for (it sees
-/// every entry): a pass over a large set holds only what needs its
-/// attention, not a copy of the whole tree.
+/// Keeps only the entries `keep` returns true for (it sees every entry):
+/// a pass over a large set holds only what needs its attention, not a
+/// copy of the whole tree.
 pub fn walk_keeping(
     set: &SetRuntime,
     root: &Root,
@@ -1131,7 +1127,9 @@ pub fn has_marker(set: &SetRuntime, root: &Root) -> Result<bool, FsError> {
     if !set.filter.has_skip_while() {
         return Ok(false);
     }
-    Ok(walk(set, root)?.1)
+    // Only the flag is wanted: keep none of what the walk finds (this runs
+    // for every applied batch of a set with markers).
+    Ok(walk_keeping(set, root, |_| false)?.1)
 }
 
 /// Streams a local file through blake3 (never through a symlink).
