@@ -176,7 +176,11 @@ impl Arena {
         let addr = self.c.node(to).listen.to_string();
         self.rt.block_on(async {
             hostile_client(&addr, self.hostile.clone(), to)
-                .raft(RaftBatch { messages, term })
+                .raft(RaftBatch {
+                    messages,
+                    term,
+                    no_ack: false,
+                })
                 .await
                 .map(|_| ())
         })
@@ -692,6 +696,7 @@ fn hostile_contents_and_broken_streams_from_a_member_are_refused() {
     let batch = prost::Message::encode_to_vec(&RaftBatch {
         messages: vec![clusterd::proto::encode_raft_message(&m)],
         term: t.term + 1,
+        no_ack: false,
     });
     let addr = a.c.node(t.id).listen;
     a.rt.block_on(send_truncated_grpc(addr, &a.hostile, t.id, &batch))

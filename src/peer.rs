@@ -339,6 +339,7 @@ fn deliver_batch(
     node.deliver(messages);
     Ok(RaftAck {
         applied: node.applied_index(),
+        acks_on_request: false,
     })
 }
 
@@ -440,10 +441,19 @@ impl Peer for PeerService {
         let who = identity(&req)?;
         let node = self.node.clone();
         // A refused batch ends the call with its status, as `raft` would
-        // answer it; the caller opens a new one.
-        let acks = req
-            .into_inner()
-            .map(move |batch| batch.and_then(|b| deliver_batch(&node, who, b)));
+        // answer it; the caller opens a new one. A batch marked `no_ack`
+        // that was delivered gets no answer (the caller does not wait).
+        let acks = req.into_inner().filter_map(move |batch| {
+            let answer = match batch {
+                Ok(b) if b.no_ack => deliver_batch(&node, who, b).err().map(Err),
+                Ok(b) => Some(deliver_batch(&node, who, b).map(|ack| RaftAck {
+                    acks_on_request: true,
+                    ..ack
+                })),
+                Err(status) => Some(Err(status)),
+            };
+            std::future::ready(answer)
+        });
         Ok(Response::new(Box::pin(acks)))
     }
 

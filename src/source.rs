@@ -91,6 +91,9 @@ const FOLLOWER_STALL: Duration = Duration::from_secs(2);
 /// election timeout under check_quorum, and would drop live followers now
 /// and then.)
 const ANSWERED_WITHIN: Duration = Duration::from_secs(1);
+// Idle heartbeats go unacked for up to this long (plus a heartbeat).
+const _: () =
+    assert!(crate::transport::ACK_AT_LEAST_EVERY.as_millis() * 2 <= ANSWERED_WITHIN.as_millis());
 /// How long a new leader waits for missing content to be fetched before it
 /// takes its own tree as the truth for those paths.
 const MISSING_GRACE: Duration = Duration::from_secs(5);

@@ -38,6 +38,13 @@ const RAFT_RPC_TIMEOUT: Duration = Duration::from_secs(2);
 /// Batches up to this size (votes, heartbeats, small appends) are sent
 /// again once on a new stream when a reused one turns out dead.
 const RETRY_BYTES: usize = 64 * 1024;
+/// Heartbeats and their answers go unacked on a stream whose receiver
+/// allows it, but one batch at least this often asks for an ack: acks carry
+/// the peer's applied index and show that the stream still delivers. With a
+/// heartbeat interval on top, a report stays younger than the second after
+/// which the leader no longer counts on the peer for staging
+/// (`source::ANSWERED_WITHIN`).
+pub(crate) const ACK_AT_LEAST_EVERY: Duration = Duration::from_millis(500);
 /// TCP connect plus TLS handshake deadline.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// Backoff after a failed send, doubling up to the maximum. Kept short so a
@@ -286,13 +293,22 @@ async fn sender_task(
             .iter()
             .any(|m| m.get_msg_type() == MessageType::MsgSnapshot);
         let payload: usize = encoded.iter().map(Vec::len).sum();
+        // What an idle cluster sends all the time; losing one costs nothing
+        // but the wait for the next (a tenth of an election timeout).
+        let heartbeats_only = batch.iter().all(|m| {
+            matches!(
+                m.get_msg_type(),
+                MessageType::MsgHeartbeat | MessageType::MsgHeartbeatResponse
+            )
+        });
         let request = RaftBatch {
             term: batch.iter().map(|m| m.term).max().unwrap_or(0),
             messages: encoded,
+            no_ack: false,
         };
-        match link.send(request).await {
+        match link.send(request, heartbeats_only).await {
             Ok(ack) => {
-                if let Some(slot) = applied.get(&peer) {
+                if let (Some(ack), Some(slot)) = (ack, applied.get(&peer)) {
                     *slot.lock().unwrap() = Some((ack.applied, std::time::Instant::now()));
                 }
                 WIRE_BYTES_SENT.fetch_add(payload as u64, std::sync::atomic::Ordering::Relaxed);
@@ -335,7 +351,10 @@ async fn sender_task(
 /// long-lived `RaftStream` call, one ack each, one batch in flight: idle,
 /// a node's traffic is its heartbeats and their answers, and a message on
 /// an open stream costs a fraction of a call of its own (no headers, no new
-/// HTTP/2 stream, no task per call on the receiver). A peer that does not
+/// HTTP/2 stream, no task per call on the receiver). Heartbeat batches skip
+/// their ack where the receiver allows it (at most [`ACK_AT_LEAST_EVERY`]),
+/// which halves the idle traffic; as no ack is ever outstanding when a
+/// batch goes out unacked, each ack read still answers the batch just sent. A peer that does not
 /// know `RaftStream` (an older version, mid-upgrade) gets a `Raft` call per
 /// batch until it fails, when streaming is tried again.
 struct RaftLink {
@@ -349,15 +368,20 @@ struct RaftLink {
 struct RaftStream {
     batches: mpsc::Sender<RaftBatch>,
     acks: tonic::Streaming<crate::proto::peer::RaftAck>,
+    /// The receiver said it honours `no_ack` (learnt from its first ack).
+    acks_on_request: bool,
+    last_ack: tokio::time::Instant,
 }
 
 impl RaftLink {
-    /// Delivers one batch and returns the peer's ack. Opening a stream and
-    /// the exchange on it each get [`RAFT_RPC_TIMEOUT`].
+    /// Delivers one batch and returns the peer's ack, or `None` when the
+    /// batch went unacked (`may_skip_ack`, see [`RaftLink`]). Opening a
+    /// stream and the exchange on it each get [`RAFT_RPC_TIMEOUT`].
     async fn send(
         &mut self,
-        batch: RaftBatch,
-    ) -> Result<crate::proto::peer::RaftAck, tonic::Status> {
+        mut batch: RaftBatch,
+        may_skip_ack: bool,
+    ) -> Result<Option<crate::proto::peer::RaftAck>, tonic::Status> {
         let late =
             || tonic::Status::deadline_exceeded(format!("no answer within {RAFT_RPC_TIMEOUT:?}"));
         // A stream whose connection died (the peer restarted since this
@@ -376,6 +400,8 @@ impl RaftLink {
                     self.stream = Some(RaftStream {
                         batches,
                         acks: call.into_inner(),
+                        acks_on_request: false,
+                        last_ack: tokio::time::Instant::now(),
                     })
                 }
                 Ok(Err(status)) if status.code() == tonic::Code::Unimplemented => {
@@ -392,8 +418,11 @@ impl RaftLink {
             let reply = self.client.raft(request).await;
             // Failing: the peer may be restarting, perhaps upgraded.
             self.unary_only = reply.is_ok();
-            return reply.map(tonic::Response::into_inner);
+            return reply.map(|r| Some(r.into_inner()));
         };
+        batch.no_ack = may_skip_ack
+            && stream.acks_on_request
+            && stream.last_ack.elapsed() < ACK_AT_LEAST_EVERY;
         // Votes and heartbeats lost to a dead stream would cost an election
         // timeout: a small batch on a reused stream is kept for one retry on
         // a new one. Large batches are not copied; Raft resends them.
@@ -401,8 +430,15 @@ impl RaftLink {
             .then(|| batch.clone());
         let exchange = async {
             let closed = || tonic::Status::unavailable("the peer closed the Raft stream");
+            let no_ack = batch.no_ack;
             stream.batches.send(batch).await.map_err(|_| closed())?;
-            stream.acks.message().await?.ok_or_else(closed)
+            if no_ack {
+                return Ok::<_, tonic::Status>(None);
+            }
+            let ack = stream.acks.message().await?.ok_or_else(closed)?;
+            stream.acks_on_request = ack.acks_on_request;
+            stream.last_ack = tokio::time::Instant::now();
+            Ok(Some(ack))
         };
         let result = match tokio::time::timeout(RAFT_RPC_TIMEOUT, exchange).await {
             Ok(Err(status)) if retry.is_some() => {
@@ -411,7 +447,9 @@ impl RaftLink {
                     status.message()
                 );
                 self.stream = None;
-                return Box::pin(self.send(retry.expect("checked"))).await;
+                let mut retry = retry.expect("checked");
+                retry.no_ack = false;
+                return Box::pin(self.send(retry, may_skip_ack)).await;
             }
             Ok(r) => r,
             Err(_) => Err(late()),
@@ -450,8 +488,13 @@ mod tests {
         streams: bool,
         /// Acks after which it ends each stream.
         end_after: Option<usize>,
+        /// Whether it skips the ack of batches marked `no_ack` (an older
+        /// version acks every batch).
+        honours_no_ack: bool,
         opened: Arc<AtomicUsize>,
         calls: Arc<AtomicUsize>,
+        /// Batches taken from streams.
+        streamed: Arc<AtomicUsize>,
     }
 
     fn nope<T>() -> Result<T, Status> {
@@ -468,6 +511,7 @@ mod tests {
             self.calls.fetch_add(1, Ordering::SeqCst);
             Ok(Response::new(RaftAck {
                 applied: req.into_inner().term,
+                acks_on_request: false,
             }))
         }
 
@@ -479,9 +523,18 @@ mod tests {
                 return Err(Status::unimplemented("unknown method RaftStream"));
             }
             self.opened.fetch_add(1, Ordering::SeqCst);
-            let acks = req
-                .into_inner()
-                .map(|b| b.map(|b| RaftAck { applied: b.term }));
+            let (honours, streamed) = (self.honours_no_ack, self.streamed.clone());
+            let acks = req.into_inner().filter_map(move |b| {
+                streamed.fetch_add(1, Ordering::SeqCst);
+                std::future::ready(match b {
+                    Ok(b) if honours && b.no_ack => None,
+                    Ok(b) => Some(Ok(RaftAck {
+                        applied: b.term,
+                        acks_on_request: honours,
+                    })),
+                    Err(e) => Some(Err(e)),
+                })
+            });
             Ok(Response::new(match self.end_after {
                 Some(n) => Box::pin(acks.take(n)),
                 None => Box::pin(acks),
@@ -541,6 +594,7 @@ mod tests {
         RaftBatch {
             term,
             messages: vec![vec![1, 2, 3]],
+            no_ack: false,
         }
     }
 
@@ -552,7 +606,14 @@ mod tests {
         };
         let mut link = link_to(peer.clone()).await;
         for term in 1..=3 {
-            assert_eq!(link.send(batch(term)).await.unwrap().applied, term);
+            assert_eq!(
+                link.send(batch(term), false)
+                    .await
+                    .unwrap()
+                    .unwrap()
+                    .applied,
+                term
+            );
         }
         assert_eq!(peer.opened.load(Ordering::SeqCst), 1);
         assert_eq!(peer.calls.load(Ordering::SeqCst), 0);
@@ -563,7 +624,14 @@ mod tests {
         let peer = FakePeer::default();
         let mut link = link_to(peer.clone()).await;
         for term in 1..=2 {
-            assert_eq!(link.send(batch(term)).await.unwrap().applied, term);
+            assert_eq!(
+                link.send(batch(term), false)
+                    .await
+                    .unwrap()
+                    .unwrap()
+                    .applied,
+                term
+            );
         }
         assert_eq!(peer.calls.load(Ordering::SeqCst), 2);
         assert!(link.unary_only);
@@ -578,9 +646,57 @@ mod tests {
         };
         let mut link = link_to(peer.clone()).await;
         for term in 1..=3 {
-            assert_eq!(link.send(batch(term)).await.unwrap().applied, term);
+            assert_eq!(
+                link.send(batch(term), false)
+                    .await
+                    .unwrap()
+                    .unwrap()
+                    .applied,
+                term
+            );
         }
         assert_eq!(peer.opened.load(Ordering::SeqCst), 3);
         assert_eq!(peer.calls.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn heartbeats_skip_their_ack_where_the_peer_allows_it_but_ask_for_one_now_and_then() {
+        let peer = FakePeer {
+            streams: true,
+            honours_no_ack: true,
+            ..Default::default()
+        };
+        let mut link = link_to(peer.clone()).await;
+        // The first ack of a stream tells whether the peer honours no_ack.
+        assert_eq!(link.send(batch(1), true).await.unwrap().unwrap().applied, 1);
+        assert!(link.send(batch(2), true).await.unwrap().is_none());
+        assert!(link.send(batch(3), true).await.unwrap().is_none());
+        // Other batches are always acked, and the ack answers them.
+        assert_eq!(
+            link.send(batch(4), false).await.unwrap().unwrap().applied,
+            4
+        );
+        link.stream.as_mut().unwrap().last_ack -= ACK_AT_LEAST_EVERY;
+        assert_eq!(link.send(batch(5), true).await.unwrap().unwrap().applied, 5);
+        assert!(link.send(batch(6), true).await.unwrap().is_none());
+        assert_eq!(
+            link.send(batch(7), false).await.unwrap().unwrap().applied,
+            7
+        );
+        assert_eq!(peer.streamed.load(Ordering::SeqCst), 7);
+        assert_eq!(peer.opened.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_acks_every_batch_gets_every_batch_acked() {
+        let peer = FakePeer {
+            streams: true,
+            ..Default::default()
+        };
+        let mut link = link_to(peer.clone()).await;
+        for term in 1..=3 {
+            let ack = link.send(batch(term), true).await.unwrap();
+            assert_eq!(ack.unwrap().applied, term);
+        }
     }
 }
