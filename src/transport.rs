@@ -294,7 +294,8 @@ async fn sender_task(
             .any(|m| m.get_msg_type() == MessageType::MsgSnapshot);
         let payload: usize = encoded.iter().map(Vec::len).sum();
         // What an idle cluster sends all the time; losing one costs nothing
-        // but the wait for the next (a tenth of an election timeout).
+        // but the wait for the next (a fifth of the default election
+        // timeout).
         let heartbeats_only = batch.iter().all(|m| {
             matches!(
                 m.get_msg_type(),
@@ -352,11 +353,11 @@ async fn sender_task(
 /// a node's traffic is its heartbeats and their answers, and a message on
 /// an open stream costs a fraction of a call of its own (no headers, no new
 /// HTTP/2 stream, no task per call on the receiver). Heartbeat batches skip
-/// their ack where the receiver allows it (at most [`ACK_AT_LEAST_EVERY`]),
-/// which halves the idle traffic; as no ack is ever outstanding when a
-/// batch goes out unacked, each ack read still answers the batch just sent. A peer that does not
-/// know `RaftStream` (an older version, mid-upgrade) gets a `Raft` call per
-/// batch until it fails, when streaming is tried again.
+/// their ack where the receiver allows it (for at most
+/// [`ACK_AT_LEAST_EVERY`]); as no ack is ever outstanding when a batch goes
+/// out unacked, each ack read still answers the batch just sent. A peer
+/// that does not know `RaftStream` (an older version, mid-upgrade) gets a
+/// `Raft` call per batch until it fails, when streaming is tried again.
 struct RaftLink {
     client: PeerClient<Channel>,
     /// The open call, if any; dropped on any error or timeout, so the next
@@ -447,9 +448,7 @@ impl RaftLink {
                     status.message()
                 );
                 self.stream = None;
-                let mut retry = retry.expect("checked");
-                retry.no_ack = false;
-                return Box::pin(self.send(retry, may_skip_ack)).await;
+                return Box::pin(self.send(retry.expect("checked"), may_skip_ack)).await;
             }
             Ok(r) => r,
             Err(_) => Err(late()),
