@@ -597,6 +597,15 @@ mod tests {
         }
     }
 
+    /// Sends `batch(term)` and returns the applied index its ack reports,
+    /// or None when the batch went unacked.
+    async fn acked(link: &mut RaftLink, term: u64, may_skip_ack: bool) -> Option<u64> {
+        link.send(batch(term), may_skip_ack)
+            .await
+            .unwrap()
+            .map(|ack| ack.applied)
+    }
+
     #[tokio::test]
     async fn batches_travel_on_one_stream_with_an_ack_each() {
         let peer = FakePeer {
@@ -605,14 +614,7 @@ mod tests {
         };
         let mut link = link_to(peer.clone()).await;
         for term in 1..=3 {
-            assert_eq!(
-                link.send(batch(term), false)
-                    .await
-                    .unwrap()
-                    .unwrap()
-                    .applied,
-                term
-            );
+            assert_eq!(acked(&mut link, term, false).await, Some(term));
         }
         assert_eq!(peer.opened.load(Ordering::SeqCst), 1);
         assert_eq!(peer.calls.load(Ordering::SeqCst), 0);
@@ -623,14 +625,7 @@ mod tests {
         let peer = FakePeer::default();
         let mut link = link_to(peer.clone()).await;
         for term in 1..=2 {
-            assert_eq!(
-                link.send(batch(term), false)
-                    .await
-                    .unwrap()
-                    .unwrap()
-                    .applied,
-                term
-            );
+            assert_eq!(acked(&mut link, term, false).await, Some(term));
         }
         assert_eq!(peer.calls.load(Ordering::SeqCst), 2);
         assert!(link.unary_only);
@@ -645,14 +640,7 @@ mod tests {
         };
         let mut link = link_to(peer.clone()).await;
         for term in 1..=3 {
-            assert_eq!(
-                link.send(batch(term), false)
-                    .await
-                    .unwrap()
-                    .unwrap()
-                    .applied,
-                term
-            );
+            assert_eq!(acked(&mut link, term, false).await, Some(term));
         }
         assert_eq!(peer.opened.load(Ordering::SeqCst), 3);
         assert_eq!(peer.calls.load(Ordering::SeqCst), 0);
@@ -667,21 +655,15 @@ mod tests {
         };
         let mut link = link_to(peer.clone()).await;
         // The first ack of a stream tells whether the peer honours no_ack.
-        assert_eq!(link.send(batch(1), true).await.unwrap().unwrap().applied, 1);
-        assert!(link.send(batch(2), true).await.unwrap().is_none());
-        assert!(link.send(batch(3), true).await.unwrap().is_none());
+        assert_eq!(acked(&mut link, 1, true).await, Some(1));
+        assert_eq!(acked(&mut link, 2, true).await, None);
+        assert_eq!(acked(&mut link, 3, true).await, None);
         // Other batches are always acked, and the ack answers them.
-        assert_eq!(
-            link.send(batch(4), false).await.unwrap().unwrap().applied,
-            4
-        );
+        assert_eq!(acked(&mut link, 4, false).await, Some(4));
         link.stream.as_mut().unwrap().last_ack -= ACK_AT_LEAST_EVERY;
-        assert_eq!(link.send(batch(5), true).await.unwrap().unwrap().applied, 5);
-        assert!(link.send(batch(6), true).await.unwrap().is_none());
-        assert_eq!(
-            link.send(batch(7), false).await.unwrap().unwrap().applied,
-            7
-        );
+        assert_eq!(acked(&mut link, 5, true).await, Some(5));
+        assert_eq!(acked(&mut link, 6, true).await, None);
+        assert_eq!(acked(&mut link, 7, false).await, Some(7));
         assert_eq!(peer.streamed.load(Ordering::SeqCst), 7);
         assert_eq!(peer.opened.load(Ordering::SeqCst), 1);
     }
@@ -694,8 +676,7 @@ mod tests {
         };
         let mut link = link_to(peer.clone()).await;
         for term in 1..=3 {
-            let ack = link.send(batch(term), true).await.unwrap();
-            assert_eq!(ack.unwrap().applied, term);
+            assert_eq!(acked(&mut link, term, true).await, Some(term));
         }
     }
 }
