@@ -180,6 +180,7 @@ impl Arena {
                     messages,
                     term,
                     no_ack: false,
+                    sender_applied: 0,
                 })
                 .await
                 .map(|_| ())
@@ -697,6 +698,7 @@ fn hostile_contents_and_broken_streams_from_a_member_are_refused() {
         messages: vec![clusterd::proto::encode_raft_message(&m)],
         term: t.term + 1,
         no_ack: false,
+        sender_applied: 0,
     });
     let addr = a.c.node(t.id).listen;
     a.rt.block_on(send_truncated_grpc(addr, &a.hostile, t.id, &batch))

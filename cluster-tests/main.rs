@@ -529,6 +529,7 @@ fn impostor_peers_are_refused_and_logged() {
                 messages: vec![clusterd::proto::encode_raft_message(&forged)],
                 term: 1_000,
                 no_ack: false,
+                sender_applied: 0,
             })
             .await;
         let status = r.expect_err("a forged sender must be refused");

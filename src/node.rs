@@ -175,10 +175,17 @@ impl NodeHandle {
     }
 
     /// The applied index `peer` last reported and how long ago, if it
-    /// answered a Raft call since this node started.
+    /// reported one since this node started.
     pub fn peer_applied(&self, peer: NodeId) -> Option<(u64, Duration)> {
         let (index, at) = self.transport.as_ref()?.peer_applied(peer)?;
         Some((index, at.elapsed()))
+    }
+
+    /// Records the applied index `peer` reported in a batch it sent.
+    pub fn note_peer_applied(&self, peer: NodeId, index: u64) {
+        if let Some(t) = &self.transport {
+            t.note_applied(peer, index);
+        }
     }
 
     /// The links to the peers (`None` only in tests that build no node).
@@ -975,9 +982,9 @@ async fn run_inner(
 
     let (link_tx, link_rx) = mpsc::channel(1024);
     let live_tls = crate::tls::LiveTls::new(tls, config.revoked_serials.clone());
-    let transport = Transport::start(&config.peers, &live_tls, link_tx);
-    let (inbox_tx, inbox_rx) = mpsc::channel(INBOX);
     let (view_tx, view_rx) = watch::channel(initial);
+    let transport = Transport::start(&config.peers, &live_tls, link_tx, view_rx.clone());
+    let (inbox_tx, inbox_rx) = mpsc::channel(INBOX);
     let handle = NodeHandle {
         id,
         inbox: inbox_tx,

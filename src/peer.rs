@@ -307,7 +307,9 @@ fn wait_of(ms: u64) -> Duration {
 
 /// Checks a batch of Raft messages from `who` (each must decode, come from
 /// the node its certificate names and be addressed to this node) and hands
-/// them to the node task; the ack carries this node's applied index.
+/// them to the node task; notes the applied index the batch reports (a
+/// batch without messages may carry only that); the ack carries this
+/// node's applied index.
 fn deliver_batch(
     node: &NodeHandle,
     who: PeerIdentity,
@@ -336,7 +338,12 @@ fn deliver_batch(
         }
         messages.push(m);
     }
-    node.deliver(messages);
+    if !messages.is_empty() {
+        node.deliver(messages);
+    }
+    if batch.sender_applied > 0 {
+        node.note_peer_applied(who.node_id, batch.sender_applied);
+    }
     Ok(RaftAck {
         applied: node.applied_index(),
         acks_on_request: false,
