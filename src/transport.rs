@@ -72,10 +72,36 @@ pub struct Transport {
     applied: PeerApplied,
 }
 
-/// What each peer last reported as its applied index, and when: in the
-/// ack of each batch this node sends it, in each batch it sends this node,
-/// and, from a follower to its leader, the moment its applier moves.
-type PeerApplied = Arc<BTreeMap<NodeId, std::sync::Mutex<Option<(u64, std::time::Instant)>>>>;
+/// What each peer last reported as its applied index, and when it last
+/// answered this node (see [`AppliedSlot`]).
+type PeerApplied = Arc<BTreeMap<NodeId, AppliedSlot>>;
+
+/// One peer's applied index as this node knows it, and when the peer last
+/// acked a batch of this node's. An ack sets both: it is the peer's own
+/// word, and its time is what says the peer still answers this node
+/// (staging targets only such peers). The index a batch from the peer
+/// carries (each batch, and a follower's report the moment its applier
+/// moves) only raises the index: it arrives on the peer's connection,
+/// which proves nothing about this node's, and an ack written before the
+/// report it overtook must not lower it for long.
+#[derive(Default)]
+struct AppliedSlot(std::sync::Mutex<Option<(u64, std::time::Instant)>>);
+
+impl AppliedSlot {
+    fn acked(&self, index: u64) {
+        *self.0.lock().unwrap() = Some((index, std::time::Instant::now()));
+    }
+
+    fn reported(&self, index: u64) {
+        if let Some((known, _)) = self.0.lock().unwrap().as_mut() {
+            *known = (*known).max(index);
+        }
+    }
+
+    fn get(&self) -> Option<(u64, std::time::Instant)> {
+        *self.0.lock().unwrap()
+    }
+}
 
 struct Link {
     addr: String,
@@ -102,7 +128,7 @@ impl Transport {
         let applied: PeerApplied = Arc::new(
             peers
                 .iter()
-                .map(|p| (p.id, std::sync::Mutex::new(None)))
+                .map(|p| (p.id, AppliedSlot::default()))
                 .collect(),
         );
         for peer in peers {
@@ -137,13 +163,14 @@ impl Transport {
 
     /// The applied index `peer` last reported, and when (see [`PeerApplied`]).
     pub fn peer_applied(&self, peer: NodeId) -> Option<(u64, std::time::Instant)> {
-        *self.applied.get(&peer)?.lock().unwrap()
+        self.applied.get(&peer)?.get()
     }
 
-    /// Records the applied index `peer` reported in a batch it sent.
+    /// Records the applied index `peer` reported in a batch it sent (see
+    /// [`AppliedSlot`]).
     pub fn note_applied(&self, peer: NodeId, index: u64) {
         if let Some(slot) = self.applied.get(&peer) {
-            *slot.lock().unwrap() = Some((index, std::time::Instant::now()));
+            slot.reported(index);
         }
     }
 
@@ -320,17 +347,19 @@ async fn sender_task(
                 MessageType::MsgHeartbeat | MessageType::MsgHeartbeatResponse
             )
         });
+        let reported = reports.current();
         let request = RaftBatch {
             term: batch.iter().map(|m| m.term).max().unwrap_or(0),
             messages: encoded,
             no_ack: false,
-            sender_applied: reports.sending(),
+            sender_applied: reported,
         };
         match link.send(request, heartbeats_only).await {
             Ok(ack) => {
                 if let (Some(ack), Some(slot)) = (ack, applied.get(&peer)) {
-                    *slot.lock().unwrap() = Some((ack.applied, std::time::Instant::now()));
+                    slot.acked(ack.applied);
                 }
+                reports.delivered(reported);
                 WIRE_BYTES_SENT.fetch_add(payload as u64, std::sync::atomic::Ordering::Relaxed);
                 if failing {
                     tracing::info!(peer, "peer reachable again");
@@ -377,7 +406,7 @@ async fn sender_task(
 struct AppliedReports {
     peer: NodeId,
     view: watch::Receiver<NodeView>,
-    /// The applied index the last batch to this peer carried.
+    /// The applied index the last batch delivered to this peer carried.
     sent: u64,
 }
 
@@ -403,10 +432,15 @@ impl AppliedReports {
         }
     }
 
-    /// The applied index for the batch about to go to the peer.
-    fn sending(&mut self) -> u64 {
-        self.sent = self.view.borrow().applied_index;
-        self.sent
+    /// This node's applied index, for the batch about to go to the peer.
+    fn current(&self) -> u64 {
+        self.view.borrow().applied_index
+    }
+
+    /// A batch carrying `index` reached the peer (a failed one is reported
+    /// again at the applier's next move, or carried by the next batch).
+    fn delivered(&mut self, index: u64) {
+        self.sent = self.sent.max(index);
     }
 }
 
@@ -808,8 +842,7 @@ mod tests {
         let (view_tx, view_rx) = watch::channel(view(1, Some(2), 0));
         let (queue, queued) = mpsc::channel(16);
         let (events, _events) = mpsc::channel(16);
-        let applied: PeerApplied =
-            Arc::new([(2, std::sync::Mutex::new(None))].into_iter().collect());
+        let applied: PeerApplied = Arc::new([(2, AppliedSlot::default())].into_iter().collect());
         tokio::spawn(sender_task(
             2,
             channel,
@@ -823,14 +856,29 @@ mod tests {
         until("a report of index 7 without messages", || seen((0, 7))).await;
         view_tx.send(view(1, Some(2), 8)).unwrap();
         until("a report of index 8", || seen((0, 8))).await;
-        // Not to a peer that is not its leader, though each batch to it
-        // carries the index.
+        // Any batch carries the index (whom a report goes to is
+        // `report_due`'s, tested above).
         view_tx.send(view(1, Some(3), 9)).unwrap();
         let mut heartbeat = Message::default();
         heartbeat.to = 2;
         heartbeat.set_msg_type(MessageType::MsgHeartbeatResponse);
         queue.send(heartbeat).await.unwrap();
         until("the heartbeat answer, carrying index 9", || seen((1, 9))).await;
-        assert!(!seen((0, 9)), "{:?}", peer.seen.lock().unwrap());
+    }
+
+    #[test]
+    fn a_reported_index_only_raises_what_acks_said_and_never_counts_as_an_answer() {
+        let slot = AppliedSlot::default();
+        slot.reported(5);
+        assert_eq!(slot.get(), None, "a report is no answer to this node");
+        slot.acked(5);
+        let (_, answered) = slot.get().unwrap();
+        slot.reported(9);
+        assert_eq!(slot.get(), Some((9, answered)));
+        slot.reported(7);
+        assert_eq!(slot.get(), Some((9, answered)), "an older report overtaken");
+        // An ack is the peer's own word, lower after a restart say.
+        slot.acked(3);
+        assert_eq!(slot.get().unwrap().0, 3);
     }
 }
