@@ -673,16 +673,30 @@ thread_local! {
         const { std::cell::RefCell::new(None) };
 }
 
+/// Runs `work` with this thread's kept context in `slot`, made by `make`
+/// on the thread's first call.
+fn with_kept<T, R, E>(
+    slot: &'static std::thread::LocalKey<std::cell::RefCell<Option<T>>>,
+    make: impl FnOnce() -> Result<T, E>,
+    work: impl FnOnce(&mut T) -> Result<R, E>,
+) -> Result<R, E> {
+    slot.with_borrow_mut(|kept| {
+        let context = match kept {
+            Some(context) => context,
+            None => kept.insert(make()?),
+        };
+        work(context)
+    })
+}
+
 fn compress(data: &[u8]) -> Vec<u8> {
     let run = || -> io::Result<Vec<u8>> {
-        COMPRESSOR.with_borrow_mut(|kept| {
-            if kept.is_none() {
-                let mut c = zstd::bulk::Compressor::new(ZSTD_LEVEL)?;
-                c.set_parameter(zstd::zstd_safe::CParameter::WindowLog(ZSTD_WINDOW_LOG))?;
-                *kept = Some(c);
-            }
-            kept.as_mut().expect("made above").compress(data)
-        })
+        let make = || -> io::Result<_> {
+            let mut c = zstd::bulk::Compressor::new(ZSTD_LEVEL)?;
+            c.set_parameter(zstd::zstd_safe::CParameter::WindowLog(ZSTD_WINDOW_LOG))?;
+            Ok(c)
+        };
+        with_kept(&COMPRESSOR, make, |c| c.compress(data))
     };
     // With constant, valid parameters and an output buffer of zstd's own
     // worst-case bound, libzstd fails only if it cannot allocate, which
@@ -709,23 +723,16 @@ fn decompress_into(body: &[u8], cap: u64, out: &mut Vec<u8>) -> Result<(), Delta
         out.reserve_exact(len as usize);
         let mut at = io::Cursor::new(&mut *out);
         at.set_position(start as u64);
-        let produced = DECOMPRESSOR.with_borrow_mut(|kept| {
-            if kept.is_none() {
-                let mut dctx = zstd::zstd_safe::DCtx::create();
-                dctx.set_parameter(zstd::zstd_safe::DParameter::WindowLogMax(ZSTD_WINDOW_LOG))
-                    .map_err(failed)?;
-                *kept = Some(dctx);
-            }
-            let dctx = kept.as_mut().expect("made above");
-            dctx.decompress(&mut at, body).map_err(failed)
-        });
-        let produced = match produced {
-            Ok(n) => n,
-            Err(e) => {
-                out.truncate(start);
-                return Err(e);
-            }
+        let make = || {
+            let mut dctx = zstd::zstd_safe::DCtx::create();
+            dctx.set_parameter(zstd::zstd_safe::DParameter::WindowLogMax(ZSTD_WINDOW_LOG))
+                .map_err(failed)?;
+            Ok(dctx)
         };
+        let produced = with_kept(&DECOMPRESSOR, make, |dctx| {
+            dctx.decompress(&mut at, body).map_err(failed)
+        })
+        .inspect_err(|_| out.truncate(start))?;
         if produced as u64 != len {
             out.truncate(start);
             return Err(DeltaError::Decompress(format!(
