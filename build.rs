@@ -10,7 +10,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // out of the received buffer on a follower, never copied.
         .bytes(".clusterd.peer.v1.StageRequest.data")
         // Reserves each message's size before encoding it (see the type).
-        .codec_path("crate::proto::Codec")
+        .codec_path("crate::net::proto::Codec")
         .compile_protos(&["proto/peer.proto", "proto/admin.proto"], &["proto"])?;
     println!("cargo:rerun-if-changed=proto");
     Ok(())

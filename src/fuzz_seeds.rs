@@ -5,9 +5,11 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::delta::{digest, plan, BlockSignature};
-use crate::manifest::{Chunk, Content, EntryKind, FileBatch, FileOp, Manifest, Meta, WireDigest};
-use crate::raft_core::Command;
+use crate::core::delta::{digest, plan, BlockSignature};
+use crate::core::manifest::{
+    Chunk, Content, EntryKind, FileBatch, FileOp, Manifest, Meta, WireDigest,
+};
+use crate::raft::core::Command;
 
 fn meta(kind: EntryKind, mode: u32) -> Meta {
     Meta {

@@ -3,51 +3,32 @@
 //!
 //! The binaries (`clusterd`, `clusterctl`) are thin shells over this library:
 //! they parse arguments, set up logging and call into the modules below.
-//! ARCHITECTURE.md has the code map and the invariant each module owns.
+//! Each top-level module is one layer; a module imports only the layers below
+//! it (ARCHITECTURE.md, "Layers"), and `layering.rs` checks that in CI:
+//!
+//! ```text
+//! node                         the running process: node task, wiring, systemd
+//! ops                          admin socket, status, metrics, hooks, logging, import-rsync
+//! replication                  shared file state, the leader's source, the applier, fetch
+//! net                          peer links: transport, peer service, proto, TLS, certificates
+//! raft                         the sans-IO Raft core, its log store, the node handle
+//! fs                           every write under a sync root; owner names; user commands
+//! core                         pure formats and policies: config, manifest, deltas, paths, status
+//! ```
 
-// The pure cores and the wire/config formats: built with and without the
-// `node` feature (fuzz/ builds them alone).
-pub mod certs;
-pub mod config;
-pub mod delta;
-pub mod fsroot;
-pub mod hooks;
-pub mod import_rsync;
-pub mod logging;
-pub mod manifest;
-pub mod paths;
-pub mod proto;
-pub mod raft_core;
-pub mod status;
-pub mod tls;
-
-// The running node (feature `node`, on by default).
-#[cfg(feature = "node")]
-pub mod admin;
-#[cfg(feature = "node")]
-pub mod fetch;
-#[cfg(feature = "node")]
-pub mod files_store;
-#[cfg(feature = "node")]
-pub mod metrics;
+pub mod core;
+pub mod fs;
+pub mod net;
 #[cfg(feature = "node")]
 pub mod node;
+pub mod ops;
+pub mod raft;
 #[cfg(feature = "node")]
-pub mod peer;
-#[cfg(feature = "node")]
-pub mod replica;
-#[cfg(feature = "node")]
-pub mod source;
-#[cfg(feature = "node")]
-pub mod storage;
-#[cfg(feature = "node")]
-pub mod systemd;
-#[cfg(feature = "node")]
-pub mod transport;
+pub mod replication;
 
 #[cfg(test)]
 mod fuzz_seeds;
 
-pub use config::Config;
+pub use crate::core::config::Config;
 #[cfg(feature = "node")]
-pub use node::run;
+pub use crate::node::run;

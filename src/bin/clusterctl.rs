@@ -8,11 +8,11 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use clusterd::admin;
-use clusterd::config::{Config, DEFAULT_ADMIN_SOCKET};
-use clusterd::proto::admin::{PromoteRequest, StatusRequest};
-use clusterd::proto::peer::BarrierRequest;
-use clusterd::status::{check, CheckCode, CheckThresholds, ClusterStatus};
+use clusterd::core::config::{Config, DEFAULT_ADMIN_SOCKET};
+use clusterd::core::status::{check, CheckCode, CheckThresholds, ClusterStatus};
+use clusterd::net::proto::admin::{PromoteRequest, StatusRequest};
+use clusterd::net::proto::peer::BarrierRequest;
+use clusterd::ops::admin;
 
 #[derive(Parser)]
 #[command(
@@ -181,7 +181,7 @@ fn main() -> ExitCode {
 /// --remote, else the local socket.
 async fn admin_client(
     args: &Args,
-) -> Result<clusterd::proto::admin::admin_client::AdminClient<tonic::transport::Channel>> {
+) -> Result<clusterd::net::proto::admin::admin_client::AdminClient<tonic::transport::Channel>> {
     if let (Some(addr), Some(id), Some(ca), Some(cert), Some(key)) = (
         &args.remote,
         args.node_id,
@@ -189,7 +189,7 @@ async fn admin_client(
         &args.tls_cert,
         &args.tls_key,
     ) {
-        let paths = clusterd::tls::TlsPaths {
+        let paths = clusterd::core::config::TlsPaths {
             ca: ca.clone(),
             cert: cert.clone(),
             key: key.clone(),
@@ -214,7 +214,7 @@ async fn run(args: Args) -> Result<ExitCode> {
         Command::Certs {
             command: CertsCommand::Init { out, nodes, days },
         } => {
-            let report = clusterd::certs::init_certs(out, nodes, *days)?;
+            let report = clusterd::net::certs::init_certs(out, nodes, *days)?;
             for p in &report.written {
                 println!("wrote {}", p.display());
             }
@@ -226,7 +226,7 @@ async fn run(args: Args) -> Result<ExitCode> {
         Command::Certs {
             command: CertsCommand::Admin { out, name, days },
         } => {
-            let report = clusterd::certs::issue_admin(out, name, *days)?;
+            let report = clusterd::net::certs::issue_admin(out, name, *days)?;
             for p in &report.written {
                 println!("wrote {}", p.display());
             }
@@ -240,9 +240,9 @@ async fn run(args: Args) -> Result<ExitCode> {
                 rustls::pki_types::CertificateDer::from_pem_file(file).with_context(|| {
                     format!("cannot read a PEM certificate from {}", file.display())
                 })?;
-            let node = clusterd::tls::node_id_from_cert(&der)
+            let node = clusterd::net::tls::node_id_from_cert(&der)
                 .map_or_else(|e| format!("none ({e})"), |id| id.to_string());
-            let serial = clusterd::tls::cert_serial_hex(&der)?;
+            let serial = clusterd::net::tls::cert_serial_hex(&der)?;
             let (_, parsed) = x509_parser::parse_x509_certificate(&der).map_err(|e| {
                 anyhow::anyhow!("{}: not an X.509 certificate: {e}", file.display())
             })?;
@@ -255,7 +255,7 @@ async fn run(args: Args) -> Result<ExitCode> {
         Command::ImportRsync { file } => {
             print!(
                 "{}",
-                clusterd::import_rsync::translate_file(file)?.to_toml()
+                clusterd::ops::import_rsync::translate_file(file)?.to_toml()
             );
             Ok(ExitCode::SUCCESS)
         }
@@ -332,7 +332,7 @@ async fn run(args: Args) -> Result<ExitCode> {
                 Ok(s) => check(
                     &s,
                     &thresholds,
-                    clusterd::status::unix_seconds(std::time::SystemTime::now()),
+                    clusterd::core::status::unix_seconds(std::time::SystemTime::now()),
                 ),
                 Err(e) => (CheckCode::Unknown, format!("CLUSTERD UNKNOWN - {e:#}")),
             };
@@ -365,7 +365,7 @@ async fn run(args: Args) -> Result<ExitCode> {
         }
         Command::Conflicts { json } => {
             let mut client = admin_client(&args).await?;
-            let mut req = tonic::Request::new(clusterd::proto::admin::ConflictsRequest {});
+            let mut req = tonic::Request::new(clusterd::net::proto::admin::ConflictsRequest {});
             req.set_timeout(Duration::from_secs(10));
             let reply = client
                 .conflicts(req)
@@ -382,7 +382,7 @@ async fn run(args: Args) -> Result<ExitCode> {
             if *json {
                 println!("{}", serde_json::Value::Array(records));
             } else {
-                print!("{}", clusterd::status::conflicts_table(&records));
+                print!("{}", clusterd::core::status::conflicts_table(&records));
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use clusterd::config::Config;
+use clusterd::core::config::Config;
 
 /// One malloc arena instead of glibc's default of eight per core. After a
 /// burst (a node that just replicated 100,000 files) each arena keeps its
@@ -81,7 +81,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    if let Err(e) = clusterd::tls::PeerTls::load(&config.tls, config.node.id) {
+    if let Err(e) = clusterd::net::tls::PeerTls::load(&config.tls, config.node.id) {
         eprintln!("clusterd: {}: {e}", config.source.display());
         return ExitCode::FAILURE;
     }
@@ -95,7 +95,7 @@ fn main() -> ExitCode {
         );
         return ExitCode::SUCCESS;
     }
-    clusterd::logging::init(&config.log_level);
+    clusterd::ops::logging::init(&config.log_level);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -109,8 +109,8 @@ fn main() -> ExitCode {
     match runtime.block_on(clusterd::run(config, shutdown_signal())) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{}", clusterd::logging::error_chain(&e));
-            eprintln!("clusterd: {}", clusterd::logging::error_chain(&e));
+            tracing::error!("{}", clusterd::core::error_text::error_chain(&e));
+            eprintln!("clusterd: {}", clusterd::core::error_text::error_chain(&e));
             ExitCode::FAILURE
         }
     }

@@ -1,0 +1,359 @@
+//! The `Peer` gRPC service: Raft messages, status, leadership transfers and
+//! barriers for the other nodes, and (through [`FileService`], which the
+//! replication layer provides) the `Fetch` and `Stage` calls of file
+//! replication.
+//!
+//! Invariant owned here (invariant 5): every Raft message a peer sends must
+//! claim to come from the member its certificate names, and be addressed to
+//! this node; anything else is refused and logged.
+
+use std::io;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+use tracing::{info, warn};
+
+use crate::core::config::NodeId;
+use crate::core::status::FilesView;
+use crate::net::accept::{PeerConn, PeerIdentity};
+use crate::net::proto::peer::peer_server::{Peer, PeerServer};
+use crate::net::proto::peer::{
+    BarrierReply, BarrierRequest, FetchChunk, FetchRequest, NodeStatusRequest, NodeView, RaftAck,
+    RaftBatch, StageReply, StageRequest, TransferReply, TransferRequest,
+};
+use crate::net::proto::{decode_raft_message, MAX_MESSAGE_BYTES};
+use crate::net::transport::Transport;
+use crate::raft::handle::{NodeHandle, RequestError};
+
+/// Longest a peer may ask us to wait in a transfer or barrier.
+const MAX_REQUEST_WAIT: Duration = Duration::from_secs(600);
+
+/// The file side of the peer service: what a data node's replication state
+/// answers to `Fetch`, `Stage` and status. The replication layer implements
+/// it and `run` hands it over, so this layer never depends on replication.
+/// Every method may block on disk; the service calls it off the runtime.
+pub trait FileService: Send + Sync + 'static {
+    /// Whether `peer` is a witness (which holds no files and is served none).
+    fn is_witness(&self, peer: NodeId) -> bool;
+    /// Whether this node holds any sync set (a witness holds none).
+    fn holds_sets(&self) -> bool;
+    /// The chunks of a committed version, as a patch against the caller's
+    /// signature; refused unless this node holds exactly that version.
+    fn fetch(&self, req: &FetchRequest) -> Result<Vec<FetchChunk>, Status>;
+    /// Stores one piece of a staged upload (and, with the last piece of an
+    /// upload whose versions follow, the finished files made of it).
+    fn stage(&self, req: StageRequest) -> Result<(), StageRefused>;
+    /// This node's sync sets as status reports them.
+    fn files_view(&self) -> FilesView;
+}
+
+/// Why a `Stage` piece was not stored: the file side's own error, logged
+/// here and sent to the leader as one sentence.
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct StageRefused(pub Box<dyn std::error::Error + Send + Sync>);
+
+pub struct PeerService {
+    node: NodeHandle,
+    /// The peers' reported applied indexes are recorded here.
+    transport: Transport,
+    files: Arc<dyn FileService>,
+}
+
+impl PeerService {
+    pub fn server(
+        node: NodeHandle,
+        transport: Transport,
+        files: Arc<dyn FileService>,
+    ) -> PeerServer<PeerService> {
+        PeerServer::new(PeerService {
+            node,
+            transport,
+            files,
+        })
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    }
+}
+
+fn identity<T>(req: &Request<T>) -> Result<PeerIdentity, Status> {
+    req.extensions()
+        .get::<PeerIdentity>()
+        .copied()
+        .ok_or_else(|| Status::unauthenticated("no authenticated peer identity on this connection"))
+}
+
+fn wait_of(ms: u64) -> Duration {
+    Duration::from_millis(ms).min(MAX_REQUEST_WAIT)
+}
+
+/// Checks a batch of Raft messages from `who` (each must decode, come from
+/// the node its certificate names and be addressed to this node) and hands
+/// them to the node task; notes the applied index the batch reports (a
+/// batch without messages may carry only that); the ack carries this
+/// node's applied index.
+fn deliver_batch(
+    node: &NodeHandle,
+    transport: &Transport,
+    who: PeerIdentity,
+    batch: RaftBatch,
+) -> Result<RaftAck, Status> {
+    let mut messages = Vec::with_capacity(batch.messages.len());
+    for bytes in &batch.messages {
+        let m = decode_raft_message(bytes).map_err(|e| {
+                warn!(peer = who.node_id, remote = %who.remote, "refused a raft message from peer {}: it does not decode: {e}", who.node_id);
+                Status::invalid_argument(format!("undecodable raft message: {e}"))
+            })?;
+        if m.from != who.node_id {
+            warn!(peer = who.node_id, remote = %who.remote, claimed = m.from,
+                    "refused a raft message from peer {}: it claims to come from node {}", who.node_id, m.from);
+            return Err(Status::permission_denied(format!(
+                "your certificate is for node {}, but the message claims node {}",
+                who.node_id, m.from
+            )));
+        }
+        if m.to != node.id() {
+            return Err(Status::invalid_argument(format!(
+                "message addressed to node {}, but this is node {}",
+                m.to,
+                node.id()
+            )));
+        }
+        messages.push(m);
+    }
+    if !messages.is_empty() {
+        node.deliver(messages);
+    }
+    if batch.sender_applied > 0 {
+        transport.note_applied(who.node_id, batch.sender_applied);
+    }
+    Ok(RaftAck {
+        applied: node.applied_index(),
+        acks_on_request: false,
+    })
+}
+
+#[tonic::async_trait]
+impl Peer for PeerService {
+    type FetchStream = futures::stream::Iter<std::vec::IntoIter<Result<FetchChunk, Status>>>;
+
+    async fn fetch(
+        &self,
+        req: Request<FetchRequest>,
+    ) -> Result<Response<Self::FetchStream>, Status> {
+        let who = identity(&req)?;
+        if self.files.is_witness(who.node_id) {
+            warn!(peer = who.node_id, remote = %who.remote, "refused a file fetch from peer {}: it is a witness, which holds no files", who.node_id);
+            return Err(Status::permission_denied(
+                "witnesses hold no files and are served none",
+            ));
+        }
+        let r = req.into_inner();
+        let files = self.files.clone();
+        let chunks = tokio::task::spawn_blocking(move || files.fetch(&r))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .inspect_err(|e| {
+                tracing::debug!(peer = who.node_id, "fetch refused: {}", e.message())
+            })?;
+        Ok(Response::new(futures::stream::iter(
+            chunks.into_iter().map(Ok).collect::<Vec<_>>(),
+        )))
+    }
+
+    async fn stage(&self, req: Request<StageRequest>) -> Result<Response<StageReply>, Status> {
+        let who = identity(&req)?;
+        if !self.files.holds_sets() {
+            return Err(Status::failed_precondition(
+                "this node holds no sync sets: nothing to stage",
+            ));
+        }
+        // Only the leader this node follows may fill its staging directory.
+        let leader = self.node.view().leader;
+        if leader != Some(who.node_id) {
+            return Err(Status::failed_precondition(format!(
+                "node {} is not the leader this node follows ({leader:?}); send the content through the log",
+                who.node_id
+            )));
+        }
+        let r = req.into_inner();
+        let files = self.files.clone();
+        tokio::task::spawn_blocking(move || files.stage(r))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| {
+                warn!(peer = who.node_id, remote = %who.remote, "did not stage content from peer {}: {e}", who.node_id);
+                Status::unavailable(e.to_string())
+            })?;
+        Ok(Response::new(StageReply {}))
+    }
+
+    async fn raft(&self, req: Request<RaftBatch>) -> Result<Response<RaftAck>, Status> {
+        let who = identity(&req)?;
+        deliver_batch(&self.node, &self.transport, who, req.into_inner()).map(Response::new)
+    }
+
+    type RaftStreamStream =
+        std::pin::Pin<Box<dyn futures::Stream<Item = Result<RaftAck, Status>> + Send>>;
+
+    async fn raft_stream(
+        &self,
+        req: Request<tonic::Streaming<RaftBatch>>,
+    ) -> Result<Response<Self::RaftStreamStream>, Status> {
+        use futures::StreamExt;
+        let who = identity(&req)?;
+        let node = self.node.clone();
+        let transport = self.transport.clone();
+        // A refused batch ends the call with its status, as `raft` would
+        // answer it; the caller opens a new one. A batch marked `no_ack`
+        // that was delivered gets no answer (the caller does not wait).
+        let acks = req.into_inner().filter_map(move |batch| {
+            let answer = match batch {
+                Ok(b) if b.no_ack => deliver_batch(&node, &transport, who, b).err().map(Err),
+                Ok(b) => Some(deliver_batch(&node, &transport, who, b).map(|ack| RaftAck {
+                    acks_on_request: true,
+                    ..ack
+                })),
+                Err(status) => Some(Err(status)),
+            };
+            std::future::ready(answer)
+        });
+        Ok(Response::new(Box::pin(acks)))
+    }
+
+    async fn node_status(
+        &self,
+        _req: Request<NodeStatusRequest>,
+    ) -> Result<Response<NodeView>, Status> {
+        let mut view: NodeView = (&self.node.view()).into();
+        view.uptime_ms = self.node.uptime().as_millis() as u64;
+        view.cert_not_after_unix = crate::core::status::unix_seconds(self.node.cert_not_after());
+        view.files = Some((&self.files.files_view()).into());
+        Ok(Response::new(view))
+    }
+
+    async fn transfer_leadership(
+        &self,
+        req: Request<TransferRequest>,
+    ) -> Result<Response<TransferReply>, Status> {
+        let who = identity(&req)?;
+        let r = req.into_inner();
+        info!(
+            peer = who.node_id,
+            target = r.target,
+            "leadership transfer requested by peer"
+        );
+        self.node
+            .transfer_leadership(r.target, wait_of(r.timeout_ms))
+            .await
+            .map_err(request_status)?;
+        Ok(Response::new(TransferReply {}))
+    }
+
+    async fn barrier(
+        &self,
+        req: Request<BarrierRequest>,
+    ) -> Result<Response<BarrierReply>, Status> {
+        let r = req.into_inner();
+        let index = self
+            .node
+            .local_barrier(wait_of(r.timeout_ms))
+            .await
+            .map_err(request_status)?;
+        Ok(Response::new(BarrierReply { index }))
+    }
+}
+
+/// Maps a node request error to a gRPC status, keeping its sentence.
+pub fn request_status(e: RequestError) -> Status {
+    match &e {
+        RequestError::NotLeader { .. } => Status::failed_precondition(e.to_string()),
+        RequestError::TimedOut(_) => Status::deadline_exceeded(e.to_string()),
+        RequestError::Invalid(_) => Status::invalid_argument(e.to_string()),
+        RequestError::Unreachable(_) => Status::unavailable(e.to_string()),
+        RequestError::ShuttingDown => Status::unavailable(e.to_string()),
+        RequestError::Retry(_) => Status::aborted(e.to_string()),
+    }
+}
+
+/// Logs requests a peer made that the gRPC layer refused before our handlers
+/// ran (a message over [`MAX_MESSAGE_BYTES`], a body cut short), with the
+/// peer's certificate identity: those never reach a handler that could.
+#[derive(Clone)]
+struct LogRefused<S> {
+    inner: S,
+}
+
+impl<S, B, R> tower::Service<http::Request<B>> for LogRefused<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<R>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future =
+        std::pin::Pin<Box<dyn std::future::Future<Output = Result<S::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let who = req.extensions().get::<PeerIdentity>().copied();
+        // A refcounted clone: this runs for every Raft RPC.
+        let uri = req.uri().clone();
+        let call = self.inner.call(req);
+        Box::pin(async move {
+            let response = call.await?;
+            let code = response
+                .headers()
+                .get("grpc-status")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<i32>().ok());
+            // Trailers-only responses: the request was refused before or
+            // without a handler. Our handlers log their own refusals, with
+            // codes other than these.
+            if let (Some(who), Some(code)) = (who, code) {
+                let code = tonic::Code::from_i32(code);
+                if matches!(
+                    code,
+                    tonic::Code::OutOfRange | tonic::Code::Internal | tonic::Code::Unknown
+                ) {
+                    let message = response
+                        .headers()
+                        .get("grpc-message")
+                        .and_then(|v| v.to_str().ok())
+                        .map(|m| {
+                            percent_encoding::percent_decode_str(m)
+                                .decode_utf8_lossy()
+                                .into_owned()
+                        })
+                        .unwrap_or_default();
+                    warn!(peer = who.node_id, remote = %who.remote, "refused a {} request from peer {} ({}): {code:?}: {message}", uri.path(), who.node_id, who.remote);
+                }
+            }
+            Ok(response)
+        })
+    }
+}
+
+/// Serves the peer service on already-authenticated connections until `shutdown` resolves.
+pub async fn serve(
+    incoming: ReceiverStream<io::Result<PeerConn>>,
+    node: NodeHandle,
+    transport: Transport,
+    files: Arc<dyn FileService>,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), tonic::transport::Error> {
+    tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(2)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(3)))
+        .tcp_nodelay(true)
+        .layer(tower::layer::layer_fn(|inner| LogRefused { inner }))
+        .add_service(PeerService::server(node, transport, files))
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await
+}

@@ -1,0 +1,526 @@
+//! The node task: the sole owner of the Raft core. It reads the closed
+//! `NodeMsg` inbox and the transport's link events, handles each `Ready` in
+//! order (persist, send, apply, advance), hands committed entries to the
+//! applier thread, and answers proposals, barriers and transfers.
+
+use super::*;
+/// How long a leader that is shutting down waits for its successor.
+const SHUTDOWN_HANDOVER: Duration = Duration::from_secs(3);
+/// How often the applier is sent [`crate::replication::apply::ApplyMsg::Tick`].
+const APPLIER_TICK: Duration = Duration::from_secs(1);
+/// A proposal or barrier waiting for its entry to be applied here.
+pub(super) struct Waiter {
+    /// The term the entry was proposed in: another term at its index means it was lost.
+    term: u64,
+    deadline: Instant,
+    /// Its entry committed with the right term; waiting for the apply.
+    committed: bool,
+    reply: oneshot::Sender<Result<u64, RequestError>>,
+}
+
+/// Lets [`RaftCore::new`] restore the manifest from a snapshot at start-up,
+/// before the applier thread runs.
+impl StateMachine for Applier {
+    fn apply(&mut self, _entry: &CommittedEntry) -> Result<(), CoreError> {
+        Err(CoreError::BadEntry(
+            "entries are applied by the applier thread".into(),
+        ))
+    }
+    fn snapshot_data(&self) -> Vec<u8> {
+        self.snapshot_now().1
+    }
+    fn restore(&mut self, index: u64, data: &[u8]) -> Result<(), CoreError> {
+        self.restore_now(index, data)
+            .map_err(|e| CoreError::BadEntry(crate::core::error_text::error_chain(&e)))
+    }
+}
+
+pub(super) struct PendingTransfer {
+    target: NodeId,
+    deadline: Instant,
+    reply: oneshot::Sender<Result<(), RequestError>>,
+    /// When raft-rs was last asked to transfer; it aborts after an election timeout.
+    started: Option<Instant>,
+}
+
+pub(super) struct NodeTask {
+    pub(super) core: RaftCore<RaftStore>,
+    pub(super) inbox: mpsc::Receiver<NodeMsg>,
+    pub(super) links: mpsc::Receiver<LinkEvent>,
+    pub(super) transport: Transport,
+    pub(super) view: watch::Sender<NodeView>,
+    /// Proposals and barriers by the index of their (last) entry.
+    pub(super) waiters: std::collections::BTreeMap<u64, Waiter>,
+    pub(super) next_token: u64,
+    pub(super) applier: mpsc::UnboundedSender<ApplyMsg>,
+    pub(super) applied_rx: mpsc::UnboundedReceiver<Applied>,
+    /// `on_change` runner: sets changed by another node's batch.
+    pub(super) changed_sets: mpsc::UnboundedSender<String>,
+    /// A compaction snapshot asked of the applier and not yet received.
+    pub(super) snapshot_rx: Option<oneshot::Receiver<(u64, Vec<u8>)>>,
+    /// A compaction snapshot that a live follower does not hold the index
+    /// of yet (`RaftCore::compactable`): tried again on every tick.
+    pub(super) held_compaction: Option<(u64, Vec<u8>)>,
+    /// This node lost leadership: reconcile its trees once the new leader's
+    /// first entry is applied here.
+    pub(super) reconcile_pending: bool,
+    /// File replication state (its `leading` flag is kept here).
+    pub(super) files: Option<Arc<Shared>>,
+    /// Role changes, for the role hooks (run in order by their own task).
+    pub(super) role_events: mpsc::UnboundedSender<crate::ops::hooks::RoleEvent>,
+    pub(super) was_leader: bool,
+    pub(super) transfers: Vec<PendingTransfer>,
+    /// Members that vote but must never lead.
+    pub(super) witnesses: BTreeSet<NodeId>,
+    pub(super) tick: Duration,
+    pub(super) election_timeout: Duration,
+    /// How often a follower reconciles its trees with the manifest (the
+    /// leader rescans on the same period), so a hand edit on a follower is
+    /// set aside and replaced even if the leader never touches that file.
+    pub(super) rescan: Duration,
+    pub(super) last_reconcile: Instant,
+}
+
+impl NodeTask {
+    pub(super) async fn run(
+        mut self,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Result<(), NodeError> {
+        let mut ticker = tokio::time::interval(self.tick);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut handover_until: Option<Instant> = None;
+        let mut ticks: u64 = 0;
+        // The applier's housekeeping (deferred paths, staging, memory) runs
+        // about once a second, whatever the tick.
+        let ticks_per_applier_tick =
+            (APPLIER_TICK.as_millis() / self.tick.as_millis().max(1)).max(1) as u64;
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {
+                    self.core.tick();
+                    self.expire_requests();
+                    self.try_compact();
+                    ticks += 1;
+                    if ticks % ticks_per_applier_tick == 0 {
+                        let _ = self.applier.send(ApplyMsg::Tick);
+                    }
+                }
+                Some(done) = self.applied_rx.recv() => self.on_applied(done)?,
+                snap = async { self.snapshot_rx.as_mut().expect("guarded").await }, if self.snapshot_rx.is_some() => {
+                    self.snapshot_rx = None;
+                    if let Ok(snap) = snap {
+                        self.held_compaction = Some(snap);
+                        self.try_compact();
+                    }
+                }
+                Some(msg) = self.inbox.recv() => {
+                    self.handle(msg);
+                    // Take whatever else is queued, so one Ready covers a burst.
+                    for _ in 0..256 {
+                        match self.inbox.try_recv() {
+                            Ok(m) => self.handle(m),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                Some(ev) = self.links.recv() => self.handle(NodeMsg::Link(ev)),
+                changed = shutdown.changed(), if handover_until.is_none() => {
+                    let _ = changed;
+                    handover_until = Some(Instant::now() + SHUTDOWN_HANDOVER);
+                    if !self.start_handover() {
+                        break;
+                    }
+                }
+            }
+            self.ready()?;
+            if let Some(until) = handover_until {
+                if !self.core.is_leader() || Instant::now() >= until {
+                    if self.core.is_leader() {
+                        warn!(term = self.core.term(), "no follower took over leadership in time; exiting as leader, the others will elect after a timeout");
+                    } else {
+                        info!(term = self.core.term(), leader = ?self.core.leader(), "handed leadership over; exiting");
+                    }
+                    break;
+                }
+            }
+        }
+        for (_, w) in std::mem::take(&mut self.waiters) {
+            let _ = w.reply.send(Err(RequestError::ShuttingDown));
+        }
+        for t in self.transfers.drain(..) {
+            let _ = t.reply.send(Err(RequestError::ShuttingDown));
+        }
+        Ok(())
+    }
+
+    /// On shutdown, a leader hands over to the most caught-up active follower.
+    /// Returns false when there is nothing to wait for.
+    fn start_handover(&mut self) -> bool {
+        if !self.core.is_leader() {
+            return false;
+        }
+        let view = self.core.view();
+        // `recent_active` is reset once per election timeout until the next
+        // reply, so it only breaks ties: the most caught-up data node wins.
+        let best = view
+            .progress
+            .iter()
+            .filter(|p| p.id != view.id && !self.witnesses.contains(&p.id))
+            .max_by_key(|p| (p.match_index, p.recent_active));
+        match best {
+            Some(p) => {
+                info!(
+                    term = view.term,
+                    target = p.id,
+                    "shutting down: handing leadership to node {}",
+                    p.id
+                );
+                self.core.transfer_leader(p.id);
+                true
+            }
+            None => {
+                warn!(
+                    term = view.term,
+                    "shutting down as leader with no active follower to hand over to"
+                );
+                false
+            }
+        }
+    }
+
+    fn handle(&mut self, msg: NodeMsg) {
+        match msg {
+            NodeMsg::Raft(messages) => {
+                for m in messages {
+                    if let Err(e) = self.core.step(m) {
+                        warn!(term = self.core.term(), error = %e, "raft refused a peer message");
+                    }
+                }
+            }
+            NodeMsg::Barrier { deadline, reply } => {
+                self.next_token += 1;
+                let command = Command::Barrier {
+                    origin: self.core.id(),
+                    token: self.next_token,
+                };
+                let term = self.core.term();
+                self.propose_all(term, vec![command], deadline, reply);
+            }
+            NodeMsg::Propose {
+                term,
+                commands,
+                deadline,
+                reply,
+            } => self.propose_all(term, commands, deadline, reply),
+            NodeMsg::Transfer {
+                target,
+                deadline,
+                reply,
+            } => self.begin_transfer(target, deadline, reply),
+            NodeMsg::Link(LinkEvent::Unreachable(peer)) => self.core.report_unreachable(peer),
+            NodeMsg::Link(LinkEvent::Snapshot(peer, status)) => {
+                self.core.report_snapshot(peer, status)
+            }
+            NodeMsg::Ping(reply) => {
+                let _ = reply.send(());
+            }
+        }
+    }
+
+    fn propose_all(
+        &mut self,
+        term: u64,
+        commands: Vec<Command>,
+        deadline: Instant,
+        reply: oneshot::Sender<Result<u64, RequestError>>,
+    ) {
+        if self.core.term() != term || !self.core.is_leader() {
+            // A deposed leader stops proposing at once (invariant 1).
+            let _ = reply.send(Err(RequestError::NotLeader {
+                leader: self.core.leader(),
+            }));
+            return;
+        }
+        for c in &commands {
+            match self.core.propose(c) {
+                Ok(len) => {
+                    if let (Some(files), Command::Files(_) | Command::Chunk(_)) = (&self.files, c) {
+                        files
+                            .counters
+                            .bytes_proposed
+                            .fetch_add(len as u64, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(e.into()));
+                    return;
+                }
+            }
+        }
+        let index = self.core.last_index();
+        self.waiters.insert(
+            index,
+            Waiter {
+                term,
+                deadline,
+                committed: false,
+                reply,
+            },
+        );
+    }
+
+    fn on_applied(&mut self, done: Applied) -> Result<(), NodeError> {
+        match done {
+            Applied::Index(index) => {
+                self.core.applied_to(index)?;
+                let ready: Vec<u64> = self
+                    .waiters
+                    .range(..=index)
+                    .filter(|(_, w)| w.committed)
+                    .map(|(i, _)| *i)
+                    .collect();
+                for i in ready {
+                    if let Some(w) = self.waiters.remove(&i) {
+                        let _ = w.reply.send(Ok(i));
+                    }
+                }
+                self.try_compact();
+                if self.snapshot_rx.is_none()
+                    && self.held_compaction.is_none()
+                    && self.core.compaction_due()
+                {
+                    let (tx, rx) = oneshot::channel();
+                    let _ = self.applier.send(ApplyMsg::Snapshot(tx));
+                    self.snapshot_rx = Some(rx);
+                }
+            }
+            Applied::SetChanged(set) => {
+                let _ = self.changed_sets.send(set);
+            }
+            Applied::Failed(why) => return Err(NodeError::Apply(why)),
+        }
+        Ok(())
+    }
+
+    fn begin_transfer(
+        &mut self,
+        target: NodeId,
+        deadline: Instant,
+        reply: oneshot::Sender<Result<(), RequestError>>,
+    ) {
+        let voters = self.core.voters();
+        if !voters.contains(&target) {
+            let _ = reply.send(Err(RequestError::Invalid(format!(
+                "node {target} is not a member of this cluster (members: {})",
+                join_ids(&voters)
+            ))));
+            return;
+        }
+        if self.core.leader() == Some(target) {
+            let _ = reply.send(Ok(()));
+            return;
+        }
+        if self.witnesses.contains(&target) {
+            let _ = reply.send(Err(RequestError::Invalid(format!(
+                "node {target} is a witness: it votes but holds no files, so it cannot lead"
+            ))));
+            return;
+        }
+        if !self.core.is_leader() {
+            let _ = reply.send(Err(RequestError::NotLeader {
+                leader: self.core.leader(),
+            }));
+            return;
+        }
+        info!(
+            term = self.core.term(),
+            target, "leadership transfer to node {target} requested"
+        );
+        self.transfers.push(PendingTransfer {
+            target,
+            deadline,
+            reply,
+            started: None,
+        });
+    }
+
+    /// Drives pending transfers: raft-rs catches the target up (pausing new
+    /// proposals meanwhile) and hands over once it has every entry; we finish
+    /// once it leads, re-arm a transfer raft-rs gave up on after an election
+    /// timeout, and fail at the deadline with what stood in the way.
+    fn drive_transfers(&mut self) {
+        let now = Instant::now();
+        let last = self.core.last_index();
+        let leader = self.core.leader();
+        let is_leader = self.core.is_leader();
+        let mut still = Vec::new();
+        for mut t in self.transfers.drain(..) {
+            if leader == Some(t.target) {
+                info!(
+                    term = self.core.term(),
+                    target = t.target,
+                    "leadership transferred to node {}",
+                    t.target
+                );
+                let _ = t.reply.send(Ok(()));
+                continue;
+            }
+            if !is_leader {
+                // Leadership went elsewhere (or an election is running): the caller re-checks.
+                let _ = t.reply.send(Err(RequestError::NotLeader { leader }));
+                continue;
+            }
+            let matched = self.core.match_index(t.target).unwrap_or(0);
+            if now >= t.deadline {
+                let why = if !self.core.peer_active(t.target) {
+                    format!("node {} is unreachable: the leader has not heard from it within an election timeout", t.target)
+                } else if matched < last {
+                    format!("node {} had not caught up (it has entry {matched} of {last}); is it reachable?", t.target)
+                } else {
+                    format!("node {} had caught up but did not take over", t.target)
+                };
+                let _ = t.reply.send(Err(RequestError::TimedOut(why)));
+                continue;
+            }
+            let restart = t
+                .started
+                .is_none_or(|s| now.duration_since(s) > self.election_timeout * 2);
+            if restart {
+                self.core.transfer_leader(t.target);
+                t.started = Some(now);
+            }
+            still.push(t);
+        }
+        self.transfers = still;
+    }
+
+    fn expire_requests(&mut self) {
+        let now = Instant::now();
+        let expired: Vec<u64> = self
+            .waiters
+            .iter()
+            .filter(|(_, w)| w.deadline <= now)
+            .map(|(i, _)| *i)
+            .collect();
+        for index in expired {
+            if let Some(w) = self.waiters.remove(&index) {
+                let _ = w.reply.send(Err(RequestError::TimedOut(
+                    "the entry was not committed and applied in time; is a majority reachable?"
+                        .to_string(),
+                )));
+            }
+        }
+    }
+
+    fn ready(&mut self) -> Result<(), NodeError> {
+        self.ready_once()?;
+        self.drive_transfers();
+        // A transfer started just now has messages ready: send them without
+        // waiting for the next tick.
+        if self.core.has_ready() {
+            self.ready_once()?;
+        }
+        let view = self.core.view();
+        if self.reconcile_pending
+            && view.leader.is_some()
+            && !self.core.is_leader()
+            && view.applied_index >= view.commit_index
+            && self.core.committed_in_current_term()
+        {
+            self.reconcile_pending = false;
+            self.last_reconcile = Instant::now();
+            let _ = self.applier.send(ApplyMsg::Reconcile);
+        }
+        if !self.core.is_leader() && self.last_reconcile.elapsed() >= self.rescan {
+            self.reconcile_pending = true;
+            self.last_reconcile = Instant::now();
+        }
+        self.view.send_if_modified(|v| {
+            if *v != view {
+                *v = view;
+                true
+            } else {
+                false
+            }
+        });
+        Ok(())
+    }
+
+    /// Compacts the log with the held snapshot once no live follower still
+    /// needs the entries it replaces.
+    fn try_compact(&mut self) {
+        let Some((index, _)) = &self.held_compaction else {
+            return;
+        };
+        if !self.core.compactable(*index) {
+            return;
+        }
+        let (index, data) = self.held_compaction.take().expect("checked above");
+        if let Err(e) = self.core.compact(index, data) {
+            warn!(index, "log compaction skipped: {e}");
+        }
+    }
+
+    fn ready_once(&mut self) -> Result<(), NodeError> {
+        let out = self.core.handle_ready_deferred()?;
+        for peer in self.transport.send(out.messages) {
+            self.core
+                .report_snapshot(peer, raft::SnapshotStatus::Failure);
+        }
+        if let Some((index, data)) = out.snapshot {
+            let _ = self.applier.send(ApplyMsg::Restore(index, data));
+        }
+        for entry in &out.applied {
+            if let Some(w) = self.waiters.get_mut(&entry.index) {
+                if w.term == entry.term {
+                    w.committed = true;
+                } else if let Some(w) = self.waiters.remove(&entry.index) {
+                    let _ = w.reply.send(Err(RequestError::NotLeader {
+                        leader: self.core.leader(),
+                    }));
+                }
+            }
+        }
+        if let Some(last) = out.applied.last() {
+            let _ = self.applier.send(ApplyMsg::Committed(last.index));
+        }
+        if let Some(change) = out.role_change {
+            info!(term = change.term, role = change.role.as_str(), leader = ?change.leader, "role or leader changed");
+            if self.was_leader && change.role != Role::Leader {
+                self.reconcile_pending = true;
+            }
+            let _ = self.role_events.send(crate::ops::hooks::RoleEvent {
+                role: change.role,
+                term: change.term,
+                leader: change.leader,
+            });
+            self.was_leader = change.role == Role::Leader;
+            if let Some(files) = self.files.as_ref() {
+                files
+                    .leading
+                    .store(self.was_leader, std::sync::atomic::Ordering::SeqCst);
+                files
+                    .term
+                    .store(change.term, std::sync::atomic::Ordering::SeqCst);
+            }
+            if change.role != Role::Leader {
+                // A deposed leader's pending entries may still commit under the new
+                // leader, but this node can no longer tell: let the callers retry.
+                let pending: Vec<u64> = self
+                    .waiters
+                    .iter()
+                    .filter(|(_, w)| !w.committed)
+                    .map(|(i, _)| *i)
+                    .collect();
+                for i in pending {
+                    if let Some(w) = self.waiters.remove(&i) {
+                        let _ = w.reply.send(Err(RequestError::NotLeader {
+                            leader: change.leader,
+                        }));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}

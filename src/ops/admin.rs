@@ -1,0 +1,597 @@
+//! The local admin service on the node's unix socket, and the client side
+//! `clusterctl` uses to reach it.
+//!
+//! Invariant owned here: an admin call never hangs on a dead peer. Status asks
+//! every peer with a short deadline and lists the silent ones as unreachable;
+//! promote and barrier are bounded by the caller's timeout and fail with a
+//! sentence saying what stood in the way.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::future::join_all;
+use hyper_util::rt::TokioIo;
+use tokio::net::{UnixListener, UnixStream};
+use tokio_stream::wrappers::UnixListenerStream;
+use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::{Request, Response, Status};
+use tracing::{info, warn};
+
+use crate::core::config::NodeId;
+use crate::core::status::{promote_plan, ClusterStatus, NodeEntry, PlanError, PromotePlan};
+use crate::net::peer::request_status;
+use crate::net::proto::admin::admin_client::AdminClient;
+use crate::net::proto::admin::admin_server::{Admin, AdminServer};
+use crate::net::proto::admin::{
+    ClusterStatus as PbClusterStatus, PromoteReply, PromoteRequest, StatusRequest,
+};
+use crate::net::proto::peer::{BarrierReply, BarrierRequest, NodeStatusRequest, TransferRequest};
+use crate::net::tls::AdminCaller;
+use crate::net::transport::Transport;
+use crate::raft::handle::{NodeHandle, RequestError};
+use crate::replication::shared::Shared;
+
+/// Default deadline for asking one peer for its status.
+pub const DEFAULT_PEER_STATUS_TIMEOUT: Duration = Duration::from_millis(800);
+
+/// Why the admin socket could not be served: the path and one sentence.
+#[derive(Debug, thiserror::Error)]
+#[error("admin socket {path} (key `node.admin_socket`): {reason}")]
+pub struct SocketError {
+    pub path: String,
+    pub reason: String,
+}
+
+/// Binds the admin socket with mode 0600, replacing a stale socket file left
+/// by a crash but never any other kind of file.
+pub fn bind_socket(path: &Path) -> Result<UnixListener, SocketError> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let err = |reason: String| SocketError {
+        path: path.display().to_string(),
+        reason,
+    };
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)
+            .map_err(|e| err(format!("cannot create its directory: {e}")))?;
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(err(
+                    "another clusterd is already serving it; stop that one or choose another path"
+                        .into(),
+                ));
+            }
+            std::fs::remove_file(path)
+                .map_err(|e| err(format!("cannot remove the stale socket: {e}")))?;
+        }
+        Ok(_) => {
+            return Err(err(
+                "exists and is not a socket; remove it or choose another path".into(),
+            ))
+        }
+        Err(_) => {}
+    }
+    // Bind under a restrictive umask so the socket is never briefly world-accessible.
+    let old = unsafe { libc::umask(0o177) };
+    let bound = UnixListener::bind(path);
+    unsafe { libc::umask(old) };
+    let listener = bound.map_err(|e| err(format!("cannot bind: {e}")))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| err(format!("cannot set mode 0600: {e}")))?;
+    Ok(listener)
+}
+
+/// Who called over the remote admin port, and from where.
+#[derive(Debug, Clone)]
+pub struct RemoteCaller {
+    pub caller: AdminCaller,
+    pub remote: std::net::SocketAddr,
+}
+
+/// Refuses a change (promote, barrier) to callers that are not
+/// administrators. The local socket (root only, mode 0600) carries no
+/// caller: it is always allowed.
+fn require_admin<T>(req: &Request<T>, what: &str) -> Result<(), Status> {
+    match req.extensions().get::<RemoteCaller>() {
+        None => Ok(()),
+        Some(RemoteCaller {
+            caller: AdminCaller::Admin(name),
+            remote,
+        }) => {
+            info!(admin = %name, %remote, "{what} by admin {name} from {remote}");
+            Ok(())
+        }
+        Some(RemoteCaller { caller, remote }) => {
+            warn!(%remote, "refused {what} from {caller} at {remote}: not an admin certificate");
+            Err(Status::permission_denied(format!(
+                "{what} needs an admin certificate; the certificate of {caller} may only read status and conflicts (make one with `clusterctl certs admin --out DIR --name NAME`)"
+            )))
+        }
+    }
+}
+
+/// The remote admin port: mutual TLS against the cluster CA; callers with
+/// an admin certificate may do everything the local socket allows, callers
+/// with a node certificate only read.
+pub fn remote_incoming(
+    listener: tokio::net::TcpListener,
+    tls: crate::net::tls::LiveTls,
+) -> tokio_stream::wrappers::ReceiverStream<
+    std::io::Result<crate::net::accept::AuthedConn<RemoteCaller>>,
+> {
+    crate::net::accept::accept_authenticated(
+        listener,
+        tls,
+        "admin client",
+        crate::net::tls::PeerTls::admin_acceptor,
+        |stream, remote| {
+            let leaf = crate::net::tls::peer_leaf(stream.get_ref().1)
+                .ok_or("it presented no certificate")?;
+            let caller =
+                crate::net::tls::admin_caller_from_cert(leaf).map_err(|e| e.to_string())?;
+            Ok(RemoteCaller { caller, remote })
+        },
+    )
+}
+
+#[derive(Clone)]
+pub struct AdminService {
+    node: NodeHandle,
+    /// Status asks every peer for its view over these links.
+    transport: Transport,
+    /// This node's sets, for status and the quarantine records.
+    files: Arc<Shared>,
+}
+
+impl AdminService {
+    pub fn new(node: NodeHandle, transport: Transport, files: Arc<Shared>) -> Self {
+        AdminService {
+            node,
+            transport,
+            files,
+        }
+    }
+
+    /// Serves the remote admin port on authenticated connections.
+    pub async fn serve_remote(
+        self,
+        incoming: tokio_stream::wrappers::ReceiverStream<
+            std::io::Result<crate::net::accept::AuthedConn<RemoteCaller>>,
+        >,
+        shutdown: impl std::future::Future<Output = ()> + Send,
+    ) -> Result<(), tonic::transport::Error> {
+        tonic::transport::Server::builder()
+            .timeout(Duration::from_secs(620))
+            .add_service(AdminServer::new(self))
+            .serve_with_incoming_shutdown(incoming, shutdown)
+            .await
+    }
+
+    pub async fn serve(
+        self,
+        listener: UnixListener,
+        shutdown: impl std::future::Future<Output = ()> + Send,
+    ) -> Result<(), tonic::transport::Error> {
+        tonic::transport::Server::builder()
+            .add_service(AdminServer::new(self))
+            .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+            .await
+    }
+
+    /// Every node's view: our own from memory, the peers' over the network.
+    pub async fn gather(&self, peer_timeout: Duration) -> ClusterStatus {
+        let me = self.node.id();
+        let local = NodeEntry {
+            id: me,
+            addr: String::new(),
+            reachable: true,
+            view: Some(self.node.view()),
+            error: None,
+            rtt_us: None,
+            cert_not_after_unix: Some(crate::core::status::unix_seconds(
+                self.node.cert_not_after(),
+            )),
+            files: Some(self.files.files_view()),
+        };
+        let asks = self.transport.peers().map(|peer| {
+            let transport = self.transport.clone();
+            async move {
+                let addr = transport.addr(peer).unwrap_or_default().to_string();
+                let started = Instant::now();
+                let result = match transport.client(peer) {
+                    Some(mut client) => {
+                        let mut req = Request::new(NodeStatusRequest {});
+                        req.set_timeout(peer_timeout);
+                        tokio::time::timeout(peer_timeout, client.node_status(req))
+                            .await
+                            .map_err(|_| {
+                                format!("no answer within {} ms", peer_timeout.as_millis())
+                            })
+                            .and_then(|r| r.map_err(|s| s.message().to_string()))
+                    }
+                    None => Err("no link".to_string()),
+                };
+                match result {
+                    Ok(view) => NodeEntry {
+                        id: peer,
+                        addr,
+                        reachable: true,
+                        view: Some(view.get_ref().into()),
+                        error: None,
+                        rtt_us: Some(started.elapsed().as_micros() as u64),
+                        cert_not_after_unix: (view.get_ref().cert_not_after_unix != 0)
+                            .then_some(view.get_ref().cert_not_after_unix),
+                        files: view.get_ref().files.as_ref().map(Into::into),
+                    },
+                    Err(error) => NodeEntry {
+                        id: peer,
+                        addr,
+                        reachable: false,
+                        view: None,
+                        error: Some(error),
+                        rtt_us: None,
+                        cert_not_after_unix: None,
+                        files: None,
+                    },
+                }
+            }
+        });
+        let mut nodes = vec![local];
+        nodes.extend(join_all(asks).await);
+        nodes.sort_by_key(|n| n.id);
+        ClusterStatus { node_id: me, nodes }
+    }
+
+    /// Waits (up to `deadline`) for some leader to be known.
+    async fn known_leader(&self, deadline: Instant) -> Result<NodeId, RequestError> {
+        let wait = deadline.saturating_duration_since(Instant::now());
+        self.node
+            .wait_view(wait, |v| v.leader.is_some())
+            .await
+            .and_then(|v| v.leader)
+            .ok_or(RequestError::NotLeader { leader: None })
+    }
+
+    /// Plans a switchover to `target` from a fresh status, pinning
+    /// `must_apply` to the leader's commit index on the first look.
+    async fn plan(
+        &self,
+        target: NodeId,
+        must_apply: Option<u64>,
+        deadline: Instant,
+    ) -> Result<PromotePlan, PlanError> {
+        let peer_timeout = DEFAULT_PEER_STATUS_TIMEOUT
+            .min(deadline.saturating_duration_since(Instant::now()))
+            .max(Duration::from_millis(50));
+        let status = self.gather(peer_timeout).await;
+        promote_plan(&status, target, must_apply)
+    }
+
+    /// `clusterctl promote --dry-run`: what a promote would do now.
+    async fn promote_dry_run(
+        &self,
+        target: NodeId,
+        wait: Duration,
+    ) -> Result<String, RequestError> {
+        let deadline = Instant::now() + wait;
+        // A leader may be a moment away (an election in progress): wait for one.
+        let _ = self.known_leader(deadline).await;
+        self.plan(target, None, deadline)
+            .await
+            .map(|p| p.describe())
+            .map_err(|e| match e {
+                PlanError::Invalid(why) => RequestError::Invalid(why),
+                PlanError::NotNow(why) => RequestError::Unreachable(why),
+            })
+    }
+
+    /// A planned switchover: waits until `target` has applied everything
+    /// committed when it was asked for (and fetched every committed file),
+    /// so the switchover loses and quarantines nothing, then has the leader
+    /// transfer leadership. Returns the term in which `target` leads.
+    async fn promote(&self, target: NodeId, wait: Duration) -> Result<u64, RequestError> {
+        let deadline = Instant::now() + wait;
+        let mut must_apply = None;
+        let mut last_error = None;
+        while Instant::now() < deadline {
+            let leader = match self.known_leader(deadline).await {
+                Ok(l) => l,
+                Err(e) => {
+                    last_error = Some(e);
+                    break;
+                }
+            };
+            if leader == target {
+                return Ok(self.node.view().term);
+            }
+            match self.plan(target, must_apply, deadline).await {
+                Err(PlanError::Invalid(why)) => return Err(RequestError::Invalid(why)),
+                Err(PlanError::NotNow(why)) => {
+                    last_error = Some(RequestError::Unreachable(why));
+                    self.pause(deadline).await;
+                    continue;
+                }
+                Ok(plan) if plan.already_leads() => {
+                    // Our own view has not caught up with the handover yet.
+                    self.pause(deadline).await;
+                    continue;
+                }
+                Ok(plan) => {
+                    must_apply = Some(plan.must_apply);
+                    if !plan.caught_up() {
+                        last_error = Some(RequestError::TimedOut(format!(
+                            "node {target} had not caught up within {} ms: {}",
+                            wait.as_millis(),
+                            plan.waiting_for()
+                        )));
+                        self.pause(deadline).await;
+                        continue;
+                    }
+                }
+            }
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let result = if leader == self.node.id() {
+                self.node.transfer_leadership(target, remaining).await
+            } else {
+                self.forward_transfer(leader, target, remaining).await
+            };
+            match result {
+                Ok(()) => {
+                    // The leader saw the target take over; wait until this node agrees.
+                    let remaining = deadline.saturating_duration_since(Instant::now());
+                    if let Some(v) = self
+                        .node
+                        .wait_view(remaining, |v| v.leader == Some(target))
+                        .await
+                    {
+                        return Ok(v.term);
+                    }
+                }
+                // Leadership moved while we asked, or a transfer was under way: look again.
+                Err(RequestError::NotLeader { .. }) | Err(RequestError::Retry(_)) => {
+                    self.pause(deadline).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last_error.unwrap_or_else(|| {
+            RequestError::TimedOut(format!(
+                "node {target} did not become leader within {} ms",
+                wait.as_millis()
+            ))
+        }))
+    }
+
+    /// A short pause between looks, never past the deadline.
+    async fn pause(&self, deadline: Instant) {
+        let pause =
+            Duration::from_millis(50).min(deadline.saturating_duration_since(Instant::now()));
+        tokio::time::sleep(pause).await;
+    }
+
+    async fn forward_transfer(
+        &self,
+        leader: NodeId,
+        target: NodeId,
+        wait: Duration,
+    ) -> Result<(), RequestError> {
+        let mut client = self.transport.client(leader).ok_or_else(|| {
+            RequestError::Unreachable(format!("no link to the leader, node {leader}"))
+        })?;
+        let mut req = Request::new(TransferRequest {
+            target,
+            timeout_ms: wait.as_millis() as u64,
+        });
+        req.set_timeout(wait + Duration::from_millis(500));
+        client
+            .transfer_leadership(req)
+            .await
+            .map(|_| ())
+            .map_err(|s| status_error(leader, s))
+    }
+
+    async fn barrier(&self, wait: Duration) -> Result<u64, RequestError> {
+        let deadline = Instant::now() + wait;
+        loop {
+            let leader = self.known_leader(deadline).await?;
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let result = if leader == self.node.id() {
+                self.node.local_barrier(remaining).await
+            } else {
+                self.forward_barrier(leader, remaining).await
+            };
+            match result {
+                Ok(index) => {
+                    // Applied on the leader; now wait until it is applied here too.
+                    let remaining = deadline.saturating_duration_since(Instant::now());
+                    return self
+                        .node
+                        .wait_view(remaining, |v| v.applied_index >= index)
+                        .await
+                        .map(|_| index)
+                        .ok_or_else(|| {
+                            RequestError::TimedOut(format!(
+                                "entry {index} committed but not applied on this node in time"
+                            ))
+                        });
+                }
+                Err(RequestError::NotLeader { .. }) | Err(RequestError::Retry(_))
+                    if Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    async fn forward_barrier(&self, leader: NodeId, wait: Duration) -> Result<u64, RequestError> {
+        let mut client = self.transport.client(leader).ok_or_else(|| {
+            RequestError::Unreachable(format!("no link to the leader, node {leader}"))
+        })?;
+        let mut req = Request::new(BarrierRequest {
+            timeout_ms: wait.as_millis() as u64,
+        });
+        req.set_timeout(wait + Duration::from_millis(200));
+        client
+            .barrier(req)
+            .await
+            .map(|r| r.get_ref().index)
+            .map_err(|s| status_error(leader, s))
+    }
+}
+
+/// Reads a peer's gRPC status back into a request error.
+fn status_error(peer: NodeId, s: Status) -> RequestError {
+    match s.code() {
+        tonic::Code::FailedPrecondition => RequestError::NotLeader { leader: None },
+        tonic::Code::Aborted => RequestError::Retry(s.message().to_string()),
+        tonic::Code::DeadlineExceeded => {
+            RequestError::TimedOut(format!("node {peer}: {}", s.message()))
+        }
+        tonic::Code::InvalidArgument => RequestError::Invalid(s.message().to_string()),
+        _ => RequestError::Unreachable(format!("node {peer}: {}", s.message())),
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn status(
+        &self,
+        req: Request<StatusRequest>,
+    ) -> Result<Response<PbClusterStatus>, Status> {
+        let ms = req.get_ref().peer_timeout_ms;
+        let timeout = if ms == 0 {
+            DEFAULT_PEER_STATUS_TIMEOUT
+        } else {
+            Duration::from_millis(ms.min(10_000))
+        };
+        let status = self.gather(timeout).await;
+        Ok(Response::new((&status).into()))
+    }
+
+    async fn promote(
+        &self,
+        req: Request<PromoteRequest>,
+    ) -> Result<Response<PromoteReply>, Status> {
+        if !req.get_ref().dry_run {
+            require_admin(&req, "promote")?;
+        }
+        let r = req.into_inner();
+        let wait = Duration::from_millis(if r.timeout_ms == 0 {
+            10_000
+        } else {
+            r.timeout_ms.min(600_000)
+        });
+        if r.dry_run {
+            let plan = self
+                .promote_dry_run(r.target, wait)
+                .await
+                .map_err(request_status)?;
+            return Ok(Response::new(PromoteReply { term: 0, plan }));
+        }
+        info!(target = r.target, "promote requested by an administrator");
+        let term = AdminService::promote(self, r.target, wait)
+            .await
+            .map_err(request_status)?;
+        Ok(Response::new(PromoteReply {
+            term,
+            plan: String::new(),
+        }))
+    }
+
+    async fn conflicts(
+        &self,
+        _req: Request<crate::net::proto::admin::ConflictsRequest>,
+    ) -> Result<Response<crate::net::proto::admin::ConflictsReply>, Status> {
+        let files = self.files.clone();
+        let records = tokio::task::spawn_blocking(move || files.conflicts(10_000))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| Status::unavailable(format!("cannot read the quarantine records: {e}")))?;
+        Ok(Response::new(crate::net::proto::admin::ConflictsReply {
+            records,
+        }))
+    }
+
+    async fn barrier(
+        &self,
+        req: Request<BarrierRequest>,
+    ) -> Result<Response<BarrierReply>, Status> {
+        require_admin(&req, "barrier")?;
+        let ms = req.get_ref().timeout_ms;
+        let wait = Duration::from_millis(if ms == 0 { 5_000 } else { ms.min(600_000) });
+        let index = AdminService::barrier(self, wait)
+            .await
+            .map_err(request_status)?;
+        Ok(Response::new(BarrierReply { index }))
+    }
+}
+
+/// Connects `clusterctl` to a node's admin socket.
+pub async fn connect(socket: &Path) -> Result<AdminClient<Channel>, ClientError> {
+    let path: PathBuf = socket.to_path_buf();
+    let display = path.display().to_string();
+    // The URI is a placeholder: the connector always dials the socket.
+    let channel = Endpoint::from_static("http://clusterd.admin")
+        .connect_timeout(Duration::from_secs(2))
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let path = path.clone();
+            async move { UnixStream::connect(path).await.map(TokioIo::new) }
+        }))
+        .await
+        .map_err(|e| ClientError::Connect {
+            socket: display,
+            reason: crate::core::error_text::error_chain(&e),
+        })?;
+    Ok(AdminClient::new(channel))
+}
+
+/// Connects `clusterctl --remote` to node `node_id`'s remote admin port at
+/// `addr` over mutual TLS; the server must prove it is that node.
+pub async fn connect_remote(
+    addr: &str,
+    node_id: NodeId,
+    tls: &crate::core::config::TlsPaths,
+) -> Result<AdminClient<Channel>, ClientError> {
+    let config = crate::net::tls::admin_client_config(tls).map_err(|e| ClientError::Tls {
+        reason: e.to_string(),
+    })?;
+    let connector = tokio_rustls::TlsConnector::from(config);
+    let target = addr.to_string();
+    let channel = Endpoint::from_static("http://clusterd.admin")
+        .connect_timeout(Duration::from_secs(5))
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let (target, connector) = (target.clone(), connector.clone());
+            async move {
+                let tcp = tokio::net::TcpStream::connect(&target).await?;
+                let tls = connector
+                    .connect(crate::net::tls::PeerTls::server_name(node_id), tcp)
+                    .await?;
+                Ok::<_, std::io::Error>(TokioIo::new(tls))
+            }
+        }))
+        .await
+        .map_err(|e| ClientError::Remote {
+            addr: addr.to_string(),
+            node_id,
+            reason: crate::core::error_text::error_chain(&e),
+        })?;
+    Ok(AdminClient::new(channel))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach clusterd at {socket}: {reason}; is clusterd running, and is this the right socket (--socket, or node.admin_socket in --config)?")]
+    Connect { socket: String, reason: String },
+    #[error("cannot reach node {node_id}'s remote admin port at {addr}: {reason}; check [admin] listen on that node, --node-id, and that --tls-cert is an admin certificate of this cluster's CA")]
+    Remote {
+        addr: String,
+        node_id: NodeId,
+        reason: String,
+    },
+    #[error("cannot load the TLS files for --remote: {reason}")]
+    Tls { reason: String },
+}

@@ -1,0 +1,706 @@
+//! The Raft driver core: a sans-IO wrapper around raft-rs's `RawNode`.
+//!
+//! It owns the order in which a `Ready` is handled (persist, then send, then
+//! apply, then advance), the encoding of our commands in Raft entries, and the
+//! node's view of itself for status. It does no networking and no waiting:
+//! the node task in [`crate::node`] feeds it ticks and messages and ships what
+//! it returns, and the tests in `raft/core/sim_tests.rs` drive several cores
+//! through a fault-injecting in-memory network.
+//!
+//! Invariant owned here: nothing is handed to the state machine before it was
+//! committed, and no message leaves before the state it depends on is durable.
+
+use raft::prelude::*;
+use raft::{GetEntriesContext, RawNode, StateRole, Storage};
+
+use crate::core::config::{NodeId, RaftTimers};
+use crate::core::manifest::{Chunk, FileBatch};
+pub use crate::core::status::{NodeView, PeerProgress, Role};
+
+/// Durable storage the core needs beyond `raft::Storage`'s read side.
+/// Every method returns only once what it wrote is durable (fsync'd).
+pub trait LogStore: Storage {
+    type Error: std::error::Error + Send + Sync + 'static;
+    /// Appends entries (truncating a conflicting suffix) and the hard state, atomically.
+    fn persist(&self, entries: &[Entry], hard_state: Option<&HardState>)
+        -> Result<(), Self::Error>;
+    /// Records a new commit index (from a `LightReady`).
+    fn set_commit(&self, commit: u64) -> Result<(), Self::Error>;
+    /// Installs a snapshot received from the leader, replacing the log.
+    fn apply_snapshot(&self, snapshot: &Snapshot) -> Result<(), Self::Error>;
+    /// Drops entries up to `index`, keeping `data` as the snapshot at that index.
+    fn compact(&self, index: u64, data: Vec<u8>) -> Result<(), Self::Error>;
+    /// The state machine's applied index, restored into `raft::Config::applied` on restart.
+    fn applied(&self) -> u64;
+    fn set_applied(&self, index: u64) -> Result<(), Self::Error>;
+}
+
+/// What the state machine is told about a committed entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommittedEntry {
+    pub index: u64,
+    pub term: u64,
+    /// `None` for the empty entry every new leader appends, and for every
+    /// entry of a store that hands a `Ready` only headers (`RaftStore`: the
+    /// applier reads the commands back from the log itself).
+    pub command: Option<Command>,
+}
+
+/// The receiver of committed entries. Apply must be deterministic: every node
+/// applies the same entries in the same order.
+pub trait StateMachine {
+    fn apply(&mut self, entry: &CommittedEntry) -> Result<(), CoreError>;
+    /// Bytes that stand for the whole state at the applied index (for log compaction).
+    fn snapshot_data(&self) -> Vec<u8>;
+    /// Replaces the state with a snapshot received from the leader.
+    fn restore(&mut self, index: u64, data: &[u8]) -> Result<(), CoreError>;
+}
+
+/// Commands carried in Raft entries. The byte format is pinned by a test:
+/// it is written into every node's durable log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// A no-op that proves the cluster can commit; `token` lets the proposer find it.
+    Barrier { origin: NodeId, token: u64 },
+    /// Changes to one sync set, visible together.
+    Files(FileBatch),
+    /// A piece of a large patch that a later `Files` batch refers to.
+    Chunk(Chunk),
+}
+
+const COMMAND_FORMAT_V1: u8 = 1;
+const KIND_BARRIER: u8 = 1;
+const KIND_FILES: u8 = 2;
+const KIND_CHUNK: u8 = 3;
+
+impl Command {
+    pub fn encode(&self) -> Vec<u8> {
+        match self {
+            Command::Barrier { origin, token } => {
+                let mut out = Vec::with_capacity(18);
+                out.push(COMMAND_FORMAT_V1);
+                out.push(KIND_BARRIER);
+                out.extend_from_slice(&origin.to_be_bytes());
+                out.extend_from_slice(&token.to_be_bytes());
+                out
+            }
+            Command::Files(batch) => {
+                let mut out = vec![COMMAND_FORMAT_V1, KIND_FILES];
+                out.extend(crate::core::manifest::encode_batch(batch));
+                out
+            }
+            Command::Chunk(chunk) => {
+                let mut out = vec![COMMAND_FORMAT_V1, KIND_CHUNK];
+                out.extend(crate::core::manifest::encode_chunk(chunk));
+                out
+            }
+        }
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Command, CoreError> {
+        match bytes {
+            [COMMAND_FORMAT_V1, KIND_BARRIER, rest @ ..] if rest.len() == 16 => Ok(Command::Barrier {
+                origin: u64::from_be_bytes(rest[..8].try_into().expect("8 bytes")),
+                token: u64::from_be_bytes(rest[8..].try_into().expect("8 bytes")),
+            }),
+            [COMMAND_FORMAT_V1, KIND_FILES, rest @ ..] => crate::core::manifest::decode_batch(rest)
+                .map(Command::Files)
+                .map_err(|e| CoreError::BadEntry(e.to_string())),
+            [COMMAND_FORMAT_V1, KIND_CHUNK, rest @ ..] => crate::core::manifest::decode_chunk(rest)
+                .map(Command::Chunk)
+                .map_err(|e| CoreError::BadEntry(e.to_string())),
+            [version, kind, ..] => Err(CoreError::BadEntry(format!(
+                "unknown command (format {version}, kind {kind}, {} bytes); is a newer clusterd leading?",
+                bytes.len()
+            ))),
+            _ => Err(CoreError::BadEntry(format!("command of {} bytes is too short", bytes.len()))),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CoreError {
+    #[error("the Raft log could not be written: {0}; the node stops rather than act on state that is not durable")]
+    Storage(String),
+    #[error("raft: {0}")]
+    Raft(#[from] raft::Error),
+    #[error("not the leader (leader: {})", leader.map_or("unknown".to_string(), |l| format!("node {l}")))]
+    NotLeader { leader: Option<NodeId> },
+    #[error("a committed entry cannot be applied: {0}")]
+    BadEntry(String),
+    /// The request is valid but cannot be taken right now.
+    #[error("{0}")]
+    Busy(String),
+}
+
+/// A change of role or leader, for hooks and logs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoleChange {
+    pub role: Role,
+    pub term: u64,
+    pub leader: Option<NodeId>,
+}
+
+/// What one round of `Ready` handling produced for the shell to act on.
+#[derive(Debug, Default)]
+pub struct CoreOutput {
+    /// Messages to send; their state is already durable.
+    pub messages: Vec<Message>,
+    /// Entries applied in this round, in order (by [`RaftCore::handle_ready`]),
+    /// or committed and waiting for the shell to apply them (by
+    /// [`RaftCore::handle_ready_deferred`]).
+    pub applied: Vec<CommittedEntry>,
+    /// A snapshot installed in the log; with deferred apply, the shell must
+    /// restore its state machine from it before applying `applied`.
+    pub snapshot: Option<(u64, Vec<u8>)>,
+    pub role_change: Option<RoleChange>,
+}
+
+/// Knobs of the core that are not user configuration.
+#[derive(Debug, Clone)]
+pub struct CoreOptions {
+    /// Compact the log once this many applied entries sit before the first index.
+    pub compact_after: u64,
+    /// Also compact once this many bytes of entries were written since the
+    /// last compaction (or 8 × the last snapshot's size, if larger, so a
+    /// large manifest is not rewritten for every few MiB), to an index every
+    /// live follower has: file content then leaves RocksDB while still in
+    /// its memtable, instead of being written a second time into blob files
+    /// (a quarter of a node's CPU during a full sync, perf).
+    pub compact_bytes: u64,
+    pub witness: bool,
+}
+
+impl Default for CoreOptions {
+    fn default() -> Self {
+        CoreOptions {
+            compact_after: 20_000,
+            compact_bytes: 8 << 20,
+            witness: false,
+        }
+    }
+}
+
+pub struct RaftCore<S: LogStore> {
+    raw: RawNode<S>,
+    options: CoreOptions,
+    last_role: Option<RoleChange>,
+    /// Messages from an older term seen since start (for status).
+    stale_term_messages: u64,
+    /// The stale term last logged per sender, so a deposed leader's
+    /// heartbeats are logged once per term instead of ten times a second.
+    stale_logged: std::collections::HashMap<NodeId, u64>,
+    /// Entry data persisted since the last compaction (for `compact_bytes`).
+    bytes_since_compaction: u64,
+    /// Size of the last compaction's snapshot data.
+    last_snapshot_len: u64,
+}
+
+/// The raft-rs configuration every node uses: pre-vote and check-quorum on;
+/// the election timeout is randomized in [timeout, 1.5 × timeout).
+///
+/// A witness votes but must never lead: its randomized election timeout is
+/// pushed out of reach (a day of ticks), while `election_tick` stays the
+/// cluster's so its leader-lease checks match everyone else's.
+pub fn raft_config(id: NodeId, timers: &RaftTimers, applied: u64, witness: bool) -> raft::Config {
+    let election_tick = timers.election_ticks().max(3);
+    let (min_election_tick, max_election_tick) = if witness {
+        let never = (86_400_000 / timers.tick().as_millis().max(1)) as usize;
+        (never, never + 1)
+    } else {
+        (election_tick, election_tick + election_tick / 2)
+    };
+    raft::Config {
+        id,
+        election_tick,
+        heartbeat_tick: crate::core::config::TICKS_PER_HEARTBEAT as usize,
+        min_election_tick,
+        max_election_tick,
+        applied,
+        pre_vote: true,
+        check_quorum: true,
+        max_size_per_msg: 1024 * 1024,
+        // With file content in entries, 16 × 1 MiB in flight per follower
+        // keeps heartbeats from queueing behind hundreds of MiB.
+        max_inflight_msgs: 16,
+        ..Default::default()
+    }
+}
+
+impl<S: LogStore> RaftCore<S> {
+    /// Builds the core over already-bootstrapped storage. If a crash came
+    /// between installing a snapshot and recording it as applied, the state
+    /// machine is restored from that snapshot first, so raft-rs never sees an
+    /// applied index below its first entry.
+    pub fn new(
+        id: NodeId,
+        timers: &RaftTimers,
+        store: S,
+        options: CoreOptions,
+        logger: &slog::Logger,
+        sm: &mut impl StateMachine,
+    ) -> Result<Self, CoreError> {
+        let snapshot_index = store.first_index()? - 1;
+        if store.applied() < snapshot_index {
+            let snapshot = store.snapshot(snapshot_index, id)?;
+            sm.restore(snapshot_index, snapshot.get_data())?;
+            store.set_applied(snapshot_index).map_err(storage_err)?;
+        }
+        let applied = store.applied();
+        let config = raft_config(id, timers, applied, options.witness);
+        let raw = RawNode::new(&config, store, logger)?;
+        Ok(RaftCore {
+            raw,
+            options,
+            last_role: None,
+            stale_term_messages: 0,
+            stale_logged: std::collections::HashMap::new(),
+            bytes_since_compaction: 0,
+            last_snapshot_len: 0,
+        })
+    }
+
+    pub fn id(&self) -> NodeId {
+        self.raw.raft.id
+    }
+
+    /// Advances the Raft clock by one heartbeat interval.
+    pub fn tick(&mut self) {
+        self.raw.tick();
+    }
+
+    /// Feeds a message from a peer (already authenticated by the shell).
+    ///
+    /// A message from an older term is rejected: raft-rs neither appends its
+    /// entries nor counts its votes, and answers with the current term so a
+    /// deposed leader learns it was replaced. It is counted and logged here
+    /// (once per sender and term).
+    pub fn step(&mut self, mut message: Message) -> Result<(), CoreError> {
+        self.note_stale_term(&message);
+        if self.options.witness && message.get_msg_type() == MessageType::MsgTimeoutNow {
+            // A witness holds no files, so it refuses to be handed leadership.
+            return Ok(());
+        }
+        let last = self.raw.raft.raft_log.last_index();
+        if message.get_msg_type() == MessageType::MsgHeartbeat && message.commit > last {
+            // The leader remembers this node having entries it no longer has: its
+            // data dir was replaced. raft-rs would panic on the commit; taking
+            // only what we hold is safe (nothing beyond `last` is marked
+            // committed), and the next append makes the leader probe back and
+            // resend the log.
+            tracing::warn!(
+                leader = message.from,
+                commit = message.commit,
+                last_index = last,
+                "the leader believes this node holds entries up to {} but its log ends at {last} (was its data dir replaced?); catching up",
+                message.commit
+            );
+            message.commit = last;
+        }
+        match self.raw.step(message) {
+            // Stale or misdirected messages are normal after restarts and partitions.
+            Ok(()) | Err(raft::Error::StepPeerNotFound) | Err(raft::Error::StepLocalMsg) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Appends `command` to the leader's log; returns its encoded size.
+    pub fn propose(&mut self, command: &Command) -> Result<usize, CoreError> {
+        if self.raw.raft.state != StateRole::Leader {
+            return Err(self.not_leader());
+        }
+        let data = command.encode();
+        let len = data.len();
+        match self.raw.propose(vec![], data) {
+            Ok(()) => Ok(len),
+            // Dropped while a leadership transfer is in flight: the caller retries.
+            Err(raft::Error::ProposalDropped) => Err(CoreError::Busy(
+                "a leadership transfer is in progress; retry in a moment".to_string(),
+            )),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn not_leader(&self) -> CoreError {
+        CoreError::NotLeader {
+            leader: self.leader(),
+        }
+    }
+
+    /// Starts handing leadership to `target`; raft-rs catches it up first and
+    /// aborts the transfer after an election timeout.
+    pub fn transfer_leader(&mut self, target: NodeId) {
+        self.raw.transfer_leader(target);
+    }
+
+    /// Tells Raft a peer could not be reached, so it probes instead of streaming.
+    pub fn report_unreachable(&mut self, peer: NodeId) {
+        self.raw.report_unreachable(peer);
+    }
+
+    /// Tells Raft whether a snapshot reached `peer`; until then it sends that peer nothing else.
+    pub fn report_snapshot(&mut self, peer: NodeId, status: raft::SnapshotStatus) {
+        self.raw.report_snapshot(peer, status);
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.raw.raft.state == StateRole::Leader
+    }
+
+    pub fn leader(&self) -> Option<NodeId> {
+        match self.raw.raft.leader_id {
+            0 => None,
+            id => Some(id),
+        }
+    }
+
+    pub fn term(&self) -> u64 {
+        self.raw.raft.term
+    }
+
+    pub fn voters(&self) -> Vec<NodeId> {
+        let mut v: Vec<NodeId> = self.raw.raft.prs().conf().voters().ids().iter().collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// The leader's view of how far `peer` has replicated; `None` off the leader.
+    pub fn match_index(&self, peer: NodeId) -> Option<u64> {
+        if !self.is_leader() {
+            return None;
+        }
+        self.raw.raft.prs().get(peer).map(|p| p.matched)
+    }
+
+    pub fn has_ready(&self) -> bool {
+        self.raw.has_ready()
+    }
+
+    /// Whether the leader heard from `peer` within the last election timeout.
+    pub fn peer_active(&self, peer: NodeId) -> bool {
+        self.is_leader()
+            && self
+                .raw
+                .raft
+                .prs()
+                .get(peer)
+                .is_some_and(|p| p.recent_active)
+    }
+
+    /// Whether the commit index lies in the current term: a new leader's
+    /// first entry committed, so everything before it is committed too.
+    pub fn committed_in_current_term(&self) -> bool {
+        let log = &self.raw.raft.raft_log;
+        log.term(log.committed)
+            .is_ok_and(|t| t == self.raw.raft.term)
+    }
+
+    pub fn last_index(&self) -> u64 {
+        self.raw.raft.raft_log.last_index()
+    }
+
+    fn note_stale_term(&mut self, message: &Message) {
+        let ours = self.raw.raft.term;
+        // Term 0 marks local messages (proposals, read index) that carry no term.
+        if message.term == 0 || message.term >= ours {
+            return;
+        }
+        self.stale_term_messages += 1;
+        if self.stale_logged.insert(message.from, message.term) == Some(message.term) {
+            return;
+        }
+        let from_leader = matches!(
+            message.get_msg_type(),
+            MessageType::MsgAppend | MessageType::MsgHeartbeat | MessageType::MsgSnapshot
+        );
+        if from_leader {
+            tracing::warn!(
+                peer = message.from,
+                their_term = message.term,
+                term = ours,
+                "rejected {:?} from node {} of older term {} (this node is at term {ours}): \
+                 it was deposed or cut off; nothing it proposed since then can commit",
+                message.get_msg_type(),
+                message.from,
+                message.term
+            );
+        } else {
+            // Late answers to an earlier election are normal after a partition.
+            tracing::debug!(
+                peer = message.from,
+                their_term = message.term,
+                term = ours,
+                "rejected {:?} from node {} of older term {}",
+                message.get_msg_type(),
+                message.from,
+                message.term
+            );
+        }
+    }
+
+    pub fn view(&self) -> NodeView {
+        let raft = &self.raw.raft;
+        let role = match raft.state {
+            StateRole::Leader => Role::Leader,
+            _ if self.options.witness => Role::Witness,
+            StateRole::Follower => Role::Follower,
+            StateRole::Candidate | StateRole::PreCandidate => Role::Candidate,
+        };
+        let progress = if raft.state == StateRole::Leader {
+            let mut p: Vec<PeerProgress> = raft
+                .prs()
+                .iter()
+                .map(|(id, pr)| PeerProgress {
+                    id: *id,
+                    match_index: pr.matched,
+                    recent_active: pr.recent_active,
+                })
+                .collect();
+            p.sort_by_key(|p| p.id);
+            p
+        } else {
+            Vec::new()
+        };
+        NodeView {
+            id: raft.id,
+            role,
+            term: raft.term,
+            vote: raft.vote,
+            leader: self.leader(),
+            commit_index: raft.raft_log.committed,
+            applied_index: raft.raft_log.applied,
+            stale_term_messages: self.stale_term_messages,
+            first_index: raft.raft_log.first_index(),
+            last_index: raft.raft_log.last_index(),
+            progress,
+        }
+    }
+
+    /// Handles everything raft-rs has ready, in the documented order:
+    /// persist (snapshot, entries, hard state), then send, then apply, then
+    /// advance. Applies synchronously to `sm` (the simulation tests' way).
+    pub fn handle_ready(&mut self, sm: &mut impl StateMachine) -> Result<CoreOutput, CoreError> {
+        let mut out = self.handle_ready_deferred()?;
+        if let Some((index, data)) = &out.snapshot {
+            sm.restore(*index, data)?;
+            self.applied_to(*index)?;
+        }
+        for entry in &out.applied {
+            sm.apply(entry)?;
+        }
+        if let Some(last) = out.applied.last() {
+            self.applied_to(last.index)?;
+        }
+        let applied = self.raw.raft.raft_log.applied;
+        if self.compaction_due() && self.compactable(applied) {
+            self.compact(applied, sm.snapshot_data())?;
+        }
+        out.snapshot = None;
+        Ok(out)
+    }
+
+    /// As [`RaftCore::handle_ready`] up to the apply step, which is left to
+    /// the shell: committed entries (and an installed snapshot) are handed
+    /// out once, in order, and the shell reports progress with
+    /// [`RaftCore::applied_to`]. This keeps slow applies (writing a large file
+    /// on a follower) from stalling heartbeats; the entries are durable in the
+    /// log, so a crash before they are applied replays them.
+    pub fn handle_ready_deferred(&mut self) -> Result<CoreOutput, CoreError> {
+        let mut out = CoreOutput::default();
+        if self.raw.has_ready() {
+            let mut ready = self.raw.ready();
+            let store = self.raw.store();
+            if !ready.snapshot().is_empty() {
+                let snapshot = ready.snapshot().clone();
+                store.apply_snapshot(&snapshot).map_err(storage_err)?;
+                out.snapshot = Some((snapshot.get_metadata().index, snapshot.get_data().to_vec()));
+            }
+            let hard_state = ready.hs().cloned();
+            self.bytes_since_compaction += ready
+                .entries()
+                .iter()
+                .map(|e| e.data.len() as u64)
+                .sum::<u64>();
+            if !ready.entries().is_empty() || hard_state.is_some() {
+                store
+                    .persist(ready.entries(), hard_state.as_ref())
+                    .map_err(storage_err)?;
+            }
+            out.messages.extend(ready.take_messages());
+            out.messages.extend(ready.take_persisted_messages());
+            let committed = ready.take_committed_entries();
+            Self::decode_committed(committed, &mut out.applied)?;
+            let mut light = self.raw.advance_append(ready);
+            if let Some(commit) = light.commit_index() {
+                self.raw.store().set_commit(commit).map_err(storage_err)?;
+            }
+            out.messages.extend(light.take_messages());
+            let committed = light.take_committed_entries();
+            Self::decode_committed(committed, &mut out.applied)?;
+        }
+        let now = RoleChange {
+            role: self.view().role,
+            term: self.term(),
+            leader: self.leader(),
+        };
+        if self.last_role.as_ref() != Some(&now) {
+            self.last_role = Some(now.clone());
+            out.role_change = Some(now);
+        }
+        Ok(out)
+    }
+
+    /// Records that the state machine has applied everything up to `index`
+    /// (durably, in its own store); raft-rs hands out nothing twice.
+    pub fn applied_to(&mut self, index: u64) -> Result<(), CoreError> {
+        if index <= self.raw.raft.raft_log.applied {
+            return Ok(());
+        }
+        self.raw.advance_apply_to(index);
+        self.raw.store().set_applied(index).map_err(storage_err)
+    }
+
+    /// Whether enough applied entries (or bytes) sit in the log to compact it.
+    pub fn compaction_due(&self) -> bool {
+        let applied = self.raw.raft.raft_log.applied;
+        let first = self.raw.raft.raft_log.first_index();
+        let bytes_due = self.bytes_since_compaction
+            >= self.options.compact_bytes.max(8 * self.last_snapshot_len);
+        applied >= first + self.options.compact_after || (bytes_due && applied >= first)
+    }
+
+    /// Whether compacting to `index` leaves every follower that is in touch
+    /// able to go on from the log: a leader's followers that answered within
+    /// the last election timeout all hold `index` (a follower a few batches
+    /// behind would otherwise need a snapshot and a fetch of every file it
+    /// lacks). A dead follower does not hold compaction back, and only the
+    /// byte trigger waits at all: past `compact_after` entries the log is
+    /// compacted regardless. Other roles never serve the log.
+    pub fn compactable(&self, index: u64) -> bool {
+        let applied = self.raw.raft.raft_log.applied;
+        let first = self.raw.raft.raft_log.first_index();
+        if self.raw.raft.state != StateRole::Leader || applied >= first + self.options.compact_after
+        {
+            return true;
+        }
+        let me = self.raw.raft.id;
+        self.raw
+            .raft
+            .prs()
+            .iter()
+            .all(|(&id, pr)| id == me || !pr.recent_active || pr.matched >= index)
+    }
+
+    /// Drops the log up to `index`, keeping `data` (the state machine's bytes
+    /// at exactly `index`, which must be applied) as the snapshot that
+    /// followers behind it receive.
+    pub fn compact(&mut self, index: u64, data: Vec<u8>) -> Result<(), CoreError> {
+        // The snapshot must stand for exactly the index it is stored at, since
+        // a follower restoring it replays the entries after it.
+        let len = data.len() as u64;
+        self.raw.store().compact(index, data).map_err(storage_err)?;
+        self.bytes_since_compaction = 0;
+        self.last_snapshot_len = len;
+        Ok(())
+    }
+
+    fn decode_committed(
+        entries: Vec<Entry>,
+        out: &mut Vec<CommittedEntry>,
+    ) -> Result<(), CoreError> {
+        for entry in entries {
+            let command = match entry.get_entry_type() {
+                EntryType::EntryNormal if entry.data.is_empty() => None,
+                EntryType::EntryNormal => Some(Command::decode(&entry.data)?),
+                // Membership is static for now: conf changes are never proposed.
+                EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
+                    return Err(CoreError::BadEntry(format!(
+                        "entry {} is a membership change, which this version does not support",
+                        entry.index
+                    )))
+                }
+            };
+            out.push(CommittedEntry {
+                index: entry.index,
+                term: entry.term,
+                command,
+            });
+        }
+        Ok(())
+    }
+
+    /// Entries in `[low, high)` with their data (an async-capable context:
+    /// see `storage::with_data`), for tests and diagnostics.
+    pub fn entries(&self, low: u64, high: u64) -> Result<Vec<Entry>, CoreError> {
+        Ok(self
+            .raw
+            .store()
+            .entries(low, high, None, GetEntriesContext::empty(true))?)
+    }
+
+    pub fn store(&self) -> &S {
+        self.raw.store()
+    }
+}
+
+fn storage_err(e: impl std::error::Error) -> CoreError {
+    CoreError::Storage(e.to_string())
+}
+
+#[cfg(test)]
+mod sim_tests;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn command_encoding_is_pinned() {
+        let c = Command::Barrier {
+            origin: 3,
+            token: 0x0102,
+        };
+        assert_eq!(
+            c.encode(),
+            vec![1, 1, 0, 0, 0, 0, 0, 0, 0, 3, 0, 0, 0, 0, 0, 0, 1, 2]
+        );
+        assert_eq!(Command::decode(&c.encode()).unwrap(), c);
+    }
+
+    #[test]
+    fn unknown_commands_are_refused_not_misread() {
+        assert!(matches!(
+            Command::decode(&[2, 1, 0]),
+            Err(CoreError::BadEntry(_))
+        ));
+        assert!(matches!(
+            Command::decode(&[1, 9]),
+            Err(CoreError::BadEntry(_))
+        ));
+        assert!(matches!(Command::decode(&[1]), Err(CoreError::BadEntry(_))));
+        assert!(matches!(
+            Command::decode(&[1, 1, 0, 0]),
+            Err(CoreError::BadEntry(_))
+        ));
+    }
+
+    #[test]
+    fn default_timers_give_pre_vote_check_quorum_and_randomized_timeout() {
+        // Heartbeats every 200 ms, ticks of 100 ms, elections after 1 s.
+        let c = raft_config(1, &RaftTimers::default(), 0, false);
+        assert!(c.pre_vote && c.check_quorum);
+        assert_eq!((c.heartbeat_tick, c.election_tick), (2, 10));
+        assert_eq!((c.min_election_tick, c.max_election_tick), (10, 15));
+        c.validate().unwrap();
+        let w = raft_config(1, &RaftTimers::default(), 0, true);
+        assert_eq!(
+            w.election_tick, 10,
+            "a witness keeps the cluster's lease length"
+        );
+        assert!(
+            w.min_election_tick >= 864_000,
+            "a witness must never time out into a campaign"
+        );
+        w.validate().unwrap();
+    }
+}

@@ -1,0 +1,911 @@
+//! The follower half of replication, run on every data node: it applies
+//! committed file batches to the manifest and to the local sync trees, in
+//! commit order, on its own thread (so a 1 GiB write never stalls Raft
+//! heartbeats), and keeps the node-local state that goes with them.
+//!
+//! Invariants owned here:
+//! * Only committed entries are applied (they are read back from the Raft
+//!   store up to the commit index the node task reports), in index order,
+//!   and the manifest plus the applied index are durable before the node
+//!   task is told they were applied (invariant 1, 6).
+//! * Every write goes through [`crate::fs::root::Root`] with the path checked
+//!   by [`crate::core::manifest`] first (invariant 3), atomically and verified
+//!   (invariant 2).
+//! * A local file that differs from what this node last wrote and from the
+//!   committed version is moved to `data_dir/quarantine` before anything
+//!   replaces or deletes it (invariant 4).
+//! * A change that cannot be applied from the log (a delta whose base this
+//!   node lacks, a skipped set, a failed write) leaves the path "missing":
+//!   its committed content is fetched from a peer later, never guessed.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use raft::Storage;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, info, warn};
+
+use crate::core::config::SyncMode;
+use crate::core::delta::{self, FileDigest, FileHasher, Patch};
+use crate::core::manifest::{
+    CheckedOp, Content, Entry, EntryKind, FileBatch, FileOp, Manifest, Meta,
+};
+use crate::core::paths::SetPath;
+use crate::fs::owners::*;
+use crate::fs::root::{Expect, FileMeta, FsError, Kind, Root};
+use crate::raft::core::{Command, CoreError};
+use crate::raft::storage::RaftStore;
+use crate::replication::files_store::{FilesStoreError, LocalRecord, StoreBatch};
+use crate::replication::scan::*;
+use crate::replication::shared::*;
+use crate::replication::staging::*;
+
+mod quarantine;
+mod reconcile;
+#[cfg(test)]
+mod tests;
+mod write;
+
+/// Largest page of committed entries read back from the log at once.
+const APPLY_PAGE_BYTES: u64 = 64 << 20;
+/// Threads writing the files of one batch on a follower.
+const WRITERS: usize = 8;
+/// Versions waiting for [`Applier::sign_linked`] at most: past it (a
+/// sync of millions of files) the rest go unsigned, and their next change
+/// travels whole should this node lead.
+pub(super) const UNSIGNED_MAX: usize = 1 << 17;
+/// Manifest entries [`Applier::reconcile_local`] copies out at a time.
+const RECONCILE_SLICE: usize = 1024;
+/// Time [`Applier::sign_linked`] takes of each idle applier tick (one a
+/// second).
+const SIGN_BUDGET: Duration = Duration::from_millis(250);
+/// Committed content fetched from a peer for a missing path.
+#[derive(Debug)]
+pub struct Fetched {
+    pub set: String,
+    pub path: SetPath,
+    pub want: FileDigest,
+    /// An encoded [`Patch`] against this node's current local file.
+    pub patch: Vec<u8>,
+}
+
+/// Inputs of the applier thread, in the order they must take effect.
+#[derive(Debug)]
+pub enum ApplyMsg {
+    /// Entries up to this index are committed (and durable in the log).
+    Committed(u64),
+    /// A snapshot was installed in the log: replace the manifest with it.
+    Restore(u64, Vec<u8>),
+    /// The manifest at the applied index, for log compaction.
+    Snapshot(oneshot::Sender<(u64, Vec<u8>)>),
+    Fetched(Fetched),
+    /// Re-check sets waiting on `skip_while` markers, and clean staging.
+    Tick,
+    /// This node stopped leading and has applied the new leader's first
+    /// entry: whatever its tree holds that the cluster did not commit is set
+    /// aside, and what it lacks is fetched.
+    Reconcile,
+}
+
+/// Why the applier cannot go on; the node then exits, so the service manager
+/// restarts it from its durable state.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("cannot read committed entries {from}..={to} back from the Raft log: {source}")]
+    ReadLog {
+        from: u64,
+        to: u64,
+        #[source]
+        source: raft::Error,
+    },
+    #[error("the Raft log returned no entries at {0}")]
+    NoEntries(u64),
+    #[error("the Raft log skipped from {from} to {to}")]
+    Skipped { from: u64, to: u64 },
+    #[error(transparent)]
+    Entry(CoreError),
+    #[error("the leader's snapshot at index {index} is unusable: {source}")]
+    BadSnapshot {
+        index: u64,
+        #[source]
+        source: crate::core::manifest::ManifestError,
+    },
+    #[error(transparent)]
+    Store(#[from] FilesStoreError),
+}
+
+/// What the applier tells the node task.
+#[derive(Debug)]
+pub enum Applied {
+    /// Everything up to here is applied and durable.
+    Index(u64),
+    /// The applier cannot go on (its store failed): the node must stop.
+    Failed(ApplyError),
+    /// A batch of this set was applied from another node's changes.
+    SetChanged(String),
+}
+
+pub struct Applier {
+    shared: Arc<Shared>,
+    log: RaftStore,
+    out: mpsc::UnboundedSender<Applied>,
+    roots: HashMap<String, Root>,
+    quarantine: Option<Root>,
+    /// Sets whose local tree must be reconciled with the manifest once their
+    /// `skip_while` markers are gone.
+    deferred: BTreeSet<String>,
+    /// The applied index at the previous tick and at the last memory trim.
+    applied_at_last_tick: u64,
+    applied_at_trim: u64,
+    /// Signatures were stored since the last memory trim.
+    signed_since_trim: bool,
+    /// File ops applied since the manifest's trees were last packed
+    /// ([`crate::core::manifest::SetManifest::repack`]).
+    ops_since_repack: usize,
+    /// Staged uploads of batches applied in this round (their
+    /// [`Content::Blob`]s), removed once the round is durably applied.
+    consumed_uploads: Vec<u64>,
+}
+
+pub(super) fn fs_meta(meta: &Meta) -> FileMeta {
+    let (uid, gid) = local_ids(meta);
+    let kind = match meta.kind {
+        EntryKind::File => Kind::File,
+        EntryKind::Dir => Kind::Dir,
+        EntryKind::Symlink => Kind::Symlink,
+    };
+    FileMeta::new(kind, meta.mode, uid, gid, meta.mtime_ns)
+}
+
+/// Metadata equal as far as this node can set it (`want` from [`fs_meta`]).
+fn meta_matches(want: &FileMeta, have: &FileMeta) -> bool {
+    have.mode == want.mode
+        && have.uid == want.uid
+        && have.gid == want.gid
+        && have.mtime_ns == want.mtime_ns
+}
+
+/// Why a put could not be completed from the log alone.
+enum PutOutcome {
+    Done,
+    /// The content must be fetched.
+    Missing(String),
+    /// The committed patch itself is bad (does not decode, does not verify,
+    /// too large): nothing was written; it is logged loudly and counted,
+    /// since an honest leader never sends one, then fetched like `Missing`.
+    Refused(String),
+}
+
+impl Applier {
+    pub fn new(
+        shared: Arc<Shared>,
+        log: RaftStore,
+        out: mpsc::UnboundedSender<Applied>,
+    ) -> Applier {
+        let mut roots = HashMap::new();
+        for set in &shared.sets {
+            match set.open_root() {
+                Ok(r) => {
+                    roots.insert(set.name.clone(), r);
+                }
+                Err(e) => shared.note_error(&set.name, format!("sync set {:?} (path {}): {e}; it is not replicated here until the path exists and the node restarts", set.name, set.path.display())),
+            }
+        }
+        let qdir = shared.data_dir.join("quarantine");
+        let quarantine = {
+            use std::os::unix::fs::DirBuilderExt;
+            let _ = std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&qdir);
+            Root::open(&qdir).ok()
+        };
+        Applier {
+            shared,
+            log,
+            out,
+            roots,
+            quarantine,
+            deferred: BTreeSet::new(),
+            applied_at_last_tick: 0,
+            applied_at_trim: 0,
+            signed_since_trim: false,
+            ops_since_repack: 0,
+            consumed_uploads: Vec::new(),
+        }
+    }
+
+    /// Runs until the node task drops its sender.
+    pub fn run(mut self, mut rx: mpsc::UnboundedReceiver<ApplyMsg>) {
+        // Paths left missing by an earlier run are fetched again.
+        if !self.shared.missing.lock().unwrap().is_empty() {
+            self.shared.fetch_wakeup.notify_one();
+        }
+        while let Some(msg) = rx.blocking_recv() {
+            let result = match msg {
+                ApplyMsg::Committed(up_to) => self.apply_up_to(up_to),
+                ApplyMsg::Restore(index, data) => self.restore(index, &data),
+                ApplyMsg::Snapshot(reply) => {
+                    let index = self.shared.applied.load(Ordering::SeqCst);
+                    let data = self.shared.manifest.read().unwrap().encode();
+                    let _ = reply.send((index, data));
+                    Ok(())
+                }
+                ApplyMsg::Fetched(f) => {
+                    self.apply_fetched(f);
+                    Ok(())
+                }
+                ApplyMsg::Reconcile => {
+                    for set in self.shared.sets.clone() {
+                        self.deferred.insert(set.name.clone());
+                    }
+                    self.retry_deferred();
+                    self.shared.start_reconciled.store(true, Ordering::SeqCst);
+                    Ok(())
+                }
+                ApplyMsg::Tick => {
+                    self.retry_deferred();
+                    clean_staging(&self.shared.staging_dir());
+                    self.shared.drop_abandoned_uploads();
+                    // Once a burst of applies is over (a quiet second after
+                    // it), sign what it linked in, then give its memory
+                    // back; never again while idle.
+                    let applied = self.shared.applied.load(Ordering::Relaxed);
+                    let quiet = applied == self.applied_at_last_tick;
+                    let signed = quiet && self.sign_linked();
+                    self.signed_since_trim |= signed;
+                    if quiet
+                        && !signed
+                        && (applied != self.applied_at_trim || self.signed_since_trim)
+                    {
+                        self.signed_since_trim = false;
+                        self.log.flush_memtables();
+                        self.shared.store.flush_memtables();
+                        // Packing costs a pass over the manifest: only
+                        // after bursts that inserted a good part of it.
+                        let mut m = self.shared.manifest.write().unwrap();
+                        if self.ops_since_repack > (m.path_count() / 8).max(1024) {
+                            m.repack();
+                            self.ops_since_repack = 0;
+                        }
+                        drop(m);
+                        release_idle_memory(&self.shared);
+                        self.applied_at_trim = applied;
+                    }
+                    self.applied_at_last_tick = applied;
+                    Ok(())
+                }
+            };
+            if let Err(e) = result {
+                let _ = self.out.send(Applied::Failed(e));
+                return;
+            }
+        }
+    }
+
+    /// Makes and stores, for [`SIGN_BUDGET`], the block signatures
+    /// [`Shared::defer_signature`] left to make: of each version still
+    /// committed and still what its file holds (checked by its digest; an
+    /// edited file keeps none, as any version this node could not read).
+    /// True if it made any.
+    fn sign_linked(&mut self) -> bool {
+        let started = Instant::now();
+        let mut batch = StoreBatch::default();
+        let mut signed = 0usize;
+        while started.elapsed() < SIGN_BUDGET {
+            let Some((set_name, path, digest)) = self.shared.unsigned.lock().unwrap().pop_front()
+            else {
+                break;
+            };
+            let committed = (self.shared.manifest.read().unwrap())
+                .get(&set_name, &path)
+                .and_then(|e| e.digest)
+                .map(|d| d.get());
+            let (Some(set), true) = (self.shared.set(&set_name), committed == Some(digest)) else {
+                continue;
+            };
+            let Some(root) = self.roots.get(&set_name) else {
+                continue;
+            };
+            let Ok(Some((data, _))) = root.read_file(&comps(&path), set.max_file_size) else {
+                continue;
+            };
+            if delta::digest(&data) == digest {
+                let sig = delta::BlockSignature::compute_hashed(&data, digest).to_bytes();
+                batch.put_signature(&set_name, &path, &sig);
+                signed += 1;
+            }
+        }
+        if signed > 0 {
+            if let Err(e) = self.shared.store.write(batch) {
+                warn!("cannot store the block signatures of {signed} linked files: {e}");
+            }
+            debug!(signed, took = ?started.elapsed(), "signed linked files");
+        }
+        signed > 0
+    }
+
+    fn apply_up_to(&mut self, up_to: u64) -> Result<(), ApplyError> {
+        loop {
+            let applied = self.shared.applied.load(Ordering::SeqCst);
+            if applied >= up_to {
+                return Ok(());
+            }
+            let read = self.log.entries(
+                applied + 1,
+                up_to + 1,
+                Some(APPLY_PAGE_BYTES),
+                crate::raft::storage::with_data(),
+            );
+            let entries = match read {
+                Ok(entries) => entries,
+                Err(_) if self.replaced_by_snapshot(applied) => {
+                    // The node task installs a leader's snapshot (which
+                    // covers more than was ever committed before it) and
+                    // then queues its Restore behind this message: the
+                    // entries are gone, and the restore subsumes them.
+                    info!(
+                        applied,
+                        up_to,
+                        "committed entries {}..={up_to} were replaced by the leader's snapshot; restoring that instead",
+                        applied + 1
+                    );
+                    return Ok(());
+                }
+                Err(source) => {
+                    return Err(ApplyError::ReadLog {
+                        from: applied + 1,
+                        to: up_to,
+                        source,
+                    })
+                }
+            };
+            if entries.is_empty() {
+                return Err(ApplyError::NoEntries(applied + 1));
+            }
+            let mut batch = StoreBatch::default();
+            let mut last = applied;
+            for e in entries {
+                if e.index != last + 1 {
+                    return Err(ApplyError::Skipped {
+                        from: last,
+                        to: e.index,
+                    });
+                }
+                if !e.data.is_empty() {
+                    match Command::decode(&e.data) {
+                        Ok(Command::Barrier { .. }) => {}
+                        Ok(Command::Chunk(c)) => self.stage(&c),
+                        Ok(Command::Files(b)) => self.apply_batch(e.index, e.term, &b, &mut batch),
+                        Err(CoreError::BadEntry(why)) => {
+                            warn!(
+                                index = e.index,
+                                "skipping committed entry {}: {why}", e.index
+                            )
+                        }
+                        Err(other) => return Err(ApplyError::Entry(other)),
+                    }
+                }
+                last = e.index;
+            }
+            batch.set_applied(last);
+            self.shared.store.write(batch)?;
+            // Only now: a crash before the write applies these batches
+            // again, from the same staged content.
+            for upload in self.consumed_uploads.drain(..) {
+                self.shared.remove_upload(upload);
+            }
+            self.shared.applied.store(last, Ordering::SeqCst);
+            let _ = self.out.send(Applied::Index(last));
+        }
+    }
+
+    /// Whether the log no longer holds the entry after `applied` because
+    /// a snapshot was installed past it. Own compaction never gets there:
+    /// it stops at what this applier has applied.
+    fn replaced_by_snapshot(&self, applied: u64) -> bool {
+        matches!(self.log.first_index(), Ok(first) if first > applied + 1)
+    }
+
+    fn stage(&mut self, chunk: &crate::core::manifest::Chunk) {
+        if self
+            .shared
+            .own_uploads
+            .lock()
+            .unwrap()
+            .contains(&chunk.upload)
+            || self.shared.sets.is_empty()
+        {
+            return;
+        }
+        if let Err(e) =
+            self.shared
+                .stage_piece(chunk.upload, chunk.offset, &chunk.data, StageFlush::None)
+        {
+            // The batch that needs it will find it short and fetch instead.
+            warn!(
+                upload = chunk.upload,
+                offset = chunk.offset,
+                "{e}; the batch that needs it will be fetched instead"
+            );
+        }
+    }
+
+    fn apply_batch(&mut self, index: u64, term: u64, batch: &FileBatch, store: &mut StoreBatch) {
+        let set_name = batch.set.clone();
+        for op in &batch.ops {
+            if let FileOp::Put {
+                content: Content::Blob { upload, .. },
+                ..
+            } = op
+            {
+                if !self.consumed_uploads.contains(upload) {
+                    self.consumed_uploads.push(*upload);
+                }
+            }
+        }
+        self.ops_since_repack += batch.ops.len();
+        // The manifest paths each op touches, before and after.
+        let before: Vec<SetPath> = {
+            let m = self.shared.manifest.read().unwrap();
+            let mut v = Vec::new();
+            if let Some(set) = m.set(&set_name) {
+                for op in &batch.ops {
+                    let mut paths = vec![op.path()];
+                    if let crate::core::manifest::FileOp::Rename { from, .. } = op {
+                        paths.push(from);
+                    }
+                    for p in paths {
+                        if let Ok(p) = SetPath::from_network(p) {
+                            v.extend(set.subtree(&p).map(|(k, _)| k.clone()));
+                        }
+                    }
+                }
+            }
+            v
+        };
+        let (checked, touched) = {
+            let mut m = self.shared.manifest.write().unwrap();
+            match m.apply_tracked(index, batch) {
+                Ok(c) => c,
+                Err(e) => {
+                    drop(m);
+                    warn!(index, origin = batch.origin, set = %set_name, "refused committed entry {index} proposed by node {}: {e}; skipped, the node keeps running", batch.origin);
+                    self.shared
+                        .note_refused(&set_name, format!("entry {index} refused: {e}"));
+                    return;
+                }
+            }
+        };
+        {
+            let m = self.shared.manifest.read().unwrap();
+            let set = m.set(&set_name).expect("apply created the set");
+            for p in &before {
+                if !set.entries.contains_key(p) {
+                    store.delete_entry(&set_name, p);
+                }
+            }
+            for op in &checked {
+                let paths: Vec<&SetPath> = match op {
+                    CheckedOp::Put { path, .. }
+                    | CheckedOp::Dir { path, .. }
+                    | CheckedOp::Symlink { path, .. }
+                    | CheckedOp::Remove { path, .. }
+                    | CheckedOp::Forget { path }
+                    | CheckedOp::Xattrs { path, .. }
+                    | CheckedOp::Link { path, .. } => vec![path],
+                    CheckedOp::Rename { from, to, .. } => vec![from, to],
+                };
+                for p in paths {
+                    for (k, e) in set.subtree(p) {
+                        store.put_entry(&set_name, k, e);
+                    }
+                }
+            }
+            // Hard links the batch changed on the side (left as files of
+            // their own, following a moved primary).
+            for p in &touched {
+                match set.entries.get(p) {
+                    Some(e) => store.put_entry(&set_name, p, e),
+                    None => store.delete_entry(&set_name, p),
+                }
+            }
+            store.put_progress(&set_name, &set.progress);
+        }
+        let Some(set) = self.shared.set(&set_name).cloned() else {
+            return; // Not replicated on this node (or a witness): manifest only.
+        };
+        if batch.origin == self.shared.node_id {
+            self.adopt_own(&set_name, &checked, store);
+            return;
+        }
+        let Some(root) = self.roots.remove(&set_name) else {
+            return;
+        };
+        let skip = match has_marker(&set, &root) {
+            Ok(m) => m,
+            Err(e) => {
+                self.shared.note_error(
+                    &set_name,
+                    format!("cannot look for skip_while markers: {e}"),
+                );
+                false
+            }
+        };
+        if skip {
+            info!(set = %set_name, index, "a skip_while marker exists in sync set {set_name:?}: its changes wait until it is gone");
+            self.deferred.insert(set_name.clone());
+            self.shared.set_skipping(&set_name, true);
+        } else if self.deferred.contains(&set_name) {
+            // Still catching up on earlier skipped batches: the reconcile covers this one.
+        } else {
+            self.carry_out(&set, &root, index, term, &checked, store);
+            let _ = self.out.send(Applied::SetChanged(set_name.clone()));
+        }
+        self.roots.insert(set_name, root);
+    }
+
+    /// A batch this node proposed: its tree already holds it.
+    fn adopt_own(&mut self, set: &str, checked: &[CheckedOp], store: &mut StoreBatch) {
+        let mut pending = self.shared.pending_local.lock().unwrap();
+        for op in checked {
+            match op {
+                CheckedOp::Put { path, .. } | CheckedOp::Link { path, .. } => {
+                    if let Some(r) = pending.remove(&(set.to_string(), path.clone())) {
+                        self.shared.store.put_record(store, set, path, &r);
+                    }
+                    // Our own version is the committed one now.
+                    let key = (set.to_string(), path.clone());
+                    if self.shared.missing.lock().unwrap().remove(&key).is_some() {
+                        store.delete_missing(set, path);
+                    }
+                    self.shared.unobtainable.lock().unwrap().remove(&key);
+                }
+                CheckedOp::Remove { removed, .. } => {
+                    for (p, _) in removed {
+                        self.shared.store.delete_record(store, set, p);
+                        store.delete_signature(set, p);
+                    }
+                }
+                CheckedOp::Forget { path } => {
+                    self.shared.store.delete_record(store, set, path);
+                }
+                CheckedOp::Rename { from, to, moved } => {
+                    for (p, _) in moved {
+                        let rest = &p.as_bytes()[from.as_bytes().len()..];
+                        let mut b = to.as_bytes().to_vec();
+                        b.extend_from_slice(rest);
+                        let old = self.shared.store.record(set, p);
+                        if let (Some(r), Ok(np)) = (old, SetPath::from_network(&b)) {
+                            self.shared.store.delete_record(store, set, p);
+                            self.shared.store.put_record(store, set, &np, &r);
+                        }
+                    }
+                }
+                CheckedOp::Dir { .. } | CheckedOp::Symlink { .. } | CheckedOp::Xattrs { .. } => {}
+            }
+        }
+    }
+
+    fn carry_out(
+        &mut self,
+        set: &SetRuntime,
+        root: &Root,
+        index: u64,
+        term: u64,
+        checked: &[CheckedOp],
+        store: &mut StoreBatch,
+    ) {
+        let mut dirs = Vec::new();
+        // Everything but file contents first, in order (renames, removals,
+        // directories, links); then the files, which are independent of each
+        // other within a batch, written by several threads so their fsyncs
+        // overlap; then one fsync per directory that received files.
+        // Hard links come last, in order: each names a file this batch may
+        // have just written.
+        let (puts, others): (Vec<&CheckedOp>, Vec<&CheckedOp>) = checked
+            .iter()
+            .partition(|op| matches!(op, CheckedOp::Put { .. }));
+        let (links, others): (Vec<&CheckedOp>, Vec<&CheckedOp>) = others
+            .into_iter()
+            .partition(|op| matches!(op, CheckedOp::Link { .. }));
+        for op in others {
+            let result = match op {
+                CheckedOp::Put {
+                    path,
+                    entry,
+                    content,
+                    previous,
+                } => match self.put_file(
+                    set,
+                    root,
+                    path,
+                    entry,
+                    content,
+                    previous.as_ref(),
+                    index,
+                    term,
+                    store,
+                ) {
+                    Ok(PutOutcome::Done) => {
+                        self.clear_missing(&set.name, path, store);
+                        Ok(())
+                    }
+                    Ok(PutOutcome::Missing(why)) => {
+                        debug!(set = %set.name, path = %path, "{why}; fetching the committed version");
+                        self.mark_missing(&set.name, path, entry, store);
+                        Ok(())
+                    }
+                    Ok(PutOutcome::Refused(why)) => {
+                        self.refuse_content(&set.name, path, index, &why);
+                        self.mark_missing(&set.name, path, entry, store);
+                        Ok(())
+                    }
+                    Err(e) => {
+                        self.mark_missing(&set.name, path, entry, store);
+                        Err(e)
+                    }
+                },
+                CheckedOp::Dir { path, entry } => {
+                    dirs.push((path.clone(), entry.meta.clone()));
+                    self.make_dir(set, root, path, &entry.meta, index, term)
+                        .and_then(|()| self.settle_xattrs(set, root, path, entry))
+                }
+                CheckedOp::Symlink { path, entry } => {
+                    self.make_symlink(set, root, path, entry, index, term, store)
+                }
+                CheckedOp::Xattrs { path, entry } => self.settle_xattrs(set, root, path, entry),
+                CheckedOp::Remove { path, removed } => {
+                    self.remove(set, root, path, removed, index, term, store)
+                }
+                CheckedOp::Forget { path } => {
+                    self.forget_records(&set.name, path, store);
+                    Ok(())
+                }
+                CheckedOp::Rename { from, to, .. } => {
+                    self.rename(set, root, from, to, index, term, store)
+                }
+                CheckedOp::Link { .. } => unreachable!("links are carried out last"),
+            };
+            if let Err(e) = result {
+                self.shared
+                    .note_error(&set.name, format!("entry {index}: {e}"));
+            }
+        }
+        self.write_files(set, root, index, term, &puts, store);
+        for op in links {
+            let CheckedOp::Link {
+                path,
+                entry,
+                previous,
+                ..
+            } = op
+            else {
+                continue;
+            };
+            let result = if set.hard_links {
+                self.link_file(
+                    set,
+                    root,
+                    path,
+                    entry,
+                    previous.as_ref(),
+                    index,
+                    term,
+                    store,
+                )
+            } else {
+                // This node keeps no links in the set: the name is a file
+                // of its own, with the same content.
+                self.mark_missing(&set.name, path, entry, store);
+                Ok(())
+            };
+            if let Err(e) = result {
+                self.mark_missing(&set.name, path, entry, store);
+                self.shared
+                    .note_error(&set.name, format!("entry {index}: {e}"));
+            }
+        }
+        // Writing a child changes its directory's mtime: set the committed
+        // metadata of every directory the batch touched last, deepest first.
+        let mut touched: BTreeMap<SetPath, Meta> = dirs.into_iter().collect();
+        {
+            let m = self.shared.manifest.read().unwrap();
+            for op in checked {
+                let (a, b) = match op {
+                    CheckedOp::Rename { from, to, .. } => (Some(from), Some(to)),
+                    CheckedOp::Put { path, .. }
+                    | CheckedOp::Dir { path, .. }
+                    | CheckedOp::Symlink { path, .. }
+                    | CheckedOp::Remove { path, .. }
+                    | CheckedOp::Forget { path }
+                    | CheckedOp::Xattrs { path, .. }
+                    | CheckedOp::Link { path, .. } => (Some(path), None),
+                };
+                for p in [a, b].into_iter().flatten() {
+                    if let Some(parent) = p.parent() {
+                        if let Some(e) = m
+                            .get(&set.name, &parent)
+                            .filter(|e| e.meta.kind == EntryKind::Dir)
+                        {
+                            touched.insert(parent, e.meta.clone());
+                        }
+                    }
+                }
+            }
+        }
+        for (path, meta) in touched.iter().rev() {
+            if let Err(e) = root.set_meta(&comps(path), &fs_meta(meta)) {
+                self.shared
+                    .note_error(&set.name, format!("entry {index}: {e}"));
+            }
+        }
+    }
+
+    fn mark_missing(&self, set: &str, path: &SetPath, entry: &Entry, store: &mut StoreBatch) {
+        if let Some(d) = entry.digest {
+            store.put_missing(set, path, &d);
+            self.shared
+                .missing
+                .lock()
+                .unwrap()
+                .insert((set.to_string(), path.clone()), d);
+            self.shared.fetch_wakeup.notify_one();
+        }
+    }
+
+    fn clear_missing(&self, set: &str, path: &SetPath, store: &mut StoreBatch) {
+        // Nearly always: nothing is missing (and the key costs two copies).
+        if self.shared.missing.lock().unwrap().is_empty()
+            && self.shared.unobtainable.lock().unwrap().is_empty()
+        {
+            return;
+        }
+        self.shared
+            .unobtainable
+            .lock()
+            .unwrap()
+            .remove(&(set.to_string(), path.clone()));
+        if self
+            .shared
+            .missing
+            .lock()
+            .unwrap()
+            .remove(&(set.to_string(), path.clone()))
+            .is_some()
+        {
+            store.delete_missing(set, path);
+        }
+    }
+
+    fn forget_records(&self, set: &str, path: &SetPath, store: &mut StoreBatch) {
+        for (k, _) in self.shared.store.records_under(set, path) {
+            self.shared.store.delete_record(store, set, &k);
+            store.delete_signature(set, &k);
+        }
+        let mut missing = self.shared.missing.lock().unwrap();
+        let doomed: Vec<(String, SetPath)> = missing
+            .keys()
+            .filter(|(s, k)| s == set && (k == path || path.is_ancestor_of(k)))
+            .cloned()
+            .collect();
+        for k in doomed {
+            store.delete_missing(set, &k.1);
+            missing.remove(&k);
+        }
+    }
+
+    fn put_record(&self, set: &str, path: &SetPath, rec: LocalRecord, store: &mut StoreBatch) {
+        self.shared.store.put_record(store, set, path, &rec);
+    }
+
+    /// Logs and counts a committed patch that is bad in itself.
+    fn refuse_content(&self, set: &str, path: &SetPath, index: u64, why: &str) {
+        warn!(set, path = %path, index, "refused the committed content of {path} in sync set {set:?} (entry {index}): {why}; nothing was written, the committed version is fetched from a peer instead");
+        self.shared
+            .note_refused(set, format!("entry {index}: {path}: {why}"));
+    }
+
+    /// The manifest and the index it stands for.
+    pub fn snapshot_now(&self) -> (u64, Vec<u8>) {
+        (
+            self.shared.applied.load(Ordering::SeqCst),
+            self.shared.manifest.read().unwrap().encode(),
+        )
+    }
+
+    /// Restores from a snapshot now (at start-up, before [`Applier::run`]).
+    pub fn restore_now(&mut self, index: u64, data: &[u8]) -> Result<(), ApplyError> {
+        self.restore(index, data)
+    }
+
+    fn restore(&mut self, index: u64, data: &[u8]) -> Result<(), ApplyError> {
+        if self.shared.applied.load(Ordering::SeqCst) >= index {
+            let _ = self.out.send(Applied::Index(index));
+            return Ok(());
+        }
+        let manifest = Manifest::decode(data, 1 << 30)
+            .map_err(|source| ApplyError::BadSnapshot { index, source })?;
+        info!(
+            index,
+            "restoring the file manifest from the leader's snapshot at index {index}"
+        );
+        let mut batch = StoreBatch::default();
+        batch.clear_manifest();
+        for (set, sm) in &manifest.sets {
+            for (p, e) in &sm.entries {
+                batch.put_entry(set, p, e);
+            }
+            batch.put_progress(set, &sm.progress);
+        }
+        batch.set_applied(index);
+        self.shared.missing.lock().unwrap().clear();
+        *self.shared.manifest.write().unwrap() = manifest;
+        self.shared.store.write(batch)?;
+        self.shared.applied.store(index, Ordering::SeqCst);
+        for set in self.shared.sets.clone() {
+            self.deferred.insert(set.name.clone());
+        }
+        self.retry_deferred();
+        let _ = self.out.send(Applied::Index(index));
+        Ok(())
+    }
+}
+/// After a burst (a first sync of 100,000 files) the maps that carried it
+/// keep their capacity and the allocator keeps freed pages: give both back
+/// so an idle node stays small.
+fn release_idle_memory(shared: &Shared) {
+    {
+        let mut pending = shared.pending_local.lock().unwrap();
+        if pending.is_empty() && pending.capacity() > 1024 {
+            *pending = HashMap::new();
+        }
+    }
+    {
+        let mut uploads = shared.own_uploads.lock().unwrap();
+        if uploads.len() > 4096 {
+            // Uploads are staged and applied within seconds; old ids are only
+            // there to spare the proposer staging its own chunks.
+            uploads.clear();
+        }
+    }
+    // glibc keeps freed memory in its heap until asked to give back whole
+    // free pages (clusterd runs it with one arena: src/bin/clusterd.rs).
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free heap pages to the kernel.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// Runs `on_change` commands on followers: debounced per set, one at a time
+/// per set, time-limited, exit status and output logged.
+pub async fn run_on_change(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<String>) {
+    const DEBOUNCE: Duration = Duration::from_millis(200);
+    const LIMIT: Duration = Duration::from_secs(60);
+    let mut due: BTreeMap<String, Instant> = BTreeMap::new();
+    loop {
+        let next = due.values().min().copied();
+        tokio::select! {
+            msg = rx.recv() => match msg {
+                Some(set) => { due.insert(set, Instant::now() + DEBOUNCE); }
+                None => return,
+            },
+            _ = async { match next { Some(t) => tokio::time::sleep_until(t.into()).await, None => std::future::pending().await } } => {
+                let now = Instant::now();
+                let ready: Vec<String> = due.iter().filter(|(_, t)| **t <= now).map(|(s, _)| s.clone()).collect();
+                for set in ready {
+                    due.remove(&set);
+                    let Some(cmd) = shared.set(&set).and_then(|s| s.on_change.clone()) else { continue };
+                    let ok = crate::fs::exec::run_command(&cmd, &[("CLUSTERD_SET", set.as_str())], LIMIT, &format!("on_change of sync set {set:?}")).await;
+                    if !ok {
+                        shared.counters.on_change_failures.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }
+    }
+}

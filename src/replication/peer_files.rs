@@ -1,0 +1,59 @@
+//! What the peer service asks of this node's files: `Fetch` of a committed
+//! version, `Stage` of a leader's upload, and the per-set view for status.
+//! The network layer defines the questions ([`FileService`]); this is where
+//! the replication state answers them.
+
+use tonic::Status;
+
+use crate::core::config::NodeId;
+use crate::core::manifest::StagedVersion;
+use crate::core::status::FilesView;
+use crate::net::peer::{FileService, StageRefused};
+use crate::net::proto::peer::{FetchChunk, FetchRequest, StageRequest};
+use crate::replication::shared::Shared;
+use crate::replication::staging::{StageFlush, StagingError};
+
+impl FileService for Shared {
+    fn is_witness(&self, peer: NodeId) -> bool {
+        self.witness_peers.contains(&peer)
+    }
+
+    fn holds_sets(&self) -> bool {
+        !self.sets.is_empty()
+    }
+
+    fn fetch(&self, req: &FetchRequest) -> Result<Vec<FetchChunk>, Status> {
+        crate::replication::fetch::serve(self, req)
+    }
+
+    fn stage(&self, r: StageRequest) -> Result<(), StageRefused> {
+        stage(self, r).map_err(|e| StageRefused(Box::new(e)))
+    }
+
+    fn files_view(&self) -> FilesView {
+        Shared::files_view(self)
+    }
+}
+
+/// Takes one `Stage` piece: held or written as the upload's kind asks, and
+/// with the last piece of an upload whose versions follow, its finished files.
+fn stage(shared: &Shared, r: StageRequest) -> Result<(), StagingError> {
+    if r.versions_follow {
+        shared.stage_before_finish(r.upload, r.offset, r.data)?;
+        if !r.durable {
+            return Ok(());
+        }
+        let versions = r
+            .versions
+            .iter()
+            .map(StagedVersion::try_from)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(StagingError::BadVersion)?;
+        return shared.finish_upload(r.upload, &versions);
+    }
+    let flush = match r.durable {
+        true => StageFlush::Upload,
+        false => StageFlush::Piece,
+    };
+    shared.stage_piece(r.upload, r.offset, &r.data, flush)
+}
