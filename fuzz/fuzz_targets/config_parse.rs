@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use clusterd::config::Config;
+use clusterd::core::config::Config;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

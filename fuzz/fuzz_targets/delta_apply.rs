@@ -3,7 +3,7 @@
 //! content (its blake3 digest and length), whatever the patch claims.
 #![no_main]
 
-use clusterd::delta::{apply, digest, FileDigest, Patch};
+use clusterd::core::delta::{apply, digest, FileDigest, Patch};
 use libfuzzer_sys::fuzz_target;
 
 const LIMIT: u64 = 1 << 20;

@@ -3,8 +3,8 @@
 //! decoded file batch must pass the manifest's path gate or be refused whole.
 #![no_main]
 
-use clusterd::manifest::Manifest;
-use clusterd::raft_core::Command;
+use clusterd::core::manifest::Manifest;
+use clusterd::raft::core::Command;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

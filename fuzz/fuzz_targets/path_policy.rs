@@ -3,7 +3,7 @@
 //! excluded, and canonical (checking it again gives the same path).
 #![no_main]
 
-use clusterd::paths::{check_incoming, Filter};
+use clusterd::core::paths::{check_incoming, Filter};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -3,7 +3,7 @@
 //! decodes survives a round trip.
 #![no_main]
 
-use clusterd::manifest::Manifest;
+use clusterd::core::manifest::Manifest;
 use libfuzzer_sys::fuzz_target;
 
 const LIMIT: usize = 16 << 20;
