@@ -116,7 +116,7 @@ impl Arena {
             })
             .collect();
         let certs = c.dir().join("certs");
-        let hostile = crate::tls_from(&TlsFiles::in_dir(&certs, HOSTILE), HOSTILE);
+        let hostile = tls_from(&TlsFiles::in_dir(&certs, HOSTILE), HOSTILE);
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -1020,7 +1020,7 @@ fn certificates_that_are_not_a_members_own_are_refused() {
     }
     // The one certificate that works, for contrast: node 3's own.
     let good = rt.block_on(async {
-        hostile_client(&target, crate::tls_from(&TlsFiles::in_dir(&certs, 3), 3), 2)
+        hostile_client(&target, tls_from(&TlsFiles::in_dir(&certs, 3), 3), 2)
             .node_status(NodeStatusRequest {})
             .await
     });

@@ -80,6 +80,9 @@ pub const BARRIER_TIMEOUT_MS: u64 = 5000;
 pub const PROMOTE_TIMEOUT_MS: u64 = 10_000;
 /// Poll interval of `wait_until`.
 pub const POLL: Duration = Duration::from_millis(50);
+/// A window of several election timeouts, to show that something does *not*
+/// happen. Not scaled: it is about the nodes' timers, not the machine's speed.
+pub const THREE_ELECTIONS: Duration = Duration::from_millis(3 * ELECTION_TIMEOUT_MS + 500);
 
 // ---------------------------------------------------------------------------
 // Time and waiting
@@ -1512,4 +1515,77 @@ pub fn write_file(path: &Path, contents: &str) {
     let mut f = File::create(path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
     f.write_all(contents.as_bytes())
         .unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+}
+
+// ---------------------------------------------------------------------------
+// Helpers shared by several test files
+// ---------------------------------------------------------------------------
+
+/// Samples node `id`'s view until `window` has passed and at least
+/// `min_samples` views were seen, calling `check` on each one (which panics
+/// on a violation). Returns the number of views seen.
+#[track_caller]
+pub fn observe_window(
+    c: &Cluster,
+    id: u64,
+    window: Duration,
+    min_samples: usize,
+    mut check: impl FnMut(&View),
+) -> usize {
+    let started = Instant::now();
+    let mut seen = 0usize;
+    let mut last = String::from("(no answer yet)");
+    wait_until(
+        window + Duration::from_secs(30),
+        &format!("{min_samples} status samples of node {id} over {window:?}"),
+        || {
+            c.assert_alive(id);
+            match c.view(id) {
+                Ok(v) => {
+                    check(&v);
+                    last = v.to_string();
+                    seen += 1;
+                }
+                Err(e) => last = e,
+            }
+            if started.elapsed() >= window && seen >= min_samples {
+                Ok(seen)
+            } else {
+                Err(format!("{seen} samples so far; last: {last}"))
+            }
+        },
+    )
+}
+
+/// This checkout's root, read at run time: a test binary reused from another
+/// clone of the repository (a shared target dir) must read this checkout's files.
+pub fn repo_root() -> String {
+    std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").to_string())
+}
+
+/// TLS material loaded straight from certificate files, as an impostor holding them would.
+pub fn tls_from(files: &TlsFiles, id: u64) -> clusterd::tls::PeerTls {
+    let paths = clusterd::tls::TlsPaths {
+        ca: files.ca.clone(),
+        cert: files.cert.clone(),
+        key: files.key.clone(),
+    };
+    clusterd::tls::PeerTls::load(&paths, id).unwrap()
+}
+
+/// A peer client that dials `addr` (a node's own listen address, bypassing the
+/// proxies) as node 1 is dialled by its peers. Call it inside a tokio runtime.
+pub fn direct_client(
+    addr: &str,
+    tls: clusterd::tls::PeerTls,
+) -> clusterd::proto::peer::peer_client::PeerClient<tonic::transport::Channel> {
+    let target = clusterd::config::PeerConfig {
+        id: 1,
+        addr: addr.to_string(),
+        witness: false,
+    };
+    let live = clusterd::tls::LiveTls::new(tls, Default::default());
+    clusterd::proto::peer::peer_client::PeerClient::new(clusterd::transport::peer_channel(
+        &target, live,
+    ))
 }
