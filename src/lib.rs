@@ -47,6 +47,8 @@ pub mod transport;
 
 #[cfg(test)]
 mod fuzz_seeds;
+#[cfg(test)]
+mod layering;
 
 pub use config::Config;
 #[cfg(feature = "node")]
