@@ -28,6 +28,8 @@ pub mod replication;
 
 #[cfg(test)]
 mod fuzz_seeds;
+#[cfg(test)]
+mod layering;
 
 pub use crate::core::config::Config;
 #[cfg(feature = "node")]
