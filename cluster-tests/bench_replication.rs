@@ -144,7 +144,7 @@ impl Opts {
                 // `replication.rescan_secs`): every node walks and checks
                 // its sets once per period, and an idle average must count
                 // that walk once, not leave it out or catch it twice.
-                idle_secs: clusterd::config::ReplicationConfig::default()
+                idle_secs: clusterd::core::config::ReplicationConfig::default()
                     .rescan
                     .as_secs(),
                 rescan_secs: None,

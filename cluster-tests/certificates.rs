@@ -49,7 +49,7 @@ fn peer_from_other_ca_is_refused() {
 /// Speaks to node 1 directly (bypassing the proxies) as an impostor would.
 #[test]
 fn impostor_peers_are_refused_and_logged() {
-    use clusterd::proto::peer::{NodeStatusRequest, RaftBatch};
+    use clusterd::net::proto::peer::{NodeStatusRequest, RaftBatch};
 
     let c = Cluster::start(3);
     let all = c.ids();
@@ -79,7 +79,7 @@ fn impostor_peers_are_refused_and_logged() {
         forged.set_msg_type(raft::prelude::MessageType::MsgHeartbeat);
         let r = liar
             .raft(RaftBatch {
-                messages: vec![clusterd::proto::encode_raft_message(&forged)],
+                messages: vec![clusterd::net::proto::encode_raft_message(&forged)],
                 term: 1_000,
                 no_ack: false,
                 sender_applied: 0,
@@ -94,7 +94,7 @@ fn impostor_peers_are_refused_and_logged() {
             .connect_timeout(Duration::from_secs(2))
             .timeout(Duration::from_secs(2));
         if let Ok(channel) = plain.connect().await {
-            let r = clusterd::proto::peer::peer_client::PeerClient::new(channel)
+            let r = clusterd::net::proto::peer::peer_client::PeerClient::new(channel)
                 .node_status(NodeStatusRequest {})
                 .await;
             assert!(r.is_err(), "a plaintext client got an answer: {r:?}");
@@ -198,7 +198,7 @@ fn sighup_reloads_the_revocation_list() {
     let certs = c.dir().join("certs");
     // A valid member certificate that "leaked": node 3's own pair.
     let thief = tls_from(&TlsFiles::in_dir(&certs, 3), 3);
-    let serial = clusterd::tls::cert_serial_hex(
+    let serial = clusterd::net::tls::cert_serial_hex(
         &rustls::pki_types::pem::PemObject::from_pem_file(certs.join("node-3.crt")).unwrap(),
     )
     .unwrap();
@@ -255,14 +255,14 @@ fn sighup_reloads_the_revocation_list() {
 }
 
 /// One NodeStatus call straight to node 1 at `addr` with `tls`.
-fn direct_status(addr: &str, tls: &clusterd::tls::PeerTls) -> Result<(), tonic::Status> {
+fn direct_status(addr: &str, tls: &clusterd::net::tls::PeerTls) -> Result<(), tonic::Status> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
     rt.block_on(async {
         direct_client(addr, tls.clone())
-            .node_status(clusterd::proto::peer::NodeStatusRequest {})
+            .node_status(clusterd::net::proto::peer::NodeStatusRequest {})
             .await
             .map(|_| ())
     })

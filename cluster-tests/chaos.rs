@@ -66,9 +66,9 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use clusterd::manifest::FileOp;
-use clusterd::raft_core::Command;
-use clusterd::storage::RaftStore;
+use clusterd::core::manifest::FileOp;
+use clusterd::raft::core::Command;
+use clusterd::raft::storage::RaftStore;
 use raft::Storage;
 use serde_json::Value;
 
@@ -708,7 +708,7 @@ fn read_raft_log(dir: &Path, id: u64) -> RaftLog {
                 low,
                 commit + 1,
                 Some(16 << 20),
-                clusterd::storage::with_data(),
+                clusterd::raft::storage::with_data(),
             )
             .unwrap_or_else(|e| panic!("read node {id}'s log from {low}: {e}"));
         assert!(

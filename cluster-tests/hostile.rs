@@ -27,12 +27,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use clusterd::delta::{self, BlockSignature};
-use clusterd::manifest::{Content, EntryKind, FileBatch, FileOp, Meta, WireDigest};
-use clusterd::proto::peer::peer_client::PeerClient;
-use clusterd::proto::peer::{NodeStatusRequest, RaftBatch};
-use clusterd::raft_core::Command;
-use clusterd::tls::PeerTls;
+use clusterd::core::delta::{self, BlockSignature};
+use clusterd::core::manifest::{Content, EntryKind, FileBatch, FileOp, Meta, WireDigest};
+use clusterd::net::proto::peer::peer_client::PeerClient;
+use clusterd::net::proto::peer::{NodeStatusRequest, RaftBatch};
+use clusterd::raft::core::Command;
+use clusterd::net::tls::PeerTls;
 use raft::prelude::{Entry, Message, MessageType};
 use serde_json::Value;
 use tokio::io::AsyncWriteExt as _;
@@ -193,7 +193,7 @@ impl Arena {
         let m = append_message(t.id, t.term + 1, t.last, t.term, commands);
         self.send(
             t.id,
-            vec![clusterd::proto::encode_raft_message(&m)],
+            vec![clusterd::net::proto::encode_raft_message(&m)],
             t.term + 1,
         )
     }
@@ -297,13 +297,13 @@ fn own_set(c: &Cluster, id: u64) -> Result<Value, String> {
 
 /// A peer client that dials node `to` at `addr` directly, with `tls`.
 fn hostile_client(addr: &str, tls: PeerTls, to: u64) -> PeerClient<tonic::transport::Channel> {
-    let target = clusterd::config::PeerConfig {
+    let target = clusterd::core::config::PeerConfig {
         id: to,
         addr: addr.to_string(),
         witness: false,
     };
-    let live = clusterd::tls::LiveTls::new(tls, Default::default());
-    PeerClient::new(clusterd::transport::peer_channel(&target, live))
+    let live = clusterd::net::tls::LiveTls::new(tls, Default::default());
+    PeerClient::new(clusterd::net::transport::peer_channel(&target, live))
 }
 
 /// `MsgAppend` from the hostile member to `to`: entries after
@@ -530,7 +530,7 @@ fn hostile_paths_from_a_member_are_refused_and_the_cluster_keeps_serving() {
     );
     a.send(
         t.id,
-        vec![clusterd::proto::encode_raft_message(&m)],
+        vec![clusterd::net::proto::encode_raft_message(&m)],
         t.term - 1,
     )
     .expect("the gRPC layer takes the batch; Raft rejects it");
@@ -672,7 +672,7 @@ fn hostile_contents_and_broken_streams_from_a_member_are_refused() {
         t.term,
         &[files(vec![put(b"cut.conf", &noise(5, 2000))])],
     );
-    let mut bytes = clusterd::proto::encode_raft_message(&m);
+    let mut bytes = clusterd::net::proto::encode_raft_message(&m);
     bytes.truncate(bytes.len() / 2);
     let status = a
         .send(t.id, vec![bytes], t.term + 1)
@@ -695,7 +695,7 @@ fn hostile_contents_and_broken_streams_from_a_member_are_refused() {
         &[files(vec![put(b"half.conf", &noise(6, 4000))])],
     );
     let batch = prost::Message::encode_to_vec(&RaftBatch {
-        messages: vec![clusterd::proto::encode_raft_message(&m)],
+        messages: vec![clusterd::net::proto::encode_raft_message(&m)],
         term: t.term + 1,
         no_ack: false,
         sender_applied: 0,
@@ -741,7 +741,7 @@ fn hostile_contents_and_broken_streams_from_a_member_are_refused() {
     let status = a
         .send(
             t.id,
-            vec![clusterd::proto::encode_raft_message(&big)],
+            vec![clusterd::net::proto::encode_raft_message(&big)],
             t.term + 1,
         )
         .expect_err("a 17 MiB gRPC message must be refused");

@@ -24,10 +24,10 @@ fn a_witness_is_refused_file_contents() {
         .unwrap();
     let refused = rt.block_on(async {
         direct_client(&c.node(1).config().listen, witness_tls)
-            .fetch(clusterd::proto::peer::FetchRequest {
+            .fetch(clusterd::net::proto::peer::FetchRequest {
                 set: "secrets".into(),
                 path: b"shadow".to_vec(),
-                digest: clusterd::delta::digest(b"root:$6$secret\n")
+                digest: clusterd::core::delta::digest(b"root:$6$secret\n")
                     .to_bytes()
                     .to_vec(),
                 signature: Vec::new(),

@@ -1564,28 +1564,28 @@ pub fn repo_root() -> String {
 }
 
 /// TLS material loaded straight from certificate files, as an impostor holding them would.
-pub fn tls_from(files: &TlsFiles, id: u64) -> clusterd::tls::PeerTls {
-    let paths = clusterd::tls::TlsPaths {
+pub fn tls_from(files: &TlsFiles, id: u64) -> clusterd::net::tls::PeerTls {
+    let paths = clusterd::core::config::TlsPaths {
         ca: files.ca.clone(),
         cert: files.cert.clone(),
         key: files.key.clone(),
     };
-    clusterd::tls::PeerTls::load(&paths, id).unwrap()
+    clusterd::net::tls::PeerTls::load(&paths, id).unwrap()
 }
 
 /// A peer client that dials `addr` (a node's own listen address, bypassing the
 /// proxies) as node 1 is dialled by its peers. Call it inside a tokio runtime.
 pub fn direct_client(
     addr: &str,
-    tls: clusterd::tls::PeerTls,
-) -> clusterd::proto::peer::peer_client::PeerClient<tonic::transport::Channel> {
-    let target = clusterd::config::PeerConfig {
+    tls: clusterd::net::tls::PeerTls,
+) -> clusterd::net::proto::peer::peer_client::PeerClient<tonic::transport::Channel> {
+    let target = clusterd::core::config::PeerConfig {
         id: 1,
         addr: addr.to_string(),
         witness: false,
     };
-    let live = clusterd::tls::LiveTls::new(tls, Default::default());
-    clusterd::proto::peer::peer_client::PeerClient::new(clusterd::transport::peer_channel(
+    let live = clusterd::net::tls::LiveTls::new(tls, Default::default());
+    clusterd::net::proto::peer::peer_client::PeerClient::new(clusterd::net::transport::peer_channel(
         &target, live,
     ))
 }
