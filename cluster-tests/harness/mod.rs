@@ -1585,7 +1585,7 @@ pub fn direct_client(
         witness: false,
     };
     let live = clusterd::net::tls::LiveTls::new(tls, Default::default());
-    clusterd::net::proto::peer::peer_client::PeerClient::new(clusterd::net::transport::peer_channel(
-        &target, live,
-    ))
+    clusterd::net::proto::peer::peer_client::PeerClient::new(
+        clusterd::net::transport::peer_channel(&target, live),
+    )
 }

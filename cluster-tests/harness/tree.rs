@@ -25,7 +25,7 @@ use serde_json::Value;
 use super::{entry, wait_until, Cluster, POLL};
 
 /// Names clusterd gives its temporary files while it replaces a file
-/// (`fsroot::TEMP_PREFIX`): never part of a tree, whatever stage they are in.
+/// (`fs::root::TEMP_PREFIX`): never part of a tree, whatever stage they are in.
 pub const TEMP_PREFIX: &str = ".clusterd-tmp-";
 
 /// The key of the single item of a single-file set's tree.

@@ -267,3 +267,23 @@ pub(super) fn default_dir_meta() -> FileMeta {
     let gid = unsafe { libc::getegid() };
     FileMeta::new(Kind::Dir, 0o755, uid, gid, unix_ms() as i128 * 1_000_000)
 }
+
+/// The committed metadata `meta` as this node sets it (owner names
+/// resolved to its own ids).
+pub(super) fn fs_meta(meta: &Meta) -> FileMeta {
+    let (uid, gid) = local_ids(meta);
+    let kind = match meta.kind {
+        EntryKind::File => Kind::File,
+        EntryKind::Dir => Kind::Dir,
+        EntryKind::Symlink => Kind::Symlink,
+    };
+    FileMeta::new(kind, meta.mode, uid, gid, meta.mtime_ns)
+}
+
+/// Metadata equal as far as this node can set it (`want` from [`fs_meta`]).
+pub(super) fn meta_matches(want: &FileMeta, have: &FileMeta) -> bool {
+    have.mode == want.mode
+        && have.uid == want.uid
+        && have.gid == want.gid
+        && have.mtime_ns == want.mtime_ns
+}

@@ -13,7 +13,7 @@ use crate::core::delta::{self, FileDigest};
 use crate::core::manifest::EntryKind;
 use crate::core::manifest::StagedVersion;
 use crate::core::paths::SetPath;
-use crate::replication::apply::*;
+use crate::replication::scan::fs_meta;
 use crate::replication::shared::*;
 /// How [`Shared::stage_piece`] flushes what it wrote.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,6 +30,10 @@ pub enum StageFlush {
     Upload,
 }
 
+/// Versions waiting for [`Applier::sign_linked`](crate::replication::apply::Applier) at most: past it (a
+/// sync of millions of files) the rest go unsigned, and their next change
+/// travels whole should this node lead.
+pub(super) const UNSIGNED_MAX: usize = 1 << 17;
 /// Uploads larger than this (a batch holding one large file) are flushed
 /// piece by piece as they arrive and not made into finished files: left
 /// unflushed, a 1 GiB upload's write-back held the shared disk long enough

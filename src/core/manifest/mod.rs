@@ -858,6 +858,23 @@ pub enum CheckedOp {
     },
 }
 
+impl CheckedOp {
+    /// The path the op acts on (a rename's source) and, for a rename, the
+    /// path it moves to.
+    pub fn paths(&self) -> (&SetPath, Option<&SetPath>) {
+        match self {
+            CheckedOp::Rename { from, to, .. } => (from, Some(to)),
+            CheckedOp::Put { path, .. }
+            | CheckedOp::Dir { path, .. }
+            | CheckedOp::Symlink { path, .. }
+            | CheckedOp::Remove { path, .. }
+            | CheckedOp::Forget { path }
+            | CheckedOp::Xattrs { path, .. }
+            | CheckedOp::Link { path, .. } => (path, None),
+        }
+    }
+}
+
 /// Every set's committed tree.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Manifest {

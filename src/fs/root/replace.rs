@@ -183,26 +183,11 @@ impl Root {
         }
         let ours = rfs::fstat(&file)
             .map_err(|e| self.io_err("stat the staged version of", path.clone(), e))?;
-        let mut moved = None;
-        for _ in 0..8 {
-            let tmp = temp_name();
-            match rfs::linkat(&from_dir, name, &dir, tmp.as_str(), AtFlags::empty()) {
-                Ok(()) => {
-                    moved = Some(tmp);
-                    break;
-                }
-                Err(Errno::EXIST) => continue,
-                Err(Errno::XDEV) => return Ok(None),
-                Err(e) => return Err(self.io_err("link the staged version next to", path, e)),
-            }
-        }
-        let tmp = moved.ok_or_else(|| {
-            self.io_err(
-                "link the staged version next to",
-                path.clone(),
-                Errno::EXIST,
-            )
-        })?;
+        let tmp = match link_as_temp(&from_dir, name.as_bytes(), &dir) {
+            Ok(tmp) => tmp,
+            Err(Errno::XDEV) => return Ok(None),
+            Err(e) => return Err(self.io_err("link the staged version next to", path, e)),
+        };
         let mut guard = TempGuard {
             dir: dir.as_fd(),
             name: tmp,
@@ -251,26 +236,12 @@ impl Root {
                 });
             }
         }
-        let mut made = None;
-        for _ in 0..8 {
-            let name = temp_name();
-            match rfs::linkat(&tdir, tleaf, &dir, name.as_str(), AtFlags::empty()) {
-                Ok(()) => {
-                    made = Some(name);
-                    break;
-                }
-                Err(Errno::EXIST) => continue,
-                Err(e) => {
-                    return Err(self.io_err(
-                        "make a temporary hard link for",
-                        format!("{path} (a link of {})", show(&target)),
-                        e,
-                    ))
-                }
-            }
-        }
-        let name = made.ok_or_else(|| {
-            self.io_err("make a temporary hard link for", path.clone(), Errno::EXIST)
+        let name = link_as_temp(&tdir, tleaf, &dir).map_err(|e| {
+            self.io_err(
+                "make a temporary hard link for",
+                format!("{path} (a link of {})", show(&target)),
+                e,
+            )
         })?;
         let mut guard = TempGuard {
             dir: dir.as_fd(),
@@ -446,4 +417,18 @@ impl Root {
         let st = rfs::fstat(&file).map_err(|e| self.io_err("stat", path, e))?;
         Ok(FileMeta::from_stat(&st))
     }
+}
+
+/// Links `name` in `from_dir` under a new temporary name in `dir`, and
+/// returns that name; `EEXIST` once eight random names were all taken.
+fn link_as_temp(from_dir: impl AsFd, name: &[u8], dir: impl AsFd) -> Result<String, Errno> {
+    for _ in 0..8 {
+        let tmp = temp_name();
+        match rfs::linkat(&from_dir, name, &dir, tmp.as_str(), AtFlags::empty()) {
+            Ok(()) => return Ok(tmp),
+            Err(Errno::EXIST) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(Errno::EXIST)
 }

@@ -34,7 +34,6 @@ use crate::core::manifest::{
     CheckedOp, Content, Entry, EntryKind, FileBatch, FileOp, Manifest, Meta,
 };
 use crate::core::paths::SetPath;
-use crate::fs::owners::*;
 use crate::fs::root::{Expect, FileMeta, FsError, Kind, Root};
 use crate::raft::core::{Command, CoreError};
 use crate::raft::storage::RaftStore;
@@ -53,10 +52,6 @@ mod write;
 const APPLY_PAGE_BYTES: u64 = 64 << 20;
 /// Threads writing the files of one batch on a follower.
 const WRITERS: usize = 8;
-/// Versions waiting for [`Applier::sign_linked`] at most: past it (a
-/// sync of millions of files) the rest go unsigned, and their next change
-/// travels whole should this node lead.
-pub(super) const UNSIGNED_MAX: usize = 1 << 17;
 /// Manifest entries [`Applier::reconcile_local`] copies out at a time.
 const RECONCILE_SLICE: usize = 1024;
 /// Time [`Applier::sign_linked`] takes of each idle applier tick (one a
@@ -148,24 +143,6 @@ pub struct Applier {
     /// Staged uploads of batches applied in this round (their
     /// [`Content::Blob`]s), removed once the round is durably applied.
     consumed_uploads: Vec<u64>,
-}
-
-pub(super) fn fs_meta(meta: &Meta) -> FileMeta {
-    let (uid, gid) = local_ids(meta);
-    let kind = match meta.kind {
-        EntryKind::File => Kind::File,
-        EntryKind::Dir => Kind::Dir,
-        EntryKind::Symlink => Kind::Symlink,
-    };
-    FileMeta::new(kind, meta.mode, uid, gid, meta.mtime_ns)
-}
-
-/// Metadata equal as far as this node can set it (`want` from [`fs_meta`]).
-fn meta_matches(want: &FileMeta, have: &FileMeta) -> bool {
-    have.mode == want.mode
-        && have.uid == want.uid
-        && have.gid == want.gid
-        && have.mtime_ns == want.mtime_ns
 }
 
 /// Why a put could not be completed from the log alone.
@@ -489,17 +466,8 @@ impl Applier {
                 }
             }
             for op in &checked {
-                let paths: Vec<&SetPath> = match op {
-                    CheckedOp::Put { path, .. }
-                    | CheckedOp::Dir { path, .. }
-                    | CheckedOp::Symlink { path, .. }
-                    | CheckedOp::Remove { path, .. }
-                    | CheckedOp::Forget { path }
-                    | CheckedOp::Xattrs { path, .. }
-                    | CheckedOp::Link { path, .. } => vec![path],
-                    CheckedOp::Rename { from, to, .. } => vec![from, to],
-                };
-                for p in paths {
+                let (path, renamed_to) = op.paths();
+                for p in std::iter::once(path).chain(renamed_to) {
                     for (k, e) in set.subtree(p) {
                         store.put_entry(&set_name, k, e);
                     }
@@ -715,17 +683,8 @@ impl Applier {
         {
             let m = self.shared.manifest.read().unwrap();
             for op in checked {
-                let (a, b) = match op {
-                    CheckedOp::Rename { from, to, .. } => (Some(from), Some(to)),
-                    CheckedOp::Put { path, .. }
-                    | CheckedOp::Dir { path, .. }
-                    | CheckedOp::Symlink { path, .. }
-                    | CheckedOp::Remove { path, .. }
-                    | CheckedOp::Forget { path }
-                    | CheckedOp::Xattrs { path, .. }
-                    | CheckedOp::Link { path, .. } => (Some(path), None),
-                };
-                for p in [a, b].into_iter().flatten() {
+                let (path, renamed_to) = op.paths();
+                for p in std::iter::once(path).chain(renamed_to) {
                     if let Some(parent) = p.parent() {
                         if let Some(e) = m
                             .get(&set.name, &parent)
