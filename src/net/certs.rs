@@ -129,7 +129,6 @@ pub fn init_certs(
 
     let ca_cert_path = out.join(CA_CERT_FILE);
     let ca_key_path = out.join(CA_KEY_FILE);
-    let ca_state = (exists(&ca_cert_path)?, exists(&ca_key_path)?);
 
     // Node files that already exist are kept, but only if they really are node
     // certificates of this CA: keeping a stale one would make the printed
@@ -138,35 +137,26 @@ pub fn init_certs(
     let mut new_nodes = Vec::new();
     for &id in node_ids {
         let (crt, key) = (node_cert_path(out, id), node_key_path(out, id));
-        match (exists(&crt)?, exists(&key)?) {
-            (true, true) => existing_nodes.push(id),
-            (false, false) => new_nodes.push(id),
-            (true, false) => {
-                return Err(CertError::NodeIncomplete {
-                    present: crt,
-                    missing: key,
-                })
-            }
-            (false, true) => {
-                return Err(CertError::NodeIncomplete {
-                    present: key,
-                    missing: crt,
-                })
-            }
+        let incomplete = |present, missing| CertError::NodeIncomplete { present, missing };
+        match pair_exists(&crt, &key, incomplete)? {
+            true => existing_nodes.push(id),
+            false => new_nodes.push(id),
         }
     }
+    let incomplete = |present, missing| CertError::CaIncomplete { present, missing };
+    let ca_exists = pair_exists(&ca_cert_path, &ca_key_path, incomplete)?;
 
     let mut report = CertsReport::default();
     let now = OffsetDateTime::now_utc();
 
-    let ca = match ca_state {
-        (true, true) => {
+    let ca = match ca_exists {
+        true => {
             let ca = load_ca(&ca_cert_path, &ca_key_path, now)?;
             report.kept.push(ca_cert_path.clone());
             report.kept.push(ca_key_path.clone());
             Some(ca)
         }
-        (false, false) => {
+        false => {
             if let Some(&id) = existing_nodes.first() {
                 return Err(CertError::OrphanNodeCert {
                     cert: node_cert_path(out, id),
@@ -174,18 +164,6 @@ pub fn init_certs(
                 });
             }
             None
-        }
-        (true, false) => {
-            return Err(CertError::CaIncomplete {
-                present: ca_cert_path,
-                missing: ca_key_path,
-            })
-        }
-        (false, true) => {
-            return Err(CertError::CaIncomplete {
-                present: ca_key_path,
-                missing: ca_cert_path,
-            })
         }
     };
 
@@ -257,6 +235,22 @@ fn ensure_dir(dir: &Path) -> Result<(), CertError> {
             path: dir.to_path_buf(),
             source,
         }),
+    }
+}
+
+/// Whether both files of a certificate and its key exist (`true`) or
+/// neither does (`false`); when only one does, the error `incomplete` makes
+/// of the one present and the one missing.
+fn pair_exists(
+    cert: &Path,
+    key: &Path,
+    incomplete: impl Fn(PathBuf, PathBuf) -> CertError,
+) -> Result<bool, CertError> {
+    match (exists(cert)?, exists(key)?) {
+        (true, true) => Ok(true),
+        (false, false) => Ok(false),
+        (true, false) => Err(incomplete(cert.to_path_buf(), key.to_path_buf())),
+        (false, true) => Err(incomplete(key.to_path_buf(), cert.to_path_buf())),
     }
 }
 
