@@ -7,154 +7,13 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use clap::{Parser, Subcommand};
+use clap::Parser;
 use clusterd::core::config::{Config, DEFAULT_ADMIN_SOCKET};
 use clusterd::core::status::{check, CheckCode, CheckThresholds, ClusterStatus};
 use clusterd::net::proto::admin::{PromoteRequest, StatusRequest};
 use clusterd::net::proto::peer::BarrierRequest;
 use clusterd::ops::admin;
-
-#[derive(Parser)]
-#[command(
-    version,
-    about = "Administer a clusterd cluster through the local node"
-)]
-struct Args {
-    /// Read `node.admin_socket` from this clusterd config file.
-    #[arg(long, global = true, conflicts_with = "socket")]
-    config: Option<PathBuf>,
-    /// The node's admin socket (default /run/clusterd/admin.sock).
-    #[arg(long, global = true)]
-    socket: Option<PathBuf>,
-    /// Talk to a node's remote admin port (`[admin] listen`) instead of the
-    /// local socket, over mutual TLS: HOST:PORT.
-    #[arg(long, global = true, requires_all = ["node_id", "tls_ca", "tls_cert", "tls_key"], conflicts_with_all = ["socket", "config"])]
-    remote: Option<String>,
-    /// The id of the node at --remote (its certificate must name it).
-    #[arg(long, global = true)]
-    node_id: Option<u64>,
-    /// The cluster CA certificate, for --remote.
-    #[arg(long, global = true)]
-    tls_ca: Option<PathBuf>,
-    /// An admin certificate (`clusterctl certs admin`), or a node
-    /// certificate for read-only calls, for --remote.
-    #[arg(long, global = true)]
-    tls_cert: Option<PathBuf>,
-    /// The key of --tls-cert.
-    #[arg(long, global = true)]
-    tls_key: Option<PathBuf>,
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Every node's role, term, commit and applied index, reachability and lag.
-    Status {
-        /// One JSON object instead of the table.
-        #[arg(long)]
-        json: bool,
-        /// How long to wait for each peer's answer.
-        #[arg(long, default_value_t = 800)]
-        peer_timeout_ms: u64,
-        /// Redraw every second until interrupted.
-        #[arg(long)]
-        watch: bool,
-    },
-    /// Hand leadership to NODE once it has applied everything committed and
-    /// holds every committed file (a planned switchover loses and
-    /// quarantines nothing); exits 0 when it leads.
-    Promote {
-        node: u64,
-        #[arg(long, default_value_t = 15_000)]
-        timeout_ms: u64,
-        /// Only say what would happen (who leads, what NODE still lacks).
-        #[arg(long)]
-        dry_run: bool,
-    },
-    /// Commit a no-op through the leader and wait until it is applied here:
-    /// proves the cluster accepts changes.
-    Barrier {
-        #[arg(long, default_value_t = 5_000)]
-        timeout_ms: u64,
-    },
-    /// What this node set aside in quarantine (local versions it replaced or
-    /// deleted because they differed from what the cluster committed).
-    Conflicts {
-        /// A JSON array of the records instead of the table.
-        #[arg(long)]
-        json: bool,
-    },
-    /// Nagios/Icinga plugin: one line with performance data; exit 0 OK,
-    /// 1 WARNING, 2 CRITICAL, 3 UNKNOWN.
-    Check {
-        /// WARNING when a node is this many committed entries behind.
-        #[arg(long, default_value_t = 100)]
-        lag_warn: u64,
-        /// CRITICAL when a node is this many committed entries behind.
-        #[arg(long, default_value_t = 1000)]
-        lag_crit: u64,
-        /// WARNING when a node's certificate expires within this many days.
-        #[arg(long, default_value_t = 30)]
-        cert_warn_days: i64,
-        /// CRITICAL when a node's certificate expires within this many days.
-        #[arg(long, default_value_t = 7)]
-        cert_crit_days: i64,
-        /// WARNING when a node's copy of a set is this many seconds behind the leader's.
-        #[arg(long, default_value_t = 60.0)]
-        lag_warn_secs: f64,
-        /// CRITICAL when a node's copy of a set is this many seconds behind.
-        #[arg(long, default_value_t = 300.0)]
-        lag_crit_secs: f64,
-        /// WARNING when a node holds this many quarantined versions (0: never).
-        #[arg(long, default_value_t = 1)]
-        quarantine_warn: u64,
-        /// CRITICAL when a node holds this many quarantined versions (0: never).
-        #[arg(long, default_value_t = 0)]
-        quarantine_crit: u64,
-        #[arg(long, default_value_t = 800)]
-        peer_timeout_ms: u64,
-    },
-    /// Translate a legacy rsync/cron sync script into [[sync]] sets (printed
-    /// as TOML, with a comment for everything it cannot translate).
-    ImportRsync {
-        /// The script, e.g. /root/CLUSTER-SYNC/cluster-config-sync.sh.
-        file: PathBuf,
-    },
-    /// Certificates for the cluster's mutual TLS.
-    Certs {
-        #[command(subcommand)]
-        command: CertsCommand,
-    },
-}
-
-#[derive(Subcommand)]
-enum CertsCommand {
-    /// Write DIR/ca.crt, ca.key and node-<id>.crt/.key for each id (an existing CA in DIR is reused).
-    Init {
-        #[arg(long)]
-        out: PathBuf,
-        /// Comma-separated node ids, e.g. 1,2,3.
-        #[arg(long, value_delimiter = ',', required = true)]
-        nodes: Vec<u64>,
-        /// Validity of node certificates, in days.
-        #[arg(long, default_value_t = 825)]
-        days: u32,
-    },
-    /// Write DIR/admin-<name>.crt/.key under the CA in DIR: an administrator's
-    /// certificate for `clusterctl --remote` (promote, barrier, status).
-    Admin {
-        #[arg(long)]
-        out: PathBuf,
-        /// Who holds it (1 to 32 lowercase letters, digits and '-').
-        #[arg(long)]
-        name: String,
-        #[arg(long, default_value_t = 365)]
-        days: u32,
-    },
-    /// Print a certificate's node id, serial (for `tls.revoked_serials`) and expiry.
-    Show { file: PathBuf },
-}
+use clusterd::ops::cli::{CertsCommand, ClusterctlArgs as Args, Command};
 
 fn main() -> ExitCode {
     let args = Args::parse();
@@ -250,6 +109,16 @@ async fn run(args: Args) -> Result<ExitCode> {
             println!("node:      {node}");
             println!("serial:    {serial}");
             println!("not after: {}", parsed.validity().not_after);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Completions { shell } => {
+            clusterd::ops::manual::write_completions(*shell, &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Man { out } => {
+            let pages = clusterd::ops::manual::write_man_pages(out)
+                .with_context(|| format!("cannot write the man pages into {}", out.display()))?;
+            println!("wrote {} man pages into {}", pages.len(), out.display());
             Ok(ExitCode::SUCCESS)
         }
         Command::ImportRsync { file } => {

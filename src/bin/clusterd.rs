@@ -1,10 +1,10 @@
 //! `clusterd`: runs one node in the foreground (systemd starts it so).
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
 use clusterd::core::config::Config;
+use clusterd::ops::cli::ClusterdArgs as Args;
 
 /// One malloc arena instead of glibc's default of eight per core. After a
 /// burst (a node that just replicated 100,000 files) each arena keeps its
@@ -54,18 +54,6 @@ fn raise_open_files_limit() {
             }
         }
     }
-}
-
-/// Raft-led replication of config, account and log files across an HA cluster.
-#[derive(Parser)]
-#[command(version, about)]
-struct Args {
-    /// The node's configuration file (TOML); CLUSTERD_<SECTION>__<KEY> variables override it.
-    #[arg(long, default_value = "/etc/clusterd/clusterd.toml")]
-    config: PathBuf,
-    /// Validate the configuration and certificates, then exit.
-    #[arg(long)]
-    check: bool,
 }
 
 fn main() -> ExitCode {

@@ -9,6 +9,7 @@
 //! every byte format (commands, snapshots, status JSON) is pinned by tests.
 
 pub mod config;
+pub mod config_reference;
 pub mod delta;
 pub mod error_text;
 pub mod manifest;

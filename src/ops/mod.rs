@@ -8,8 +8,10 @@
 
 #[cfg(feature = "node")]
 pub mod admin;
+pub mod cli;
 pub mod hooks;
 pub mod import_rsync;
 pub mod logging;
+pub mod manual;
 #[cfg(feature = "node")]
 pub mod metrics;

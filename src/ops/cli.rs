@@ -1,0 +1,175 @@
+//! The command lines of both binaries, as clap definitions. They live in the
+//! library, not in the binaries, so that the man pages and shell completions
+//! (`ops::manual`) are generated from the very definitions the binaries parse
+//! and cannot drift from them.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+/// Raft-led replication of config, account and log files across an HA cluster.
+#[derive(Parser)]
+#[command(name = "clusterd", version, about)]
+pub struct ClusterdArgs {
+    /// The node's configuration file (TOML); CLUSTERD_<SECTION>__<KEY> variables override it.
+    #[arg(long, default_value = "/etc/clusterd/clusterd.toml")]
+    pub config: PathBuf,
+    /// Validate the configuration and certificates, then exit.
+    #[arg(long)]
+    pub check: bool,
+}
+
+#[derive(Parser)]
+#[command(
+    name = "clusterctl",
+    version,
+    about = "Administer a clusterd cluster through the local node"
+)]
+pub struct ClusterctlArgs {
+    /// Read `node.admin_socket` from this clusterd config file.
+    #[arg(long, global = true, conflicts_with = "socket")]
+    pub config: Option<PathBuf>,
+    /// The node's admin socket (default /run/clusterd/admin.sock).
+    #[arg(long, global = true)]
+    pub socket: Option<PathBuf>,
+    /// Talk to a node's remote admin port (`[admin] listen`) instead of the
+    /// local socket, over mutual TLS: HOST:PORT.
+    #[arg(long, global = true, requires_all = ["node_id", "tls_ca", "tls_cert", "tls_key"], conflicts_with_all = ["socket", "config"])]
+    pub remote: Option<String>,
+    /// The id of the node at --remote (its certificate must name it).
+    #[arg(long, global = true)]
+    pub node_id: Option<u64>,
+    /// The cluster CA certificate, for --remote.
+    #[arg(long, global = true)]
+    pub tls_ca: Option<PathBuf>,
+    /// An admin certificate (`clusterctl certs admin`), or a node
+    /// certificate for read-only calls, for --remote.
+    #[arg(long, global = true)]
+    pub tls_cert: Option<PathBuf>,
+    /// The key of --tls-cert.
+    #[arg(long, global = true)]
+    pub tls_key: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Every node's role, term, commit and applied index, reachability and lag.
+    Status {
+        /// One JSON object instead of the table.
+        #[arg(long)]
+        json: bool,
+        /// How long to wait for each peer's answer.
+        #[arg(long, default_value_t = 800)]
+        peer_timeout_ms: u64,
+        /// Redraw every second until interrupted.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Hand leadership to NODE once it has applied everything committed and
+    /// holds every committed file (a planned switchover loses and
+    /// quarantines nothing); exits 0 when it leads.
+    Promote {
+        node: u64,
+        #[arg(long, default_value_t = 15_000)]
+        timeout_ms: u64,
+        /// Only say what would happen (who leads, what NODE still lacks).
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Commit a no-op through the leader and wait until it is applied here:
+    /// proves the cluster accepts changes.
+    Barrier {
+        #[arg(long, default_value_t = 5_000)]
+        timeout_ms: u64,
+    },
+    /// What this node set aside in quarantine (local versions it replaced or
+    /// deleted because they differed from what the cluster committed).
+    Conflicts {
+        /// A JSON array of the records instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Nagios/Icinga plugin: one line with performance data; exit 0 OK,
+    /// 1 WARNING, 2 CRITICAL, 3 UNKNOWN.
+    Check {
+        /// WARNING when a node is this many committed entries behind.
+        #[arg(long, default_value_t = 100)]
+        lag_warn: u64,
+        /// CRITICAL when a node is this many committed entries behind.
+        #[arg(long, default_value_t = 1000)]
+        lag_crit: u64,
+        /// WARNING when a node's certificate expires within this many days.
+        #[arg(long, default_value_t = 30)]
+        cert_warn_days: i64,
+        /// CRITICAL when a node's certificate expires within this many days.
+        #[arg(long, default_value_t = 7)]
+        cert_crit_days: i64,
+        /// WARNING when a node's copy of a set is this many seconds behind the leader's.
+        #[arg(long, default_value_t = 60.0)]
+        lag_warn_secs: f64,
+        /// CRITICAL when a node's copy of a set is this many seconds behind.
+        #[arg(long, default_value_t = 300.0)]
+        lag_crit_secs: f64,
+        /// WARNING when a node holds this many quarantined versions (0: never).
+        #[arg(long, default_value_t = 1)]
+        quarantine_warn: u64,
+        /// CRITICAL when a node holds this many quarantined versions (0: never).
+        #[arg(long, default_value_t = 0)]
+        quarantine_crit: u64,
+        #[arg(long, default_value_t = 800)]
+        peer_timeout_ms: u64,
+    },
+    /// Translate a legacy rsync/cron sync script into [[sync]] sets (printed
+    /// as TOML, with a comment for everything it cannot translate).
+    ImportRsync {
+        /// The script, e.g. /root/CLUSTER-SYNC/cluster-config-sync.sh.
+        file: PathBuf,
+    },
+    /// Print a completion script for SHELL to stdout, e.g.
+    /// `clusterctl completions bash > /etc/bash_completion.d/clusterctl`
+    /// (the Debian package installs them for bash, zsh and fish).
+    Completions { shell: clap_complete::Shell },
+    /// Write the manual pages into DIR: clusterd(8), clusterctl(8), one
+    /// clusterctl-<subcommand>(8) per subcommand and clusterd.toml(5),
+    /// generated from these very definitions (the Debian package installs
+    /// them).
+    Man {
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Certificates for the cluster's mutual TLS.
+    Certs {
+        #[command(subcommand)]
+        command: CertsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum CertsCommand {
+    /// Write DIR/ca.crt, ca.key and node-<id>.crt/.key for each id (an existing CA in DIR is reused).
+    Init {
+        #[arg(long)]
+        out: PathBuf,
+        /// Comma-separated node ids, e.g. 1,2,3.
+        #[arg(long, value_delimiter = ',', required = true)]
+        nodes: Vec<u64>,
+        /// Validity of node certificates, in days.
+        #[arg(long, default_value_t = 825)]
+        days: u32,
+    },
+    /// Write DIR/admin-<name>.crt/.key under the CA in DIR: an administrator's
+    /// certificate for `clusterctl --remote` (promote, barrier, status).
+    Admin {
+        #[arg(long)]
+        out: PathBuf,
+        /// Who holds it (1 to 32 lowercase letters, digits and '-').
+        #[arg(long)]
+        name: String,
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+    },
+    /// Print a certificate's node id, serial (for `tls.revoked_serials`) and expiry.
+    Show { file: PathBuf },
+}
