@@ -145,6 +145,12 @@ pub fn render(
         );
         counter(
             &mut registry,
+            "wire_bytes_sent",
+            "Raft and fetch payload bytes this node sent to its peers",
+            f.wire_bytes_sent,
+        );
+        counter(
+            &mut registry,
             "on_change_failures",
             "on_change commands that failed or timed out",
             f.on_change_failures,
@@ -421,6 +427,7 @@ mod tests {
             }],
             bytes_proposed: 700,
             bytes_saved: 300,
+            wire_bytes_sent: 900,
             quarantined: 2,
             ..Default::default()
         };
@@ -431,6 +438,7 @@ mod tests {
             "clusterd_set_missing_files{set=\"tacacs\"} 1",
             "clusterd_bytes_proposed_total 700",
             "clusterd_bytes_saved_total 300",
+            "clusterd_wire_bytes_sent_total 900",
             "clusterd_quarantined_files 2",
         ] {
             assert!(
