@@ -1,16 +1,19 @@
 //! The docker/ compose files, cross-checked without a Docker engine: the
 //! services agree with each other and the entrypoint writes configs that
-//! `clusterd --check` accepts.
+//! `clusterd --check` accepts. scripts/compose-test.sh runs them for real
+//! where a Docker engine can be reached or started.
 
 use std::time::Duration;
 
 use crate::harness::*;
 
-/// docker/ cannot run here (no Docker engine), so its files are checked
-/// instead: the compose services agree with each other (ids, hostnames,
-/// ports, the shared certs volume), and the entrypoint, run for each service
-/// with that service's environment, writes a config `clusterd --check` accepts
-/// (also with the witness overlay).
+/// The files of docker/, checked without a Docker engine: the Dockerfile
+/// takes the base images and prebuilt binaries as build arguments and compose
+/// passes them; the compose services agree with each other (ids, hostnames,
+/// ports, the shared certs volume, an init as PID 1), and the entrypoint, run
+/// for each service with that service's environment, writes a config
+/// `clusterd --check` accepts (also with the witness overlay), with the demo
+/// sync set on every data node and none on the witness.
 #[test]
 fn docker_compose_files_cross_check() {
     use serde_yaml::Value;
@@ -22,6 +25,17 @@ fn docker_compose_files_cross_check() {
         v.apply_merge().unwrap();
         v
     };
+    let dockerfile = std::fs::read_to_string(format!("{root}/docker/Dockerfile")).unwrap();
+    for arg in [
+        "ARG BUILD_IMAGE=rust:1-bookworm",
+        "ARG RUN_IMAGE=debian:bookworm-slim",
+        "ARG CLUSTERD_PREBUILT=",
+    ] {
+        assert!(
+            dockerfile.lines().any(|l| l.trim() == arg),
+            "docker/Dockerfile lacks `{arg}`"
+        );
+    }
     let base = load("compose.yaml");
     let overlay = load("compose.witness.yaml");
     let services = base["services"].as_mapping().expect("services");
@@ -73,6 +87,21 @@ fn docker_compose_files_cross_check() {
                 .any(|v| v.as_str() == Some("certs:/certs")),
             "service {name} lacks the certs volume"
         );
+        assert_eq!(
+            svc["init"].as_bool(),
+            Some(true),
+            "service {name}: `init: true` (SIGTERM must stop it at once)"
+        );
+        for arg in ["BUILD_IMAGE", "RUN_IMAGE", "CLUSTERD_PREBUILT"] {
+            assert!(
+                svc["build"]["args"][arg].is_string(),
+                "service {name}: build arg {arg} not passed"
+            );
+        }
+        assert!(
+            get(&env, "SYNC_SETS").is_some_and(|s| !s.is_empty()),
+            "service {name}: no demo SYNC_SETS"
+        );
         assert!(
             ids.insert(id, name.to_string()).is_none(),
             "NODE_ID {id} used twice"
@@ -104,6 +133,7 @@ fn docker_compose_files_cross_check() {
         .to_path_buf();
     for witness in [false, true] {
         let dir = short_tempdir("clusterd-compose-");
+        let mut witnesses = 0;
         for (name, svc) in services {
             let name = name.as_str().unwrap();
             let env = env_of(svc, witness.then(|| &overlay["services"][name]));
@@ -138,6 +168,28 @@ fn docker_compose_files_cross_check() {
                 witness,
                 "{name}:\n{written}"
             );
+            // Every data node gets the demo set; a witness holds none.
+            let is_witness = get(&env, "WITNESSES").is_some_and(|w| {
+                w.split(',')
+                    .any(|id| Some(id) == get(&env, "NODE_ID").as_deref())
+            });
+            let node_section = written.split("[tls]").next().unwrap();
+            assert_eq!(
+                node_section.contains("witness = true"),
+                is_witness,
+                "{name} (witness overlay: {witness}):\n{written}"
+            );
+            assert_eq!(
+                written.contains("[[sync]]"),
+                !is_witness,
+                "{name} (witness overlay: {witness}):\n{written}"
+            );
+            witnesses += usize::from(is_witness);
         }
+        assert_eq!(
+            witnesses,
+            usize::from(witness),
+            "witness overlay: {witness}: witnesses"
+        );
     }
 }
