@@ -102,6 +102,7 @@ cleanup() {
     docker rmi -f $BUILT >/dev/null 2>&1
   fi
   [ -n "$STAGE" ] && rm -rf "$STAGE"
+  rmdir docker/prebuilt 2>/dev/null   # only if nothing else is staged there
   if [ -n "$OWN_DOCKERD_PID" ]; then
     kill -TERM "$OWN_DOCKERD_PID" 2>/dev/null
     local i
