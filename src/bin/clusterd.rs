@@ -94,7 +94,14 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(clusterd::run(config, shutdown_signal())) {
+    let result = runtime.block_on(clusterd::run(config, shutdown_signal()));
+    // `run` returns once the node has stopped and its storage is closed;
+    // what may still run are blocking tasks such as a DNS lookup of a peer
+    // that just went away, which can take seconds on a host without a
+    // working resolver. Waiting for them would only delay the exit (a
+    // container's `docker stop`, systemd's stop job).
+    runtime.shutdown_timeout(std::time::Duration::from_millis(200));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{}", clusterd::core::error_text::error_chain(&e));
