@@ -10,6 +10,7 @@ mod compose;
 mod config_check;
 mod elections;
 mod failover;
+mod guarded;
 mod harness;
 mod hooks;
 mod hostile;

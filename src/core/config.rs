@@ -152,6 +152,9 @@ pub struct RawSync {
     /// Keep hard links between names of the set (default false); read as
     /// text for the same reason as `xattrs`.
     pub hard_links: Option<String>,
+    /// A command that checks the set as it would be after a change.
+    pub validate: Option<String>,
+    pub validate_timeout_ms: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -289,7 +292,20 @@ pub struct SyncSetConfig {
     /// every follower (`hard_links = true`); links across sets or to files
     /// outside the set are not kept.
     pub hard_links: bool,
+    /// The shell command that checks a staged copy of the set as it would
+    /// be after a change (`{}` is its path) before the change is proposed:
+    /// a broken config must not reach every node at once.
+    pub validate: Option<String>,
+    /// How long the validator may run before its process group is killed
+    /// and the change counts as invalid.
+    pub validate_timeout: Duration,
 }
+
+/// Default of `sync[].validate_timeout_ms`.
+pub const DEFAULT_VALIDATE_TIMEOUT_MS: u64 = 10_000;
+/// The most `validate_timeout_ms` may be: a set is held while its validator
+/// runs, so a validator is a check, never a job.
+pub const MAX_VALIDATE_TIMEOUT_MS: u64 = 600_000;
 
 /// How the leader notices changes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -738,6 +754,25 @@ impl Validator {
                     false
                 }
             };
+            let validate = s.validate.filter(|v| !v.trim().is_empty());
+            if let Some(cmd) = &validate {
+                if mode == SyncMode::Append {
+                    self.problem(format!("key `{key}.validate` of sync set {name:?} cannot be used with mode = \"append\" (appended log lines are not checked as a whole); drop validate or use mode = \"mirror\""));
+                }
+                if let Err(why) = validator_program(cmd) {
+                    self.problem(format!(
+                        "key `{key}.validate` = {cmd:?} of sync set {name:?}: {why}"
+                    ));
+                }
+            }
+            let validate_timeout = match s.validate_timeout_ms {
+                None => DEFAULT_VALIDATE_TIMEOUT_MS,
+                Some(n) if n > 0 && n as u64 <= MAX_VALIDATE_TIMEOUT_MS => n as u64,
+                Some(n) => {
+                    self.problem(format!("key `{key}.validate_timeout_ms` = {n} of sync set {name:?} must be between 1 and {MAX_VALIDATE_TIMEOUT_MS} milliseconds"));
+                    DEFAULT_VALIDATE_TIMEOUT_MS
+                }
+            };
             sets.push(SyncSetConfig {
                 name,
                 path,
@@ -749,6 +784,8 @@ impl Validator {
                 max_file_size,
                 xattrs,
                 hard_links,
+                validate,
+                validate_timeout: Duration::from_millis(validate_timeout),
             });
         }
         sets
@@ -825,6 +862,46 @@ impl Validator {
             self.problem("every member is a witness; at least one node must hold the data");
         }
     }
+}
+
+/// Shell words that run without a program file.
+const SHELL_BUILTINS: &[&str] = &[":", "true", "false", "test", "[", "exit", "!"];
+
+/// The program a `validate` command runs, checked to exist and be
+/// executable (found in `PATH` when it names no directory), or why not: a
+/// validator that cannot run would hold every change of its set.
+pub fn validator_program(command: &str) -> Result<PathBuf, String> {
+    let words = shell_words::split(command)
+        .map_err(|e| format!("is not a valid shell command ({e}); fix its quoting"))?;
+    let Some(program) = words
+        .iter()
+        .find(|w| !(w.contains('=') && !w.starts_with('=') && !w.contains('/')))
+    else {
+        return Err("names no program to run".to_string());
+    };
+    if SHELL_BUILTINS.contains(&program.as_str()) {
+        return Ok(PathBuf::from(program));
+    }
+    let executable = |p: &Path| {
+        use std::os::unix::fs::PermissionsExt;
+        p.metadata()
+            .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    if program.contains('/') {
+        let p = PathBuf::from(program);
+        return if executable(&p) {
+            Ok(p)
+        } else {
+            Err(format!("its program {program} does not exist or is not executable; install it or fix the path"))
+        };
+    }
+    let search = std::env::var("PATH").unwrap_or_else(|_| "/usr/sbin:/usr/bin:/sbin:/bin".into());
+    search
+        .split(':')
+        .filter(|d| !d.is_empty())
+        .map(|d| Path::new(d).join(program))
+        .find(|p| executable(p))
+        .ok_or_else(|| format!("its program {program:?} is not found in PATH ({search}) or is not executable; install it or give its full path"))
 }
 
 fn valid_host_port(s: &str) -> bool {

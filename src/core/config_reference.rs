@@ -182,6 +182,16 @@ pub const KEYS: &[KeyDoc] = &[
         meaning: "`true` keeps hard links: names of the set that share an inode on the leader share one on every follower (see \"What is kept\"); not with `mode = \"append\"`",
     },
     KeyDoc {
+        keys: &["sync[].validate"],
+        default: "none",
+        meaning: "shell command that checks the set as it would be after a change, before anything of it is proposed: `{}` is replaced by the path of a staged copy of the set (a directory laid out like the root, or the single file); `CLUSTERD_SET`, `CLUSTERD_ROOT` and `CLUSTERD_STAGED` are in its environment. Exit 0 proposes the change; anything else (or the timeout) holds it: nothing of the set is proposed, followers keep the last committed state, status shows `held` with the first line of its output. The next change of the set retries. Its program must exist at `--check`; not with `mode = \"append\"`",
+    },
+    KeyDoc {
+        keys: &["sync[].validate_timeout_ms"],
+        default: "`10000`",
+        meaning: "how long `validate` may run before its process group is killed and the change counts as invalid (at most 600000)",
+    },
+    KeyDoc {
         keys: &["sync[].max_file_size"],
         default: "4 GiB",
         meaning: "larger files are not replicated (logged, shown as the set's last error); each version is held in memory while planned and applied",

@@ -115,6 +115,9 @@ pub struct SetView {
     pub last_error: Option<String>,
     pub refused: u64,
     pub skipping: bool,
+    /// This node's validator refused the set's last change: why. On the
+    /// leader nothing of that change was proposed.
+    pub held: Option<String>,
     /// `(seq, proposed_at_ms)` of recent batches (for lag in seconds).
     pub recent: Vec<(u64, u64)>,
 }
@@ -277,6 +280,8 @@ impl ClusterStatus {
                     "missing": s.missing,
                     "refused": s.refused,
                     "skipping": s.skipping,
+                    "held": s.held,
+                    "paused": Value::Null,
                     "last_error": s.last_error,
                 })
             })
@@ -439,6 +444,9 @@ impl ClusterStatus {
                     .and_then(|l| l.sets.iter().find(|x| x.name == s.name))
                     .map(|l| set_lag(l, s, now_ms));
                 let state = match (&s.last_error, s.skipping, s.missing) {
+                    _ if s.held.is_some() => {
+                        format!("held: {}", s.held.as_deref().unwrap_or_default())
+                    }
                     (_, true, _) => "waiting for skip_while marker".to_string(),
                     (_, _, m) if m > 0 => format!("{m} file(s) to fetch"),
                     (Some(e), _, _) => e.clone(),
@@ -787,6 +795,26 @@ pub fn check(status: &ClusterStatus, t: &CheckThresholds, now_unix: u64) -> (Che
                 "quarantine not empty ({}; `clusterctl conflicts` on each lists them)",
                 list.join(", ")
             ),
+        );
+    }
+    let held: Vec<String> = status
+        .nodes
+        .iter()
+        .filter_map(|n| Some((n.id, n.files.as_ref()?)))
+        .flat_map(|(id, f)| {
+            f.sets.iter().filter_map(move |s| {
+                Some(format!(
+                    "set {:?} on node {id}: {}",
+                    s.name,
+                    s.held.as_ref()?
+                ))
+            })
+        })
+        .collect();
+    if !held.is_empty() {
+        raise(
+            CheckCode::Warning,
+            format!("held by its validator: {}", held.join("; ")),
         );
     }
     let soonest = status

@@ -1,13 +1,20 @@
-//! Running the user's commands (`on_change`, the role hooks): through
-//! `sh -c`, with extra environment, a time limit after which the whole
-//! process group is killed, and the exit status and output logged.
+//! Running the user's commands (`on_change`, the role hooks, validators):
+//! through `sh -c`, with extra environment, a time limit after which the
+//! whole process group is killed, and the exit status and output logged.
 //!
 //! Invariant owned here: a command can never stall or crash the node (it
 //! runs in its own process group, is killed at its limit, and its output is
 //! capped in the log).
 
+use std::ffi::CString;
+use std::io::Read;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
 use std::process::Stdio;
-use std::time::Duration;
+use std::sync::mpsc;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
 
@@ -80,6 +87,186 @@ pub async fn run_command(command: &str, env: &[(&str, &str)], limit: Duration, w
     }
 }
 
+/// Output of a check kept for the log and status; the rest is read and
+/// dropped, so a chatty validator never blocks on a full pipe.
+const CHECK_OUTPUT_LIMIT: usize = 4096;
+
+/// What a checking command (a `validate` command) did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckOutcome {
+    /// It exited 0 within its time limit.
+    pub passed: bool,
+    /// One line for status: why it failed, with the first line of its
+    /// output (empty when it passed).
+    pub summary: String,
+    /// Its standard output and error together, clipped.
+    pub output: String,
+    pub took: Duration,
+}
+
+/// Runs `command` with `sh -c` in a process group of its own, stdout and
+/// stderr captured together, and waits at most `limit` (then kills the
+/// group: a hanging validator counts as a failure). With `read_only`, the
+/// command runs in a private mount namespace in which that directory is
+/// mounted read-only, so nothing it does can write through it (see
+/// [`read_only_mounts_work`]); its start fails if that cannot be set up.
+/// Blocking: called from the planner's and the applier's threads.
+pub fn run_check(
+    command: &str,
+    env: &[(&str, &str)],
+    limit: Duration,
+    read_only: Option<&Path>,
+) -> CheckOutcome {
+    let started = Instant::now();
+    let failed = |summary: String| CheckOutcome {
+        passed: false,
+        summary,
+        output: String::new(),
+        took: started.elapsed(),
+    };
+    let (mut reader, writer) = match std::io::pipe() {
+        Ok(p) => p,
+        Err(e) => return failed(format!("cannot make a pipe for the validator: {e}")),
+    };
+    let mut cmd = std::process::Command::new("/bin/sh");
+    cmd.arg("-c")
+        .arg(command)
+        .stdin(Stdio::null())
+        .process_group(0);
+    match writer.try_clone() {
+        Ok(w) => {
+            cmd.stdout(w).stderr(writer);
+        }
+        Err(e) => return failed(format!("cannot make a pipe for the validator: {e}")),
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    if let Some(dir) = read_only {
+        let Ok(dir) = CString::new(dir.as_os_str().as_bytes()) else {
+            return failed("the staged copy's path holds a NUL byte".to_string());
+        };
+        // SAFETY: only async-signal-safe syscalls between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || private_read_only(&dir));
+        }
+    }
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => return failed(format!("cannot start the validator: {e}")),
+    };
+    // Our copies of the pipe's write end go with `cmd`: the reader sees
+    // the end of the output once the command's group has closed it.
+    drop(cmd);
+    let pid = child.id() as i32;
+    let output = std::thread::spawn(move || {
+        let mut kept = Vec::new();
+        let mut buf = [0u8; 8192];
+        loop {
+            match reader.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    let room = CHECK_OUTPUT_LIMIT.saturating_sub(kept.len());
+                    kept.extend_from_slice(&buf[..n.min(room)]);
+                }
+            }
+        }
+        kept
+    });
+    let (done_tx, done_rx) = mpsc::channel();
+    let waiter = std::thread::spawn(move || {
+        let status = child.wait();
+        let _ = done_tx.send(());
+        status
+    });
+    let timed_out = done_rx.recv_timeout(limit).is_err();
+    // The whole group, also after a normal exit: nothing a validator
+    // started may outlive it (or hold the output pipe open).
+    // SAFETY: a plain kill(2) of the group we created.
+    unsafe {
+        libc::kill(-pid, libc::SIGKILL);
+    }
+    let status = waiter.join().ok().and_then(|s| s.ok());
+    let output = output.join().unwrap_or_default();
+    let output = clip(&output);
+    let first_line = output.lines().next().unwrap_or("").trim();
+    let first_line = first_line.chars().take(200).collect::<String>();
+    let with_output = |why: String| {
+        if first_line.is_empty() {
+            why
+        } else {
+            format!("{why}: {first_line}")
+        }
+    };
+    let (passed, summary) = match status {
+        _ if timed_out => (
+            false,
+            with_output(format!(
+                "validator timed out after {} ms",
+                limit.as_millis()
+            )),
+        ),
+        Some(s) if s.success() => (true, String::new()),
+        Some(s) => match s.code() {
+            Some(code) => (false, with_output(format!("validator exited {code}"))),
+            None => (false, with_output(format!("validator was killed ({s})"))),
+        },
+        None => (false, "the validator's exit status was lost".to_string()),
+    };
+    CheckOutcome {
+        passed,
+        summary,
+        output,
+        took: started.elapsed(),
+    }
+}
+
+/// In the child, before exec: a private mount namespace in which `dir` is
+/// a read-only bind mount of itself.
+fn private_read_only(dir: &CString) -> std::io::Result<()> {
+    let check = |r: libc::c_int| {
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    };
+    // SAFETY: plain syscalls with valid NUL-terminated strings.
+    unsafe {
+        check(libc::unshare(libc::CLONE_NEWNS))?;
+        check(libc::mount(
+            std::ptr::null(),
+            c"/".as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        ))?;
+        check(libc::mount(
+            dir.as_ptr(),
+            dir.as_ptr(),
+            std::ptr::null(),
+            libc::MS_BIND | libc::MS_REC,
+            std::ptr::null(),
+        ))?;
+        check(libc::mount(
+            std::ptr::null(),
+            dir.as_ptr(),
+            std::ptr::null(),
+            libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_REC,
+            std::ptr::null(),
+        ))
+    }
+}
+
+/// Whether commands can be run with a read-only view of a directory
+/// ([`run_check`]'s `read_only`): needs CAP_SYS_ADMIN and mount
+/// namespaces (root outside a hardened unit; not under systemd with
+/// `RestrictNamespaces` or without CAP_SYS_ADMIN). Tried once, on `probe_dir`.
+pub fn read_only_mounts_work(probe_dir: &Path) -> bool {
+    static WORKS: OnceLock<bool> = OnceLock::new();
+    *WORKS.get_or_init(|| run_check("true", &[], Duration::from_secs(10), Some(probe_dir)).passed)
+}
+
 fn clip(bytes: &[u8]) -> String {
     let text = String::from_utf8_lossy(bytes);
     let text = text.trim();
@@ -105,6 +292,68 @@ fn show(name: &str, text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_check_reports_status_output_and_time_limit() {
+        let ok = run_check(
+            "test \"$X\" = 1",
+            &[("X", "1")],
+            Duration::from_secs(5),
+            None,
+        );
+        assert!(ok.passed && ok.summary.is_empty(), "{ok:?}");
+        let bad = run_check(
+            "echo 'line 3: syntax error' >&2; echo more; exit 3",
+            &[],
+            Duration::from_secs(5),
+            None,
+        );
+        assert!(!bad.passed);
+        assert_eq!(bad.summary, "validator exited 3: line 3: syntax error");
+        assert!(bad.output.contains("more"));
+        let t = Instant::now();
+        // A child that keeps the pipe open must not keep us waiting either.
+        let hung = run_check("sleep 30 & sleep 30", &[], Duration::from_millis(200), None);
+        assert!(!hung.passed);
+        assert!(
+            hung.summary.starts_with("validator timed out after 200 ms"),
+            "{hung:?}"
+        );
+        assert!(t.elapsed() < Duration::from_secs(5));
+        let chatty = run_check(
+            "yes | head -c 1000000; exit 1",
+            &[],
+            Duration::from_secs(5),
+            None,
+        );
+        assert!(!chatty.passed && chatty.output.len() < 5000);
+    }
+
+    #[test]
+    fn a_read_only_view_refuses_writes_where_mounts_work() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("f"), "x").unwrap();
+        if !read_only_mounts_work(dir.path()) {
+            eprintln!("mount namespaces are not available here; the copy fallback is used instead");
+            return;
+        }
+        let path = dir.path().display().to_string();
+        let out = run_check(
+            &format!("echo y > {path}/f"),
+            &[],
+            Duration::from_secs(5),
+            Some(dir.path()),
+        );
+        assert!(!out.passed, "{out:?}");
+        assert_eq!(std::fs::read_to_string(dir.path().join("f")).unwrap(), "x");
+        let read = run_check(
+            &format!("grep -q x {path}/f"),
+            &[],
+            Duration::from_secs(5),
+            Some(dir.path()),
+        );
+        assert!(read.passed, "{read:?}");
+    }
 
     #[tokio::test]
     async fn exit_status_env_and_time_limit() {

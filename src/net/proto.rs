@@ -231,6 +231,7 @@ impl From<&FilesView> for peer::FilesStatus {
                     last_error: s.last_error.clone().unwrap_or_default(),
                     refused: s.refused,
                     skipping: s.skipping,
+                    held: s.held.clone().unwrap_or_default(),
                     recent_seq: s.recent.iter().map(|r| r.0).collect(),
                     recent_at_ms: s.recent.iter().map(|r| r.1).collect(),
                 })
@@ -264,6 +265,7 @@ impl From<&peer::FilesStatus> for FilesView {
                     last_error: (!s.last_error.is_empty()).then(|| s.last_error.clone()),
                     refused: s.refused,
                     skipping: s.skipping,
+                    held: (!s.held.is_empty()).then(|| s.held.clone()),
                     recent: s
                         .recent_seq
                         .iter()

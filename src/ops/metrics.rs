@@ -173,7 +173,7 @@ pub fn render(
             "Local versions set aside in data_dir/quarantine (never deleted automatically)",
             f.quarantined as i64,
         );
-        let families: [(&str, &str, fn(&crate::core::status::SetView) -> i64); 6] = [
+        let families: [(&str, &str, fn(&crate::core::status::SetView) -> i64); 7] = [
             ("set_files", "Files in the sync set as committed", |s| {
                 s.files as i64
             }),
@@ -197,6 +197,11 @@ pub fn render(
                 "set_missing_files",
                 "Files whose committed content this node still fetches",
                 |s| s.missing as i64,
+            ),
+            (
+                "set_held",
+                "1 while the set's last change is held by its validator on this node",
+                |s| i64::from(s.held.is_some()),
             ),
         ];
         for (name, help, value) in families {
@@ -423,6 +428,7 @@ mod tests {
                 seq: 2,
                 committed_bytes: 700,
                 missing: 1,
+                held: Some("validator exited 1: syntax error".into()),
                 ..Default::default()
             }],
             bytes_proposed: 700,
@@ -436,6 +442,7 @@ mod tests {
         for line in [
             "clusterd_set_files{set=\"tacacs\"} 4",
             "clusterd_set_missing_files{set=\"tacacs\"} 1",
+            "clusterd_set_held{set=\"tacacs\"} 1",
             "clusterd_bytes_proposed_total 700",
             "clusterd_bytes_saved_total 300",
             "clusterd_wire_bytes_sent_total 900",

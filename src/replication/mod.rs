@@ -15,3 +15,4 @@ pub mod scan;
 pub mod shared;
 pub mod source;
 pub mod staging;
+pub mod validate;

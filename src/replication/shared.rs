@@ -38,6 +38,9 @@ pub struct SetRuntime {
     pub xattrs: bool,
     /// Keep hard links between names of the set (`hard_links = true`).
     pub hard_links: bool,
+    /// The command that checks a change before it is proposed (`validate`).
+    pub validate: Option<String>,
+    pub validate_timeout: std::time::Duration,
 }
 
 impl SetRuntime {
@@ -71,6 +74,8 @@ impl SetRuntime {
             on_change: c.on_change.clone(),
             xattrs: c.xattrs,
             hard_links: c.hard_links,
+            validate: c.validate.clone(),
+            validate_timeout: c.validate_timeout,
         }
     }
 
@@ -109,6 +114,9 @@ pub struct SetHealth {
     pub refused: u64,
     /// The set waits for a `skip_while` marker to disappear.
     pub skipping: bool,
+    /// The set's last change was refused by its validator on this node:
+    /// why (the validator's first line). Cleared by the next valid change.
+    pub held: Option<String>,
 }
 
 /// Node-wide counters (metrics and status).
@@ -268,6 +276,20 @@ impl Shared {
         self.health_of(set, |h| h.skipping = skipping);
     }
 
+    /// Holds `set` with the validator's reason, or releases it (`None`).
+    pub fn set_held(&self, set: &str, reason: Option<String>) {
+        self.health_of(set, |h| h.held = reason);
+    }
+
+    /// Whether `set`'s last change was held by its validator here.
+    pub fn is_held(&self, set: &str) -> bool {
+        self.health
+            .lock()
+            .unwrap()
+            .get(set)
+            .is_some_and(|h| h.held.is_some())
+    }
+
     pub fn signature(
         &self,
         set: &str,
@@ -303,6 +325,7 @@ impl Shared {
                     last_error: h.last_error,
                     refused: h.refused,
                     skipping: h.skipping,
+                    held: h.held,
                     recent: progress.recent.iter().copied().collect(),
                 }
             })

@@ -17,6 +17,8 @@ fn set(path: &Path, exclude: &[&str], skip_while: &[&str]) -> SetRuntime {
         xattrs: false,
         hard_links: false,
         max_file_size: 1 << 30,
+        validate: None,
+        validate_timeout: std::time::Duration::from_secs(10),
     })
 }
 

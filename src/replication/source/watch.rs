@@ -265,7 +265,9 @@ pub(super) fn process(
                 continue;
             }
         };
-        let full = work.full.contains(&name);
+        // A held set's earlier changes are still on disk, unproposed: each
+        // pass of it looks at the whole set, so they go with the next one.
+        let full = work.full.contains(&name) || (set.validate.is_some() && shared.is_held(&name));
         // A full pass keeps, of what it walks, only what is not settled
         // (see `settled`); the rest are only marked as seen, to tell the
         // committed paths that are gone.

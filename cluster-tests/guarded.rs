@@ -1,0 +1,166 @@
+//! Guarded changes on real processes (`[[sync]] validate`): a change the
+//! validator refuses is held on the leader and reaches no follower while
+//! other sets keep replicating; fixing it releases it; a hanging validator
+//! times out and holds the change too.
+
+use std::fs;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::harness::tree::*;
+use crate::harness::*;
+
+const REPLICATION: &str = "[replication]\ndebounce_ms = 20\nrescan_secs = 300";
+const CONVERGE: Duration = Duration::from_secs(30);
+
+/// A validator in the shape of `tac_plus -P -C {}/tac_plus.conf`: refuses
+/// a config holding `SYNTAX ERROR`, and proves it was given the staged
+/// copy (not the live root) with the set's environment.
+const VALIDATOR: &str = r#"validate = "test \"{}\" = \"$CLUSTERD_STAGED\" && test \"$CLUSTERD_ROOT\" != \"$CLUSTERD_STAGED\" && test -f {}/tac_plus.conf && ! grep -n 'SYNTAX ERROR' {}/tac_plus.conf""#;
+
+fn cluster(validate_lines: &str) -> (Cluster, u64) {
+    let mut b = Cluster::builder(3);
+    for id in 1..=3 {
+        b = b.extra_toml(id, REPLICATION);
+    }
+    let c = b
+        .sync_set("tacacs", "mirror", validate_lines)
+        .sync_set("mail", "mirror", "")
+        .start();
+    let all = c.ids();
+    let leader = c.wait_for_leader(&all);
+    c.wait_barrier(leader);
+    wait_sets_ready(&c, &all, &["tacacs", "mail"]);
+    (c, leader)
+}
+
+/// The `held` of set `set` in node `id`'s own entry of its status.
+fn held(c: &Cluster, id: u64, set: &str) -> Result<Option<String>, String> {
+    let status = c.status_result(id, Duration::from_secs(5))?;
+    let node = entry(&status, id).ok_or("no entry for the node")?;
+    let sets = node
+        .get("sets")
+        .and_then(Value::as_array)
+        .ok_or_else(|| format!("node {id} reports no sets: {node}"))?;
+    let s = sets
+        .iter()
+        .find(|s| s.get("name").and_then(Value::as_str) == Some(set))
+        .ok_or_else(|| format!("node {id} does not report set {set}"))?;
+    match s.get("held") {
+        Some(Value::Null) => Ok(None),
+        Some(Value::String(why)) => Ok(Some(why.clone())),
+        other => Err(format!("`held` of set {set} on node {id} is {other:?}")),
+    }
+}
+
+#[track_caller]
+fn wait_content(c: &Cluster, ids: &[u64], set: &str, file: &str, want: &str) {
+    wait_until(
+        CONVERGE,
+        &format!("{set}/{file} = {want:?} on {ids:?}"),
+        || {
+            for &id in ids {
+                let got = fs::read_to_string(c.set_path(id, set).join(file)).unwrap_or_default();
+                if got != want {
+                    return Err(format!("node {id} has {got:?}"));
+                }
+            }
+            Ok(())
+        },
+    );
+}
+
+#[test]
+fn an_invalid_change_is_held_on_the_leader_while_other_sets_go_on_and_a_fix_releases_it() {
+    let (c, leader) = cluster(VALIDATOR);
+    let followers = c.others(&[leader]);
+    let conf = c.set_path(leader, "tacacs").join("tac_plus.conf");
+    let good = "key = \"s3cret\"\nuser = alice { login = PAM }\n";
+    write_file(&conf, good);
+    wait_content(&c, &followers, "tacacs", "tac_plus.conf", good);
+    assert_eq!(held(&c, leader, "tacacs").unwrap(), None);
+
+    // A typo: the validator refuses it, nothing of it is proposed.
+    let broken = "key = \"s3cret\"\nuser = alice { login = PAM\nSYNTAX ERROR\n";
+    write_file(&conf, broken);
+    fs::write(c.set_path(leader, "tacacs").join("new-include.conf"), "x\n").unwrap();
+    let why = wait_until(CONVERGE, "the leader holds set tacacs", || {
+        held(&c, leader, "tacacs")?.ok_or_else(|| "not held yet".to_string())
+    });
+    assert!(
+        why.contains("validator exited 1") && why.contains("SYNTAX ERROR"),
+        "held shows the validator's first line: {why:?}"
+    );
+    // Another set keeps replicating meanwhile.
+    write_file(
+        &c.set_path(leader, "mail").join("aliases"),
+        "postmaster: root\n",
+    );
+    wait_content(&c, &followers, "mail", "aliases", "postmaster: root\n");
+    c.wait_barrier(leader);
+    hold_for(
+        Duration::from_millis(500),
+        "followers keep the last valid tacacs",
+        || {
+            for &id in &followers {
+                let dir = c.set_path(id, "tacacs");
+                let got = fs::read_to_string(dir.join("tac_plus.conf")).unwrap_or_default();
+                if got != good || dir.join("new-include.conf").exists() {
+                    return Err(format!("node {id} got the held change: {got:?}"));
+                }
+            }
+            Ok(())
+        },
+    );
+    let check = c.ctl(leader, &["check"], Duration::from_secs(10));
+    assert_eq!(check.code, Some(1), "check warns: {check}");
+    assert!(check.stdout.contains("held by its validator"), "{check}");
+    let table = c.ctl(leader, &["status"], Duration::from_secs(10));
+    assert!(table.stdout.contains("held: validator exited 1"), "{table}");
+
+    // The fix releases the whole held change (the new include too).
+    let fixed = "key = \"s3cret\"\nuser = alice { login = PAM }\nuser = bob { login = PAM }\n";
+    write_file(&conf, fixed);
+    wait_content(&c, &followers, "tacacs", "tac_plus.conf", fixed);
+    wait_content(&c, &followers, "tacacs", "new-include.conf", "x\n");
+    wait_until(CONVERGE, "the hold is released", || {
+        match held(&c, leader, "tacacs")? {
+            None => Ok(()),
+            Some(why) => Err(format!("still held: {why}")),
+        }
+    });
+    // The staged copies are gone.
+    let staged = c.node(leader).data_dir.join("validate");
+    let left: Vec<_> = fs::read_dir(&staged)
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(
+        left.is_empty(),
+        "staged copies left in {}: {left:?}",
+        staged.display()
+    );
+}
+
+#[test]
+fn a_hanging_validator_times_out_and_holds_the_change() {
+    let (c, leader) = cluster("validate = \"sleep 30\"\nvalidate_timeout_ms = 300");
+    let started = std::time::Instant::now();
+    write_file(
+        &c.set_path(leader, "tacacs").join("tac_plus.conf"),
+        "key = x\n",
+    );
+    let why = wait_until(CONVERGE, "the leader holds set tacacs", || {
+        held(&c, leader, "tacacs")?.ok_or_else(|| "not held yet".to_string())
+    });
+    assert!(
+        why.starts_with("validator timed out after 300 ms"),
+        "{why:?}"
+    );
+    assert!(started.elapsed() < scaled(Duration::from_secs(20)));
+    for id in c.others(&[leader]) {
+        assert!(!c.set_path(id, "tacacs").join("tac_plus.conf").exists());
+    }
+    // The node is not stalled by it: a barrier commits at once.
+    c.wait_barrier(leader);
+}

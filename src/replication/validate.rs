@@ -1,0 +1,303 @@
+//! Validation of a set's change before it leaves the leader (`[[sync]]
+//! validate`): the set as it would be after the change is staged under
+//! `data_dir/validate/` (a tree laid out like the root), the validator runs
+//! on that copy, and its verdict decides whether the change is proposed or
+//! held.
+//!
+//! Invariants owned here:
+//! * The validator never sees or changes the live tree: it gets a staged
+//!   copy whose files are hard links only where a private read-only mount
+//!   keeps it from writing through them, and copies otherwise.
+//! * A staged copy never outlives its check (removed when the check ends,
+//!   and what a crash left is removed at the next start).
+//! * What was validated is what is proposed: every changed file's staged
+//!   content is hashed again after the validator ran and must still be the
+//!   planned version, else the pass is redone.
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tracing::{info, warn};
+
+use crate::core::delta::{self, FileDigest};
+use crate::core::paths::SetPath;
+use crate::fs::exec::{read_only_mounts_work, run_check, CheckOutcome};
+use crate::fs::root::{FileMeta, Kind, Root};
+use crate::replication::scan::walk_keeping;
+use crate::replication::shared::{SetRuntime, Shared};
+
+/// Where staged copies live, under `data_dir`.
+const VALIDATE_DIR: &str = "validate";
+
+/// Removes staged copies a crash left behind. Called once at start,
+/// before anything validates.
+pub fn remove_leftovers(data_dir: &Path) {
+    let dir = data_dir.join(VALIDATE_DIR);
+    if dir.exists() {
+        if let Err(e) = fs::remove_dir_all(&dir) {
+            warn!("cannot remove staged copies left in {}: {e}", dir.display());
+        }
+    }
+}
+
+/// How a staged copy holds the unchanged files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StageMode {
+    /// Hard links, protected by a read-only mount in the validator's own
+    /// mount namespace: a 10,000-file set stages in milliseconds.
+    Link,
+    /// Copies (content, mode, owner, mtime), where mount namespaces are not
+    /// available (a hardened systemd unit without CAP_SYS_ADMIN).
+    Copy,
+}
+
+/// The verdict on a change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Valid,
+    /// The validator refused it (or could not run): one line for status.
+    Invalid(String),
+    /// A changed file changed again while it was checked: what was
+    /// validated is not what was planned, so the pass is redone.
+    Raced(SetPath),
+}
+
+/// A staged copy of one set, removed when dropped.
+pub struct Staged {
+    dir: PathBuf,
+    /// What `{}` stands for: `dir`, or the file in it for a single-file set.
+    target: PathBuf,
+    pub mode: StageMode,
+    pub files: usize,
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        if let Err(e) = fs::remove_dir_all(&self.dir) {
+            warn!("cannot remove the staged copy {}: {e}", self.dir.display());
+        }
+    }
+}
+
+impl Staged {
+    /// Stages `set` as its root holds it now (the leader's tree is the set
+    /// after the change), without excluded or temporary files.
+    pub fn of_tree(data_dir: &Path, set: &SetRuntime, root: &Root) -> io::Result<Staged> {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let parent = data_dir.join(VALIDATE_DIR);
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&parent)?;
+        let dir = parent.join(format!(
+            "{}.{}.{}",
+            sanitized(&set.name),
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        fs::DirBuilder::new().mode(0o700).create(&dir)?;
+        let mode = if read_only_mounts_work(&parent) {
+            StageMode::Link
+        } else {
+            StageMode::Copy
+        };
+        let target = match &set.single_file {
+            Some(name) => name.to_local(&dir),
+            None => dir.clone(),
+        };
+        let mut staged = Staged {
+            dir,
+            target,
+            mode,
+            files: 0,
+        };
+        let (found, _) = walk_keeping(set, root, |_| true).map_err(io::Error::other)?;
+        let mut dirs = Vec::new();
+        for f in &found {
+            let at = f.path.to_local(&staged.dir);
+            let comps: Vec<&[u8]> = f.path.components().collect();
+            match f.meta.kind {
+                Kind::Dir => {
+                    fs::DirBuilder::new().mode(0o700).create(&at)?;
+                    dirs.push((at, f.meta));
+                }
+                Kind::File => {
+                    let Some((file, meta)) = root.open_file(&comps).map_err(io::Error::other)?
+                    else {
+                        continue; // gone since the walk
+                    };
+                    staged.put_file(&file, &meta, &at)?;
+                    staged.files += 1;
+                }
+                Kind::Symlink => {
+                    if let Some(target) = root.read_link(&comps).map_err(io::Error::other)? {
+                        use std::os::unix::ffi::OsStrExt;
+                        std::os::unix::fs::symlink(std::ffi::OsStr::from_bytes(&target), &at)?;
+                    }
+                }
+                _ => {}
+            }
+        }
+        // Directories get their own mode and owner last, once filled
+        // (a 0555 directory could not have been filled).
+        for (at, meta) in dirs.iter().rev() {
+            give_meta(at, meta)?;
+        }
+        Ok(staged)
+    }
+
+    fn put_file(&self, file: &fs::File, meta: &FileMeta, at: &Path) -> io::Result<()> {
+        if self.mode == StageMode::Link
+            && rustix::fs::linkat(
+                file,
+                "",
+                rustix::fs::CWD,
+                at,
+                rustix::fs::AtFlags::EMPTY_PATH,
+            )
+            .is_ok()
+        {
+            return Ok(());
+        }
+        // Another filesystem than data_dir's, or no CAP_DAC_READ_SEARCH:
+        // a copy of its own.
+        let mut out = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(at)?;
+        let mut input = file;
+        io::copy(&mut input, &mut out)?;
+        drop(out);
+        give_meta(at, meta)
+    }
+
+    /// The path the validator is given for `{}`.
+    pub fn target(&self) -> &Path {
+        &self.target
+    }
+
+    /// Whether the staged file at `path` still holds `digest`.
+    fn holds(&self, path: &SetPath, digest: &FileDigest) -> bool {
+        let at = if self.target == self.dir {
+            path.to_local(&self.dir)
+        } else {
+            self.target.clone()
+        };
+        fs::read(at).is_ok_and(|data| delta::digest(&data) == *digest)
+    }
+}
+
+/// Mode, owner and mtime of a staged entry, as the live one has them
+/// (validators such as `postfix check` look at owners and modes).
+fn give_meta(at: &Path, meta: &FileMeta) -> io::Result<()> {
+    fs::set_permissions(at, fs::Permissions::from_mode(meta.mode & 0o7777))?;
+    // Unprivileged tests cannot chown; the staged copy is then owned by us.
+    let _ = std::os::unix::fs::chown(at, Some(meta.uid), Some(meta.gid));
+    let mtime = std::time::UNIX_EPOCH
+        + Duration::from_nanos(meta.mtime_ns.clamp(0, u64::MAX as i128) as u64);
+    fs::File::options()
+        .read(true)
+        .open(at)
+        .and_then(|f| f.set_modified(mtime))
+        .or_else(|e| {
+            if meta.kind == Kind::Dir {
+                Ok(())
+            } else {
+                Err(e)
+            }
+        })
+}
+
+/// A set name made safe as one path component.
+fn sanitized(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// Checks the change of `set` whose new file versions are `changed` (path
+/// and planned digest): stages the set as `root` holds it, runs the set's
+/// validator on the copy, and makes sure the changed files were validated
+/// as planned.
+pub fn check_change(
+    shared: &Shared,
+    set: &SetRuntime,
+    root: &Root,
+    changed: &[(SetPath, FileDigest)],
+) -> Verdict {
+    let Some(command) = &set.validate else {
+        return Verdict::Valid;
+    };
+    let staged = match Staged::of_tree(&shared.data_dir, set, root) {
+        Ok(s) => s,
+        Err(e) => {
+            return Verdict::Invalid(format!(
+                "cannot stage a copy of the set for its validator under {}: {e}",
+                shared.data_dir.join(VALIDATE_DIR).display()
+            ))
+        }
+    };
+    let target = staged.target().display().to_string();
+    let root_path = set.path.display().to_string();
+    let line = command.replace("{}", &shell_words::quote(&target));
+    let env = [
+        ("CLUSTERD_SET", set.name.as_str()),
+        ("CLUSTERD_ROOT", root_path.as_str()),
+        ("CLUSTERD_STAGED", target.as_str()),
+    ];
+    let read_only = (staged.mode == StageMode::Link).then(|| staged.dir.as_path());
+    let outcome: CheckOutcome = run_check(&line, &env, set.validate_timeout, read_only);
+    let paths: Vec<String> = changed.iter().take(5).map(|(p, _)| p.to_string()).collect();
+    let more = changed.len().saturating_sub(paths.len());
+    let what = if more > 0 {
+        format!("{} and {more} more", paths.join(", "))
+    } else {
+        paths.join(", ")
+    };
+    if !outcome.passed {
+        warn!(
+            set = %set.name,
+            took_ms = outcome.took.as_millis() as u64,
+            "the change of sync set {:?} ({what}) is held: `{line}` refused it: {}{}",
+            set.name,
+            outcome.summary,
+            if outcome.output.is_empty() { String::new() } else { format!("; its output: {}", outcome.output) }
+        );
+        return Verdict::Invalid(outcome.summary);
+    }
+    if let Some((path, _)) = changed.iter().find(|(p, d)| !staged.holds(p, d)) {
+        info!(set = %set.name, %path, "{path} of sync set {:?} changed again while it was validated; checking it again", set.name);
+        return Verdict::Raced(path.clone());
+    }
+    info!(
+        set = %set.name,
+        took_ms = outcome.took.as_millis() as u64,
+        files = staged.files,
+        mode = ?staged.mode,
+        "validated the change of sync set {:?} ({what})",
+        set.name
+    );
+    Verdict::Valid
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn staged_names_are_one_safe_component() {
+        assert_eq!(sanitized("tacacs"), "tacacs");
+        assert_eq!(sanitized("../etc/x y"), "___etc_x_y");
+    }
+}
