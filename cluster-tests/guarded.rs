@@ -164,3 +164,172 @@ fn a_hanging_validator_times_out_and_holds_the_change() {
     // The node is not stalled by it: a barrier commits at once.
     c.wait_barrier(leader);
 }
+
+/// The `paused` object of set `set` in node `id`'s own entry.
+fn paused(c: &Cluster, id: u64, set: &str) -> Result<Option<Value>, String> {
+    let status = c.status_result(id, Duration::from_secs(5))?;
+    let node = entry(&status, id).ok_or("no entry for the node")?;
+    let s = node
+        .get("sets")
+        .and_then(Value::as_array)
+        .and_then(|sets| {
+            sets.iter()
+                .find(|s| s.get("name").and_then(Value::as_str) == Some(set))
+        })
+        .ok_or_else(|| format!("node {id} does not report set {set}"))?;
+    match s.get("paused") {
+        Some(Value::Null) => Ok(None),
+        Some(p @ Value::Object(_)) => Ok(Some(p.clone())),
+        other => Err(format!("`paused` of set {set} on node {id} is {other:?}")),
+    }
+}
+
+#[test]
+fn a_pause_holds_across_a_failover_and_resume_releases_what_accumulated() {
+    let (c, leader) = cluster(VALIDATOR);
+    let all = c.ids();
+    let followers = c.others(&[leader]);
+    let v1 = "key = one\n";
+    write_file(&c.set_path(leader, "tacacs").join("tac_plus.conf"), v1);
+    wait_content(&c, &followers, "tacacs", "tac_plus.conf", v1);
+
+    // Paused from a follower: committed, so every node shows it.
+    let out = c.ctl(
+        followers[0],
+        &["pause", "tacacs", "--reason", "rotating the TACACS+ key"],
+        Duration::from_secs(15),
+    );
+    assert!(out.success(), "pause from a follower: {out}");
+    for &id in &all {
+        let p = wait_until(CONVERGE, &format!("node {id} shows the pause"), || {
+            paused(&c, id, "tacacs")?.ok_or_else(|| "not paused yet".to_string())
+        });
+        assert_eq!(p["reason"], "rotating the TACACS+ key", "{p}");
+        assert_eq!(
+            p["by"],
+            format!("node {} (admin socket)", followers[0]),
+            "{p}"
+        );
+    }
+    // Edits on the leader accumulate; another set goes on.
+    write_file(
+        &c.set_path(leader, "tacacs").join("tac_plus.conf"),
+        "key = two\n",
+    );
+    write_file(&c.set_path(leader, "mail").join("aliases"), "root: ops\n");
+    wait_content(&c, &followers, "mail", "aliases", "root: ops\n");
+    hold_for(
+        Duration::from_millis(700),
+        "nothing of the paused set moves",
+        || {
+            for &id in &followers {
+                let got =
+                    fs::read_to_string(c.set_path(id, "tacacs").join("tac_plus.conf")).unwrap();
+                if got != v1 {
+                    return Err(format!("node {id} got {got:?} while paused"));
+                }
+            }
+            Ok(())
+        },
+    );
+
+    // The leader dies; the pause holds on the new one.
+    c.kill(leader);
+    let new = c.wait_for_leader(&followers);
+    let rest = c.others(&[leader, new]);
+    assert!(paused(&c, new, "tacacs").unwrap().is_some());
+    let v3 = "key = three\n";
+    write_file(&c.set_path(new, "tacacs").join("tac_plus.conf"), v3);
+    hold_for(
+        Duration::from_millis(700),
+        "the new leader keeps the pause",
+        || {
+            for &id in &rest {
+                let got =
+                    fs::read_to_string(c.set_path(id, "tacacs").join("tac_plus.conf")).unwrap();
+                if got != v1 {
+                    return Err(format!("node {id} got {got:?} while paused"));
+                }
+            }
+            Ok(())
+        },
+    );
+    // Resume (again from another node): what accumulated goes out, validated.
+    let out = c.ctl(rest[0], &["resume", "tacacs"], Duration::from_secs(15));
+    assert!(out.success(), "resume: {out}");
+    wait_content(&c, &rest, "tacacs", "tac_plus.conf", v3);
+    assert_eq!(paused(&c, new, "tacacs").unwrap(), None);
+    let again = c.ctl(rest[0], &["resume", "tacacs"], Duration::from_secs(15));
+    assert!(
+        !again.success() && again.stderr.contains("is not paused"),
+        "a second resume is refused: {again}"
+    );
+    // The old leader comes back as a follower and gets what was committed.
+    c.start_node(leader);
+    wait_content(&c, &[leader], "tacacs", "tac_plus.conf", v3);
+}
+
+#[test]
+fn a_pause_for_a_while_ends_by_itself() {
+    let (c, leader) = cluster("");
+    let followers = c.others(&[leader]);
+    let out = c.ctl(
+        leader,
+        &["pause", "tacacs", "--for", "2s"],
+        Duration::from_secs(15),
+    );
+    assert!(out.success(), "{out}");
+    let p = paused(&c, leader, "tacacs").unwrap().expect("paused");
+    assert!(p["until"].is_string(), "{p}");
+    write_file(
+        &c.set_path(leader, "tacacs").join("tac_plus.conf"),
+        "key = x\n",
+    );
+    wait_content(&c, &followers, "tacacs", "tac_plus.conf", "key = x\n");
+    assert_eq!(paused(&c, leader, "tacacs").unwrap(), None);
+    let bad = c.ctl(leader, &["pause", "nosuchset"], Duration::from_secs(15));
+    assert!(
+        !bad.success() && bad.stderr.contains("no sync set is named \"nosuchset\""),
+        "an unknown set is refused with the sets there are: {bad}"
+    );
+}
+
+#[test]
+fn sync_returns_once_every_node_holds_the_set_and_squares_a_followers_drift() {
+    let (c, leader) = cluster("");
+    let followers = c.others(&[leader]);
+    let committed = "key = committed\n";
+    write_file(
+        &c.set_path(leader, "tacacs").join("tac_plus.conf"),
+        committed,
+    );
+    wait_content(&c, &followers, "tacacs", "tac_plus.conf", committed);
+    // A hand edit on a follower: nothing notices it until the set changes...
+    let drifted = c.set_path(followers[0], "tacacs").join("tac_plus.conf");
+    write_file(&drifted, "key = edited on a follower\n");
+    // ...or until `sync`, which returns once every node holds the set.
+    let out = c.ctl(followers[1], &["sync", "tacacs"], Duration::from_secs(70));
+    assert!(out.success(), "sync: {out}");
+    assert!(
+        out.stdout.contains("in sync on every reachable node"),
+        "{out}"
+    );
+    assert_eq!(fs::read_to_string(&drifted).unwrap(), committed);
+    let conflicts = c.ctl(
+        followers[0],
+        &["conflicts", "--json"],
+        Duration::from_secs(10),
+    );
+    assert!(
+        conflicts.stdout.contains("tac_plus.conf"),
+        "the edit is kept: {conflicts}"
+    );
+    // Every set at once works too, and an unknown set is refused.
+    let all = c.ctl(leader, &["sync"], Duration::from_secs(70));
+    assert!(all.success(), "{all}");
+    let bad = c.ctl(leader, &["sync", "nosuchset"], Duration::from_secs(15));
+    assert!(
+        !bad.success() && bad.stderr.contains("no sync set is named"),
+        "{bad}"
+    );
+}

@@ -11,7 +11,7 @@ use clap::Parser;
 use clusterd::core::config::{Config, DEFAULT_ADMIN_SOCKET};
 use clusterd::core::status::{check, CheckCode, CheckThresholds, ClusterStatus};
 use clusterd::net::proto::admin::{PromoteRequest, StatusRequest};
-use clusterd::net::proto::peer::BarrierRequest;
+use clusterd::net::proto::peer::{BarrierRequest, PauseChange, SyncRequest};
 use clusterd::ops::admin;
 use clusterd::ops::cli::{CertsCommand, ClusterctlArgs as Args, Command};
 
@@ -56,6 +56,33 @@ async fn admin_client(
         return Ok(admin::connect_remote(addr, id, &paths).await?);
     }
     Ok(admin::connect(&socket_path(args)?).await?)
+}
+
+/// Pauses (or resumes) `set` through the node's admin service.
+async fn set_pause(
+    args: &Args,
+    set: &str,
+    resume: bool,
+    reason: &str,
+    for_: Option<Duration>,
+    timeout_ms: u64,
+) -> Result<u64> {
+    let mut client = admin_client(args).await?;
+    let mut req = tonic::Request::new(PauseChange {
+        set: set.to_string(),
+        resume,
+        reason: reason.to_string(),
+        for_ms: for_.map_or(0, |d| d.as_millis().max(1) as u64),
+        by: String::new(),
+        timeout_ms,
+    });
+    req.set_timeout(Duration::from_millis(timeout_ms + 2_000));
+    let what = if resume { "resume" } else { "pause" };
+    client
+        .set_pause(req)
+        .await
+        .map(|r| r.get_ref().index)
+        .map_err(|s| anyhow::anyhow!("{what} of sync set {set:?} failed: {}", s.message()))
 }
 
 fn socket_path(args: &Args) -> Result<PathBuf> {
@@ -110,6 +137,43 @@ async fn run(args: Args) -> Result<ExitCode> {
             println!("serial:    {serial}");
             println!("not after: {}", parsed.validity().not_after);
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Pause {
+            set,
+            reason,
+            for_,
+            timeout_ms,
+        } => {
+            let index = set_pause(&args, set, false, reason, *for_, *timeout_ms).await?;
+            let until = for_.map_or(String::new(), |d| {
+                format!(" for {}", humantime::format_duration(d))
+            });
+            println!("sync set {set:?} is paused{until} (entry {index}); `clusterctl resume {set}` lets its changes go on");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Resume { set, timeout_ms } => {
+            let index = set_pause(&args, set, true, "", None, *timeout_ms).await?;
+            println!("sync set {set:?} is resumed (entry {index}); what accumulated on the leader is proposed now");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Sync { set, timeout_ms } => {
+            let mut client = admin_client(&args).await?;
+            let mut req = tonic::Request::new(SyncRequest {
+                set: set.clone().unwrap_or_default(),
+                timeout_ms: *timeout_ms,
+            });
+            req.set_timeout(Duration::from_millis(*timeout_ms + 5_000));
+            let what = set
+                .as_ref()
+                .map_or("every set".to_string(), |s| format!("set {s:?}"));
+            match client.sync(req).await {
+                Ok(r) => {
+                    println!("{}", r.get_ref().report);
+                    println!("{what} is in sync on every reachable node");
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(s) => bail!("sync of {what} failed: {}", s.message()),
+            }
         }
         Command::Completions { shell } => {
             clusterd::ops::manual::write_completions(*shell, &mut std::io::stdout());

@@ -118,6 +118,8 @@ pub struct SetView {
     /// This node's validator refused the set's last change: why. On the
     /// leader nothing of that change was proposed.
     pub held: Option<String>,
+    /// The set's committed pause, if it is paused.
+    pub paused: Option<crate::core::manifest::Pause>,
     /// `(seq, proposed_at_ms)` of recent batches (for lag in seconds).
     pub recent: Vec<(u64, u64)>,
 }
@@ -281,7 +283,13 @@ impl ClusterStatus {
                     "refused": s.refused,
                     "skipping": s.skipping,
                     "held": s.held,
-                    "paused": Value::Null,
+                    "paused": s.paused.as_ref().map(|p| json!({
+                        "reason": p.reason,
+                        "since": utc_time(p.since_ms / 1000),
+                        "since_unix_ms": p.since_ms,
+                        "until": p.until_ms.map(|u| utc_time(u / 1000)),
+                        "by": p.by,
+                    })),
                     "last_error": s.last_error,
                 })
             })
@@ -446,6 +454,21 @@ impl ClusterStatus {
                 let state = match (&s.last_error, s.skipping, s.missing) {
                     _ if s.held.is_some() => {
                         format!("held: {}", s.held.as_deref().unwrap_or_default())
+                    }
+                    _ if s.paused.is_some() => {
+                        let p = s.paused.as_ref().expect("checked");
+                        let mut text = format!(
+                            "paused by {} since {} UTC",
+                            p.by,
+                            utc_time(p.since_ms / 1000)
+                        );
+                        if let Some(until) = p.until_ms {
+                            text.push_str(&format!(" until {}", utc_time(until / 1000)));
+                        }
+                        if !p.reason.is_empty() {
+                            text.push_str(&format!(": {}", p.reason));
+                        }
+                        text
                     }
                     (_, true, _) => "waiting for skip_while marker".to_string(),
                     (_, _, m) if m > 0 => format!("{m} file(s) to fetch"),
@@ -815,6 +838,29 @@ pub fn check(status: &ClusterStatus, t: &CheckThresholds, now_unix: u64) -> (Che
         raise(
             CheckCode::Warning,
             format!("held by its validator: {}", held.join("; ")),
+        );
+    }
+    // A pause is on purpose; one forgotten for an hour is worth a warning.
+    let mut paused: Vec<(String, &crate::core::manifest::Pause)> = Vec::new();
+    for n in &status.nodes {
+        for s in n.files.iter().flat_map(|f| &f.sets) {
+            if let Some(p) = &s.paused {
+                if !paused.iter().any(|(name, _)| *name == s.name) {
+                    paused.push((s.name.clone(), p));
+                }
+            }
+        }
+    }
+    for (set, p) in paused {
+        let hours = now_unix.saturating_sub(p.since_ms / 1000) as f64 / 3600.0;
+        let c = if hours >= 1.0 {
+            CheckCode::Warning
+        } else {
+            CheckCode::Ok
+        };
+        raise(
+            c,
+            format!("set {set:?} paused by {} for {hours:.1} h", p.by),
         );
     }
     let soonest = status
@@ -1253,6 +1299,24 @@ mod tests {
     }
 }
 
+/// A Unix time as `YYYY-MM-DD HH:MM:SS` (UTC), the one time format of
+/// `clusterctl`'s tables and of the times in `status --json`.
+pub fn utc_time(unix_secs: u64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(unix_secs as i64)
+        .map(|t| {
+            format!(
+                "{:04}-{:02}-{:02} {:02}:{:02}:{:02}",
+                t.year(),
+                u8::from(t.month()),
+                t.day(),
+                t.hour(),
+                t.minute(),
+                t.second()
+            )
+        })
+        .unwrap_or_else(|_| "-".to_string())
+}
+
 /// Rows as left-aligned columns two spaces apart, one line each: the one
 /// table layout of every `clusterctl` table.
 fn aligned<const N: usize>(rows: &[[String; N]]) -> String {
@@ -1289,18 +1353,7 @@ pub fn conflicts_table(records: &[Value]) -> String {
     for r in records {
         let time = r["time_unix_ms"]
             .as_u64()
-            .and_then(|ms| time::OffsetDateTime::from_unix_timestamp((ms / 1000) as i64).ok())
-            .map(|t| {
-                format!(
-                    "{:04}-{:02}-{:02} {:02}:{:02}:{:02}",
-                    t.year(),
-                    u8::from(t.month()),
-                    t.day(),
-                    t.hour(),
-                    t.minute(),
-                    t.second()
-                )
-            })
+            .map(|ms| utc_time(ms / 1000))
             .unwrap_or_else(|| "-".to_string());
         let text = |k: &str| {
             r[k].as_str()

@@ -17,15 +17,18 @@ use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
 use crate::core::config::NodeId;
+use crate::core::manifest::{Pause, PAUSE_TEXT_MAX};
 use crate::core::status::FilesView;
 use crate::net::accept::{PeerConn, PeerIdentity};
 use crate::net::proto::peer::peer_server::{Peer, PeerServer};
 use crate::net::proto::peer::{
-    BarrierReply, BarrierRequest, FetchChunk, FetchRequest, NodeStatusRequest, NodeView, RaftAck,
-    RaftBatch, StageReply, StageRequest, TransferReply, TransferRequest,
+    BarrierReply, BarrierRequest, FetchChunk, FetchRequest, NodeStatusRequest, NodeView,
+    PauseChange, PauseChangeReply, RaftAck, RaftBatch, StageReply, StageRequest, SyncReply,
+    SyncRequest, TransferReply, TransferRequest,
 };
 use crate::net::proto::{decode_raft_message, MAX_MESSAGE_BYTES};
 use crate::net::transport::Transport;
+use crate::raft::core::{Command, Role};
 use crate::raft::handle::{NodeHandle, RequestError};
 
 /// Longest a peer may ask us to wait in a transfer or barrier.
@@ -48,6 +51,116 @@ pub trait FileService: Send + Sync + 'static {
     fn stage(&self, req: StageRequest) -> Result<(), StageRefused>;
     /// This node's sync sets as status reports them.
     fn files_view(&self) -> FilesView;
+    /// The names of this node's sync sets.
+    fn set_names(&self) -> Vec<String>;
+    /// The committed pause of `set`, if it is paused.
+    fn pause_of(&self, set: &str) -> Option<Pause>;
+    /// Asks this node's source (it leads) for a full pass of `set` (every
+    /// set when `None`) and a committed reconcile; the receiver gets the
+    /// reconcile's index once it is applied here.
+    fn request_sync(
+        &self,
+        set: Option<String>,
+    ) -> tokio::sync::oneshot::Receiver<Result<u64, String>>;
+}
+
+/// Pauses or resumes a set as the leader: checks the request against this
+/// node's sets and the committed pause, then commits it. Called for
+/// `clusterctl pause`/`resume` on the leader and for other nodes' forwards.
+pub async fn lead_pause_change(
+    node: &NodeHandle,
+    files: &dyn FileService,
+    c: &PauseChange,
+) -> Result<u64, RequestError> {
+    let view = node.view();
+    if view.role != Role::Leader {
+        return Err(RequestError::NotLeader {
+            leader: view.leader,
+        });
+    }
+    known_set(node, files, &c.set)?;
+    if c.reason.len() > PAUSE_TEXT_MAX || c.by.len() > PAUSE_TEXT_MAX {
+        return Err(RequestError::Invalid(format!(
+            "the reason of a pause may be at most {PAUSE_TEXT_MAX} bytes"
+        )));
+    }
+    let command = if c.resume {
+        if files.pause_of(&c.set).is_none() {
+            return Err(RequestError::Invalid(format!(
+                "sync set {:?} is not paused",
+                c.set
+            )));
+        }
+        Command::Resume {
+            set: c.set.clone(),
+            by: c.by.clone(),
+        }
+    } else {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        Command::Pause {
+            set: c.set.clone(),
+            pause: Pause {
+                reason: c.reason.clone(),
+                since_ms: now,
+                until_ms: (c.for_ms > 0).then(|| now.saturating_add(c.for_ms)),
+                by: c.by.clone(),
+            },
+        }
+    };
+    node.propose(view.term, vec![command], wait_of(c.timeout_ms))
+        .await
+}
+
+/// A full pass and a committed reconcile of `set` (every set when empty)
+/// as the leader; returns the reconcile's index.
+pub async fn lead_sync(
+    node: &NodeHandle,
+    files: &dyn FileService,
+    r: &SyncRequest,
+) -> Result<u64, RequestError> {
+    let view = node.view();
+    if view.role != Role::Leader {
+        return Err(RequestError::NotLeader {
+            leader: view.leader,
+        });
+    }
+    let set = (!r.set.is_empty()).then(|| r.set.clone());
+    if files.set_names().is_empty() {
+        return Err(RequestError::Invalid(
+            "the leader holds no sync sets: there is nothing to sync".to_string(),
+        ));
+    }
+    if let Some(s) = &set {
+        known_set(node, files, s)?;
+    }
+    let wait = wait_of(r.timeout_ms);
+    match tokio::time::timeout(wait, files.request_sync(set)).await {
+        Ok(Ok(Ok(index))) => Ok(index),
+        Ok(Ok(Err(why))) => Err(RequestError::Retry(why)),
+        Ok(Err(_)) => Err(RequestError::NotLeader { leader: None }),
+        Err(_) => Err(RequestError::TimedOut(format!(
+            "the leader's pass over the set did not finish within {} ms",
+            wait.as_millis()
+        ))),
+    }
+}
+
+fn known_set(node: &NodeHandle, files: &dyn FileService, set: &str) -> Result<(), RequestError> {
+    let names = files.set_names();
+    if names.iter().any(|n| n == set) {
+        return Ok(());
+    }
+    Err(RequestError::Invalid(format!(
+        "no sync set is named {set:?} on the leader, node {} (its sets: {})",
+        node.id(),
+        if names.is_empty() {
+            "none".to_string()
+        } else {
+            names.join(", ")
+        }
+    )))
 }
 
 /// Why a `Stage` piece was not stored: the file side's own error, logged
@@ -138,6 +251,31 @@ fn deliver_batch(
 
 #[tonic::async_trait]
 impl Peer for PeerService {
+    async fn set_pause(
+        &self,
+        req: Request<PauseChange>,
+    ) -> Result<Response<PauseChangeReply>, Status> {
+        let who = identity(&req)?;
+        let mut c = req.into_inner();
+        if c.by.is_empty() {
+            c.by = format!("node {}", who.node_id);
+        }
+        let index = lead_pause_change(&self.node, self.files.as_ref(), &c)
+            .await
+            .map_err(request_status)?;
+        Ok(Response::new(PauseChangeReply { index }))
+    }
+
+    async fn sync(&self, req: Request<SyncRequest>) -> Result<Response<SyncReply>, Status> {
+        let index = lead_sync(&self.node, self.files.as_ref(), req.get_ref())
+            .await
+            .map_err(request_status)?;
+        Ok(Response::new(SyncReply {
+            index,
+            report: String::new(),
+        }))
+    }
+
     type FetchStream = futures::stream::Iter<std::vec::IntoIter<Result<FetchChunk, Status>>>;
 
     async fn fetch(

@@ -232,6 +232,15 @@ impl From<&FilesView> for peer::FilesStatus {
                     refused: s.refused,
                     skipping: s.skipping,
                     held: s.held.clone().unwrap_or_default(),
+                    paused: s.paused.is_some(),
+                    paused_reason: s
+                        .paused
+                        .as_ref()
+                        .map(|p| p.reason.clone())
+                        .unwrap_or_default(),
+                    paused_since_ms: s.paused.as_ref().map_or(0, |p| p.since_ms),
+                    paused_until_ms: s.paused.as_ref().and_then(|p| p.until_ms).unwrap_or(0),
+                    paused_by: s.paused.as_ref().map(|p| p.by.clone()).unwrap_or_default(),
                     recent_seq: s.recent.iter().map(|r| r.0).collect(),
                     recent_at_ms: s.recent.iter().map(|r| r.1).collect(),
                 })
@@ -266,6 +275,12 @@ impl From<&peer::FilesStatus> for FilesView {
                     refused: s.refused,
                     skipping: s.skipping,
                     held: (!s.held.is_empty()).then(|| s.held.clone()),
+                    paused: s.paused.then(|| crate::core::manifest::Pause {
+                        reason: s.paused_reason.clone(),
+                        since_ms: s.paused_since_ms,
+                        until_ms: (s.paused_until_ms > 0).then_some(s.paused_until_ms),
+                        by: s.paused_by.clone(),
+                    }),
                     recent: s
                         .recent_seq
                         .iter()

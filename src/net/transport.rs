@@ -681,6 +681,15 @@ mod tests {
         ) -> Result<Response<BarrierReply>, Status> {
             nope()
         }
+        async fn set_pause(
+            &self,
+            _: Request<PauseChange>,
+        ) -> Result<Response<PauseChangeReply>, Status> {
+            nope()
+        }
+        async fn sync(&self, _: Request<SyncRequest>) -> Result<Response<SyncReply>, Status> {
+            nope()
+        }
     }
 
     /// Serves `peer` on loopback (plain HTTP/2: the link logic is under

@@ -26,7 +26,10 @@ use crate::net::proto::admin::admin_server::{Admin, AdminServer};
 use crate::net::proto::admin::{
     ClusterStatus as PbClusterStatus, PromoteReply, PromoteRequest, StatusRequest,
 };
-use crate::net::proto::peer::{BarrierReply, BarrierRequest, NodeStatusRequest, TransferRequest};
+use crate::net::proto::peer::{
+    BarrierReply, BarrierRequest, NodeStatusRequest, PauseChange, PauseChangeReply, SyncReply,
+    SyncRequest, TransferRequest,
+};
 use crate::net::tls::AdminCaller;
 use crate::net::transport::Transport;
 use crate::raft::handle::{NodeHandle, RequestError};
@@ -427,6 +430,110 @@ impl AdminService {
         }
     }
 
+    /// Pauses or resumes a set through the leader, from any node; returns
+    /// the entry's index once it is applied here too.
+    async fn pause_change(&self, c: PauseChange, wait: Duration) -> Result<u64, RequestError> {
+        let deadline = Instant::now() + wait;
+        loop {
+            let leader = self.known_leader(deadline).await?;
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let mut c = c.clone();
+            c.timeout_ms = remaining.as_millis() as u64;
+            let result = if leader == self.node.id() {
+                crate::net::peer::lead_pause_change(&self.node, self.files.as_ref(), &c).await
+            } else {
+                match self.transport.client(leader) {
+                    None => Err(RequestError::Unreachable(format!(
+                        "no link to the leader, node {leader}"
+                    ))),
+                    Some(mut client) => {
+                        let mut req = Request::new(c);
+                        req.set_timeout(remaining + Duration::from_millis(200));
+                        client
+                            .set_pause(req)
+                            .await
+                            .map(|r| r.get_ref().index)
+                            .map_err(|s| status_error(leader, s))
+                    }
+                }
+            };
+            match result {
+                Ok(index) => return self.applied_here(index, deadline).await,
+                Err(RequestError::NotLeader { .. }) | Err(RequestError::Retry(_))
+                    if Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Waits until entry `index` is applied on this node.
+    async fn applied_here(&self, index: u64, deadline: Instant) -> Result<u64, RequestError> {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        self.node
+            .wait_view(remaining, |v| v.applied_index >= index)
+            .await
+            .map(|_| index)
+            .ok_or_else(|| {
+                RequestError::TimedOut(format!(
+                    "entry {index} committed but not applied on this node in time"
+                ))
+            })
+    }
+
+    /// `clusterctl sync`: a full pass on the leader and a committed
+    /// reconcile, then waits until every reachable data node applied it,
+    /// holds every committed file of the set(s) and holds none back; the
+    /// report names what did not get there.
+    async fn sync(&self, set: String, wait: Duration) -> Result<(u64, String, bool), RequestError> {
+        let deadline = Instant::now() + wait;
+        let index = loop {
+            let leader = self.known_leader(deadline).await?;
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let r = SyncRequest {
+                set: set.clone(),
+                timeout_ms: remaining.as_millis() as u64,
+            };
+            let result = if leader == self.node.id() {
+                crate::net::peer::lead_sync(&self.node, self.files.as_ref(), &r).await
+            } else {
+                match self.transport.client(leader) {
+                    None => Err(RequestError::Unreachable(format!(
+                        "no link to the leader, node {leader}"
+                    ))),
+                    Some(mut client) => {
+                        let mut req = Request::new(r);
+                        req.set_timeout(remaining + Duration::from_millis(200));
+                        client
+                            .sync(req)
+                            .await
+                            .map(|r| r.get_ref().index)
+                            .map_err(|s| status_error(leader, s))
+                    }
+                }
+            };
+            match result {
+                Ok(index) => break index,
+                Err(RequestError::NotLeader { .. }) | Err(RequestError::Retry(_))
+                    if Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        loop {
+            let status = self.gather(DEFAULT_PEER_STATUS_TIMEOUT).await;
+            let (done, report) = sync_report(&status, &set, index);
+            if done || Instant::now() >= deadline {
+                return Ok((index, report, done));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     async fn forward_barrier(&self, leader: NodeId, wait: Duration) -> Result<u64, RequestError> {
         let mut client = self.transport.client(leader).ok_or_else(|| {
             RequestError::Unreachable(format!("no link to the leader, node {leader}"))
@@ -441,6 +548,62 @@ impl AdminService {
             .map(|r| r.get_ref().index)
             .map_err(|s| status_error(leader, s))
     }
+}
+
+/// Whether every reachable data node has applied entry `index` and holds
+/// set `set` (every set when empty) whole, and one line per node saying so
+/// or naming what is missing. Unreachable nodes are named, not waited for.
+fn sync_report(status: &ClusterStatus, set: &str, index: u64) -> (bool, String) {
+    let mut done = true;
+    let mut lines = Vec::new();
+    for n in &status.nodes {
+        let Some(view) = &n.view else {
+            lines.push(format!(
+                "node {}: unreachable ({}); it catches up when it is back",
+                n.id,
+                n.error.as_deref().unwrap_or("no answer")
+            ));
+            continue;
+        };
+        let Some(files) = &n.files else {
+            continue; // a witness holds no sets
+        };
+        let mut problems = Vec::new();
+        if view.applied_index < index {
+            problems.push(format!("applied {} of {index}", view.applied_index));
+        }
+        for s in files
+            .sets
+            .iter()
+            .filter(|s| set.is_empty() || s.name == set)
+        {
+            if s.missing > 0 {
+                problems.push(format!(
+                    "set {:?} still fetches {} file(s)",
+                    s.name, s.missing
+                ));
+            }
+            if let Some(why) = &s.held {
+                problems.push(format!("set {:?} is held: {why}", s.name));
+            }
+            if s.paused.is_some() {
+                problems.push(format!(
+                    "set {:?} is paused (clusterctl resume {} to let it go on)",
+                    s.name, s.name
+                ));
+            }
+            if s.skipping {
+                problems.push(format!("set {:?} waits for a skip_while marker", s.name));
+            }
+        }
+        if problems.is_empty() {
+            lines.push(format!("node {}: in sync at index {index}", n.id));
+        } else {
+            done = false;
+            lines.push(format!("node {}: {}", n.id, problems.join("; ")));
+        }
+    }
+    (done, lines.join("\n"))
 }
 
 /// Reads a peer's gRPC status back into a request error.
@@ -514,6 +677,49 @@ impl Admin for AdminService {
         Ok(Response::new(crate::net::proto::admin::ConflictsReply {
             records,
         }))
+    }
+
+    async fn set_pause(
+        &self,
+        req: Request<PauseChange>,
+    ) -> Result<Response<PauseChangeReply>, Status> {
+        let what = if req.get_ref().resume {
+            "resume"
+        } else {
+            "pause"
+        };
+        require_admin(&req, what)?;
+        let by = match req.extensions().get::<RemoteCaller>() {
+            Some(RemoteCaller { caller, .. }) => caller.to_string(),
+            None => format!("node {} (admin socket)", self.node.id()),
+        };
+        let mut c = req.into_inner();
+        c.by = by;
+        let wait = Duration::from_millis(match c.timeout_ms {
+            0 => 10_000,
+            ms => ms.min(600_000),
+        });
+        let index = self.pause_change(c, wait).await.map_err(request_status)?;
+        Ok(Response::new(PauseChangeReply { index }))
+    }
+
+    async fn sync(&self, req: Request<SyncRequest>) -> Result<Response<SyncReply>, Status> {
+        require_admin(&req, "sync")?;
+        let r = req.into_inner();
+        let wait = Duration::from_millis(match r.timeout_ms {
+            0 => 60_000,
+            ms => ms.min(600_000),
+        });
+        let (index, report, done) = AdminService::sync(self, r.set, wait)
+            .await
+            .map_err(request_status)?;
+        if !done {
+            return Err(Status::deadline_exceeded(format!(
+                "not every node got there within {} ms:\n{report}",
+                wait.as_millis()
+            )));
+        }
+        Ok(Response::new(SyncReply { index, report }))
     }
 
     async fn barrier(

@@ -7,6 +7,13 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
+/// A duration as `clusterctl pause --for` takes it: `90s`, `30m`, `2h`, `1d`,
+/// or combinations such as `1h30m`.
+fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(text)
+        .map_err(|e| format!("{text:?} is not a duration ({e}); write e.g. 90s, 30m, 2h"))
+}
+
 /// Raft-led replication of config, account and log files across an HA cluster.
 #[derive(Parser)]
 #[command(name = "clusterd", version, about)]
@@ -82,6 +89,36 @@ pub enum Command {
     /// proves the cluster accepts changes.
     Barrier {
         #[arg(long, default_value_t = 5_000)]
+        timeout_ms: u64,
+    },
+    /// Pause replication of SET cluster-wide (committed through Raft, so it
+    /// survives a failover): the leader proposes nothing of it and edits
+    /// accumulate on its disk until `resume`, which validates and proposes
+    /// them as one change. For multi-file edits.
+    Pause {
+        set: String,
+        /// Why, shown in status (e.g. "moving to the new TACACS+ keys").
+        #[arg(long, default_value = "")]
+        reason: String,
+        /// Resume by itself after this long, e.g. 30m, 2h, 90s.
+        #[arg(long = "for", value_parser = parse_duration)]
+        for_: Option<std::time::Duration>,
+        #[arg(long, default_value_t = 10_000)]
+        timeout_ms: u64,
+    },
+    /// Resume a paused SET: what accumulated on the leader is validated and
+    /// proposed as one change.
+    Resume {
+        set: String,
+        #[arg(long, default_value_t = 10_000)]
+        timeout_ms: u64,
+    },
+    /// Rescan SET (every set without one) on the leader now and square every
+    /// follower's copy with the result; returns once every reachable node
+    /// holds it, or names the nodes and sets that did not get there.
+    Sync {
+        set: Option<String>,
+        #[arg(long, default_value_t = 60_000)]
         timeout_ms: u64,
     },
     /// What this node set aside in quarantine (local versions it replaced or

@@ -173,7 +173,7 @@ pub fn render(
             "Local versions set aside in data_dir/quarantine (never deleted automatically)",
             f.quarantined as i64,
         );
-        let families: [(&str, &str, fn(&crate::core::status::SetView) -> i64); 7] = [
+        let families: [(&str, &str, fn(&crate::core::status::SetView) -> i64); 8] = [
             ("set_files", "Files in the sync set as committed", |s| {
                 s.files as i64
             }),
@@ -202,6 +202,11 @@ pub fn render(
                 "set_held",
                 "1 while the set's last change is held by its validator on this node",
                 |s| i64::from(s.held.is_some()),
+            ),
+            (
+                "set_paused",
+                "1 while the set is paused by clusterctl pause (the same on every node)",
+                |s| i64::from(s.paused.is_some()),
             ),
         ];
         for (name, help, value) in families {
@@ -443,6 +448,7 @@ mod tests {
             "clusterd_set_files{set=\"tacacs\"} 4",
             "clusterd_set_missing_files{set=\"tacacs\"} 1",
             "clusterd_set_held{set=\"tacacs\"} 1",
+            "clusterd_set_paused{set=\"tacacs\"} 0",
             "clusterd_bytes_proposed_total 700",
             "clusterd_bytes_saved_total 300",
             "clusterd_wire_bytes_sent_total 900",

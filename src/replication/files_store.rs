@@ -15,7 +15,7 @@ use std::sync::Mutex;
 use rocksdb::{IteratorMode, Options, WriteBatch, WriteOptions, DB};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
-use crate::core::manifest::{Entry, Manifest, SetProgress, WireDigest};
+use crate::core::manifest::{Entry, Manifest, Pause, SetProgress, WireDigest};
 use crate::core::paths::SetPath;
 
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +57,7 @@ const P_PROGRESS: u8 = b'p';
 const P_RECORD: u8 = b'r';
 const P_SIGNATURE: u8 = b'g';
 const P_MISSING: u8 = b'x';
+const P_PAUSE: u8 = b'u';
 
 fn path_key(prefix: u8, set: &str, path: &SetPath) -> Vec<u8> {
     let mut k = Vec::with_capacity(2 + set.len() + path.as_bytes().len());
@@ -131,6 +132,13 @@ impl StoreBatch {
     pub fn delete_missing(&mut self, set: &str, path: &SetPath) {
         self.wb.delete(path_key(P_MISSING, set, path));
     }
+    /// Records `set` as paused (`Some`) or resumed (`None`).
+    pub fn put_pause(&mut self, set: &str, pause: Option<&Pause>) {
+        match pause {
+            Some(p) => self.wb.put(set_key(P_PAUSE, set), enc(p)),
+            None => self.wb.delete(set_key(P_PAUSE, set)),
+        }
+    }
     pub fn set_applied(&mut self, index: u64) {
         self.wb.put(KEY_APPLIED, index.to_be_bytes());
     }
@@ -139,6 +147,7 @@ impl StoreBatch {
         self.wb.delete_range(vec![P_ENTRY], vec![P_ENTRY + 1]);
         self.wb.delete_range(vec![P_PROGRESS], vec![P_PROGRESS + 1]);
         self.wb.delete_range(vec![P_MISSING], vec![P_MISSING + 1]);
+        self.wb.delete_range(vec![P_PAUSE], vec![P_PAUSE + 1]);
     }
     pub fn is_empty(&self) -> bool {
         self.wb.is_empty()
@@ -388,6 +397,19 @@ impl FilesStore {
             let progress: SetProgress =
                 postcard::from_bytes(&v).map_err(|e| self.corrupt(&k, e))?;
             m.sets.entry(set).or_default().progress = progress;
+        }
+        let iter = self
+            .db
+            .iterator(IteratorMode::From(&[P_PAUSE], rocksdb::Direction::Forward));
+        for item in iter {
+            let (k, v) = item.map_err(|e| self.corrupt(&[P_PAUSE], e))?;
+            if k.first() != Some(&P_PAUSE) {
+                break;
+            }
+            let set =
+                String::from_utf8(k[1..].to_vec()).map_err(|_| self.corrupt(&k, "set name"))?;
+            let pause: Pause = postcard::from_bytes(&v).map_err(|e| self.corrupt(&k, e))?;
+            m.paused.insert(set, pause);
         }
         m.repack();
         Ok(m)

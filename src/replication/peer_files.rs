@@ -33,6 +33,27 @@ impl FileService for Shared {
     fn files_view(&self) -> FilesView {
         Shared::files_view(self)
     }
+
+    fn set_names(&self) -> Vec<String> {
+        self.sets.iter().map(|s| s.name.clone()).collect()
+    }
+
+    fn pause_of(&self, set: &str) -> Option<crate::core::manifest::Pause> {
+        self.manifest.read().unwrap().paused.get(set).cloned()
+    }
+
+    fn request_sync(
+        &self,
+        set: Option<String>,
+    ) -> tokio::sync::oneshot::Receiver<Result<u64, String>> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        self.sync_requests
+            .lock()
+            .unwrap()
+            .push(crate::replication::shared::SyncAsk { set, reply });
+        self.sync_wakeup.notify_one();
+        rx
+    }
 }
 
 /// Takes one `Stage` piece: held or written as the upload's kind asks, and

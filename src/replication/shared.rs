@@ -106,6 +106,14 @@ impl SetRuntime {
     }
 }
 
+/// A `clusterctl sync` waiting on the source: a full pass of `set` (every
+/// set when `None`), then a committed `Reconcile` of it; `reply` gets that
+/// entry's index once applied on the leader, or why not.
+pub struct SyncAsk {
+    pub set: Option<String>,
+    pub reply: tokio::sync::oneshot::Sender<Result<u64, String>>,
+}
+
 /// Per-set health shown by `clusterctl status`.
 #[derive(Debug, Clone, Default)]
 pub struct SetHealth {
@@ -200,6 +208,10 @@ pub struct Shared {
     pub data_dir: PathBuf,
     /// Wakes the fetcher when paths become missing.
     pub fetch_wakeup: Notify,
+    /// `clusterctl sync` requests for the source (leader only), and what
+    /// wakes it for them.
+    pub sync_requests: Mutex<Vec<SyncAsk>>,
+    pub sync_wakeup: Notify,
     /// This node leads: its trees are the source, never reconciled.
     pub leading: std::sync::atomic::AtomicBool,
     /// The Raft term this node is in, for quarantine records made outside
@@ -326,6 +338,7 @@ impl Shared {
                     refused: h.refused,
                     skipping: h.skipping,
                     held: h.held,
+                    paused: manifest.paused.get(&s.name).cloned(),
                     recent: progress.recent.iter().copied().collect(),
                 }
             })
@@ -419,6 +432,8 @@ pub fn open_shared(config: &Config) -> Result<Arc<Shared>, FilesStoreError> {
         applied: AtomicU64::new(applied),
         data_dir: config.node.data_dir.clone(),
         fetch_wakeup: Notify::new(),
+        sync_requests: Mutex::new(Vec::new()),
+        sync_wakeup: Notify::new(),
         leading: std::sync::atomic::AtomicBool::new(false),
         term: AtomicU64::new(0),
         start_reconciled: std::sync::atomic::AtomicBool::new(no_sets),

@@ -879,6 +879,46 @@ impl CheckedOp {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Manifest {
     pub sets: BTreeMap<String, SetManifest>,
+    /// Sets paused by `clusterctl pause`, committed like any change so a
+    /// pause outlives a failover. Not in the derived form: snapshots carry
+    /// it in format 4 only, so a manifest without pauses stays readable by
+    /// older releases.
+    #[serde(skip)]
+    pub paused: BTreeMap<String, Pause>,
+}
+
+/// A paused set: the leader proposes nothing of it until it is resumed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pause {
+    /// What the administrator said (`--reason`); may be empty.
+    pub reason: String,
+    /// When the pause was proposed (Unix milliseconds, the leader's clock).
+    pub since_ms: u64,
+    /// When the leader resumes it by itself (`--for`), if ever.
+    pub until_ms: Option<u64>,
+    /// Who paused it: `node N` (its admin socket) or `admin NAME` (an
+    /// admin certificate on the remote admin port).
+    pub by: String,
+}
+
+/// Longest `Pause::reason` and `Pause::by` a committed pause may carry.
+pub const PAUSE_TEXT_MAX: usize = 1024;
+/// Longest set name a pause or resume may name.
+pub const SET_NAME_MAX: usize = 255;
+
+impl Pause {
+    /// Why a pause of `set` cannot be committed, if it cannot.
+    pub fn check(set: &str, pause: &Pause) -> Result<(), String> {
+        if set.is_empty() || set.len() > SET_NAME_MAX {
+            return Err(format!("a pause names a set of {} bytes", set.len()));
+        }
+        if pause.reason.len() > PAUSE_TEXT_MAX || pause.by.len() > PAUSE_TEXT_MAX {
+            return Err(format!(
+                "the pause of set {set:?} carries a reason or author over {PAUSE_TEXT_MAX} bytes"
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Snapshot format 1: postcard of the manifest without xattrs or links.
@@ -887,6 +927,8 @@ const SNAPSHOT_FORMAT_V1: u8 = 1;
 const SNAPSHOT_FORMAT_V2: u8 = 2;
 /// Snapshot format 3: as format 2, each entry followed by its link.
 const SNAPSHOT_FORMAT_V3: u8 = 3;
+/// Snapshot format 4: format 3's manifest followed by the paused sets.
+const SNAPSHOT_FORMAT_V4: u8 = 4;
 
 /// The manifest in an older snapshot format (entries of type `E`), to read.
 #[derive(Deserialize)]
@@ -915,6 +957,7 @@ struct SetManifestRefAs<'a, E> {
 impl<E: Into<Entry>> From<ManifestAs<E>> for Manifest {
     fn from(m: ManifestAs<E>) -> Manifest {
         Manifest {
+            paused: BTreeMap::new(),
             sets: m
                 .sets
                 .into_iter()
@@ -1248,7 +1291,12 @@ impl Manifest {
             };
             postcard::to_allocvec(&old).expect("a manifest always serializes")
         }
-        let (format, body) = if with_links {
+        let (format, body) = if !self.paused.is_empty() {
+            (
+                SNAPSHOT_FORMAT_V4,
+                postcard::to_allocvec(&(self, &self.paused)).expect("a manifest always serializes"),
+            )
+        } else if with_links {
             (
                 SNAPSHOT_FORMAT_V3,
                 postcard::to_allocvec(self).expect("a manifest always serializes"),
@@ -1269,7 +1317,7 @@ impl Manifest {
             what: "manifest snapshot",
             source: postcard::Error::DeserializeUnexpectedEnd,
         })?;
-        if !(SNAPSHOT_FORMAT_V1..=SNAPSHOT_FORMAT_V3).contains(&version) {
+        if !(SNAPSHOT_FORMAT_V1..=SNAPSHOT_FORMAT_V4).contains(&version) {
             return Err(ManifestError::Decode {
                 what: "manifest snapshot (unknown format; is a newer clusterd leading?)",
                 source: postcard::Error::DeserializeBadEncoding,
@@ -1290,7 +1338,19 @@ impl Manifest {
             SNAPSHOT_FORMAT_V2 => postcard::from_bytes::<ManifestAs<EntryV2>>(&body)
                 .map_err(bad)?
                 .into(),
-            _ => postcard::from_bytes(&body).map_err(bad)?,
+            SNAPSHOT_FORMAT_V3 => postcard::from_bytes(&body).map_err(bad)?,
+            _ => {
+                let (mut m, paused): (Manifest, BTreeMap<String, Pause>) =
+                    postcard::from_bytes(&body).map_err(bad)?;
+                for (set, pause) in &paused {
+                    Pause::check(set, pause).map_err(|_| ManifestError::Decode {
+                        what: "manifest snapshot (a pause is malformed)",
+                        source: postcard::Error::DeserializeBadEncoding,
+                    })?;
+                }
+                m.paused = paused;
+                m
+            }
         };
         // What a batch could not commit, a snapshot cannot bring either.
         for (name, set) in &manifest.sets {

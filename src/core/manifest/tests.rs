@@ -852,3 +852,33 @@ fn lag_seconds_come_from_the_first_batch_a_node_lacks() {
     assert_eq!(pr.behind_since_ms(0), Some(1000));
     assert_eq!(pr.bytes, 3);
 }
+
+#[test]
+fn pauses_travel_in_format_4_snapshots_only() {
+    let mut m = Manifest::default();
+    m.apply(1, &batch(vec![put("a", 1)])).unwrap();
+    let plain = m.encode();
+    assert_ne!(plain[0], SNAPSHOT_FORMAT_V4, "no pause, no new format");
+    let pause = Pause {
+        reason: "editing tac_plus.conf and its includes".into(),
+        since_ms: 1_800_000_000_000,
+        until_ms: Some(1_800_000_600_000),
+        by: "admin alice".into(),
+    };
+    m.paused.insert("etc".into(), pause.clone());
+    let with = m.encode();
+    assert_eq!(with[0], SNAPSHOT_FORMAT_V4);
+    let back = Manifest::decode(&with, 1 << 20).unwrap();
+    assert_eq!(back, m);
+    assert_eq!(back.paused.get("etc"), Some(&pause));
+    // A hostile pause is refused like a hostile path.
+    let mut hostile = m.clone();
+    hostile.paused.insert(
+        "x".into(),
+        Pause {
+            reason: "r".repeat(PAUSE_TEXT_MAX + 1),
+            ..pause
+        },
+    );
+    assert!(Manifest::decode(&hostile.encode(), 1 << 20).is_err());
+}

@@ -14,7 +14,7 @@ use raft::prelude::*;
 use raft::{GetEntriesContext, RawNode, StateRole, Storage};
 
 use crate::core::config::{NodeId, RaftTimers};
-use crate::core::manifest::{Chunk, FileBatch};
+use crate::core::manifest::{Chunk, FileBatch, Pause};
 pub use crate::core::status::{NodeView, PeerProgress, Role};
 
 /// Durable storage the core needs beyond `raft::Storage`'s read side.
@@ -66,12 +66,27 @@ pub enum Command {
     Files(FileBatch),
     /// A piece of a large patch that a later `Files` batch refers to.
     Chunk(Chunk),
+    /// `clusterctl pause`: the leader proposes nothing of `set` until it
+    /// is resumed (a later pause of the same set replaces this one).
+    Pause { set: String, pause: Pause },
+    /// `clusterctl resume` (or the end of `--for`): the set's accumulated
+    /// state is proposed again.
+    Resume { set: String, by: String },
+    /// `clusterctl sync`: every follower squares its copy of these sets
+    /// (all, when empty) with the manifest now: what differs is
+    /// quarantined and replaced, what is missing is fetched.
+    Reconcile { sets: Vec<String> },
 }
 
 const COMMAND_FORMAT_V1: u8 = 1;
 const KIND_BARRIER: u8 = 1;
 const KIND_FILES: u8 = 2;
 const KIND_CHUNK: u8 = 3;
+const KIND_PAUSE: u8 = 4;
+const KIND_RESUME: u8 = 5;
+const KIND_RECONCILE: u8 = 6;
+/// Most sets one `Reconcile` may name.
+const RECONCILE_SETS_MAX: usize = 1024;
 
 impl Command {
     pub fn encode(&self) -> Vec<u8> {
@@ -94,6 +109,21 @@ impl Command {
                 out.extend(crate::core::manifest::encode_chunk(chunk));
                 out
             }
+            Command::Pause { set, pause } => {
+                let mut out = vec![COMMAND_FORMAT_V1, KIND_PAUSE];
+                out.extend(postcard::to_allocvec(&(set, pause)).expect("a pause serializes"));
+                out
+            }
+            Command::Resume { set, by } => {
+                let mut out = vec![COMMAND_FORMAT_V1, KIND_RESUME];
+                out.extend(postcard::to_allocvec(&(set, by)).expect("a resume serializes"));
+                out
+            }
+            Command::Reconcile { sets } => {
+                let mut out = vec![COMMAND_FORMAT_V1, KIND_RECONCILE];
+                out.extend(postcard::to_allocvec(sets).expect("set names serialize"));
+                out
+            }
         }
     }
 
@@ -109,6 +139,35 @@ impl Command {
             [COMMAND_FORMAT_V1, KIND_CHUNK, rest @ ..] => crate::core::manifest::decode_chunk(rest)
                 .map(Command::Chunk)
                 .map_err(|e| CoreError::BadEntry(e.to_string())),
+            [COMMAND_FORMAT_V1, KIND_PAUSE, rest @ ..] => {
+                let (set, pause): (String, Pause) = postcard::from_bytes(rest)
+                    .map_err(|e| CoreError::BadEntry(format!("a pause does not decode: {e}")))?;
+                Pause::check(&set, &pause).map_err(CoreError::BadEntry)?;
+                Ok(Command::Pause { set, pause })
+            }
+            [COMMAND_FORMAT_V1, KIND_RESUME, rest @ ..] => {
+                let (set, by): (String, String) = postcard::from_bytes(rest)
+                    .map_err(|e| CoreError::BadEntry(format!("a resume does not decode: {e}")))?;
+                let probe = Pause { reason: String::new(), since_ms: 0, until_ms: None, by };
+                Pause::check(&set, &probe).map_err(CoreError::BadEntry)?;
+                Ok(Command::Resume { set, by: probe.by })
+            }
+            [COMMAND_FORMAT_V1, KIND_RECONCILE, rest @ ..] => {
+                let sets: Vec<String> = postcard::from_bytes(rest).map_err(|e| {
+                    CoreError::BadEntry(format!("a reconcile does not decode: {e}"))
+                })?;
+                if sets.len() > RECONCILE_SETS_MAX
+                    || sets
+                        .iter()
+                        .any(|s| s.is_empty() || s.len() > crate::core::manifest::SET_NAME_MAX)
+                {
+                    return Err(CoreError::BadEntry(format!(
+                        "a reconcile names {} sets, or one of a bad length",
+                        sets.len()
+                    )));
+                }
+                Ok(Command::Reconcile { sets })
+            }
             [version, kind, ..] => Err(CoreError::BadEntry(format!(
                 "unknown command (format {version}, kind {kind}, {} bytes); is a newer clusterd leading?",
                 bytes.len()
@@ -665,6 +724,47 @@ mod tests {
             vec![1, 1, 0, 0, 0, 0, 0, 0, 0, 3, 0, 0, 0, 0, 0, 0, 1, 2]
         );
         assert_eq!(Command::decode(&c.encode()).unwrap(), c);
+    }
+
+    #[test]
+    fn pause_and_resume_round_trip_and_refuse_oversized_text() {
+        let pause = Command::Pause {
+            set: "tacacs".into(),
+            pause: Pause {
+                reason: "multi-file edit".into(),
+                since_ms: 5,
+                until_ms: None,
+                by: "node 2".into(),
+            },
+        };
+        assert_eq!(&pause.encode()[..2], &[1, 4]);
+        assert_eq!(Command::decode(&pause.encode()).unwrap(), pause);
+        let resume = Command::Resume {
+            set: "tacacs".into(),
+            by: "admin alice".into(),
+        };
+        assert_eq!(&resume.encode()[..2], &[1, 5]);
+        assert_eq!(Command::decode(&resume.encode()).unwrap(), resume);
+        let long = Command::Resume {
+            set: "s".repeat(300),
+            by: String::new(),
+        };
+        assert!(matches!(
+            Command::decode(&long.encode()),
+            Err(CoreError::BadEntry(_))
+        ));
+        let reconcile = Command::Reconcile {
+            sets: vec!["tacacs".into(), "mail".into()],
+        };
+        assert_eq!(&reconcile.encode()[..2], &[1, 6]);
+        assert_eq!(Command::decode(&reconcile.encode()).unwrap(), reconcile);
+        let empty_name = Command::Reconcile {
+            sets: vec![String::new()],
+        };
+        assert!(matches!(
+            Command::decode(&empty_name.encode()),
+            Err(CoreError::BadEntry(_))
+        ));
     }
 
     #[test]

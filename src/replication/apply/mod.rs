@@ -345,6 +345,9 @@ impl Applier {
             }
             let mut batch = StoreBatch::default();
             let mut last = applied;
+            // Sets a `Reconcile` entry names, squared once this page's
+            // entries are durable, before they count as applied.
+            let mut reconcile: Vec<String> = Vec::new();
             for e in entries {
                 if e.index != last + 1 {
                     return Err(ApplyError::Skipped {
@@ -357,6 +360,37 @@ impl Applier {
                         Ok(Command::Barrier { .. }) => {}
                         Ok(Command::Chunk(c)) => self.stage(&c),
                         Ok(Command::Files(b)) => self.apply_batch(e.index, e.term, &b, &mut batch),
+                        Ok(Command::Pause { set, pause }) => {
+                            info!(index = e.index, set = %set, "sync set {set:?} is paused by {}{}: the leader proposes nothing of it until it is resumed", pause.by, if pause.reason.is_empty() { String::new() } else { format!(" ({})", pause.reason) });
+                            batch.put_pause(&set, Some(&pause));
+                            self.shared
+                                .manifest
+                                .write()
+                                .unwrap()
+                                .paused
+                                .insert(set, pause);
+                        }
+                        Ok(Command::Reconcile { sets }) => {
+                            info!(
+                                index = e.index,
+                                "`clusterctl sync`: squaring {} with the manifest",
+                                if sets.is_empty() {
+                                    "every sync set".to_string()
+                                } else {
+                                    format!("sync sets {sets:?}")
+                                }
+                            );
+                            reconcile.extend(if sets.is_empty() {
+                                self.shared.sets.iter().map(|s| s.name.clone()).collect()
+                            } else {
+                                sets
+                            });
+                        }
+                        Ok(Command::Resume { set, by }) => {
+                            info!(index = e.index, set = %set, "sync set {set:?} is resumed by {by}");
+                            batch.put_pause(&set, None);
+                            self.shared.manifest.write().unwrap().paused.remove(&set);
+                        }
                         Err(CoreError::BadEntry(why)) => {
                             warn!(
                                 index = e.index,
@@ -374,6 +408,14 @@ impl Applier {
             // again, from the same staged content.
             for upload in self.consumed_uploads.drain(..) {
                 self.shared.remove_upload(upload);
+            }
+            if !reconcile.is_empty() {
+                for name in reconcile {
+                    if self.shared.set(&name).is_some() {
+                        self.deferred.insert(name);
+                    }
+                }
+                self.retry_deferred();
             }
             self.shared.applied.store(last, Ordering::SeqCst);
             let _ = self.out.send(Applied::Index(last));
@@ -799,6 +841,9 @@ impl Applier {
                 batch.put_entry(set, p, e);
             }
             batch.put_progress(set, &sm.progress);
+        }
+        for (set, pause) in &manifest.paused {
+            batch.put_pause(set, Some(pause));
         }
         batch.set_applied(index);
         self.shared.missing.lock().unwrap().clear();

@@ -84,7 +84,27 @@ impl Source {
         let mut rescan = tokio::time::interval(self.config.rescan);
         rescan.tick().await;
         let mut retry = tokio::time::interval(Duration::from_millis(500));
+        let mut pauses = tokio::time::interval(Duration::from_millis(500));
+        let mut was_paused: BTreeSet<String> = self.paused_sets();
         loop {
+            // A set leaves its pause with one full pass of what accumulated.
+            let paused = self.paused_sets();
+            for set in was_paused.difference(&paused) {
+                dirty.full.insert(set.clone());
+            }
+            was_paused = paused;
+            self.resume_expired(term).await;
+            let asks = std::mem::take(&mut *self.shared.sync_requests.lock().unwrap());
+            for ask in &asks {
+                match &ask.set {
+                    Some(set) => {
+                        dirty.full.insert(set.clone());
+                    }
+                    None => dirty
+                        .full
+                        .extend(self.shared.sets.iter().map(|s| s.name.clone())),
+                }
+            }
             if !dirty.is_empty() {
                 let work = std::mem::take(&mut dirty);
                 let shared = self.shared.clone();
@@ -106,6 +126,11 @@ impl Source {
                     }
                     Ok((Err(e), _)) => {
                         info!(term, "stopped proposing: {e}");
+                        for ask in asks {
+                            let _ = ask
+                                .reply
+                                .send(Err(format!("this node stopped leading: {e}")));
+                        }
                         return;
                     }
                     Err(e) => {
@@ -113,6 +138,9 @@ impl Source {
                         return;
                     }
                 }
+            }
+            if !asks.is_empty() {
+                self.reconcile_followers(term, asks).await;
             }
             if self.node.view().term != term || self.node.view().role != Role::Leader {
                 return;
@@ -140,8 +168,77 @@ impl Source {
                     }
                 }
                 _ = retry.tick(), if !dirty.is_empty() => {}
+                _ = pauses.tick(), if !was_paused.is_empty() => {}
+                _ = self.shared.sync_wakeup.notified() => {}
                 _ = self.node.wait_view(Duration::from_secs(1), |v| v.term != term || v.role != Role::Leader) => {}
             }
+        }
+    }
+
+    /// The sets paused now, as committed.
+    fn paused_sets(&self) -> BTreeSet<String> {
+        self.shared
+            .manifest
+            .read()
+            .unwrap()
+            .paused
+            .keys()
+            .cloned()
+            .collect()
+    }
+
+    /// Resumes the sets whose `--for` ran out (only the leader's clock
+    /// decides, so a pause ends once however often leadership moved).
+    async fn resume_expired(&self, term: u64) {
+        let now = unix_ms();
+        let expired: Vec<String> = (self.shared.manifest.read().unwrap().paused.iter())
+            .filter(|(_, p)| p.until_ms.is_some_and(|until| until <= now))
+            .map(|(set, _)| set.clone())
+            .collect();
+        for set in expired {
+            let resume = Command::Resume {
+                set: set.clone(),
+                by: format!("node {} (its --for ran out)", self.node.id()),
+            };
+            if let Err(e) = self
+                .node
+                .propose(term, vec![resume], Duration::from_secs(5))
+                .await
+            {
+                debug!(term, set = %set, "could not resume the expired pause yet: {e}");
+            }
+        }
+    }
+
+    /// Answers `clusterctl sync` requests once their full pass is proposed:
+    /// a committed `Reconcile` makes every follower square its copy with
+    /// the manifest, and its index tells the caller what to wait for.
+    async fn reconcile_followers(&self, term: u64, asks: Vec<crate::replication::shared::SyncAsk>) {
+        let mut sets: Vec<String> = Vec::new();
+        for ask in &asks {
+            match &ask.set {
+                Some(s) if !sets.contains(s) => sets.push(s.clone()),
+                Some(_) => {}
+                None => {
+                    sets.clear();
+                    break;
+                }
+            }
+        }
+        if asks.iter().any(|a| a.set.is_none()) {
+            sets.clear();
+        }
+        let result = self
+            .node
+            .propose(
+                term,
+                vec![Command::Reconcile { sets }],
+                Duration::from_secs(10),
+            )
+            .await
+            .map_err(|e| format!("the leader could not commit the reconcile: {e}"));
+        for ask in asks {
+            let _ = ask.reply.send(result.clone());
         }
     }
 
@@ -258,6 +355,10 @@ pub(super) fn process(
         let Some(set) = shared.set(&name).cloned() else {
             continue;
         };
+        if shared.manifest.read().unwrap().paused.contains_key(&name) {
+            // Edits accumulate on disk; the resume brings them in one pass.
+            continue;
+        }
         let root = match set.open_root() {
             Ok(r) => r,
             Err(e) => {
