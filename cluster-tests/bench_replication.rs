@@ -60,6 +60,13 @@
 //!   (what the cron scripts spend every period), and that CPU as a share of
 //!   a core if run every 60 s.
 //!
+//! - `validate`: `--edits` small edits in each of four sets of one cluster,
+//!   round robin: a one-file set and a `--files`-file set (10,000 with
+//!   `--bench`), each with and without `validate = "true"`; p50/p99 from
+//!   the write until both followers hold it, as `latency`. The bar: the
+//!   validated small set adds at most the validator's own run time (`sh -c
+//!   true`, timed here) plus 5 ms to the unvalidated one's p50.
+//!
 //! Without `--bench` (as `cargo test --all-targets` runs it) every scenario
 //! runs once with tiny sizes, as a smoke test that the benchmark works.
 //! With `--enforce`, exits 1 if a figure misses its bar (from issue 3).
@@ -96,13 +103,15 @@ enum Scenario {
     Append,
     Full,
     Idle,
+    Validate,
 }
 
-const ALL: [Scenario; 5] = [
+const ALL: [Scenario; 6] = [
     Scenario::Latency,
     Scenario::Delta,
     Scenario::Append,
     Scenario::Full,
+    Scenario::Validate,
     Scenario::Idle,
 ];
 
@@ -204,6 +213,7 @@ fn parse_args() -> Opts {
                     "append" => Scenario::Append,
                     "full" => Scenario::Full,
                     "idle" => Scenario::Idle,
+                    "validate" => Scenario::Validate,
                     _ => usage(),
                 })
             }
@@ -261,6 +271,7 @@ fn main() {
             Scenario::Append => append(&o, have_rsync),
             Scenario::Full => full(&o, have_rsync),
             Scenario::Idle => idle(&o, have_rsync),
+            Scenario::Validate => validate(&o),
         });
     }
     print_table(&rows);
@@ -727,6 +738,100 @@ fn latency(o: &Opts, have_rsync: bool) -> Vec<Row> {
         bar: "p50 <= 50 ms, p99 <= 250 ms".to_string(),
         met: Some(p50 <= Duration::from_millis(50) && p99 <= Duration::from_millis(250)),
     }]
+}
+
+fn validate(o: &Opts) -> Vec<Row> {
+    let sets = ["small", "small_checked", "big", "big_checked"];
+    let mut b = Cluster::builder(3).default_timers();
+    for s in sets {
+        let lines = if s.ends_with("_checked") { "validate = \"true\"" } else { "" };
+        b = b.sync_set(s, "mirror", lines);
+    }
+    let c = b.start();
+    let all = c.ids();
+    let leader = c.wait_for_leader(&all);
+    c.wait_barrier(leader);
+    wait_sets_ready(&c, &all, &sets);
+    let followers = c.others(&[leader]);
+    println!("3 nodes, default timers; leader {leader}; sets {sets:?}; {} files in the big ones", o.files);
+    let body =
+        "user = someone {\n    login = des \"xxxxxxxxxxxx\"\n    member = admins\n}\n".repeat(12);
+    let content = |i: usize| format!("# edit {i}\n{body}");
+    for s in sets {
+        if s.starts_with("big") {
+            let staging = scratch(&c, &format!("{s}-build"));
+            build_tree(&staging, o.files, o.files as u64 * 2048, 7);
+            fs::rename(&staging, c.set_path(leader, s).join("tree")).unwrap();
+        }
+        fs::write(c.set_path(leader, s).join("tac_plus.conf"), content(0)).unwrap();
+    }
+    for s in sets {
+        wait_trees_equal(&c, s, &[leader, followers[0], followers[1]], o.deadline);
+    }
+    let mut samples: Vec<Vec<Duration>> = vec![Vec::new(); sets.len()];
+    for i in 1..=o.edits {
+        for (k, s) in sets.iter().enumerate() {
+            let want = content(i);
+            let file = c.set_path(leader, s).join("tac_plus.conf");
+            let there: Vec<PathBuf> = followers
+                .iter()
+                .map(|&f| c.set_path(f, s).join("tac_plus.conf"))
+                .collect();
+            let t0 = Instant::now();
+            fs::write(&file, &want).unwrap();
+            while !there.iter().all(|p| fs::read(p).is_ok_and(|b| b == want.as_bytes())) {
+                if t0.elapsed() > scaled(EDIT_DEADLINE) {
+                    panic!("edit {i} of set {s} did not reach both followers:\n{}", c.describe());
+                }
+                thread::sleep(TIGHT_POLL);
+            }
+            samples[k].push(t0.elapsed());
+            thread::sleep(o.gap);
+        }
+    }
+    let mut spawn: Vec<Duration> = (0..50)
+        .map(|_| {
+            let t = Instant::now();
+            let ok = Command::new("/bin/sh").arg("-c").arg("true").status();
+            assert!(ok.is_ok_and(|s| s.success()));
+            t.elapsed()
+        })
+        .collect();
+    spawn.sort();
+    let validator = percentile(&spawn, 0.5);
+    let stats: Vec<(Duration, Duration)> = samples
+        .iter_mut()
+        .map(|v| {
+            v.sort();
+            (percentile(v, 0.5), percentile(v, 0.99))
+        })
+        .collect();
+    for (s, (p50, p99)) in sets.iter().zip(&stats) {
+        println!("{s}: p50 {} p99 {}", ms(*p50), ms(*p99));
+    }
+    println!("the validator alone (sh -c true): p50 {}", ms(validator));
+    let cell = |k: usize| format!("{} / {}", ms(stats[k].0), ms(stats[k].1));
+    let limit = stats[0].0 + validator + Duration::from_millis(5);
+    vec![
+        Row {
+            what: format!("edit p50 / p99, 1-file set, validate = true ({} edits)", o.edits),
+            clusterd: format!("{} (without: {})", cell(1), cell(0)),
+            rsync: "-".into(),
+            bar: format!(
+                "p50 <= {} (unvalidated p50 + validator {} + 5 ms)",
+                ms(limit),
+                ms(validator)
+            ),
+            met: Some(stats[1].0 <= limit),
+        },
+        Row {
+            what: format!("edit p50 / p99, {}-file set, validate = true", o.files),
+            clusterd: format!("{} (without: {})", cell(3), cell(2)),
+            rsync: "-".into(),
+            bar: "-".into(),
+            met: None,
+        },
+    ]
 }
 
 fn delta(o: &Opts, have_rsync: bool) -> Vec<Row> {

@@ -903,8 +903,11 @@ pub async fn run_on_change(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<
                 let ready: Vec<String> = due.iter().filter(|(_, t)| **t <= now).map(|(s, _)| s.clone()).collect();
                 for set in ready {
                     due.remove(&set);
-                    let Some(cmd) = shared.set(&set).and_then(|s| s.on_change.clone()) else { continue };
-                    let ok = crate::fs::exec::run_command(&cmd, &[("CLUSTERD_SET", set.as_str())], LIMIT, &format!("on_change of sync set {set:?}")).await;
+                    let Some(rt) = shared.set(&set) else { continue };
+                    let Some(cmd) = rt.on_change.clone() else { continue };
+                    let root = rt.path.display().to_string();
+                    let env = [("CLUSTERD_SET", set.as_str()), ("CLUSTERD_ROOT", root.as_str())];
+                    let ok = crate::fs::exec::run_command(&cmd, &env, LIMIT, &format!("on_change of sync set {set:?}")).await;
                     if !ok {
                         shared.counters.on_change_failures.fetch_add(1, Ordering::Relaxed);
                     }
