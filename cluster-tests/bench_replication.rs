@@ -744,7 +744,11 @@ fn validate(o: &Opts) -> Vec<Row> {
     let sets = ["small", "small_checked", "big", "big_checked"];
     let mut b = Cluster::builder(3).default_timers();
     for s in sets {
-        let lines = if s.ends_with("_checked") { "validate = \"true\"" } else { "" };
+        let lines = if s.ends_with("_checked") {
+            "validate = \"true\""
+        } else {
+            ""
+        };
         b = b.sync_set(s, "mirror", lines);
     }
     let c = b.start();
@@ -753,7 +757,10 @@ fn validate(o: &Opts) -> Vec<Row> {
     c.wait_barrier(leader);
     wait_sets_ready(&c, &all, &sets);
     let followers = c.others(&[leader]);
-    println!("3 nodes, default timers; leader {leader}; sets {sets:?}; {} files in the big ones", o.files);
+    println!(
+        "3 nodes, default timers; leader {leader}; sets {sets:?}; {} files in the big ones",
+        o.files
+    );
     let body =
         "user = someone {\n    login = des \"xxxxxxxxxxxx\"\n    member = admins\n}\n".repeat(12);
     let content = |i: usize| format!("# edit {i}\n{body}");
@@ -779,9 +786,15 @@ fn validate(o: &Opts) -> Vec<Row> {
                 .collect();
             let t0 = Instant::now();
             fs::write(&file, &want).unwrap();
-            while !there.iter().all(|p| fs::read(p).is_ok_and(|b| b == want.as_bytes())) {
+            while !there
+                .iter()
+                .all(|p| fs::read(p).is_ok_and(|b| b == want.as_bytes()))
+            {
                 if t0.elapsed() > scaled(EDIT_DEADLINE) {
-                    panic!("edit {i} of set {s} did not reach both followers:\n{}", c.describe());
+                    panic!(
+                        "edit {i} of set {s} did not reach both followers:\n{}",
+                        c.describe()
+                    );
                 }
                 thread::sleep(TIGHT_POLL);
             }
@@ -814,7 +827,10 @@ fn validate(o: &Opts) -> Vec<Row> {
     let limit = stats[0].0 + validator + Duration::from_millis(5);
     vec![
         Row {
-            what: format!("edit p50 / p99, 1-file set, validate = true ({} edits)", o.edits),
+            what: format!(
+                "edit p50 / p99, 1-file set, validate = true ({} edits)",
+                o.edits
+            ),
             clusterd: format!("{} (without: {})", cell(1), cell(0)),
             rsync: "-".into(),
             bar: format!(

@@ -333,3 +333,63 @@ fn sync_returns_once_every_node_holds_the_set_and_squares_a_followers_drift() {
         "{bad}"
     );
 }
+
+#[test]
+fn a_failed_on_change_is_reverted_and_the_next_change_releases_the_set() {
+    let hook = r#"on_change = "echo $CLUSTERD_SET >> {node_dir}/reloads.log; grep -q '^key = ok' \"$CLUSTERD_ROOT/tac_plus.conf\""
+on_change_failure = "revert""#;
+    let (c, leader) = cluster(hook);
+    let followers = c.others(&[leader]);
+    let dir = c.set_path(leader, "tacacs");
+    write_file(&dir.join("tac_plus.conf"), "key = ok-1\n");
+    wait_content(&c, &followers, "tacacs", "tac_plus.conf", "key = ok-1\n");
+    // The service ran with it: that is the version a revert goes back to.
+    for &id in &followers {
+        wait_until(CONVERGE, &format!("node {id} ran on_change"), || {
+            let log = fs::read_to_string(c.node(id).dir.join("reloads.log")).unwrap_or_default();
+            (log.lines().count() == 1).then_some(())
+        });
+    }
+
+    // A change the service cannot reload (no validator caught it): every
+    // follower puts back what it touched, runs on_change again and holds.
+    write_file(&dir.join("tac_plus.conf"), "key = broken\n");
+    write_file(&dir.join("extra.conf"), "x\n");
+    for &id in &followers {
+        let why = wait_until(CONVERGE, &format!("node {id} holds tacacs"), || {
+            held(&c, id, "tacacs")?.ok_or_else(|| "not held yet".to_string())
+        });
+        assert!(why.contains("on_change failed (exit 1)"), "{why:?}");
+        let here = c.set_path(id, "tacacs");
+        assert_eq!(
+            fs::read_to_string(here.join("tac_plus.conf")).unwrap(),
+            "key = ok-1\n"
+        );
+        assert!(
+            !here.join("extra.conf").exists(),
+            "the new file is taken away again"
+        );
+    }
+    // The reverted state stays while nothing new is committed...
+    hold_for(Duration::from_millis(1500), "the revert holds", || {
+        for &id in &followers {
+            let got = fs::read_to_string(c.set_path(id, "tacacs").join("tac_plus.conf")).unwrap();
+            if got != "key = ok-1\n" {
+                return Err(format!("node {id} went back to {got:?}"));
+            }
+        }
+        Ok(())
+    });
+    // ...and the next committed change brings the set up to date.
+    write_file(&dir.join("tac_plus.conf"), "key = ok-2\n");
+    wait_content(&c, &followers, "tacacs", "tac_plus.conf", "key = ok-2\n");
+    wait_content(&c, &followers, "tacacs", "extra.conf", "x\n");
+    for &id in &followers {
+        wait_until(CONVERGE, "the hold ends", || {
+            match held(&c, id, "tacacs")? {
+                None => Ok(()),
+                Some(why) => Err(format!("node {id} still holds: {why}")),
+            }
+        });
+    }
+}

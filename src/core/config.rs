@@ -155,6 +155,8 @@ pub struct RawSync {
     /// A command that checks the set as it would be after a change.
     pub validate: Option<String>,
     pub validate_timeout_ms: Option<i64>,
+    /// "report" (default) or "revert".
+    pub on_change_failure: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -299,6 +301,19 @@ pub struct SyncSetConfig {
     /// How long the validator may run before its process group is killed
     /// and the change counts as invalid.
     pub validate_timeout: Duration,
+    /// What a follower does when `on_change` fails after a change.
+    pub on_change_failure: OnChangeFailure,
+}
+
+/// `sync[].on_change_failure`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnChangeFailure {
+    /// Log it and count it (`on_change_failures`); the change stays.
+    #[default]
+    Report,
+    /// Put back the files the change touched, run `on_change` again and
+    /// hold the set until its next committed change.
+    Revert,
 }
 
 /// Default of `sync[].validate_timeout_ms`.
@@ -773,6 +788,22 @@ impl Validator {
                     DEFAULT_VALIDATE_TIMEOUT_MS
                 }
             };
+            let on_change_failure = match s.on_change_failure.as_deref() {
+                None | Some("report") => OnChangeFailure::Report,
+                Some("revert") if s.on_change.is_none() => {
+                    self.problem(format!("key `{key}.on_change_failure` = \"revert\" of sync set {name:?} needs an `on_change` command to judge the change by; add one or drop on_change_failure"));
+                    OnChangeFailure::Report
+                }
+                Some("revert") if mode == SyncMode::Append => {
+                    self.problem(format!("key `{key}.on_change_failure` = \"revert\" of sync set {name:?} cannot be used with mode = \"append\"; use \"report\""));
+                    OnChangeFailure::Report
+                }
+                Some("revert") => OnChangeFailure::Revert,
+                Some(other) => {
+                    self.problem(format!("key `{key}.on_change_failure` = {other:?} of sync set {name:?} must be \"report\" or \"revert\""));
+                    OnChangeFailure::Report
+                }
+            };
             sets.push(SyncSetConfig {
                 name,
                 path,
@@ -786,6 +817,7 @@ impl Validator {
                 hard_links,
                 validate,
                 validate_timeout: Duration::from_millis(validate_timeout),
+                on_change_failure,
             });
         }
         sets

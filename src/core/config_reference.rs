@@ -172,6 +172,11 @@ pub const KEYS: &[KeyDoc] = &[
         meaning: "shell command run on each follower after it applied a batch of the set (debounced 200 ms, 60 s limit, exit status and output logged, `CLUSTERD_SET` in its environment)",
     },
     KeyDoc {
+        keys: &["sync[].on_change_failure"],
+        default: "`\"report\"`",
+        meaning: "what a follower does when `on_change` exits non-zero after applying a change of the set: `\"report\"` logs and counts it (`on_change_failures`); `\"revert\"` puts back the files that change touched (content and metadata, atomically), runs `on_change` again and holds the set (status `held`) until its next committed change. Needs `on_change`; not with `mode = \"append\"`",
+    },
+    KeyDoc {
         keys: &["sync[].xattrs"],
         default: "`false`",
         meaning: "`true` keeps `user.*` extended attributes and POSIX ACLs of files and directories (see \"What is kept\"); never `security.*` or `trusted.*`",

@@ -21,8 +21,15 @@ use tracing::{info, warn};
 /// Output kept in the log per stream.
 const OUTPUT_LOG_LIMIT: usize = 2048;
 
-/// Runs `command` and returns whether it exited 0 within `limit`.
-pub async fn run_command(command: &str, env: &[(&str, &str)], limit: Duration, what: &str) -> bool {
+/// Runs `command`: `Ok` if it exited 0 within `limit`, else one line
+/// saying why (its exit status, or the time limit, with the first line of
+/// its output).
+pub async fn run_command(
+    command: &str,
+    env: &[(&str, &str)],
+    limit: Duration,
+    what: &str,
+) -> Result<(), String> {
     let mut cmd = tokio::process::Command::new("/bin/sh");
     cmd.arg("-c")
         .arg(command)
@@ -39,7 +46,7 @@ pub async fn run_command(command: &str, env: &[(&str, &str)], limit: Duration, w
         Ok(c) => c,
         Err(e) => {
             warn!("{what}: cannot start `{command}`: {e}");
-            return false;
+            return Err(format!("cannot start it: {e}"));
         }
     };
     let pid = child.id();
@@ -55,7 +62,7 @@ pub async fn run_command(command: &str, env: &[(&str, &str)], limit: Duration, w
                     show("stdout", &stdout),
                     show("stderr", &stderr)
                 );
-                true
+                Ok(())
             } else {
                 warn!(
                     ms,
@@ -64,12 +71,21 @@ pub async fn run_command(command: &str, env: &[(&str, &str)], limit: Duration, w
                     show("stdout", &stdout),
                     show("stderr", &stderr)
                 );
-                false
+                let first = stderr.lines().chain(stdout.lines()).next().unwrap_or("");
+                let status = match out.status.code() {
+                    Some(code) => format!("exit {code}"),
+                    None => out.status.to_string(),
+                };
+                Err(if first.is_empty() {
+                    status
+                } else {
+                    format!("{status}: {first}")
+                })
             }
         }
         Ok(Err(e)) => {
             warn!("{what}: waiting for `{command}` failed: {e}");
-            false
+            Err(format!("waiting for it failed: {e}"))
         }
         Err(_) => {
             if let Some(pid) = pid {
@@ -82,7 +98,7 @@ pub async fn run_command(command: &str, env: &[(&str, &str)], limit: Duration, w
                 "{what}: `{command}` did not finish within {} s and was killed",
                 limit.as_secs()
             );
-            false
+            Err(format!("killed after {} s", limit.as_secs()))
         }
     }
 }
@@ -357,18 +373,30 @@ mod tests {
 
     #[tokio::test]
     async fn exit_status_env_and_time_limit() {
-        assert!(
+        assert!(run_command(
+            "test \"$X\" = 1",
+            &[("X", "1")],
+            Duration::from_secs(5),
+            "t"
+        )
+        .await
+        .is_ok());
+        assert_eq!(
             run_command(
-                "test \"$X\" = 1",
-                &[("X", "1")],
+                "echo reload failed >&2; exit 3",
+                &[],
                 Duration::from_secs(5),
                 "t"
             )
-            .await
+            .await,
+            Err("exit 3: reload failed".to_string())
         );
-        assert!(!run_command("exit 3", &[], Duration::from_secs(5), "t").await);
         let t = std::time::Instant::now();
-        assert!(!run_command("sleep 30", &[], Duration::from_millis(200), "t").await);
+        assert!(
+            run_command("sleep 30", &[], Duration::from_millis(200), "t")
+                .await
+                .is_err()
+        );
         assert!(t.elapsed() < Duration::from_secs(5));
     }
 }

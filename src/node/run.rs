@@ -210,7 +210,8 @@ async fn run_inner(
     );
     let (changed_tx, changed_rx) = mpsc::unbounded_channel();
     tokio::spawn(
-        crate::replication::apply::run_on_change(shared.clone(), changed_rx).in_current_span(),
+        crate::replication::apply::run_on_change(shared.clone(), changed_rx, apply_tx.downgrade())
+            .in_current_span(),
     );
 
     let task = NodeTask {

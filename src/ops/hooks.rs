@@ -66,7 +66,8 @@ pub async fn run_role_hooks(
             ROLE_HOOK_LIMIT,
             &format!("{what} (term {term})"),
         )
-        .await;
+        .await
+        .is_ok();
         if !ok {
             on_failure();
         }

@@ -41,6 +41,7 @@ pub struct SetRuntime {
     /// The command that checks a change before it is proposed (`validate`).
     pub validate: Option<String>,
     pub validate_timeout: std::time::Duration,
+    pub on_change_failure: crate::core::config::OnChangeFailure,
 }
 
 impl SetRuntime {
@@ -76,6 +77,7 @@ impl SetRuntime {
             hard_links: c.hard_links,
             validate: c.validate.clone(),
             validate_timeout: c.validate_timeout,
+            on_change_failure: c.on_change_failure,
         }
     }
 

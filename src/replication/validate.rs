@@ -10,9 +10,10 @@
 //!   keeps it from writing through them, and copies otherwise.
 //! * A staged copy never outlives its check (removed when the check ends,
 //!   and what a crash left is removed at the next start).
-//! * What was validated is what is proposed: every changed file's staged
-//!   content is hashed again after the validator ran and must still be the
-//!   planned version, else the pass is redone.
+//! * What was validated is what is proposed: the check runs before the
+//!   pass plans anything, and the pass proposes a file only if it still is
+//!   the file that was staged (same inode, size and mtime); one that
+//!   changed since waits for the next check.
 
 use std::fs;
 use std::io;
@@ -23,7 +24,6 @@ use std::time::Duration;
 
 use tracing::{info, warn};
 
-use crate::core::delta::{self, FileDigest};
 use crate::core::paths::SetPath;
 use crate::fs::exec::{read_only_mounts_work, run_check, CheckOutcome};
 use crate::fs::root::{FileMeta, Kind, Root};
@@ -55,15 +55,19 @@ pub enum StageMode {
     Copy,
 }
 
-/// The verdict on a change.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Verdict {
-    Valid,
-    /// The validator refused it (or could not run): one line for status.
-    Invalid(String),
-    /// A changed file changed again while it was checked: what was
-    /// validated is not what was planned, so the pass is redone.
-    Raced(SetPath),
+/// The files a passed check saw: (inode, size, mtime) by path. A file the
+/// pass is about to propose must still match, or it waits for the next
+/// check.
+#[derive(Debug, Default)]
+pub struct Checked {
+    files: std::collections::HashMap<SetPath, (u64, u64, i128)>,
+}
+
+impl Checked {
+    /// Whether `meta` is the version of `path` the validator saw.
+    pub fn saw(&self, path: &SetPath, meta: &FileMeta) -> bool {
+        self.files.get(path) == Some(&(meta.ino, meta.len, meta.mtime_ns))
+    }
 }
 
 /// A staged copy of one set, removed when dropped.
@@ -73,6 +77,8 @@ pub struct Staged {
     target: PathBuf,
     pub mode: StageMode,
     pub files: usize,
+    /// What each staged file was when it was staged.
+    checked: Checked,
 }
 
 impl Drop for Staged {
@@ -114,6 +120,7 @@ impl Staged {
             target,
             mode,
             files: 0,
+            checked: Checked::default(),
         };
         let (found, _) = walk_keeping(set, root, |_| true).map_err(io::Error::other)?;
         let mut dirs = Vec::new();
@@ -132,6 +139,10 @@ impl Staged {
                     };
                     staged.put_file(&file, &meta, &at)?;
                     staged.files += 1;
+                    staged
+                        .checked
+                        .files
+                        .insert(f.path.clone(), (meta.ino, meta.len, meta.mtime_ns));
                 }
                 Kind::Symlink => {
                     if let Some(target) = root.read_link(&comps).map_err(io::Error::other)? {
@@ -180,16 +191,6 @@ impl Staged {
     pub fn target(&self) -> &Path {
         &self.target
     }
-
-    /// Whether the staged file at `path` still holds `digest`.
-    fn holds(&self, path: &SetPath, digest: &FileDigest) -> bool {
-        let at = if self.target == self.dir {
-            path.to_local(&self.dir)
-        } else {
-            self.target.clone()
-        };
-        fs::read(at).is_ok_and(|data| delta::digest(&data) == *digest)
-    }
 }
 
 /// Mode, owner and mtime of a staged entry, as the live one has them
@@ -214,7 +215,7 @@ fn give_meta(at: &Path, meta: &FileMeta) -> io::Result<()> {
 }
 
 /// A set name made safe as one path component.
-fn sanitized(name: &str) -> String {
+pub fn sanitized(name: &str) -> String {
     name.chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
@@ -226,28 +227,24 @@ fn sanitized(name: &str) -> String {
         .collect()
 }
 
-/// Checks the change of `set` whose new file versions are `changed` (path
-/// and planned digest): stages the set as `root` holds it, runs the set's
-/// validator on the copy, and makes sure the changed files were validated
-/// as planned.
-pub fn check_change(
+/// Checks `set` as `root` holds it now (on the leader, the set as the
+/// pass about to run would leave it): stages it, runs the set's validator
+/// on the copy, and returns what it saw, or the one line status shows.
+pub fn check_tree(
     shared: &Shared,
     set: &SetRuntime,
     root: &Root,
-    changed: &[(SetPath, FileDigest)],
-) -> Verdict {
+    changed: &[SetPath],
+) -> Result<Checked, String> {
     let Some(command) = &set.validate else {
-        return Verdict::Valid;
+        return Ok(Checked::default());
     };
-    let staged = match Staged::of_tree(&shared.data_dir, set, root) {
-        Ok(s) => s,
-        Err(e) => {
-            return Verdict::Invalid(format!(
-                "cannot stage a copy of the set for its validator under {}: {e}",
-                shared.data_dir.join(VALIDATE_DIR).display()
-            ))
-        }
-    };
+    let mut staged = Staged::of_tree(&shared.data_dir, set, root).map_err(|e| {
+        format!(
+            "cannot stage a copy of the set for its validator under {}: {e}",
+            shared.data_dir.join(VALIDATE_DIR).display()
+        )
+    })?;
     let target = staged.target().display().to_string();
     let root_path = set.path.display().to_string();
     let line = command.replace("{}", &shell_words::quote(&target));
@@ -256,9 +253,9 @@ pub fn check_change(
         ("CLUSTERD_ROOT", root_path.as_str()),
         ("CLUSTERD_STAGED", target.as_str()),
     ];
-    let read_only = (staged.mode == StageMode::Link).then(|| staged.dir.as_path());
-    let outcome: CheckOutcome = run_check(&line, &env, set.validate_timeout, read_only);
-    let paths: Vec<String> = changed.iter().take(5).map(|(p, _)| p.to_string()).collect();
+    let read_only = (staged.mode == StageMode::Link).then(|| staged.dir.clone());
+    let outcome: CheckOutcome = run_check(&line, &env, set.validate_timeout, read_only.as_deref());
+    let paths: Vec<String> = changed.iter().take(5).map(|p| p.to_string()).collect();
     let more = changed.len().saturating_sub(paths.len());
     let what = if more > 0 {
         format!("{} and {more} more", paths.join(", "))
@@ -274,11 +271,7 @@ pub fn check_change(
             outcome.summary,
             if outcome.output.is_empty() { String::new() } else { format!("; its output: {}", outcome.output) }
         );
-        return Verdict::Invalid(outcome.summary);
-    }
-    if let Some((path, _)) = changed.iter().find(|(p, d)| !staged.holds(p, d)) {
-        info!(set = %set.name, %path, "{path} of sync set {:?} changed again while it was validated; checking it again", set.name);
-        return Verdict::Raced(path.clone());
+        return Err(outcome.summary);
     }
     info!(
         set = %set.name,
@@ -288,7 +281,7 @@ pub fn check_change(
         "validated the change of sync set {:?} ({what})",
         set.name
     );
-    Verdict::Valid
+    Ok(std::mem::take(&mut staged.checked))
 }
 
 #[cfg(test)]

@@ -44,6 +44,7 @@ use crate::replication::staging::*;
 
 mod quarantine;
 mod reconcile;
+mod revert;
 #[cfg(test)]
 mod tests;
 mod write;
@@ -83,6 +84,13 @@ pub enum ApplyMsg {
     /// entry: whatever its tree holds that the cluster did not commit is set
     /// aside, and what it lacks is fetched.
     Reconcile,
+    /// A set's `on_change`, started at `started`, succeeded or failed (why).
+    OnChangeDone {
+        set: String,
+        ok: bool,
+        started: Instant,
+        why: String,
+    },
 }
 
 /// Why the applier cannot go on; the node then exits, so the service manager
@@ -143,6 +151,14 @@ pub struct Applier {
     /// Staged uploads of batches applied in this round (their
     /// [`Content::Blob`]s), removed once the round is durably applied.
     consumed_uploads: Vec<u64>,
+    /// Per `on_change_failure = "revert"` set, what the paths its
+    /// unconfirmed changes touched held before (see `revert`).
+    kept: HashMap<String, revert::KeptVersions>,
+    /// Names the kept copies.
+    kept_seq: u64,
+    /// Sets held here after a failed `on_change` was reverted: left as they
+    /// are (not reconciled) until their next committed change.
+    held_here: BTreeSet<String>,
 }
 
 /// Why a put could not be completed from the log alone.
@@ -171,6 +187,7 @@ impl Applier {
                 Err(e) => shared.note_error(&set.name, format!("sync set {:?} (path {}): {e}; it is not replicated here until the path exists and the node restarts", set.name, set.path.display())),
             }
         }
+        let _ = std::fs::remove_dir_all(shared.data_dir.join(revert::REVERT_DIR));
         let qdir = shared.data_dir.join("quarantine");
         let quarantine = {
             use std::os::unix::fs::DirBuilderExt;
@@ -192,6 +209,9 @@ impl Applier {
             signed_since_trim: false,
             ops_since_repack: 0,
             consumed_uploads: Vec::new(),
+            kept: HashMap::new(),
+            kept_seq: 0,
+            held_here: BTreeSet::new(),
         }
     }
 
@@ -221,6 +241,15 @@ impl Applier {
                     }
                     self.retry_deferred();
                     self.shared.start_reconciled.store(true, Ordering::SeqCst);
+                    Ok(())
+                }
+                ApplyMsg::OnChangeDone {
+                    set,
+                    ok,
+                    started,
+                    why,
+                } => {
+                    self.on_change_done(&set, ok, started, &why);
                     Ok(())
                 }
                 ApplyMsg::Tick => {
@@ -545,6 +574,7 @@ impl Applier {
                 false
             }
         };
+        self.release_hold(&set_name);
         if skip {
             info!(set = %set_name, index, "a skip_while marker exists in sync set {set_name:?}: its changes wait until it is gone");
             self.deferred.insert(set_name.clone());
@@ -552,6 +582,7 @@ impl Applier {
         } else if self.deferred.contains(&set_name) {
             // Still catching up on earlier skipped batches: the reconcile covers this one.
         } else {
+            self.keep_before_change(&set, &root, &checked);
             self.carry_out(&set, &root, index, term, &checked, store);
             let _ = self.out.send(Applied::SetChanged(set_name.clone()));
         }
@@ -887,7 +918,14 @@ fn release_idle_memory(shared: &Shared) {
 
 /// Runs `on_change` commands on followers: debounced per set, one at a time
 /// per set, time-limited, exit status and output logged.
-pub async fn run_on_change(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<String>) {
+/// Each outcome goes to the applier (`applier`, held weakly so it never
+/// keeps the applier running), which undoes a failed change of a set with
+/// `on_change_failure = "revert"`.
+pub async fn run_on_change(
+    shared: Arc<Shared>,
+    mut rx: mpsc::UnboundedReceiver<String>,
+    applier: mpsc::WeakUnboundedSender<ApplyMsg>,
+) {
     const DEBOUNCE: Duration = Duration::from_millis(200);
     const LIMIT: Duration = Duration::from_secs(60);
     let mut due: BTreeMap<String, Instant> = BTreeMap::new();
@@ -907,9 +945,18 @@ pub async fn run_on_change(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<
                     let Some(cmd) = rt.on_change.clone() else { continue };
                     let root = rt.path.display().to_string();
                     let env = [("CLUSTERD_SET", set.as_str()), ("CLUSTERD_ROOT", root.as_str())];
-                    let ok = crate::fs::exec::run_command(&cmd, &env, LIMIT, &format!("on_change of sync set {set:?}")).await;
-                    if !ok {
+                    let started = Instant::now();
+                    let outcome = crate::fs::exec::run_command(&cmd, &env, LIMIT, &format!("on_change of sync set {set:?}")).await;
+                    if outcome.is_err() {
                         shared.counters.on_change_failures.fetch_add(1, Ordering::Relaxed);
+                    }
+                    if let Some(applier) = applier.upgrade() {
+                        let _ = applier.send(ApplyMsg::OnChangeDone {
+                            set: set.clone(),
+                            ok: outcome.is_ok(),
+                            started,
+                            why: outcome.err().unwrap_or_default(),
+                        });
                     }
                 }
             }

@@ -14,6 +14,12 @@ impl Applier {
             return;
         }
         for name in std::mem::take(&mut self.deferred) {
+            if self.held_here.contains(&name) {
+                // Reverted after a failed on_change: left as it is until
+                // the set's next committed change.
+                self.deferred.insert(name);
+                continue;
+            }
             let Some(set) = self.shared.set(&name).cloned() else {
                 continue;
             };

@@ -19,6 +19,7 @@ fn set(path: &Path, exclude: &[&str], skip_while: &[&str]) -> SetRuntime {
         max_file_size: 1 << 30,
         validate: None,
         validate_timeout: std::time::Duration::from_secs(10),
+        on_change_failure: Default::default(),
     })
 }
 

@@ -53,6 +53,23 @@ pub(super) fn plan_and_propose(
     walked: &[Found],
     left: &mut Dirty,
 ) -> Result<(), RequestError> {
+    // A validated set is checked whole, as this pass would leave it, before
+    // anything of it is planned; a refused change holds the set.
+    let checked = match &set.validate {
+        Some(_) if !paths.is_empty() => {
+            match crate::replication::validate::check_tree(shared, set, root, &paths) {
+                Ok(checked) => {
+                    shared.set_held(&set.name, None);
+                    Some(checked)
+                }
+                Err(reason) => {
+                    shared.set_held(&set.name, Some(reason));
+                    return Ok(());
+                }
+            }
+        }
+        _ => None,
+    };
     let mut names = OwnerNames::default();
     let mut b = Builder {
         ops: Vec::new(),
@@ -156,6 +173,11 @@ pub(super) fn plan_and_propose(
         if !set.holds(&path, meta.kind == Kind::Dir) {
             continue;
         }
+        if meta.kind == Kind::File && checked.as_ref().is_some_and(|c| !c.saw(&path, &meta)) {
+            // Changed since the validator saw it: checked again next pass.
+            left.full.insert(set.name.clone());
+            continue;
+        }
         if let Some(from) = renames.get(&path) {
             b.ops.push(FileOp::Rename {
                 from: from.as_bytes().to_vec(),
@@ -188,9 +210,7 @@ pub(super) fn plan_and_propose(
             });
             links.note_examined(shared, set, &path, done, planned);
         }
-        // A validated set's change goes out whole or not at all: nothing
-        // of it is proposed before the validator has seen all of it.
-        if set.validate.is_none() && (b.bytes >= BATCH_BYTES || b.ops.len() >= BATCH_OPS) {
+        if b.bytes >= BATCH_BYTES || b.ops.len() >= BATCH_OPS {
             flush(shared, node, transport, rt, term, set, &mut b, false)?;
         }
     }
@@ -216,48 +236,7 @@ pub(super) fn plan_and_propose(
         FileOp::Link { .. } => 3,
         _ => 2,
     });
-    if set.validate.is_some() && !b.ops.is_empty() && !validated(shared, set, root, &b.ops, left) {
-        return Ok(()); // held, or to be planned again: nothing proposed
-    }
     flush(shared, node, transport, rt, term, set, &mut b, true)
-}
-
-/// Runs the set's validator on the set as this pass would leave it
-/// ([`crate::replication::validate`]): true to propose `ops`. A refused
-/// change holds the set (its paths are planned again with its next change,
-/// which makes every pass of the set a full one); a change whose files
-/// changed again while they were checked is planned again at once.
-fn validated(
-    shared: &Shared,
-    set: &SetRuntime,
-    root: &Root,
-    ops: &[FileOp],
-    left: &mut Dirty,
-) -> bool {
-    use crate::replication::validate::{check_change, Verdict};
-    let changed: Vec<(SetPath, FileDigest)> = ops
-        .iter()
-        .filter_map(|op| match op {
-            FileOp::Put { path, digest, .. } => {
-                Some((SetPath::from_network(path).ok()?, digest.get()))
-            }
-            _ => None,
-        })
-        .collect();
-    match check_change(shared, set, root, &changed) {
-        Verdict::Valid => {
-            shared.set_held(&set.name, None);
-            true
-        }
-        Verdict::Invalid(reason) => {
-            shared.set_held(&set.name, Some(reason));
-            false
-        }
-        Verdict::Raced(_) => {
-            left.full.insert(set.name.clone());
-            false
-        }
-    }
 }
 
 /// Whether `path`, found locally as `meta`, is exactly what the cluster
