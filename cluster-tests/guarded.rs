@@ -393,3 +393,57 @@ on_change_failure = "revert""#;
         });
     }
 }
+
+#[test]
+fn a_follower_whose_own_validator_refuses_a_change_holds_only_itself() {
+    // Each node checks with what it has: here, a node with a `strict` file
+    // refuses any tac_plus.conf that mentions "legacy".
+    let (c, leader) =
+        cluster(r#"validate = "! test -e {node_dir}/strict || ! grep -q legacy {}/tac_plus.conf""#);
+    let followers = c.others(&[leader]);
+    let (strict, lenient) = (followers[0], followers[1]);
+    let dir = c.set_path(leader, "tacacs");
+    write_file(&dir.join("tac_plus.conf"), "key = one\n");
+    wait_content(&c, &followers, "tacacs", "tac_plus.conf", "key = one\n");
+    write_file(&c.node(strict).dir.join("strict"), "");
+
+    write_file(&dir.join("tac_plus.conf"), "key = two\nlegacy = yes\n");
+    write_file(&dir.join("include.conf"), "acl = x\n");
+    wait_content(
+        &c,
+        &[lenient],
+        "tacacs",
+        "tac_plus.conf",
+        "key = two\nlegacy = yes\n",
+    );
+    let why = wait_until(CONVERGE, "the strict follower holds tacacs", || {
+        held(&c, strict, "tacacs")?.ok_or_else(|| "not held yet".to_string())
+    });
+    assert!(
+        why.contains("validator exited 1") && why.contains("checked here"),
+        "{why:?}"
+    );
+    assert_eq!(held(&c, leader, "tacacs").unwrap(), None);
+    assert_eq!(held(&c, lenient, "tacacs").unwrap(), None);
+    // It keeps its last applied state, and other sets go on there.
+    write_file(&c.set_path(leader, "mail").join("aliases"), "root: ops\n");
+    wait_content(&c, &[strict], "mail", "aliases", "root: ops\n");
+    let here = c.set_path(strict, "tacacs");
+    assert_eq!(
+        fs::read_to_string(here.join("tac_plus.conf")).unwrap(),
+        "key = one\n"
+    );
+    assert!(!here.join("include.conf").exists());
+
+    // The next committed change is checked with everything before it, and
+    // once it passes the follower catches up on all of it.
+    write_file(&dir.join("tac_plus.conf"), "key = three\n");
+    wait_content(&c, &followers, "tacacs", "tac_plus.conf", "key = three\n");
+    wait_content(&c, &[strict], "tacacs", "include.conf", "acl = x\n");
+    wait_until(CONVERGE, "the hold ends", || {
+        match held(&c, strict, "tacacs")? {
+            None => Ok(()),
+            Some(why) => Err(format!("still held: {why}")),
+        }
+    });
+}

@@ -191,6 +191,50 @@ impl Staged {
     pub fn target(&self) -> &Path {
         &self.target
     }
+
+    /// The staged copy's root: `path.to_local(dir)` is where a path of the
+    /// set is in it (a single-file set's file too).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Runs `set`'s validator on this copy: `Ok` or the one line status
+    /// shows. `what` names the change in the log.
+    pub fn run(&self, set: &SetRuntime, what: &str) -> Result<(), String> {
+        let Some(command) = &set.validate else {
+            return Ok(());
+        };
+        let target = self.target.display().to_string();
+        let root_path = set.path.display().to_string();
+        let line = command.replace("{}", &shell_words::quote(&target));
+        let env = [
+            ("CLUSTERD_SET", set.name.as_str()),
+            ("CLUSTERD_ROOT", root_path.as_str()),
+            ("CLUSTERD_STAGED", target.as_str()),
+        ];
+        let read_only = (self.mode == StageMode::Link).then_some(self.dir.as_path());
+        let outcome: CheckOutcome = run_check(&line, &env, set.validate_timeout, read_only);
+        if !outcome.passed {
+            warn!(
+                set = %set.name,
+                took_ms = outcome.took.as_millis() as u64,
+                "the change of sync set {:?} ({what}) is held: `{line}` refused it: {}{}",
+                set.name,
+                outcome.summary,
+                if outcome.output.is_empty() { String::new() } else { format!("; its output: {}", outcome.output) }
+            );
+            return Err(outcome.summary);
+        }
+        info!(
+            set = %set.name,
+            took_ms = outcome.took.as_millis() as u64,
+            files = self.files,
+            mode = ?self.mode,
+            "validated the change of sync set {:?} ({what})",
+            set.name
+        );
+        Ok(())
+    }
 }
 
 /// Mode, owner and mtime of a staged entry, as the live one has them
@@ -236,52 +280,28 @@ pub fn check_tree(
     root: &Root,
     changed: &[SetPath],
 ) -> Result<Checked, String> {
-    let Some(command) = &set.validate else {
+    if set.validate.is_none() {
         return Ok(Checked::default());
-    };
+    }
     let mut staged = Staged::of_tree(&shared.data_dir, set, root).map_err(|e| {
         format!(
             "cannot stage a copy of the set for its validator under {}: {e}",
             shared.data_dir.join(VALIDATE_DIR).display()
         )
     })?;
-    let target = staged.target().display().to_string();
-    let root_path = set.path.display().to_string();
-    let line = command.replace("{}", &shell_words::quote(&target));
-    let env = [
-        ("CLUSTERD_SET", set.name.as_str()),
-        ("CLUSTERD_ROOT", root_path.as_str()),
-        ("CLUSTERD_STAGED", target.as_str()),
-    ];
-    let read_only = (staged.mode == StageMode::Link).then(|| staged.dir.clone());
-    let outcome: CheckOutcome = run_check(&line, &env, set.validate_timeout, read_only.as_deref());
+    staged.run(set, &describe(changed))?;
+    Ok(std::mem::take(&mut staged.checked))
+}
+
+/// Up to five paths of a change, for the log.
+pub fn describe(changed: &[SetPath]) -> String {
     let paths: Vec<String> = changed.iter().take(5).map(|p| p.to_string()).collect();
     let more = changed.len().saturating_sub(paths.len());
-    let what = if more > 0 {
+    if more > 0 {
         format!("{} and {more} more", paths.join(", "))
     } else {
         paths.join(", ")
-    };
-    if !outcome.passed {
-        warn!(
-            set = %set.name,
-            took_ms = outcome.took.as_millis() as u64,
-            "the change of sync set {:?} ({what}) is held: `{line}` refused it: {}{}",
-            set.name,
-            outcome.summary,
-            if outcome.output.is_empty() { String::new() } else { format!("; its output: {}", outcome.output) }
-        );
-        return Err(outcome.summary);
     }
-    info!(
-        set = %set.name,
-        took_ms = outcome.took.as_millis() as u64,
-        files = staged.files,
-        mode = ?staged.mode,
-        "validated the change of sync set {:?} ({what})",
-        set.name
-    );
-    Ok(std::mem::take(&mut staged.checked))
 }
 
 #[cfg(test)]

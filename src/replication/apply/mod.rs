@@ -42,6 +42,7 @@ use crate::replication::scan::*;
 use crate::replication::shared::*;
 use crate::replication::staging::*;
 
+mod check;
 mod quarantine;
 mod reconcile;
 mod revert;
@@ -156,9 +157,14 @@ pub struct Applier {
     kept: HashMap<String, revert::KeptVersions>,
     /// Names the kept copies.
     kept_seq: u64,
-    /// Sets held here after a failed `on_change` was reverted: left as they
-    /// are (not reconciled) until their next committed change.
+    /// Sets held here (a failed `on_change` reverted, or a change this
+    /// node's validator refused): left as they are, not reconciled.
     held_here: BTreeSet<String>,
+    /// Of those, the ones held after a revert, until their next change.
+    reverted: BTreeSet<String>,
+    /// Of those, the ones this node's validator refused, with the copy of
+    /// the set as committed that later changes are laid over and checked.
+    held_copies: HashMap<String, crate::replication::validate::Staged>,
 }
 
 /// Why a put could not be completed from the log alone.
@@ -212,6 +218,8 @@ impl Applier {
             kept: HashMap::new(),
             kept_seq: 0,
             held_here: BTreeSet::new(),
+            reverted: BTreeSet::new(),
+            held_copies: HashMap::new(),
         }
     }
 
@@ -579,9 +587,9 @@ impl Applier {
             info!(set = %set_name, index, "a skip_while marker exists in sync set {set_name:?}: its changes wait until it is gone");
             self.deferred.insert(set_name.clone());
             self.shared.set_skipping(&set_name, true);
-        } else if self.deferred.contains(&set_name) {
+        } else if self.deferred.contains(&set_name) && !self.held_copies.contains_key(&set_name) {
             // Still catching up on earlier skipped batches: the reconcile covers this one.
-        } else {
+        } else if self.follower_check(&set, &root, &checked) {
             self.keep_before_change(&set, &root, &checked);
             self.carry_out(&set, &root, index, term, &checked, store);
             let _ = self.out.send(Applied::SetChanged(set_name.clone()));

@@ -214,6 +214,7 @@ impl Applier {
         }
         self.shared.set_held(set_name, Some(reason));
         self.held_here.insert(set.name.clone());
+        self.reverted.insert(set.name.clone());
         self.deferred.insert(set.name.clone());
         let _ = self.out.send(Applied::SetChanged(set.name.clone()));
     }
@@ -222,7 +223,8 @@ impl Applier {
     /// hold ends, and the set is squared with the manifest (the reconcile
     /// fetches what the reverted files lack).
     pub(super) fn release_hold(&mut self, set: &str) {
-        if self.held_here.remove(set) {
+        if self.reverted.remove(set) {
+            self.held_here.remove(set);
             info!(set = %set, "a new committed change of sync set {set:?} ends its hold; bringing it up to the committed state");
             self.shared.set_held(set, None);
             self.deferred.insert(set.to_string());

@@ -1,0 +1,205 @@
+//! Validation on a follower (`[[sync]] validate`): before a committed
+//! change of a validated set is swapped in, the follower stages its own
+//! copy of the set with the change laid over it and runs the same
+//! validator (its own binaries and includes may differ from the
+//! leader's). A refused change is held: the tree stays at its last applied
+//! state, the manifest goes on (a held set is lag, never a gap), and each
+//! later committed change of the set is laid over the held copy and checked
+//! again; once one passes, the set is brought up to the committed state.
+//!
+//! Invariant owned here: the live tree is never written while a change is
+//! checked; the copy is written only through names of its own (a staged
+//! hard link is replaced by a new file, never written through).
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+
+use super::*;
+use crate::replication::validate::{describe, Staged};
+
+impl Applier {
+    /// Whether the committed change `checked` of `set` may be carried out
+    /// here now. False when it is held (or when a hold just ended, whose
+    /// catching up the reconcile of the deferred set does).
+    pub(super) fn follower_check(
+        &mut self,
+        set: &SetRuntime,
+        root: &Root,
+        checked: &[CheckedOp],
+    ) -> bool {
+        if set.validate.is_none() {
+            return true;
+        }
+        let held = self.held_copies.remove(&set.name);
+        let was_held = held.is_some();
+        let staged = match held {
+            Some(s) => s,
+            None => match Staged::of_tree(&self.shared.data_dir, set, root) {
+                Ok(s) => s,
+                Err(e) => {
+                    warn!(set = %set.name, "cannot stage a copy of sync set {:?} to check a committed change: {e}; applying it as the leader checked it", set.name);
+                    return true;
+                }
+            },
+        };
+        let changed: Vec<SetPath> = checked.iter().map(|op| op.paths().0.clone()).collect();
+        if let Err(why) = self.lay_over(set, &staged, checked) {
+            info!(set = %set.name, "cannot lay the committed change of sync set {:?} over a copy here ({why}); applying it as the leader checked it", set.name);
+            return self.end_hold(&set.name, was_held);
+        }
+        match staged.run(set, &describe(&changed)) {
+            Ok(()) => self.end_hold(&set.name, was_held),
+            Err(reason) => {
+                self.shared
+                    .set_held(&set.name, Some(format!("{reason} (checked here)")));
+                self.held_here.insert(set.name.clone());
+                self.deferred.insert(set.name.clone());
+                self.held_copies.insert(set.name.clone(), staged);
+                false
+            }
+        }
+    }
+
+    /// Ends a validation hold of `set` if it had one: the reconcile of the
+    /// deferred set brings its tree up to the committed state. Returns
+    /// whether the change at hand is to be carried out as usual.
+    fn end_hold(&mut self, set: &str, was_held: bool) -> bool {
+        if !was_held {
+            self.shared.set_held(set, None);
+            return true;
+        }
+        info!(set = %set, "the committed state of sync set {set:?} passes its validator here; bringing the set up to it");
+        self.shared.set_held(set, None);
+        self.held_here.remove(set);
+        self.deferred.insert(set.to_string());
+        false
+    }
+
+    /// Lays the committed ops over the staged copy, as carrying them out on
+    /// the tree would leave it.
+    fn lay_over(
+        &self,
+        set: &SetRuntime,
+        staged: &Staged,
+        checked: &[CheckedOp],
+    ) -> Result<(), String> {
+        let at = |p: &SetPath| p.to_local(staged.dir());
+        for op in checked {
+            match op {
+                CheckedOp::Put {
+                    path,
+                    entry,
+                    content,
+                    ..
+                } => {
+                    let to = at(path);
+                    let data = self
+                        .committed_content(set, entry, content, &to)
+                        .ok_or_else(|| format!("the content of {path} is not here yet"))?;
+                    remove_any(&to)?;
+                    make_parent(&to)?;
+                    let mut f = fs::OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .mode(entry.meta.mode & 0o7777)
+                        .open(&to)
+                        .map_err(|e| format!("{path}: {e}"))?;
+                    f.write_all(&data).map_err(|e| format!("{path}: {e}"))?;
+                }
+                CheckedOp::Dir { path, .. } => {
+                    let to = at(path);
+                    if to.symlink_metadata().is_ok_and(|m| !m.is_dir()) {
+                        remove_any(&to)?;
+                    }
+                    fs::create_dir_all(&to).map_err(|e| format!("{path}: {e}"))?;
+                }
+                CheckedOp::Symlink { path, entry } => {
+                    let to = at(path);
+                    remove_any(&to)?;
+                    make_parent(&to)?;
+                    let target = entry.target.clone().unwrap_or_default();
+                    std::os::unix::fs::symlink(
+                        <std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(&target),
+                        &to,
+                    )
+                    .map_err(|e| format!("{path}: {e}"))?;
+                }
+                CheckedOp::Remove { path, .. } => remove_any(&at(path))?,
+                CheckedOp::Rename { from, to, .. } => {
+                    let (from_p, to_p) = (at(from), at(to));
+                    remove_any(&to_p)?;
+                    make_parent(&to_p)?;
+                    fs::rename(&from_p, &to_p).map_err(|e| format!("{from} -> {to}: {e}"))?;
+                }
+                CheckedOp::Link { path, target, .. } => {
+                    let to = at(path);
+                    remove_any(&to)?;
+                    make_parent(&to)?;
+                    fs::hard_link(at(target), &to).map_err(|e| format!("{path}: {e}"))?;
+                }
+                CheckedOp::Xattrs { .. } | CheckedOp::Forget { .. } => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// The committed content of a put, rebuilt from its patch against
+    /// `base` (the version the copy holds), or `None` when this node
+    /// cannot rebuild it (it will be fetched when applied).
+    fn committed_content(
+        &self,
+        set: &SetRuntime,
+        entry: &Entry,
+        content: &Content,
+        base: &Path,
+    ) -> Option<Vec<u8>> {
+        let target = entry.digest?.get();
+        let patch_bytes = match content {
+            Content::Unchanged => {
+                return fs::read(base).ok().filter(|b| delta::digest(b) == target)
+            }
+            Content::Inline(b) => b.clone(),
+            Content::Staged { upload, len } => self.read_staged(*upload, 0, *len, false).ok()?,
+            Content::Blob {
+                upload,
+                offset,
+                len,
+            } => {
+                let finished = self
+                    .shared
+                    .finished_dir(*upload)
+                    .join(Shared::finished_name(*offset, &target));
+                if let Ok(b) = fs::read(&finished) {
+                    return (delta::digest(&b) == target).then_some(b);
+                }
+                self.read_staged(*upload, *offset, *len, false).ok()?
+            }
+        };
+        let patch = Patch::decode(&patch_bytes).ok()?;
+        let base = match patch.base() {
+            Some(_) => Some(fs::read(base).ok()?),
+            None => None,
+        };
+        delta::apply(base.as_deref(), &patch, &target, set.max_file_size).ok()
+    }
+}
+
+/// Removes whatever is at `p` in the copy (a staged hard link only loses
+/// its name there); nothing there is fine.
+fn remove_any(p: &Path) -> Result<(), String> {
+    let result = match p.symlink_metadata() {
+        Err(_) => return Ok(()),
+        Ok(m) if m.is_dir() => fs::remove_dir_all(p),
+        Ok(_) => fs::remove_file(p),
+    };
+    result.map_err(|e| format!("{}: {e}", p.display()))
+}
+
+fn make_parent(p: &Path) -> Result<(), String> {
+    match p.parent() {
+        Some(d) => fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display())),
+        None => Ok(()),
+    }
+}
