@@ -122,16 +122,17 @@ pub struct CheckOutcome {
 
 /// Runs `command` with `sh -c` in a process group of its own, stdout and
 /// stderr captured together, and waits at most `limit` (then kills the
-/// group: a hanging validator counts as a failure). With `read_only`, the
-/// command runs in a private mount namespace in which that directory is
-/// mounted read-only, so nothing it does can write through it (see
+/// group: a hanging validator counts as a failure). With `read_only =
+/// (source, target)`, the command runs in a private mount namespace in
+/// which `source` is mounted read-only at `target` (the same directory, or
+/// another), so nothing it does can write through `target` (see
 /// [`read_only_mounts_work`]); its start fails if that cannot be set up.
 /// Blocking: called from the planner's and the applier's threads.
 pub fn run_check(
     command: &str,
     env: &[(&str, &str)],
     limit: Duration,
-    read_only: Option<&Path>,
+    read_only: Option<(&Path, &Path)>,
 ) -> CheckOutcome {
     let started = Instant::now();
     let failed = |summary: String| CheckOutcome {
@@ -158,13 +159,16 @@ pub fn run_check(
     for (k, v) in env {
         cmd.env(k, v);
     }
-    if let Some(dir) = read_only {
-        let Ok(dir) = CString::new(dir.as_os_str().as_bytes()) else {
+    if let Some((source, target)) = read_only {
+        let (Ok(source), Ok(target)) = (
+            CString::new(source.as_os_str().as_bytes()),
+            CString::new(target.as_os_str().as_bytes()),
+        ) else {
             return failed("the staged copy's path holds a NUL byte".to_string());
         };
         // SAFETY: only async-signal-safe syscalls between fork and exec.
         unsafe {
-            cmd.pre_exec(move || private_read_only(&dir));
+            cmd.pre_exec(move || private_read_only(&source, &target));
         }
     }
     let mut child = match cmd.spawn() {
@@ -237,9 +241,9 @@ pub fn run_check(
     }
 }
 
-/// In the child, before exec: a private mount namespace in which `dir` is
-/// a read-only bind mount of itself.
-fn private_read_only(dir: &CString) -> std::io::Result<()> {
+/// In the child, before exec: a private mount namespace in which `target`
+/// is a read-only bind mount of `source`.
+fn private_read_only(source: &CString, target: &CString) -> std::io::Result<()> {
     let check = |r: libc::c_int| {
         if r == 0 {
             Ok(())
@@ -258,15 +262,15 @@ fn private_read_only(dir: &CString) -> std::io::Result<()> {
             std::ptr::null(),
         ))?;
         check(libc::mount(
-            dir.as_ptr(),
-            dir.as_ptr(),
+            source.as_ptr(),
+            target.as_ptr(),
             std::ptr::null(),
             libc::MS_BIND | libc::MS_REC,
             std::ptr::null(),
         ))?;
         check(libc::mount(
             std::ptr::null(),
-            dir.as_ptr(),
+            target.as_ptr(),
             std::ptr::null(),
             libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_REC,
             std::ptr::null(),
@@ -280,7 +284,15 @@ fn private_read_only(dir: &CString) -> std::io::Result<()> {
 /// `RestrictNamespaces` or without CAP_SYS_ADMIN). Tried once, on `probe_dir`.
 pub fn read_only_mounts_work(probe_dir: &Path) -> bool {
     static WORKS: OnceLock<bool> = OnceLock::new();
-    *WORKS.get_or_init(|| run_check("true", &[], Duration::from_secs(10), Some(probe_dir)).passed)
+    *WORKS.get_or_init(|| {
+        run_check(
+            "true",
+            &[],
+            Duration::from_secs(10),
+            Some((probe_dir, probe_dir)),
+        )
+        .passed
+    })
 }
 
 fn clip(bytes: &[u8]) -> String {
@@ -358,7 +370,7 @@ mod tests {
             &format!("echo y > {path}/f"),
             &[],
             Duration::from_secs(5),
-            Some(dir.path()),
+            Some((dir.path(), dir.path())),
         );
         assert!(!out.passed, "{out:?}");
         assert_eq!(std::fs::read_to_string(dir.path().join("f")).unwrap(), "x");
@@ -366,9 +378,20 @@ mod tests {
             &format!("grep -q x {path}/f"),
             &[],
             Duration::from_secs(5),
-            Some(dir.path()),
+            Some((dir.path(), dir.path())),
         );
         assert!(read.passed, "{read:?}");
+        // Another directory's view: the live one stays writable outside.
+        let view = tempfile::tempdir().unwrap();
+        let shown = view.path().display().to_string();
+        let out = run_check(
+            &format!("grep -q x {shown}/f && ! touch {shown}/g"),
+            &[],
+            Duration::from_secs(5),
+            Some((dir.path(), view.path())),
+        );
+        assert!(out.passed, "{out:?}");
+        assert!(!dir.path().join("g").exists());
     }
 
     #[tokio::test]

@@ -19,6 +19,13 @@ use std::path::Path;
 use super::*;
 use crate::replication::validate::{describe, Staged};
 
+/// How long a follower reuses its copy of a validated set (the committed
+/// state after the last change it checked) before staging it afresh: a
+/// copy costs a walk and a link per file, too much for every edit of a
+/// large set; afresh now and then, files this node keeps outside what is
+/// replicated (excluded ones) are seen as they are now.
+const SHADOW_FRESH: Duration = Duration::from_secs(60);
+
 impl Applier {
     /// Whether the committed change `checked` of `set` may be carried out
     /// here now. False when it is held (or when a hold just ended, whose
@@ -34,10 +41,15 @@ impl Applier {
         }
         let held = self.held_copies.remove(&set.name);
         let was_held = held.is_some();
-        let staged = match held {
-            Some(s) => s,
-            None => match Staged::of_tree(&self.shared.data_dir, set, root) {
-                Ok(s) => s,
+        let shadow = self
+            .shadows
+            .remove(&set.name)
+            .filter(|(_, made)| made.elapsed() < SHADOW_FRESH);
+        let (staged, made) = match (held, shadow) {
+            (Some(s), _) => (s, Instant::now()),
+            (None, Some(shadow)) => shadow,
+            (None, None) => match Staged::of_tree(&self.shared.data_dir, set, root) {
+                Ok(s) => (s, Instant::now()),
                 Err(e) => {
                     warn!(set = %set.name, "cannot stage a copy of sync set {:?} to check a committed change: {e}; applying it as the leader checked it", set.name);
                     return true;
@@ -50,7 +62,14 @@ impl Applier {
             return self.end_hold(&set.name, was_held);
         }
         match staged.run(set, &describe(&changed)) {
-            Ok(()) => self.end_hold(&set.name, was_held),
+            Ok(()) => {
+                let go = self.end_hold(&set.name, was_held);
+                if go {
+                    // The copy is now the committed state this change leaves.
+                    self.shadows.insert(set.name.clone(), (staged, made));
+                }
+                go
+            }
             Err(reason) => {
                 self.shared
                     .set_held(&set.name, Some(format!("{reason} (checked here)")));

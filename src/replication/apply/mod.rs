@@ -165,6 +165,9 @@ pub struct Applier {
     /// Of those, the ones this node's validator refused, with the copy of
     /// the set as committed that later changes are laid over and checked.
     held_copies: HashMap<String, crate::replication::validate::Staged>,
+    /// Per validated set, the copy the last passed check left (the set as
+    /// committed) and when it was staged, reused by the next check.
+    shadows: HashMap<String, (crate::replication::validate::Staged, Instant)>,
 }
 
 /// Why a put could not be completed from the log alone.
@@ -220,6 +223,7 @@ impl Applier {
             held_here: BTreeSet::new(),
             reverted: BTreeSet::new(),
             held_copies: HashMap::new(),
+            shadows: HashMap::new(),
         }
     }
 
