@@ -41,12 +41,7 @@ rules_path, dashboard_path, source_path = sys.argv[1:4]
 # Names the kit uses before clusterd exports them, and why. The rules using
 # them fire once the feature lands; drop an entry when it does (this check
 # says so).
-FUTURE = {
-    "clusterd_set_held": "fixed by PRODUCT.md (Safe change: `/metrics` has `clusterd_set_held{set}`); "
-                         "exported once [[sync]] validate and held sets land",
-    "clusterd_set_paused": "the kit's name for a set paused by `clusterctl pause` (PRODUCT.md fixes "
-                           "`paused` in status --json but names no metric); exported once pause lands",
-}
+FUTURE = {}
 BUILTIN = {"up"}
 
 failures = []
