@@ -395,31 +395,79 @@ impl AdminService {
             .map_err(|s| status_error(leader, s))
     }
 
+    /// Commits a no-op through the leader; returns its index once it is
+    /// applied here too.
     async fn barrier(&self, wait: Duration) -> Result<u64, RequestError> {
         let deadline = Instant::now() + wait;
+        let index = self.through_leader(LeaderCall::Barrier, deadline).await?;
+        self.applied_here(index, deadline).await
+    }
+
+    /// Pauses or resumes a set through the leader, from any node; returns
+    /// the entry's index once it is applied here too.
+    async fn pause_change(&self, c: PauseChange, wait: Duration) -> Result<u64, RequestError> {
+        let deadline = Instant::now() + wait;
+        let index = self.through_leader(LeaderCall::Pause(c), deadline).await?;
+        self.applied_here(index, deadline).await
+    }
+
+    /// `clusterctl sync`: a full pass on the leader and a committed
+    /// reconcile, then waits until every reachable data node applied it,
+    /// holds every committed file of the set(s) and holds none back; the
+    /// report names what did not get there.
+    async fn sync(&self, set: String, wait: Duration) -> Result<(u64, String, bool), RequestError> {
+        let deadline = Instant::now() + wait;
+        let call = LeaderCall::Sync(SyncRequest {
+            set: set.clone(),
+            timeout_ms: 0,
+        });
+        let index = self.through_leader(call, deadline).await?;
+        loop {
+            let status = self.gather(DEFAULT_PEER_STATUS_TIMEOUT).await;
+            let (done, report) = sync_report(&status, &set, index);
+            if done || Instant::now() >= deadline {
+                return Ok((index, report, done));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Carries out `call` on the leader: here when this node leads, else
+    /// over the leader's peer link; while there is no leader or it moved,
+    /// asks again until `deadline`. Returns the entry's index.
+    async fn through_leader(
+        &self,
+        call: LeaderCall,
+        deadline: Instant,
+    ) -> Result<u64, RequestError> {
         loop {
             let leader = self.known_leader(deadline).await?;
             let remaining = deadline.saturating_duration_since(Instant::now());
+            let timeout_ms = remaining.as_millis() as u64;
             let result = if leader == self.node.id() {
-                self.node.local_barrier(remaining).await
+                match &call {
+                    LeaderCall::Barrier => self.node.local_barrier(remaining).await,
+                    LeaderCall::Pause(c) => {
+                        let c = PauseChange {
+                            timeout_ms,
+                            ..c.clone()
+                        };
+                        crate::net::peer::lead_pause_change(&self.node, self.files.as_ref(), &c)
+                            .await
+                    }
+                    LeaderCall::Sync(r) => {
+                        let r = SyncRequest {
+                            timeout_ms,
+                            ..r.clone()
+                        };
+                        crate::net::peer::lead_sync(&self.node, self.files.as_ref(), &r).await
+                    }
+                }
             } else {
-                self.forward_barrier(leader, remaining).await
+                self.ask_leader(leader, &call, remaining).await
             };
             match result {
-                Ok(index) => {
-                    // Applied on the leader; now wait until it is applied here too.
-                    let remaining = deadline.saturating_duration_since(Instant::now());
-                    return self
-                        .node
-                        .wait_view(remaining, |v| v.applied_index >= index)
-                        .await
-                        .map(|_| index)
-                        .ok_or_else(|| {
-                            RequestError::TimedOut(format!(
-                                "entry {index} committed but not applied on this node in time"
-                            ))
-                        });
-                }
+                Ok(index) => return Ok(index),
                 Err(RequestError::NotLeader { .. }) | Err(RequestError::Retry(_))
                     if Instant::now() < deadline =>
                 {
@@ -430,43 +478,42 @@ impl AdminService {
         }
     }
 
-    /// Pauses or resumes a set through the leader, from any node; returns
-    /// the entry's index once it is applied here too.
-    async fn pause_change(&self, c: PauseChange, wait: Duration) -> Result<u64, RequestError> {
-        let deadline = Instant::now() + wait;
-        loop {
-            let leader = self.known_leader(deadline).await?;
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            let mut c = c.clone();
-            c.timeout_ms = remaining.as_millis() as u64;
-            let result = if leader == self.node.id() {
-                crate::net::peer::lead_pause_change(&self.node, self.files.as_ref(), &c).await
-            } else {
-                match self.transport.client(leader) {
-                    None => Err(RequestError::Unreachable(format!(
-                        "no link to the leader, node {leader}"
-                    ))),
-                    Some(mut client) => {
-                        let mut req = Request::new(c);
-                        req.set_timeout(remaining + Duration::from_millis(200));
-                        client
-                            .set_pause(req)
-                            .await
-                            .map(|r| r.get_ref().index)
-                            .map_err(|s| status_error(leader, s))
-                    }
-                }
-            };
-            match result {
-                Ok(index) => return self.applied_here(index, deadline).await,
-                Err(RequestError::NotLeader { .. }) | Err(RequestError::Retry(_))
-                    if Instant::now() < deadline =>
-                {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-                Err(e) => return Err(e),
+    /// `call` over the peer link to `leader`, waiting at most `wait`.
+    async fn ask_leader(
+        &self,
+        leader: NodeId,
+        call: &LeaderCall,
+        wait: Duration,
+    ) -> Result<u64, RequestError> {
+        let mut client = self.transport.client(leader).ok_or_else(|| {
+            RequestError::Unreachable(format!("no link to the leader, node {leader}"))
+        })?;
+        let timeout_ms = wait.as_millis() as u64;
+        let limit = wait + Duration::from_millis(200);
+        let reply = match call {
+            LeaderCall::Barrier => {
+                let mut req = Request::new(BarrierRequest { timeout_ms });
+                req.set_timeout(limit);
+                client.barrier(req).await.map(|r| r.get_ref().index)
             }
-        }
+            LeaderCall::Pause(c) => {
+                let mut req = Request::new(PauseChange {
+                    timeout_ms,
+                    ..c.clone()
+                });
+                req.set_timeout(limit);
+                client.set_pause(req).await.map(|r| r.get_ref().index)
+            }
+            LeaderCall::Sync(r) => {
+                let mut req = Request::new(SyncRequest {
+                    timeout_ms,
+                    ..r.clone()
+                });
+                req.set_timeout(limit);
+                client.sync(req).await.map(|r| r.get_ref().index)
+            }
+        };
+        reply.map_err(|s| status_error(leader, s))
     }
 
     /// Waits until entry `index` is applied on this node.
@@ -482,72 +529,13 @@ impl AdminService {
                 ))
             })
     }
+}
 
-    /// `clusterctl sync`: a full pass on the leader and a committed
-    /// reconcile, then waits until every reachable data node applied it,
-    /// holds every committed file of the set(s) and holds none back; the
-    /// report names what did not get there.
-    async fn sync(&self, set: String, wait: Duration) -> Result<(u64, String, bool), RequestError> {
-        let deadline = Instant::now() + wait;
-        let index = loop {
-            let leader = self.known_leader(deadline).await?;
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            let r = SyncRequest {
-                set: set.clone(),
-                timeout_ms: remaining.as_millis() as u64,
-            };
-            let result = if leader == self.node.id() {
-                crate::net::peer::lead_sync(&self.node, self.files.as_ref(), &r).await
-            } else {
-                match self.transport.client(leader) {
-                    None => Err(RequestError::Unreachable(format!(
-                        "no link to the leader, node {leader}"
-                    ))),
-                    Some(mut client) => {
-                        let mut req = Request::new(r);
-                        req.set_timeout(remaining + Duration::from_millis(200));
-                        client
-                            .sync(req)
-                            .await
-                            .map(|r| r.get_ref().index)
-                            .map_err(|s| status_error(leader, s))
-                    }
-                }
-            };
-            match result {
-                Ok(index) => break index,
-                Err(RequestError::NotLeader { .. }) | Err(RequestError::Retry(_))
-                    if Instant::now() < deadline =>
-                {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                Err(e) => return Err(e),
-            }
-        };
-        loop {
-            let status = self.gather(DEFAULT_PEER_STATUS_TIMEOUT).await;
-            let (done, report) = sync_report(&status, &set, index);
-            if done || Instant::now() >= deadline {
-                return Ok((index, report, done));
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    async fn forward_barrier(&self, leader: NodeId, wait: Duration) -> Result<u64, RequestError> {
-        let mut client = self.transport.client(leader).ok_or_else(|| {
-            RequestError::Unreachable(format!("no link to the leader, node {leader}"))
-        })?;
-        let mut req = Request::new(BarrierRequest {
-            timeout_ms: wait.as_millis() as u64,
-        });
-        req.set_timeout(wait + Duration::from_millis(200));
-        client
-            .barrier(req)
-            .await
-            .map(|r| r.get_ref().index)
-            .map_err(|s| status_error(leader, s))
-    }
+/// What a node asks the leader to do for an administrator.
+enum LeaderCall {
+    Barrier,
+    Pause(PauseChange),
+    Sync(SyncRequest),
 }
 
 /// Whether every reachable data node has applied entry `index` and holds
