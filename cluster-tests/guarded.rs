@@ -447,3 +447,47 @@ fn a_follower_whose_own_validator_refuses_a_change_holds_only_itself() {
         }
     });
 }
+
+#[test]
+fn a_validator_can_write_neither_the_live_root_nor_data_dir() {
+    // Read-only views need mount namespaces (root with CAP_SYS_ADMIN).
+    let probe = run_cmd(
+        {
+            let mut cmd = std::process::Command::new("unshare");
+            cmd.args(["--mount", "true"]);
+            cmd
+        },
+        Duration::from_secs(10),
+    );
+    if !probe.success() {
+        eprintln!("skipped: no mount namespaces here ({probe}); validators get copies instead");
+        return;
+    }
+    let (c, leader) = cluster(
+        r#"validate = "touch \"$CLUSTERD_ROOT/from-validator\" {}/in-copy {node_dir}/data/from-validator; true""#,
+    );
+    write_file(
+        &c.set_path(leader, "tacacs").join("tac_plus.conf"),
+        "key = x\n",
+    );
+    wait_content(
+        &c,
+        &c.others(&[leader]),
+        "tacacs",
+        "tac_plus.conf",
+        "key = x\n",
+    );
+    for id in c.ids() {
+        let live = c.set_path(id, "tacacs");
+        assert!(
+            !live.join("from-validator").exists(),
+            "node {id}: the validator wrote the live root"
+        );
+        assert!(
+            !live.join("in-copy").exists(),
+            "node {id}: the validator wrote through its view"
+        );
+        let data = c.node(id).data_dir.join("from-validator");
+        assert!(!data.exists(), "node {id}: the validator wrote data_dir");
+    }
+}

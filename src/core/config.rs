@@ -1122,6 +1122,62 @@ mod tests {
     }
 
     #[test]
+    fn a_validator_must_be_able_to_run_and_revert_needs_on_change() {
+        let f = Fixture::new();
+        let set = |extra: &str| {
+            format!(
+                "{NODE}{PEERS}{}[[sync]]\nname = \"a\"\npath = \"/a\"\nkind = \"dir\"\n{extra}",
+                f.tls()
+            )
+        };
+        let ok = f
+            .load(&set(
+                "validate = \"sh -c 'exit 0' {}\"\nvalidate_timeout_ms = 500\n",
+            ))
+            .unwrap();
+        assert_eq!(ok.sync[0].validate.as_deref(), Some("sh -c 'exit 0' {}"));
+        assert_eq!(ok.sync[0].validate_timeout, Duration::from_millis(500));
+        assert_eq!(
+            f.load(&set("")).unwrap().sync[0].validate_timeout,
+            Duration::from_millis(DEFAULT_VALIDATE_TIMEOUT_MS)
+        );
+        assert!(
+            f.load(&set("validate = \"true\"\n")).is_ok(),
+            "a shell builtin runs"
+        );
+        assert_eq!(
+            f.load(&set(
+                "on_change = \"true\"\non_change_failure = \"revert\"\n"
+            ))
+            .unwrap()
+            .sync[0]
+                .on_change_failure,
+            OnChangeFailure::Revert
+        );
+        for (bad, expected) in [
+            (
+                "validate = \"no-such-checker-xyz {}\"\n",
+                "key `sync[0].validate` = \"no-such-checker-xyz {}\" of sync set \"a\": its program \"no-such-checker-xyz\" is not found in PATH",
+            ),
+            (
+                "validate = \"/nonexistent/tac_plus -P -C {}/tac_plus.conf\"\n",
+                "its program /nonexistent/tac_plus does not exist or is not executable",
+            ),
+            ("validate = \"sh -c 'unclosed\"\n", "is not a valid shell command"),
+            ("validate = \"true\"\nvalidate_timeout_ms = 0\n", "`sync[0].validate_timeout_ms` = 0"),
+            ("validate = \"true\"\nmode = \"append\"\n", "cannot be used with mode = \"append\""),
+            ("on_change_failure = \"revert\"\n", "needs an `on_change` command"),
+            ("on_change = \"true\"\non_change_failure = \"undo\"\n", "must be \"report\" or \"revert\""),
+        ] {
+            let msg = f.problems(&set(bad));
+            assert!(
+                msg.contains(expected) && msg.contains("clusterd.toml"),
+                "{bad}: expected {expected:?} in {msg}"
+            );
+        }
+    }
+
+    #[test]
     fn sync_hard_links_is_off_by_default_boolean_and_not_for_append_sets() {
         let f = Fixture::new();
         let set = |extra: &str| {

@@ -122,17 +122,18 @@ pub struct CheckOutcome {
 
 /// Runs `command` with `sh -c` in a process group of its own, stdout and
 /// stderr captured together, and waits at most `limit` (then kills the
-/// group: a hanging validator counts as a failure). With `read_only =
-/// (source, target)`, the command runs in a private mount namespace in
-/// which `source` is mounted read-only at `target` (the same directory, or
-/// another), so nothing it does can write through `target` (see
-/// [`read_only_mounts_work`]); its start fails if that cannot be set up.
+/// group: a hanging validator counts as a failure). With `read_only` pairs
+/// `(source, target)`, the command runs in a private mount namespace in
+/// which each `source` is mounted read-only at its `target` (the same
+/// directory, or another), in order, so nothing it does can write through
+/// a `target` (see [`read_only_mounts_work`]); its start fails if that
+/// cannot be set up.
 /// Blocking: called from the planner's and the applier's threads.
 pub fn run_check(
     command: &str,
     env: &[(&str, &str)],
     limit: Duration,
-    read_only: Option<(&Path, &Path)>,
+    read_only: &[(&Path, &Path)],
 ) -> CheckOutcome {
     let started = Instant::now();
     let failed = |summary: String| CheckOutcome {
@@ -159,16 +160,20 @@ pub fn run_check(
     for (k, v) in env {
         cmd.env(k, v);
     }
-    if let Some((source, target)) = read_only {
-        let (Ok(source), Ok(target)) = (
-            CString::new(source.as_os_str().as_bytes()),
-            CString::new(target.as_os_str().as_bytes()),
-        ) else {
-            return failed("the staged copy's path holds a NUL byte".to_string());
-        };
+    if !read_only.is_empty() {
+        let mut mounts = Vec::new();
+        for (source, target) in read_only {
+            let (Ok(source), Ok(target)) = (
+                CString::new(source.as_os_str().as_bytes()),
+                CString::new(target.as_os_str().as_bytes()),
+            ) else {
+                return failed("a path to mount for the validator holds a NUL byte".to_string());
+            };
+            mounts.push((source, target));
+        }
         // SAFETY: only async-signal-safe syscalls between fork and exec.
         unsafe {
-            cmd.pre_exec(move || private_read_only(&source, &target));
+            cmd.pre_exec(move || private_read_only(&mounts));
         }
     }
     let mut child = match cmd.spawn() {
@@ -241,9 +246,9 @@ pub fn run_check(
     }
 }
 
-/// In the child, before exec: a private mount namespace in which `target`
-/// is a read-only bind mount of `source`.
-fn private_read_only(source: &CString, target: &CString) -> std::io::Result<()> {
+/// In the child, before exec: a private mount namespace in which each
+/// `target` is a read-only bind mount of its `source`.
+fn private_read_only(mounts: &[(CString, CString)]) -> std::io::Result<()> {
     let check = |r: libc::c_int| {
         if r == 0 {
             Ok(())
@@ -261,20 +266,23 @@ fn private_read_only(source: &CString, target: &CString) -> std::io::Result<()> 
             libc::MS_REC | libc::MS_PRIVATE,
             std::ptr::null(),
         ))?;
-        check(libc::mount(
-            source.as_ptr(),
-            target.as_ptr(),
-            std::ptr::null(),
-            libc::MS_BIND | libc::MS_REC,
-            std::ptr::null(),
-        ))?;
-        check(libc::mount(
-            std::ptr::null(),
-            target.as_ptr(),
-            std::ptr::null(),
-            libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_REC,
-            std::ptr::null(),
-        ))
+        for (source, target) in mounts {
+            check(libc::mount(
+                source.as_ptr(),
+                target.as_ptr(),
+                std::ptr::null(),
+                libc::MS_BIND | libc::MS_REC,
+                std::ptr::null(),
+            ))?;
+            check(libc::mount(
+                std::ptr::null(),
+                target.as_ptr(),
+                std::ptr::null(),
+                libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_REC,
+                std::ptr::null(),
+            ))?;
+        }
+        Ok(())
     }
 }
 
@@ -289,7 +297,7 @@ pub fn read_only_mounts_work(probe_dir: &Path) -> bool {
             "true",
             &[],
             Duration::from_secs(10),
-            Some((probe_dir, probe_dir)),
+            &[(probe_dir, probe_dir)],
         )
         .passed
     })
@@ -327,21 +335,21 @@ mod tests {
             "test \"$X\" = 1",
             &[("X", "1")],
             Duration::from_secs(5),
-            None,
+            &[],
         );
         assert!(ok.passed && ok.summary.is_empty(), "{ok:?}");
         let bad = run_check(
             "echo 'line 3: syntax error' >&2; echo more; exit 3",
             &[],
             Duration::from_secs(5),
-            None,
+            &[],
         );
         assert!(!bad.passed);
         assert_eq!(bad.summary, "validator exited 3: line 3: syntax error");
         assert!(bad.output.contains("more"));
         let t = Instant::now();
         // A child that keeps the pipe open must not keep us waiting either.
-        let hung = run_check("sleep 30 & sleep 30", &[], Duration::from_millis(200), None);
+        let hung = run_check("sleep 30 & sleep 30", &[], Duration::from_millis(200), &[]);
         assert!(!hung.passed);
         assert!(
             hung.summary.starts_with("validator timed out after 200 ms"),
@@ -352,7 +360,7 @@ mod tests {
             "yes | head -c 1000000; exit 1",
             &[],
             Duration::from_secs(5),
-            None,
+            &[],
         );
         assert!(!chatty.passed && chatty.output.len() < 5000);
     }
@@ -370,7 +378,7 @@ mod tests {
             &format!("echo y > {path}/f"),
             &[],
             Duration::from_secs(5),
-            Some((dir.path(), dir.path())),
+            &[(dir.path(), dir.path())],
         );
         assert!(!out.passed, "{out:?}");
         assert_eq!(std::fs::read_to_string(dir.path().join("f")).unwrap(), "x");
@@ -378,7 +386,7 @@ mod tests {
             &format!("grep -q x {path}/f"),
             &[],
             Duration::from_secs(5),
-            Some((dir.path(), dir.path())),
+            &[(dir.path(), dir.path())],
         );
         assert!(read.passed, "{read:?}");
         // Another directory's view: the live one stays writable outside.
@@ -388,7 +396,7 @@ mod tests {
             &format!("grep -q x {shown}/f && ! touch {shown}/g"),
             &[],
             Duration::from_secs(5),
-            Some((dir.path(), view.path())),
+            &[(dir.path(), view.path())],
         );
         assert!(out.passed, "{out:?}");
         assert!(!dir.path().join("g").exists());

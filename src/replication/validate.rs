@@ -5,7 +5,8 @@
 //! held.
 //!
 //! Invariants owned here:
-//! * The validator never changes the live tree: on the leader it sees the
+//! * The validator never changes the live tree or `data_dir`: where mount
+//!   namespaces work, both are read-only in its own namespace. On the leader it sees the
 //!   live root through a read-only mount in a private mount namespace;
 //!   otherwise it gets a staged copy whose files are hard links only where
 //!   such a mount keeps it from writing through them, and copies elsewhere.
@@ -86,6 +87,8 @@ pub struct Staged {
     checked: Checked,
     /// With [`StageMode::View`]: the live directory shown at `dir`.
     view_of: Option<PathBuf>,
+    /// The node's `data_dir`, read-only to the validator like the live root.
+    data_dir: PathBuf,
 }
 
 impl Drop for Staged {
@@ -130,6 +133,7 @@ impl Staged {
             files: 0,
             checked: Checked::default(),
             view_of: Some(set.root_dir.clone()),
+            data_dir: data_dir.to_path_buf(),
         };
         Ok(read_only_mounts_work(&parent).then_some(staged))
     }
@@ -155,6 +159,7 @@ impl Staged {
             files: 0,
             checked: Checked::default(),
             view_of: None,
+            data_dir: data_dir.to_path_buf(),
         };
         let (found, _) = walk_keeping(set, root, |_| true).map_err(io::Error::other)?;
         let mut dirs = Vec::new();
@@ -246,12 +251,25 @@ impl Staged {
             ("CLUSTERD_ROOT", root_path.as_str()),
             ("CLUSTERD_STAGED", target.as_str()),
         ];
-        let read_only = match (self.mode, &self.view_of) {
-            (StageMode::View, Some(live)) => Some((live.as_path(), self.dir.as_path())),
-            (StageMode::Link, _) => Some((self.dir.as_path(), self.dir.as_path())),
-            _ => None,
-        };
-        let outcome: CheckOutcome = run_check(&line, &env, set.validate_timeout, read_only);
+        // Where mount namespaces work, the validator can write neither the
+        // live root nor data_dir (Raft log, quarantine), nor the copy.
+        let protect = [
+            (self.data_dir.as_path(), self.data_dir.as_path()),
+            (set.root_dir.as_path(), set.root_dir.as_path()),
+        ];
+        let mut read_only: Vec<(&Path, &Path)> = Vec::new();
+        match (self.mode, &self.view_of) {
+            (StageMode::View, Some(live)) => {
+                read_only.extend(protect);
+                read_only.push((live.as_path(), self.dir.as_path()));
+            }
+            (StageMode::Link, _) => {
+                read_only.extend(protect);
+                read_only.push((self.dir.as_path(), self.dir.as_path()));
+            }
+            _ => {}
+        }
+        let outcome: CheckOutcome = run_check(&line, &env, set.validate_timeout, &read_only);
         if !outcome.passed {
             warn!(
                 set = %set.name,
