@@ -435,6 +435,30 @@ fn a_follower_whose_own_validator_refuses_a_change_holds_only_itself() {
     );
     assert!(!here.join("include.conf").exists());
 
+    // A restart (even SIGKILL) does not end the hold.
+    c.kill(strict);
+    c.start_node(strict);
+    let why = wait_until(
+        CONVERGE,
+        "the restarted follower still holds tacacs",
+        || held(&c, strict, "tacacs")?.ok_or_else(|| "not held".to_string()),
+    );
+    assert!(why.contains("checked here"), "{why:?}");
+    c.wait_barrier(strict);
+    hold_for(
+        Duration::from_millis(1500),
+        "the restarted follower keeps its tree",
+        || {
+            let got = fs::read_to_string(here.join("tac_plus.conf")).unwrap_or_default();
+            if got != "key = one\n" || here.join("include.conf").exists() {
+                return Err(format!(
+                    "the held change was applied after the restart: {got:?}"
+                ));
+            }
+            Ok(())
+        },
+    );
+
     // The next committed change is checked with everything before it, and
     // once it passes the follower catches up on all of it.
     write_file(&dir.join("tac_plus.conf"), "key = three\n");

@@ -58,6 +58,7 @@ const P_RECORD: u8 = b'r';
 const P_SIGNATURE: u8 = b'g';
 const P_MISSING: u8 = b'x';
 const P_PAUSE: u8 = b'u';
+const P_HELD: u8 = b'h';
 
 fn path_key(prefix: u8, set: &str, path: &SetPath) -> Vec<u8> {
     let mut k = Vec::with_capacity(2 + set.len() + path.as_bytes().len());
@@ -137,6 +138,15 @@ impl StoreBatch {
         match pause {
             Some(p) => self.wb.put(set_key(P_PAUSE, set), enc(p)),
             None => self.wb.delete(set_key(P_PAUSE, set)),
+        }
+    }
+    /// Records that this node holds `set` (`Some((reverted, why))`: after
+    /// a reverted `on_change`, or else a refusal of its own validator), or
+    /// that it no longer does (`None`).
+    pub fn put_held(&mut self, set: &str, held: Option<(bool, &str)>) {
+        match held {
+            Some(h) => self.wb.put(set_key(P_HELD, set), enc(&h)),
+            None => self.wb.delete(set_key(P_HELD, set)),
         }
     }
     pub fn set_applied(&mut self, index: u64) {
@@ -413,6 +423,26 @@ impl FilesStore {
         }
         m.repack();
         Ok(m)
+    }
+
+    /// The sets this node holds: (set, reverted, why).
+    pub fn load_held(&self) -> Result<Vec<(String, bool, String)>, FilesStoreError> {
+        let mut out = Vec::new();
+        let iter = self
+            .db
+            .iterator(IteratorMode::From(&[P_HELD], rocksdb::Direction::Forward));
+        for item in iter {
+            let (k, v) = item.map_err(|e| self.corrupt(&[P_HELD], e))?;
+            if k.first() != Some(&P_HELD) {
+                break;
+            }
+            let set =
+                String::from_utf8(k[1..].to_vec()).map_err(|_| self.corrupt(&k, "set name"))?;
+            let (reverted, why): (bool, String) =
+                postcard::from_bytes(&v).map_err(|e| self.corrupt(&k, e))?;
+            out.push((set, reverted, why));
+        }
+        Ok(out)
     }
 
     pub fn load_missing(&self) -> Result<Vec<(String, SetPath, WireDigest)>, FilesStoreError> {

@@ -34,6 +34,10 @@ use crate::replication::shared::{SetRuntime, Shared};
 
 /// Where staged copies live, under `data_dir`.
 const VALIDATE_DIR: &str = "validate";
+/// Where a follower keeps the copy of a set it holds, under `data_dir`:
+/// the set as committed, which later changes are laid over; kept across
+/// restarts like the hold itself.
+const HELD_DIR: &str = "held";
 
 /// Removes staged copies a crash left behind. Called once at start,
 /// before anything validates.
@@ -89,10 +93,15 @@ pub struct Staged {
     view_of: Option<PathBuf>,
     /// The node's `data_dir`, read-only to the validator like the live root.
     data_dir: PathBuf,
+    /// A held copy stays on disk when dropped (see [`Staged::keep_as_held`]).
+    keep: bool,
 }
 
 impl Drop for Staged {
     fn drop(&mut self) {
+        if self.keep {
+            return;
+        }
         if let Err(e) = fs::remove_dir_all(&self.dir) {
             warn!("cannot remove the staged copy {}: {e}", self.dir.display());
         }
@@ -134,6 +143,7 @@ impl Staged {
             checked: Checked::default(),
             view_of: Some(set.root_dir.clone()),
             data_dir: data_dir.to_path_buf(),
+            keep: false,
         };
         Ok(read_only_mounts_work(&parent).then_some(staged))
     }
@@ -160,6 +170,7 @@ impl Staged {
             checked: Checked::default(),
             view_of: None,
             data_dir: data_dir.to_path_buf(),
+            keep: false,
         };
         let (found, _) = walk_keeping(set, root, |_| true).map_err(io::Error::other)?;
         let mut dirs = Vec::new();
@@ -224,6 +235,61 @@ impl Staged {
         io::copy(&mut input, &mut out)?;
         drop(out);
         give_meta(at, meta)
+    }
+
+    /// Moves this copy to where a held set's copy lives and keeps it there
+    /// (also when dropped, and across restarts) until [`Staged::release`].
+    pub fn keep_as_held(&mut self, set: &SetRuntime) -> io::Result<()> {
+        let parent = self.data_dir.join(HELD_DIR);
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&parent)?;
+        let dir = parent.join(sanitized(&set.name));
+        if dir != self.dir {
+            if dir.exists() {
+                fs::remove_dir_all(&dir)?;
+            }
+            fs::rename(&self.dir, &dir)?;
+            self.target = match &set.single_file {
+                Some(name) => name.to_local(&dir),
+                None => dir.clone(),
+            };
+            self.dir = dir;
+        }
+        self.keep = true;
+        Ok(())
+    }
+
+    /// The held copy of `set` a previous run kept, if there is one.
+    pub fn adopt_held(data_dir: &Path, set: &SetRuntime) -> Option<Staged> {
+        let dir = data_dir.join(HELD_DIR).join(sanitized(&set.name));
+        if !dir.is_dir() {
+            return None;
+        }
+        let mode = if read_only_mounts_work(&data_dir.join(HELD_DIR)) {
+            StageMode::Link
+        } else {
+            StageMode::Copy
+        };
+        Some(Staged {
+            target: match &set.single_file {
+                Some(name) => name.to_local(&dir),
+                None => dir.clone(),
+            },
+            dir,
+            mode,
+            files: 0,
+            checked: Checked::default(),
+            view_of: None,
+            data_dir: data_dir.to_path_buf(),
+            keep: true,
+        })
+    }
+
+    /// Removes a held copy for good (when its hold ends).
+    pub fn release(mut self) {
+        self.keep = false;
     }
 
     /// The path the validator is given for `{}`.

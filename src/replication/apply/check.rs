@@ -40,7 +40,9 @@ impl Applier {
             return true;
         }
         let held = self.held_copies.remove(&set.name);
-        let was_held = held.is_some();
+        // A hold from before a restart whose copy is gone counts too.
+        let was_held = held.is_some()
+            || (self.held_here.contains(&set.name) && !self.reverted.contains(&set.name));
         let shadow = self
             .shadows
             .remove(&set.name)
@@ -59,6 +61,7 @@ impl Applier {
         let changed: Vec<SetPath> = checked.iter().map(|op| op.paths().0.clone()).collect();
         if let Err(why) = self.lay_over(set, &staged, checked) {
             info!(set = %set.name, "cannot lay the committed change of sync set {:?} over a copy here ({why}); applying it as the leader checked it", set.name);
+            staged.release();
             return self.end_hold(&set.name, was_held);
         }
         match staged.run(set, &describe(&changed)) {
@@ -67,12 +70,19 @@ impl Applier {
                 if go {
                     // The copy is now the committed state this change leaves.
                     self.shadows.insert(set.name.clone(), (staged, made));
+                } else {
+                    staged.release();
                 }
                 go
             }
             Err(reason) => {
-                self.shared
-                    .set_held(&set.name, Some(format!("{reason} (checked here)")));
+                let why = format!("{reason} (checked here)");
+                let mut staged = staged;
+                if let Err(e) = staged.keep_as_held(set) {
+                    warn!(set = %set.name, "cannot keep the held copy of sync set {:?}: {e}; a restart will need the next change to be fetched whole", set.name);
+                }
+                self.record_hold(&set.name, Some((false, &why)));
+                self.shared.set_held(&set.name, Some(why));
                 self.held_here.insert(set.name.clone());
                 self.deferred.insert(set.name.clone());
                 self.held_copies.insert(set.name.clone(), staged);
@@ -90,10 +100,48 @@ impl Applier {
             return true;
         }
         info!(set = %set, "the committed state of sync set {set:?} passes its validator here; bringing the set up to it");
+        self.record_hold(set, None);
         self.shared.set_held(set, None);
         self.held_here.remove(set);
         self.deferred.insert(set.to_string());
         false
+    }
+
+    /// Records a hold of `set` durably (`Some((reverted, why))`) or its end.
+    pub(super) fn record_hold(&self, set: &str, held: Option<(bool, &str)>) {
+        let mut batch = StoreBatch::default();
+        batch.put_held(set, held);
+        if let Err(e) = self.shared.store.write(batch) {
+            warn!(set = %set, "cannot record the hold of sync set {set:?}: {e}; a restart would forget it");
+        }
+    }
+
+    /// Takes up the holds a previous run recorded: the sets stay as they
+    /// are until their next committed change, checked against the held
+    /// copy kept on disk.
+    pub(super) fn restore_holds(&mut self) {
+        let held = match self.shared.store.load_held() {
+            Ok(h) => h,
+            Err(e) => {
+                warn!("cannot read the sets held before this start: {e}");
+                return;
+            }
+        };
+        for (name, reverted, why) in held {
+            let Some(set) = self.shared.set(&name).cloned() else {
+                self.record_hold(&name, None);
+                continue;
+            };
+            info!(set = %name, "sync set {name:?} is still held here, as before this start: {why}");
+            if reverted {
+                self.reverted.insert(name.clone());
+            } else if let Some(copy) = Staged::adopt_held(&self.shared.data_dir, &set) {
+                self.held_copies.insert(name.clone(), copy);
+            }
+            self.held_here.insert(name.clone());
+            self.deferred.insert(name.clone());
+            self.shared.set_held(&name, Some(why));
+        }
     }
 
     /// Lays the committed ops over the staged copy, as carrying them out on

@@ -206,7 +206,7 @@ impl Applier {
                 .create(&qdir);
             Root::open(&qdir).ok()
         };
-        Applier {
+        let mut applier = Applier {
             shared,
             log,
             out,
@@ -224,7 +224,9 @@ impl Applier {
             reverted: BTreeSet::new(),
             held_copies: HashMap::new(),
             shadows: HashMap::new(),
-        }
+        };
+        applier.restore_holds();
+        applier
     }
 
     /// Runs until the node task drops its sender.

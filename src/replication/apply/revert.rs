@@ -212,6 +212,7 @@ impl Applier {
         } else {
             warn!(set = %set_name, "on_change of sync set {set_name:?} failed ({why}): put back {restored} path(s), but not {}; running on_change again; the set is held until its next committed change", failed.join("; "));
         }
+        self.record_hold(set_name, Some((true, &reason)));
         self.shared.set_held(set_name, Some(reason));
         self.held_here.insert(set.name.clone());
         self.reverted.insert(set.name.clone());
@@ -225,6 +226,7 @@ impl Applier {
     pub(super) fn release_hold(&mut self, set: &str) {
         if self.reverted.remove(set) {
             self.held_here.remove(set);
+            self.record_hold(set, None);
             info!(set = %set, "a new committed change of sync set {set:?} ends its hold; bringing it up to the committed state");
             self.shared.set_held(set, None);
             self.deferred.insert(set.to_string());
