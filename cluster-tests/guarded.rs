@@ -184,6 +184,20 @@ fn paused(c: &Cluster, id: u64, set: &str) -> Result<Option<Value>, String> {
     }
 }
 
+/// Holds for a while that `file` of set tacacs stays `want` on `ids`.
+#[track_caller]
+fn keeps_content(c: &Cluster, ids: &[u64], file: &str, want: &str, what: &str) {
+    hold_for(Duration::from_millis(700), what, || {
+        for &id in ids {
+            let got = fs::read_to_string(c.set_path(id, "tacacs").join(file)).unwrap_or_default();
+            if got != want {
+                return Err(format!("node {id} has {got:?}"));
+            }
+        }
+        Ok(())
+    });
+}
+
 #[test]
 fn a_pause_holds_across_a_failover_and_resume_releases_what_accumulated() {
     let (c, leader) = cluster(VALIDATOR);
@@ -218,19 +232,12 @@ fn a_pause_holds_across_a_failover_and_resume_releases_what_accumulated() {
     );
     write_file(&c.set_path(leader, "mail").join("aliases"), "root: ops\n");
     wait_content(&c, &followers, "mail", "aliases", "root: ops\n");
-    hold_for(
-        Duration::from_millis(700),
+    keeps_content(
+        &c,
+        &followers,
+        "tac_plus.conf",
+        v1,
         "nothing of the paused set moves",
-        || {
-            for &id in &followers {
-                let got =
-                    fs::read_to_string(c.set_path(id, "tacacs").join("tac_plus.conf")).unwrap();
-                if got != v1 {
-                    return Err(format!("node {id} got {got:?} while paused"));
-                }
-            }
-            Ok(())
-        },
     );
 
     // The leader dies; the pause holds on the new one.
@@ -240,19 +247,12 @@ fn a_pause_holds_across_a_failover_and_resume_releases_what_accumulated() {
     assert!(paused(&c, new, "tacacs").unwrap().is_some());
     let v3 = "key = three\n";
     write_file(&c.set_path(new, "tacacs").join("tac_plus.conf"), v3);
-    hold_for(
-        Duration::from_millis(700),
+    keeps_content(
+        &c,
+        &rest,
+        "tac_plus.conf",
+        v1,
         "the new leader keeps the pause",
-        || {
-            for &id in &rest {
-                let got =
-                    fs::read_to_string(c.set_path(id, "tacacs").join("tac_plus.conf")).unwrap();
-                if got != v1 {
-                    return Err(format!("node {id} got {got:?} while paused"));
-                }
-            }
-            Ok(())
-        },
     );
     // Resume (again from another node): what accumulated goes out, validated.
     let out = c.ctl(rest[0], &["resume", "tacacs"], Duration::from_secs(15));

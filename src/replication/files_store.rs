@@ -393,54 +393,41 @@ impl FilesStore {
         for (set, path, entry) in self.scan_with(P_ENTRY, Entry::decode_stored)? {
             m.sets.entry(set).or_default().entries.insert(path, entry);
         }
-        let iter = self.db.iterator(IteratorMode::From(
-            &[P_PROGRESS],
-            rocksdb::Direction::Forward,
-        ));
-        for item in iter {
-            let (k, v) = item.map_err(|e| self.corrupt(&[P_PROGRESS], e))?;
-            if k.first() != Some(&P_PROGRESS) {
-                break;
-            }
-            let set =
-                String::from_utf8(k[1..].to_vec()).map_err(|_| self.corrupt(&k, "set name"))?;
-            let progress: SetProgress =
-                postcard::from_bytes(&v).map_err(|e| self.corrupt(&k, e))?;
+        for (set, progress) in self.scan_sets::<SetProgress>(P_PROGRESS)? {
             m.sets.entry(set).or_default().progress = progress;
         }
-        let iter = self
-            .db
-            .iterator(IteratorMode::From(&[P_PAUSE], rocksdb::Direction::Forward));
-        for item in iter {
-            let (k, v) = item.map_err(|e| self.corrupt(&[P_PAUSE], e))?;
-            if k.first() != Some(&P_PAUSE) {
-                break;
-            }
-            let set =
-                String::from_utf8(k[1..].to_vec()).map_err(|_| self.corrupt(&k, "set name"))?;
-            let pause: Pause = postcard::from_bytes(&v).map_err(|e| self.corrupt(&k, e))?;
-            m.paused.insert(set, pause);
-        }
+        m.paused = self.scan_sets::<Pause>(P_PAUSE)?.into_iter().collect();
         m.repack();
         Ok(m)
     }
 
     /// The sets this node holds: (set, reverted, why).
     pub fn load_held(&self) -> Result<Vec<(String, bool, String)>, FilesStoreError> {
+        Ok(self
+            .scan_sets::<(bool, String)>(P_HELD)?
+            .into_iter()
+            .map(|(set, (reverted, why))| (set, reverted, why))
+            .collect())
+    }
+
+    /// Every value under `prefix` keyed by set name alone (`set_key`).
+    fn scan_sets<T: DeserializeOwned>(
+        &self,
+        prefix: u8,
+    ) -> Result<Vec<(String, T)>, FilesStoreError> {
         let mut out = Vec::new();
         let iter = self
             .db
-            .iterator(IteratorMode::From(&[P_HELD], rocksdb::Direction::Forward));
+            .iterator(IteratorMode::From(&[prefix], rocksdb::Direction::Forward));
         for item in iter {
-            let (k, v) = item.map_err(|e| self.corrupt(&[P_HELD], e))?;
-            if k.first() != Some(&P_HELD) {
+            let (k, v) = item.map_err(|e| self.corrupt(&[prefix], e))?;
+            if k.first() != Some(&prefix) {
                 break;
             }
             let set =
                 String::from_utf8(k[1..].to_vec()).map_err(|_| self.corrupt(&k, "set name"))?;
-            let (reverted, why): (bool, String) =
-                postcard::from_bytes(&v).map_err(|e| self.corrupt(&k, e))?;
-            out.push((set, reverted, why));
+            let value: T = postcard::from_bytes(&v).map_err(|e| self.corrupt(&k, e))?;
+            out.push((set, value));
         }
         Ok(out)
     }
