@@ -240,6 +240,15 @@ fn a_pause_holds_across_a_failover_and_resume_releases_what_accumulated() {
         "nothing of the paused set moves",
     );
 
+    // A sync cannot bring a paused set along: it says so at once.
+    let sync = c.ctl(followers[1], &["sync", "tacacs"], Duration::from_secs(70));
+    assert!(
+        !sync.success()
+            && sync.stderr.contains("is paused")
+            && sync.elapsed < scaled(Duration::from_secs(20)),
+        "sync of a paused set: {sync}"
+    );
+
     // The leader dies; the pause holds on the new one.
     c.kill(leader);
     let new = c.wait_for_leader(&followers);

@@ -415,7 +415,11 @@ impl AdminService {
     /// reconcile, then waits until every reachable data node applied it,
     /// holds every committed file of the set(s) and holds none back; the
     /// report names what did not get there.
-    async fn sync(&self, set: String, wait: Duration) -> Result<(u64, String, bool), RequestError> {
+    async fn sync(
+        &self,
+        set: String,
+        wait: Duration,
+    ) -> Result<(u64, String, SyncEnd), RequestError> {
         let deadline = Instant::now() + wait;
         let call = LeaderCall::Sync(SyncRequest {
             set: set.clone(),
@@ -424,9 +428,15 @@ impl AdminService {
         let index = self.through_leader(call, deadline).await?;
         loop {
             let status = self.gather(DEFAULT_PEER_STATUS_TIMEOUT).await;
-            let (done, report) = sync_report(&status, &set, index);
-            if done || Instant::now() >= deadline {
-                return Ok((index, report, done));
+            let (done, report, stuck) = sync_report(&status, &set, index);
+            if done {
+                return Ok((index, report, SyncEnd::Done));
+            }
+            if stuck {
+                return Ok((index, report, SyncEnd::Stuck));
+            }
+            if Instant::now() >= deadline {
+                return Ok((index, report, SyncEnd::TimedOut));
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -531,6 +541,14 @@ impl AdminService {
     }
 }
 
+/// How a `clusterctl sync` ended.
+enum SyncEnd {
+    Done,
+    /// A node that applied the reconcile holds, pauses or skips the set.
+    Stuck,
+    TimedOut,
+}
+
 /// What a node asks the leader to do for an administrator.
 enum LeaderCall {
     Barrier,
@@ -541,8 +559,11 @@ enum LeaderCall {
 /// Whether every reachable data node has applied entry `index` and holds
 /// set `set` (every set when empty) whole, and one line per node saying so
 /// or naming what is missing. Unreachable nodes are named, not waited for.
-fn sync_report(status: &ClusterStatus, set: &str, index: u64) -> (bool, String) {
+/// The third value is whether waiting cannot help: a node that has
+/// applied the reconcile holds, pauses or skips the set.
+fn sync_report(status: &ClusterStatus, set: &str, index: u64) -> (bool, String, bool) {
     let mut done = true;
+    let mut stuck = false;
     let mut lines = Vec::new();
     for n in &status.nodes {
         let Some(view) = &n.view else {
@@ -557,7 +578,8 @@ fn sync_report(status: &ClusterStatus, set: &str, index: u64) -> (bool, String) 
             continue; // a witness holds no sets
         };
         let mut problems = Vec::new();
-        if view.applied_index < index {
+        let caught_up = view.applied_index >= index;
+        if !caught_up {
             problems.push(format!("applied {} of {index}", view.applied_index));
         }
         for s in files
@@ -573,15 +595,18 @@ fn sync_report(status: &ClusterStatus, set: &str, index: u64) -> (bool, String) 
             }
             if let Some(why) = &s.held {
                 problems.push(format!("set {:?} is held: {why}", s.name));
+                stuck |= caught_up;
             }
             if s.paused.is_some() {
                 problems.push(format!(
                     "set {:?} is paused (clusterctl resume {} to let it go on)",
                     s.name, s.name
                 ));
+                stuck |= caught_up;
             }
             if s.skipping {
                 problems.push(format!("set {:?} waits for a skip_while marker", s.name));
+                stuck |= caught_up;
             }
         }
         if problems.is_empty() {
@@ -591,7 +616,7 @@ fn sync_report(status: &ClusterStatus, set: &str, index: u64) -> (bool, String) 
             lines.push(format!("node {}: {}", n.id, problems.join("; ")));
         }
     }
-    (done, lines.join("\n"))
+    (done, lines.join("\n"), stuck)
 }
 
 /// Reads a peer's gRPC status back into a request error.
@@ -701,13 +726,16 @@ impl Admin for AdminService {
         let (index, report, done) = AdminService::sync(self, r.set, wait)
             .await
             .map_err(request_status)?;
-        if !done {
-            return Err(Status::deadline_exceeded(format!(
+        match done {
+            SyncEnd::Done => Ok(Response::new(SyncReply { index, report })),
+            SyncEnd::Stuck => Err(Status::failed_precondition(format!(
+                "not every node can get there until a set is released:\n{report}"
+            ))),
+            SyncEnd::TimedOut => Err(Status::deadline_exceeded(format!(
                 "not every node got there within {} ms:\n{report}",
                 wait.as_millis()
-            )));
+            ))),
         }
-        Ok(Response::new(SyncReply { index, report }))
     }
 
     async fn barrier(
