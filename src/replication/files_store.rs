@@ -372,18 +372,29 @@ impl FilesStore {
         prefix: u8,
         decode: impl Fn(&[u8]) -> Result<T, postcard::Error>,
     ) -> Result<Vec<(String, SetPath, T)>, FilesStoreError> {
+        self.scan_prefix(prefix, |k, v| {
+            let (set, path) = split_path_key(k).ok_or_else(|| self.corrupt(k, "bad key"))?;
+            let value: T = decode(v).map_err(|e| self.corrupt(k, e))?;
+            Ok((set, path, value))
+        })
+    }
+
+    /// Every key under `prefix`, in order, read by `item` (key, value).
+    fn scan_prefix<R>(
+        &self,
+        prefix: u8,
+        mut item: impl FnMut(&[u8], &[u8]) -> Result<R, FilesStoreError>,
+    ) -> Result<Vec<R>, FilesStoreError> {
         let mut out = Vec::new();
         let iter = self
             .db
             .iterator(IteratorMode::From(&[prefix], rocksdb::Direction::Forward));
-        for item in iter {
-            let (k, v) = item.map_err(|e| self.corrupt(&[prefix], e))?;
+        for entry in iter {
+            let (k, v) = entry.map_err(|e| self.corrupt(&[prefix], e))?;
             if k.first() != Some(&prefix) {
                 break;
             }
-            let (set, path) = split_path_key(&k).ok_or_else(|| self.corrupt(&k, "bad key"))?;
-            let value: T = decode(&v).map_err(|e| self.corrupt(&k, e))?;
-            out.push((set, path, value));
+            out.push(item(&k, &v)?);
         }
         Ok(out)
     }
@@ -415,21 +426,12 @@ impl FilesStore {
         &self,
         prefix: u8,
     ) -> Result<Vec<(String, T)>, FilesStoreError> {
-        let mut out = Vec::new();
-        let iter = self
-            .db
-            .iterator(IteratorMode::From(&[prefix], rocksdb::Direction::Forward));
-        for item in iter {
-            let (k, v) = item.map_err(|e| self.corrupt(&[prefix], e))?;
-            if k.first() != Some(&prefix) {
-                break;
-            }
+        self.scan_prefix(prefix, |k, v| {
             let set =
-                String::from_utf8(k[1..].to_vec()).map_err(|_| self.corrupt(&k, "set name"))?;
-            let value: T = postcard::from_bytes(&v).map_err(|e| self.corrupt(&k, e))?;
-            out.push((set, value));
-        }
-        Ok(out)
+                String::from_utf8(k[1..].to_vec()).map_err(|_| self.corrupt(k, "set name"))?;
+            let value: T = postcard::from_bytes(v).map_err(|e| self.corrupt(k, e))?;
+            Ok((set, value))
+        })
     }
 
     pub fn load_missing(&self) -> Result<Vec<(String, SetPath, WireDigest)>, FilesStoreError> {

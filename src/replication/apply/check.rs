@@ -223,26 +223,14 @@ impl Applier {
         base: &Path,
     ) -> Option<Vec<u8>> {
         let target = entry.digest?.get();
-        let patch_bytes = match content {
-            Content::Unchanged => {
+        let patch_bytes = match self.committed_source(content, &target, false).ok()? {
+            CommittedSource::Unchanged => {
                 return fs::read(base).ok().filter(|b| delta::digest(b) == target)
             }
-            Content::Inline(b) => b.clone(),
-            Content::Staged { upload, len } => self.read_staged(*upload, 0, *len, false).ok()?,
-            Content::Blob {
-                upload,
-                offset,
-                len,
-            } => {
-                let finished = self
-                    .shared
-                    .finished_dir(*upload)
-                    .join(Shared::finished_name(*offset, &target));
-                if let Ok(b) = fs::read(&finished) {
-                    return (delta::digest(&b) == target).then_some(b);
-                }
-                self.read_staged(*upload, *offset, *len, false).ok()?
+            CommittedSource::Finished { file, .. } => {
+                return fs::read(file).ok().filter(|b| delta::digest(b) == target)
             }
+            CommittedSource::Patch(b) => b,
         };
         let patch = Patch::decode(&patch_bytes).ok()?;
         let base = match patch.base() {

@@ -170,6 +170,20 @@ pub struct Applier {
     shadows: HashMap<String, (crate::replication::validate::Staged, Instant)>,
 }
 
+/// Where a put's committed content comes from ([`Applier::committed_source`]).
+enum CommittedSource<'c> {
+    /// Only metadata changed: the content is the committed previous one.
+    Unchanged,
+    /// A patch against the previous version (or whole content).
+    Patch(std::borrow::Cow<'c, [u8]>),
+    /// The finished file made of the patch when it was staged.
+    Finished {
+        file: std::path::PathBuf,
+        upload: u64,
+        offset: u64,
+    },
+}
+
 /// Why a put could not be completed from the log alone.
 enum PutOutcome {
     Done,

@@ -134,9 +134,6 @@ impl Applier {
             }
             return;
         }
-        let Some(set) = self.shared.set(set_name).cloned() else {
-            return;
-        };
         let Some(root) = self.roots.remove(set_name) else {
             return;
         };
@@ -214,10 +211,10 @@ impl Applier {
         }
         self.record_hold(set_name, Some((true, &reason)));
         self.shared.set_held(set_name, Some(reason));
-        self.held_here.insert(set.name.clone());
-        self.reverted.insert(set.name.clone());
-        self.deferred.insert(set.name.clone());
-        let _ = self.out.send(Applied::SetChanged(set.name.clone()));
+        self.held_here.insert(set_name.to_string());
+        self.reverted.insert(set_name.to_string());
+        self.deferred.insert(set_name.to_string());
+        let _ = self.out.send(Applied::SetChanged(set_name.to_string()));
     }
 
     /// A committed change of a set held after a failed `on_change`: the

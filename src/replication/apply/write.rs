@@ -231,6 +231,46 @@ impl Applier {
         }
     }
 
+    /// Where the committed content of a put comes from: its patch (inline,
+    /// or read from its staged upload; a `Staged` upload is removed once
+    /// read when `consume`), or the finished file made of it when it was
+    /// staged.
+    pub(super) fn committed_source<'c>(
+        &self,
+        content: &'c Content,
+        target: &FileDigest,
+        consume: bool,
+    ) -> Result<CommittedSource<'c>, PutOutcome> {
+        Ok(match content {
+            Content::Unchanged => CommittedSource::Unchanged,
+            Content::Inline(b) => CommittedSource::Patch(std::borrow::Cow::Borrowed(&b[..])),
+            // A `Staged` upload holds this one patch and goes with it; a
+            // `Blob`'s is the batch's, removed once the batch applied.
+            Content::Staged { upload, len } => {
+                CommittedSource::Patch(self.read_staged(*upload, 0, *len, consume)?.into())
+            }
+            Content::Blob {
+                upload,
+                offset,
+                len,
+            } => {
+                let file = self
+                    .shared
+                    .finished_dir(*upload)
+                    .join(Shared::finished_name(*offset, target));
+                if file.symlink_metadata().is_ok() {
+                    CommittedSource::Finished {
+                        file,
+                        upload: *upload,
+                        offset: *offset,
+                    }
+                } else {
+                    CommittedSource::Patch(self.read_staged(*upload, *offset, *len, false)?.into())
+                }
+            }
+        })
+    }
+
     #[allow(clippy::too_many_arguments)]
     pub(super) fn put_file(
         &self,
@@ -277,37 +317,20 @@ impl Applier {
                 local_hasher = None;
             }
         }
-        let patch_bytes = match content {
-            Content::Unchanged => {
+        let patch_bytes = match self.committed_source(content, &target, true) {
+            Ok(CommittedSource::Unchanged) => {
                 return Ok(PutOutcome::Missing(
                     "metadata-only change, but the local content is not the committed one".into(),
                 ))
             }
-            Content::Inline(b) => std::borrow::Cow::Borrowed(&b[..]),
-            // A `Staged` upload holds this one patch and goes with it; a
-            // `Blob`'s is the batch's, removed once the batch applied.
-            Content::Staged { upload, len } => match self.read_staged(*upload, 0, *len, true) {
-                Ok(b) => std::borrow::Cow::Owned(b),
-                Err(outcome) => return Ok(outcome),
-            },
-            Content::Blob {
-                upload,
-                offset,
-                len,
-            } => {
-                // Made into a finished file when it was staged: linked in.
-                let dir = self.shared.finished_dir(*upload);
-                let name = Shared::finished_name(*offset, &target);
-                if dir.join(&name).symlink_metadata().is_ok() {
-                    return self.put_finished(
-                        set, root, path, entry, *upload, *offset, expect, index, term, store,
-                    );
-                }
-                match self.read_staged(*upload, *offset, *len, false) {
-                    Ok(b) => std::borrow::Cow::Owned(b),
-                    Err(outcome) => return Ok(outcome),
-                }
+            Ok(CommittedSource::Patch(b)) => b,
+            // Made into a finished file when it was staged: linked in.
+            Ok(CommittedSource::Finished { upload, offset, .. }) => {
+                return self.put_finished(
+                    set, root, path, entry, upload, offset, expect, index, term, store,
+                );
             }
+            Err(outcome) => return Ok(outcome),
         };
         let patch = match Patch::decode(&patch_bytes) {
             Ok(p) => p,

@@ -214,20 +214,15 @@ impl Source {
     /// a committed `Reconcile` makes every follower square its copy with
     /// the manifest, and its index tells the caller what to wait for.
     async fn reconcile_followers(&self, term: u64, asks: Vec<crate::replication::shared::SyncAsk>) {
-        let mut sets: Vec<String> = Vec::new();
-        for ask in &asks {
-            match &ask.set {
-                Some(s) if !sets.contains(s) => sets.push(s.clone()),
-                Some(_) => {}
-                None => {
-                    sets.clear();
-                    break;
-                }
-            }
-        }
-        if asks.iter().any(|a| a.set.is_none()) {
-            sets.clear();
-        }
+        // One ask for every set makes the reconcile name none (all).
+        let sets: Vec<String> = match asks
+            .iter()
+            .map(|a| a.set.clone())
+            .collect::<Option<BTreeSet<_>>>()
+        {
+            Some(named) => named.into_iter().collect(),
+            None => Vec::new(),
+        };
         let result = self
             .node
             .propose(
