@@ -130,16 +130,29 @@ fn an_invalid_change_is_held_on_the_leader_while_other_sets_go_on_and_a_fix_rele
             Some(why) => Err(format!("still held: {why}")),
         }
     });
-    // The staged copies are gone.
+    // The staged copies are gone; what is left is the empty directory the
+    // validators' mount namespace shows the live root at (if it was made).
     let staged = c.node(leader).data_dir.join("validate");
     let left: Vec<_> = fs::read_dir(&staged)
         .map(|d| d.flatten().map(|e| e.file_name()).collect())
         .unwrap_or_default();
     assert!(
-        left.is_empty(),
+        left.iter().all(|n| n == "view"),
         "staged copies left in {}: {left:?}",
         staged.display()
     );
+    for view in fs::read_dir(staged.join("view"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let inside: Vec<_> = fs::read_dir(view.path()).unwrap().flatten().collect();
+        assert!(
+            inside.is_empty(),
+            "{} holds files outside the validators' namespace",
+            view.path().display()
+        );
+    }
 }
 
 #[test]

@@ -8,6 +8,7 @@
 
 use std::ffi::CString;
 use std::io::Read;
+use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
@@ -122,18 +123,15 @@ pub struct CheckOutcome {
 
 /// Runs `command` with `sh -c` in a process group of its own, stdout and
 /// stderr captured together, and waits at most `limit` (then kills the
-/// group: a hanging validator counts as a failure). With `read_only` pairs
-/// `(source, target)`, the command runs in a private mount namespace in
-/// which each `source` is mounted read-only at its `target` (the same
-/// directory, or another), in order, so nothing it does can write through
-/// a `target` (see [`read_only_mounts_work`]); its start fails if that
-/// cannot be set up.
+/// group: a hanging validator counts as a failure). With `view`, the
+/// command runs in that mount namespace, where what it protects is
+/// read-only (see [`ReadOnlyView`]).
 /// Blocking: called from the planner's and the applier's threads.
 pub fn run_check(
     command: &str,
     env: &[(&str, &str)],
     limit: Duration,
-    read_only: &[(&Path, &Path)],
+    view: Option<&ReadOnlyView>,
 ) -> CheckOutcome {
     let started = Instant::now();
     let failed = |summary: String| CheckOutcome {
@@ -149,45 +147,39 @@ pub fn run_check(
     let (pid, wait): (
         i32,
         Box<dyn FnOnce() -> Option<std::process::ExitStatus> + Send>,
-    ) = if read_only.is_empty() {
-        let mut cmd = std::process::Command::new("/bin/sh");
-        cmd.arg("-c")
-            .arg(command)
-            .stdin(Stdio::null())
-            .process_group(0);
-        match writer.try_clone() {
-            Ok(w) => {
-                cmd.stdout(w).stderr(writer);
+    ) = match view {
+        None => {
+            let mut cmd = std::process::Command::new("/bin/sh");
+            cmd.arg("-c")
+                .arg(command)
+                .stdin(Stdio::null())
+                .process_group(0);
+            match writer.try_clone() {
+                Ok(w) => {
+                    cmd.stdout(w).stderr(writer);
+                }
+                Err(e) => return failed(format!("cannot make a pipe for the validator: {e}")),
             }
-            Err(e) => return failed(format!("cannot make a pipe for the validator: {e}")),
-        }
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let mut child = match cmd.spawn() {
-            Ok(c) => c,
-            Err(e) => return failed(format!("cannot start the validator: {e}")),
-        };
-        // Our copies of the pipe's write end go with `cmd`: the reader
-        // sees the end of the output once the command's group closed it.
-        drop(cmd);
-        (child.id() as i32, Box::new(move || child.wait().ok()))
-    } else {
-        let mut mounts = Vec::new();
-        for (source, target) in read_only {
-            let (Ok(source), Ok(target)) = (
-                CString::new(source.as_os_str().as_bytes()),
-                CString::new(target.as_os_str().as_bytes()),
-            ) else {
-                return failed("a path to mount for the validator holds a NUL byte".to_string());
+            for (k, v) in env {
+                cmd.env(k, v);
+            }
+            let mut child = match cmd.spawn() {
+                Ok(c) => c,
+                Err(e) => return failed(format!("cannot start the validator: {e}")),
             };
-            mounts.push((source, target));
+            // Our copies of the pipe's write end go with `cmd`: the reader
+            // sees the end of the output once the command's group closed it.
+            drop(cmd);
+            (child.id() as i32, Box::new(move || child.wait().ok()))
         }
-        let pid = match namespaced::spawn(command, env, &mounts, writer) {
-            Ok(pid) => pid,
-            Err(e) => return failed(format!("cannot start the validator: {e}")),
-        };
-        (pid, Box::new(move || namespaced::wait(pid)))
+        Some(view) => {
+            let enter = namespaced::Setup::Enter(view.namespace.as_raw_fd());
+            let pid = match namespaced::spawn(command, env, enter, None, writer) {
+                Ok(pid) => pid,
+                Err(e) => return failed(format!("cannot start the validator: {e}")),
+            };
+            (pid, Box::new(move || namespaced::wait(pid)))
+        }
     };
     let output = std::thread::spawn(move || {
         let mut kept = Vec::new();
@@ -269,22 +261,33 @@ mod namespaced {
     struct ChildArgs {
         argv: Vec<*const libc::c_char>,
         envp: Vec<*const libc::c_char>,
+        /// A namespace to enter, or -1 to make one with `mounts`.
+        enter: libc::c_int,
         mounts: Vec<(*const libc::c_char, *const libc::c_char)>,
         out: libc::c_int,
-        null: libc::c_int,
+        stdin: libc::c_int,
         report: libc::c_int,
         mask: libc::sigset_t,
     }
 
+    /// The mount namespace a command runs in.
+    pub(super) enum Setup<'a> {
+        /// An existing one (a [`super::ReadOnlyView`]'s): one `setns`.
+        Enter(libc::c_int),
+        /// A new one, a slave of ours, in which each source is mounted
+        /// read-only at its target, in order.
+        Make(&'a [(CString, CString)]),
+    }
+
     /// Starts `/bin/sh -c command` with `env` added to this process's
-    /// environment, in a new process group and a private mount namespace
-    /// in which each source is mounted read-only at its target, its
-    /// stdout and stderr on `out` and stdin on /dev/null. Returns its pid
-    /// once it has exec'd, or why it could not.
+    /// environment, in a new process group and the mount namespace `setup`
+    /// says, its stdout and stderr on `out` and stdin on `stdin` (or
+    /// /dev/null). Returns its pid once it has exec'd, or why it could not.
     pub(super) fn spawn(
         command: &str,
         env: &[(&str, &str)],
-        mounts: &[(CString, CString)],
+        setup: Setup<'_>,
+        stdin: Option<OwnedFd>,
         out: std::io::PipeWriter,
     ) -> io::Result<i32> {
         let nul = |_| {
@@ -311,7 +314,14 @@ mod namespaced {
         for (k, v) in env {
             vars.push(CString::new(format!("{k}={v}")).map_err(nul)?);
         }
-        let null: OwnedFd = std::fs::File::open("/dev/null")?.into();
+        let stdin: OwnedFd = match stdin {
+            Some(fd) => fd,
+            None => std::fs::File::open("/dev/null")?.into(),
+        };
+        let (enter, mounts) = match setup {
+            Setup::Enter(fd) => (fd, &[][..]),
+            Setup::Make(mounts) => (-1, mounts),
+        };
         let (report_r, report_w) = std::io::pipe()?;
         let out: OwnedFd = out.into();
         let report_w: OwnedFd = report_w.into();
@@ -328,8 +338,9 @@ mod namespaced {
                 .iter()
                 .map(|(s, t)| (s.as_ptr(), t.as_ptr()))
                 .collect(),
+            enter,
             out: out.as_raw_fd(),
-            null: null.as_raw_fd(),
+            stdin: stdin.as_raw_fd(),
             report: report_w.as_raw_fd(),
             // SAFETY: as above.
             mask: unsafe { std::mem::zeroed() },
@@ -368,6 +379,7 @@ mod namespaced {
             let errno = i32::from_ne_bytes(report[..4].try_into().expect("4 bytes"));
             let step = match report[4] {
                 1 => "making a private mount namespace",
+                4 => "entering the validators' mount namespace",
                 2 => "mounting a read-only view",
                 _ => "starting /bin/sh",
             };
@@ -416,12 +428,18 @@ mod namespaced {
                 }
             }
             libc::setpgid(0, 0);
-            if libc::unshare(libc::CLONE_NEWNS) != 0
+            if a.enter >= 0 {
+                if libc::setns(a.enter, libc::CLONE_NEWNS) != 0 {
+                    fail(4);
+                }
+            } else if libc::unshare(libc::CLONE_NEWNS) != 0
+                // A slave: mounts made on the host later show here too,
+                // ours never leave.
                 || libc::mount(
                     std::ptr::null(),
                     c"/".as_ptr(),
                     std::ptr::null(),
-                    libc::MS_REC | libc::MS_PRIVATE,
+                    libc::MS_REC | libc::MS_SLAVE,
                     std::ptr::null(),
                 ) != 0
             {
@@ -446,7 +464,7 @@ mod namespaced {
                     fail(2);
                 }
             }
-            if libc::dup2(a.null, 0) < 0 || libc::dup2(a.out, 1) < 0 || libc::dup2(a.out, 2) < 0 {
+            if libc::dup2(a.stdin, 0) < 0 || libc::dup2(a.out, 1) < 0 || libc::dup2(a.out, 2) < 0 {
                 fail(3);
             }
             libc::sigprocmask(libc::SIG_SETMASK, &a.mask, std::ptr::null_mut());
@@ -456,20 +474,83 @@ mod namespaced {
     }
 }
 
+/// A private mount namespace, made once, in which some directories are
+/// mounted read-only (each source at its target); commands run with it
+/// enter it with one `setns`. Making a namespace and its mounts for every
+/// run cost a validator run about 0.8 ms more than entering one (and its
+/// teardown at the command's exit), twice per edit of a validated set.
+/// The namespace is a slave of the node's: mounts made on the host later
+/// show in it; its own never leave it. It lives as long as this value.
+pub struct ReadOnlyView {
+    namespace: std::os::fd::OwnedFd,
+    /// Each source and the directory it was when mounted (device, inode).
+    sources: Vec<(std::path::PathBuf, (u64, u64))>,
+}
+
+impl ReadOnlyView {
+    /// Makes the namespace: each `(source, target)` mounted read-only at
+    /// `target`, in order (a later target may lie inside an earlier one).
+    /// Needs CAP_SYS_ADMIN and mount namespaces; fails, saying which step,
+    /// where they are missing or a source is.
+    pub fn new(read_only: &[(&Path, &Path)]) -> std::io::Result<ReadOnlyView> {
+        let mut mounts = Vec::new();
+        let mut sources = Vec::new();
+        for (source, target) in read_only {
+            let nul = |_| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "a path to mount for the validator holds a NUL byte",
+                )
+            };
+            mounts.push((
+                CString::new(source.as_os_str().as_bytes()).map_err(nul)?,
+                CString::new(target.as_os_str().as_bytes()).map_err(nul)?,
+            ));
+            sources.push((source.to_path_buf(), identity(source).unwrap_or((0, 0))));
+        }
+        // A shell that waits on its stdin holds the namespace until we have
+        // a handle of our own on it.
+        let (hold_r, hold_w) = std::io::pipe()?;
+        let (_, out) = std::io::pipe()?;
+        let pid = namespaced::spawn(
+            "read _",
+            &[],
+            namespaced::Setup::Make(&mounts),
+            Some(hold_r.into()),
+            out,
+        )?;
+        let namespace = std::fs::File::open(format!("/proc/{pid}/ns/mnt"));
+        drop(hold_w);
+        namespaced::wait(pid);
+        Ok(ReadOnlyView {
+            namespace: namespace?.into(),
+            sources,
+        })
+    }
+
+    /// Whether every source is still the directory that was mounted (a
+    /// root removed and made again needs a new view).
+    pub fn is_current(&self) -> bool {
+        self.sources
+            .iter()
+            .all(|(path, was)| identity(path).ok() == Some(*was))
+    }
+}
+
+fn identity(path: &Path) -> std::io::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).map(|m| (m.dev(), m.ino()))
+}
+
 /// Whether commands can be run with a read-only view of a directory
-/// ([`run_check`]'s `read_only`): needs CAP_SYS_ADMIN and mount
-/// namespaces (root outside a hardened unit; not under systemd with
-/// `RestrictNamespaces` or without CAP_SYS_ADMIN). Tried once, on `probe_dir`.
+/// ([`ReadOnlyView`]): needs CAP_SYS_ADMIN and mount namespaces (root
+/// outside a hardened unit; not under systemd with `RestrictNamespaces` or
+/// without CAP_SYS_ADMIN). Tried once, on `probe_dir`.
 pub fn read_only_mounts_work(probe_dir: &Path) -> bool {
     static WORKS: OnceLock<bool> = OnceLock::new();
     *WORKS.get_or_init(|| {
-        run_check(
-            "true",
-            &[],
-            Duration::from_secs(10),
-            &[(probe_dir, probe_dir)],
-        )
-        .passed
+        ReadOnlyView::new(&[(probe_dir, probe_dir)])
+            .is_ok_and(|view| run_check("true", &[], Duration::from_secs(10), Some(&view)).passed)
     })
 }
 
@@ -505,21 +586,21 @@ mod tests {
             "test \"$X\" = 1",
             &[("X", "1")],
             Duration::from_secs(5),
-            &[],
+            None,
         );
         assert!(ok.passed && ok.summary.is_empty(), "{ok:?}");
         let bad = run_check(
             "echo 'line 3: syntax error' >&2; echo more; exit 3",
             &[],
             Duration::from_secs(5),
-            &[],
+            None,
         );
         assert!(!bad.passed);
         assert_eq!(bad.summary, "validator exited 3: line 3: syntax error");
         assert!(bad.output.contains("more"));
         let t = Instant::now();
         // A child that keeps the pipe open must not keep us waiting either.
-        let hung = run_check("sleep 30 & sleep 30", &[], Duration::from_millis(200), &[]);
+        let hung = run_check("sleep 30 & sleep 30", &[], Duration::from_millis(200), None);
         assert!(!hung.passed);
         assert!(
             hung.summary.starts_with("validator timed out after 200 ms"),
@@ -530,7 +611,7 @@ mod tests {
             "yes | head -c 1000000; exit 1",
             &[],
             Duration::from_secs(5),
-            &[],
+            None,
         );
         assert!(!chatty.passed && chatty.output.len() < 5000);
     }
@@ -544,40 +625,52 @@ mod tests {
             return;
         }
         let path = dir.path().display().to_string();
+        let own = ReadOnlyView::new(&[(dir.path(), dir.path())]).unwrap();
         let out = run_check(
             &format!("echo y > {path}/f"),
             &[],
             Duration::from_secs(5),
-            &[(dir.path(), dir.path())],
+            Some(&own),
         );
         assert!(!out.passed, "{out:?}");
         assert_eq!(std::fs::read_to_string(dir.path().join("f")).unwrap(), "x");
+        // Files made after the view was: seen, and read-only too.
+        std::fs::write(dir.path().join("later"), "x").unwrap();
         let read = run_check(
-            &format!("grep -q x {path}/f"),
+            &format!("grep -q x {path}/f && grep -q x {path}/later && ! touch {path}/later"),
             &[],
             Duration::from_secs(5),
-            &[(dir.path(), dir.path())],
+            Some(&own),
         );
         assert!(read.passed, "{read:?}");
+        assert!(own.is_current());
         // Another directory's view: the live one stays writable outside.
         let view = tempfile::tempdir().unwrap();
         let shown = view.path().display().to_string();
+        let other = ReadOnlyView::new(&[(dir.path(), view.path())]).unwrap();
         let out = run_check(
             &format!("grep -q x {shown}/f && ! touch {shown}/g"),
             &[],
             Duration::from_secs(5),
-            &[(dir.path(), view.path())],
+            Some(&other),
         );
         assert!(out.passed, "{out:?}");
         assert!(!dir.path().join("g").exists());
-        // A view that cannot be set up is a failure that says why.
+        // A source made again is not what the view shows any more.
+        let moved = tempfile::tempdir().unwrap();
+        let sub = moved.path().join("root");
+        std::fs::create_dir(&sub).unwrap();
+        let of_sub = ReadOnlyView::new(&[(sub.as_path(), view.path())]).unwrap();
+        std::fs::remove_dir(&sub).unwrap();
+        std::fs::create_dir(&sub).unwrap();
+        assert!(!of_sub.is_current());
+        // A view that cannot be set up is an error that says why.
         let gone = dir.path().join("gone");
-        let out = run_check("true", &[], Duration::from_secs(5), &[(&gone, view.path())]);
-        assert!(!out.passed);
+        let err = ReadOnlyView::new(&[(&gone, view.path())]).err().unwrap();
         assert!(
-            out.summary.contains("mounting a read-only view")
-                && out.summary.contains("No such file"),
-            "{out:?}"
+            err.to_string().contains("mounting a read-only view")
+                && err.to_string().contains("No such file"),
+            "{err}"
         );
     }
 

@@ -223,6 +223,8 @@ pub struct Shared {
     /// with what the cluster committed; as the leader, its first full pass
     /// was proposed. systemd's READY waits for it.
     pub start_reconciled: std::sync::atomic::AtomicBool,
+    /// The mount namespace validators run in (`[[sync]] validate`).
+    pub sandbox: crate::replication::validate::Sandbox,
 }
 
 impl Shared {
@@ -439,6 +441,7 @@ pub fn open_shared(config: &Config) -> Result<Arc<Shared>, FilesStoreError> {
         leading: std::sync::atomic::AtomicBool::new(false),
         term: AtomicU64::new(0),
         start_reconciled: std::sync::atomic::AtomicBool::new(no_sets),
+        sandbox: Default::default(),
     });
     // Quarantine records are never deleted automatically: the count shown
     // is of all of them, not only of this run's.

@@ -6,12 +6,14 @@
 //!
 //! Invariants owned here:
 //! * The validator never changes the live tree or `data_dir`: where mount
-//!   namespaces work, both are read-only in its own namespace. On the leader it sees the
-//!   live root through a read-only mount in a private mount namespace;
-//!   otherwise it gets a staged copy whose files are hard links only where
-//!   such a mount keeps it from writing through them, and copies elsewhere.
+//!   namespaces work, both are read-only in the namespace validators run in
+//!   (the node's [`Sandbox`], made once). On the leader it sees the live
+//!   root through a read-only mount there; otherwise it gets a staged copy
+//!   whose files are hard links only where that namespace keeps it from
+//!   writing through them, and copies elsewhere.
 //! * A staged copy never outlives its check (removed when the check ends,
-//!   and what a crash left is removed at the next start).
+//!   and what a crash left is removed at the next start), except a
+//!   follower's copy of a held set and its recent copy (`apply::check`).
 //! * What was validated is what is proposed: the check runs before the
 //!   pass plans anything, and the pass proposes a file only if it still is
 //!   the file that was staged (same inode, size and mtime); one that
@@ -22,12 +24,13 @@ use std::io;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tracing::{info, warn};
 
 use crate::core::paths::SetPath;
-use crate::fs::exec::{read_only_mounts_work, run_check, CheckOutcome};
+use crate::fs::exec::{read_only_mounts_work, run_check, CheckOutcome, ReadOnlyView};
 use crate::fs::root::{FileMeta, Kind, Root};
 use crate::replication::scan::walk_keeping;
 use crate::replication::shared::{SetRuntime, Shared};
@@ -38,6 +41,97 @@ const VALIDATE_DIR: &str = "validate";
 /// the set as committed, which later changes are laid over; kept across
 /// restarts like the hold itself.
 const HELD_DIR: &str = "held";
+
+/// Where the leader's validators see each set's live root, under
+/// `VALIDATE_DIR` (mounted there only inside the [`Sandbox`]).
+const VIEW_DIR: &str = "view";
+
+/// The mount namespace this node's validators run in: `data_dir` and the
+/// root of every validated set read-only, and each such root shown again,
+/// read-only, at its view directory. Made at the first check and again
+/// when a root was replaced or appeared; `None` where mount namespaces are
+/// not available (validators then get copies).
+#[derive(Default)]
+pub struct Sandbox {
+    made: Mutex<Option<MadeSandbox>>,
+}
+
+struct MadeSandbox {
+    view: Arc<ReadOnlyView>,
+    /// Roots that did not exist when it was made (not mounted).
+    missing: Vec<PathBuf>,
+}
+
+impl Sandbox {
+    /// The namespace for `data_dir` and `sets`, made now if needed.
+    pub fn view(&self, data_dir: &Path, sets: &[SetRuntime]) -> Option<Arc<ReadOnlyView>> {
+        let mut made = self.made.lock().unwrap();
+        if let Some(m) = made.as_ref() {
+            if m.view.is_current() && m.missing.iter().all(|p| !p.exists()) {
+                return Some(m.view.clone());
+            }
+        }
+        *made = None;
+        let validate = data_dir.join(VALIDATE_DIR);
+        if !read_only_mounts_work(data_dir) {
+            return None;
+        }
+        let validated: Vec<(usize, &SetRuntime)> = sets
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.validate.is_some())
+            .collect();
+        let mut mounts: Vec<(PathBuf, PathBuf)> =
+            vec![(data_dir.to_path_buf(), data_dir.to_path_buf())];
+        let mut views = Vec::new();
+        let mut missing = Vec::new();
+        for &(i, set) in &validated {
+            if !set.root_dir.is_dir() {
+                missing.push(set.root_dir.clone());
+                continue;
+            }
+            let at = view_dir(data_dir, i, set);
+            if let Err(e) = fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&at)
+            {
+                warn!(set = %set.name, "cannot make {}: {e}; validators get copies", at.display());
+                return None;
+            }
+            mounts.push((set.root_dir.clone(), set.root_dir.clone()));
+            views.push((set.root_dir.clone(), at));
+        }
+        // The views lie in data_dir: mounted after it.
+        mounts.extend(views);
+        let pairs: Vec<(&Path, &Path)> = mounts
+            .iter()
+            .map(|(s, t)| (s.as_path(), t.as_path()))
+            .collect();
+        match ReadOnlyView::new(&pairs) {
+            Ok(view) => {
+                let view = Arc::new(view);
+                *made = Some(MadeSandbox {
+                    view: view.clone(),
+                    missing,
+                });
+                Some(view)
+            }
+            Err(e) => {
+                warn!("cannot make the read-only mount namespace validators run in (under {}): {e}; they get copies", validate.display());
+                None
+            }
+        }
+    }
+}
+
+/// Where the sandbox shows the live root of `set`, the `index`th set.
+fn view_dir(data_dir: &Path, index: usize, set: &SetRuntime) -> PathBuf {
+    data_dir
+        .join(VALIDATE_DIR)
+        .join(VIEW_DIR)
+        .join(format!("{index}-{}", sanitized(&set.name)))
+}
 
 /// Removes staged copies a crash left behind. Called once at start,
 /// before anything validates.
@@ -89,9 +183,7 @@ pub struct Staged {
     pub files: usize,
     /// What each staged file was when it was staged.
     checked: Checked,
-    /// With [`StageMode::View`]: the live directory shown at `dir`.
-    view_of: Option<PathBuf>,
-    /// The node's `data_dir`, read-only to the validator like the live root.
+    /// The node's `data_dir`, where held copies are kept.
     data_dir: PathBuf,
     /// A held copy stays on disk when dropped (see [`Staged::keep_as_held`]).
     keep: bool,
@@ -128,32 +220,36 @@ fn fresh_dir(data_dir: &Path, set: &SetRuntime) -> io::Result<(PathBuf, PathBuf)
 
 impl Staged {
     /// The live root of `set` as the validator's read-only view, where
-    /// mount namespaces work (else `None`: stage a copy instead).
-    pub fn view_of_live(data_dir: &Path, set: &SetRuntime) -> io::Result<Option<Staged>> {
-        let (parent, dir) = fresh_dir(data_dir, set)?;
-        let target = match &set.single_file {
-            Some(name) => name.to_local(&dir),
-            None => dir.clone(),
-        };
-        let staged = Staged {
+    /// mount namespaces work (else `None`: stage a copy instead). Nothing
+    /// is staged: the view directory exists for as long as the node runs.
+    pub fn view_of_live(shared: &Shared, set: &SetRuntime) -> Option<Staged> {
+        shared.sandbox.view(&shared.data_dir, &shared.sets)?;
+        let index = shared.sets.iter().position(|s| s.name == set.name)?;
+        let dir = view_dir(&shared.data_dir, index, set);
+        Some(Staged {
+            target: match &set.single_file {
+                Some(name) => name.to_local(&dir),
+                None => dir.clone(),
+            },
             dir,
-            target,
             mode: StageMode::View,
             files: 0,
             checked: Checked::default(),
-            view_of: Some(set.root_dir.clone()),
-            data_dir: data_dir.to_path_buf(),
-            keep: false,
-        };
-        Ok(read_only_mounts_work(&parent).then_some(staged))
+            data_dir: shared.data_dir.clone(),
+            keep: true,
+        })
     }
 
     /// Stages `set` as its root holds it now, without excluded or
-    /// temporary files: hard links where mount namespaces keep the
-    /// validator from writing through them, copies elsewhere.
-    pub fn of_tree(data_dir: &Path, set: &SetRuntime, root: &Root) -> io::Result<Staged> {
-        let (parent, dir) = fresh_dir(data_dir, set)?;
-        let mode = if read_only_mounts_work(&parent) {
+    /// temporary files: hard links where the sandbox keeps the validator
+    /// from writing through them, copies elsewhere.
+    pub fn of_tree(shared: &Shared, set: &SetRuntime, root: &Root) -> io::Result<Staged> {
+        let (_, dir) = fresh_dir(&shared.data_dir, set)?;
+        let mode = if shared
+            .sandbox
+            .view(&shared.data_dir, &shared.sets)
+            .is_some()
+        {
             StageMode::Link
         } else {
             StageMode::Copy
@@ -168,8 +264,7 @@ impl Staged {
             mode,
             files: 0,
             checked: Checked::default(),
-            view_of: None,
-            data_dir: data_dir.to_path_buf(),
+            data_dir: shared.data_dir.clone(),
             keep: false,
         };
         let (found, _) = walk_keeping(set, root, |_| true).map_err(io::Error::other)?;
@@ -262,12 +357,16 @@ impl Staged {
     }
 
     /// The held copy of `set` a previous run kept, if there is one.
-    pub fn adopt_held(data_dir: &Path, set: &SetRuntime) -> Option<Staged> {
-        let dir = data_dir.join(HELD_DIR).join(sanitized(&set.name));
+    pub fn adopt_held(shared: &Shared, set: &SetRuntime) -> Option<Staged> {
+        let dir = shared.data_dir.join(HELD_DIR).join(sanitized(&set.name));
         if !dir.is_dir() {
             return None;
         }
-        let mode = if read_only_mounts_work(&data_dir.join(HELD_DIR)) {
+        let mode = if shared
+            .sandbox
+            .view(&shared.data_dir, &shared.sets)
+            .is_some()
+        {
             StageMode::Link
         } else {
             StageMode::Copy
@@ -281,8 +380,7 @@ impl Staged {
             mode,
             files: 0,
             checked: Checked::default(),
-            view_of: None,
-            data_dir: data_dir.to_path_buf(),
+            data_dir: shared.data_dir.clone(),
             keep: true,
         })
     }
@@ -305,7 +403,7 @@ impl Staged {
 
     /// Runs `set`'s validator on this copy: `Ok` or the one line status
     /// shows. `what` names the change in the log.
-    pub fn run(&self, set: &SetRuntime, what: &str) -> Result<(), String> {
+    pub fn run(&self, shared: &Shared, set: &SetRuntime, what: &str) -> Result<(), String> {
         let Some(command) = &set.validate else {
             return Ok(());
         };
@@ -317,25 +415,22 @@ impl Staged {
             ("CLUSTERD_ROOT", root_path.as_str()),
             ("CLUSTERD_STAGED", target.as_str()),
         ];
-        // Where mount namespaces work, the validator can write neither the
-        // live root nor data_dir (Raft log, quarantine), nor the copy.
-        let protect = [
-            (self.data_dir.as_path(), self.data_dir.as_path()),
-            (set.root_dir.as_path(), set.root_dir.as_path()),
-        ];
-        let mut read_only: Vec<(&Path, &Path)> = Vec::new();
-        match (self.mode, &self.view_of) {
-            (StageMode::View, Some(live)) => {
-                read_only.extend(protect);
-                read_only.push((live.as_path(), self.dir.as_path()));
+        // A view or hard links only where the validator can write neither
+        // the live root nor data_dir (Raft log, quarantine), nor the copy.
+        let view = match self.mode {
+            StageMode::Copy => None,
+            StageMode::View | StageMode::Link => {
+                match shared.sandbox.view(&shared.data_dir, &shared.sets) {
+                    Some(view) => Some(view),
+                    None => {
+                        return Err(
+                            "cannot start the validator: its read-only mount namespace could not be made (see the log)".to_string(),
+                        )
+                    }
+                }
             }
-            (StageMode::Link, _) => {
-                read_only.extend(protect);
-                read_only.push((self.dir.as_path(), self.dir.as_path()));
-            }
-            _ => {}
-        }
-        let outcome: CheckOutcome = run_check(&line, &env, set.validate_timeout, &read_only);
+        };
+        let outcome: CheckOutcome = run_check(&line, &env, set.validate_timeout, view.as_deref());
         if !outcome.passed {
             warn!(
                 set = %set.name,
@@ -411,7 +506,7 @@ pub fn check_tree(
             shared.data_dir.join(VALIDATE_DIR).display()
         )
     };
-    let mut staged = match Staged::view_of_live(&shared.data_dir, set).map_err(cannot)? {
+    let mut staged = match Staged::view_of_live(shared, set) {
         Some(mut view) => {
             // What the validator sees of the changed files, to hold the
             // pass to: taken before it runs.
@@ -427,9 +522,9 @@ pub fn check_tree(
             }
             view
         }
-        None => Staged::of_tree(&shared.data_dir, set, root).map_err(cannot)?,
+        None => Staged::of_tree(shared, set, root).map_err(cannot)?,
     };
-    staged.run(set, &describe(changed))?;
+    staged.run(shared, set, &describe(changed))?;
     Ok(std::mem::take(&mut staged.checked))
 }
 

@@ -50,7 +50,7 @@ impl Applier {
         let (staged, made) = match (held, shadow) {
             (Some(s), _) => (s, Instant::now()),
             (None, Some(shadow)) => shadow,
-            (None, None) => match Staged::of_tree(&self.shared.data_dir, set, root) {
+            (None, None) => match Staged::of_tree(&self.shared, set, root) {
                 Ok(s) => (s, Instant::now()),
                 Err(e) => {
                     warn!(set = %set.name, "cannot stage a copy of sync set {:?} to check a committed change: {e}; applying it as the leader checked it", set.name);
@@ -64,7 +64,7 @@ impl Applier {
             staged.release();
             return self.end_hold(&set.name, was_held);
         }
-        match staged.run(set, &describe(&changed)) {
+        match staged.run(&self.shared, set, &describe(&changed)) {
             Ok(()) => {
                 let go = self.end_hold(&set.name, was_held);
                 if go {
@@ -135,7 +135,7 @@ impl Applier {
             info!(set = %name, "sync set {name:?} is still held here, as before this start: {why}");
             if reverted {
                 self.reverted.insert(name.clone());
-            } else if let Some(copy) = Staged::adopt_held(&self.shared.data_dir, &set) {
+            } else if let Some(copy) = Staged::adopt_held(&self.shared, &set) {
                 self.held_copies.insert(name.clone(), copy);
             }
             self.held_here.insert(name.clone());
