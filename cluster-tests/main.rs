@@ -12,6 +12,7 @@ mod elections;
 mod failover;
 mod guarded;
 mod harness;
+mod history;
 mod hooks;
 mod hostile;
 mod import_rsync;

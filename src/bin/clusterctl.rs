@@ -12,8 +12,8 @@ use clusterd::core::config::{Config, DEFAULT_ADMIN_SOCKET};
 use clusterd::core::status::{check, CheckCode, CheckThresholds, ClusterStatus};
 use clusterd::net::proto::admin::{PromoteRequest, StatusRequest};
 use clusterd::net::proto::peer::{BarrierRequest, PauseChange, SyncRequest};
-use clusterd::ops::admin;
 use clusterd::ops::cli::{CertsCommand, ClusterctlArgs as Args, Command};
+use clusterd::ops::{admin, history_view};
 
 fn main() -> ExitCode {
     let args = Args::parse();
@@ -295,6 +295,46 @@ async fn run(args: Args) -> Result<ExitCode> {
                 }
                 Err(s) => bail!("promote node {node} failed: {}", s.message()),
             }
+        }
+        Command::History {
+            set,
+            path,
+            limit,
+            json,
+        } => {
+            let mut client = admin_client(&args).await?;
+            let text = history_view::list(&mut client, set, path.as_deref(), *limit, *json)
+                .await
+                .with_context(|| format!("history of sync set {set:?}"))?;
+            print!("{text}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Show { set, path, at } => {
+            let mut client = admin_client(&args).await?;
+            let content = history_view::show(&mut client, set, path, *at)
+                .await
+                .with_context(|| format!("show {path} of sync set {set:?} at revision {at}"))?;
+            use std::io::Write;
+            std::io::stdout().write_all(&content)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Diff {
+            set,
+            path,
+            from,
+            to,
+        } => {
+            let mut client = admin_client(&args).await?;
+            let (text, complete) =
+                history_view::diff(&mut client, set, path.as_deref(), *from, *to)
+                    .await
+                    .with_context(|| format!("diff of sync set {set:?}"))?;
+            print!("{text}");
+            Ok(if complete {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
         Command::Conflicts { json } => {
             let mut client = admin_client(&args).await?;

@@ -76,6 +76,17 @@ pub struct RawConfig {
     pub replication: RawReplication,
     #[serde(default)]
     pub admin: RawAdmin,
+    #[serde(default)]
+    pub history: RawHistory,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHistory {
+    pub keep_days: Option<i64>,
+    /// Bytes, or a size such as "1GiB" or "500MB"; read as text since
+    /// either may be given.
+    pub keep_bytes: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -157,6 +168,9 @@ pub struct RawSync {
     pub validate_timeout_ms: Option<i64>,
     /// "report" (default) or "revert".
     pub on_change_failure: Option<String>,
+    /// Keep every committed version (default: true for mirror sets, false
+    /// for append sets); read as text for the same reason as `xattrs`.
+    pub history: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -194,6 +208,7 @@ pub struct Config {
     pub tls: TlsPaths,
     pub sync: Vec<SyncSetConfig>,
     pub replication: ReplicationConfig,
+    pub history: HistoryConfig,
     pub hooks: HooksConfig,
     /// Default log filter when RUST_LOG is not set (e.g. "info").
     pub log_level: String,
@@ -303,6 +318,35 @@ pub struct SyncSetConfig {
     pub validate_timeout: Duration,
     /// What a follower does when `on_change` fails after a change.
     pub on_change_failure: OnChangeFailure,
+    /// Every committed version of the set's files is kept under
+    /// `data_dir/history` (see [`HistoryConfig`]), so a bad change that
+    /// replicated can be found, diffed and rolled back.
+    pub history: bool,
+}
+
+/// `[history]`: how long committed versions are kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HistoryConfig {
+    /// Revisions older than this are dropped (the version each path had
+    /// then stays, as the state the oldest kept revision starts from).
+    pub keep: Duration,
+    /// The most the kept versions may take on disk; the oldest revisions
+    /// go first when they take more.
+    pub keep_bytes: u64,
+}
+
+/// Default `history.keep_days`.
+pub const DEFAULT_HISTORY_DAYS: u64 = 30;
+/// Default `history.keep_bytes`: 1 GiB.
+pub const DEFAULT_HISTORY_BYTES: u64 = 1 << 30;
+
+impl Default for HistoryConfig {
+    fn default() -> Self {
+        HistoryConfig {
+            keep: Duration::from_secs(DEFAULT_HISTORY_DAYS * 86_400),
+            keep_bytes: DEFAULT_HISTORY_BYTES,
+        }
+    }
 }
 
 /// `sync[].on_change_failure`.
@@ -471,6 +515,7 @@ pub fn validate(raw: RawConfig, file: &Path) -> Result<Config, ConfigError> {
     let sync = v.sync_sets(raw.sync, node.as_ref().is_some_and(|n| n.witness));
     let hooks = v.hooks(raw.hooks);
     let replication = v.replication(raw.replication);
+    let history = v.history(raw.history);
     let log_level = raw.log.level.unwrap_or_else(|| "info".to_string());
     if let Err(e) = tracing_subscriber::EnvFilter::try_new(&log_level) {
         v.problem(format!("key `log.level` = {log_level:?} is not a valid log filter ({e}); use e.g. \"info\" or \"info,clusterd=debug\""));
@@ -491,6 +536,7 @@ pub fn validate(raw: RawConfig, file: &Path) -> Result<Config, ConfigError> {
             tls,
             sync,
             replication,
+            history,
             hooks,
             log_level,
             metrics_listen,
@@ -804,6 +850,15 @@ impl Validator {
                     OnChangeFailure::Report
                 }
             };
+            let history = match s.history.as_deref() {
+                None => mode == SyncMode::Mirror,
+                Some("true") => true,
+                Some("false") => false,
+                Some(other) => {
+                    self.problem(format!("key `{key}.history` = {other:?} of sync set {name:?} must be true or false (true keeps every committed version under data_dir/history)"));
+                    mode == SyncMode::Mirror
+                }
+            };
             sets.push(SyncSetConfig {
                 name,
                 path,
@@ -818,6 +873,7 @@ impl Validator {
                 validate,
                 validate_timeout: Duration::from_millis(validate_timeout),
                 on_change_failure,
+                history,
             });
         }
         sets
@@ -840,6 +896,28 @@ impl Validator {
             Some(s) => self.problem(format!(
                 "key `replication.rescan_secs` = {s} must be between 1 and 86400"
             )),
+        }
+        out
+    }
+
+    fn history(&mut self, h: RawHistory) -> HistoryConfig {
+        let mut out = HistoryConfig::default();
+        match h.keep_days {
+            None => {}
+            Some(d) if (1..=36_500).contains(&d) => {
+                out.keep = Duration::from_secs(d as u64 * 86_400)
+            }
+            Some(d) => self.problem(format!(
+                "key `history.keep_days` = {d} must be between 1 and 36500 days"
+            )),
+        }
+        if let Some(text) = h.keep_bytes {
+            match text.trim().parse::<bytesize::ByteSize>() {
+                Ok(size) if size.as_u64() >= 1 << 20 => out.keep_bytes = size.as_u64(),
+                _ => self.problem(format!(
+                    "key `history.keep_bytes` = {text:?} must be a size of at least 1MiB, e.g. \"1GiB\", \"500MB\" or a number of bytes"
+                )),
+            }
         }
         out
     }

@@ -38,6 +38,10 @@ pub const SECTIONS: &[(&str, &str)] = &[
         "How the leader watches and rescans the sync sets.",
     ),
     (
+        "history",
+        "How long each data node keeps the committed versions of its sets.",
+    ),
+    (
         "sync",
         "The sync sets, one `[[sync]]` table each: what is replicated, and how.",
     ),
@@ -137,6 +141,16 @@ pub const KEYS: &[KeyDoc] = &[
         meaning: "full rescan of every set, catching anything the watcher missed",
     },
     KeyDoc {
+        keys: &["history.keep_days"],
+        default: "`30`",
+        meaning: "days committed versions are kept under `data_dir/history` (see \"Going back\"); older revisions are dropped, the version each path had then stays",
+    },
+    KeyDoc {
+        keys: &["history.keep_bytes"],
+        default: "`\"1GiB\"`",
+        meaning: "the most the kept versions may take on disk (e.g. `\"500MB\"`, or bytes); the oldest revisions are dropped first",
+    },
+    KeyDoc {
         keys: &["sync[].name"],
         default: "required",
         meaning: "the set's identity across the cluster",
@@ -175,6 +189,11 @@ pub const KEYS: &[KeyDoc] = &[
         keys: &["sync[].on_change_failure"],
         default: "`\"report\"`",
         meaning: "what a follower does when `on_change` exits non-zero after applying a change of the set: `\"report\"` logs and counts it (`on_change_failures`); `\"revert\"` puts back the files that change touched (content and metadata, atomically), runs `on_change` again and holds the set (status `held`) until its next committed change. Needs `on_change`; not with `mode = \"append\"`",
+    },
+    KeyDoc {
+        keys: &["sync[].history"],
+        default: "`true` (`false` for append sets)",
+        meaning: "keep every committed version of the set's files (content, mode, owner, mtime) for `clusterctl history`, `show`, `diff` and `rollback`",
     },
     KeyDoc {
         keys: &["sync[].xattrs"],

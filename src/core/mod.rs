@@ -12,6 +12,7 @@ pub mod config;
 pub mod config_reference;
 pub mod delta;
 pub mod error_text;
+pub mod history;
 pub mod manifest;
 pub mod names;
 pub mod paths;

@@ -338,3 +338,37 @@ impl TryFrom<&peer::StagedVersion> for crate::core::manifest::StagedVersion {
         })
     }
 }
+
+/// A path's state at a revision ([`crate::core::history::At`]) as
+/// the admin service answers it.
+pub fn version_reply(revision: u64, at: crate::core::history::At) -> admin::VersionReply {
+    use crate::core::manifest::EntryKind;
+    let Some(entry) = at.entry else {
+        return admin::VersionReply {
+            exists: false,
+            changed_at: at.changed_at.unwrap_or(0),
+            revision,
+            ..Default::default()
+        };
+    };
+    admin::VersionReply {
+        exists: true,
+        changed_at: at.changed_at.unwrap_or(0),
+        kind: match entry.meta.kind {
+            EntryKind::File => "file",
+            EntryKind::Dir => "dir",
+            EntryKind::Symlink => "symlink",
+        }
+        .to_string(),
+        mode: entry.meta.mode,
+        uid: entry.meta.uid,
+        gid: entry.meta.gid,
+        mtime_unix_ns: entry
+            .meta
+            .mtime_ns
+            .clamp(i64::MIN as i128, i64::MAX as i128) as i64,
+        content: at.content.unwrap_or_default(),
+        symlink_target: entry.target.unwrap_or_default(),
+        revision,
+    }
+}

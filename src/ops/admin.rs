@@ -24,7 +24,8 @@ use crate::net::peer::request_status;
 use crate::net::proto::admin::admin_client::AdminClient;
 use crate::net::proto::admin::admin_server::{Admin, AdminServer};
 use crate::net::proto::admin::{
-    ClusterStatus as PbClusterStatus, PromoteReply, PromoteRequest, StatusRequest,
+    ClusterStatus as PbClusterStatus, HistoryReply, HistoryRequest, PromoteReply, PromoteRequest,
+    StatusRequest, VersionReply, VersionRequest,
 };
 use crate::net::proto::peer::{
     BarrierReply, BarrierRequest, NodeStatusRequest, PauseChange, PauseChangeReply, SyncReply,
@@ -716,6 +717,78 @@ impl Admin for AdminService {
         Ok(Response::new(PauseChangeReply { index }))
     }
 
+    async fn history(
+        &self,
+        req: Request<HistoryRequest>,
+    ) -> Result<Response<HistoryReply>, Status> {
+        let r = req.into_inner();
+        let files = self.files.clone();
+        tokio::task::spawn_blocking(move || {
+            use crate::replication::history;
+            let path = match r.path.as_str() {
+                "" => None,
+                p => {
+                    let set = files
+                        .set(&r.set)
+                        .ok_or_else(|| history::HistoryError::UnknownSet(r.set.clone()))?;
+                    Some(history::resolve_path(set, p)?)
+                }
+            };
+            let limit = if r.limit == 0 {
+                usize::MAX
+            } else {
+                r.limit as usize
+            };
+            let nonzero = |v: u64| (v != 0).then_some(v);
+            let (revisions, oldest) = history::list(
+                &files,
+                &r.set,
+                path.as_ref(),
+                limit,
+                nonzero(r.after),
+                nonzero(r.up_to),
+            )?;
+            Ok(HistoryReply {
+                revisions_json: crate::core::history::revisions_json(&revisions).to_string(),
+                oldest: oldest.unwrap_or(0),
+                applied: files.applied.load(std::sync::atomic::Ordering::SeqCst),
+            })
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map(Response::new)
+        .map_err(history_status)
+    }
+
+    async fn version(
+        &self,
+        req: Request<VersionRequest>,
+    ) -> Result<Response<VersionReply>, Status> {
+        if req.get_ref().with_content {
+            // Content may be /etc/shadow: not for a witness's certificate.
+            require_admin(&req, "reading a file's content from the history")?;
+        }
+        let r = req.into_inner();
+        let files = self.files.clone();
+        tokio::task::spawn_blocking(move || {
+            use crate::replication::history;
+            let set = files
+                .set(&r.set)
+                .ok_or_else(|| history::HistoryError::UnknownSet(r.set.clone()))?;
+            let path = history::resolve_path(set, &r.path)?;
+            let revision = match r.revision {
+                0 => files.applied.load(std::sync::atomic::Ordering::SeqCst),
+                rev => rev,
+            };
+            let at = history::version(&files, &r.set, &path, revision, r.with_content)?;
+            Ok(crate::net::proto::version_reply(revision, at))
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map(Response::new)
+        .map_err(history_status)
+    }
+
     async fn sync(&self, req: Request<SyncRequest>) -> Result<Response<SyncReply>, Status> {
         require_admin(&req, "sync")?;
         let r = req.into_inner();
@@ -816,4 +889,21 @@ pub enum ClientError {
     },
     #[error("cannot load the TLS files for --remote: {reason}")]
     Tls { reason: String },
+}
+
+/// How a history error reaches `clusterctl`.
+fn history_status(e: crate::replication::history::HistoryError) -> tonic::Status {
+    use crate::replication::history::HistoryError as E;
+    let text = e.to_string();
+    match e {
+        E::UnknownSet(_) | E::BadPath { .. } => tonic::Status::invalid_argument(text),
+        E::Off(_)
+        | E::Empty(_)
+        | E::TooOld { .. }
+        | E::Predates { .. }
+        | E::NotCommitted { .. } => tonic::Status::failed_precondition(text),
+        E::NotKept { .. } => tonic::Status::not_found(text),
+        E::Damaged { .. } => tonic::Status::data_loss(text),
+        E::Store(_) | E::Io { .. } => tonic::Status::unavailable(text),
+    }
 }

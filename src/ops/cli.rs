@@ -121,6 +121,42 @@ pub enum Command {
         #[arg(long, default_value_t = 60_000)]
         timeout_ms: u64,
     },
+    /// The committed revisions of SET, newest first, from this node's
+    /// history: revision (the Raft index), time, term, leader, and what
+    /// changed (+ added, ~ content, m metadata, - deleted) with sizes. With
+    /// PATH (relative to the set's path, or absolute), only the revisions
+    /// that changed it or something below it.
+    History {
+        set: String,
+        path: Option<String>,
+        /// At most this many revisions (0: all).
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+        /// One JSON array, newest first: [{"revision", "time", "term",
+        /// "leader", "changes": [{"path", "op", "size"}]}].
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write the content PATH of SET had at revision REV to stdout.
+    Show {
+        set: String,
+        path: String,
+        /// The revision (see `clusterctl history`).
+        #[arg(long)]
+        at: u64,
+    },
+    /// What changed in SET (or under PATH) from revision FROM to TO: a
+    /// unified diff of each text file, one line per binary, metadata,
+    /// directory or symlink change.
+    Diff {
+        set: String,
+        path: Option<String>,
+        #[arg(long)]
+        from: u64,
+        /// Default: the newest revision this node applied.
+        #[arg(long)]
+        to: Option<u64>,
+    },
     /// What this node set aside in quarantine (local versions it replaced or
     /// deleted because they differed from what the cluster committed).
     Conflicts {

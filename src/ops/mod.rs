@@ -9,6 +9,7 @@
 #[cfg(feature = "node")]
 pub mod admin;
 pub mod cli;
+pub mod history_view;
 pub mod hooks;
 pub mod import_rsync;
 pub mod logging;

@@ -15,6 +15,7 @@ use std::sync::Mutex;
 use rocksdb::{IteratorMode, Options, WriteBatch, WriteOptions, DB};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
+use crate::core::history::{Revision, Version};
 use crate::core::manifest::{Entry, Manifest, Pause, SetProgress, WireDigest};
 use crate::core::paths::SetPath;
 
@@ -59,6 +60,36 @@ const P_SIGNATURE: u8 = b'g';
 const P_MISSING: u8 = b'x';
 const P_PAUSE: u8 = b'u';
 const P_HELD: u8 = b'h';
+/// History (`crate::core::history`): a set's revisions, each path's
+/// versions, and the content of small versions.
+const P_REVISION: u8 = b'v';
+const P_VERSION: u8 = b'w';
+const P_OBJECT: u8 = b'o';
+
+fn revision_key(set: &str, rev: u64) -> Vec<u8> {
+    let mut k = set_key(P_REVISION, set);
+    k.push(0);
+    k.extend_from_slice(&rev.to_be_bytes());
+    k
+}
+
+/// Versions of `path` sort by revision under this prefix.
+fn version_prefix(set: &str, path: &SetPath) -> Vec<u8> {
+    let mut k = path_key(P_VERSION, set, path);
+    k.push(0);
+    k
+}
+
+fn object_key(digest: &WireDigest) -> Vec<u8> {
+    let mut k = vec![P_OBJECT];
+    k.extend_from_slice(&digest.0);
+    k
+}
+
+fn rev_of(key: &[u8]) -> Option<u64> {
+    let tail: [u8; 8] = key.get(key.len().checked_sub(8)?..)?.try_into().ok()?;
+    Some(u64::from_be_bytes(tail))
+}
 
 fn path_key(prefix: u8, set: &str, path: &SetPath) -> Vec<u8> {
     let mut k = Vec::with_capacity(2 + set.len() + path.as_bytes().len());
@@ -148,6 +179,31 @@ impl StoreBatch {
             Some(h) => self.wb.put(set_key(P_HELD, set), enc(&h)),
             None => self.wb.delete(set_key(P_HELD, set)),
         }
+    }
+    /// Records revision `rev` of `set` (see [`crate::core::history`]).
+    pub fn put_revision(&mut self, set: &str, rev: u64, revision: &Revision) {
+        self.wb.put(revision_key(set, rev), enc(revision));
+    }
+    pub fn delete_revision(&mut self, set: &str, rev: u64) {
+        self.wb.delete(revision_key(set, rev));
+    }
+    /// Records `path`'s state after revision `rev`.
+    pub fn put_version(&mut self, set: &str, path: &SetPath, rev: u64, version: &Version) {
+        let mut k = version_prefix(set, path);
+        k.extend_from_slice(&rev.to_be_bytes());
+        self.wb.put(k, enc(version));
+    }
+    pub fn delete_version(&mut self, set: &str, path: &SetPath, rev: u64) {
+        let mut k = version_prefix(set, path);
+        k.extend_from_slice(&rev.to_be_bytes());
+        self.wb.delete(k);
+    }
+    /// Stores the compressed content of a small version.
+    pub fn put_object(&mut self, digest: &WireDigest, compressed: &[u8]) {
+        self.wb.put(object_key(digest), compressed);
+    }
+    pub fn delete_object(&mut self, digest: &WireDigest) {
+        self.wb.delete(object_key(digest));
     }
     pub fn set_applied(&mut self, index: u64) {
         self.wb.put(KEY_APPLIED, index.to_be_bytes());
@@ -323,6 +379,131 @@ impl FilesStore {
             .into_iter()
             .filter_map(|(k, r)| split_path_key(&k).map(|(_, p)| (p, r)))
             .collect()
+    }
+
+    /// Revisions of `set`, newest first, from `before` down (exclusive;
+    /// `None`: from the newest), while `more` accepts them.
+    pub fn revisions(
+        &self,
+        set: &str,
+        before: Option<u64>,
+        mut more: impl FnMut(u64, Revision) -> bool,
+    ) -> Result<(), FilesStoreError> {
+        let mut prefix = set_key(P_REVISION, set);
+        prefix.push(0);
+        let start = revision_key(set, before.unwrap_or(u64::MAX));
+        let iter = self
+            .db
+            .iterator(IteratorMode::From(&start, rocksdb::Direction::Reverse));
+        for item in iter {
+            let (k, v) = item.map_err(|e| self.corrupt(&start, e.to_string()))?;
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            let rev = rev_of(&k).unwrap_or(0);
+            if Some(rev) == before {
+                continue;
+            }
+            let r: Revision =
+                postcard::from_bytes(&v).map_err(|e| self.corrupt(&k, e.to_string()))?;
+            if !more(rev, r) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Revisions of `set`, oldest first, as (revision, time, stored bytes).
+    pub fn revision_weights(&self, set: &str) -> Result<Vec<(u64, u64, u64)>, FilesStoreError> {
+        let mut out = Vec::new();
+        self.revisions(set, None, |rev, r| {
+            out.push((rev, r.time_ms, r.stored_bytes));
+            true
+        })?;
+        out.reverse();
+        Ok(out)
+    }
+
+    /// The state of `path` at revision `rev`: its last version at or before
+    /// `rev` and the revision that made it.
+    pub fn version_at(
+        &self,
+        set: &str,
+        path: &SetPath,
+        rev: u64,
+    ) -> Result<Option<(u64, Version)>, FilesStoreError> {
+        let prefix = version_prefix(set, path);
+        let mut start = prefix.clone();
+        start.extend_from_slice(&rev.to_be_bytes());
+        let mut iter = self
+            .db
+            .iterator(IteratorMode::From(&start, rocksdb::Direction::Reverse));
+        match iter.next() {
+            Some(Ok((k, v))) if k.starts_with(&prefix) && k.len() == prefix.len() + 8 => {
+                let version =
+                    postcard::from_bytes(&v).map_err(|e| self.corrupt(&k, e.to_string()))?;
+                Ok(Some((rev_of(&k).unwrap_or(0), version)))
+            }
+            Some(Err(e)) => Err(self.corrupt(&start, e.to_string())),
+            _ => Ok(None),
+        }
+    }
+
+    /// Every version of every path of `set` (path order, then revision
+    /// order), for retention.
+    pub fn versions_of_set(
+        &self,
+        set: &str,
+        mut each: impl FnMut(SetPath, u64, Version),
+    ) -> Result<(), FilesStoreError> {
+        let mut prefix = set_key(P_VERSION, set);
+        prefix.push(0);
+        let iter = self
+            .db
+            .iterator(IteratorMode::From(&prefix, rocksdb::Direction::Forward));
+        for item in iter {
+            let (k, v) = item.map_err(|e| self.corrupt(&prefix, e.to_string()))?;
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            let Some(rev) = rev_of(&k) else { continue };
+            let Some((_, path)) = split_path_key(&k[..k.len() - 9]) else {
+                continue;
+            };
+            let version = postcard::from_bytes(&v).map_err(|e| self.corrupt(&k, e.to_string()))?;
+            each(path, rev, version);
+        }
+        Ok(())
+    }
+
+    /// The stored (compressed) content of a small version, if this node
+    /// has it.
+    pub fn object(&self, digest: &WireDigest) -> Result<Option<Vec<u8>>, FilesStoreError> {
+        self.db
+            .get(object_key(digest))
+            .map_err(|e| self.corrupt(&object_key(digest), e.to_string()))
+    }
+
+    pub fn has_object(&self, digest: &WireDigest) -> bool {
+        self.db.key_may_exist(object_key(digest)) && matches!(self.object(digest), Ok(Some(_)))
+    }
+
+    /// Every stored object's digest and size.
+    pub fn objects(&self, mut each: impl FnMut(WireDigest, u64)) -> Result<(), FilesStoreError> {
+        let prefix = [P_OBJECT];
+        let iter = self
+            .db
+            .iterator(IteratorMode::From(&prefix, rocksdb::Direction::Forward));
+        for item in iter {
+            let (k, v) = item.map_err(|e| self.corrupt(&prefix, e.to_string()))?;
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            if let Ok(d) = <[u8; crate::core::delta::FileDigest::ENCODED_LEN]>::try_from(&k[1..]) {
+                each(WireDigest(d), v.len() as u64);
+            }
+        }
+        Ok(())
     }
 
     /// Writes the memtable out so its memory is freed (see

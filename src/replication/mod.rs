@@ -10,6 +10,7 @@
 pub mod apply;
 pub mod fetch;
 pub mod files_store;
+pub mod history;
 pub mod peer_files;
 pub mod scan;
 pub mod shared;

@@ -42,6 +42,8 @@ pub struct SetRuntime {
     pub validate: Option<String>,
     pub validate_timeout: std::time::Duration,
     pub on_change_failure: crate::core::config::OnChangeFailure,
+    /// Keep every committed version (`[[sync]] history`).
+    pub history: bool,
 }
 
 impl SetRuntime {
@@ -78,6 +80,7 @@ impl SetRuntime {
             validate: c.validate.clone(),
             validate_timeout: c.validate_timeout,
             on_change_failure: c.on_change_failure,
+            history: c.history,
         }
     }
 
@@ -225,6 +228,8 @@ pub struct Shared {
     pub start_reconciled: std::sync::atomic::AtomicBool,
     /// The mount namespace validators run in (`[[sync]] validate`).
     pub sandbox: crate::replication::validate::Sandbox,
+    /// How long the history of the sets is kept (`[history]`).
+    pub history: crate::core::config::HistoryConfig,
 }
 
 impl Shared {
@@ -442,6 +447,7 @@ pub fn open_shared(config: &Config) -> Result<Arc<Shared>, FilesStoreError> {
         term: AtomicU64::new(0),
         start_reconciled: std::sync::atomic::AtomicBool::new(no_sets),
         sandbox: Default::default(),
+        history: config.history,
     });
     // Quarantine records are never deleted automatically: the count shown
     // is of all of them, not only of this run's.

@@ -47,9 +47,12 @@ mod quarantine;
 mod reconcile;
 mod revert;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 mod write;
 
+/// How often retention prunes the history (a pass over its records), at a
+/// quiet tick.
+const HISTORY_PRUNE_EVERY: Duration = Duration::from_secs(600);
 /// Largest page of committed entries read back from the log at once.
 const APPLY_PAGE_BYTES: u64 = 64 << 20;
 /// Threads writing the files of one batch on a follower.
@@ -168,6 +171,8 @@ pub struct Applier {
     /// Per validated set, the copy the last passed check left (the set as
     /// committed) and when it was staged, reused by the next check.
     shadows: HashMap<String, (crate::replication::validate::Staged, Instant)>,
+    /// When retention last pruned the history (`None`: not since start).
+    history_pruned_at: Option<Instant>,
 }
 
 /// Where a put's committed content comes from ([`Applier::committed_source`]).
@@ -238,6 +243,7 @@ impl Applier {
             reverted: BTreeSet::new(),
             held_copies: HashMap::new(),
             shadows: HashMap::new(),
+            history_pruned_at: None,
         };
         applier.restore_holds();
         applier
@@ -308,6 +314,18 @@ impl Applier {
                         drop(m);
                         release_idle_memory(&self.shared);
                         self.applied_at_trim = applied;
+                    }
+                    if quiet
+                        && self
+                            .history_pruned_at
+                            .is_none_or(|at| at.elapsed() >= HISTORY_PRUNE_EVERY)
+                    {
+                        self.history_pruned_at = Some(Instant::now());
+                        if let Err(e) =
+                            crate::replication::history::prune(&self.shared, &self.shared.history)
+                        {
+                            warn!("cannot prune the history: {e}");
+                        }
                     }
                     self.applied_at_last_tick = applied;
                     Ok(())
@@ -543,6 +561,22 @@ impl Applier {
             }
             v
         };
+        // What history compares the batch's result with.
+        let keeps_history = self.shared.set(&set_name).is_some_and(|s| s.history);
+        let history_before: crate::replication::history::Before = if keeps_history {
+            let m = self.shared.manifest.read().unwrap();
+            m.set(&set_name)
+                .map(|set| {
+                    before
+                        .iter()
+                        .filter_map(|p| set.entries.get(p).map(|e| (p.clone(), e.clone())))
+                        .collect()
+                })
+                .unwrap_or_default()
+        } else {
+            Default::default()
+        };
+        let mut history_after: BTreeMap<SetPath, Option<Entry>> = BTreeMap::new();
         let (checked, touched) = {
             let mut m = self.shared.manifest.write().unwrap();
             match m.apply_tracked(index, batch) {
@@ -562,6 +596,9 @@ impl Applier {
             for p in &before {
                 if !set.entries.contains_key(p) {
                     store.delete_entry(&set_name, p);
+                    if keeps_history {
+                        history_after.insert(p.clone(), None);
+                    }
                 }
             }
             for op in &checked {
@@ -569,12 +606,18 @@ impl Applier {
                 for p in std::iter::once(path).chain(renamed_to) {
                     for (k, e) in set.subtree(p) {
                         store.put_entry(&set_name, k, e);
+                        if keeps_history {
+                            history_after.insert(k.clone(), Some(e.clone()));
+                        }
                     }
                 }
             }
             // Hard links the batch changed on the side (left as files of
             // their own, following a moved primary).
             for p in &touched {
+                if keeps_history {
+                    history_after.insert(p.clone(), set.entries.get(p).cloned());
+                }
                 match set.entries.get(p) {
                     Some(e) => store.put_entry(&set_name, p, e),
                     None => store.delete_entry(&set_name, p),
@@ -587,12 +630,40 @@ impl Applier {
         };
         if batch.origin == self.shared.node_id {
             self.adopt_own(&set_name, &checked, store);
-            return;
+        } else {
+            self.carry_out_if_due(&set, index, term, &checked, store);
         }
+        if keeps_history {
+            crate::replication::history::Recorder::record(
+                &self.shared,
+                &set,
+                self.roots.get(&set_name),
+                index,
+                term,
+                batch.origin,
+                batch.proposed_at_ms,
+                &history_before,
+                &history_after,
+                store,
+            );
+        }
+    }
+
+    /// Carries a committed batch of `set` out on this node's tree, unless a
+    /// skip marker, a catch-up or this node's validator defers it.
+    fn carry_out_if_due(
+        &mut self,
+        set: &SetRuntime,
+        index: u64,
+        term: u64,
+        checked: &[CheckedOp],
+        store: &mut StoreBatch,
+    ) {
+        let set_name = set.name.clone();
         let Some(root) = self.roots.remove(&set_name) else {
             return;
         };
-        let skip = match has_marker(&set, &root) {
+        let skip = match has_marker(set, &root) {
             Ok(m) => m,
             Err(e) => {
                 self.shared.note_error(
@@ -609,9 +680,9 @@ impl Applier {
             self.shared.set_skipping(&set_name, true);
         } else if self.deferred.contains(&set_name) && !self.held_copies.contains_key(&set_name) {
             // Still catching up on earlier skipped batches: the reconcile covers this one.
-        } else if self.follower_check(&set, &root, &checked) {
-            self.keep_before_change(&set, &root, &checked);
-            self.carry_out(&set, &root, index, term, &checked, store);
+        } else if self.follower_check(set, &root, checked) {
+            self.keep_before_change(set, &root, checked);
+            self.carry_out(set, &root, index, term, checked, store);
             let _ = self.out.send(Applied::SetChanged(set_name.clone()));
         }
         self.roots.insert(set_name, root);

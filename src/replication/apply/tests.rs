@@ -20,12 +20,13 @@ fn set(path: &Path, exclude: &[&str], skip_while: &[&str]) -> SetRuntime {
         validate: None,
         validate_timeout: std::time::Duration::from_secs(10),
         on_change_failure: Default::default(),
+        history: true,
     })
 }
 
 /// Node 1 of a three-node cluster syncing set "mail" at `d/root`, its
 /// data in `d/data` (one filesystem, as in a typical install).
-fn node_one_of_three(d: &Path) -> Config {
+pub(crate) fn node_one_of_three(d: &Path) -> Config {
     for f in ["ca.crt", "n1.crt", "n1.key"] {
         std::fs::write(d.join(f), "x").unwrap();
     }

@@ -1,0 +1,265 @@
+//! History on real processes (`clusterctl history`, `show`, `diff`): every
+//! node lists the same revisions of a set, shows old content from any node,
+//! diffs two revisions, and keeps all of it across a SIGKILL and a failover.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::harness::tree::*;
+use crate::harness::*;
+
+const REPLICATION: &str = "[replication]\ndebounce_ms = 20\nrescan_secs = 300";
+const CONVERGE: Duration = Duration::from_secs(30);
+const CTL: Duration = Duration::from_secs(10);
+
+fn cluster() -> (Cluster, u64) {
+    let mut b = Cluster::builder(3);
+    for id in 1..=3 {
+        b = b.extra_toml(id, REPLICATION);
+    }
+    let c = b.sync_set("tacacs", "mirror", "").start();
+    let all = c.ids();
+    let leader = c.wait_for_leader(&all);
+    c.wait_barrier(leader);
+    wait_sets_ready(&c, &all, &["tacacs"]);
+    (c, leader)
+}
+
+/// Node `id`'s history of `tacacs` as JSON.
+fn history(c: &Cluster, id: u64) -> Result<Vec<Value>, String> {
+    let out = c.ctl(id, &["history", "tacacs", "--limit", "0", "--json"], CTL);
+    if !out.success() {
+        return Err(format!("history on node {id}: {out}"));
+    }
+    serde_json::from_str::<Value>(&out.stdout)
+        .map_err(|e| format!("history on node {id} is not JSON ({e}): {out}"))?
+        .as_array()
+        .cloned()
+        .ok_or_else(|| format!("history on node {id} is not an array: {out}"))
+}
+
+/// The revision that made change `op` to `path`.
+fn revision_of(revisions: &[Value], path: &str, op: &str) -> Option<u64> {
+    revisions.iter().find_map(|r| {
+        let changes = r.get("changes")?.as_array()?;
+        changes
+            .iter()
+            .any(|c| c["path"] == path && c["op"] == op)
+            .then(|| r["revision"].as_u64())
+            .flatten()
+    })
+}
+
+#[track_caller]
+fn wait_content(c: &Cluster, ids: &[u64], file: &str, want: &str) {
+    wait_until(CONVERGE, &format!("{file} is {want:?} on {ids:?}"), || {
+        for &id in ids {
+            let got = fs::read_to_string(c.set_path(id, "tacacs").join(file)).unwrap_or_default();
+            if got != want {
+                return Err(format!("node {id} has {got:?}"));
+            }
+        }
+        Ok(())
+    });
+}
+
+#[test]
+fn every_node_lists_the_same_revisions_shows_and_diffs_them_across_a_kill_and_a_failover() {
+    let (c, leader) = cluster();
+    let all = c.ids();
+    let root = c.set_path(leader, "tacacs");
+    let v1 = "key = \"one\"\nuser = alice { login = PAM }\n";
+    let v2 = "key = \"two\"\nuser = alice { login = PAM }\nuser = bob { login = PAM }\n";
+    write_file(&root.join("tac_plus.conf"), v1);
+    write_file(&root.join("old.conf"), "retired\n");
+    wait_content(&c, &all, "old.conf", "retired\n");
+    wait_content(&c, &all, "tac_plus.conf", v1);
+    write_file(&root.join("tac_plus.conf"), v2);
+    wait_content(&c, &all, "tac_plus.conf", v2);
+    fs::remove_file(root.join("old.conf")).unwrap();
+    wait_until(CONVERGE, "old.conf is gone everywhere", || {
+        match all
+            .iter()
+            .find(|&&id| c.set_path(id, "tacacs").join("old.conf").exists())
+        {
+            Some(id) => Err(format!("node {id} still has it")),
+            None => Ok(()),
+        }
+    });
+    fs::set_permissions(
+        root.join("tac_plus.conf"),
+        fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+    c.wait_barrier(leader);
+
+    // Every node lists the same revisions, each change classified.
+    let listed = wait_until(
+        CONVERGE,
+        "every node lists the same four kinds of change",
+        || {
+            let mine = history(&c, leader)?;
+            for op in ["+", "~", "-", "m"] {
+                let path = if op == "-" {
+                    "old.conf"
+                } else {
+                    "tac_plus.conf"
+                };
+                revision_of(&mine, path, op)
+                    .ok_or_else(|| format!("no {op} of {path} yet: {mine:?}"))?;
+            }
+            for &id in &all {
+                let theirs = history(&c, id)?;
+                if theirs != mine {
+                    return Err(format!("node {id} lists {theirs:?}, the leader {mine:?}"));
+                }
+            }
+            Ok(mine)
+        },
+    );
+    let first = revision_of(&listed, "tac_plus.conf", "+").unwrap();
+    let second = revision_of(&listed, "tac_plus.conf", "~").unwrap();
+    assert!(first < second, "{listed:?}");
+    for r in &listed {
+        assert_eq!(r["leader"].as_u64(), Some(leader), "{r}");
+        assert!(r["time"].as_u64().unwrap() > 1_700_000_000, "{r}");
+    }
+    let table = c.ctl(leader, &["history", "tacacs"], CTL);
+    assert!(table.success(), "{table}");
+    assert!(table.stdout.contains(&format!("{second:>8}")), "{table}");
+    assert!(table.stdout.contains("~tac_plus.conf ("), "{table}");
+
+    // Old content, from a follower.
+    let follower = c.others(&[leader])[0];
+    let shown = c.ctl(
+        follower,
+        &[
+            "show",
+            "tacacs",
+            "tac_plus.conf",
+            "--at",
+            &first.to_string(),
+        ],
+        CTL,
+    );
+    assert!(shown.success(), "{shown}");
+    assert_eq!(shown.stdout, v1);
+    // A deleted file's last content.
+    let before_delete = revision_of(&listed, "old.conf", "-").unwrap() - 1;
+    let gone = c.ctl(
+        follower,
+        &[
+            "show",
+            "tacacs",
+            "old.conf",
+            "--at",
+            &before_delete.to_string(),
+        ],
+        CTL,
+    );
+    assert_eq!(gone.stdout, "retired\n", "{gone}");
+    // An absolute path works as well.
+    let abs = c.set_path(follower, "tacacs").join("tac_plus.conf");
+    let shown = c.ctl(
+        follower,
+        &[
+            "show",
+            "tacacs",
+            abs.to_str().unwrap(),
+            "--at",
+            &second.to_string(),
+        ],
+        CTL,
+    );
+    assert_eq!(shown.stdout, v2, "{shown}");
+
+    // The diff from the first version to now.
+    let diff = c.ctl(
+        follower,
+        &["diff", "tacacs", "--from", &first.to_string()],
+        CTL,
+    );
+    assert!(diff.success(), "{diff}");
+    for want in [
+        "--- tac_plus.conf@",
+        "-key = \"one\"",
+        "+key = \"two\"",
+        "+user = bob { login = PAM }",
+        "tac_plus.conf: mode 0644 -> 0600",
+        "-retired",
+    ] {
+        assert!(diff.stdout.contains(want), "diff lacks {want:?}: {diff}");
+    }
+
+    // Bad input: one sentence each.
+    let old = c.ctl(
+        follower,
+        &["show", "tacacs", "tac_plus.conf", "--at", "1"],
+        CTL,
+    );
+    assert!(!old.success());
+    assert!(old.stderr.contains("the oldest available is"), "{old}");
+    let outside = c.ctl(
+        follower,
+        &["show", "tacacs", "/etc/passwd", "--at", &second.to_string()],
+        CTL,
+    );
+    assert!(!outside.success());
+    assert!(
+        outside
+            .stderr
+            .contains("is not a path of sync set \"tacacs\""),
+        "{outside}"
+    );
+    let unknown = c.ctl(follower, &["history", "nosuchset"], CTL);
+    assert!(!unknown.success());
+    assert!(
+        unknown
+            .stderr
+            .contains("\"nosuchset\" is not replicated on this node"),
+        "{unknown}"
+    );
+    let future = c.ctl(
+        follower,
+        &["show", "tacacs", "tac_plus.conf", "--at", "999999"],
+        CTL,
+    );
+    assert!(
+        future.stderr.contains("is not committed on this node yet"),
+        "{future}"
+    );
+
+    // A SIGKILLed follower and a failover keep every revision.
+    c.restart(follower);
+    c.kill(leader);
+    let rest = c.others(&[leader]);
+    let new_leader = c.wait_for_leader(&rest);
+    c.wait_barrier(new_leader);
+    for &id in &rest {
+        let after = wait_until(CONVERGE, "history answers after the failover", || {
+            history(&c, id)
+        });
+        let kept: Vec<&Value> = after.iter().filter(|r| listed.contains(r)).collect();
+        assert_eq!(
+            kept.len(),
+            listed.len(),
+            "node {id} lost revisions: {after:?}"
+        );
+    }
+    let shown = c.ctl(
+        new_leader,
+        &[
+            "show",
+            "tacacs",
+            "tac_plus.conf",
+            "--at",
+            &first.to_string(),
+        ],
+        CTL,
+    );
+    assert_eq!(shown.stdout, v1, "{shown}");
+    c.start_node(leader);
+}
