@@ -263,3 +263,165 @@ fn every_node_lists_the_same_revisions_shows_and_diffs_them_across_a_kill_and_a_
     assert_eq!(shown.stdout, v1, "{shown}");
     c.start_node(leader);
 }
+
+/// The newest revision in node `id`'s history.
+fn newest(c: &Cluster, id: u64) -> u64 {
+    history(c, id).unwrap()[0]["revision"].as_u64().unwrap()
+}
+
+#[test]
+fn a_rollback_of_one_path_and_of_the_whole_set_reaches_every_node_from_a_follower() {
+    let (c, leader) = cluster();
+    let all = c.ids();
+    let follower = c.others(&[leader])[0];
+    let root = c.set_path(leader, "tacacs");
+    write_file(&root.join("tac_plus.conf"), "key = \"one\"\n");
+    write_file(&root.join("users.conf"), "user = alice\n");
+    wait_content(&c, &all, "tac_plus.conf", "key = \"one\"\n");
+    wait_content(&c, &all, "users.conf", "user = alice\n");
+    c.wait_barrier(leader);
+    let good = wait_until(CONVERGE, "the good state is in the history", || {
+        let rev = newest(&c, leader);
+        let h = history(&c, leader)?;
+        revision_of(&h, "users.conf", "+").ok_or("users.conf not listed yet")?;
+        Ok::<u64, String>(rev)
+    });
+    // The bad change: an edit, a deletion, a new file and a chmod.
+    write_file(&root.join("tac_plus.conf"), "key = \"broken\"\n");
+    fs::remove_file(root.join("users.conf")).unwrap();
+    write_file(&root.join("stray.conf"), "oops\n");
+    wait_content(&c, &all, "tac_plus.conf", "key = \"broken\"\n");
+    wait_content(&c, &all, "stray.conf", "oops\n");
+    fs::set_permissions(root.join("stray.conf"), fs::Permissions::from_mode(0o600)).unwrap();
+    c.wait_barrier(leader);
+
+    // A dry run says what would change and changes nothing.
+    let dry = c.ctl(
+        follower,
+        &["rollback", "tacacs", "--to", &good.to_string(), "--dry-run"],
+        CTL,
+    );
+    assert!(dry.success(), "{dry}");
+    for want in ["~ tac_plus.conf", "+ users.conf", "- stray.conf"] {
+        assert!(dry.stdout.contains(want), "dry run lacks {want:?}: {dry}");
+    }
+    assert!(root.join("stray.conf").exists());
+
+    // One path, from a follower.
+    let one = c.ctl(
+        follower,
+        &[
+            "rollback",
+            "tacacs",
+            "tac_plus.conf",
+            "--to",
+            &good.to_string(),
+        ],
+        Duration::from_secs(30),
+    );
+    assert!(one.success(), "{one}");
+    assert!(
+        one.stdout.contains("~ tac_plus.conf") && !one.stdout.contains("users.conf"),
+        "{one}"
+    );
+    assert!(one.stdout.contains("rolled back to revision"), "{one}");
+    wait_content(&c, &all, "tac_plus.conf", "key = \"one\"\n");
+    for &id in &all {
+        assert!(
+            c.set_path(id, "tacacs").join("stray.conf").exists(),
+            "node {id}: only the path was rolled back"
+        );
+    }
+    // The whole set.
+    let whole = c.ctl(
+        follower,
+        &["rollback", "tacacs", "--to", &good.to_string()],
+        Duration::from_secs(30),
+    );
+    assert!(whole.success(), "{whole}");
+    wait_content(&c, &all, "users.conf", "user = alice\n");
+    wait_until(CONVERGE, "stray.conf is gone everywhere", || {
+        match all
+            .iter()
+            .find(|&&id| c.set_path(id, "tacacs").join("stray.conf").exists())
+        {
+            Some(id) => Err(format!("node {id} still has it")),
+            None => Ok(()),
+        }
+    });
+    // A new revision, proposed by the leader, listed everywhere; the
+    // leader's tree was written like every other (nothing is proposed
+    // again from it afterwards).
+    c.wait_barrier(leader);
+    let after = wait_until(CONVERGE, "the rollback is listed everywhere", || {
+        let mine = history(&c, leader)?;
+        for &id in &all {
+            if history(&c, id)? != mine {
+                return Err(format!("node {id} differs"));
+            }
+        }
+        Ok(mine)
+    });
+    let rollback = &after[0];
+    assert_eq!(rollback["leader"].as_u64(), Some(leader), "{rollback}");
+    let again = c.ctl(
+        leader,
+        &["rollback", "tacacs", "--to", &good.to_string()],
+        CTL,
+    );
+    assert!(again.stdout.contains("nothing to roll back"), "{again}");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        newest(&c, leader),
+        rollback["revision"].as_u64().unwrap(),
+        "nothing proposed again"
+    );
+}
+
+#[test]
+fn a_rollback_the_validator_refuses_is_held_and_changes_nothing() {
+    let strict = tempfile::tempdir().unwrap();
+    let flag = strict.path().join("strict");
+    let validate = format!(
+        "validate = \"test ! -e {} || ! grep -q legacy {{}}/tac_plus.conf\"",
+        flag.display()
+    );
+    let mut b = Cluster::builder(3);
+    for id in 1..=3 {
+        b = b.extra_toml(id, REPLICATION);
+    }
+    let c = b.sync_set("tacacs", "mirror", &validate).start();
+    let all = c.ids();
+    let leader = c.wait_for_leader(&all);
+    c.wait_barrier(leader);
+    wait_sets_ready(&c, &all, &["tacacs"]);
+    let root = c.set_path(leader, "tacacs");
+    write_file(&root.join("tac_plus.conf"), "legacy = yes\n");
+    wait_content(&c, &all, "tac_plus.conf", "legacy = yes\n");
+    c.wait_barrier(leader);
+    let old = wait_until(CONVERGE, "the legacy config is in the history", || {
+        revision_of(&history(&c, leader)?, "tac_plus.conf", "+").ok_or("not yet".to_string())
+    });
+    write_file(&root.join("tac_plus.conf"), "modern = yes\n");
+    wait_content(&c, &all, "tac_plus.conf", "modern = yes\n");
+    c.wait_barrier(leader);
+    let before = newest(&c, leader);
+    // The site's rules changed: the old state no longer passes.
+    fs::write(&flag, "").unwrap();
+    let refused = c.ctl(
+        c.others(&[leader])[0],
+        &["rollback", "tacacs", "--to", &old.to_string()],
+        Duration::from_secs(30),
+    );
+    assert!(!refused.success(), "{refused}");
+    assert!(
+        refused
+            .stderr
+            .contains("held: the validator of sync set \"tacacs\" refused"),
+        "{refused}"
+    );
+    assert!(refused.stderr.contains("nothing was changed"), "{refused}");
+    c.wait_barrier(leader);
+    assert_eq!(newest(&c, leader), before, "nothing was proposed");
+    wait_content(&c, &all, "tac_plus.conf", "modern = yes\n");
+}

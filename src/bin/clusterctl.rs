@@ -11,7 +11,7 @@ use clap::Parser;
 use clusterd::core::config::{Config, DEFAULT_ADMIN_SOCKET};
 use clusterd::core::status::{check, CheckCode, CheckThresholds, ClusterStatus};
 use clusterd::net::proto::admin::{PromoteRequest, StatusRequest};
-use clusterd::net::proto::peer::{BarrierRequest, PauseChange, SyncRequest};
+use clusterd::net::proto::peer::{BarrierRequest, PauseChange, RollbackRequest, SyncRequest};
 use clusterd::ops::cli::{CertsCommand, ClusterctlArgs as Args, Command};
 use clusterd::ops::{admin, history_view};
 
@@ -335,6 +335,35 @@ async fn run(args: Args) -> Result<ExitCode> {
             } else {
                 ExitCode::FAILURE
             })
+        }
+        Command::Rollback {
+            set,
+            paths,
+            to,
+            dry_run,
+            timeout_ms,
+        } => {
+            let mut client = admin_client(&args).await?;
+            let mut req = tonic::Request::new(RollbackRequest {
+                set: set.clone(),
+                paths: paths.clone(),
+                to: *to,
+                dry_run: *dry_run,
+                timeout_ms: *timeout_ms,
+            });
+            req.set_timeout(Duration::from_millis(timeout_ms + 2_000));
+            let reply = client
+                .rollback(req)
+                .await
+                .map_err(|s| {
+                    anyhow::anyhow!("rollback of sync set {set:?} failed: {}", s.message())
+                })?
+                .into_inner();
+            print!("{}", reply.plan);
+            if reply.index != 0 {
+                println!("rolled back to revision {to} as revision {}", reply.index);
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Command::Conflicts { json } => {
             let mut client = admin_client(&args).await?;

@@ -23,8 +23,8 @@ use crate::net::accept::{PeerConn, PeerIdentity};
 use crate::net::proto::peer::peer_server::{Peer, PeerServer};
 use crate::net::proto::peer::{
     BarrierReply, BarrierRequest, FetchChunk, FetchRequest, NodeStatusRequest, NodeView,
-    PauseChange, PauseChangeReply, RaftAck, RaftBatch, StageReply, StageRequest, SyncReply,
-    SyncRequest, TransferReply, TransferRequest,
+    PauseChange, PauseChangeReply, RaftAck, RaftBatch, RollbackReply, RollbackRequest, StageReply,
+    StageRequest, SyncReply, SyncRequest, TransferReply, TransferRequest,
 };
 use crate::net::proto::{decode_raft_message, MAX_MESSAGE_BYTES};
 use crate::net::transport::Transport;
@@ -62,6 +62,44 @@ pub trait FileService: Send + Sync + 'static {
         &self,
         set: Option<String>,
     ) -> tokio::sync::oneshot::Receiver<Result<u64, String>>;
+    /// Plans `clusterctl rollback` on the leader from its history: what it
+    /// changes (one line per path) and, unless `dry_run` or nothing
+    /// changes, the commands to propose as `proposer`, once the set's
+    /// validator passed the result. Refusals are one sentence.
+    fn plan_rollback(
+        &self,
+        req: &RollbackRequest,
+        proposer: NodeId,
+    ) -> Result<(String, Vec<Command>), RequestError>;
+}
+
+/// A rollback as the leader: plans it (off the runtime), then commits it.
+/// Returns the new revision (0 when nothing was proposed) and the plan.
+pub async fn lead_rollback(
+    node: &NodeHandle,
+    files: Arc<dyn FileService>,
+    req: RollbackRequest,
+) -> Result<(u64, String), RequestError> {
+    let view = node.view();
+    if view.role != Role::Leader {
+        return Err(RequestError::NotLeader {
+            leader: view.leader,
+        });
+    }
+    known_set(node, files.as_ref(), &req.set)?;
+    let wait = wait_of(req.timeout_ms);
+    let proposer = node.id();
+    let (plan, commands) = {
+        let req = req.clone();
+        tokio::task::spawn_blocking(move || files.plan_rollback(&req, proposer))
+            .await
+            .map_err(|e| RequestError::Invalid(format!("the rollback's planning failed: {e}")))??
+    };
+    if commands.is_empty() {
+        return Ok((0, plan));
+    }
+    let index = node.propose(view.term, commands, wait).await?;
+    Ok((index, plan))
 }
 
 /// Pauses or resumes a set as the leader: checks the request against this
@@ -274,6 +312,19 @@ impl Peer for PeerService {
             index,
             report: String::new(),
         }))
+    }
+
+    async fn rollback(
+        &self,
+        req: Request<RollbackRequest>,
+    ) -> Result<Response<RollbackReply>, Status> {
+        let who = identity(&req)?;
+        let r = req.into_inner();
+        info!(peer = who.node_id, set = %r.set, to = r.to, "rollback of sync set {:?} to revision {} forwarded by node {}", r.set, r.to, who.node_id);
+        let (index, plan) = lead_rollback(&self.node, self.files.clone(), r)
+            .await
+            .map_err(request_status)?;
+        Ok(Response::new(RollbackReply { index, plan }))
     }
 
     type FetchStream = futures::stream::Iter<std::vec::IntoIter<Result<FetchChunk, Status>>>;

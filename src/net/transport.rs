@@ -690,6 +690,12 @@ mod tests {
         async fn sync(&self, _: Request<SyncRequest>) -> Result<Response<SyncReply>, Status> {
             nope()
         }
+        async fn rollback(
+            &self,
+            _: Request<RollbackRequest>,
+        ) -> Result<Response<RollbackReply>, Status> {
+            nope()
+        }
     }
 
     /// Serves `peer` on loopback (plain HTTP/2: the link logic is under

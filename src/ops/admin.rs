@@ -28,8 +28,8 @@ use crate::net::proto::admin::{
     StatusRequest, VersionReply, VersionRequest,
 };
 use crate::net::proto::peer::{
-    BarrierReply, BarrierRequest, NodeStatusRequest, PauseChange, PauseChangeReply, SyncReply,
-    SyncRequest, TransferRequest,
+    BarrierReply, BarrierRequest, NodeStatusRequest, PauseChange, PauseChangeReply, RollbackReply,
+    RollbackRequest, SyncReply, SyncRequest, TransferRequest,
 };
 use crate::net::tls::AdminCaller;
 use crate::net::transport::Transport;
@@ -400,7 +400,7 @@ impl AdminService {
     /// applied here too.
     async fn barrier(&self, wait: Duration) -> Result<u64, RequestError> {
         let deadline = Instant::now() + wait;
-        let index = self.through_leader(LeaderCall::Barrier, deadline).await?;
+        let (index, _) = self.through_leader(LeaderCall::Barrier, deadline).await?;
         self.applied_here(index, deadline).await
     }
 
@@ -408,7 +408,7 @@ impl AdminService {
     /// the entry's index once it is applied here too.
     async fn pause_change(&self, c: PauseChange, wait: Duration) -> Result<u64, RequestError> {
         let deadline = Instant::now() + wait;
-        let index = self.through_leader(LeaderCall::Pause(c), deadline).await?;
+        let (index, _) = self.through_leader(LeaderCall::Pause(c), deadline).await?;
         self.applied_here(index, deadline).await
     }
 
@@ -426,38 +426,67 @@ impl AdminService {
             set: set.clone(),
             timeout_ms: 0,
         });
-        let index = self.through_leader(call, deadline).await?;
+        let (index, _) = self.through_leader(call, deadline).await?;
+        let (report, end) = self.wait_everywhere(&set, index, deadline).await;
+        Ok((index, report, end))
+    }
+
+    /// Waits until every reachable data node applied entry `index` and
+    /// holds set `set` (every set when empty) whole, or until waiting
+    /// cannot help or `deadline` passed; with the report of each node.
+    async fn wait_everywhere(&self, set: &str, index: u64, deadline: Instant) -> (String, SyncEnd) {
         loop {
             let status = self.gather(DEFAULT_PEER_STATUS_TIMEOUT).await;
-            let (done, report, stuck) = sync_report(&status, &set, index);
+            let (done, report, stuck) = sync_report(&status, set, index);
             if done {
-                return Ok((index, report, SyncEnd::Done));
+                return (report, SyncEnd::Done);
             }
             if stuck {
-                return Ok((index, report, SyncEnd::Stuck));
+                return (report, SyncEnd::Stuck);
             }
             if Instant::now() >= deadline {
-                return Ok((index, report, SyncEnd::TimedOut));
+                return (report, SyncEnd::TimedOut);
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
+    /// `clusterctl rollback`: planned, checked and proposed by the leader;
+    /// then waits as `sync` does. Returns the new revision (0 when nothing
+    /// was proposed), the plan, and how the wait ended.
+    async fn rollback(
+        &self,
+        r: RollbackRequest,
+        wait: Duration,
+    ) -> Result<(u64, String, String, SyncEnd), RequestError> {
+        let deadline = Instant::now() + wait;
+        let set = r.set.clone();
+        let (index, plan) = self
+            .through_leader(LeaderCall::Rollback(r), deadline)
+            .await?;
+        if index == 0 {
+            return Ok((0, plan, String::new(), SyncEnd::Done));
+        }
+        let (report, end) = self.wait_everywhere(&set, index, deadline).await;
+        Ok((index, plan, report, end))
+    }
+
     /// Carries out `call` on the leader: here when this node leads, else
     /// over the leader's peer link; while there is no leader or it moved,
-    /// asks again until `deadline`. Returns the entry's index.
+    /// asks again until `deadline`. Returns the entry's index and the
+    /// leader's text (a rollback's plan).
     async fn through_leader(
         &self,
         call: LeaderCall,
         deadline: Instant,
-    ) -> Result<u64, RequestError> {
+    ) -> Result<(u64, String), RequestError> {
         loop {
             let leader = self.known_leader(deadline).await?;
             let remaining = deadline.saturating_duration_since(Instant::now());
             let timeout_ms = remaining.as_millis() as u64;
             let result = if leader == self.node.id() {
                 match &call {
-                    LeaderCall::Barrier => self.node.local_barrier(remaining).await,
+                    LeaderCall::Barrier => self.node.local_barrier(remaining).await.map(untold),
                     LeaderCall::Pause(c) => {
                         let c = PauseChange {
                             timeout_ms,
@@ -465,20 +494,31 @@ impl AdminService {
                         };
                         crate::net::peer::lead_pause_change(&self.node, self.files.as_ref(), &c)
                             .await
+                            .map(untold)
                     }
                     LeaderCall::Sync(r) => {
                         let r = SyncRequest {
                             timeout_ms,
                             ..r.clone()
                         };
-                        crate::net::peer::lead_sync(&self.node, self.files.as_ref(), &r).await
+                        crate::net::peer::lead_sync(&self.node, self.files.as_ref(), &r)
+                            .await
+                            .map(untold)
+                    }
+                    LeaderCall::Rollback(r) => {
+                        let r = RollbackRequest {
+                            timeout_ms,
+                            ..r.clone()
+                        };
+                        let files: Arc<dyn crate::net::peer::FileService> = self.files.clone();
+                        crate::net::peer::lead_rollback(&self.node, files, r).await
                     }
                 }
             } else {
                 self.ask_leader(leader, &call, remaining).await
             };
             match result {
-                Ok(index) => return Ok(index),
+                Ok(done) => return Ok(done),
                 Err(RequestError::NotLeader { .. }) | Err(RequestError::Retry(_))
                     if Instant::now() < deadline =>
                 {
@@ -495,7 +535,7 @@ impl AdminService {
         leader: NodeId,
         call: &LeaderCall,
         wait: Duration,
-    ) -> Result<u64, RequestError> {
+    ) -> Result<(u64, String), RequestError> {
         let mut client = self.transport.client(leader).ok_or_else(|| {
             RequestError::Unreachable(format!("no link to the leader, node {leader}"))
         })?;
@@ -505,7 +545,7 @@ impl AdminService {
             LeaderCall::Barrier => {
                 let mut req = Request::new(BarrierRequest { timeout_ms });
                 req.set_timeout(limit);
-                client.barrier(req).await.map(|r| r.get_ref().index)
+                client.barrier(req).await.map(|r| untold(r.get_ref().index))
             }
             LeaderCall::Pause(c) => {
                 let mut req = Request::new(PauseChange {
@@ -513,7 +553,10 @@ impl AdminService {
                     ..c.clone()
                 });
                 req.set_timeout(limit);
-                client.set_pause(req).await.map(|r| r.get_ref().index)
+                client
+                    .set_pause(req)
+                    .await
+                    .map(|r| untold(r.get_ref().index))
             }
             LeaderCall::Sync(r) => {
                 let mut req = Request::new(SyncRequest {
@@ -521,7 +564,18 @@ impl AdminService {
                     ..r.clone()
                 });
                 req.set_timeout(limit);
-                client.sync(req).await.map(|r| r.get_ref().index)
+                client.sync(req).await.map(|r| untold(r.get_ref().index))
+            }
+            LeaderCall::Rollback(r) => {
+                let mut req = Request::new(RollbackRequest {
+                    timeout_ms,
+                    ..r.clone()
+                });
+                req.set_timeout(limit);
+                client.rollback(req).await.map(|r| {
+                    let r = r.into_inner();
+                    (r.index, r.plan)
+                })
             }
         };
         reply.map_err(|s| status_error(leader, s))
@@ -555,6 +609,12 @@ enum LeaderCall {
     Barrier,
     Pause(PauseChange),
     Sync(SyncRequest),
+    Rollback(RollbackRequest),
+}
+
+/// An index the leader answered without text.
+fn untold(index: u64) -> (u64, String) {
+    (index, String::new())
 }
 
 /// Whether every reachable data node has applied entry `index` and holds
@@ -715,6 +775,40 @@ impl Admin for AdminService {
         });
         let index = self.pause_change(c, wait).await.map_err(request_status)?;
         Ok(Response::new(PauseChangeReply { index }))
+    }
+
+    async fn rollback(
+        &self,
+        req: Request<RollbackRequest>,
+    ) -> Result<Response<RollbackReply>, Status> {
+        if !req.get_ref().dry_run {
+            require_admin(&req, "rollback")?;
+        }
+        let r = req.into_inner();
+        let wait = Duration::from_millis(match r.timeout_ms {
+            0 => 60_000,
+            ms => ms.min(600_000),
+        });
+        let (set, to) = (r.set.clone(), r.to);
+        let (index, plan, report, end) = AdminService::rollback(self, r, wait)
+            .await
+            .map_err(request_status)?;
+        if index != 0 {
+            info!(set = %set, to, index, "sync set {set:?} rolled back to revision {to} as revision {index}");
+        }
+        match end {
+            SyncEnd::Done => Ok(Response::new(RollbackReply {
+                index,
+                plan: format!("{plan}{report}"),
+            })),
+            SyncEnd::Stuck => Err(Status::failed_precondition(format!(
+                "{plan}committed as revision {index}, but not every node can apply it until a set is released:\n{report}"
+            ))),
+            SyncEnd::TimedOut => Err(Status::deadline_exceeded(format!(
+                "{plan}committed as revision {index}, but not every node applied it within {} ms:\n{report}",
+                wait.as_millis()
+            ))),
+        }
     }
 
     async fn history(

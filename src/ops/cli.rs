@@ -157,6 +157,24 @@ pub enum Command {
         #[arg(long)]
         to: Option<u64>,
     },
+    /// Make SET (or the PATHs of it, and what lies below them) what it was
+    /// at revision REV, as a new revision proposed by the leader and
+    /// checked by the set's validator like any change: content and metadata
+    /// back, files created since removed, files deleted since brought back.
+    /// Prints what it changes, then waits until every reachable node
+    /// applied it. Works from any node.
+    Rollback {
+        set: String,
+        paths: Vec<String>,
+        /// The revision to go back to (see `clusterctl history`).
+        #[arg(long)]
+        to: u64,
+        /// Only print what it would change.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long, default_value_t = 60_000)]
+        timeout_ms: u64,
+    },
     /// What this node set aside in quarantine (local versions it replaced or
     /// deleted because they differed from what the cluster committed).
     Conflicts {

@@ -531,7 +531,7 @@ fn oldest(shared: &Shared, set: &str) -> Result<Option<u64>, HistoryError> {
         .map(|(rev, _, _)| *rev))
 }
 
-fn kept_set<'s>(shared: &'s Shared, set: &str) -> Result<&'s SetRuntime, HistoryError> {
+pub(crate) fn kept_set<'s>(shared: &'s Shared, set: &str) -> Result<&'s SetRuntime, HistoryError> {
     let runtime = shared
         .set(set)
         .ok_or_else(|| HistoryError::UnknownSet(set.to_string()))?;
@@ -551,20 +551,7 @@ pub fn version(
     with_content: bool,
 ) -> Result<At, HistoryError> {
     let runtime = kept_set(shared, set)?;
-    let applied = shared.applied.load(std::sync::atomic::Ordering::SeqCst);
-    if rev > applied {
-        return Err(HistoryError::NotCommitted { rev, applied });
-    }
-    let Some(oldest) = oldest(shared, set)? else {
-        return Err(HistoryError::Empty(set.to_string()));
-    };
-    if rev < oldest {
-        return Err(HistoryError::TooOld {
-            set: set.to_string(),
-            rev,
-            oldest,
-        });
-    }
+    let oldest = check_revision(shared, set, rev)?;
     let (changed_at, entry) = match shared.store.version_at(&runtime.name, path, rev)? {
         Some((at, v)) => (Some(at), v.entry),
         None => {
@@ -616,6 +603,26 @@ pub fn version(
     })
 }
 
+/// Refuses a revision this node cannot answer for: not applied here yet,
+/// or older than the history kept. Returns the oldest revision kept.
+pub(crate) fn check_revision(shared: &Shared, set: &str, rev: u64) -> Result<u64, HistoryError> {
+    let applied = shared.applied.load(std::sync::atomic::Ordering::SeqCst);
+    if rev > applied {
+        return Err(HistoryError::NotCommitted { rev, applied });
+    }
+    let Some(oldest) = oldest(shared, set)? else {
+        return Err(HistoryError::Empty(set.to_string()));
+    };
+    if rev < oldest {
+        return Err(HistoryError::TooOld {
+            set: set.to_string(),
+            rev,
+            oldest,
+        });
+    }
+    Ok(oldest)
+}
+
 /// The first version of `path` after `rev`.
 fn first_op_after(
     shared: &Shared,
@@ -641,7 +648,7 @@ fn first_op_after(
 
 /// Kept content, or the live file's when it is that version still (a
 /// version this node fetched after it applied the revision).
-fn content_or_live(
+pub(crate) fn content_or_live(
     shared: &Shared,
     set: &SetRuntime,
     path: &SetPath,

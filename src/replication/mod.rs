@@ -12,6 +12,7 @@ pub mod fetch;
 pub mod files_store;
 pub mod history;
 pub mod peer_files;
+pub mod rollback;
 pub mod scan;
 pub mod shared;
 pub mod source;

@@ -9,7 +9,9 @@ use crate::core::config::NodeId;
 use crate::core::manifest::StagedVersion;
 use crate::core::status::FilesView;
 use crate::net::peer::{FileService, StageRefused};
-use crate::net::proto::peer::{FetchChunk, FetchRequest, StageRequest};
+use crate::net::proto::peer::{FetchChunk, FetchRequest, RollbackRequest, StageRequest};
+use crate::raft::core::Command;
+use crate::raft::handle::RequestError;
 use crate::replication::shared::Shared;
 use crate::replication::staging::{StageFlush, StagingError};
 
@@ -40,6 +42,27 @@ impl FileService for Shared {
 
     fn pause_of(&self, set: &str) -> Option<crate::core::manifest::Pause> {
         self.manifest.read().unwrap().paused.get(set).cloned()
+    }
+
+    fn plan_rollback(
+        &self,
+        req: &RollbackRequest,
+        proposer: NodeId,
+    ) -> Result<(String, Vec<Command>), RequestError> {
+        let plan = crate::replication::rollback::plan(self, &req.set, &req.paths, req.to)
+            .map_err(|e| RequestError::Invalid(e.to_string()))?;
+        let text = plan.describe();
+        if req.dry_run || plan.steps.is_empty() {
+            return Ok((text, Vec::new()));
+        }
+        if let Err(why) = plan.check(self) {
+            return Err(RequestError::Invalid(format!(
+                "held: the validator of sync set {:?} refused the set as revision {} had it ({why}); nothing was changed",
+                req.set, req.to
+            )));
+        }
+        let commands = plan.commands(proposer).map_err(RequestError::Invalid)?;
+        Ok((text, commands))
     }
 
     fn request_sync(

@@ -539,6 +539,24 @@ pub fn describe(changed: &[SetPath]) -> String {
     }
 }
 
+/// Removes whatever is at `p` in the copy (a staged hard link only loses
+/// its name there); nothing there is fine.
+pub fn remove_any(p: &Path) -> Result<(), String> {
+    let result = match p.symlink_metadata() {
+        Err(_) => return Ok(()),
+        Ok(m) if m.is_dir() => fs::remove_dir_all(p),
+        Ok(_) => fs::remove_file(p),
+    };
+    result.map_err(|e| format!("{}: {e}", p.display()))
+}
+
+pub fn make_parent(p: &Path) -> Result<(), String> {
+    match p.parent() {
+        Some(d) => fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display())),
+        None => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -76,7 +76,16 @@ pub enum Command {
     /// (all, when empty) with the manifest now: what differs is
     /// quarantined and replaced, what is missing is fetched.
     Reconcile { sets: Vec<String> },
+    /// `clusterctl rollback`: changes that no node's tree holds yet (old
+    /// versions brought back from the history), so every node, the
+    /// proposing leader included, writes them through its apply path
+    /// (quarantining what it holds uncommitted); `batch.origin` is
+    /// [`NO_ORIGIN`], `proposer` the leader that proposed it.
+    Rollback { proposer: NodeId, batch: FileBatch },
 }
+
+/// The origin of a batch whose content no node's tree holds yet.
+pub const NO_ORIGIN: NodeId = 0;
 
 const COMMAND_FORMAT_V1: u8 = 1;
 const KIND_BARRIER: u8 = 1;
@@ -85,6 +94,7 @@ const KIND_CHUNK: u8 = 3;
 const KIND_PAUSE: u8 = 4;
 const KIND_RESUME: u8 = 5;
 const KIND_RECONCILE: u8 = 6;
+const KIND_ROLLBACK: u8 = 7;
 /// Most sets one `Reconcile` may name.
 const RECONCILE_SETS_MAX: usize = 1024;
 
@@ -122,6 +132,12 @@ impl Command {
             Command::Reconcile { sets } => {
                 let mut out = vec![COMMAND_FORMAT_V1, KIND_RECONCILE];
                 out.extend(postcard::to_allocvec(sets).expect("set names serialize"));
+                out
+            }
+            Command::Rollback { proposer, batch } => {
+                let mut out = vec![COMMAND_FORMAT_V1, KIND_ROLLBACK];
+                out.extend_from_slice(&proposer.to_be_bytes());
+                out.extend(crate::core::manifest::encode_batch(batch));
                 out
             }
         }
@@ -167,6 +183,18 @@ impl Command {
                     )));
                 }
                 Ok(Command::Reconcile { sets })
+            }
+            [COMMAND_FORMAT_V1, KIND_ROLLBACK, rest @ ..] if rest.len() >= 8 => {
+                let proposer = u64::from_be_bytes(rest[..8].try_into().expect("8 bytes"));
+                let batch = crate::core::manifest::decode_batch(&rest[8..])
+                    .map_err(|e| CoreError::BadEntry(e.to_string()))?;
+                if batch.origin != NO_ORIGIN {
+                    return Err(CoreError::BadEntry(format!(
+                        "a rollback of sync set {:?} names node {} as its origin",
+                        batch.set, batch.origin
+                    )));
+                }
+                Ok(Command::Rollback { proposer, batch })
             }
             [version, kind, ..] => Err(CoreError::BadEntry(format!(
                 "unknown command (format {version}, kind {kind}, {} bytes); is a newer clusterd leading?",
@@ -763,6 +791,29 @@ mod tests {
         };
         assert!(matches!(
             Command::decode(&empty_name.encode()),
+            Err(CoreError::BadEntry(_))
+        ));
+        let batch = crate::core::manifest::FileBatch {
+            set: "tacacs".into(),
+            origin: NO_ORIGIN,
+            proposed_at_ms: 7,
+            ops: vec![crate::core::manifest::FileOp::Remove {
+                path: b"new.conf".to_vec(),
+            }],
+        };
+        let rollback = Command::Rollback {
+            proposer: 3,
+            batch: batch.clone(),
+        };
+        assert_eq!(&rollback.encode()[..2], &[1, 7]);
+        assert_eq!(Command::decode(&rollback.encode()).unwrap(), rollback);
+        // A node's tree holds what an origin names: never one of these.
+        let claimed = Command::Rollback {
+            proposer: 3,
+            batch: crate::core::manifest::FileBatch { origin: 2, ..batch },
+        };
+        assert!(matches!(
+            Command::decode(&claimed.encode()),
             Err(CoreError::BadEntry(_))
         ));
     }

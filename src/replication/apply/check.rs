@@ -17,7 +17,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use super::*;
-use crate::replication::validate::{describe, Staged};
+use crate::replication::validate::{describe, make_parent, remove_any, Staged};
 
 /// How long a follower reuses its copy of a validated set (the committed
 /// state after the last change it checked) before staging it afresh: a
@@ -238,23 +238,5 @@ impl Applier {
             None => None,
         };
         delta::apply(base.as_deref(), &patch, &target, set.max_file_size).ok()
-    }
-}
-
-/// Removes whatever is at `p` in the copy (a staged hard link only loses
-/// its name there); nothing there is fine.
-fn remove_any(p: &Path) -> Result<(), String> {
-    let result = match p.symlink_metadata() {
-        Err(_) => return Ok(()),
-        Ok(m) if m.is_dir() => fs::remove_dir_all(p),
-        Ok(_) => fs::remove_file(p),
-    };
-    result.map_err(|e| format!("{}: {e}", p.display()))
-}
-
-fn make_parent(p: &Path) -> Result<(), String> {
-    match p.parent() {
-        Some(d) => fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display())),
-        None => Ok(()),
     }
 }

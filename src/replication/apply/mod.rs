@@ -434,7 +434,13 @@ impl Applier {
                     match Command::decode(&e.data) {
                         Ok(Command::Barrier { .. }) => {}
                         Ok(Command::Chunk(c)) => self.stage(&c),
-                        Ok(Command::Files(b)) => self.apply_batch(e.index, e.term, &b, &mut batch),
+                        Ok(Command::Files(b)) => {
+                            self.apply_batch(e.index, e.term, &b, b.origin, &mut batch)
+                        }
+                        Ok(Command::Rollback { proposer, batch: b }) => {
+                            info!(index = e.index, set = %b.set, "a rollback of sync set {:?} proposed by node {proposer}: {} changes", b.set, b.ops.len());
+                            self.apply_batch(e.index, e.term, &b, proposer, &mut batch)
+                        }
                         Ok(Command::Pause { set, pause }) => {
                             info!(index = e.index, set = %set, "sync set {set:?} is paused by {}{}: the leader proposes nothing of it until it is resumed", pause.by, if pause.reason.is_empty() { String::new() } else { format!(" ({})", pause.reason) });
                             batch.put_pause(&set, Some(&pause));
@@ -528,7 +534,15 @@ impl Applier {
         }
     }
 
-    fn apply_batch(&mut self, index: u64, term: u64, batch: &FileBatch, store: &mut StoreBatch) {
+    /// Applies a committed batch proposed by `proposer` (for the history).
+    fn apply_batch(
+        &mut self,
+        index: u64,
+        term: u64,
+        batch: &FileBatch,
+        proposer: u64,
+        store: &mut StoreBatch,
+    ) {
         let set_name = batch.set.clone();
         for op in &batch.ops {
             if let FileOp::Put {
@@ -640,7 +654,7 @@ impl Applier {
                 self.roots.get(&set_name),
                 index,
                 term,
-                batch.origin,
+                proposer,
                 batch.proposed_at_ms,
                 &history_before,
                 &history_after,

@@ -70,7 +70,7 @@ const STAGING_DEPTH: usize = 8;
 /// Unless their content passes this (a batch holding one huge file).
 const STAGING_BYTES: usize = 64 << 20;
 /// Chunk entries per proposal.
-const CHUNK_WINDOW: usize = 4;
+pub(crate) const CHUNK_WINDOW: usize = 4;
 /// Proposals of one pass in flight at once (each at most ~4 MiB): the
 /// pipeline that keeps disks and links busy during a first full sync.
 const MAX_IN_FLIGHT: usize = 3;
@@ -108,6 +108,7 @@ fn peer_applied(transport: &Transport, peer: u64) -> Option<(u64, Duration)> {
 }
 
 mod pipeline;
+pub(crate) use pipeline::through_the_log;
 mod plan;
 #[cfg(test)]
 mod tests;

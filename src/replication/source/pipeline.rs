@@ -187,7 +187,7 @@ pub(super) fn propose_batch(
 /// upload of their own (returned, to be proposed before the batch) and a
 /// [`Content::Staged`] reference. So a batch that could not be staged on
 /// every active follower is also one that any older release applies.
-pub(super) fn through_the_log(ops: &mut [FileOp], blob: &[u8]) -> Vec<Chunk> {
+pub(crate) fn through_the_log(ops: &mut [FileOp], blob: &[u8]) -> Vec<Chunk> {
     let mut chunks = Vec::new();
     for op in ops {
         let FileOp::Put { content, .. } = op else {
