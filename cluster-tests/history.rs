@@ -425,3 +425,86 @@ fn a_rollback_the_validator_refuses_is_held_and_changes_nothing() {
     assert_eq!(newest(&c, leader), before, "nothing was proposed");
     wait_content(&c, &all, "tac_plus.conf", "modern = yes\n");
 }
+
+/// Node `id`'s quarantine records.
+fn conflicts(c: &Cluster, id: u64) -> Result<Vec<Value>, String> {
+    let out = c.ctl(id, &["conflicts", "--json"], CTL);
+    if !out.success() {
+        return Err(format!("conflicts on node {id}: {out}"));
+    }
+    serde_json::from_str::<Value>(&out.stdout)
+        .ok()
+        .and_then(|v| v.as_array().cloned())
+        .ok_or_else(|| format!("conflicts on node {id} is not a JSON array: {out}"))
+}
+
+#[test]
+fn a_quarantined_version_is_restored_from_the_node_that_holds_it_and_dropped_from_another() {
+    let (c, leader) = cluster();
+    let all = c.ids();
+    let root = c.set_path(leader, "tacacs");
+    write_file(&root.join("tac_plus.conf"), "key = \"one\"\n");
+    wait_content(&c, &all, "tac_plus.conf", "key = \"one\"\n");
+    // A hand edit on a follower, then a committed change: the follower's
+    // version goes to quarantine.
+    let holder = c.others(&[leader])[0];
+    let other = c.others(&[leader, holder])[0];
+    write_file(
+        &c.set_path(holder, "tacacs").join("tac_plus.conf"),
+        "key = \"hand fix\"\n",
+    );
+    write_file(&root.join("tac_plus.conf"), "key = \"two\"\n");
+    wait_content(&c, &all, "tac_plus.conf", "key = \"two\"\n");
+    let record = wait_until(CONVERGE, "the hand edit is quarantined", || {
+        conflicts(&c, holder)?
+            .into_iter()
+            .find(|r| r["path"] == "tac_plus.conf")
+            .ok_or_else(|| "no record yet".to_string())
+    });
+    assert_eq!(record["set"], "tacacs", "{record}");
+    let id = record["id"].as_str().expect("records have ids").to_string();
+    assert!(id.starts_with(&format!("{holder}-")), "{id}");
+    let table = c.ctl(holder, &["conflicts"], CTL);
+    assert!(table.stdout.contains(&id), "{table}");
+
+    // Restored from a node that does not hold it: the content travels.
+    let restored = c.ctl(
+        other,
+        &["conflicts", "restore", &id],
+        Duration::from_secs(30),
+    );
+    assert!(restored.success(), "{restored}");
+    assert!(
+        restored.stdout.contains("restored as revision"),
+        "{restored}"
+    );
+    wait_content(&c, &all, "tac_plus.conf", "key = \"hand fix\"\n");
+    let h = history(&c, leader).unwrap();
+    assert_eq!(h[0]["changes"][0]["path"], "tac_plus.conf", "{h:?}");
+
+    // Dropped from another node: the copy and its record go.
+    let stored = c
+        .node(holder)
+        .data_dir
+        .join("quarantine")
+        .join(record["stored_at"].as_str().unwrap());
+    assert!(stored.exists());
+    let dropped = c.ctl(leader, &["conflicts", "drop", &id], CTL);
+    assert!(dropped.success(), "{dropped}");
+    assert!(!stored.exists(), "{} is still there", stored.display());
+    assert!(conflicts(&c, holder)
+        .unwrap()
+        .iter()
+        .all(|r| r["id"] != id.as_str()));
+    // Bad ids: one sentence each, nothing changed.
+    let again = c.ctl(leader, &["conflicts", "drop", &id], CTL);
+    assert!(
+        !again.success() && again.stderr.contains("holds no quarantined copy with id"),
+        "{again}"
+    );
+    let junk = c.ctl(leader, &["conflicts", "restore", "nonsense"], CTL);
+    assert!(
+        !junk.success() && junk.stderr.contains("is not a conflict id"),
+        "{junk}"
+    );
+}

@@ -10,9 +10,9 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use clusterd::core::config::{Config, DEFAULT_ADMIN_SOCKET};
 use clusterd::core::status::{check, CheckCode, CheckThresholds, ClusterStatus};
-use clusterd::net::proto::admin::{PromoteRequest, StatusRequest};
+use clusterd::net::proto::admin::{ConflictActionRequest, PromoteRequest, StatusRequest};
 use clusterd::net::proto::peer::{BarrierRequest, PauseChange, RollbackRequest, SyncRequest};
-use clusterd::ops::cli::{CertsCommand, ClusterctlArgs as Args, Command};
+use clusterd::ops::cli::{CertsCommand, ClusterctlArgs as Args, Command, ConflictsCommand};
 use clusterd::ops::{admin, history_view};
 
 fn main() -> ExitCode {
@@ -350,6 +350,7 @@ async fn run(args: Args) -> Result<ExitCode> {
                 to: *to,
                 dry_run: *dry_run,
                 timeout_ms: *timeout_ms,
+                ..Default::default()
             });
             req.set_timeout(Duration::from_millis(timeout_ms + 2_000));
             let reply = client
@@ -365,7 +366,34 @@ async fn run(args: Args) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Conflicts { json } => {
+        Command::Conflicts {
+            action: Some(action),
+            ..
+        } => {
+            let (id, drop, timeout_ms) = match action {
+                ConflictsCommand::Restore { id, timeout_ms } => (id, false, *timeout_ms),
+                ConflictsCommand::Drop { id } => (id, true, 10_000),
+            };
+            let mut client = admin_client(&args).await?;
+            let mut req = tonic::Request::new(ConflictActionRequest {
+                id: id.clone(),
+                drop,
+                timeout_ms,
+            });
+            req.set_timeout(Duration::from_millis(timeout_ms + 2_000));
+            let what = if drop { "drop" } else { "restore" };
+            let reply = client
+                .conflict_action(req)
+                .await
+                .map_err(|s| anyhow::anyhow!("conflicts {what} {id} failed: {}", s.message()))?
+                .into_inner();
+            print!("{}", reply.plan);
+            if reply.index != 0 {
+                println!("restored as revision {} (the quarantined copy stays until `clusterctl conflicts drop {id}`)", reply.index);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Conflicts { json, action: None } => {
             let mut client = admin_client(&args).await?;
             let mut req = tonic::Request::new(clusterd::net::proto::admin::ConflictsRequest {});
             req.set_timeout(Duration::from_secs(10));

@@ -1337,11 +1337,31 @@ fn aligned<const N: usize>(rows: &[[String; N]]) -> String {
 }
 
 /// `clusterctl conflicts` as a table: one line per quarantined version.
+/// The id `clusterctl conflicts` shows for a quarantine record: the node
+/// that holds the copy, and eight hex digits of the hash of where it is
+/// stored (unique on that node), e.g. `2-3fa9c01b`. Derived, so records
+/// written before ids existed have one too.
+pub fn conflict_id(record: &Value) -> Option<String> {
+    let node = record["node"].as_u64()?;
+    let stored = record["stored_at"].as_str()?;
+    let hash = blake3::hash(stored.as_bytes()).to_hex();
+    Some(format!("{node}-{}", &hash[..8]))
+}
+
+/// The node an id of [`conflict_id`] names.
+pub fn conflict_node(id: &str) -> Option<u64> {
+    let (node, hash) = id.split_once('-')?;
+    (hash.len() == 8 && hash.bytes().all(|b| b.is_ascii_hexdigit()))
+        .then(|| node.parse().ok())
+        .flatten()
+}
+
 pub fn conflicts_table(records: &[Value]) -> String {
     if records.is_empty() {
         return "no conflicts: nothing was set aside in quarantine\n".to_string();
     }
-    let mut rows: Vec<[String; 6]> = vec![[
+    let mut rows: Vec<[String; 7]> = vec![[
+        "ID",
         "TIME (UTC)",
         "SET",
         "PATH",
@@ -1361,6 +1381,7 @@ pub fn conflicts_table(records: &[Value]) -> String {
                 .unwrap_or_else(|| r[k].to_string())
         };
         rows.push([
+            conflict_id(r).unwrap_or_else(|| "-".to_string()),
             time,
             text("set"),
             text("path"),
@@ -1371,7 +1392,7 @@ pub fn conflicts_table(records: &[Value]) -> String {
     }
     let mut out = aligned(&rows);
     out.push_str(&format!(
-        "{} conflict(s); restore one by copying it back on the leader\n",
+        "{} conflict(s); `clusterctl conflicts restore ID` puts one back as a new revision, `clusterctl conflicts drop ID` deletes it\n",
         records.len()
     ));
     out
@@ -1386,11 +1407,15 @@ mod conflicts_tests {
         assert!(conflicts_table(&[]).starts_with("no conflicts"));
         let r = json!({"set": "tacacs", "path": "tac_plus.conf", "node": 2, "term": 7, "index": 40,
             "time_unix_ms": 1_700_000_000_000u64, "stored_at": "tacacs/1700000000000-40/tac_plus.conf"});
-        let t = conflicts_table(&[r]);
-        assert!(t.contains("2023-11-14 22:13:20  tacacs  tac_plus.conf  2     7     tacacs/1700000000000-40/tac_plus.conf"), "{t}");
+        let t = conflicts_table(std::slice::from_ref(&r));
+        let id = conflict_id(&r).unwrap();
+        assert!(t.contains(&format!("{id}  2023-11-14 22:13:20  tacacs  tac_plus.conf  2     7     tacacs/1700000000000-40/tac_plus.conf")), "{t}");
         assert!(
-            t.ends_with("1 conflict(s); restore one by copying it back on the leader\n"),
+            t.ends_with("1 conflict(s); `clusterctl conflicts restore ID` puts one back as a new revision, `clusterctl conflicts drop ID` deletes it\n"),
             "{t}"
         );
+        assert!(id.starts_with("2-") && id.len() == 10, "{id}");
+        assert_eq!(conflict_node(&id), Some(2));
+        assert_eq!(conflict_node("2-xyz"), None);
     }
 }

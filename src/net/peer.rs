@@ -23,8 +23,9 @@ use crate::net::accept::{PeerConn, PeerIdentity};
 use crate::net::proto::peer::peer_server::{Peer, PeerServer};
 use crate::net::proto::peer::{
     BarrierReply, BarrierRequest, FetchChunk, FetchRequest, NodeStatusRequest, NodeView,
-    PauseChange, PauseChangeReply, RaftAck, RaftBatch, RollbackReply, RollbackRequest, StageReply,
-    StageRequest, SyncReply, SyncRequest, TransferReply, TransferRequest,
+    PauseChange, PauseChangeReply, QuarantinedReply, QuarantinedRequest, RaftAck, RaftBatch,
+    RollbackReply, RollbackRequest, StageReply, StageRequest, SyncReply, SyncRequest,
+    TransferReply, TransferRequest,
 };
 use crate::net::proto::{decode_raft_message, MAX_MESSAGE_BYTES};
 use crate::net::transport::Transport;
@@ -71,6 +72,9 @@ pub trait FileService: Send + Sync + 'static {
         req: &RollbackRequest,
         proposer: NodeId,
     ) -> Result<(String, Vec<Command>), RequestError>;
+    /// The quarantined copy `id` this node holds: read for a restore, or
+    /// (with `drop`) deleted with its record. Refusals are one sentence.
+    fn quarantined(&self, id: &str, drop: bool) -> Result<QuarantinedReply, String>;
 }
 
 /// A rollback as the leader: plans it (off the runtime), then commits it.
@@ -325,6 +329,30 @@ impl Peer for PeerService {
             .await
             .map_err(request_status)?;
         Ok(Response::new(RollbackReply { index, plan }))
+    }
+
+    async fn quarantined(
+        &self,
+        req: Request<QuarantinedRequest>,
+    ) -> Result<Response<QuarantinedReply>, Status> {
+        let who = identity(&req)?;
+        if self.files.is_witness(who.node_id) {
+            warn!(
+                peer = who.node_id,
+                "refused a quarantined copy to peer {}: it is a witness, which holds no files",
+                who.node_id
+            );
+            return Err(Status::permission_denied(
+                "witnesses hold no files and are served none",
+            ));
+        }
+        let r = req.into_inner();
+        let files = self.files.clone();
+        tokio::task::spawn_blocking(move || files.quarantined(&r.id, r.drop))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map(Response::new)
+            .map_err(Status::failed_precondition)
     }
 
     type FetchStream = futures::stream::Iter<std::vec::IntoIter<Result<FetchChunk, Status>>>;

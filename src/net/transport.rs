@@ -696,6 +696,12 @@ mod tests {
         ) -> Result<Response<RollbackReply>, Status> {
             nope()
         }
+        async fn quarantined(
+            &self,
+            _: Request<QuarantinedRequest>,
+        ) -> Result<Response<QuarantinedReply>, Status> {
+            nope()
+        }
     }
 
     /// Serves `peer` on loopback (plain HTTP/2: the link logic is under

@@ -24,12 +24,12 @@ use crate::net::peer::request_status;
 use crate::net::proto::admin::admin_client::AdminClient;
 use crate::net::proto::admin::admin_server::{Admin, AdminServer};
 use crate::net::proto::admin::{
-    ClusterStatus as PbClusterStatus, HistoryReply, HistoryRequest, PromoteReply, PromoteRequest,
-    StatusRequest, VersionReply, VersionRequest,
+    ClusterStatus as PbClusterStatus, ConflictActionRequest, HistoryReply, HistoryRequest,
+    PromoteReply, PromoteRequest, StatusRequest, VersionReply, VersionRequest,
 };
 use crate::net::proto::peer::{
-    BarrierReply, BarrierRequest, NodeStatusRequest, PauseChange, PauseChangeReply, RollbackReply,
-    RollbackRequest, SyncReply, SyncRequest, TransferRequest,
+    BarrierReply, BarrierRequest, NodeStatusRequest, PauseChange, PauseChangeReply,
+    QuarantinedRequest, RollbackReply, RollbackRequest, SyncReply, SyncRequest, TransferRequest,
 };
 use crate::net::tls::AdminCaller;
 use crate::net::transport::Transport;
@@ -807,6 +807,93 @@ impl Admin for AdminService {
             SyncEnd::TimedOut => Err(Status::deadline_exceeded(format!(
                 "{plan}committed as revision {index}, but not every node applied it within {} ms:\n{report}",
                 wait.as_millis()
+            ))),
+        }
+    }
+
+    async fn conflict_action(
+        &self,
+        req: Request<ConflictActionRequest>,
+    ) -> Result<Response<RollbackReply>, Status> {
+        let what = if req.get_ref().drop {
+            "conflicts drop"
+        } else {
+            "conflicts restore"
+        };
+        require_admin(&req, what)?;
+        let r = req.into_inner();
+        let holder = crate::core::status::conflict_node(&r.id).ok_or_else(|| {
+            Status::invalid_argument(format!(
+                "{:?} is not a conflict id (they look like 2-3fa9c01b: the node that holds the copy, then 8 hex digits); `clusterctl conflicts` lists them",
+                r.id
+            ))
+        })?;
+        let wait = Duration::from_millis(match r.timeout_ms {
+            0 => 60_000,
+            ms => ms.min(600_000),
+        });
+        // The copy, from the node that holds it.
+        let copy = if holder == self.node.id() {
+            let files = self.files.clone();
+            let (id, drop) = (r.id.clone(), r.drop);
+            tokio::task::spawn_blocking(move || {
+                crate::net::peer::FileService::quarantined(files.as_ref(), &id, drop)
+            })
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(Status::failed_precondition)?
+        } else {
+            let mut client = self.transport.client(holder).ok_or_else(|| {
+                Status::unavailable(format!(
+                    "conflict {} is held by node {holder}, which this node has no link to",
+                    r.id
+                ))
+            })?;
+            let mut req = Request::new(QuarantinedRequest {
+                id: r.id.clone(),
+                drop: r.drop,
+            });
+            req.set_timeout(wait);
+            client
+                .quarantined(req)
+                .await
+                .map_err(|s| Status::new(s.code(), format!("node {holder}: {}", s.message())))?
+                .into_inner()
+        };
+        if r.drop {
+            info!(id = %r.id, "{}", copy.dropped);
+            return Ok(Response::new(RollbackReply {
+                index: 0,
+                plan: format!("{}\n", copy.dropped),
+            }));
+        }
+        let set = copy.set.clone();
+        let restore = RollbackRequest {
+            set: copy.set,
+            paths: vec![copy.path],
+            to: 0,
+            dry_run: false,
+            timeout_ms: 0,
+            restore_id: r.id.clone(),
+            restore_content: copy.content,
+            restore_mode: copy.mode,
+            restore_uid: copy.uid,
+            restore_gid: copy.gid,
+            restore_mtime_ns: copy.mtime_ns,
+        };
+        let (index, plan, report, end) = AdminService::rollback(self, restore, wait)
+            .await
+            .map_err(request_status)?;
+        if index != 0 {
+            info!(id = %r.id, set = %set, index, "quarantined copy {} restored as revision {index}", r.id);
+        }
+        match end {
+            SyncEnd::Done => Ok(Response::new(RollbackReply {
+                index,
+                plan: format!("{plan}{report}"),
+            })),
+            SyncEnd::Stuck | SyncEnd::TimedOut => Err(Status::deadline_exceeded(format!(
+                "{plan}committed as revision {index}, but not every node applied it:\n{report}"
             ))),
         }
     }

@@ -178,9 +178,12 @@ pub enum Command {
     /// What this node set aside in quarantine (local versions it replaced or
     /// deleted because they differed from what the cluster committed).
     Conflicts {
-        /// A JSON array of the records instead of the table.
+        /// A JSON array of the records instead of the table (each with
+        /// `id`, `set`, `path`, ...).
         #[arg(long)]
         json: bool,
+        #[command(subcommand)]
+        action: Option<ConflictsCommand>,
     },
     /// Nagios/Icinga plugin: one line with performance data; exit 0 OK,
     /// 1 WARNING, 2 CRITICAL, 3 UNKNOWN.
@@ -235,6 +238,20 @@ pub enum Command {
         #[command(subcommand)]
         command: CertsCommand,
     },
+}
+
+#[derive(Subcommand)]
+pub enum ConflictsCommand {
+    /// Put quarantined copy ID (from whichever node holds it) back into its
+    /// set at its path, with its content and mode, as a new revision the
+    /// leader proposes (checked by the set's validator like any change).
+    Restore {
+        id: String,
+        #[arg(long, default_value_t = 60_000)]
+        timeout_ms: u64,
+    },
+    /// Delete quarantined copy ID and its record, on the node that holds it.
+    Drop { id: String },
 }
 
 #[derive(Subcommand)]

@@ -8,6 +8,7 @@
 //! (invariant 4).
 
 pub mod apply;
+pub mod conflicts;
 pub mod fetch;
 pub mod files_store;
 pub mod history;

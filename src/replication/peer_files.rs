@@ -9,7 +9,9 @@ use crate::core::config::NodeId;
 use crate::core::manifest::StagedVersion;
 use crate::core::status::FilesView;
 use crate::net::peer::{FileService, StageRefused};
-use crate::net::proto::peer::{FetchChunk, FetchRequest, RollbackRequest, StageRequest};
+use crate::net::proto::peer::{
+    FetchChunk, FetchRequest, QuarantinedReply, RollbackRequest, StageRequest,
+};
 use crate::raft::core::Command;
 use crate::raft::handle::RequestError;
 use crate::replication::shared::Shared;
@@ -49,20 +51,58 @@ impl FileService for Shared {
         req: &RollbackRequest,
         proposer: NodeId,
     ) -> Result<(String, Vec<Command>), RequestError> {
-        let plan = crate::replication::rollback::plan(self, &req.set, &req.paths, req.to)
-            .map_err(|e| RequestError::Invalid(e.to_string()))?;
+        use crate::replication::rollback;
+        let plan = if req.restore_id.is_empty() {
+            rollback::plan(self, &req.set, &req.paths, req.to)
+        } else {
+            let path = req.paths.first().ok_or_else(|| {
+                RequestError::Invalid("a restore names the path it restores".to_string())
+            })?;
+            rollback::restore_plan(
+                self,
+                &req.set,
+                path,
+                &req.restore_id,
+                req.restore_content.clone(),
+                req.restore_mode,
+                req.restore_uid,
+                req.restore_gid,
+                i128::from(req.restore_mtime_ns),
+            )
+        }
+        .map_err(|e| RequestError::Invalid(e.to_string()))?;
         let text = plan.describe();
         if req.dry_run || plan.steps.is_empty() {
             return Ok((text, Vec::new()));
         }
         if let Err(why) = plan.check(self) {
             return Err(RequestError::Invalid(format!(
-                "held: the validator of sync set {:?} refused the set as revision {} had it ({why}); nothing was changed",
-                req.set, req.to
+                "held: the validator of sync set {:?} refused the set as {} would leave it ({why}); nothing was changed",
+                req.set, plan.heading
             )));
         }
         let commands = plan.commands(proposer).map_err(RequestError::Invalid)?;
         Ok((text, commands))
+    }
+
+    fn quarantined(&self, id: &str, drop: bool) -> Result<QuarantinedReply, String> {
+        if drop {
+            return self.drop_quarantined(id).map(|dropped| QuarantinedReply {
+                dropped,
+                ..Default::default()
+            });
+        }
+        let q = self.quarantined(id)?;
+        Ok(QuarantinedReply {
+            set: q.set,
+            path: q.path,
+            content: q.content,
+            mode: q.mode,
+            uid: q.uid,
+            gid: q.gid,
+            mtime_ns: q.mtime_ns.clamp(i64::MIN as i128, i64::MAX as i128) as i64,
+            dropped: String::new(),
+        })
     }
 
     fn request_sync(

@@ -45,7 +45,11 @@ pub struct Step {
 #[derive(Debug)]
 pub struct Plan {
     pub set: String,
-    pub to: u64,
+    /// What it does, for the first line and the log ("rolling ... back to
+    /// revision 41").
+    pub heading: String,
+    /// Where a file's content comes from ("as at revision 41").
+    pub source: String,
     pub steps: Vec<Step>,
 }
 
@@ -101,8 +105,77 @@ pub fn plan(shared: &Shared, set: &str, paths: &[String], to: u64) -> Result<Pla
     }
     Ok(Plan {
         set: set.to_string(),
-        to,
+        heading: format!("rolling sync set {set:?} back to revision {to}"),
+        source: format!("as at revision {to}"),
         steps,
+    })
+}
+
+/// Plans putting a quarantined file (`id`) back at `path` of `set`, with
+/// its content and metadata, as a new revision.
+#[allow(clippy::too_many_arguments)]
+pub fn restore_plan(
+    shared: &Shared,
+    set: &str,
+    path: &str,
+    id: &str,
+    content: Vec<u8>,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    mtime_ns: i128,
+) -> Result<Plan, HistoryError> {
+    let runtime = shared
+        .set(set)
+        .ok_or_else(|| HistoryError::UnknownSet(set.to_string()))?;
+    let path = history::resolve_path(runtime, path)?;
+    if content.len() as u64 > runtime.max_file_size {
+        return Err(HistoryError::BadPath {
+            set: set.to_string(),
+            path: path.to_string(),
+            why: format!(
+                "the quarantined copy is larger than the set's max_file_size ({} bytes)",
+                runtime.max_file_size
+            ),
+        });
+    }
+    let now = shared
+        .manifest
+        .read()
+        .unwrap()
+        .set(set)
+        .and_then(|s| s.entries.get(&path).cloned());
+    let then = Entry {
+        meta: crate::core::manifest::Meta {
+            kind: EntryKind::File,
+            mode,
+            uid,
+            gid,
+            user: None,
+            group: None,
+            mtime_ns,
+        },
+        digest: Some(WireDigest::new(&delta::digest(&content))),
+        target: None,
+        xattrs: Default::default(),
+        link: None,
+    };
+    let changes = classify(now.as_ref(), Some(&then)).is_some();
+    let same_content = now.as_ref().and_then(|n| n.digest) == then.digest;
+    Ok(Plan {
+        set: set.to_string(),
+        heading: format!("restoring quarantined copy {id} to {path} of sync set {set:?}"),
+        source: format!("from quarantined copy {id}"),
+        steps: if changes {
+            vec![Step {
+                path,
+                now,
+                then: Some(then),
+                content: (!same_content).then_some(content),
+            }]
+        } else {
+            Vec::new()
+        },
     })
 }
 
@@ -117,24 +190,21 @@ impl Plan {
     pub fn describe(&self) -> String {
         if self.steps.is_empty() {
             return format!(
-                "nothing to roll back: sync set {:?} already is what it was at revision {}\n",
-                self.set, self.to
+                "nothing to roll back: sync set {:?} already holds what {} would bring back ({})\n",
+                self.set, self.heading, self.source
             );
         }
-        let mut out = format!(
-            "rolling sync set {:?} back to revision {}:\n",
-            self.set, self.to
-        );
+        let mut out = format!("{}:\n", self.heading);
         for s in &self.steps {
             let line = match (s.op(), &s.then) {
                 (ChangeOp::Added, _) => format!("+ {} (deleted since: brought back)", s.path),
                 (ChangeOp::Deleted, _) => format!("- {} (created since: removed)", s.path),
                 (ChangeOp::Meta, _) => format!("m {} (mode, owner or mtime)", s.path),
                 (ChangeOp::Content, Some(e)) if e.meta.kind == EntryKind::File => format!(
-                    "~ {} ({} bytes as at revision {})",
+                    "~ {} ({} bytes {})",
                     s.path,
                     s.content.as_ref().map_or(0, Vec::len),
-                    self.to
+                    self.source
                 ),
                 (ChangeOp::Content, _) => format!("~ {}", s.path),
             };
@@ -213,7 +283,7 @@ impl Plan {
                 }
             }
         }
-        staged.run(shared, set, &format!("rollback to revision {}", self.to))
+        staged.run(shared, set, &self.heading)
     }
 
     /// The steps in the order they are carried out: removals (of what did
@@ -299,9 +369,8 @@ impl Plan {
         }
         if blob.len() > ROLLBACK_CONTENT_MAX {
             return Err(format!(
-                "the rollback of sync set {:?} to revision {} would carry {} MiB of content through the Raft log, more than the {} MiB one rollback may; roll back fewer paths at a time",
-                self.set,
-                self.to,
+                "{} would carry {} MiB of content through the Raft log, more than the {} MiB one rollback may; roll back fewer paths at a time",
+                self.heading,
                 blob.len() >> 20,
                 ROLLBACK_CONTENT_MAX >> 20
             ));

@@ -374,10 +374,19 @@ impl Shared {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(e) => return Err(e),
         };
+        // Each with the id `clusterctl conflicts restore/drop` take.
         let lines: Vec<String> = text
             .lines()
             .filter(|l| !l.trim().is_empty())
-            .map(str::to_string)
+            .map(|l| match serde_json::from_str::<serde_json::Value>(l) {
+                Ok(mut r) => {
+                    if let Some(id) = crate::core::status::conflict_id(&r) {
+                        r["id"] = serde_json::Value::String(id);
+                    }
+                    r.to_string()
+                }
+                Err(_) => l.to_string(),
+            })
             .collect();
         let skip = lines.len().saturating_sub(limit);
         Ok(lines.into_iter().skip(skip).collect())
