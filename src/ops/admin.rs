@@ -612,6 +612,15 @@ enum LeaderCall {
     Rollback(RollbackRequest),
 }
 
+/// A rollback's plan followed by the report of each node, if any.
+fn with_report(plan: String, report: &str) -> String {
+    if report.is_empty() {
+        plan
+    } else {
+        format!("{plan}{report}\n")
+    }
+}
+
 /// An index the leader answered without text.
 fn untold(index: u64) -> (u64, String) {
     (index, String::new())
@@ -799,7 +808,7 @@ impl Admin for AdminService {
         match end {
             SyncEnd::Done => Ok(Response::new(RollbackReply {
                 index,
-                plan: format!("{plan}{report}"),
+                plan: with_report(plan, &report),
             })),
             SyncEnd::Stuck => Err(Status::failed_precondition(format!(
                 "{plan}committed as revision {index}, but not every node can apply it until a set is released:\n{report}"
@@ -890,7 +899,7 @@ impl Admin for AdminService {
         match end {
             SyncEnd::Done => Ok(Response::new(RollbackReply {
                 index,
-                plan: format!("{plan}{report}"),
+                plan: with_report(plan, &report),
             })),
             SyncEnd::Stuck | SyncEnd::TimedOut => Err(Status::deadline_exceeded(format!(
                 "{plan}committed as revision {index}, but not every node applied it:\n{report}"
