@@ -252,9 +252,10 @@ fn keep_content(
         if delta::digest(&bytes) != want {
             return Ok(Kept::NotHere);
         }
-        let compressed = zstd::bulk::compress(&bytes, LEVEL)?;
-        let n = compressed.len() as u64;
-        store.put_object(digest, &compressed);
+        let encoded = encode_small(shared, set, path, &bytes)?;
+        let n = encoded.len() as u64;
+        store.put_object(digest, &encoded);
+        remember(shared, set, path, digest, bytes);
         return Ok(Kept::Stored {
             bytes: n,
             file: false,
@@ -312,6 +313,133 @@ fn keep_content(
     Ok(Kept::Stored { bytes, file: true })
 }
 
+/// How a small version is stored: whole, or as a delta against another.
+const TAG_WHOLE: u8 = 0;
+const TAG_DELTA: u8 = 1;
+/// Most deltas in a row before a version is stored whole again: reading a
+/// version decompresses at most this many others first.
+const MAX_CHAIN: u8 = 64;
+/// The last version of each path kept here, so the next one is compressed
+/// against it without rebuilding it; cleared beyond this many bytes.
+const RECENT_BYTES: usize = 16 << 20;
+
+/// A small version as stored: `[TAG_WHOLE] zstd`, or, when it is smaller,
+/// `[TAG_DELTA, depth, base digest (40 bytes)] zstd` compressed with the
+/// path's previous kept version as its dictionary (an edit of one line of a
+/// 100 KiB config costs tens of bytes instead of a compressed copy).
+fn encode_small(
+    shared: &Shared,
+    set: &SetRuntime,
+    path: &SetPath,
+    bytes: &[u8],
+) -> io::Result<Vec<u8>> {
+    let mut whole = vec![TAG_WHOLE];
+    whole.extend(zstd::bulk::compress(bytes, LEVEL)?);
+    let Some((base, base_bytes, depth)) = previous_small(shared, set, path) else {
+        return Ok(whole);
+    };
+    if depth >= MAX_CHAIN {
+        return Ok(whole);
+    }
+    let mut delta = vec![TAG_DELTA, depth + 1];
+    delta.extend_from_slice(&base.0);
+    let mut compressor = zstd::bulk::Compressor::with_dictionary(LEVEL, &base_bytes)?;
+    delta.extend(compressor.compress(bytes)?);
+    Ok(if delta.len() < whole.len() {
+        delta
+    } else {
+        whole
+    })
+}
+
+/// The last kept small version of `path`: its digest, content and how many
+/// deltas it lies from a whole one.
+fn previous_small(
+    shared: &Shared,
+    set: &SetRuntime,
+    path: &SetPath,
+) -> Option<(WireDigest, Vec<u8>, u8)> {
+    let (_, version) = shared.store.version_at(&set.name, path, u64::MAX).ok()??;
+    let digest = version.entry?.digest?;
+    let stored = shared.store.object(&digest).ok()??;
+    let depth = match stored.first() {
+        Some(&TAG_DELTA) => *stored.get(1)?,
+        _ => 0,
+    };
+    let key = (set.name.clone(), path.clone());
+    let cached = shared
+        .history_recent
+        .lock()
+        .unwrap()
+        .get(&key)
+        .filter(|(d, _)| *d == digest)
+        .map(|(_, b)| b.clone());
+    let bytes = match cached {
+        Some(b) => b,
+        None => decode_small(shared, &digest, 0).ok()?,
+    };
+    Some((digest, bytes, depth))
+}
+
+/// Keeps `bytes` as the last version of `path` for the next delta.
+fn remember(
+    shared: &Shared,
+    set: &SetRuntime,
+    path: &SetPath,
+    digest: &WireDigest,
+    bytes: Vec<u8>,
+) {
+    let mut recent = shared.history_recent.lock().unwrap();
+    let held: usize = recent.values().map(|(_, b)| b.len()).sum();
+    if held + bytes.len() > RECENT_BYTES {
+        recent.clear();
+    }
+    recent.insert((set.name.clone(), path.clone()), (*digest, bytes));
+}
+
+/// A small version's content, rebuilt through its chain of deltas and
+/// checked against its digest at every step.
+fn decode_small(shared: &Shared, digest: &WireDigest, hops: u8) -> io::Result<Vec<u8>> {
+    let bad = |why: &str| io::Error::other(format!("kept version {}: {why}", digest.get().hex()));
+    let stored = shared
+        .store
+        .object(digest)
+        .map_err(io::Error::other)?
+        .ok_or_else(|| bad("not kept"))?;
+    let want = digest.get();
+    let bytes = match stored.split_first() {
+        Some((&TAG_WHOLE, frame)) => zstd::bulk::decompress(frame, want.len as usize)?,
+        Some((&TAG_DELTA, rest))
+            if rest.len() > 1 + FileDigest::ENCODED_LEN && hops < MAX_CHAIN =>
+        {
+            let base = WireDigest(
+                rest[1..1 + FileDigest::ENCODED_LEN]
+                    .try_into()
+                    .expect("digest length"),
+            );
+            let base_bytes = decode_small(shared, &base, hops + 1)?;
+            let mut d = zstd::bulk::Decompressor::with_dictionary(&base_bytes)?;
+            d.decompress(&rest[1 + FileDigest::ENCODED_LEN..], want.len as usize)?
+        }
+        _ => return Err(bad("unknown format or too long a chain")),
+    };
+    if delta::digest(&bytes) != want {
+        return Err(bad("does not hash to its name"));
+    }
+    Ok(bytes)
+}
+
+/// The version a stored small version is a delta against, if it is one.
+fn delta_base(shared: &Shared, digest: &WireDigest) -> Option<WireDigest> {
+    let stored = shared.store.object(digest).ok()??;
+    match stored.split_first() {
+        Some((&TAG_DELTA, rest)) if rest.len() > 1 + FileDigest::ENCODED_LEN => Some(WireDigest(
+            rest[1..1 + FileDigest::ENCODED_LEN].try_into().ok()?,
+        )),
+        _ => None,
+    }
+}
+
 /// The content of `path`'s version at `rev` (digest `digest`), checked
 /// against its digest.
 pub fn content(
@@ -326,8 +454,8 @@ pub fn content(
         rev,
         digest: want.hex(),
     };
-    let bytes = if let Some(compressed) = shared.store.object(digest)? {
-        zstd::bulk::decompress(&compressed, want.len as usize).map_err(|_| damaged())?
+    let bytes = if shared.store.has_object(digest) {
+        decode_small(shared, digest, 0).map_err(|_| damaged())?
     } else {
         let read = |p: PathBuf, compressed: bool| -> Result<Option<Vec<u8>>, HistoryError> {
             match fs::File::open(&p) {
@@ -429,6 +557,15 @@ pub fn prune(shared: &Shared, config: &HistoryConfig) -> Result<(), HistoryError
             }
         })?;
         settle(at_cut.take(), &mut batch, &mut named);
+    }
+    // The versions kept ones are deltas against stay too.
+    let mut work: Vec<WireDigest> = named.iter().map(|d| WireDigest(*d)).collect();
+    while let Some(d) = work.pop() {
+        if let Some(base) = delta_base(shared, &d) {
+            if named.insert(base.0) {
+                work.push(base);
+            }
+        }
     }
     // Content no kept version names (also of sets no longer configured).
     let mut dropped_objects = 0usize;
@@ -891,5 +1028,83 @@ mod tests {
         prune(&shared, &tight).unwrap();
         let (revs, _) = list(&shared, "mail", None, 10, None, None).unwrap();
         assert_eq!(revs.iter().map(|r| r.0).collect::<Vec<_>>(), vec![9]);
+    }
+
+    #[test]
+    fn edits_of_a_large_config_are_kept_as_small_deltas_that_outlive_retention() {
+        let dir = tempfile::tempdir().unwrap();
+        let shared = open_shared(&node_one_of_three(dir.path())).unwrap();
+        let root = shared.set("mail").unwrap().open_root().unwrap();
+        let mut rng = 12345u64;
+        let mut lines: Vec<String> = (0..1500)
+            .map(|i| {
+                rng = rng
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                format!("user = u{i} {{ login = des \"{:016x}\" }}\n", rng)
+            })
+            .collect();
+        let mut versions = Vec::new();
+        let mut prev: Option<Vec<u8>> = None;
+        for rev in 1..=100u64 {
+            let at = (rev as usize * 37) % lines.len();
+            lines[at] = format!("# edit {rev}\n");
+            let content = lines.concat().into_bytes();
+            let time = if rev <= 50 { 1_000 + rev } else { now_ms() };
+            shared
+                .store
+                .write(put(
+                    &shared,
+                    &root,
+                    rev,
+                    "conf",
+                    prev.as_deref(),
+                    &content,
+                    time,
+                ))
+                .unwrap();
+            versions.push(content.clone());
+            prev = Some(content);
+        }
+        let (revs, _) = list(&shared, "mail", None, 1000, None, None).unwrap();
+        let stored: u64 = revs.iter().map(|(_, r)| r.stored_bytes).sum();
+        let whole = zstd::bulk::compress(&versions[0], LEVEL).unwrap().len() as u64;
+        assert!(versions[0].len() > 60_000, "{}", versions[0].len());
+        // Two whole versions (the first, and one after MAX_CHAIN deltas),
+        // the rest deltas of a few dozen bytes.
+        assert!(
+            stored < 3 * whole,
+            "{stored} bytes for 100 versions; one whole is {whole}"
+        );
+        for (i, v) in versions.iter().enumerate() {
+            let d = WireDigest::new(&delta::digest(v));
+            assert_eq!(
+                &content(&shared, &p("conf"), i as u64 + 1, &d).unwrap(),
+                v,
+                "version {}",
+                i + 1
+            );
+        }
+        // Retention drops revisions 1..=50: the later ones still read back,
+        // through the bases they are deltas against.
+        prune(
+            &shared,
+            &HistoryConfig {
+                keep: std::time::Duration::from_secs(86_400),
+                keep_bytes: 1 << 30,
+            },
+        )
+        .unwrap();
+        let (revs, _) = list(&shared, "mail", None, 1000, None, None).unwrap();
+        assert_eq!(revs.len(), 50);
+        for (i, v) in versions.iter().enumerate().skip(49) {
+            let d = WireDigest::new(&delta::digest(v));
+            assert_eq!(
+                &content(&shared, &p("conf"), i as u64 + 1, &d).unwrap(),
+                v,
+                "version {}",
+                i + 1
+            );
+        }
     }
 }

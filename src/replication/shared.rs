@@ -230,6 +230,9 @@ pub struct Shared {
     pub sandbox: crate::replication::validate::Sandbox,
     /// How long the history of the sets is kept (`[history]`).
     pub history: crate::core::config::HistoryConfig,
+    /// The last kept version of recently changed paths, which the next
+    /// version is stored as a delta against (see `history`).
+    pub history_recent: Mutex<HashMap<(String, SetPath), (WireDigest, Vec<u8>)>>,
 }
 
 impl Shared {
@@ -457,6 +460,7 @@ pub fn open_shared(config: &Config) -> Result<Arc<Shared>, FilesStoreError> {
         start_reconciled: std::sync::atomic::AtomicBool::new(no_sets),
         sandbox: Default::default(),
         history: config.history,
+        history_recent: Mutex::new(HashMap::new()),
     });
     // Quarantine records are never deleted automatically: the count shown
     // is of all of them, not only of this run's.
