@@ -1,7 +1,7 @@
 //! Replication benchmark: clusterd's file replication side by side with
 //! rsync, both measured in the same run on the same machine.
 //!
-//! `cargo bench --bench replication -- [--only latency|delta|append|full|idle]
+//! `cargo bench --bench replication -- [--only latency|delta|append|full|idle|validate|history]
 //!  [--edits N] [--gap-ms MS] [--delta-mib N] [--log-mib N] [--append-mib N]
 //!  [--files N] [--full-mib N] [--idle-files N] [--idle-secs N]
 //!  [--rescan-secs N] [--deadline-secs N] [--enforce]`
@@ -67,6 +67,11 @@
 //!   validated small set adds at most the validator's own run time (`sh -c
 //!   true`, timed here) plus 5 ms to the unvalidated one's p50.
 //!
+//! - `history`: what keeping history costs (see [`history`]): the full sync
+//!   and small edits into a set with history beside one without, in one
+//!   cluster; and the disk of `--history-edits` (1,000) one-line edits of a
+//!   100 KiB config. Bars: within 10 %; under 2 MiB.
+//!
 //! Without `--bench` (as `cargo test --all-targets` runs it) every scenario
 //! runs once with tiny sizes, as a smoke test that the benchmark works.
 //! With `--enforce`, exits 1 if a figure misses its bar (from issue 3).
@@ -104,14 +109,16 @@ enum Scenario {
     Full,
     Idle,
     Validate,
+    History,
 }
 
-const ALL: [Scenario; 6] = [
+const ALL: [Scenario; 7] = [
     Scenario::Latency,
     Scenario::Delta,
     Scenario::Append,
     Scenario::Full,
     Scenario::Validate,
+    Scenario::History,
     Scenario::Idle,
 ];
 
@@ -132,6 +139,8 @@ struct Opts {
     /// Deadline (scaled) for an initial load or a transfer to converge.
     deadline: Duration,
     enforce: bool,
+    /// Edits of the 100 KiB config whose history's disk is measured.
+    history_edits: usize,
 }
 
 impl Opts {
@@ -159,6 +168,7 @@ impl Opts {
                 rescan_secs: None,
                 deadline: Duration::from_secs(1800),
                 enforce: false,
+                history_edits: 1000,
             }
         } else {
             Opts {
@@ -175,6 +185,7 @@ impl Opts {
                 rescan_secs: None,
                 deadline: Duration::from_secs(120),
                 enforce: false,
+                history_edits: 20,
             }
         }
     }
@@ -182,7 +193,7 @@ impl Opts {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: replication [--only latency|delta|append|full|idle] [--edits N] [--gap-ms MS] [--delta-mib N] [--log-mib N] [--append-mib N] [--files N] [--full-mib N] [--idle-files N] [--idle-secs N] [--rescan-secs N] [--deadline-secs N] [--enforce]"
+        "usage: replication [--only latency|delta|append|full|idle|validate|history] [--history-edits N] [--edits N] [--gap-ms MS] [--delta-mib N] [--log-mib N] [--append-mib N] [--files N] [--full-mib N] [--idle-files N] [--idle-secs N] [--rescan-secs N] [--deadline-secs N] [--enforce]"
     );
     std::process::exit(2);
 }
@@ -214,6 +225,7 @@ fn parse_args() -> Opts {
                     "full" => Scenario::Full,
                     "idle" => Scenario::Idle,
                     "validate" => Scenario::Validate,
+                    "history" => Scenario::History,
                     _ => usage(),
                 })
             }
@@ -229,6 +241,7 @@ fn parse_args() -> Opts {
             "--rescan-secs" => o.rescan_secs = Some(num(value()).max(1)),
             "--deadline-secs" => o.deadline = Duration::from_secs(num(value())),
             "--enforce" => o.enforce = true,
+            "--history-edits" => o.history_edits = num(value()) as usize,
             "--bench" => {}
             // Passed through by `cargo test --all-targets -- --test-threads=N`.
             s if s.starts_with("--test-threads") => {}
@@ -272,6 +285,7 @@ fn main() {
             Scenario::Full => full(&o, have_rsync),
             Scenario::Idle => idle(&o, have_rsync),
             Scenario::Validate => validate(&o),
+            Scenario::History => history(&o),
         });
     }
     print_table(&rows);
@@ -775,33 +789,7 @@ fn validate(o: &Opts) -> Vec<Row> {
     for s in sets {
         wait_trees_equal(&c, s, &[leader, followers[0], followers[1]], o.deadline);
     }
-    let mut samples: Vec<Vec<Duration>> = vec![Vec::new(); sets.len()];
-    for i in 1..=o.edits {
-        for (k, s) in sets.iter().enumerate() {
-            let want = content(i);
-            let file = c.set_path(leader, s).join("tac_plus.conf");
-            let there: Vec<PathBuf> = followers
-                .iter()
-                .map(|&f| c.set_path(f, s).join("tac_plus.conf"))
-                .collect();
-            let t0 = Instant::now();
-            fs::write(&file, &want).unwrap();
-            while !there
-                .iter()
-                .all(|p| fs::read(p).is_ok_and(|b| b == want.as_bytes()))
-            {
-                if t0.elapsed() > scaled(EDIT_DEADLINE) {
-                    panic!(
-                        "edit {i} of set {s} did not reach both followers:\n{}",
-                        c.describe()
-                    );
-                }
-                thread::sleep(TIGHT_POLL);
-            }
-            samples[k].push(t0.elapsed());
-            thread::sleep(o.gap);
-        }
-    }
+    let stats = round_robin_edits(o, &c, leader, &followers, &sets, content);
     let mut spawn: Vec<Duration> = (0..50)
         .map(|_| {
             let t = Instant::now();
@@ -812,13 +800,6 @@ fn validate(o: &Opts) -> Vec<Row> {
         .collect();
     spawn.sort();
     let validator = percentile(&spawn, 0.5);
-    let stats: Vec<(Duration, Duration)> = samples
-        .iter_mut()
-        .map(|v| {
-            v.sort();
-            (percentile(v, 0.5), percentile(v, 0.99))
-        })
-        .collect();
     for (s, (p50, p99)) in sets.iter().zip(&stats) {
         println!("{s}: p50 {} p99 {}", ms(*p50), ms(*p99));
     }
@@ -846,6 +827,263 @@ fn validate(o: &Opts) -> Vec<Row> {
             rsync: "-".into(),
             bar: "-".into(),
             met: None,
+        },
+    ]
+}
+
+/// `o.edits` rounds of one edit of `tac_plus.conf` in each of `sets`, in
+/// turn, each timed from the write on the leader until both followers
+/// read it; p50 and p99 per set.
+fn round_robin_edits(
+    o: &Opts,
+    c: &Cluster,
+    leader: u64,
+    followers: &[u64],
+    sets: &[&str],
+    content: impl Fn(usize) -> String,
+) -> Vec<(Duration, Duration)> {
+    let mut samples: Vec<Vec<Duration>> = vec![Vec::new(); sets.len()];
+    for i in 1..=o.edits {
+        for (k, s) in sets.iter().enumerate() {
+            let want = content(i);
+            let file = c.set_path(leader, s).join("tac_plus.conf");
+            let there: Vec<PathBuf> = followers
+                .iter()
+                .map(|&f| c.set_path(f, s).join("tac_plus.conf"))
+                .collect();
+            let t0 = Instant::now();
+            fs::write(&file, &want).unwrap();
+            while !there
+                .iter()
+                .all(|p| fs::read(p).is_ok_and(|b| b == want.as_bytes()))
+            {
+                if t0.elapsed() > scaled(EDIT_DEADLINE) {
+                    panic!(
+                        "edit {i} of set {s} did not reach both followers:\n{}",
+                        c.describe()
+                    );
+                }
+                thread::sleep(TIGHT_POLL);
+            }
+            samples[k].push(t0.elapsed());
+            thread::sleep(o.gap);
+        }
+    }
+    samples
+        .iter_mut()
+        .map(|v| {
+            v.sort();
+            (percentile(v, 0.5), percentile(v, 0.99))
+        })
+        .collect()
+}
+
+/// Waits (following the status every 200 ms, which costs the nodes less
+/// than walking their trees) until both followers report `set` applied
+/// with at least `files` files and nothing missing.
+fn wait_set_applied(
+    o: &Opts,
+    c: &Cluster,
+    leader: u64,
+    followers: &[u64],
+    set: &str,
+    files: usize,
+) {
+    wait_until_every(
+        Duration::from_millis(200),
+        o.deadline,
+        "both followers to report the whole set applied",
+        || {
+            let status = c.status_result(leader, STATUS_TIMEOUT)?;
+            let mut behind = Vec::new();
+            for &f in followers {
+                let s = set_status_in(&status, leader, f, set)?;
+                let have = s["files"].as_u64().unwrap_or(0);
+                let done = have as usize >= files && s["missing"] == 0 && s["lag_batches"] == 0;
+                if !done {
+                    behind.push(format!("node {f}: {s}"));
+                }
+            }
+            if behind.is_empty() {
+                Ok(())
+            } else {
+                Err(behind.join("; "))
+            }
+        },
+    );
+}
+
+/// Bytes of the files under `dir` (0 when it does not exist).
+fn bytes_under(dir: &Path) -> u64 {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => bytes_under(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+/// `history`: what keeping history costs, in one cluster with two mirror
+/// sets, `kept` (history on, the default) and `plain` (`history = false`):
+/// the full sync of `--files` files / `--full-mib` into each, one after the
+/// other; `--edits` small edits in both, round robin; then
+/// `--history-edits` edits (one line each) of a 100 KiB config in `kept`,
+/// and the disk its history takes on a follower (`data_dir/history` and
+/// `data_dir/files`, after minus before, once their writes settled). Bars:
+/// within 10 % of no history (same run); under 2 MiB for 1,000 edits.
+fn history(o: &Opts) -> Vec<Row> {
+    let c = Cluster::builder(3)
+        .default_timers()
+        .direct_links()
+        .sync_set("kept", "mirror", "")
+        .sync_set("plain", "mirror", "history = false")
+        .start();
+    let all = c.ids();
+    let leader = c.wait_for_leader(&all);
+    c.wait_barrier(leader);
+    wait_sets_ready(&c, &all, &["kept", "plain"]);
+    let followers = c.others(&[leader]);
+    println!("3 nodes, default timers; leader {leader}; sets kept (history) and plain (history = false); direct links");
+    let mut full_took = Vec::new();
+    for (set, seed) in [("plain", 21), ("kept", 21)] {
+        let staging = c.node(leader).dir.join(format!("staging-{set}"));
+        build_tree(&staging, o.files, o.full_mib * MIB, seed);
+        settle_disk();
+        let t0 = Instant::now();
+        fs::rename(&staging, c.set_path(leader, set).join("tree")).unwrap();
+        wait_set_applied(o, &c, leader, &followers, set, o.files);
+        let took = t0.elapsed();
+        println!(
+            "full sync of {} files / {} MiB into {set}: {took:.2?}",
+            o.files, o.full_mib
+        );
+        full_took.push(took);
+    }
+    let body =
+        "user = someone {\n    login = des \"xxxxxxxxxxxx\"\n    member = admins\n}\n".repeat(12);
+    let content = |i: usize| format!("# edit {i}\n{body}");
+    for s in ["plain", "kept"] {
+        fs::write(c.set_path(leader, s).join("tac_plus.conf"), content(0)).unwrap();
+    }
+    for s in ["plain", "kept"] {
+        wait_trees_equal(&c, s, &all, o.deadline);
+    }
+    let stats = round_robin_edits(o, &c, leader, &followers, &["plain", "kept"], content);
+    println!(
+        "edits: plain p50 {} p99 {}; kept p50 {} p99 {}",
+        ms(stats[0].0),
+        ms(stats[0].1),
+        ms(stats[1].0),
+        ms(stats[1].1)
+    );
+
+    // A 100 KiB config, one line changed per edit.
+    let follower = followers[0];
+    let data = c.node(follower).data_dir.clone();
+    let used = || bytes_under(&data.join("history")) + bytes_under(&data.join("files"));
+    let settled = || {
+        let mut last = used();
+        wait_until(o.deadline, "the follower's history to settle", || {
+            thread::sleep(Duration::from_secs(2));
+            let now = used();
+            let stable = now == last;
+            last = now;
+            if stable {
+                Ok(now)
+            } else {
+                Err(format!("{now} bytes, still moving"))
+            }
+        })
+    };
+    let mut rng = PseudoRandom::new(99);
+    // About 100 KiB: 2,180 lines of 47 bytes.
+    let mut lines: Vec<String> = (0..2180)
+        .map(|i| {
+            let mut r = [0u8; 8];
+            rng.fill(&mut r);
+            format!(
+                "user = u{i:04} {{ login = des \"{:016x}\" }}\n",
+                u64::from_le_bytes(r)
+            )
+        })
+        .collect();
+    let config = c.set_path(leader, "kept").join("big.conf");
+    let there: Vec<PathBuf> = followers
+        .iter()
+        .map(|&f| c.set_path(f, "kept").join("big.conf"))
+        .collect();
+    let wait_there = |want: &[u8]| {
+        wait_until(o.deadline, "the config to reach both followers", || {
+            if there.iter().all(|p| fs::read(p).is_ok_and(|b| b == want)) {
+                Ok(())
+            } else {
+                Err("not yet".to_string())
+            }
+        })
+    };
+    let first = lines.concat();
+    fs::write(&config, &first).unwrap();
+    wait_there(first.as_bytes());
+    let before = settled();
+    let config_bytes = first.len();
+    for i in 1..=o.history_edits {
+        let at = (i * 37) % lines.len();
+        lines[at] = format!("user = u{at:04} {{ login = des \"edited {i:08}\" }}\n");
+        let text = lines.concat();
+        fs::write(&config, &text).unwrap();
+        wait_there(text.as_bytes());
+        thread::sleep(Duration::from_millis(5));
+    }
+    let after = settled();
+    let disk = after.saturating_sub(before);
+    println!(
+        "{} edits of a {} KiB config: the follower's history and files store grew by {} ({} bytes)",
+        o.history_edits,
+        config_bytes / 1024,
+        human(disk),
+        disk
+    );
+    let within =
+        |with: Duration, without: Duration| with.as_secs_f64() <= without.as_secs_f64() * 1.10;
+    vec![
+        Row {
+            what: format!(
+                "full sync, {} files / {} MiB, with history",
+                o.files, o.full_mib
+            ),
+            clusterd: format!("{:.2?} (without: {:.2?})", full_took[1], full_took[0]),
+            rsync: "-".into(),
+            bar: "within 10 % of without".into(),
+            met: Some(within(full_took[1], full_took[0])),
+        },
+        Row {
+            what: format!("edit p50 / p99 with history ({} edits)", o.edits),
+            clusterd: format!(
+                "{} / {} (without: {} / {})",
+                ms(stats[1].0),
+                ms(stats[1].1),
+                ms(stats[0].0),
+                ms(stats[0].1)
+            ),
+            rsync: "-".into(),
+            bar: "p50 within 10 % of without".into(),
+            met: Some(within(stats[1].0, stats[0].0)),
+        },
+        Row {
+            what: format!(
+                "disk of {} edits of a {} KiB config",
+                o.history_edits,
+                config_bytes / 1024
+            ),
+            clusterd: human(disk),
+            rsync: "-".into(),
+            bar: "under 2 MiB (for 1,000 edits)".into(),
+            met: (o.history_edits >= 1000).then_some(disk < 2 * MIB),
         },
     ]
 }
@@ -993,28 +1231,7 @@ fn full(o: &Opts, have_rsync: bool) -> Vec<Row> {
     // rather than by walking three 10,000-file trees every few
     // milliseconds, which would take CPU from the nodes under test; the
     // tree walk then confirms.
-    wait_until_every(
-        Duration::from_millis(200),
-        o.deadline,
-        "both followers to report the whole set applied",
-        || {
-            let status = c.status_result(leader, STATUS_TIMEOUT)?;
-            let mut behind = Vec::new();
-            for &f in &followers {
-                let s = set_status_in(&status, leader, f, "full")?;
-                let files = s["files"].as_u64().unwrap_or(0);
-                let done = files as usize >= o.files && s["missing"] == 0 && s["lag_batches"] == 0;
-                if !done {
-                    behind.push(format!("node {f}: {s}"));
-                }
-            }
-            if behind.is_empty() {
-                Ok(())
-            } else {
-                Err(behind.join("; "))
-            }
-        },
-    );
+    wait_set_applied(o, &c, leader, &followers, "full", o.files);
     let applied = t0.elapsed();
     wait_metadata_equal(&c, "full", &ids, o.deadline);
     let took = t0.elapsed();

@@ -125,6 +125,8 @@ impl Recorder {
     /// `after` (the entries of the batch's paths after it, `None` for those
     /// gone; a path only `before` names is unchanged), each changed path's version, and the content of each
     /// new file version this node holds in `root` (none without a root).
+    /// `leader` proposed it; `rollback`: every node wrote it (none holds
+    /// it as its own tree).
     #[allow(clippy::too_many_arguments)]
     pub fn record(
         shared: &Shared,
@@ -134,6 +136,7 @@ impl Recorder {
         term: u64,
         leader: u64,
         time_ms: u64,
+        rollback: bool,
         before: &Before,
         after: &BTreeMap<SetPath, Option<Entry>>,
         store: &mut StoreBatch,
@@ -142,6 +145,24 @@ impl Recorder {
         let mut stored = 0u64;
         let mut synced_dir = false;
         let paths: BTreeSet<&SetPath> = before.keys().chain(after.keys()).collect();
+        let own = leader == shared.node_id && !rollback;
+        let versions = paths
+            .iter()
+            .filter(|p| {
+                let old = before.get(**p);
+                let new = match after.get(**p) {
+                    Some(e) => e.as_ref(),
+                    None => old,
+                };
+                new.is_some_and(is_file)
+                    && matches!(
+                        classify(old, new),
+                        Some(ChangeOp::Added | ChangeOp::Content)
+                    )
+            })
+            .count();
+        let defer = own && versions > OWN_INLINE_FILES;
+        let capture = if own { Capture::Own } else { Capture::Written };
         for path in paths {
             let old = before.get(path);
             // A path of the batch that `after` does not name kept its entry.
@@ -172,8 +193,18 @@ impl Recorder {
                 }
                 _ => None,
             };
-            if let (Some(digest), Some(root)) = (wanted, root) {
-                match keep_content(shared, set, root, path, &digest, store) {
+            if let (Some(digest), true) = (wanted, defer) {
+                shared
+                    .history_deferred
+                    .lock()
+                    .unwrap()
+                    .push_back(DeferredCapture {
+                        set: set.name.clone(),
+                        path: path.clone(),
+                        digest,
+                    });
+            } else if let (Some(digest), Some(root)) = (wanted, root) {
+                match keep_content(shared, set, root, path, &digest, op, capture, store) {
                     Ok(Kept::Already) => {}
                     Ok(Kept::Stored { bytes, file }) => {
                         stored += bytes;
@@ -224,19 +255,30 @@ enum Kept {
     NotHere,
 }
 
+/// How a version's content is kept, by who wrote the file and how.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Capture {
+    /// This node wrote the file itself (a follower's apply, a rollback): a
+    /// first version may be a hard link to it.
+    Written,
+    /// The leader's own tree, an edit: kept now, never linked (an editor
+    /// seeing a second link writes in place, which would change the kept
+    /// version).
+    Own,
+}
+
 fn keep_content(
     shared: &Shared,
     set: &SetRuntime,
     root: &Root,
     path: &SetPath,
     digest: &WireDigest,
+    op: ChangeOp,
+    capture: Capture,
     store: &mut StoreBatch,
 ) -> io::Result<Kept> {
     let want = digest.get();
-    if shared.store.has_object(digest)
-        || object_file(&shared.data_dir, &want, false).exists()
-        || object_file(&shared.data_dir, &want, true).exists()
-    {
+    if holds(shared, &want) {
         return Ok(Kept::Already);
     }
     let comps: Vec<&[u8]> = path.components().collect();
@@ -245,6 +287,19 @@ fn keep_content(
     };
     if meta.len != want.len {
         return Ok(Kept::NotHere);
+    }
+    // A first version this node just wrote (a follower's first sync, or a
+    // new file): a hard link costs no copy, and a later edit of the path is
+    // stored as a delta against it. Appended files grow in place: never.
+    let linkable = set.mode == SyncMode::Mirror && capture == Capture::Written;
+    if linkable
+        && (op == ChangeOp::Added || want.len > SMALL_OBJECT)
+        && link_object(shared, &file, &want)?
+    {
+        return Ok(Kept::Stored {
+            bytes: want.len,
+            file: true,
+        });
     }
     if want.len <= SMALL_OBJECT {
         let mut bytes = Vec::with_capacity(want.len as usize);
@@ -261,28 +316,40 @@ fn keep_content(
             file: false,
         });
     }
+    copy_object(shared, &file, &want).map(|kept| match kept {
+        Some(bytes) => Kept::Stored { bytes, file: true },
+        None => Kept::NotHere,
+    })
+}
+
+/// Whether this node keeps content `want` already.
+fn holds(shared: &Shared, want: &FileDigest) -> bool {
+    shared.store.has_object(&WireDigest::new(want))
+        || object_file(&shared.data_dir, want, false).exists()
+        || object_file(&shared.data_dir, want, true).exists()
+}
+
+/// Links `file` in as the object of `want`; false where it cannot be
+/// linked (another filesystem).
+fn link_object(shared: &Shared, file: &fs::File, want: &FileDigest) -> io::Result<bool> {
+    fs::create_dir_all(objects_dir(&shared.data_dir))?;
+    let target = object_file(&shared.data_dir, want, false);
+    let proc_path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(file));
+    Ok(rustix::fs::linkat(
+        rustix::fs::CWD,
+        proc_path.as_str(),
+        rustix::fs::CWD,
+        &target,
+        rustix::fs::AtFlags::SYMLINK_FOLLOW,
+    )
+    .is_ok())
+}
+
+/// A compressed copy of `file` as the object of `want`, hashed as it is
+/// read and fsync'd: its size, or `None` when the file is not that version.
+fn copy_object(shared: &Shared, file: &fs::File, want: &FileDigest) -> io::Result<Option<u64>> {
     let dir = objects_dir(&shared.data_dir);
     fs::create_dir_all(&dir)?;
-    // Appended files grow in place: never linked.
-    if set.mode == SyncMode::Mirror {
-        let target = object_file(&shared.data_dir, &want, false);
-        let proc_path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&file));
-        if rustix::fs::linkat(
-            rustix::fs::CWD,
-            proc_path.as_str(),
-            rustix::fs::CWD,
-            &target,
-            rustix::fs::AtFlags::SYMLINK_FOLLOW,
-        )
-        .is_ok()
-        {
-            return Ok(Kept::Stored {
-                bytes: want.len,
-                file: true,
-            });
-        }
-    }
-    // Another filesystem: a compressed copy, hashed as it is read.
     let tmp = dir.join(format!(".{}-{}.tmp", want.hex(), want.len));
     let mut out = fs::OpenOptions::new()
         .write(true)
@@ -293,7 +360,7 @@ fn keep_content(
     let mut hasher = delta::FileHasher::new();
     let mut encoder = zstd::stream::Encoder::new(&mut out, LEVEL)?;
     let mut buf = vec![0u8; 1 << 16];
-    let mut input = &file;
+    let mut input = file;
     loop {
         let n = input.read(&mut buf)?;
         if n == 0 {
@@ -303,14 +370,73 @@ fn keep_content(
         encoder.write_all(&buf[..n])?;
     }
     encoder.finish()?;
-    if hasher.digest() != want {
+    if hasher.digest() != *want {
         let _ = fs::remove_file(&tmp);
-        return Ok(Kept::NotHere);
+        return Ok(None);
     }
     out.sync_all()?;
     let bytes = out.metadata()?.len();
-    fs::rename(&tmp, object_file(&shared.data_dir, &want, true))?;
-    Ok(Kept::Stored { bytes, file: true })
+    fs::rename(&tmp, object_file(&shared.data_dir, want, true))?;
+    Ok(Some(bytes))
+}
+
+/// Most file versions one of the leader's own batches may bring for them
+/// to be kept while it is applied; a larger batch (a bulk load, a first
+/// sync) is kept after the burst, by [`capture_deferred`], so the leader's
+/// apply (which paces its proposals) is not slowed by copying it.
+const OWN_INLINE_FILES: usize = 8;
+
+/// A version of the leader's own tree to keep once the node is idle.
+#[derive(Debug, Clone)]
+pub struct DeferredCapture {
+    pub set: String,
+    pub path: SetPath,
+    pub digest: WireDigest,
+}
+
+/// Keeps deferred versions for at most `budget`: each file still holding
+/// its version is copied (compressed) into the objects; one edited since
+/// is not kept (the followers keep it). Returns whether any are left.
+pub fn capture_deferred(
+    shared: &Shared,
+    roots: &std::collections::HashMap<String, Root>,
+    budget: std::time::Duration,
+) -> bool {
+    let started = std::time::Instant::now();
+    let mut copied = false;
+    loop {
+        if started.elapsed() >= budget {
+            break;
+        }
+        let Some(d) = shared.history_deferred.lock().unwrap().pop_front() else {
+            break;
+        };
+        let want = d.digest.get();
+        if holds(shared, &want) {
+            continue;
+        }
+        let Some(root) = roots.get(&d.set) else {
+            continue;
+        };
+        let comps: Vec<&[u8]> = d.path.components().collect();
+        let Ok(Some((file, meta))) = root.open_file(&comps) else {
+            continue;
+        };
+        if meta.len != want.len {
+            continue;
+        }
+        match copy_object(shared, &file, &want) {
+            Ok(Some(_)) => copied = true,
+            Ok(None) => {}
+            Err(e) => {
+                warn!(set = %d.set, path = %d.path, "cannot keep {} in the history: {e}", d.path)
+            }
+        }
+    }
+    if copied {
+        let _ = fs::File::open(objects_dir(&shared.data_dir)).and_then(|d| d.sync_all());
+    }
+    !shared.history_deferred.lock().unwrap().is_empty()
 }
 
 /// How a small version is stored: whole, or as a delta against another.
@@ -361,10 +487,12 @@ fn previous_small(
 ) -> Option<(WireDigest, Vec<u8>, u8)> {
     let (_, version) = shared.store.version_at(&set.name, path, u64::MAX).ok()??;
     let digest = version.entry?.digest?;
-    let stored = shared.store.object(&digest).ok()??;
-    let depth = match stored.first() {
-        Some(&TAG_DELTA) => *stored.get(1)?,
-        _ => 0,
+    // A base kept as a file (a linked first version) starts a chain.
+    let depth = match shared.store.object(&digest).ok()? {
+        Some(stored) if stored.first() == Some(&TAG_DELTA) => *stored.get(1)?,
+        Some(_) => 0,
+        None if holds(shared, &digest.get()) => 0,
+        None => return None,
     };
     let key = (set.name.clone(), path.clone());
     let cached = shared
@@ -376,7 +504,7 @@ fn previous_small(
         .map(|(_, b)| b.clone());
     let bytes = match cached {
         Some(b) => b,
-        None => decode_small(shared, &digest, 0).ok()?,
+        None => kept_bytes(shared, &digest, 0).ok()?,
     };
     Some((digest, bytes, depth))
 }
@@ -417,7 +545,7 @@ fn decode_small(shared: &Shared, digest: &WireDigest, hops: u8) -> io::Result<Ve
                     .try_into()
                     .expect("digest length"),
             );
-            let base_bytes = decode_small(shared, &base, hops + 1)?;
+            let base_bytes = kept_bytes(shared, &base, hops + 1)?;
             let mut d = zstd::bulk::Decompressor::with_dictionary(&base_bytes)?;
             d.decompress(&rest[1 + FileDigest::ENCODED_LEN..], want.len as usize)?
         }
@@ -425,6 +553,29 @@ fn decode_small(shared: &Shared, digest: &WireDigest, hops: u8) -> io::Result<Ve
     };
     if delta::digest(&bytes) != want {
         return Err(bad("does not hash to its name"));
+    }
+    Ok(bytes)
+}
+
+/// Kept content `digest`, from the files store or an object file, checked
+/// against its digest.
+fn kept_bytes(shared: &Shared, digest: &WireDigest, hops: u8) -> io::Result<Vec<u8>> {
+    if shared.store.has_object(digest) {
+        return decode_small(shared, digest, hops);
+    }
+    let want = digest.get();
+    let bytes = match fs::File::open(object_file(&shared.data_dir, &want, true)) {
+        Ok(f) => zstd::stream::decode_all(f)?,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            fs::read(object_file(&shared.data_dir, &want, false))?
+        }
+        Err(e) => return Err(e),
+    };
+    if delta::digest(&bytes) != want {
+        return Err(io::Error::other(format!(
+            "kept version {} does not hash to its name",
+            want.hex()
+        )));
     }
     Ok(bytes)
 }
@@ -449,46 +600,21 @@ pub fn content(
     digest: &WireDigest,
 ) -> Result<Vec<u8>, HistoryError> {
     let want = digest.get();
-    let damaged = || HistoryError::Damaged {
-        path: path.clone(),
-        rev,
-        digest: want.hex(),
-    };
-    let bytes = if shared.store.has_object(digest) {
-        decode_small(shared, digest, 0).map_err(|_| damaged())?
-    } else {
-        let read = |p: PathBuf, compressed: bool| -> Result<Option<Vec<u8>>, HistoryError> {
-            match fs::File::open(&p) {
-                Ok(f) if compressed => zstd::stream::decode_all(f).map(Some).map_err(|_| damaged()),
-                Ok(mut f) => {
-                    let mut v = Vec::new();
-                    f.read_to_end(&mut v)
-                        .map_err(|source| HistoryError::Io { path: p, source })?;
-                    Ok(Some(v))
-                }
-                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-                Err(source) => Err(HistoryError::Io { path: p, source }),
-            }
-        };
-        match read(object_file(&shared.data_dir, &want, true), true)? {
-            Some(b) => b,
-            None => match read(object_file(&shared.data_dir, &want, false), false)? {
-                Some(b) => b,
-                None => {
-                    return Err(HistoryError::NotKept {
-                        node: shared.node_id,
-                        path: path.clone(),
-                        rev,
-                    })
-                }
-            },
-        }
-    };
-    if delta::digest(&bytes) != want {
-        warn!(path = %path, rev, "the kept content of {path} at revision {rev} does not hash to {}: damaged, not served", want.hex());
-        return Err(damaged());
+    if !holds(shared, &want) {
+        return Err(HistoryError::NotKept {
+            node: shared.node_id,
+            path: path.clone(),
+            rev,
+        });
     }
-    Ok(bytes)
+    kept_bytes(shared, digest, 0).map_err(|e| {
+        warn!(path = %path, rev, "the kept content of {path} at revision {rev} cannot be served: {e}");
+        HistoryError::Damaged {
+            path: path.clone(),
+            rev,
+            digest: want.hex(),
+        }
+    })
 }
 
 /// Drops what retention no longer keeps, set by set: revisions older than
@@ -848,6 +974,22 @@ mod tests {
         content: &[u8],
         time_ms: u64,
     ) -> StoreBatch {
+        put_by(shared, root, 1, rev, path, before, content, time_ms)
+    }
+
+    /// [`put`] as proposed by node `leader` (1 is this node: its own tree;
+    /// another: this node wrote the file, as a follower does).
+    #[allow(clippy::too_many_arguments)]
+    fn put_by(
+        shared: &Shared,
+        root: &Root,
+        leader: u64,
+        rev: u64,
+        path: &str,
+        before: Option<&[u8]>,
+        content: &[u8],
+        time_ms: u64,
+    ) -> StoreBatch {
         let set = shared.set("mail").unwrap();
         std::fs::write(p(path).to_local(&set.root_dir), content).unwrap();
         let mut store = StoreBatch::default();
@@ -859,8 +1001,9 @@ mod tests {
             Some(root),
             rev,
             1,
-            1,
+            leader,
             time_ms,
+            false,
             &before,
             &after,
             &mut store,
@@ -932,9 +1075,10 @@ mod tests {
         let big: Vec<u8> = (0..(SMALL_OBJECT as usize + 10))
             .map(|i| (i % 251) as u8)
             .collect();
+        // As a follower keeps what it wrote.
         shared
             .store
-            .write(put(&shared, &root, 5, "big", None, &big, now_ms()))
+            .write(put_by(&shared, &root, 2, 5, "big", None, &big, now_ms()))
             .unwrap();
         let d = WireDigest::new(&delta::digest(&big));
         let file = object_file(&shared.data_dir, &d.get(), false);
@@ -979,8 +1123,11 @@ mod tests {
         // its object and the store): an orphan retention removes.
         let big = vec![9u8; SMALL_OBJECT as usize + 1];
         drop(put(&shared, &root, 8, "big", None, &big, now_ms()));
-        let orphan = object_file(&shared.data_dir, &delta::digest(&big), false);
-        assert!(orphan.exists());
+        let orphan = object_file(&shared.data_dir, &delta::digest(&big), true);
+        assert!(
+            orphan.exists(),
+            "the leader's own large version: a compressed copy"
+        );
         let keep = HistoryConfig {
             keep: std::time::Duration::from_secs(86_400),
             keep_bytes: 1 << 30,
@@ -1032,6 +1179,14 @@ mod tests {
 
     #[test]
     fn edits_of_a_large_config_are_kept_as_small_deltas_that_outlive_retention() {
+        // On the leader (its own tree) and on a follower (whose first
+        // version is a hard link the deltas start from).
+        for leader in [1, 2] {
+            deltas_outlive_retention(leader);
+        }
+    }
+
+    fn deltas_outlive_retention(leader: u64) {
         let dir = tempfile::tempdir().unwrap();
         let shared = open_shared(&node_one_of_three(dir.path())).unwrap();
         let root = shared.set("mail").unwrap().open_root().unwrap();
@@ -1068,7 +1223,12 @@ mod tests {
         }
         let (revs, _) = list(&shared, "mail", None, 1000, None, None).unwrap();
         let stored: u64 = revs.iter().map(|(_, r)| r.stored_bytes).sum();
-        let whole = zstd::bulk::compress(&versions[0], LEVEL).unwrap().len() as u64;
+        // A linked first version counts whole.
+        let whole = if leader == 1 {
+            zstd::bulk::compress(&versions[0], LEVEL).unwrap().len() as u64
+        } else {
+            versions[0].len() as u64
+        };
         assert!(versions[0].len() > 60_000, "{}", versions[0].len());
         // Two whole versions (the first, and one after MAX_CHAIN deltas),
         // the rest deltas of a few dozen bytes.

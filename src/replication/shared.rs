@@ -233,6 +233,10 @@ pub struct Shared {
     /// The last kept version of recently changed paths, which the next
     /// version is stored as a delta against (see `history`).
     pub history_recent: Mutex<HashMap<(String, SetPath), (WireDigest, Vec<u8>)>>,
+    /// Versions of the leader's own bulk batches still to be kept (see
+    /// `history::capture_deferred`).
+    pub history_deferred:
+        Mutex<std::collections::VecDeque<crate::replication::history::DeferredCapture>>,
 }
 
 impl Shared {
@@ -461,6 +465,7 @@ pub fn open_shared(config: &Config) -> Result<Arc<Shared>, FilesStoreError> {
         sandbox: Default::default(),
         history: config.history,
         history_recent: Mutex::new(HashMap::new()),
+        history_deferred: Mutex::new(std::collections::VecDeque::new()),
     });
     // Quarantine records are never deleted automatically: the count shown
     // is of all of them, not only of this run's.

@@ -315,6 +315,13 @@ impl Applier {
                         release_idle_memory(&self.shared);
                         self.applied_at_trim = applied;
                     }
+                    if quiet {
+                        crate::replication::history::capture_deferred(
+                            &self.shared,
+                            &self.roots,
+                            Duration::from_millis(200),
+                        );
+                    }
                     if quiet
                         && self
                             .history_pruned_at
@@ -656,6 +663,7 @@ impl Applier {
                 term,
                 proposer,
                 batch.proposed_at_ms,
+                batch.origin == crate::raft::core::NO_ORIGIN,
                 &history_before,
                 &history_after,
                 store,
