@@ -221,14 +221,12 @@ impl Recorder {
             return;
         }
         if synced_dir {
-            // The new object files' names, before the batch naming them.
-            if let Err(e) = fs::File::open(objects_dir(&shared.data_dir)).and_then(|d| d.sync_all())
-            {
-                warn!(
-                    "cannot sync {}: {e}",
-                    objects_dir(&shared.data_dir).display()
-                );
-            }
+            // The new object files' names must be durable before the batch
+            // naming them: synced once per page of applied entries
+            // ([`sync_objects_dir`]), not once per batch.
+            shared
+                .history_objects_unsynced
+                .store(true, std::sync::atomic::Ordering::Relaxed);
         }
         store.put_revision(
             &set.name,
@@ -255,6 +253,23 @@ enum Kept {
     NotHere,
 }
 
+/// Makes the names of object files added since the last call durable (an
+/// fsync of their directory); called before the store batch that names
+/// them is written.
+pub fn sync_objects_dir(shared: &Shared) {
+    if shared
+        .history_objects_unsynced
+        .swap(false, std::sync::atomic::Ordering::Relaxed)
+    {
+        if let Err(e) = fs::File::open(objects_dir(&shared.data_dir)).and_then(|d| d.sync_all()) {
+            warn!(
+                "cannot sync {}: {e}",
+                objects_dir(&shared.data_dir).display()
+            );
+        }
+    }
+}
+
 /// How a version's content is kept, by who wrote the file and how.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Capture {
@@ -278,7 +293,11 @@ fn keep_content(
     store: &mut StoreBatch,
 ) -> io::Result<Kept> {
     let want = digest.get();
-    if holds(shared, &want) {
+    let linkable = set.mode == SyncMode::Mirror && capture == Capture::Written;
+    // A first version this node wrote is linked below, and a link that
+    // exists already says it is held: no lookups first (a first sync of
+    // 10,000 files pays them 10,000 times).
+    if !(linkable && op == ChangeOp::Added) && holds(shared, &want) {
         return Ok(Kept::Already);
     }
     let comps: Vec<&[u8]> = path.components().collect();
@@ -291,7 +310,6 @@ fn keep_content(
     // A first version this node just wrote (a follower's first sync, or a
     // new file): a hard link costs no copy, and a later edit of the path is
     // stored as a delta against it. Appended files grow in place: never.
-    let linkable = set.mode == SyncMode::Mirror && capture == Capture::Written;
     if linkable
         && (op == ChangeOp::Added || want.len > SMALL_OBJECT)
         && link_object(shared, &file, &want)?
@@ -332,17 +350,26 @@ fn holds(shared: &Shared, want: &FileDigest) -> bool {
 /// Links `file` in as the object of `want`; false where it cannot be
 /// linked (another filesystem).
 fn link_object(shared: &Shared, file: &fs::File, want: &FileDigest) -> io::Result<bool> {
-    fs::create_dir_all(objects_dir(&shared.data_dir))?;
     let target = object_file(&shared.data_dir, want, false);
     let proc_path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(file));
-    Ok(rustix::fs::linkat(
-        rustix::fs::CWD,
-        proc_path.as_str(),
-        rustix::fs::CWD,
-        &target,
-        rustix::fs::AtFlags::SYMLINK_FOLLOW,
-    )
-    .is_ok())
+    let link = || {
+        rustix::fs::linkat(
+            rustix::fs::CWD,
+            proc_path.as_str(),
+            rustix::fs::CWD,
+            &target,
+            rustix::fs::AtFlags::SYMLINK_FOLLOW,
+        )
+    };
+    Ok(match link() {
+        // Held already (the same content under another path).
+        Ok(()) | Err(rustix::io::Errno::EXIST) => true,
+        Err(rustix::io::Errno::NOENT) => {
+            fs::create_dir_all(objects_dir(&shared.data_dir))?;
+            link().is_ok()
+        }
+        Err(_) => false,
+    })
 }
 
 /// A compressed copy of `file` as the object of `want`, hashed as it is

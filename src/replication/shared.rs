@@ -237,6 +237,9 @@ pub struct Shared {
     /// `history::capture_deferred`).
     pub history_deferred:
         Mutex<std::collections::VecDeque<crate::replication::history::DeferredCapture>>,
+    /// Object files were added to the history since its directory was
+    /// last synced.
+    pub history_objects_unsynced: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -466,6 +469,7 @@ pub fn open_shared(config: &Config) -> Result<Arc<Shared>, FilesStoreError> {
         history: config.history,
         history_recent: Mutex::new(HashMap::new()),
         history_deferred: Mutex::new(std::collections::VecDeque::new()),
+        history_objects_unsynced: std::sync::atomic::AtomicBool::new(false),
     });
     // Quarantine records are never deleted automatically: the count shown
     // is of all of them, not only of this run's.

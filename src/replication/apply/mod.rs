@@ -491,6 +491,7 @@ impl Applier {
                 last = e.index;
             }
             batch.set_applied(last);
+            crate::replication::history::sync_objects_dir(&self.shared);
             self.shared.store.write(batch)?;
             // Only now: a crash before the write applies these batches
             // again, from the same staged content.
