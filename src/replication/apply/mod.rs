@@ -50,6 +50,9 @@ mod revert;
 pub(crate) mod tests;
 mod write;
 
+/// How long nothing must have been applied before the leader copies the
+/// versions of its bulk batches into the history.
+const HISTORY_CAPTURE_AFTER: Duration = Duration::from_secs(5);
 /// How often retention prunes the history (a pass over its records), at a
 /// quiet tick.
 const HISTORY_PRUNE_EVERY: Duration = Duration::from_secs(600);
@@ -171,6 +174,8 @@ pub struct Applier {
     /// Per validated set, the copy the last passed check left (the set as
     /// committed) and when it was staged, reused by the next check.
     shadows: HashMap<String, (crate::replication::validate::Staged, Instant)>,
+    /// When the applied index last moved (at a tick).
+    applied_moved_at: Instant,
     /// When retention last pruned the history (`None`: not since start).
     history_pruned_at: Option<Instant>,
 }
@@ -244,6 +249,7 @@ impl Applier {
             held_copies: HashMap::new(),
             shadows: HashMap::new(),
             history_pruned_at: None,
+            applied_moved_at: Instant::now(),
         };
         applier.restore_holds();
         applier
@@ -315,7 +321,14 @@ impl Applier {
                         release_idle_memory(&self.shared);
                         self.applied_at_trim = applied;
                     }
-                    if quiet {
+                    if !quiet {
+                        self.applied_moved_at = Instant::now();
+                    }
+                    // Deferred history copies wait until the burst is over
+                    // (a pause in a first sync, waiting for followers, is
+                    // not the end of it): they would take the disk from
+                    // the followers' writes.
+                    if self.applied_moved_at.elapsed() >= HISTORY_CAPTURE_AFTER {
                         crate::replication::history::capture_deferred(
                             &self.shared,
                             &self.roots,
