@@ -294,10 +294,7 @@ fn keep_content(
 ) -> io::Result<Kept> {
     let want = digest.get();
     let linkable = set.mode == SyncMode::Mirror && capture == Capture::Written;
-    // A first version this node wrote is linked below, and a link that
-    // exists already says it is held: no lookups first (a first sync of
-    // 10,000 files pays them 10,000 times).
-    if !(linkable && op == ChangeOp::Added) && holds(shared, &want) {
+    if holds(shared, &want) {
         return Ok(Kept::Already);
     }
     let comps: Vec<&[u8]> = path.components().collect();
@@ -345,6 +342,27 @@ fn holds(shared: &Shared, want: &FileDigest) -> bool {
     shared.store.has_object(&WireDigest::new(want))
         || object_file(&shared.data_dir, want, false).exists()
         || object_file(&shared.data_dir, want, true).exists()
+}
+
+/// Links a first version a follower's writer is about to rename into its
+/// tree (a finished staged file, on `data_dir`'s filesystem) in as the
+/// object of `want`, before the rename: the writer threads do it side by
+/// side, and the batch's record then finds it held. Nothing is lost if it
+/// cannot be linked: the record keeps the version the usual way.
+pub fn link_first_version(shared: &Shared, finished: &Path, want: &FileDigest) {
+    let target = object_file(&shared.data_dir, want, false);
+    let linked = match fs::hard_link(finished, &target) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            fs::create_dir_all(objects_dir(&shared.data_dir))
+                .and_then(|()| fs::hard_link(finished, &target))
+        }
+        other => other,
+    };
+    if linked.is_ok() {
+        shared
+            .history_objects_unsynced
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// Links `file` in as the object of `want`; false where it cannot be

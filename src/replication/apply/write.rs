@@ -326,6 +326,20 @@ impl Applier {
             Ok(CommittedSource::Patch(b)) => b,
             // Made into a finished file when it was staged: linked in.
             Ok(CommittedSource::Finished { upload, offset, .. }) => {
+                if previous.is_none() && set.history && set.mode == SyncMode::Mirror {
+                    // A first version is kept in the history as this very
+                    // inode: linked here, by the writer threads, rather
+                    // than one by one after the batch.
+                    let finished = self
+                        .shared
+                        .finished_dir(upload)
+                        .join(Shared::finished_name(offset, &target));
+                    crate::replication::history::link_first_version(
+                        &self.shared,
+                        &finished,
+                        &target,
+                    );
+                }
                 return self.put_finished(
                     set, root, path, entry, upload, offset, expect, index, term, store,
                 );
