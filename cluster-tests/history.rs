@@ -54,6 +54,21 @@ fn revision_of(revisions: &[Value], path: &str, op: &str) -> Option<u64> {
 }
 
 #[track_caller]
+fn wait_gone(c: &Cluster, ids: &[u64], file: &str) {
+    wait_until(
+        CONVERGE,
+        &format!("{file} is gone on {ids:?}"),
+        || match ids
+            .iter()
+            .find(|&&id| c.set_path(id, "tacacs").join(file).exists())
+        {
+            Some(id) => Err(format!("node {id} still has it")),
+            None => Ok(()),
+        },
+    );
+}
+
+#[track_caller]
 fn wait_content(c: &Cluster, ids: &[u64], file: &str, want: &str) {
     wait_until(CONVERGE, &format!("{file} is {want:?} on {ids:?}"), || {
         for &id in ids {
@@ -80,15 +95,7 @@ fn every_node_lists_the_same_revisions_shows_and_diffs_them_across_a_kill_and_a_
     write_file(&root.join("tac_plus.conf"), v2);
     wait_content(&c, &all, "tac_plus.conf", v2);
     fs::remove_file(root.join("old.conf")).unwrap();
-    wait_until(CONVERGE, "old.conf is gone everywhere", || {
-        match all
-            .iter()
-            .find(|&&id| c.set_path(id, "tacacs").join("old.conf").exists())
-        {
-            Some(id) => Err(format!("node {id} still has it")),
-            None => Ok(()),
-        }
-    });
+    wait_gone(&c, &all, "old.conf");
     fs::set_permissions(
         root.join("tac_plus.conf"),
         fs::Permissions::from_mode(0o600),
@@ -340,15 +347,7 @@ fn a_rollback_of_one_path_and_of_the_whole_set_reaches_every_node_from_a_followe
     );
     assert!(whole.success(), "{whole}");
     wait_content(&c, &all, "users.conf", "user = alice\n");
-    wait_until(CONVERGE, "stray.conf is gone everywhere", || {
-        match all
-            .iter()
-            .find(|&&id| c.set_path(id, "tacacs").join("stray.conf").exists())
-        {
-            Some(id) => Err(format!("node {id} still has it")),
-            None => Ok(()),
-        }
-    });
+    wait_gone(&c, &all, "stray.conf");
     // A new revision, proposed by the leader, listed everywhere; the
     // leader's tree was written like every other (nothing is proposed
     // again from it afterwards).

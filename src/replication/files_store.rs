@@ -458,21 +458,15 @@ impl FilesStore {
     ) -> Result<(), FilesStoreError> {
         let mut prefix = set_key(P_VERSION, set);
         prefix.push(0);
-        let iter = self
-            .db
-            .iterator(IteratorMode::From(&prefix, rocksdb::Direction::Forward));
-        for item in iter {
-            let (k, v) = item.map_err(|e| self.corrupt(&prefix, e.to_string()))?;
-            if !k.starts_with(&prefix) {
-                break;
-            }
-            let Some(rev) = rev_of(&k) else { continue };
+        self.each_under(&prefix, |k, v| {
+            let Some(rev) = rev_of(k) else { return Ok(()) };
             let Some((_, path)) = split_path_key(&k[..k.len() - 9]) else {
-                continue;
+                return Ok(());
             };
-            let version = postcard::from_bytes(&v).map_err(|e| self.corrupt(&k, e.to_string()))?;
+            let version = postcard::from_bytes(v).map_err(|e| self.corrupt(k, e.to_string()))?;
             each(path, rev, version);
-        }
+            Ok(())
+        })?;
         Ok(())
     }
 
@@ -490,19 +484,12 @@ impl FilesStore {
 
     /// Every stored object's digest and size.
     pub fn objects(&self, mut each: impl FnMut(WireDigest, u64)) -> Result<(), FilesStoreError> {
-        let prefix = [P_OBJECT];
-        let iter = self
-            .db
-            .iterator(IteratorMode::From(&prefix, rocksdb::Direction::Forward));
-        for item in iter {
-            let (k, v) = item.map_err(|e| self.corrupt(&prefix, e.to_string()))?;
-            if !k.starts_with(&prefix) {
-                break;
-            }
+        self.each_under(&[P_OBJECT], |k, v| {
             if let Ok(d) = <[u8; crate::core::delta::FileDigest::ENCODED_LEN]>::try_from(&k[1..]) {
                 each(WireDigest(d), v.len() as u64);
             }
-        }
+            Ok(())
+        })?;
         Ok(())
     }
 
@@ -567,17 +554,31 @@ impl FilesStore {
         mut item: impl FnMut(&[u8], &[u8]) -> Result<R, FilesStoreError>,
     ) -> Result<Vec<R>, FilesStoreError> {
         let mut out = Vec::new();
+        self.each_under(&[prefix], |k, v| {
+            out.push(item(k, v)?);
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// Calls `item` with every key under the byte prefix `prefix` and its
+    /// value, in key order.
+    fn each_under(
+        &self,
+        prefix: &[u8],
+        mut item: impl FnMut(&[u8], &[u8]) -> Result<(), FilesStoreError>,
+    ) -> Result<(), FilesStoreError> {
         let iter = self
             .db
-            .iterator(IteratorMode::From(&[prefix], rocksdb::Direction::Forward));
+            .iterator(IteratorMode::From(prefix, rocksdb::Direction::Forward));
         for entry in iter {
-            let (k, v) = entry.map_err(|e| self.corrupt(&[prefix], e))?;
-            if k.first() != Some(&prefix) {
+            let (k, v) = entry.map_err(|e| self.corrupt(prefix, e))?;
+            if !k.starts_with(prefix) {
                 break;
             }
-            out.push(item(&k, &v)?);
+            item(&k, &v)?;
         }
-        Ok(out)
+        Ok(())
     }
 
     pub fn load_manifest(&self) -> Result<Manifest, FilesStoreError> {

@@ -868,15 +868,7 @@ pub fn version(
             // never changed since; otherwise its state then is older than
             // what is kept.
             match shared.store.version_at(&runtime.name, path, u64::MAX)? {
-                None => (
-                    None,
-                    shared
-                        .manifest
-                        .read()
-                        .unwrap()
-                        .set(set)
-                        .and_then(|s| s.entries.get(path).cloned()),
-                ),
+                None => (None, shared.committed_entry(set, path)),
                 Some(_) => {
                     if first_op_after(shared, &runtime.name, path, rev)? == Some(ChangeOp::Added) {
                         (None, None)

@@ -71,12 +71,7 @@ pub fn plan(shared: &Shared, set: &str, paths: &[String], to: u64) -> Result<Pla
     let mut steps = Vec::new();
     for path in changed {
         let at = history::version(shared, set, &path, to, false)?;
-        let now = shared
-            .manifest
-            .read()
-            .unwrap()
-            .set(set)
-            .and_then(|s| s.entries.get(&path).cloned());
+        let now = shared.committed_entry(set, &path);
         if classify(now.as_ref(), at.entry.as_ref()).is_none() {
             continue;
         }
@@ -139,12 +134,7 @@ pub fn restore_plan(
             ),
         });
     }
-    let now = shared
-        .manifest
-        .read()
-        .unwrap()
-        .set(set)
-        .and_then(|s| s.entries.get(&path).cloned());
+    let now = shared.committed_entry(set, &path);
     let then = Entry {
         meta: crate::core::manifest::Meta {
             kind: EntryKind::File,

@@ -13,7 +13,7 @@ use tracing::warn;
 
 use crate::core::config::{Config, NodeId, SyncMode, SyncSetConfig};
 use crate::core::delta::{self, FileDigest, FileHasher};
-use crate::core::manifest::{Manifest, WireDigest};
+use crate::core::manifest::{Entry, Manifest, WireDigest};
 use crate::core::paths::{Filter, SetPath};
 use crate::fs::root::{FsError, Root};
 use crate::net::transport::WireBytes;
@@ -260,6 +260,15 @@ impl Shared {
 
     pub fn set(&self, name: &str) -> Option<&SetRuntime> {
         self.sets.iter().find(|s| s.name == name)
+    }
+
+    /// The committed entry of `path` in `set` now.
+    pub fn committed_entry(&self, set: &str, path: &SetPath) -> Option<Entry> {
+        self.manifest
+            .read()
+            .unwrap()
+            .set(set)
+            .and_then(|s| s.entries.get(path).cloned())
     }
 
     pub fn record(&self, set: &str, path: &SetPath) -> Option<LocalRecord> {
