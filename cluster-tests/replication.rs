@@ -1307,9 +1307,11 @@ fn hard_links_stay_links_only_in_sets_that_ask() {
     fs::hard_link(plain.join("aliases"), plain.join("aliases.bak")).unwrap();
     wait_trees_equal(&c, "plain", &ids, CONVERGE);
     for &id in &ids[1..] {
+        // Two inodes; each may have one more link than its name: the
+        // history keeps a follower's first version as a link to it.
         let v = inodes(&c, id, "plain", &["aliases", "aliases.bak"]).unwrap();
         assert!(
-            v[0].0 != v[1].0 && v[0].1 == 1 && v[1].1 == 1,
+            v[0].0 != v[1].0 && v[0].1 <= 2 && v[1].1 <= 2,
             "node {id}: {v:?}"
         );
     }

@@ -293,7 +293,9 @@ fn keep_content(
     store: &mut StoreBatch,
 ) -> io::Result<Kept> {
     let want = digest.get();
-    let linkable = set.mode == SyncMode::Mirror && capture == Capture::Written;
+    // A set that keeps hard links counts each file's names: another link
+    // of ours would be one too many there.
+    let linkable = set.mode == SyncMode::Mirror && capture == Capture::Written && !set.hard_links;
     if holds(shared, &want) {
         return Ok(Kept::Already);
     }
@@ -306,7 +308,8 @@ fn keep_content(
     }
     // A first version this node just wrote (a follower's first sync, or a
     // new file): a hard link costs no copy, and a later edit of the path is
-    // stored as a delta against it. Appended files grow in place: never.
+    // stored as a delta against it. Appended files grow in place: never
+    // linked.
     if linkable
         && (op == ChangeOp::Added || want.len > SMALL_OBJECT)
         && link_object(shared, &file, &want)?

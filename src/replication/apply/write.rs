@@ -326,7 +326,11 @@ impl Applier {
             Ok(CommittedSource::Patch(b)) => b,
             // Made into a finished file when it was staged: linked in.
             Ok(CommittedSource::Finished { upload, offset, .. }) => {
-                if previous.is_none() && set.history && set.mode == SyncMode::Mirror {
+                if previous.is_none()
+                    && set.history
+                    && set.mode == SyncMode::Mirror
+                    && !set.hard_links
+                {
                     // A first version is kept in the history as this very
                     // inode: linked here, by the writer threads, rather
                     // than one by one after the batch.
