@@ -598,16 +598,33 @@ impl Applier {
         };
         // What history compares the batch's result with.
         let keeps_history = self.shared.set(&set_name).is_some_and(|s| s.history);
+        // A directory op changes the directory alone: its subtree (every
+        // file of the set, for the root, which each pass of a large change
+        // touches) is not compared.
         let history_before: crate::replication::history::Before = if keeps_history {
             let m = self.shared.manifest.read().unwrap();
-            m.set(&set_name)
-                .map(|set| {
-                    before
-                        .iter()
-                        .filter_map(|p| set.entries.get(p).map(|e| (p.clone(), e.clone())))
-                        .collect()
-                })
-                .unwrap_or_default()
+            let mut out = crate::replication::history::Before::new();
+            if let Some(set) = m.set(&set_name) {
+                for op in &batch.ops {
+                    let mut roots = vec![op.path()];
+                    if let FileOp::Rename { from, .. } = op {
+                        roots.push(from);
+                    }
+                    for raw in roots {
+                        let Ok(p) = SetPath::from_network(raw) else {
+                            continue;
+                        };
+                        if matches!(op, FileOp::Dir { .. }) {
+                            if let Some(e) = set.entries.get(&p) {
+                                out.insert(p, e.clone());
+                            }
+                        } else {
+                            out.extend(set.subtree(&p).map(|(k, e)| (k.clone(), e.clone())));
+                        }
+                    }
+                }
+            }
+            out
         } else {
             Default::default()
         };
@@ -638,10 +655,11 @@ impl Applier {
             }
             for op in &checked {
                 let (path, renamed_to) = op.paths();
+                let dir_only = matches!(op, CheckedOp::Dir { .. });
                 for p in std::iter::once(path).chain(renamed_to) {
                     for (k, e) in set.subtree(p) {
                         store.put_entry(&set_name, k, e);
-                        if keeps_history {
+                        if keeps_history && (!dir_only || k == p) {
                             history_after.insert(k.clone(), Some(e.clone()));
                         }
                     }
