@@ -1094,6 +1094,6 @@ fn history_status(e: crate::replication::history::HistoryError) -> tonic::Status
         | E::NotCommitted { .. } => tonic::Status::failed_precondition(text),
         E::NotKept { .. } => tonic::Status::not_found(text),
         E::Damaged { .. } => tonic::Status::data_loss(text),
-        E::Store(_) | E::Io { .. } => tonic::Status::unavailable(text),
+        E::Store(_) => tonic::Status::unavailable(text),
     }
 }

@@ -413,6 +413,20 @@ impl FilesStore {
         Ok(())
     }
 
+    /// The oldest revision of `set` kept, if any.
+    pub fn first_revision(&self, set: &str) -> Result<Option<u64>, FilesStoreError> {
+        let mut prefix = set_key(P_REVISION, set);
+        prefix.push(0);
+        let mut iter = self
+            .db
+            .iterator(IteratorMode::From(&prefix, rocksdb::Direction::Forward));
+        match iter.next() {
+            Some(Ok((k, _))) if k.starts_with(&prefix) => Ok(rev_of(&k)),
+            Some(Err(e)) => Err(self.corrupt(&prefix, e.to_string())),
+            _ => Ok(None),
+        }
+    }
+
     /// Revisions of `set`, oldest first, as (revision, time, stored bytes).
     pub fn revision_weights(&self, set: &str) -> Result<Vec<(u64, u64, u64)>, FilesStoreError> {
         let mut out = Vec::new();

@@ -84,8 +84,6 @@ pub enum HistoryError {
     },
     #[error(transparent)]
     Store(#[from] FilesStoreError),
-    #[error("cannot read the history under {path}: {source}")]
-    Io { path: PathBuf, source: io::Error },
 }
 
 /// Where large content lives.
@@ -834,12 +832,10 @@ pub fn list(
     Ok((out, oldest(shared, set)?))
 }
 
+/// The oldest revision kept: one seek, not a pass over the revisions
+/// (`diff` asks twice per path).
 fn oldest(shared: &Shared, set: &str) -> Result<Option<u64>, HistoryError> {
-    Ok(shared
-        .store
-        .revision_weights(set)?
-        .first()
-        .map(|(rev, _, _)| *rev))
+    Ok(shared.store.first_revision(set)?)
 }
 
 pub(crate) fn kept_set<'s>(shared: &'s Shared, set: &str) -> Result<&'s SetRuntime, HistoryError> {

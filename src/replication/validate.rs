@@ -201,7 +201,30 @@ impl Drop for Staged {
 }
 
 /// A new, empty, private directory for one staged copy of `set`.
-fn fresh_dir(data_dir: &Path, set: &SetRuntime) -> io::Result<(PathBuf, PathBuf)> {
+/// What `{}` stands for in a copy at `dir`: `dir`, or the file in it for
+/// a single-file set.
+fn target_in(set: &SetRuntime, dir: &Path) -> PathBuf {
+    match &set.single_file {
+        Some(name) => name.to_local(dir),
+        None => dir.to_path_buf(),
+    }
+}
+
+/// Hard links where the sandbox keeps the validator from writing through
+/// them, copies elsewhere.
+fn link_mode(shared: &Shared) -> StageMode {
+    if shared
+        .sandbox
+        .view(&shared.data_dir, &shared.sets)
+        .is_some()
+    {
+        StageMode::Link
+    } else {
+        StageMode::Copy
+    }
+}
+
+fn fresh_dir(data_dir: &Path, set: &SetRuntime) -> io::Result<PathBuf> {
     static NEXT: AtomicU64 = AtomicU64::new(0);
     let parent = data_dir.join(VALIDATE_DIR);
     fs::DirBuilder::new()
@@ -215,7 +238,7 @@ fn fresh_dir(data_dir: &Path, set: &SetRuntime) -> io::Result<(PathBuf, PathBuf)
         NEXT.fetch_add(1, Ordering::Relaxed)
     ));
     fs::DirBuilder::new().mode(0o700).create(&dir)?;
-    Ok((parent, dir))
+    Ok(dir)
 }
 
 impl Staged {
@@ -227,10 +250,7 @@ impl Staged {
         let index = shared.sets.iter().position(|s| s.name == set.name)?;
         let dir = view_dir(&shared.data_dir, index, set);
         Some(Staged {
-            target: match &set.single_file {
-                Some(name) => name.to_local(&dir),
-                None => dir.clone(),
-            },
+            target: target_in(set, &dir),
             dir,
             mode: StageMode::View,
             files: 0,
@@ -244,20 +264,9 @@ impl Staged {
     /// temporary files: hard links where the sandbox keeps the validator
     /// from writing through them, copies elsewhere.
     pub fn of_tree(shared: &Shared, set: &SetRuntime, root: &Root) -> io::Result<Staged> {
-        let (_, dir) = fresh_dir(&shared.data_dir, set)?;
-        let mode = if shared
-            .sandbox
-            .view(&shared.data_dir, &shared.sets)
-            .is_some()
-        {
-            StageMode::Link
-        } else {
-            StageMode::Copy
-        };
-        let target = match &set.single_file {
-            Some(name) => name.to_local(&dir),
-            None => dir.clone(),
-        };
+        let dir = fresh_dir(&shared.data_dir, set)?;
+        let mode = link_mode(shared);
+        let target = target_in(set, &dir);
         let mut staged = Staged {
             dir,
             target,
@@ -346,10 +355,7 @@ impl Staged {
                 fs::remove_dir_all(&dir)?;
             }
             fs::rename(&self.dir, &dir)?;
-            self.target = match &set.single_file {
-                Some(name) => name.to_local(&dir),
-                None => dir.clone(),
-            };
+            self.target = target_in(set, &dir);
             self.dir = dir;
         }
         self.keep = true;
@@ -362,20 +368,9 @@ impl Staged {
         if !dir.is_dir() {
             return None;
         }
-        let mode = if shared
-            .sandbox
-            .view(&shared.data_dir, &shared.sets)
-            .is_some()
-        {
-            StageMode::Link
-        } else {
-            StageMode::Copy
-        };
+        let mode = link_mode(shared);
         Some(Staged {
-            target: match &set.single_file {
-                Some(name) => name.to_local(&dir),
-                None => dir.clone(),
-            },
+            target: target_in(set, &dir),
             dir,
             mode,
             files: 0,
