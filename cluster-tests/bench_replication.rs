@@ -1,10 +1,10 @@
 //! Replication benchmark: clusterd's file replication side by side with
 //! rsync, both measured in the same run on the same machine.
 //!
-//! `cargo bench --bench replication -- [--only latency|delta|append|full|idle|validate|history]
+//! `cargo bench --bench replication -- [--only latency|delta|append|full|idle|validate|history|scale]
 //!  [--edits N] [--gap-ms MS] [--delta-mib N] [--log-mib N] [--append-mib N]
 //!  [--files N] [--full-mib N] [--idle-files N] [--idle-secs N]
-//!  [--rescan-secs N] [--deadline-secs N] [--enforce]`
+//!  [--rescan-secs N] [--scale-files N] [--scale-idle-secs N] [--deadline-secs N] [--enforce]`
 //!
 //! Every scenario starts its own 3-node loopback cluster at the daemon's
 //! default timers (no `[raft]` or `[replication]` section), each peer link
@@ -72,12 +72,18 @@
 //!   cluster; and the disk of `--history-edits` (1,000) one-line edits of a
 //!   100 KiB config. Bars: within 10 %; under 2 MiB.
 //!
+//! - `scale`: a million-file mail spool (see [`scale`]): first sync against
+//!   rsync, memory during it, idle, `clusterctl status`, a restart, and a
+//!   catch-up after 1 % changed.
+//!
 //! Without `--bench` (as `cargo test --all-targets` runs it) every scenario
 //! runs once with tiny sizes, as a smoke test that the benchmark works.
 //! With `--enforce`, exits 1 if a figure misses its bar (from issue 3).
 
 #[path = "harness/mod.rs"]
 mod harness;
+#[path = "bench_scale.rs"]
+mod scale;
 
 use std::fmt::Write as _;
 use std::fs::{self, OpenOptions};
@@ -110,9 +116,10 @@ enum Scenario {
     Idle,
     Validate,
     History,
+    Scale,
 }
 
-const ALL: [Scenario; 7] = [
+const ALL: [Scenario; 8] = [
     Scenario::Latency,
     Scenario::Delta,
     Scenario::Append,
@@ -120,6 +127,7 @@ const ALL: [Scenario; 7] = [
     Scenario::Validate,
     Scenario::History,
     Scenario::Idle,
+    Scenario::Scale,
 ];
 
 struct Opts {
@@ -141,6 +149,10 @@ struct Opts {
     enforce: bool,
     /// Edits of the 100 KiB config whose history's disk is measured.
     history_edits: usize,
+    /// Files of the `scale` scenario's spool.
+    scale_files: usize,
+    /// Its idle window.
+    scale_idle_secs: u64,
 }
 
 impl Opts {
@@ -169,6 +181,8 @@ impl Opts {
                 deadline: Duration::from_secs(1800),
                 enforce: false,
                 history_edits: 1000,
+                scale_files: 1_000_000,
+                scale_idle_secs: 60,
             }
         } else {
             Opts {
@@ -186,6 +200,8 @@ impl Opts {
                 deadline: Duration::from_secs(120),
                 enforce: false,
                 history_edits: 20,
+                scale_files: 3000,
+                scale_idle_secs: 2,
             }
         }
     }
@@ -193,7 +209,7 @@ impl Opts {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: replication [--only latency|delta|append|full|idle|validate|history] [--history-edits N] [--edits N] [--gap-ms MS] [--delta-mib N] [--log-mib N] [--append-mib N] [--files N] [--full-mib N] [--idle-files N] [--idle-secs N] [--rescan-secs N] [--deadline-secs N] [--enforce]"
+        "usage: replication [--only latency|delta|append|full|idle|validate|history|scale] [--history-edits N] [--scale-files N] [--scale-idle-secs N] [--edits N] [--gap-ms MS] [--delta-mib N] [--log-mib N] [--append-mib N] [--files N] [--full-mib N] [--idle-files N] [--idle-secs N] [--rescan-secs N] [--deadline-secs N] [--enforce]"
     );
     std::process::exit(2);
 }
@@ -226,6 +242,7 @@ fn parse_args() -> Opts {
                     "idle" => Scenario::Idle,
                     "validate" => Scenario::Validate,
                     "history" => Scenario::History,
+                    "scale" => Scenario::Scale,
                     _ => usage(),
                 })
             }
@@ -242,6 +259,8 @@ fn parse_args() -> Opts {
             "--deadline-secs" => o.deadline = Duration::from_secs(num(value())),
             "--enforce" => o.enforce = true,
             "--history-edits" => o.history_edits = num(value()) as usize,
+            "--scale-files" => o.scale_files = num(value()).max(1) as usize,
+            "--scale-idle-secs" => o.scale_idle_secs = num(value()).max(1),
             "--bench" => {}
             // Passed through by `cargo test --all-targets -- --test-threads=N`.
             s if s.starts_with("--test-threads") => {}
@@ -286,6 +305,7 @@ fn main() {
             Scenario::Idle => idle(&o, have_rsync),
             Scenario::Validate => validate(&o),
             Scenario::History => history(&o),
+            Scenario::Scale => scale::scale(&o, have_rsync),
         });
     }
     print_table(&rows);
