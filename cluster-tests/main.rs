@@ -20,6 +20,7 @@ mod monitoring;
 mod node_replacement;
 mod remote_admin;
 mod replication;
+mod scale;
 mod secrets;
 mod switchover;
 mod systemd;

@@ -679,6 +679,7 @@ pub struct ClusterBuilder {
     witnesses: Vec<u64>,
     /// Peers dial each other directly instead of through the proxies.
     direct: bool,
+    wrap: Vec<String>,
 }
 
 /// A `[[sync]]` set the builder gives every node, each at its own path
@@ -737,7 +738,15 @@ impl ClusterBuilder {
             sync_sets: Vec::new(),
             witnesses: Vec::new(),
             direct: false,
+            wrap: Vec::new(),
         }
+    }
+
+    /// Every node runs as `argv... clusterd --config ...` (e.g. `unshare`
+    /// with a shell that sets a namespace's limit, then `exec "$@"`).
+    pub fn wrap(mut self, argv: &[&str]) -> Self {
+        self.wrap = argv.iter().map(|a| a.to_string()).collect();
+        self
     }
 
     /// `[raft] heartbeat_ms / election_timeout_ms` for every node.
@@ -939,6 +948,7 @@ impl ClusterBuilder {
             nodes,
             proxies,
             env: self.env,
+            wrap: self.wrap,
             dir: Some(dir),
         };
         for &i in &ids {
@@ -956,6 +966,8 @@ pub struct Cluster {
     nodes: Vec<Node>,
     proxies: Proxies,
     env: Vec<(String, String)>,
+    /// `ClusterBuilder::wrap`.
+    wrap: Vec<String>,
     // Last: removed after the processes are dead.
     dir: Option<tempfile::TempDir>,
 }
@@ -1029,8 +1041,15 @@ impl Cluster {
 
         // A profiler in front of the node (CLUSTER_TESTS_WRAP="heaptrack -o
         // /tmp/ht"): the figures of a benchmark then include its overhead.
-        let wrap = std::env::var("CLUSTER_TESTS_WRAP").unwrap_or_default();
-        let mut wrap = wrap.split_whitespace();
+        let wrap = match self.wrap.is_empty() {
+            true => std::env::var("CLUSTER_TESTS_WRAP").unwrap_or_default(),
+            false => String::new(),
+        };
+        let mut wrap = self
+            .wrap
+            .iter()
+            .map(String::as_str)
+            .chain(wrap.split_whitespace());
         let mut cmd = match wrap.next() {
             Some(profiler) => {
                 let mut c = Command::new(profiler);

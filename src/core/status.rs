@@ -118,6 +118,9 @@ pub struct SetView {
     /// This node's validator refused the set's last change: why. On the
     /// leader nothing of that change was proposed.
     pub held: Option<String>,
+    /// Leader only: inotify does not watch the whole set (the kernel's
+    /// watch limit), so its changes are found by rescans: why.
+    pub unwatched: Option<String>,
     /// The set's committed pause, if it is paused.
     pub paused: Option<crate::core::manifest::Pause>,
     /// `(seq, proposed_at_ms)` of recent batches (for lag in seconds).
@@ -283,6 +286,7 @@ impl ClusterStatus {
                     "refused": s.refused,
                     "skipping": s.skipping,
                     "held": s.held,
+                    "unwatched": s.unwatched,
                     "paused": s.paused.as_ref().map(|p| json!({
                         "reason": p.reason,
                         "since": utc_time(p.since_ms / 1000),
@@ -473,6 +477,12 @@ impl ClusterStatus {
                     (_, true, _) => "waiting for skip_while marker".to_string(),
                     (_, _, m) if m > 0 => format!("{m} file(s) to fetch"),
                     (Some(e), _, _) => e.clone(),
+                    _ if s.unwatched.is_some() => {
+                        format!(
+                            "ok, by rescan: {}",
+                            s.unwatched.as_deref().unwrap_or_default()
+                        )
+                    }
                     _ => "ok".to_string(),
                 };
                 rows.push([
@@ -838,6 +848,26 @@ pub fn check(status: &ClusterStatus, t: &CheckThresholds, now_unix: u64) -> (Che
         raise(
             CheckCode::Warning,
             format!("held by its validator: {}", held.join("; ")),
+        );
+    }
+    let unwatched: Vec<String> = status
+        .nodes
+        .iter()
+        .filter_map(|n| Some((n.id, n.files.as_ref()?)))
+        .flat_map(|(id, f)| {
+            f.sets.iter().filter_map(move |s| {
+                Some(format!(
+                    "set {:?} on node {id}: {}",
+                    s.name,
+                    s.unwatched.as_ref()?
+                ))
+            })
+        })
+        .collect();
+    if !unwatched.is_empty() {
+        raise(
+            CheckCode::Warning,
+            format!("not watched whole by inotify: {}", unwatched.join("; ")),
         );
     }
     // A pause is on purpose; one forgotten for an hour is worth a warning.

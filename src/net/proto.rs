@@ -232,6 +232,7 @@ impl From<&FilesView> for peer::FilesStatus {
                     refused: s.refused,
                     skipping: s.skipping,
                     held: s.held.clone().unwrap_or_default(),
+                    unwatched: s.unwatched.clone().unwrap_or_default(),
                     paused: s.paused.is_some(),
                     paused_reason: s
                         .paused
@@ -275,6 +276,7 @@ impl From<&peer::FilesStatus> for FilesView {
                     refused: s.refused,
                     skipping: s.skipping,
                     held: (!s.held.is_empty()).then(|| s.held.clone()),
+                    unwatched: (!s.unwatched.is_empty()).then(|| s.unwatched.clone()),
                     paused: s.paused.then(|| crate::core::manifest::Pause {
                         reason: s.paused_reason.clone(),
                         since_ms: s.paused_since_ms,

@@ -123,6 +123,7 @@ async fn run_inner(
     let logger = crate::ops::logging::raft_logger(id);
     let shared = crate::replication::shared::open_shared(&config)?;
     crate::replication::validate::remove_leftovers(&config.node.data_dir);
+    crate::replication::source::warn_watch_budget(&shared);
     let (applied_tx, applied_rx) = mpsc::unbounded_channel();
     let mut applier = Applier::new(shared.clone(), store.clone(), applied_tx);
     let core = RaftCore::new(id, &config.raft, store, options, &logger, &mut applier)?;

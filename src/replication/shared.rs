@@ -130,6 +130,12 @@ pub struct SetHealth {
     /// The set's last change was refused by its validator on this node:
     /// why (the validator's first line). Cleared by the next valid change.
     pub held: Option<String>,
+    /// Leader only: inotify does not watch the whole set (the kernel's
+    /// watch limit was reached): why, and how often it is rescanned instead.
+    pub unwatched: Option<String>,
+    /// How long the leader's last full walk of the set took (paces the
+    /// rescans of a set inotify cannot watch whole).
+    pub last_walk: Option<std::time::Duration>,
 }
 
 /// Node-wide counters (metrics and status).
@@ -240,6 +246,10 @@ pub struct Shared {
     /// Object files were added to the history since its directory was
     /// last synced.
     pub history_objects_unsynced: std::sync::atomic::AtomicBool,
+    /// Hashes of objects the applier's writers linked in for the batch
+    /// being applied, so its record need not look them up (cleared once
+    /// per applied page).
+    pub history_linked: Mutex<std::collections::HashSet<[u8; 32]>>,
 }
 
 impl Shared {
@@ -321,6 +331,26 @@ impl Shared {
         self.health_of(set, |h| h.held = reason);
     }
 
+    /// Marks `set` as not watched whole by inotify (with the reason), or
+    /// watched again (`None`).
+    pub fn set_unwatched(&self, set: &str, reason: Option<String>) {
+        self.health_of(set, |h| h.unwatched = reason);
+    }
+
+    /// Notes how long a full walk of `set` took.
+    pub fn note_walk(&self, set: &str, took: std::time::Duration) {
+        self.health_of(set, |h| h.last_walk = Some(took));
+    }
+
+    /// How long the last full walk of `set` took, if one ran.
+    pub fn last_walk(&self, set: &str) -> Option<std::time::Duration> {
+        self.health
+            .lock()
+            .unwrap()
+            .get(set)
+            .and_then(|h| h.last_walk)
+    }
+
     /// Whether `set`'s last change was held by its validator here.
     pub fn is_held(&self, set: &str) -> bool {
         self.health
@@ -366,6 +396,7 @@ impl Shared {
                     refused: h.refused,
                     skipping: h.skipping,
                     held: h.held,
+                    unwatched: h.unwatched,
                     paused: manifest.paused.get(&s.name).cloned(),
                     recent: progress.recent.iter().copied().collect(),
                 }
@@ -479,6 +510,7 @@ pub fn open_shared(config: &Config) -> Result<Arc<Shared>, FilesStoreError> {
         history_recent: Mutex::new(HashMap::new()),
         history_deferred: Mutex::new(std::collections::VecDeque::new()),
         history_objects_unsynced: std::sync::atomic::AtomicBool::new(false),
+        history_linked: Mutex::new(Default::default()),
     });
     // Quarantine records are never deleted automatically: the count shown
     // is of all of them, not only of this run's.

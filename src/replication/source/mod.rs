@@ -116,5 +116,5 @@ mod watch;
 
 use pipeline::*;
 use plan::*;
-pub use watch::Source;
 use watch::*;
+pub use watch::{inotify_watch_limit, warn_watch_budget, Source};

@@ -16,6 +16,87 @@ impl Dirty {
     }
 }
 
+/// Sets whose inotify watches hit the kernel's limit are rescanned whole
+/// at least this far apart...
+const UNWATCHED_RESCAN_MIN: Duration = Duration::from_secs(10);
+/// ...and at most 1/20 of the time: a set of a million files whose walk
+/// takes 2 s is rescanned every 40 s, about 5 % of a core.
+const UNWATCHED_RESCAN_SHARE: u32 = 20;
+
+/// The most inotify watches this user may hold: the lower of
+/// `fs.inotify.max_user_watches` and the user namespace's
+/// `user.max_inotify_watches` (a container's own limit). `None` when
+/// neither can be read.
+pub fn inotify_watch_limit() -> Option<u64> {
+    [
+        "/proc/sys/fs/inotify/max_user_watches",
+        "/proc/sys/user/max_inotify_watches",
+    ]
+    .iter()
+    .filter_map(|p| std::fs::read_to_string(p).ok()?.trim().parse::<u64>().ok())
+    .min()
+}
+
+/// The sysctl line that lets `needed` watches in, with room to grow.
+fn raise_hint(needed: u64) -> String {
+    let target = (needed * 2).max(65_536).next_power_of_two();
+    format!("`sysctl -w fs.inotify.max_user_watches={target}` (and the same line in /etc/sysctl.d/ to keep it)")
+}
+
+/// Directories at and under `dir`, not following symlinks (one watch each).
+fn count_dirs(dir: &std::path::Path) -> u64 {
+    let mut stack = vec![dir.to_path_buf()];
+    let mut n = 0;
+    while let Some(d) = stack.pop() {
+        n += 1;
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                stack.push(e.path());
+            }
+        }
+    }
+    n
+}
+
+/// At start on every data node: warns when the directories of the sets
+/// as committed need more inotify watches than the kernel allows this
+/// user, naming the sysctl to raise. Such a node still leads (the sets it
+/// cannot watch whole are rescanned), but later than inotify would see it.
+pub fn warn_watch_budget(shared: &Shared) {
+    let Some(limit) = inotify_watch_limit() else {
+        return;
+    };
+    let manifest = shared.manifest.read().unwrap();
+    let per_set: Vec<(String, u64)> = shared
+        .sets
+        .iter()
+        .filter(|s| s.single_file.is_none())
+        .map(|s| {
+            let dirs = manifest.set(&s.name).map_or(0, |m| {
+                m.entries
+                    .values()
+                    .filter(|e| e.meta.kind == EntryKind::Dir)
+                    .count() as u64
+            });
+            (s.name.clone(), dirs + 1)
+        })
+        .collect();
+    let needed: u64 = per_set.iter().map(|(_, n)| n).sum();
+    if needed > limit {
+        let list: Vec<String> = per_set.iter().map(|(s, n)| format!("{s:?} {n}")).collect();
+        warn!(
+            needed,
+            limit,
+            "the sync sets hold {needed} directories ({}), one inotify watch each, but this user may hold {limit} (fs.inotify.max_user_watches): raise it with {}; until then, while this node leads, changes under the directories it cannot watch are found only by rescans",
+            list.join(", "),
+            raise_hint(needed)
+        );
+    }
+}
+
 pub struct Source {
     shared: Arc<Shared>,
     node: NodeHandle,
@@ -76,7 +157,10 @@ impl Source {
             "leading: watching the sync sets and reconciling them with the committed manifest"
         );
         let (tx, mut rx) = mpsc::unbounded_channel::<(usize, PathBuf)>();
-        let _watchers = self.watch(tx);
+        let mut watches = Watches::new(self.shared.clone());
+        for i in 0..self.shared.sets.len() {
+            watches.start(i, &tx);
+        }
         let mut dirty = Dirty::default();
         for set in &self.shared.sets {
             dirty.full.insert(set.name.clone());
@@ -85,6 +169,7 @@ impl Source {
         rescan.tick().await;
         let mut retry = tokio::time::interval(Duration::from_millis(500));
         let mut pauses = tokio::time::interval(Duration::from_millis(500));
+        let mut unwatched_tick = tokio::time::interval(UNWATCHED_RESCAN_MIN / 2);
         let mut was_paused: BTreeSet<String> = self.paused_sets();
         loop {
             // A set leaves its pause with one full pass of what accumulated.
@@ -105,6 +190,7 @@ impl Source {
                         .extend(self.shared.sets.iter().map(|s| s.name.clone())),
                 }
             }
+            watches.report_limits();
             if !dirty.is_empty() {
                 let work = std::mem::take(&mut dirty);
                 let shared = self.shared.clone();
@@ -163,8 +249,19 @@ impl Source {
                     }
                 }
                 _ = rescan.tick() => {
-                    for set in &self.shared.sets {
+                    for (i, set) in self.shared.sets.iter().enumerate() {
                         dirty.full.insert(set.name.clone());
+                        // The limit may have been raised: try to watch it whole again.
+                        if watches.limited(i) {
+                            watches.start(i, &tx);
+                        }
+                    }
+                }
+                _ = unwatched_tick.tick(), if watches.any_limited() => {
+                    for (i, set) in self.shared.sets.iter().enumerate() {
+                        if watches.rescan_due(i) {
+                            dirty.full.insert(set.name.clone());
+                        }
                     }
                 }
                 _ = retry.tick(), if !dirty.is_empty() => {}
@@ -286,15 +383,43 @@ impl Source {
             }
         }
     }
+}
 
-    pub(super) fn watch(
-        &self,
-        tx: mpsc::UnboundedSender<(usize, PathBuf)>,
-    ) -> Vec<notify::RecommendedWatcher> {
-        let mut out = Vec::new();
-        for (i, set) in self.shared.sets.iter().enumerate() {
-            let tx = tx.clone();
-            let handler = move |res: notify::Result<notify::Event>| match res {
+/// The leader's inotify watches, one watcher per set, and which sets hit
+/// the kernel's watch limit (those are rescanned whole instead, see
+/// [`Watches::rescan_due`]).
+pub(super) struct Watches {
+    shared: Arc<Shared>,
+    watchers: Vec<Option<notify::RecommendedWatcher>>,
+    /// Set by a watcher (its own thread) when adding a watch failed for the
+    /// limit: at the start, or for a directory made later.
+    hit_limit: Vec<Arc<std::sync::atomic::AtomicBool>>,
+    /// Sets whose limit was reported, with when their last rescan for it was due.
+    limited: Vec<Option<Instant>>,
+}
+
+impl Watches {
+    pub(super) fn new(shared: Arc<Shared>) -> Watches {
+        let sets = shared.sets.len();
+        Watches {
+            shared,
+            watchers: (0..sets).map(|_| None).collect(),
+            hit_limit: (0..sets).map(|_| Default::default()).collect(),
+            limited: vec![None; sets],
+        }
+    }
+
+    /// Watches set `i` (again, replacing its watcher): recursively, or its
+    /// one file's directory for a single-file set.
+    pub(super) fn start(&mut self, i: usize, tx: &mpsc::UnboundedSender<(usize, PathBuf)>) {
+        let set = &self.shared.sets[i];
+        self.watchers[i] = None;
+        let hit = self.hit_limit[i].clone();
+        hit.store(false, Ordering::SeqCst);
+        let tx = tx.clone();
+        let handler = {
+            let hit = hit.clone();
+            move |res: notify::Result<notify::Event>| match res {
                 Ok(ev) => {
                     // Opens and read-only closes change nothing, and our own
                     // reads cause them: following them would rescan forever.
@@ -310,28 +435,120 @@ impl Source {
                         let _ = tx.send((i, p));
                     }
                 }
-                Err(_) => {
+                Err(e) => {
+                    // A directory made since could not be watched: what
+                    // happens in it is seen only by rescans from now on.
+                    if matches!(e.kind, notify::ErrorKind::MaxFilesWatch) {
+                        hit.store(true, Ordering::SeqCst);
+                    }
                     let _ = tx.send((i, PathBuf::new()));
                 }
-            };
-            let mut w = match notify::recommended_watcher(handler) {
-                Ok(w) => w,
-                Err(e) => {
-                    warn!(set = %set.name, "cannot watch sync set {:?}: {e}; relying on the periodic rescan", set.name);
-                    continue;
-                }
-            };
-            let (target, mode) = match set.single_file {
-                Some(_) => (&set.root_dir, RecursiveMode::NonRecursive),
-                None => (&set.root_dir, RecursiveMode::Recursive),
-            };
-            if let Err(e) = w.watch(target, mode) {
-                warn!(set = %set.name, "cannot watch {}: {e}; relying on the periodic rescan (raise fs.inotify.max_user_watches for large trees)", target.display());
             }
-            out.push(w);
+        };
+        let mut w = match notify::recommended_watcher(handler) {
+            Ok(w) => w,
+            Err(e) => {
+                if matches!(e.kind, notify::ErrorKind::MaxFilesWatch) {
+                    hit.store(true, Ordering::SeqCst);
+                } else {
+                    warn!(set = %set.name, "cannot watch sync set {:?}: {e}; relying on the periodic rescan", set.name);
+                }
+                return;
+            }
+        };
+        let mode = match set.single_file {
+            Some(_) => RecursiveMode::NonRecursive,
+            None => RecursiveMode::Recursive,
+        };
+        if let Err(e) = w.watch(&set.root_dir, mode) {
+            if matches!(e.kind, notify::ErrorKind::MaxFilesWatch) {
+                // notify stops at the first directory it cannot watch; those
+                // watched so far still report.
+                hit.store(true, Ordering::SeqCst);
+            } else {
+                warn!(set = %set.name, "cannot watch {}: {e}; relying on the periodic rescan", set.root_dir.display());
+            }
         }
-        out
+        self.watchers[i] = Some(w);
     }
+
+    /// Whether set `i` is not watched whole for the limit.
+    pub(super) fn limited(&self, i: usize) -> bool {
+        self.limited[i].is_some() || self.hit_limit[i].load(Ordering::SeqCst)
+    }
+
+    pub(super) fn any_limited(&self) -> bool {
+        (0..self.limited.len()).any(|i| self.limited(i))
+    }
+
+    /// Says once per set, in the log and in its status, that it hit the
+    /// limit (what is needed, the sysctl to raise, the rescan period), and
+    /// that it is watched whole again once a new watcher got through.
+    pub(super) fn report_limits(&mut self) {
+        let shared = &self.shared;
+        for i in 0..self.limited.len() {
+            let set = &shared.sets[i];
+            let hit = self.hit_limit[i].load(Ordering::SeqCst);
+            match (hit, self.limited[i].is_some()) {
+                (true, false) => {
+                    let needed: u64 = shared
+                        .sets
+                        .iter()
+                        .filter(|s| s.single_file.is_none())
+                        .map(|s| count_dirs(&s.root_dir))
+                        .sum();
+                    let limit = inotify_watch_limit().unwrap_or(0);
+                    let period = rescan_period(shared, &set.name);
+                    let why = format!(
+                        "inotify reached its limit of {limit} watches (fs.inotify.max_user_watches) while the sync sets hold {needed} directories; raise it with {}; until then set {:?} is rescanned every {}s",
+                        raise_hint(needed),
+                        set.name,
+                        period.as_secs()
+                    );
+                    warn!(set = %set.name, needed, limit, "{why}");
+                    shared.set_unwatched(&set.name, Some(why));
+                    self.limited[i] = Some(Instant::now());
+                }
+                (false, true) => {
+                    info!(set = %set.name, "sync set {:?} is watched whole by inotify again", set.name);
+                    shared.set_unwatched(&set.name, None);
+                    self.limited[i] = None;
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Whether the limited set `i` is due for a rescan (noting it as done).
+    pub(super) fn rescan_due(&mut self, i: usize) -> bool {
+        let Some(last) = self.limited[i] else {
+            return false;
+        };
+        if last.elapsed() < rescan_period(&self.shared, &self.shared.sets[i].name) {
+            return false;
+        }
+        self.limited[i] = Some(Instant::now());
+        true
+    }
+}
+
+impl Drop for Watches {
+    /// Only the leader watches: a node that stops leading has no limited set.
+    fn drop(&mut self) {
+        for (i, limited) in self.limited.iter().enumerate() {
+            if limited.is_some() {
+                self.shared.set_unwatched(&self.shared.sets[i].name, None);
+            }
+        }
+    }
+}
+
+/// How often a set inotify cannot watch whole is rescanned:
+/// [`UNWATCHED_RESCAN_SHARE`] times its last walk, at least
+/// [`UNWATCHED_RESCAN_MIN`].
+fn rescan_period(shared: &Shared, set: &str) -> Duration {
+    let walk = shared.last_walk(set).unwrap_or_default();
+    (walk * UNWATCHED_RESCAN_SHARE).max(UNWATCHED_RESCAN_MIN)
 }
 
 /// Plans and proposes everything in `work`, one batch at a time.
@@ -377,8 +594,14 @@ pub(super) fn process(
                 walked.insert(&f.path);
                 !settled(shared, &set, &f.path, &f.meta, &mut names)
             };
+            let started = Instant::now();
             match walk_keeping(&set, &root, keep) {
-                Ok(w) => w,
+                Ok(w) => {
+                    if full {
+                        shared.note_walk(&name, started.elapsed());
+                    }
+                    w
+                }
                 Err(e) => {
                     shared.note_error(&name, format!("cannot scan sync set {name:?}: {e}"));
                     continue;
