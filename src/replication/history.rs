@@ -255,6 +255,9 @@ enum Kept {
 /// fsync of their directory); called before the store batch that names
 /// them is written.
 pub fn sync_objects_dir(shared: &Shared) {
+    // The page's records were made: what they did not consume is looked up
+    // the usual way from now on.
+    shared.history_linked.lock().unwrap().clear();
     if shared
         .history_objects_unsynced
         .swap(false, std::sync::atomic::Ordering::Relaxed)
@@ -340,7 +343,9 @@ fn keep_content(
 
 /// Whether this node keeps content `want` already.
 fn holds(shared: &Shared, want: &FileDigest) -> bool {
-    shared.store.has_object(&WireDigest::new(want))
+    // Linked by the writers of the batch being recorded: no lookup needed.
+    shared.history_linked.lock().unwrap().remove(&want.hash)
+        || shared.store.has_object(&WireDigest::new(want))
         || object_file(&shared.data_dir, want, false).exists()
         || object_file(&shared.data_dir, want, true).exists()
 }
@@ -360,10 +365,25 @@ pub fn link_first_version(shared: &Shared, finished: &Path, want: &FileDigest) {
         other => other,
     };
     if linked.is_ok() {
-        shared
-            .history_objects_unsynced
-            .store(true, std::sync::atomic::Ordering::Relaxed);
+        note_linked(shared, want);
     }
+}
+
+/// [`link_first_version`] for a version the applier wrote itself, still
+/// under its temporary name: linked through its descriptor.
+pub fn link_written(shared: &Shared, file: &fs::File, want: &FileDigest) {
+    if let Ok(true) = link_object(shared, file, want) {
+        note_linked(shared, want);
+    }
+}
+
+/// The object of `want` was just linked in: its name is synced with the
+/// page, and the batch's record knows it is held without looking.
+fn note_linked(shared: &Shared, want: &FileDigest) {
+    shared
+        .history_objects_unsynced
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    shared.history_linked.lock().unwrap().insert(want.hash);
 }
 
 /// Links `file` in as the object of `want`; false where it cannot be

@@ -13,6 +13,7 @@ use crate::fs::owners::*;
 use crate::fs::root::{FileMeta, FsError, Kind, Root};
 use crate::replication::files_store::LocalRecord;
 use crate::replication::shared::*;
+use tracing::debug;
 /// A local entry found while walking a tree.
 pub struct Found {
     pub path: SetPath,
@@ -79,6 +80,14 @@ pub fn walk_keeping(
         let mut subdirs = Vec::new();
         for (name, kind) in opened.list()? {
             if crate::fs::root::is_temp_name(&name) {
+                if kind == Kind::File && crate::fs::root::is_stale_temp_name(&name) {
+                    // A version written before a crash, never renamed in.
+                    let mut at = comps.clone();
+                    at.push(name.as_slice());
+                    if root.remove(&at).is_ok() {
+                        debug!(set = %set.name, "removed a temporary file an earlier run left behind");
+                    }
+                }
                 continue;
             }
             let path = match &dir {

@@ -489,6 +489,24 @@ impl Expect {
 }
 
 /// The outcome of [`Root::replace_file_guarded`].
+/// A verified new version under its temporary name, not yet durable nor
+/// swapped in: see [`Root::prepare_file`].
+#[derive(Debug)]
+pub struct Prepared {
+    comps: Vec<Vec<u8>>,
+    path: String,
+    tmp: String,
+    /// The temporary file's stat when it was verified.
+    ours: Stat,
+}
+
+impl Prepared {
+    /// The version's metadata, from its own descriptor.
+    pub fn meta(&self) -> FileMeta {
+        FileMeta::from_stat(&self.ours)
+    }
+}
+
 #[derive(Debug)]
 pub struct Replaced {
     /// The new version's metadata, from its own descriptor.
@@ -587,8 +605,29 @@ fn labels_new_files(dir: &OwnedFd) -> bool {
     .any(|attr| rfs::fgetxattr(dir, *attr, &mut [0u8; 0][..]).is_ok())
 }
 
+/// This process's mark in its temporary names: a name with another mark
+/// (or none) was left by an earlier run, by a crash, and nothing will ever
+/// rename it in.
+fn run_mark() -> u32 {
+    static MARK: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *MARK.get_or_init(rand::random::<u32>)
+}
+
 fn temp_name() -> String {
-    format!("{TEMP_PREFIX}{:016x}", rand::random::<u64>())
+    format!(
+        "{TEMP_PREFIX}{:08x}-{:016x}",
+        run_mark(),
+        rand::random::<u64>()
+    )
+}
+
+/// Whether `name` is a temporary name an earlier run of this program left
+/// behind (a crash between writing and renaming): safe to remove.
+pub fn is_stale_temp_name(name: &[u8]) -> bool {
+    let Some(rest) = name.strip_prefix(TEMP_PREFIX.as_bytes()) else {
+        return false;
+    };
+    rest.get(..9) != Some(format!("{:08x}-", run_mark()).as_bytes())
 }
 
 /// Flags for stepping into a directory: never through a symlink.
@@ -904,6 +943,14 @@ impl Root {
 
     /// Fsyncs the directory at `comps` (the root itself when empty), so the
     /// renames made in it are durable. Absent: nothing to do.
+    /// Makes everything written to this root's filesystem so far durable
+    /// (`syncfs`): one journal commit for a whole batch of prepared files
+    /// ([`Root::prepare_file`]), or for the directory entries of many
+    /// directories.
+    pub fn sync_filesystem(&self) -> Result<(), FsError> {
+        rfs::syncfs(&self.fd).map_err(|e| self.io_err("syncfs the filesystem of", ".".into(), e))
+    }
+
     pub fn sync_dir<C: AsComponent>(&self, comps: &[C]) -> Result<(), FsError> {
         if comps.is_empty() {
             return rfs::fsync(&self.fd).map_err(|e| self.io_err("fsync", ".".into(), e));

@@ -80,33 +80,7 @@ impl Root {
             name: tmp,
             armed: true,
         };
-
-        file.write_all(data)
-            .map_err(|e| self.io_err("write temporary file for", path.clone(), e))?;
-        self.apply_meta(file.as_fd(), meta, &path)?;
-        if let Some(want) = xattrs {
-            // The new file may have inherited an ACL from its directory's
-            // default ACL: that is replaced (or removed) here too.
-            self.sync_xattrs(file.as_fd(), meta, want, &path)?;
-        }
-        file.sync_all()
-            .map_err(|e| self.io_err("fsync temporary file for", path.clone(), e))?;
-
-        // Read back what the filesystem holds, not what we meant to write.
-        let (actual, _) = hash_file(&file)
-            .map_err(|e| self.io_err("read back temporary file for", path.clone(), e))?;
-        if actual.as_bytes() != expected {
-            return Err(FsError::HashMismatch {
-                root: self.root_str(),
-                path,
-                expected: blake3::Hash::from_bytes(*expected).to_hex().to_string(),
-                actual: actual.to_hex().to_string(),
-            });
-        }
-
-        // The rename is by name: make sure the name still is our inode.
-        let ours = rfs::fstat(&file)
-            .map_err(|e| self.io_err("stat temporary file for", path.clone(), e))?;
+        let ours = self.write_verified(&mut file, &path, data, meta, expected, xattrs, true)?;
         let displaced = self.swap_in_ours(&dir, &mut guard, &ours, leaf, expect, &path)?;
         if sync_dir {
             rfs::fsync(&dir).map_err(|e| self.io_err("fsync the directory of", path, e))?;
@@ -117,6 +91,118 @@ impl Root {
             meta: FileMeta::from_stat(&ours),
             displaced: displaced.map(|name| sibling(&comps, name.into_bytes())),
         })
+    }
+
+    /// Writes `data` to the new temporary `file` for `path` with `meta` (and
+    /// exactly `xattrs`), fsyncs it when `fsync`, and verifies by reading it
+    /// back that its blake3 hash is `expected`. Returns its stat, which the
+    /// rename checks the temporary name against (the rename is by name).
+    #[allow(clippy::too_many_arguments)]
+    fn write_verified(
+        &self,
+        file: &mut File,
+        path: &str,
+        data: &[u8],
+        meta: &FileMeta,
+        expected: &[u8; 32],
+        xattrs: Option<&[(Vec<u8>, Vec<u8>)]>,
+        fsync: bool,
+    ) -> Result<Stat, FsError> {
+        file.write_all(data)
+            .map_err(|e| self.io_err("write temporary file for", path.to_string(), e))?;
+        self.apply_meta(file.as_fd(), meta, path)?;
+        if let Some(want) = xattrs {
+            // The new file may have inherited an ACL from its directory's
+            // default ACL: that is replaced (or removed) here too.
+            self.sync_xattrs(file.as_fd(), meta, want, path)?;
+        }
+        if fsync {
+            file.sync_all()
+                .map_err(|e| self.io_err("fsync temporary file for", path.to_string(), e))?;
+        }
+        // Read back what the filesystem holds, not what we meant to write.
+        let (actual, _) = hash_file(&*file)
+            .map_err(|e| self.io_err("read back temporary file for", path.to_string(), e))?;
+        if actual.as_bytes() != expected {
+            return Err(FsError::HashMismatch {
+                root: self.root_str(),
+                path: path.to_string(),
+                expected: blake3::Hash::from_bytes(*expected).to_hex().to_string(),
+                actual: actual.to_hex().to_string(),
+            });
+        }
+        rfs::fstat(&*file).map_err(|e| self.io_err("stat temporary file for", path.to_string(), e))
+    }
+
+    /// The first half of [`Root::replace_file_guarded`], for a batch of many
+    /// files: writes `data` to a temporary file next to the leaf with `meta`
+    /// (and exactly `xattrs`), verifies it by reading it back, hands it to
+    /// `keep` (the history links a first version as this very inode), and
+    /// leaves it under its temporary name, closed and **not yet durable**.
+    /// The caller makes every prepared file of the batch durable at once
+    /// with [`Root::sync_filesystem`] (one journal commit, where an fsync
+    /// per file paid one each), and only then renames each in with
+    /// [`Root::swap_prepared`]: so invariant 2 holds, the content is on
+    /// disk before the name points at it. One that is not swapped in must
+    /// be given to [`Root::discard_prepared`]; one a crash leaves behind is
+    /// a stale temporary name ([`is_stale_temp_name`]).
+    pub fn prepare_file<C: AsComponent>(
+        &self,
+        comps: &[C],
+        data: &[u8],
+        meta: &FileMeta,
+        expected: &[u8; 32],
+        xattrs: Option<&[(Vec<u8>, Vec<u8>)]>,
+        keep: impl FnOnce(&File),
+    ) -> Result<Prepared, FsError> {
+        let (comps, path, dir, _) = self.file_target(comps, meta)?;
+        let (mut file, tmp) = self.create_temp(&dir, &path)?;
+        let mut guard = TempGuard {
+            dir: dir.as_fd(),
+            name: tmp,
+            armed: true,
+        };
+        let ours = self.write_verified(&mut file, &path, data, meta, expected, xattrs, false)?;
+        keep(&file);
+        guard.disarm();
+        Ok(Prepared {
+            comps: comps.iter().map(|c| c.to_vec()).collect(),
+            path,
+            tmp: guard.name.clone(),
+            ours,
+        })
+    }
+
+    /// The second half of [`Root::prepare_file`], once the caller made the
+    /// prepared file durable: swaps it in as [`Root::replace_file_guarded`]
+    /// does (displacing only what `expect` says; the directory fsync is
+    /// left to the caller). On an error the temporary file is removed.
+    pub fn swap_prepared(&self, p: &Prepared, expect: Expect) -> Result<Replaced, FsError> {
+        let comps: Vec<&[u8]> = p.comps.iter().map(Vec::as_slice).collect();
+        let (dir, leaf) = self.require_parent(&comps)?;
+        let mut guard = TempGuard {
+            dir: dir.as_fd(),
+            name: p.tmp.clone(),
+            armed: true,
+        };
+        let displaced = self.swap_in_ours(&dir, &mut guard, &p.ours, leaf, expect, &p.path)?;
+        Ok(Replaced {
+            meta: FileMeta::from_stat(&p.ours),
+            displaced: displaced.map(|name| sibling(&comps, name.into_bytes())),
+        })
+    }
+
+    /// Removes a prepared file that will not be swapped in (if its
+    /// temporary name is still ours).
+    pub fn discard_prepared(&self, p: &Prepared) {
+        let comps: Vec<&[u8]> = p.comps.iter().map(Vec::as_slice).collect();
+        if let Ok((dir, _)) = self.require_parent(&comps) {
+            if let Ok(st) = rfs::statat(&dir, p.tmp.as_str(), AtFlags::SYMLINK_NOFOLLOW) {
+                if st.st_ino == p.ours.st_ino && st.st_dev == p.ours.st_dev {
+                    let _ = rfs::unlinkat(&dir, p.tmp.as_str(), AtFlags::empty());
+                }
+            }
+        }
     }
 
     /// [`Root::replace_file_guarded`] for a new version that is already a

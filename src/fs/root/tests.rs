@@ -199,6 +199,68 @@ fn replace_creates_then_replaces() {
     assert_eq!(fx.root.stat(&["a"]).unwrap().unwrap(), meta);
 }
 
+/// A prepared version stays under its temporary name (the old version in
+/// place) until it is swapped in; one discarded leaves nothing; a wrong
+/// hash is refused before anything is kept; only another run's temporary
+/// names count as stale.
+#[test]
+fn prepared_versions_go_in_only_when_swapped() {
+    let fx = fixture();
+    let m = file_meta(0o600);
+    fx.root
+        .replace_file(&["a"], b"old", &m, &hash(b"old"))
+        .unwrap();
+    let old = Expect::file(&fx.root.stat(&["a"]).unwrap().unwrap());
+    let mut kept = None;
+    let p = fx
+        .root
+        .prepare_file(&["a"], b"new", &m, &hash(b"new"), None, |f| {
+            kept = Some(f.metadata().unwrap().ino())
+        })
+        .unwrap();
+    assert_eq!(std::fs::read(fx.root_path.join("a")).unwrap(), b"old");
+    let temps = temp_leftovers(&fx.root_path);
+    assert_eq!(temps.len(), 1, "{temps:?}");
+    assert!(!is_stale_temp_name(temps[0].as_bytes()), "this run's own");
+    assert_eq!(kept, Some(p.meta().ino), "keep saw the verified file");
+    fx.root.sync_filesystem().unwrap();
+    let r = fx.root.swap_prepared(&p, old).unwrap();
+    assert!(r.displaced.is_none());
+    assert_eq!(std::fs::read(fx.root_path.join("a")).unwrap(), b"new");
+    assert_eq!(r.meta.ino, p.meta().ino);
+    assert!(temp_leftovers(&fx.root_path).is_empty());
+
+    let p = fx
+        .root
+        .prepare_file(&["b"], b"never", &m, &hash(b"never"), None, |_| {})
+        .unwrap();
+    fx.root.discard_prepared(&p);
+    assert!(temp_leftovers(&fx.root_path).is_empty());
+    assert!(!fx.root_path.join("b").exists());
+
+    let err = fx
+        .root
+        .prepare_file(&["b"], b"torn", &m, &hash(b"other"), None, |_| {
+            panic!("a version that does not verify is never kept")
+        })
+        .unwrap_err();
+    assert!(matches!(err, FsError::HashMismatch { .. }), "{err}");
+    assert!(temp_leftovers(&fx.root_path).is_empty());
+
+    assert!(
+        is_stale_temp_name(b".clusterd-tmp-0123456789abcdef"),
+        "the old form"
+    );
+    assert!(is_stale_temp_name(
+        format!(
+            "{TEMP_PREFIX}{:08x}-0123456789abcdef",
+            run_mark().wrapping_add(1)
+        )
+        .as_bytes()
+    ));
+    assert!(!is_stale_temp_name(b"inbox"));
+}
+
 #[test]
 fn link_file_guarded_links_atomically_only_the_checked_file() {
     let fx = fixture();

@@ -60,6 +60,12 @@ const HISTORY_PRUNE_EVERY: Duration = Duration::from_secs(600);
 const APPLY_PAGE_BYTES: u64 = 64 << 20;
 /// Threads writing the files of one batch on a follower.
 const WRITERS: usize = 8;
+/// Batches of at least this many files are made durable with one `syncfs`
+/// rather than an fsync per file (see [`Applier::write_files`]).
+const GROUP_DURABLE_FILES: usize = 32;
+/// Directories a batch fsyncs one by one; more are made durable with one
+/// `syncfs`.
+const DIR_FSYNCS_PER_BATCH: usize = 4;
 /// Manifest entries [`Applier::reconcile_local`] copies out at a time.
 const RECONCILE_SLICE: usize = 1024;
 /// Time [`Applier::sign_linked`] takes of each idle applier tick (one a
@@ -197,6 +203,9 @@ enum CommittedSource<'c> {
 /// Why a put could not be completed from the log alone.
 enum PutOutcome {
     Done,
+    /// Written under a temporary name, renamed in once the batch is
+    /// durable ([`Applier::write_files`]).
+    Prepared,
     /// The content must be fetched.
     Missing(String),
     /// The committed patch itself is bad (does not decode, does not verify,
@@ -822,9 +831,10 @@ impl Applier {
                     previous.as_ref(),
                     index,
                     term,
+                    None,
                     store,
                 ) {
-                    Ok(PutOutcome::Done) => {
+                    Ok(PutOutcome::Done | PutOutcome::Prepared) => {
                         self.clear_missing(&set.name, path, store);
                         Ok(())
                     }

@@ -449,9 +449,10 @@ impl Applier {
             None,
             index,
             0,
+            None,
             &mut store,
         ) {
-            Ok(PutOutcome::Done) => {
+            Ok(PutOutcome::Done | PutOutcome::Prepared) => {
                 self.clear_missing(&f.set, &f.path, &mut store);
                 let parent: Vec<Vec<u8>> = f
                     .path
