@@ -9,6 +9,19 @@ impl Root {
     /// An existing non-directory (a symlink included) is an error: the
     /// caller decides whether it goes to quarantine first.
     pub fn make_dir<C: AsComponent>(&self, comps: &[C], meta: &FileMeta) -> Result<(), FsError> {
+        self.make_dir_with(comps, meta, true)
+    }
+
+    /// [`Root::make_dir`], leaving its fsyncs (of the new directory and of
+    /// its parent) to the caller when `sync` is false: a batch that makes
+    /// its files durable with [`Root::sync_filesystem`] before renaming
+    /// them in makes the directories they go into durable with them.
+    pub fn make_dir_with<C: AsComponent>(
+        &self,
+        comps: &[C],
+        meta: &FileMeta,
+        sync: bool,
+    ) -> Result<(), FsError> {
         let comps = self.check(comps, false)?;
         let path = show(&comps);
         if meta.kind != Kind::Dir {
@@ -27,10 +40,10 @@ impl Root {
         let fd = self
             .open_existing(&dir, leaf, &path, Kind::Dir)?
             .ok_or_else(|| self.io_err("open directory", path.clone(), Errno::NOENT))?;
-        if self.apply_meta(fd.as_fd(), meta, &path)? {
+        if self.apply_meta(fd.as_fd(), meta, &path)? && sync {
             rfs::fsync(&fd).map_err(|e| self.io_err("fsync directory", path.clone(), e))?;
         }
-        if created {
+        if created && sync {
             rfs::fsync(&dir).map_err(|e| self.io_err("fsync the directory of", path, e))?;
         }
         Ok(())

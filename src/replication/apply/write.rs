@@ -460,7 +460,7 @@ impl Applier {
                 )));
             }
         }
-        self.ensure_parents(set, root, path, index, term)?;
+        self.ensure_parents_with(set, root, path, index, term, defer.is_none())?;
         let written: FileMeta;
         if let Patch::Append { base, .. } = &patch {
             let key = (set.name.clone(), path.clone());
@@ -819,7 +819,30 @@ impl Applier {
         index: u64,
         term: u64,
     ) -> Result<(), FsError> {
+        self.ensure_parents_with(set, root, path, index, term, true)
+    }
+
+    /// [`Applier::ensure_parents`]; with `sync` false the directories it
+    /// makes are left for the batch's `syncfs` to make durable.
+    pub(super) fn ensure_parents_with(
+        &self,
+        set: &SetRuntime,
+        root: &Root,
+        path: &SetPath,
+        index: u64,
+        term: u64,
+        sync: bool,
+    ) -> Result<(), FsError> {
         let all = comps(path);
+        // Reaching the parent opens every directory above it without
+        // following a symlink: one look tells they all are directories.
+        if all.len() > 1
+            && root
+                .stat(&all[..all.len() - 1])?
+                .is_some_and(|m| m.kind == Kind::Dir)
+        {
+            return Ok(());
+        }
         for depth in 1..all.len() {
             let prefix = &all[..depth];
             match root.stat(prefix)? {
@@ -835,9 +858,9 @@ impl Applier {
                         term,
                         "a non-directory stood where the cluster has a directory",
                     )?;
-                    root.make_dir(prefix, &default_dir_meta())?;
+                    root.make_dir_with(prefix, &default_dir_meta(), sync)?;
                 }
-                None => root.make_dir(prefix, &default_dir_meta())?,
+                None => root.make_dir_with(prefix, &default_dir_meta(), sync)?,
             }
         }
         Ok(())
