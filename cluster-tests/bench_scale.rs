@@ -375,3 +375,100 @@ pub(super) fn scale(o: &Opts, have_rsync: bool) -> Vec<Row> {
     });
     rows
 }
+
+/// `wan`: two sites `--rtt-ms` apart (50 unless given) on links of
+/// `--link-mbit` each way (every peer link shaped by the harness's
+/// proxies): a `--wan-mib` file (256 MiB with `--bench`) written on the
+/// leader, timed until both followers hold it; against one TCP stream of
+/// the same bytes through a proxy shaped the same, in the same run. Bar:
+/// at least 80 % of that stream's rate.
+pub(super) fn wan(o: &Opts) -> Vec<Row> {
+    let rtt_ms = if o.rtt_ms > 0 { o.rtt_ms } else { 50 };
+    let rate = o.link_mbit * 125_000;
+    let bytes = o.wan_mib * MIB;
+    let single = single_stream(rtt_ms, rate, bytes);
+    println!(
+        "one TCP stream through a link of {rtt_ms} ms RTT, {} Mbit/s: {} in {single:.2?} ({:.1} MB/s)",
+        o.link_mbit,
+        human(bytes),
+        bytes as f64 / single.as_secs_f64() / 1e6
+    );
+
+    let (c, leader, followers) = bench_cluster_of(3, "wan", "mirror", false, None);
+    c.wan(rtt_ms, rate);
+    let staging = c.node(leader).dir.join("staging-wan");
+    fs::create_dir_all(&staging).unwrap();
+    append_pseudo_random(&staging.join("backup.tar"), 40, bytes);
+    settle_disk();
+    let ids = [leader, followers[0], followers[1]];
+    let t0 = Instant::now();
+    fs::rename(
+        staging.join("backup.tar"),
+        c.set_path(leader, "wan").join("backup.tar"),
+    )
+    .unwrap();
+    wait_metadata_equal(&c, "wan", &ids, o.deadline);
+    let took = t0.elapsed();
+    wait_trees_equal(&c, "wan", &ids, o.deadline);
+    let share = single.as_secs_f64() / took.as_secs_f64();
+    println!(
+        "clusterd: {} to both followers in {took:.2?} ({:.1} MB/s each), {:.0} % of one stream",
+        human(bytes),
+        bytes as f64 / took.as_secs_f64() / 1e6,
+        share * 100.0
+    );
+    vec![Row {
+        what: format!(
+            "{} file, {rtt_ms} ms RTT, {} Mbit/s links",
+            human(bytes),
+            o.link_mbit
+        ),
+        clusterd: format!(
+            "{:.2} s to both followers ({:.0} % of one stream)",
+            took.as_secs_f64(),
+            share * 100.0
+        ),
+        rsync: format!(
+            "one TCP stream through the same shaping: {:.2} s",
+            single.as_secs_f64()
+        ),
+        bar: ">= 80 % of one TCP stream".to_string(),
+        met: Some(share >= 0.8),
+    }]
+}
+
+/// Time to push `bytes` through one TCP connection over a proxy link of
+/// `rtt_ms` and `rate` bytes/s, until the receiver has read them all.
+fn single_stream(rtt_ms: u64, rate: u64, bytes: u64) -> Duration {
+    use std::io::{Read, Write};
+    let sink = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let target = sink.local_addr().unwrap();
+    let reader = thread::spawn(move || {
+        let (mut conn, _) = sink.accept().unwrap();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut got = 0u64;
+        while got < bytes {
+            match conn.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got += n as u64,
+            }
+        }
+        (got, Instant::now())
+    });
+    let mut proxies = harness::proxy::Proxies::new();
+    let via = proxies.add_link(1, 2, target);
+    proxies.delay(1, 2, rtt_ms / 2);
+    proxies.limit(1, 2, rate);
+    let mut conn = std::net::TcpStream::connect(via).unwrap();
+    let chunk = PseudoRandom::bytes(41, 1 << 20);
+    let t0 = Instant::now();
+    let mut sent = 0u64;
+    while sent < bytes {
+        let n = (bytes - sent).min(chunk.len() as u64) as usize;
+        conn.write_all(&chunk[..n]).unwrap();
+        sent += n as u64;
+    }
+    let (got, done) = reader.join().unwrap();
+    assert_eq!(got, bytes, "the sink received every byte");
+    done - t0
+}

@@ -1270,6 +1270,15 @@ impl Cluster {
         self.proxies.delay(from, to, ms);
     }
 
+    /// Every peer link as a WAN link: `rtt_ms` round trip (half of it each
+    /// way) and, unless 0, `bytes_per_sec` each way.
+    pub fn wan(&self, rtt_ms: u64, bytes_per_sec: u64) {
+        for (from, to) in self.proxies.links() {
+            self.proxies.delay(from, to, rtt_ms / 2);
+            self.proxies.limit(from, to, bytes_per_sec);
+        }
+    }
+
     // -- clusterctl -----------------------------------------------------------
 
     /// `clusterctl --socket <node id's admin socket> <args...>`.

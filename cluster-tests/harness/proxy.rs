@@ -11,6 +11,10 @@
 //!   are still queued inside the proxy when the cut happens are dropped.
 //! - `delay(i, j, ms)` delays every chunk forwarded through the link (in both
 //!   directions of its connections) by `ms`; the round trip grows by `2 * ms`.
+//! - `limit(i, j, bytes_per_sec)` caps each direction of the link (all its
+//!   connections together) at that rate: a chunk leaves once the ones read
+//!   before it had their time on the wire, then waits out the delay, as on
+//!   a WAN link of that bandwidth and latency.
 //!
 //! All of it runs on one small tokio runtime owned by [`Proxies`]; dropping
 //! `Proxies` stops the runtime, which closes every listener and connection.
@@ -36,6 +40,8 @@ use tokio::time::Instant;
 pub struct LinkState {
     pub cut: bool,
     pub delay_ms: u64,
+    /// Bytes per second in each direction; 0: unlimited.
+    pub rate: u64,
     pub epoch: u64,
 }
 
@@ -62,6 +68,10 @@ struct Link {
     state: watch::Sender<LinkState>,
     stats: Arc<LinkStats>,
 }
+
+/// When each direction of a link (up, down) is next free to send, for
+/// [`LinkState::rate`]: shared by the link's connections.
+type Pacer = Arc<[std::sync::Mutex<Instant>; 2]>;
 
 /// Every proxy of a cluster, keyed by the directed link `(from, to)`.
 pub struct Proxies {
@@ -107,8 +117,10 @@ impl Proxies {
         let listen = listener.local_addr().expect("proxy listener address");
         let (tx, rx) = watch::channel(LinkState::default());
         let stats = Arc::new(LinkStats::default());
+        let now = self.rt().block_on(async { Instant::now() });
+        let pacer: Pacer = Arc::new([std::sync::Mutex::new(now), std::sync::Mutex::new(now)]);
         self.rt()
-            .spawn(accept_loop(listener, target, rx, stats.clone()));
+            .spawn(accept_loop(listener, target, rx, stats.clone(), pacer));
         self.links.insert(
             (from, to),
             Link {
@@ -168,6 +180,13 @@ impl Proxies {
         self.link(from, to).state.send_modify(|s| s.delay_ms = ms);
     }
 
+    /// Caps each direction of `from -> to` at `bytes_per_sec` (0 = none).
+    pub fn limit(&self, from: u64, to: u64, bytes_per_sec: u64) {
+        self.link(from, to)
+            .state
+            .send_modify(|s| s.rate = bytes_per_sec);
+    }
+
     /// Cuts every link to and from `node`.
     pub fn isolate(&self, node: u64) {
         for &(from, to) in self.links.keys() {
@@ -204,6 +223,7 @@ impl Proxies {
             link.state.send_modify(|s| {
                 s.cut = false;
                 s.delay_ms = 0;
+                s.rate = 0;
             });
         }
     }
@@ -222,6 +242,10 @@ impl Proxies {
                 if s.cut { "CUT" } else { "open" },
                 if s.delay_ms > 0 {
                     format!(" delay={}ms", s.delay_ms)
+                } else {
+                    String::new()
+                } + &if s.rate > 0 {
+                    format!(" rate={}B/s", s.rate)
                 } else {
                     String::new()
                 },
@@ -251,6 +275,7 @@ async fn accept_loop(
     target: SocketAddr,
     rx: watch::Receiver<LinkState>,
     stats: Arc<LinkStats>,
+    pacer: Pacer,
 ) {
     loop {
         let inbound = match listener.accept().await {
@@ -274,6 +299,7 @@ async fn accept_loop(
             rx.clone(),
             st.epoch,
             stats.clone(),
+            pacer.clone(),
         ));
     }
 }
@@ -308,6 +334,7 @@ async fn handle_conn(
     rx: watch::Receiver<LinkState>,
     epoch: u64,
     stats: Arc<LinkStats>,
+    pacer: Pacer,
 ) {
     stats.live.fetch_add(1, Ordering::Relaxed);
     let _live = LiveGuard(stats.clone());
@@ -330,8 +357,16 @@ async fn handle_conn(
 
     let (in_r, in_w) = inbound.into_split();
     let (out_r, out_w) = outbound.into_split();
-    let up = pump(in_r, out_w, rx.clone(), epoch, stats.clone(), true);
-    let down = pump(out_r, in_w, rx.clone(), epoch, stats.clone(), false);
+    let up = pump(
+        in_r,
+        out_w,
+        rx.clone(),
+        epoch,
+        stats.clone(),
+        true,
+        pacer.clone(),
+    );
+    let down = pump(out_r, in_w, rx.clone(), epoch, stats.clone(), false, pacer);
     tokio::select! {
         _ = async { tokio::join!(up, down) } => {}
         _ = &mut cut => {}
@@ -349,6 +384,7 @@ async fn pump(
     epoch: u64,
     stats: Arc<LinkStats>,
     up: bool,
+    pacer: Pacer,
 ) {
     let (tx, mut queue) = mpsc::channel::<(Instant, Vec<u8>)>(64);
     let reader_rx = rx.clone();
@@ -358,8 +394,15 @@ async fn pump(
             match r.read(&mut buf).await {
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
-                    let delay = reader_rx.borrow().delay_ms;
-                    let due = Instant::now() + Duration::from_millis(delay);
+                    let LinkState { delay_ms, rate, .. } = *reader_rx.borrow();
+                    let mut sent = Instant::now();
+                    if rate > 0 {
+                        // On the wire after what was read before it.
+                        let mut free = pacer[usize::from(!up)].lock().unwrap();
+                        *free = (*free).max(sent) + Duration::from_secs_f64(n as f64 / rate as f64);
+                        sent = *free;
+                    }
+                    let due = sent + Duration::from_millis(delay_ms);
                     if tx.send((due, buf[..n].to_vec())).await.is_err() {
                         break;
                     }

@@ -568,6 +568,8 @@ pub async fn serve(
     tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(2)))
         .http2_keepalive_timeout(Some(Duration::from_secs(3)))
+        // Windows sized to the bandwidth-delay product (see `peer_channel`).
+        .http2_adaptive_window(Some(true))
         .tcp_nodelay(true)
         .layer(tower::layer::layer_fn(|inner| LogRefused { inner }))
         .add_service(PeerService::server(node, transport, files))

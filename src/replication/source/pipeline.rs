@@ -311,11 +311,51 @@ pub(super) async fn stage_on(
     blob: &prost::bytes::Bytes,
     versions: &[StagedVersion],
 ) -> bool {
-    let Some(mut client) = transport.bulk_client(peer) else {
+    let Some(client) = transport.bulk_client(peer) else {
         return false;
     };
     let pieces = blob.len().div_ceil(STAGE_PIECE);
-    for i in 0..pieces {
+    // The first piece alone (a follower refuses a later piece of an upload
+    // it holds nothing of), then the middle ones STAGE_PIECES_IN_FLIGHT at
+    // a time, so a link with a long round trip never idles between two
+    // pieces, then the last, which makes the whole upload durable.
+    let send = |i: usize| {
+        stage_piece(
+            transport,
+            client.clone(),
+            peer,
+            upload,
+            blob,
+            versions,
+            i,
+            pieces,
+        )
+    };
+    if !send(0).await {
+        return false;
+    }
+    use futures::StreamExt;
+    let middle = futures::stream::iter(1..pieces.saturating_sub(1))
+        .map(send)
+        .buffer_unordered(STAGE_PIECES_IN_FLIGHT)
+        .all(|ok| async move { ok })
+        .await;
+    middle && (pieces < 2 || send(pieces - 1).await)
+}
+
+/// Sends piece `i` of the `pieces` of `blob` to `peer` (see [`stage_on`]).
+#[allow(clippy::too_many_arguments)]
+async fn stage_piece(
+    transport: &Transport,
+    mut client: crate::net::proto::peer::peer_client::PeerClient<tonic::transport::Channel>,
+    peer: u64,
+    upload: u64,
+    blob: &prost::bytes::Bytes,
+    versions: &[StagedVersion],
+    i: usize,
+    pieces: usize,
+) -> bool {
+    {
         let last = i + 1 == pieces;
         let piece = blob.slice(i * STAGE_PIECE..blob.len().min((i + 1) * STAGE_PIECE));
         let mut req = tonic::Request::new(crate::net::proto::peer::StageRequest {
