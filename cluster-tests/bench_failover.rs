@@ -1,6 +1,9 @@
 //! Failover benchmark, at the daemon's default timers, in two modes.
 //!
-//! `cargo bench --bench failover -- [--mode barrier|write-load|both] [--rounds 10] [--enforce]`
+//! `cargo bench --bench failover -- [--mode barrier|write-load|both] [--rounds 10] [--nodes 3|5|7] [--enforce]`
+//!
+//! `--nodes` sizes the `barrier` mode's cluster (3 by default); `write-load`
+//! always runs three nodes.
 //!
 //! `--mode barrier`: how long from SIGKILL of the leader until a new leader
 //! accepts proposals again. Each round: wait for a leader and a successful
@@ -65,7 +68,9 @@ enum Mode {
 }
 
 fn usage() -> ! {
-    eprintln!("usage: failover [--mode barrier|write-load|both] [--rounds N] [--enforce]");
+    eprintln!(
+        "usage: failover [--mode barrier|write-load|both] [--rounds N] [--nodes 3|5|7] [--enforce]"
+    );
     std::process::exit(2);
 }
 
@@ -83,6 +88,7 @@ fn main() {
     let mut mode = Mode::Both;
     let mut enforce = false;
     let mut bench_mode = false;
+    let mut nodes = 3u64;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -99,6 +105,13 @@ fn main() {
             "--mode" => mode = parse_mode(&args.next().unwrap_or_else(|| usage())),
             s if s.starts_with("--mode=") => mode = parse_mode(&s["--mode=".len()..]),
             "--enforce" => enforce = true,
+            "--nodes" => {
+                nodes = args
+                    .next()
+                    .and_then(|n| n.parse().ok())
+                    .filter(|n| [3, 5, 7].contains(n))
+                    .unwrap_or_else(|| usage())
+            }
             // `cargo bench` passes `--bench` to harness = false targets.
             "--bench" => bench_mode = true,
             // Passed through by `cargo test --all-targets -- --test-threads=N`.
@@ -116,7 +129,7 @@ fn main() {
 
     let mut missed = Vec::new();
     if matches!(mode, Mode::Barrier | Mode::Both) {
-        let p50 = barrier_mode(rounds);
+        let p50 = barrier_mode(rounds, nodes);
         if p50.as_millis() > BAR_MS {
             missed.push(format!("failover p50 {}ms", p50.as_millis()));
         }
@@ -161,9 +174,11 @@ fn pace(next: &mut Instant, every: Duration) {
 // ---------------------------------------------------------------------------
 
 /// SIGKILL of the leader until a new leader commits a barrier; returns p50.
-fn barrier_mode(rounds: usize) -> Duration {
-    println!("failover: 3 nodes on loopback, default timers (no [raft] section), {rounds} rounds");
-    let c = Cluster::builder(3).default_timers().start();
+fn barrier_mode(rounds: usize, nodes: u64) -> Duration {
+    println!(
+        "failover: {nodes} nodes on loopback, default timers (no [raft] section), {rounds} rounds"
+    );
+    let c = Cluster::builder(nodes).default_timers().start();
     let all = c.ids();
     let mut samples: Vec<Duration> = Vec::with_capacity(rounds);
 
