@@ -830,40 +830,14 @@ pub fn check(status: &ClusterStatus, t: &CheckThresholds, now_unix: u64) -> (Che
             ),
         );
     }
-    let held: Vec<String> = status
-        .nodes
-        .iter()
-        .filter_map(|n| Some((n.id, n.files.as_ref()?)))
-        .flat_map(|(id, f)| {
-            f.sets.iter().filter_map(move |s| {
-                Some(format!(
-                    "set {:?} on node {id}: {}",
-                    s.name,
-                    s.held.as_ref()?
-                ))
-            })
-        })
-        .collect();
+    let held = per_set_notes(status, |s| s.held.as_ref());
     if !held.is_empty() {
         raise(
             CheckCode::Warning,
             format!("held by its validator: {}", held.join("; ")),
         );
     }
-    let unwatched: Vec<String> = status
-        .nodes
-        .iter()
-        .filter_map(|n| Some((n.id, n.files.as_ref()?)))
-        .flat_map(|(id, f)| {
-            f.sets.iter().filter_map(move |s| {
-                Some(format!(
-                    "set {:?} on node {id}: {}",
-                    s.name,
-                    s.unwatched.as_ref()?
-                ))
-            })
-        })
-        .collect();
+    let unwatched = per_set_notes(status, |s| s.unwatched.as_ref());
     if !unwatched.is_empty() {
         raise(
             CheckCode::Warning,
@@ -949,6 +923,24 @@ pub fn check(status: &ClusterStatus, t: &CheckThresholds, now_unix: u64) -> (Che
             findings.join(", ")
         ),
     )
+}
+
+/// `set "NAME" on node ID: NOTE` for every set of every node that `note`
+/// picks something of.
+fn per_set_notes(
+    status: &ClusterStatus,
+    note: impl Fn(&SetView) -> Option<&String> + Copy,
+) -> Vec<String> {
+    status
+        .nodes
+        .iter()
+        .filter_map(|n| Some((n.id, n.files.as_ref()?)))
+        .flat_map(|(id, f)| {
+            f.sets
+                .iter()
+                .filter_map(move |s| Some(format!("set {:?} on node {id}: {}", s.name, note(s)?)))
+        })
+        .collect()
 }
 
 #[cfg(test)]

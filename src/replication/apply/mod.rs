@@ -834,24 +834,7 @@ impl Applier {
                     None,
                     store,
                 ) {
-                    Ok(PutOutcome::Done | PutOutcome::Prepared) => {
-                        self.clear_missing(&set.name, path, store);
-                        Ok(())
-                    }
-                    Ok(PutOutcome::Missing(why)) => {
-                        debug!(set = %set.name, path = %path, "{why}; fetching the committed version");
-                        self.mark_missing(&set.name, path, entry, store);
-                        Ok(())
-                    }
-                    Ok(PutOutcome::Refused(why)) => {
-                        self.refuse_content(&set.name, path, index, &why);
-                        self.mark_missing(&set.name, path, entry, store);
-                        Ok(())
-                    }
-                    Err(e) => {
-                        self.mark_missing(&set.name, path, entry, store);
-                        Err(e)
-                    }
+                    outcome => self.settle_put(set, path, entry, index, outcome, store),
                 },
                 CheckedOp::Dir { path, entry } => {
                     dirs.push((path.clone(), entry.meta.clone()));
@@ -938,6 +921,37 @@ impl Applier {
                     .note_error(&set.name, format!("entry {index}: {e}"));
             }
         }
+    }
+
+    /// Records what became of a `Put` of `path`: done (or prepared, to be
+    /// swapped in with its batch), or missing (to be fetched) with why, the
+    /// error passed on.
+    fn settle_put(
+        &self,
+        set: &SetRuntime,
+        path: &SetPath,
+        entry: &Entry,
+        index: u64,
+        outcome: Result<PutOutcome, FsError>,
+        store: &mut StoreBatch,
+    ) -> Result<(), FsError> {
+        match outcome {
+            Ok(PutOutcome::Done) => self.clear_missing(&set.name, path, store),
+            Ok(PutOutcome::Prepared) => {}
+            Ok(PutOutcome::Missing(why)) => {
+                debug!(set = %set.name, path = %path, "{why}; fetching the committed version");
+                self.mark_missing(&set.name, path, entry, store);
+            }
+            Ok(PutOutcome::Refused(why)) => {
+                self.refuse_content(&set.name, path, index, &why);
+                self.mark_missing(&set.name, path, entry, store);
+            }
+            Err(e) => {
+                self.mark_missing(&set.name, path, entry, store);
+                return Err(e);
+            }
+        }
+        Ok(())
     }
 
     fn mark_missing(&self, set: &str, path: &SetPath, entry: &Entry, store: &mut StoreBatch) {

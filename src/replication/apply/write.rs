@@ -39,7 +39,7 @@ impl Applier {
             else {
                 return;
             };
-            match self.put_file(
+            let outcome = self.put_file(
                 set,
                 root,
                 path,
@@ -50,21 +50,9 @@ impl Applier {
                 term,
                 defer,
                 local,
-            ) {
-                Ok(PutOutcome::Done) => self.clear_missing(&set.name, path, local),
-                Ok(PutOutcome::Prepared) => {}
-                Ok(PutOutcome::Missing(why)) => {
-                    debug!(set = %set.name, path = %path, "{why}; fetching the committed version");
-                    self.mark_missing(&set.name, path, entry, local);
-                }
-                Ok(PutOutcome::Refused(why)) => {
-                    self.refuse_content(&set.name, path, index, &why);
-                    self.mark_missing(&set.name, path, entry, local);
-                }
-                Err(e) => {
-                    self.mark_missing(&set.name, path, entry, local);
-                    errors.push(format!("entry {index}: {e}"));
-                }
+            );
+            if let Err(e) = self.settle_put(set, path, entry, index, outcome, local) {
+                errors.push(format!("entry {index}: {e}"));
             }
         });
         let prepared = prepared.into_inner().unwrap();
