@@ -70,10 +70,14 @@ impl Peaks {
         for (id, peak) in &mut self.0 {
             if let Some(pid) = c.pid(*id) {
                 // A node may exit between pid() and the read.
-                if let Ok(s) = fs::read_to_string(format!("/proc/{pid}/status")) {
-                    if s.contains("VmRSS:") {
-                        *peak = (*peak).max(rss_bytes(pid));
-                    }
+                let rss = fs::read_to_string(format!("/proc/{pid}/status"))
+                    .ok()
+                    .and_then(|s| {
+                        let kib = s.lines().find_map(|l| l.strip_prefix("VmRSS:"))?;
+                        kib.trim().trim_end_matches("kB").trim().parse::<u64>().ok()
+                    });
+                if let Some(kib) = rss {
+                    *peak = (*peak).max(kib * 1024);
                 }
             }
         }

@@ -158,9 +158,12 @@ impl Source {
         );
         let (tx, mut rx) = mpsc::unbounded_channel::<(usize, PathBuf)>();
         let mut watches = Watches::new(self.shared.clone());
-        for i in 0..self.shared.sets.len() {
-            watches.start(i, &tx);
-        }
+        // notify walks a set's tree to add its watches, and we wait for it.
+        tokio::task::block_in_place(|| {
+            for i in 0..self.shared.sets.len() {
+                watches.start(i, &tx);
+            }
+        });
         let mut dirty = Dirty::default();
         for set in &self.shared.sets {
             dirty.full.insert(set.name.clone());
@@ -190,7 +193,10 @@ impl Source {
                         .extend(self.shared.sets.iter().map(|s| s.name.clone())),
                 }
             }
-            watches.report_limits();
+            if watches.any_unreported() {
+                // Counts the sets' directories on disk.
+                tokio::task::block_in_place(|| watches.report_limits());
+            }
             if !dirty.is_empty() {
                 let work = std::mem::take(&mut dirty);
                 let shared = self.shared.clone();
@@ -253,7 +259,7 @@ impl Source {
                         dirty.full.insert(set.name.clone());
                         // The limit may have been raised: try to watch it whole again.
                         if watches.limited(i) {
-                            watches.start(i, &tx);
+                            tokio::task::block_in_place(|| watches.start(i, &tx));
                         }
                     }
                 }
@@ -475,6 +481,12 @@ impl Watches {
     /// Whether set `i` is not watched whole for the limit.
     pub(super) fn limited(&self, i: usize) -> bool {
         self.limited[i].is_some() || self.hit_limit[i].load(Ordering::SeqCst)
+    }
+
+    /// Whether a set hit the limit, or got whole again, since last reported.
+    pub(super) fn any_unreported(&self) -> bool {
+        (0..self.limited.len())
+            .any(|i| self.hit_limit[i].load(Ordering::SeqCst) != self.limited[i].is_some())
     }
 
     pub(super) fn any_limited(&self) -> bool {
