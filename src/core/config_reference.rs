@@ -133,7 +133,7 @@ pub const KEYS: &[KeyDoc] = &[
     KeyDoc {
         keys: &["replication.debounce_ms"],
         default: "`20`",
-        meaning: "quiet time after a file event before the leader reads the change",
+        meaning: "quiet time after a file event before the leader reads the change, while a file is still open for writing (once every file written to was closed or renamed, 2 ms)",
     },
     KeyDoc {
         keys: &["replication.rescan_secs"],

@@ -159,3 +159,63 @@ fn a_new_version_carries_its_xattrs_unless_it_has_none() {
         None
     );
 }
+
+#[test]
+fn only_a_file_left_whole_shortens_the_debounce() {
+    use notify::event::{AccessKind, AccessMode, CreateKind, DataChange, EventKind, ModifyKind};
+    use notify::event::{MetadataKind, RemoveKind, RenameMode};
+    let debounce = Duration::from_millis(20);
+    let ev = |path: &str, kind: EventKind| watch::FileEvent::of(0, PathBuf::from(path), &kind);
+    let mut unsettled = watch::Unsettled::default();
+    assert_eq!(unsettled.quiet(debounce), watch::SETTLED_QUIET);
+
+    // `fs::write`: create, write, close.
+    unsettled.note(&ev("/s/a", EventKind::Create(CreateKind::File)));
+    assert_eq!(unsettled.quiet(debounce), debounce);
+    unsettled.note(&ev(
+        "/s/a",
+        EventKind::Modify(ModifyKind::Data(DataChange::Any)),
+    ));
+    assert_eq!(unsettled.quiet(debounce), debounce);
+    // Another file settling says nothing of the one still open.
+    unsettled.note(&ev(
+        "/s/b",
+        EventKind::Access(AccessKind::Close(AccessMode::Write)),
+    ));
+    assert_eq!(unsettled.quiet(debounce), debounce);
+    unsettled.note(&ev(
+        "/s/a",
+        EventKind::Access(AccessKind::Close(AccessMode::Write)),
+    ));
+    assert_eq!(unsettled.quiet(debounce), watch::SETTLED_QUIET);
+
+    // An editor's save: a temporary file renamed over the original.
+    unsettled.note(&ev(
+        "/s/.a.swp",
+        EventKind::Modify(ModifyKind::Data(DataChange::Any)),
+    ));
+    unsettled.note(&ev(
+        "/s/.a.swp",
+        EventKind::Modify(ModifyKind::Name(RenameMode::From)),
+    ));
+    unsettled.note(&ev(
+        "/s/a",
+        EventKind::Modify(ModifyKind::Name(RenameMode::To)),
+    ));
+    assert_eq!(unsettled.quiet(debounce), watch::SETTLED_QUIET);
+
+    // A removal or a chmod settles at once; a directory made does too.
+    for kind in [
+        EventKind::Remove(RemoveKind::File),
+        EventKind::Modify(ModifyKind::Metadata(MetadataKind::Any)),
+        EventKind::Create(CreateKind::Folder),
+    ] {
+        unsettled.note(&ev("/s/c", kind));
+        assert_eq!(unsettled.quiet(debounce), watch::SETTLED_QUIET, "{kind:?}");
+    }
+    // A shorter debounce configured is kept.
+    assert_eq!(
+        unsettled.quiet(Duration::from_millis(1)),
+        Duration::from_millis(1)
+    );
+}

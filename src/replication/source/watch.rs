@@ -23,6 +23,83 @@ const UNWATCHED_RESCAN_MIN: Duration = Duration::from_secs(10);
 /// takes 2 s is rescanned every 40 s, about 5 % of a core.
 const UNWATCHED_RESCAN_SHARE: u32 = 20;
 
+/// Quiet time after an event that leaves its file whole (a writer's close,
+/// a rename, a removal, a chmod) when no file is still open for writing:
+/// waiting the whole `debounce_ms` then would only add to every edit's
+/// latency, while this still gathers a burst (`cp -r`, `tar x`, an editor's
+/// save) into one batch.
+pub(super) const SETTLED_QUIET: Duration = Duration::from_millis(2);
+
+/// One inotify report, as the watcher's thread hands it to the leader.
+#[derive(Debug)]
+pub(super) struct FileEvent {
+    /// Index of the sync set in [`Shared::sets`].
+    set: usize,
+    /// The local path; empty when the whole set must be rescanned.
+    path: PathBuf,
+    /// Whether the event leaves the file whole: nothing more is expected
+    /// from the writer (see [`SETTLED_QUIET`]).
+    settled: bool,
+}
+
+impl FileEvent {
+    pub(super) fn of(set: usize, path: PathBuf, kind: &notify::EventKind) -> FileEvent {
+        FileEvent {
+            set,
+            path,
+            settled: leaves_file_whole(kind),
+        }
+    }
+
+    fn rescan(set: usize) -> FileEvent {
+        FileEvent {
+            set,
+            path: PathBuf::new(),
+            settled: true,
+        }
+    }
+}
+
+/// Whether a notify event leaves its file(s) whole. A write without its
+/// close, or a file just created (its content follows), is not.
+fn leaves_file_whole(kind: &notify::EventKind) -> bool {
+    use notify::event::{AccessKind, AccessMode, CreateKind, EventKind, ModifyKind};
+    match kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        EventKind::Create(CreateKind::File) | EventKind::Create(CreateKind::Any) => false,
+        EventKind::Create(_) => true,
+        EventKind::Modify(ModifyKind::Name(_)) | EventKind::Modify(ModifyKind::Metadata(_)) => true,
+        EventKind::Modify(_) => false,
+        EventKind::Remove(_) => true,
+        _ => false,
+    }
+}
+
+/// Files written to since their last settling event: while any is, the
+/// leader waits the full debounce for quiet.
+#[derive(Debug, Default)]
+pub(super) struct Unsettled(BTreeSet<(usize, PathBuf)>);
+
+impl Unsettled {
+    pub(super) fn note(&mut self, ev: &FileEvent) {
+        let key = (ev.set, ev.path.clone());
+        if ev.settled {
+            self.0.remove(&key);
+        } else {
+            self.0.insert(key);
+        }
+    }
+
+    /// How long to wait for the next event before taking the batch.
+    pub(super) fn quiet(&self, debounce: Duration) -> Duration {
+        if self.0.is_empty() {
+            SETTLED_QUIET.min(debounce)
+        } else {
+            debounce
+        }
+    }
+}
+
 /// The most inotify watches this user may hold: the lower of
 /// `fs.inotify.max_user_watches` and the user namespace's
 /// `user.max_inotify_watches` (a container's own limit). `None` when
@@ -156,7 +233,7 @@ impl Source {
             sets = self.shared.sets.len(),
             "leading: watching the sync sets and reconciling them with the committed manifest"
         );
-        let (tx, mut rx) = mpsc::unbounded_channel::<(usize, PathBuf)>();
+        let (tx, mut rx) = mpsc::unbounded_channel::<FileEvent>();
         let mut watches = Watches::new(self.shared.clone());
         // notify walks a set's tree to add its watches, and we wait for it.
         tokio::task::block_in_place(|| {
@@ -239,13 +316,19 @@ impl Source {
             }
             tokio::select! {
                 ev = rx.recv() => {
-                    let Some((set, path)) = ev else { return };
-                    self.note(&mut dirty, set, path);
-                    // Debounce: take everything that arrives while it stays quiet.
+                    let Some(ev) = ev else { return };
+                    let mut unsettled = Unsettled::default();
+                    unsettled.note(&ev);
+                    self.note(&mut dirty, ev.set, ev.path);
+                    // Debounce: take everything that arrives while it stays
+                    // quiet, the full debounce while a file is half written.
                     let until = Instant::now() + self.config.debounce * 10;
                     loop {
-                        match tokio::time::timeout(self.config.debounce, rx.recv()).await {
-                            Ok(Some((s, p))) => self.note(&mut dirty, s, p),
+                        match tokio::time::timeout(unsettled.quiet(self.config.debounce), rx.recv()).await {
+                            Ok(Some(ev)) => {
+                                unsettled.note(&ev);
+                                self.note(&mut dirty, ev.set, ev.path);
+                            }
                             Ok(None) => return,
                             Err(_) => break,
                         }
@@ -417,7 +500,7 @@ impl Watches {
 
     /// Watches set `i` (again, replacing its watcher): recursively, or its
     /// one file's directory for a single-file set.
-    pub(super) fn start(&mut self, i: usize, tx: &mpsc::UnboundedSender<(usize, PathBuf)>) {
+    pub(super) fn start(&mut self, i: usize, tx: &mpsc::UnboundedSender<FileEvent>) {
         let set = &self.shared.sets[i];
         self.watchers[i] = None;
         let hit = self.hit_limit[i].clone();
@@ -435,10 +518,10 @@ impl Watches {
                         return;
                     }
                     if ev.need_rescan() {
-                        let _ = tx.send((i, PathBuf::new()));
+                        let _ = tx.send(FileEvent::rescan(i));
                     }
-                    for p in ev.paths {
-                        let _ = tx.send((i, p));
+                    for path in ev.paths {
+                        let _ = tx.send(FileEvent::of(i, path, &ev.kind));
                     }
                 }
                 Err(e) => {
@@ -447,7 +530,7 @@ impl Watches {
                     if matches!(e.kind, notify::ErrorKind::MaxFilesWatch) {
                         hit.store(true, Ordering::SeqCst);
                     }
-                    let _ = tx.send((i, PathBuf::new()));
+                    let _ = tx.send(FileEvent::rescan(i));
                 }
             }
         };
