@@ -1,4 +1,4 @@
-//! Tests of the planner and the pipeline's pure decisions.
+//! Tests of the planner's, the pipeline's and the watcher's pure decisions.
 
 use super::*;
 
