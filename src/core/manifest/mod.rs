@@ -988,16 +988,84 @@ struct SetManifestAs<E> {
     progress: SetProgress,
 }
 
-/// The manifest in an older snapshot format, borrowed, to write.
+/// The manifest in an older snapshot format, borrowed, to write: each
+/// entry is converted as it is written (a copy of a million entries in the
+/// older form would cost tens of MiB).
 #[derive(Serialize)]
-struct ManifestRefAs<'a, E> {
-    sets: BTreeMap<&'a String, SetManifestRefAs<'a, E>>,
+struct ManifestRefAs<'a, Entries> {
+    sets: BTreeMap<&'a String, SetManifestRefAs<'a, Entries>>,
 }
 
 #[derive(Serialize)]
-struct SetManifestRefAs<'a, E> {
-    entries: BTreeMap<&'a SetPath, E>,
+struct SetManifestRefAs<'a, Entries> {
+    entries: Entries,
     progress: &'a SetProgress,
+}
+
+/// A set's entries written as `E` (the same bytes as a map of `E`).
+struct EntriesAs<'a, E>(&'a BTreeMap<SetPath, Entry>, std::marker::PhantomData<E>);
+
+impl<'a, E: Serialize + From<&'a Entry>> Serialize for EntriesAs<'a, E> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(self.0.iter().map(|(p, e)| (p, E::from(e))))
+    }
+}
+
+/// Postcard output compressed as it is produced, so a snapshot is never
+/// held uncompressed in memory (a million entries are about 150 MiB of
+/// postcard, 10 to 20 times their zstd).
+struct ZstdFlavor {
+    /// Serialized bytes not yet handed to the compressor: postcard pushes
+    /// a byte or a field at a time.
+    pending: Vec<u8>,
+    encoder: zstd::stream::Encoder<'static, Vec<u8>>,
+}
+
+impl ZstdFlavor {
+    const FLUSH_AT: usize = 64 << 10;
+
+    /// Output starting with `prefix`, then one zstd frame.
+    fn new(prefix: Vec<u8>) -> ZstdFlavor {
+        ZstdFlavor {
+            pending: Vec::with_capacity(Self::FLUSH_AT),
+            encoder: zstd::stream::Encoder::new(prefix, 3).expect("zstd compresses in memory"),
+        }
+    }
+
+    fn flush(&mut self) {
+        use std::io::Write;
+        self.encoder
+            .write_all(&self.pending)
+            .expect("zstd compresses in memory");
+        self.pending.clear();
+    }
+}
+
+impl postcard::ser_flavors::Flavor for ZstdFlavor {
+    type Output = Vec<u8>;
+
+    fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
+        self.pending.extend_from_slice(data);
+        if self.pending.len() >= Self::FLUSH_AT {
+            self.flush();
+        }
+        Ok(())
+    }
+
+    fn try_push(&mut self, data: u8) -> postcard::Result<()> {
+        self.try_extend(&[data])
+    }
+
+    fn finalize(mut self) -> postcard::Result<Vec<u8>> {
+        self.flush();
+        Ok(self.encoder.finish().expect("zstd compresses in memory"))
+    }
+}
+
+/// `value` as postcard, zstd-compressed, after a `format` byte.
+fn compressed_postcard<T: Serialize + ?Sized>(format: u8, value: &T) -> Vec<u8> {
+    postcard::serialize_with_flavor(value, ZstdFlavor::new(vec![format]))
+        .expect("a manifest always serializes")
 }
 
 impl<E: Into<Entry>> From<ManifestAs<E>> for Manifest {
@@ -1324,43 +1392,33 @@ impl Manifest {
         let entries = || self.sets.values().flat_map(|s| s.entries.values());
         let with_links = entries().any(|e| e.link.is_some());
         let with_xattrs = entries().any(|e| !e.xattrs.is_empty());
-        fn older<'a, E: Serialize + From<&'a Entry>>(m: &'a Manifest) -> Vec<u8> {
+        fn older<'a, E: Serialize + From<&'a Entry>>(m: &'a Manifest, format: u8) -> Vec<u8> {
             let old = ManifestRefAs {
                 sets: m
                     .sets
                     .iter()
                     .map(|(name, s)| {
-                        let entries = s.entries.iter().map(|(p, e)| (p, E::from(e))).collect();
                         (
                             name,
                             SetManifestRefAs {
-                                entries,
+                                entries: EntriesAs::<E>(&s.entries, std::marker::PhantomData),
                                 progress: &s.progress,
                             },
                         )
                     })
                     .collect(),
             };
-            postcard::to_allocvec(&old).expect("a manifest always serializes")
+            compressed_postcard(format, &old)
         }
-        let (format, body) = if !self.paused.is_empty() {
-            (
-                SNAPSHOT_FORMAT_V4,
-                postcard::to_allocvec(&(self, &self.paused)).expect("a manifest always serializes"),
-            )
+        if !self.paused.is_empty() {
+            compressed_postcard(SNAPSHOT_FORMAT_V4, &(self, &self.paused))
         } else if with_links {
-            (
-                SNAPSHOT_FORMAT_V3,
-                postcard::to_allocvec(self).expect("a manifest always serializes"),
-            )
+            compressed_postcard(SNAPSHOT_FORMAT_V3, self)
         } else if with_xattrs {
-            (SNAPSHOT_FORMAT_V2, older::<EntryV2Ref>(self))
+            older::<EntryV2Ref>(self, SNAPSHOT_FORMAT_V2)
         } else {
-            (SNAPSHOT_FORMAT_V1, older::<EntryV1Ref>(self))
-        };
-        let mut out = vec![format];
-        out.extend(zstd::bulk::compress(&body, 3).expect("zstd compresses in memory"));
-        out
+            older::<EntryV1Ref>(self, SNAPSHOT_FORMAT_V1)
+        }
     }
 
     /// Decodes a snapshot, refusing any path that is not canonical.

@@ -882,3 +882,30 @@ fn pauses_travel_in_format_4_snapshots_only() {
     );
     assert!(Manifest::decode(&hostile.encode(), 1 << 20).is_err());
 }
+
+#[test]
+fn a_snapshot_larger_than_the_compressors_buffer_round_trips() {
+    let mut m = Manifest::default();
+    let names: Vec<String> = (0..5000)
+        .map(|i| format!("user{:03}/Maildir/cur/{i:06}.host:2,S", i % 100))
+        .collect();
+    let ops: Vec<FileOp> = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| put(n, i as u8))
+        .collect();
+    m.apply(1, &batch(ops)).unwrap();
+    let v1 = m.encode();
+    assert_eq!(v1[0], SNAPSHOT_FORMAT_V1);
+    let body = zstd::bulk::decompress(&v1[1..], 64 << 20).unwrap();
+    assert!(body.len() > 4 * (64 << 10), "{} bytes", body.len());
+    assert_eq!(Manifest::decode(&v1, 64 << 20).unwrap(), m);
+    // The output is one frame, as the bulk compressor wrote it before.
+    assert!(zstd::bulk::decompress(&v1[1..], body.len() - 1).is_err());
+
+    m.apply(2, &batch(vec![xattrs_op(&names[7], &[("user.k", b"v")])]))
+        .unwrap();
+    let v2 = m.encode();
+    assert_eq!(v2[0], SNAPSHOT_FORMAT_V2);
+    assert_eq!(Manifest::decode(&v2, 64 << 20).unwrap(), m);
+}
