@@ -349,9 +349,10 @@ mod digest_bytes {
         s.serialize_bytes(b)
     }
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 40], D::Error> {
-        let v: &[u8] = Deserialize::deserialize(d)?;
-        v.try_into()
-            .map_err(|_| serde::de::Error::invalid_length(v.len(), &"40 bytes"))
+        super::with_bytes(d, "40 bytes", |v| {
+            v.try_into()
+                .map_err(|_| format!("invalid length {}, expected 40 bytes", v.len()))
+        })
     }
 }
 
@@ -975,6 +976,9 @@ const SNAPSHOT_FORMAT_V2: u8 = 2;
 const SNAPSHOT_FORMAT_V3: u8 = 3;
 /// Snapshot format 4: format 3's manifest followed by the paused sets.
 const SNAPSHOT_FORMAT_V4: u8 = 4;
+/// The longest single field a snapshot may hold (see [`Manifest::decode`]):
+/// above any path, owner name or extended attribute value Linux allows.
+const SNAPSHOT_FIELD_MAX: usize = 1 << 20;
 
 /// The manifest in an older snapshot format (entries of type `E`), to read.
 #[derive(Deserialize)]
@@ -1433,25 +1437,42 @@ impl Manifest {
                 source: postcard::Error::DeserializeBadEncoding,
             });
         }
-        let body = zstd::bulk::decompress(body, max_len).map_err(|_| ManifestError::Decode {
-            what: "manifest snapshot (bad or oversized zstd frame)",
-            source: postcard::Error::DeserializeBadEncoding,
-        })?;
+        // Decompressed as it is decoded: the uncompressed form (about
+        // 150 MiB at a million entries) is never held whole. Past `max_len`
+        // the stream ends, and decoding fails.
+        let stream = zstd::stream::read::Decoder::with_buffer(body)
+            .map_err(|_| ManifestError::Decode {
+                what: "manifest snapshot (bad zstd frame)",
+                source: postcard::Error::DeserializeBadEncoding,
+            })?
+            .single_frame();
         let bad = |source| ManifestError::Decode {
-            what: "manifest snapshot",
+            what: "manifest snapshot (bad, truncated or oversized)",
             source,
         };
+        fn read<T: serde::de::DeserializeOwned>(
+            stream: impl std::io::Read,
+            max_len: usize,
+        ) -> Result<T, postcard::Error> {
+            // Room for the longest single field (a path, an owner name, an
+            // extended attribute's value), which postcard reads whole.
+            let mut field = vec![0u8; SNAPSHOT_FIELD_MAX];
+            // postcard reads a byte or a field at a time.
+            let reader = std::io::BufReader::with_capacity(64 << 10, stream.take(max_len as u64));
+            let (value, _) = postcard::from_io((reader, &mut field[..]))?;
+            Ok(value)
+        }
         let manifest: Manifest = match version {
-            SNAPSHOT_FORMAT_V1 => postcard::from_bytes::<ManifestAs<EntryV1>>(&body)
+            SNAPSHOT_FORMAT_V1 => read::<ManifestAs<EntryV1>>(stream, max_len)
                 .map_err(bad)?
                 .into(),
-            SNAPSHOT_FORMAT_V2 => postcard::from_bytes::<ManifestAs<EntryV2>>(&body)
+            SNAPSHOT_FORMAT_V2 => read::<ManifestAs<EntryV2>>(stream, max_len)
                 .map_err(bad)?
                 .into(),
-            SNAPSHOT_FORMAT_V3 => postcard::from_bytes(&body).map_err(bad)?,
+            SNAPSHOT_FORMAT_V3 => read(stream, max_len).map_err(bad)?,
             _ => {
                 let (mut m, paused): (Manifest, BTreeMap<String, Pause>) =
-                    postcard::from_bytes(&body).map_err(bad)?;
+                    read(stream, max_len).map_err(bad)?;
                 for (set, pause) in &paused {
                     Pause::check(set, pause).map_err(|_| ManifestError::Decode {
                         what: "manifest snapshot (a pause is malformed)",
@@ -1510,9 +1531,35 @@ impl Serialize for SetPath {
 
 impl<'de> Deserialize<'de> for SetPath {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<SetPath, D::Error> {
-        let v: &[u8] = Deserialize::deserialize(d)?;
-        SetPath::from_network(v).map_err(serde::de::Error::custom)
+        with_bytes(d, "a path", |v| {
+            SetPath::from_network(v).map_err(|e| e.to_string())
+        })
     }
+}
+
+/// Reads a byte string and hands it to `take`, borrowed from the input or
+/// through the deserializer's scratch buffer: a snapshot decoded from a
+/// stream has no input to borrow from (`deserialize_byte_buf`, which
+/// postcard writes exactly as `deserialize_bytes`).
+fn with_bytes<'de, D: serde::Deserializer<'de>, T>(
+    d: D,
+    what: &'static str,
+    take: impl FnOnce(&[u8]) -> Result<T, String>,
+) -> Result<T, D::Error> {
+    struct Bytes<F>(&'static str, F);
+    impl<'de, T, F: FnOnce(&[u8]) -> Result<T, String>> serde::de::Visitor<'de> for Bytes<F> {
+        type Value = T;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str(self.0)
+        }
+        fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<T, E> {
+            (self.1)(v).map_err(E::custom)
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<T, E> {
+            self.visit_bytes(v.as_bytes())
+        }
+    }
+    d.deserialize_byte_buf(Bytes(what, take))
 }
 
 pub fn encode_batch(batch: &FileBatch) -> Vec<u8> {

@@ -902,6 +902,9 @@ fn a_snapshot_larger_than_the_compressors_buffer_round_trips() {
     assert_eq!(Manifest::decode(&v1, 64 << 20).unwrap(), m);
     // The output is one frame, as the bulk compressor wrote it before.
     assert!(zstd::bulk::decompress(&v1[1..], body.len() - 1).is_err());
+    // Decoded as a stream, it still stops at the limit given.
+    assert!(Manifest::decode(&v1, body.len() - 1).is_err());
+    assert!(Manifest::decode(&v1[..v1.len() - 1], 64 << 20).is_err());
 
     m.apply(2, &batch(vec![xattrs_op(&names[7], &[("user.k", b"v")])]))
         .unwrap();
