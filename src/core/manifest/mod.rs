@@ -344,7 +344,7 @@ impl std::fmt::Debug for WireDigest {
 }
 
 mod digest_bytes {
-    use serde::{Deserialize, Deserializer, Serializer};
+    use serde::{Deserializer, Serializer};
     pub fn serialize<S: Serializer>(b: &[u8; 40], s: S) -> Result<S::Ok, S::Error> {
         s.serialize_bytes(b)
     }
