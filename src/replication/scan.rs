@@ -198,6 +198,41 @@ pub fn record_of(meta: &FileMeta, digest: &FileDigest) -> LocalRecord {
     }
 }
 
+/// A file read this close to its mtime could be written again within the
+/// same timestamp tick (the kernel's coarse clock: 4 ms at HZ=250, 10 ms at
+/// HZ=100; kernels from 6.13 give a file stat'ed since its last change a
+/// finer one) with the same length, leaving an lstat identical to the one
+/// recorded: the second version would look unchanged for good.
+const RACY_MTIME_NS: i128 = 30_000_000;
+
+/// An mtime no lstat returns (seconds are 64-bit).
+const SMUDGED_MTIME_NS: i128 = i128::MIN;
+
+/// [`record_of`] for a file the leader just read: smudged, as git smudges a
+/// racily clean index entry, when its mtime is within [`RACY_MTIME_NS`] of
+/// now, so [`unchanged_since`] never matches it and whoever consults the
+/// record next hashes the file instead. The short settle after a writer's
+/// close (`SETTLED_QUIET`, 2 ms) reads files that young; the 20 ms debounce
+/// alone never did.
+pub fn record_of_read(meta: &FileMeta, digest: &FileDigest) -> LocalRecord {
+    record_at(meta, digest, now_ns())
+}
+
+pub(crate) fn record_at(meta: &FileMeta, digest: &FileDigest, now_ns: i128) -> LocalRecord {
+    let mut r = record_of(meta, digest);
+    if (now_ns - meta.mtime_ns).abs() < RACY_MTIME_NS {
+        r.mtime_ns = SMUDGED_MTIME_NS;
+    }
+    r
+}
+
+fn now_ns() -> i128 {
+    match std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
+        Ok(d) => d.as_nanos() as i128,
+        Err(e) => -(e.duration().as_nanos() as i128),
+    }
+}
+
 /// Whether `meta` (an `lstat` now) is still the file `record` describes.
 pub fn unchanged_since(record: &LocalRecord, meta: &FileMeta) -> bool {
     meta.kind == Kind::File
@@ -295,4 +330,34 @@ pub(super) fn meta_matches(want: &FileMeta, have: &FileMeta) -> bool {
         && have.uid == want.uid
         && have.gid == want.gid
         && have.mtime_ns == want.mtime_ns
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_read_within_a_clock_tick_of_its_mtime_is_never_taken_as_unchanged() {
+        let digest = crate::core::delta::digest(b"a\n");
+        let mut meta = FileMeta::new(Kind::File, 0o644, 0, 0, 1_000_000_000_000);
+        meta.len = 2;
+        let now = meta.mtime_ns;
+        // Read 2 ms after the write: a same-length rewrite in the same tick
+        // would leave this very lstat, so the record must not vouch for it.
+        let young = record_at(&meta, &digest, now + 2_000_000);
+        assert!(!unchanged_since(&young, &meta));
+        assert_eq!(young.digest.get(), digest);
+        assert_eq!((young.len, young.ino), (meta.len, meta.ino));
+        // A clock a little behind the file's mtime is as racy.
+        assert!(!unchanged_since(
+            &record_at(&meta, &digest, now - 2_000_000),
+            &meta
+        ));
+        // Read well after the write: the lstat decides.
+        let settled = record_at(&meta, &digest, now + 50_000_000);
+        assert!(unchanged_since(&settled, &meta));
+        let mut touched = meta;
+        touched.mtime_ns += 1;
+        assert!(!unchanged_since(&settled, &touched));
+    }
 }

@@ -39,7 +39,7 @@ use crate::net::transport::Transport;
 use crate::raft::core::{Command, Role};
 use crate::raft::handle::{NodeHandle, RequestError};
 use crate::replication::scan::{
-    meta_from_local, record_of, unchanged_since, unix_ms, walk_keeping, Found, SeenPaths,
+    meta_from_local, record_of_read, unchanged_since, unix_ms, walk_keeping, Found, SeenPaths,
 };
 use crate::replication::shared::{SetRuntime, Shared};
 

@@ -515,7 +515,8 @@ impl LinkPlan {
                 target: primary.as_bytes().to_vec(),
             });
             if let Some(m) = self.metas.get(name) {
-                b.pending.push((name.clone(), record_of(m, &digest.get())));
+                b.pending
+                    .push((name.clone(), record_of_read(m, &digest.get())));
             }
             // A link puts none of the file's bytes on the wire.
             shared
@@ -725,7 +726,8 @@ pub(super) fn examine_file(
     let Some(patch) = p.patch else {
         // The committed content.
         if committed.map(|e| &e.meta) != Some(&m) || own {
-            b.pending.push((path.clone(), record_of(&p.now, &p.digest)));
+            b.pending
+                .push((path.clone(), record_of_read(&p.now, &p.digest)));
             b.ops.push(FileOp::Put {
                 path: path.as_bytes().to_vec(),
                 meta: m,
@@ -734,7 +736,7 @@ pub(super) fn examine_file(
             });
         } else {
             // Same bytes, same metadata (say, a touch undone): just remember it.
-            shared.remember_record(&set.name, path, &record_of(&p.now, &p.digest));
+            shared.remember_record(&set.name, path, &record_of_read(&p.now, &p.digest));
         }
         return Ok(());
     };
@@ -742,7 +744,8 @@ pub(super) fn examine_file(
         b.signatures.put_signature(&set.name, path, &sig);
     }
     add_put(shared, path, m, p.digest, &patch, p.len, b);
-    b.pending.push((path.clone(), record_of(&p.now, &p.digest)));
+    b.pending
+        .push((path.clone(), record_of_read(&p.now, &p.digest)));
     Ok(())
 }
 
@@ -912,7 +915,7 @@ pub(super) fn append_tail(
     let m = meta_from_local(&meta, EntryKind::File, names);
     add_put(shared, path, m, new_digest, &patch, tail.len(), b);
     b.pending
-        .push((path.clone(), record_of(&meta, &new_digest)));
+        .push((path.clone(), record_of_read(&meta, &new_digest)));
     Ok(())
 }
 

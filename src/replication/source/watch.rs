@@ -51,11 +51,14 @@ impl FileEvent {
         }
     }
 
+    /// The whole set must be walked (the event queue overflowed, or a
+    /// watch failed): nothing is known of files still being written, so
+    /// the full debounce applies.
     fn rescan(set: usize) -> FileEvent {
         FileEvent {
             set,
             path: PathBuf::new(),
-            settled: true,
+            settled: false,
         }
     }
 }
