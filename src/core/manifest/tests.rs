@@ -1,5 +1,6 @@
 //! Tests of the manifest: pinned encodings, path checks, apply and snapshots.
 
+use super::snapshot::*;
 use super::*;
 
 fn meta(kind: EntryKind) -> Meta {
