@@ -1466,14 +1466,18 @@ fn cpu_secs(pid: u32) -> f64 {
 
 /// VmRSS of `pid` in bytes.
 fn rss_bytes(pid: u32) -> u64 {
-    let status = fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_else(|e| panic!("/proc/{pid}/status: {e}"));
-    status
+    try_rss_bytes(pid).unwrap_or_else(|| panic!("no VmRSS in /proc/{pid}/status"))
+}
+
+/// The resident size of `pid`, or `None` once it has exited (or is a
+/// zombie, which has no `VmRSS`).
+fn try_rss_bytes(pid: u32) -> Option<u64> {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         .map(|kib| kib * 1024)
-        .expect("VmRSS in /proc/<pid>/status")
 }
 
 /// CPU and peak RSS of this process's waited-for children so far.

@@ -70,14 +70,8 @@ impl Peaks {
         for (id, peak) in &mut self.0 {
             if let Some(pid) = c.pid(*id) {
                 // A node may exit between pid() and the read.
-                let rss = fs::read_to_string(format!("/proc/{pid}/status"))
-                    .ok()
-                    .and_then(|s| {
-                        let kib = s.lines().find_map(|l| l.strip_prefix("VmRSS:"))?;
-                        kib.trim().trim_end_matches("kB").trim().parse::<u64>().ok()
-                    });
-                if let Some(kib) = rss {
-                    *peak = (*peak).max(kib * 1024);
+                if let Some(rss) = try_rss_bytes(pid) {
+                    *peak = (*peak).max(rss);
                 }
             }
         }

@@ -408,7 +408,7 @@ async fn sender_task(
 /// carries the commit index, and its answer makes the leader send again
 /// what is missing. Acked, such an empty append held the link while the
 /// commit index that followed it waited: at a 50 ms RTT an edit 50 ms after
-/// the last took 2.8 round trips to reach followers instead of 1.5. A
+/// the last took 2.8 round trips to reach followers instead of 1.8. A
 /// report alone (no message) is as cheap to lose.
 fn may_go_unacked(m: &Message) -> bool {
     match m.get_msg_type() {

@@ -218,7 +218,7 @@ pub fn record_of_read(meta: &FileMeta, digest: &FileDigest) -> LocalRecord {
     record_at(meta, digest, now_ns())
 }
 
-pub(crate) fn record_at(meta: &FileMeta, digest: &FileDigest, now_ns: i128) -> LocalRecord {
+fn record_at(meta: &FileMeta, digest: &FileDigest, now_ns: i128) -> LocalRecord {
     let mut r = record_of(meta, digest);
     if (now_ns - meta.mtime_ns).abs() < RACY_MTIME_NS {
         r.mtime_ns = SMUDGED_MTIME_NS;

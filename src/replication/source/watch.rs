@@ -79,17 +79,17 @@ fn leaves_file_whole(kind: &notify::EventKind) -> bool {
 }
 
 /// Files written to since their last settling event: while any is, the
-/// leader waits the full debounce for quiet.
+/// leader waits the full debounce for quiet. By local path: a file in two
+/// sets' trees is closed once.
 #[derive(Debug, Default)]
-pub(super) struct Unsettled(BTreeSet<(usize, PathBuf)>);
+pub(super) struct Unsettled(HashSet<PathBuf>);
 
 impl Unsettled {
     pub(super) fn note(&mut self, ev: &FileEvent) {
-        let key = (ev.set, ev.path.clone());
         if ev.settled {
-            self.0.remove(&key);
-        } else {
-            self.0.insert(key);
+            self.0.remove(&ev.path);
+        } else if !self.0.contains(&ev.path) {
+            self.0.insert(ev.path.clone());
         }
     }
 
@@ -319,24 +319,22 @@ impl Source {
             }
             tokio::select! {
                 ev = rx.recv() => {
-                    let Some(ev) = ev else { return };
-                    let mut unsettled = Unsettled::default();
-                    unsettled.note(&ev);
-                    self.note(&mut dirty, ev.set, ev.path);
                     // Debounce: take everything that arrives while it stays
                     // quiet, the full debounce while a file is half written.
+                    let Some(ev) = ev else { return };
+                    let mut next = Some(ev);
+                    let mut unsettled = Unsettled::default();
                     let until = Instant::now() + self.config.debounce * 10;
-                    loop {
-                        match tokio::time::timeout(unsettled.quiet(self.config.debounce), rx.recv()).await {
-                            Ok(Some(ev)) => {
-                                unsettled.note(&ev);
-                                self.note(&mut dirty, ev.set, ev.path);
-                            }
-                            Ok(None) => return,
-                            Err(_) => break,
-                        }
+                    while let Some(ev) = next.take() {
+                        unsettled.note(&ev);
+                        self.note(&mut dirty, ev.set, ev.path);
                         if Instant::now() >= until {
                             break;
+                        }
+                        match tokio::time::timeout(unsettled.quiet(self.config.debounce), rx.recv()).await {
+                            Ok(Some(ev)) => next = Some(ev),
+                            Ok(None) => return,
+                            Err(_) => break,
                         }
                     }
                 }
@@ -446,11 +444,7 @@ impl Source {
     pub(super) fn note(&self, dirty: &mut Dirty, set: usize, full: PathBuf) {
         let rt = &self.shared.sets[set];
         if full == rt.root_dir || full == rt.path {
-            if rt.single_file.is_some() {
-                dirty.full.insert(rt.name.clone());
-            } else {
-                dirty.full.insert(rt.name.clone());
-            }
+            dirty.full.insert(rt.name.clone());
             return;
         }
         match SetPath::from_local(&rt.root_dir, &full) {
