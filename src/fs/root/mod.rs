@@ -58,7 +58,10 @@
 //!   it passes, so a directory renamed away mid-walk by someone with write
 //!   access to the set is acted on where it now is. That needs a local user
 //!   who can already write the set's files; nothing that arrives from the
-//!   network can cause it.
+//!   network can cause it. While a batch holds directories
+//!   ([`Root::hold_dirs`], see `held.rs`) the same is true for as long as
+//!   the batch takes: its walks start from the directories it already
+//!   opened.
 
 use std::ffi::{CStr, OsStr, OsString};
 use std::fmt::Write as _;
@@ -69,6 +72,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
 
 use rustix::fs::{
     self as rfs, AtFlags, Dir, FileType, Gid, Mode, OFlags, RenameFlags, Stat, Timespec,
@@ -268,7 +272,7 @@ impl FileMeta {
 #[derive(Debug)]
 pub struct OpenDir<'r> {
     root: &'r Root,
-    fd: OwnedFd,
+    fd: Arc<OwnedFd>,
     /// Its path relative to the root, for messages.
     path: String,
 }
@@ -277,9 +281,9 @@ impl OpenDir<'_> {
     /// Names and kinds, sorted by name, temporary names included.
     pub fn list(&self) -> Result<DirListing, FsError> {
         let err = |e: Errno| self.root.io_err("list directory", self.path.clone(), e);
-        // A fresh open file description: `fd` may be a duplicate of the
-        // root handle, and duplicates share the directory offset, so reading
-        // through one would leave every later listing of the root empty.
+        // A fresh open file description: `fd` may be the root handle or one
+        // a batch keeps, shared with other callers, and reading through it
+        // would move the directory offset under every later listing.
         let mut dir = Dir::read_from(&self.fd).map_err(err)?;
         let mut out = Vec::new();
         while let Some(ent) = dir.read() {
@@ -663,8 +667,12 @@ fn omit_atime() -> Timespec {
 /// An open sync root (or quarantine root). All paths are relative to it.
 #[derive(Debug)]
 pub struct Root {
-    fd: OwnedFd,
+    /// Shared with [`Root::walk`]'s callers: a walk of no component returns
+    /// the root itself without duplicating it.
+    fd: Arc<OwnedFd>,
     path: PathBuf,
+    /// Directory handles kept for a batch ([`Root::hold_dirs`]).
+    held: held::DirCache,
     /// Whether the filesystem refused extended attributes (`ENOTSUP`), and
     /// whether the caller was told.
     xattr_notice: AtomicU8,
@@ -678,8 +686,9 @@ impl Root {
         let flags = dir_flags();
         match rfs::open(path, flags, Mode::empty()) {
             Ok(fd) => Ok(Root {
-                fd,
+                fd: Arc::new(fd),
                 path: path.to_path_buf(),
+                held: Default::default(),
                 xattr_notice: AtomicU8::new(XATTR_OK),
             }),
             Err(e @ (Errno::LOOP | Errno::NOTDIR)) => {
@@ -784,19 +793,23 @@ impl Root {
     /// at a time with `O_DIRECTORY | O_NOFOLLOW`: a symlink or a
     /// non-directory on the way is an error, never followed. Returns `None`
     /// when a component does not exist, unless `create` gives a mode to
-    /// create missing directories with.
-    fn walk(&self, dirs: &[&[u8]], create: Option<u32>) -> Result<Option<OwnedFd>, FsError> {
-        let mut cur = self
-            .fd
-            .try_clone()
-            .map_err(|e| self.io_err("duplicate root handle for", ".".into(), e))?;
-        for (i, name) in dirs.iter().enumerate() {
+    /// create missing directories with. While a batch holds directories
+    /// ([`Root::hold_dirs`]) the walk starts from the nearest one it kept.
+    fn walk(&self, dirs: &[&[u8]], create: Option<u32>) -> Result<Option<Arc<OwnedFd>>, FsError> {
+        let (start, mut cur) = self
+            .held
+            .nearest(dirs)
+            .unwrap_or_else(|| (0, self.fd.clone()));
+        if start == dirs.len() {
+            return Ok(Some(cur));
+        }
+        for (i, name) in dirs.iter().enumerate().skip(start) {
             let here = || show(&dirs[..=i]);
-            let opened = match rfs::openat(&cur, *name, dir_flags(), Mode::empty()) {
+            let opened = match rfs::openat(&*cur, *name, dir_flags(), Mode::empty()) {
                 Err(Errno::NOENT) => match create {
                     None => return Ok(None),
                     Some(mode) => {
-                        match rfs::mkdirat(&cur, *name, Mode::from_raw_mode(mode)) {
+                        match rfs::mkdirat(&*cur, *name, Mode::from_raw_mode(mode)) {
                             // EEXIST: someone else created it meanwhile; the
                             // open below still refuses anything but a real
                             // directory.
@@ -805,21 +818,22 @@ impl Root {
                         }
                         // The new entry must survive a crash before anything
                         // is moved into it.
-                        rfs::fsync(&cur)
+                        rfs::fsync(&*cur)
                             .map_err(|e| self.io_err("fsync directory of", here(), e))?;
-                        rfs::openat(&cur, *name, dir_flags(), Mode::empty())
+                        rfs::openat(&*cur, *name, dir_flags(), Mode::empty())
                     }
                 },
                 other => other,
             };
             cur = match opened {
-                Ok(fd) => fd,
+                Ok(fd) => Arc::new(fd),
                 Err(e @ (Errno::LOOP | Errno::NOTDIR)) => {
                     return Err(self.not_a_dir(&cur, name, here(), e));
                 }
                 Err(e) => return Err(self.io_err("open directory", here(), e)),
             };
         }
+        self.held.keep(dirs, &cur);
         Ok(Some(cur))
     }
 
@@ -839,7 +853,7 @@ impl Root {
         &self,
         comps: &[&'c [u8]],
         create: Option<u32>,
-    ) -> Result<Option<(OwnedFd, &'c [u8])>, FsError> {
+    ) -> Result<Option<(Arc<OwnedFd>, &'c [u8])>, FsError> {
         let (leaf, dirs) = comps
             .split_last()
             .expect("check() refuses empty paths for leaf operations");
@@ -847,7 +861,7 @@ impl Root {
     }
 
     /// Like [`Root::open_parent`], but a missing parent is an error.
-    fn require_parent<'c>(&self, comps: &[&'c [u8]]) -> Result<(OwnedFd, &'c [u8]), FsError> {
+    fn require_parent<'c>(&self, comps: &[&'c [u8]]) -> Result<(Arc<OwnedFd>, &'c [u8]), FsError> {
         self.open_parent(comps, None)?
             .ok_or_else(|| self.io_err("open the parent directory of", show(comps), Errno::NOENT))
     }
@@ -1150,6 +1164,8 @@ fn sibling<C: AsComponent>(comps: &[C], name: Vec<u8>) -> Vec<Vec<u8>> {
     c
 }
 
+mod held;
+pub use held::HeldDirs;
 mod replace;
 mod tree;
 mod xattrs;

@@ -363,7 +363,7 @@ impl Root {
         &self,
         comps: &'c [C],
         meta: &FileMeta,
-    ) -> Result<(Vec<&'c [u8]>, String, OwnedFd, &'c [u8]), FsError> {
+    ) -> Result<(Vec<&'c [u8]>, String, Arc<OwnedFd>, &'c [u8]), FsError> {
         let comps = self.check(comps, false)?;
         let path = show(&comps);
         if meta.kind != Kind::File {
@@ -409,6 +409,13 @@ impl Root {
         Ok(displaced)
     }
 
+    /// What stood at a leaf (perhaps a directory a batch kept open) now
+    /// has the temporary name `tmp`.
+    fn displaced(&self, tmp: &str) -> String {
+        self.held.forget_all();
+        tmp.to_string()
+    }
+
     /// Renames `tmp` to `leaf` in `dir`; see [`Root::replace_file_guarded`].
     /// Returns the temporary name of an unexpected displaced entry.
     pub(super) fn swap_in(
@@ -430,7 +437,7 @@ impl Root {
                     // `tmp` now names what stood at `leaf`.
                     // If it cannot even be looked at, keep it for the caller.
                     let Ok(st) = rfs::statat(dir, tmp, AtFlags::SYMLINK_NOFOLLOW) else {
-                        return Ok(Some(tmp.to_string()));
+                        return Ok(Some(self.displaced(tmp)));
                     };
                     let seen = FileMeta::from_stat(&st);
                     let as_checked = matches!(expect, Expect::File { ino, dev, len, mtime_ns }
@@ -442,7 +449,7 @@ impl Root {
                         })?;
                         return Ok(None);
                     }
-                    return Ok(Some(tmp.to_string()));
+                    return Ok(Some(self.displaced(tmp)));
                 }
                 Err(Errno::NOENT) => {
                     match rfs::renameat_with(dir, tmp, dir, leaf, RenameFlags::NOREPLACE) {

@@ -1121,8 +1121,8 @@ fn xattrs_of_directories_are_kept_and_symlinks_never_followed() {
 mod listing_tests {
     use super::*;
 
-    /// The root handle is duplicated for every call, and duplicates share
-    /// the directory offset: a second listing must still see everything.
+    /// Every call shares the root handle, and with it the directory
+    /// offset: a second listing must still see everything.
     #[test]
     fn the_root_lists_the_same_every_time() {
         let dir = tempfile::tempdir().unwrap();
@@ -1205,5 +1205,90 @@ mod guarded_replace_tests {
         let r = replace("c", Expect::Absent);
         assert!(r.displaced.is_none());
         assert_eq!(std::fs::read(dir.path().join("c")).unwrap(), new);
+    }
+}
+
+mod held_dirs_tests {
+    use super::*;
+
+    fn put(fx: &Fixture, comps: &[&str], data: &[u8]) {
+        fx.root
+            .replace_file(comps, data, &file_meta(0o644), &hash(data))
+            .unwrap();
+    }
+
+    fn dir_meta() -> FileMeta {
+        let (uid, gid) = me();
+        FileMeta::new(Kind::Dir, 0o755, uid, gid, 1_600_000_000_000_000_000)
+    }
+
+    /// While a batch holds directories, a walk reuses the handle it kept
+    /// (a directory a local user renames meanwhile is written where it now
+    /// is, inside the root); one removed meanwhile is walked to again; the
+    /// root's own removals and moves forget every handle; and once the
+    /// guard is dropped nothing is kept.
+    #[test]
+    fn a_batch_reuses_its_directories_until_the_tree_changes() {
+        let fx = fixture();
+        let a = fx.root_path.join("a");
+        std::fs::create_dir_all(a.join("b")).unwrap();
+        {
+            let _held = fx.root.hold_dirs();
+            put(&fx, &["a", "b", "one"], b"1");
+
+            // Kept: the renamed directory still receives the batch's files.
+            std::fs::rename(a.join("b"), a.join("renamed")).unwrap();
+            std::fs::create_dir(a.join("b")).unwrap();
+            put(&fx, &["a", "b", "two"], b"2");
+            assert!(a.join("renamed/two").exists());
+            assert!(!a.join("b/two").exists());
+
+            // Removed by someone else: walked to again.
+            std::fs::remove_dir_all(a.join("renamed")).unwrap();
+            put(&fx, &["a", "b", "three"], b"3");
+            assert!(a.join("b/three").exists(), "written in the directory that is there now");
+
+            // The root's own removal and move forget what was kept.
+            assert!(fx.root.remove(&["a", "b"]).unwrap());
+            fx.root.make_dir(&["a", "b"], &dir_meta()).unwrap();
+            put(&fx, &["a", "b", "four"], b"4");
+            assert_eq!(std::fs::read(a.join("b/four")).unwrap(), b"4");
+            assert!(fx
+                .root
+                .move_aside(&["a", "b"], &fx.root, &["a", "moved"])
+                .unwrap());
+            std::fs::create_dir(a.join("b")).unwrap();
+            put(&fx, &["a", "b", "five"], b"5");
+            assert!(a.join("b/five").exists());
+            assert!(!a.join("moved/five").exists());
+        }
+        // Released: a rename after the batch is seen by the next walk.
+        std::fs::rename(a.join("b"), a.join("after")).unwrap();
+        std::fs::create_dir(a.join("b")).unwrap();
+        put(&fx, &["a", "b", "six"], b"6");
+        assert!(a.join("b/six").exists());
+        assert!(!a.join("after/six").exists());
+        assert!(snapshot(&fx.outside).len() >= 3, "the tree outside is untouched");
+        assert_eq!(std::fs::read(fx.outside.join("x")).unwrap(), b"outside x");
+    }
+
+    /// Guards nest: handles are kept until the last one is dropped.
+    #[test]
+    fn directories_are_kept_until_the_last_guard_is_dropped() {
+        let fx = fixture();
+        let a = fx.root_path.join("a");
+        std::fs::create_dir(&a).unwrap();
+        let outer = fx.root.hold_dirs();
+        {
+            let _inner = fx.root.hold_dirs();
+            put(&fx, &["a", "one"], b"1");
+        }
+        std::fs::rename(&a, fx.root_path.join("was")).unwrap();
+        std::fs::create_dir(&a).unwrap();
+        put(&fx, &["a", "two"], b"2");
+        assert!(fx.root_path.join("was/two").exists(), "still kept by the outer guard");
+        drop(outer);
+        put(&fx, &["a", "three"], b"3");
+        assert!(a.join("three").exists());
     }
 }

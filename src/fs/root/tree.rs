@@ -165,7 +165,9 @@ impl Root {
         let Some(st) = self.lstat_at(&dir, leaf, &path)? else {
             return Ok(false);
         };
-        self.remove_entry(dir.as_fd(), leaf, stat_kind(&st), &path, 0)?;
+        let removed = self.remove_entry(dir.as_fd(), leaf, stat_kind(&st), &path, 0);
+        self.held.forget_all();
+        removed?;
         rfs::fsync(&dir).map_err(|e| self.io_err("fsync the directory of", path, e))?;
         Ok(true)
     }
@@ -255,6 +257,19 @@ impl Root {
     /// A cross-filesystem move that fails half-way leaves the original in
     /// place and may leave a partial copy under `dest`: nothing is lost.
     pub fn move_aside<C: AsComponent, D: AsComponent>(
+        &self,
+        comps: &[C],
+        dest: &Root,
+        dest_comps: &[D],
+    ) -> Result<bool, FsError> {
+        let moved = self.move_entry(comps, dest, dest_comps);
+        // What was moved may have been a directory a batch kept open.
+        self.held.forget_all();
+        dest.held.forget_all();
+        moved
+    }
+
+    fn move_entry<C: AsComponent, D: AsComponent>(
         &self,
         comps: &[C],
         dest: &Root,

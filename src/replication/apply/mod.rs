@@ -802,6 +802,8 @@ impl Applier {
         checked: &[CheckedOp],
         store: &mut StoreBatch,
     ) {
+        // One batch works in a few directories; see `fs::root::held`.
+        let _held = root.hold_dirs();
         let mut dirs = Vec::new();
         // Everything but file contents first, in order (renames, removals,
         // directories, links); then the files, which are independent of each
