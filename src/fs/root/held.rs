@@ -16,10 +16,13 @@
 //! * A kept handle is used only while its directory still has a link
 //!   (`fstat`: a directory removed meanwhile is walked to again, and so
 //!   created again where the walk creates).
-//! * Every operation of [`Root`] that removes, moves or displaces an entry
-//!   forgets every kept handle, so no handle outlives a change of the tree
-//!   made through this root. What a local user renames meanwhile is the
-//!   limit the module documents for a walk, stretched to a batch.
+//! * Every operation of [`Root`] that removes, moves or displaces a
+//!   directory forgets every kept handle, so no handle outlives a change of
+//!   the tree made through this root. A walk that began before such a change
+//!   never keeps what it opened (a generation count), so a writer thread
+//!   cannot put back a handle of a directory another one just moved to
+//!   quarantine. What a local user renames meanwhile is the limit the
+//!   module documents for a walk, stretched to a batch.
 
 use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex};
@@ -42,6 +45,9 @@ pub(super) struct DirCache {
 struct State {
     /// Live [`HeldDirs`] guards; handles are kept only while this is not 0.
     holders: usize,
+    /// Bumped by every [`DirCache::forget_all`]: a walk keeps what it opened
+    /// only if none happened since it started.
+    generation: u64,
     /// Most recently used last.
     entries: Vec<(Vec<Vec<u8>>, Arc<OwnedFd>)>,
 }
@@ -64,36 +70,51 @@ impl Drop for HeldDirs<'_> {
 }
 
 impl DirCache {
-    /// The kept handle of the longest prefix of `dirs` whose directory still
-    /// has a link, with the prefix's length; `None` when nothing is held.
-    pub(super) fn nearest(&self, dirs: &[&[u8]]) -> Option<(usize, Arc<OwnedFd>)> {
-        let candidate = {
-            let state = self.state.lock().unwrap();
+    /// Where a walk to `dirs` starts: the kept handle of the longest prefix
+    /// of `dirs` whose directory still has a link, with the prefix's length
+    /// (`None`: from the root), and the generation to pass to
+    /// [`DirCache::keep`].
+    pub(super) fn nearest(&self, dirs: &[&[u8]]) -> (Option<(usize, Arc<OwnedFd>)>, u64) {
+        let (candidate, generation) = {
+            let mut state = self.state.lock().unwrap();
+            let generation = state.generation;
             if state.holders == 0 {
-                return None;
+                return (None, generation);
             }
-            state
+            let found = state
                 .entries
                 .iter()
-                .filter(|(key, _)| {
+                .enumerate()
+                .filter(|(_, (key, _))| {
                     key.len() <= dirs.len() && key.iter().zip(dirs).all(|(k, d)| k == d)
                 })
-                .max_by_key(|(key, _)| key.len())
-                .map(|(key, fd)| (key.len(), fd.clone()))
-        }?;
+                .max_by_key(|(_, (key, _))| key.len())
+                .map(|(at, _)| at);
+            let candidate = found.map(|at| {
+                let entry = state.entries.remove(at);
+                let candidate = (entry.0.len(), entry.1.clone());
+                state.entries.push(entry);
+                candidate
+            });
+            (candidate, generation)
+        };
+        let Some(candidate) = candidate else {
+            return (None, generation);
+        };
         match rfs::fstat(&*candidate.1) {
-            Ok(st) if st.st_nlink > 0 => Some(candidate),
+            Ok(st) if st.st_nlink > 0 => (Some(candidate), generation),
             _ => {
                 self.forget(&dirs[..candidate.0]);
-                None
+                (None, generation)
             }
         }
     }
 
-    /// Keeps `fd` as the handle of `dirs` if a guard is held.
-    pub(super) fn keep(&self, dirs: &[&[u8]], fd: &Arc<OwnedFd>) {
+    /// Keeps `fd` as the handle of `dirs` if a guard is held and nothing was
+    /// forgotten since the walk began at `generation`.
+    pub(super) fn keep(&self, dirs: &[&[u8]], fd: &Arc<OwnedFd>, generation: u64) {
         let mut state = self.state.lock().unwrap();
-        if state.holders == 0 || dirs.is_empty() {
+        if state.holders == 0 || dirs.is_empty() || state.generation != generation {
             return;
         }
         state.entries.retain(|(key, _)| !same(key, dirs));
@@ -115,7 +136,9 @@ impl DirCache {
 
     /// Drops every kept handle (the tree changed shape).
     pub(super) fn forget_all(&self) {
-        self.state.lock().unwrap().entries.clear();
+        let mut state = self.state.lock().unwrap();
+        state.generation += 1;
+        state.entries.clear();
     }
 }
 

@@ -1,8 +1,9 @@
 //! Every write clusterd makes to a sync set, and to `data_dir/quarantine`,
 //! goes through this module: a [`Root`] is an open directory handle of one
-//! root, and every operation walks from that handle, one component at a time,
-//! with `openat(O_DIRECTORY | O_NOFOLLOW)`, then acts on the last component
-//! with an `*at` call that never follows it either.
+//! root, and every operation walks from that handle (or, within a batch,
+//! from a directory handle the batch already walked to), one component at a
+//! time, with `openat(O_DIRECTORY | O_NOFOLLOW)`, then acts on the last
+//! component with an `*at` call that never follows it either.
 //!
 //! # Invariants
 //!
@@ -796,10 +797,8 @@ impl Root {
     /// create missing directories with. While a batch holds directories
     /// ([`Root::hold_dirs`]) the walk starts from the nearest one it kept.
     fn walk(&self, dirs: &[&[u8]], create: Option<u32>) -> Result<Option<Arc<OwnedFd>>, FsError> {
-        let (start, mut cur) = self
-            .held
-            .nearest(dirs)
-            .unwrap_or_else(|| (0, self.fd.clone()));
+        let (nearest, generation) = self.held.nearest(dirs);
+        let (start, mut cur) = nearest.unwrap_or_else(|| (0, self.fd.clone()));
         if start == dirs.len() {
             return Ok(Some(cur));
         }
@@ -833,7 +832,7 @@ impl Root {
                 Err(e) => return Err(self.io_err("open directory", here(), e)),
             };
         }
-        self.held.keep(dirs, &cur);
+        self.held.keep(dirs, &cur, generation);
         Ok(Some(cur))
     }
 

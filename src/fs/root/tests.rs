@@ -1246,7 +1246,10 @@ mod held_dirs_tests {
             // Removed by someone else: walked to again.
             std::fs::remove_dir_all(a.join("renamed")).unwrap();
             put(&fx, &["a", "b", "three"], b"3");
-            assert!(a.join("b/three").exists(), "written in the directory that is there now");
+            assert!(
+                a.join("b/three").exists(),
+                "written in the directory that is there now"
+            );
 
             // The root's own removal and move forget what was kept.
             assert!(fx.root.remove(&["a", "b"]).unwrap());
@@ -1268,7 +1271,10 @@ mod held_dirs_tests {
         put(&fx, &["a", "b", "six"], b"6");
         assert!(a.join("b/six").exists());
         assert!(!a.join("after/six").exists());
-        assert!(snapshot(&fx.outside).len() >= 3, "the tree outside is untouched");
+        assert!(
+            snapshot(&fx.outside).len() >= 3,
+            "the tree outside is untouched"
+        );
         assert_eq!(std::fs::read(fx.outside.join("x")).unwrap(), b"outside x");
     }
 
@@ -1286,9 +1292,40 @@ mod held_dirs_tests {
         std::fs::rename(&a, fx.root_path.join("was")).unwrap();
         std::fs::create_dir(&a).unwrap();
         put(&fx, &["a", "two"], b"2");
-        assert!(fx.root_path.join("was/two").exists(), "still kept by the outer guard");
+        assert!(
+            fx.root_path.join("was/two").exists(),
+            "still kept by the outer guard"
+        );
         drop(outer);
         put(&fx, &["a", "three"], b"3");
         assert!(a.join("three").exists());
+    }
+}
+
+mod held_dirs_race_tests {
+    use super::*;
+
+    /// A walk that began before the root moved a directory aside never keeps
+    /// the handle it opened: a writer thread cannot put back a directory
+    /// another one just moved to quarantine.
+    #[test]
+    fn a_walk_overtaken_by_a_move_keeps_nothing() {
+        let fx = fixture();
+        let a = fx.root_path.join("a");
+        std::fs::create_dir_all(a.join("x")).unwrap();
+        let _held = fx.root.hold_dirs();
+        let (_, generation) = fx.root.held.nearest(&[b"a", b"x"]);
+        let stale = Arc::new(rfs::open(&a.join("x"), dir_flags(), Mode::empty()).unwrap());
+        assert!(fx
+            .root
+            .move_aside(&["a", "x"], &fx.root, &["a", "gone"])
+            .unwrap());
+        fx.root.held.keep(&[b"a", b"x"], &stale, generation);
+        std::fs::create_dir(a.join("x")).unwrap();
+        fx.root
+            .replace_file(&["a", "x", "f"], b"f", &file_meta(0o644), &hash(b"f"))
+            .unwrap();
+        assert!(a.join("x/f").exists());
+        assert!(!a.join("gone/f").exists());
     }
 }

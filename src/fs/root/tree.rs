@@ -166,7 +166,9 @@ impl Root {
             return Ok(false);
         };
         let removed = self.remove_entry(dir.as_fd(), leaf, stat_kind(&st), &path, 0);
-        self.held.forget_all();
+        if stat_kind(&st) == Kind::Dir {
+            self.held.forget_all();
+        }
         removed?;
         rfs::fsync(&dir).map_err(|e| self.io_err("fsync the directory of", path, e))?;
         Ok(true)
@@ -262,47 +264,52 @@ impl Root {
         dest: &Root,
         dest_comps: &[D],
     ) -> Result<bool, FsError> {
-        let moved = self.move_entry(comps, dest, dest_comps);
-        // What was moved may have been a directory a batch kept open.
-        self.held.forget_all();
-        dest.held.forget_all();
-        moved
-    }
-
-    fn move_entry<C: AsComponent, D: AsComponent>(
-        &self,
-        comps: &[C],
-        dest: &Root,
-        dest_comps: &[D],
-    ) -> Result<bool, FsError> {
         let comps = self.check(comps, false)?;
         let dcomps = dest.check(dest_comps, false)?;
         let path = show(&comps);
-        let dpath = show(&dcomps);
-        let both = format!("{path} -> {}/{dpath}", dest.path.display());
         let Some((sdir, sleaf)) = self.open_parent(&comps, None)? else {
             return Ok(false);
         };
         let Some(st) = self.lstat_at(&sdir, sleaf, &path)? else {
             return Ok(false);
         };
+        let moved = self.move_entry(&sdir, sleaf, &st, dest, &dcomps, &path);
+        if stat_kind(&st) == Kind::Dir {
+            // A batch may have kept it, or something under it, open.
+            self.held.forget_all();
+            dest.held.forget_all();
+        }
+        moved.map(|()| true)
+    }
+
+    /// Moves the entry `st` found at `sdir/sleaf` (`path`) to `dcomps` in
+    /// `dest`: see [`Root::move_aside`].
+    fn move_entry(
+        &self,
+        sdir: &OwnedFd,
+        sleaf: &[u8],
+        st: &Stat,
+        dest: &Root,
+        dcomps: &[&[u8]],
+        path: &str,
+    ) -> Result<(), FsError> {
+        let dpath = show(dcomps);
+        let both = format!("{path} -> {}/{dpath}", dest.path.display());
         let (ddir, dleaf) = dest
-            .open_parent(&dcomps, Some(PRIVATE_DIR_MODE))?
+            .open_parent(dcomps, Some(PRIVATE_DIR_MODE))?
             .expect("open_parent with create returns a directory");
 
-        match rename_noreplace(&sdir, sleaf, &ddir, dleaf) {
+        match rename_noreplace(sdir, sleaf, &ddir, dleaf) {
             Ok(()) => {
                 rfs::fsync(&ddir).map_err(|e| dest.io_err("fsync the directory of", dpath, e))?;
-                rfs::fsync(&sdir).map_err(|e| self.io_err("fsync the directory of", path, e))?;
-                Ok(true)
+                rfs::fsync(sdir).map_err(|e| self.io_err("fsync the directory of", path.into(), e))
             }
             Err(Errno::XDEV) => {
-                self.copy_entry(&sdir, sleaf, &st, dest, &ddir, dleaf, &path, &dpath, 0)?;
+                self.copy_entry(sdir, sleaf, st, dest, &ddir, dleaf, path, &dpath, 0)?;
                 rfs::fsync(&ddir).map_err(|e| dest.io_err("fsync the directory of", dpath, e))?;
                 // Only now that the copy is durable does the original go.
-                self.remove_entry(sdir.as_fd(), sleaf, stat_kind(&st), &path, 0)?;
-                rfs::fsync(&sdir).map_err(|e| self.io_err("fsync the directory of", path, e))?;
-                Ok(true)
+                self.remove_entry(sdir.as_fd(), sleaf, stat_kind(st), path, 0)?;
+                rfs::fsync(sdir).map_err(|e| self.io_err("fsync the directory of", path.into(), e))
             }
             Err(e) => Err(self.io_err("move aside", both, e)),
         }

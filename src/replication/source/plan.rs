@@ -53,8 +53,6 @@ pub(super) fn plan_and_propose(
     walked: &[Found],
     left: &mut Dirty,
 ) -> Result<(), RequestError> {
-    // A pass reads a few directories' files at a time; see `fs::root::held`.
-    let _held = root.hold_dirs();
     // A validated set is checked whole, as this pass would leave it, before
     // anything of it is planned; a refused change holds the set.
     let checked = match &set.validate {
