@@ -283,7 +283,7 @@ impl Applier {
         match entry.meta.kind {
             EntryKind::Dir => {
                 dirs.push((path.clone(), entry.meta.clone()));
-                self.make_dir(set, root, path, &entry.meta, index, term)?;
+                self.make_dir(set, root, path, &entry.meta, index, term, true)?;
                 self.settle_xattrs(set, root, path, entry)
             }
             EntryKind::Symlink => self.make_symlink(set, root, path, entry, index, term, store),

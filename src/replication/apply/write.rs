@@ -13,6 +13,8 @@ impl Applier {
     /// journal commit per batch rather than per file: a 300,000-file first
     /// sync spent half its time in fsyncs). Smaller batches (an edit) fsync
     /// each file, which costs less than flushing the whole filesystem.
+    /// Returns whether a `syncfs` made everything the batch did so far
+    /// durable.
     pub(super) fn write_files(
         &self,
         set: &SetRuntime,
@@ -21,9 +23,9 @@ impl Applier {
         term: u64,
         puts: &[&CheckedOp],
         store: &mut StoreBatch,
-    ) {
+    ) -> bool {
         if puts.is_empty() {
-            return;
+            return false;
         }
         let started = Instant::now();
         let grouped = puts.len() >= GROUP_DURABLE_FILES;
@@ -57,8 +59,10 @@ impl Applier {
         });
         let prepared = prepared.into_inner().unwrap();
         let wrote = started.elapsed();
+        let mut synced = false;
         if !prepared.is_empty() {
             let durable = root.sync_filesystem();
+            synced = durable.is_ok();
             let prepared: Vec<&PreparedPut> = prepared.iter().collect();
             self.in_parallel(set, &prepared, store, |p, local, errors| {
                 let result = match &durable {
@@ -91,9 +95,11 @@ impl Applier {
             .collect();
         // One journal commit covers the renames of many directories.
         if grouped && parents.len() > DIR_FSYNCS_PER_BATCH {
-            if let Err(e) = root.sync_filesystem() {
-                self.shared
-                    .note_error(&set.name, format!("entry {index}: {e}"));
+            match root.sync_filesystem() {
+                Ok(()) => synced = true,
+                Err(e) => self
+                    .shared
+                    .note_error(&set.name, format!("entry {index}: {e}")),
             }
         } else {
             for parent in parents {
@@ -108,6 +114,7 @@ impl Applier {
             }
         }
         debug!(set = %set.name, index, files = puts.len(), took = ?started.elapsed(), wrote = ?wrote, "wrote a batch's files");
+        synced
     }
 
     /// Runs `work` on every item, [`WRITERS`] threads at a time, each with
@@ -854,6 +861,9 @@ impl Applier {
         Ok(())
     }
 
+    /// Makes the committed directory `path`; with `sync` false its fsyncs
+    /// (and those of parents it makes) are left to the batch's `syncfs`.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn make_dir(
         &self,
         set: &SetRuntime,
@@ -862,9 +872,10 @@ impl Applier {
         meta: &Meta,
         index: u64,
         term: u64,
+        sync: bool,
     ) -> Result<(), FsError> {
         let c = comps(path);
-        self.ensure_parents(set, root, path, index, term)?;
+        self.ensure_parents_with(set, root, path, index, term, sync)?;
         if let Some(m) = root.stat(&c)? {
             if m.kind != Kind::Dir {
                 self.quarantine(
@@ -877,7 +888,7 @@ impl Applier {
                 )?;
             }
         }
-        root.make_dir(&c, &fs_meta(meta))
+        root.make_dir_with(&c, &fs_meta(meta), sync)
     }
 
     #[allow(clippy::too_many_arguments)]
