@@ -33,10 +33,14 @@ pub trait LogStore: Storage {
     /// The state machine's applied index, restored into `raft::Config::applied` on restart.
     fn applied(&self) -> u64;
     fn set_applied(&self, index: u64) -> Result<(), Self::Error>;
+    /// Records the membership a committed conf change produced, before the
+    /// applied index passes that change (so a restart never replays a change
+    /// on top of a membership that lacks it).
+    fn set_conf_state(&self, conf_state: &ConfState) -> Result<(), Self::Error>;
 }
 
 /// What the state machine is told about a committed entry.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct CommittedEntry {
     pub index: u64,
     pub term: u64,
@@ -44,6 +48,18 @@ pub struct CommittedEntry {
     /// entry of a store that hands a `Ready` only headers (`RaftStore`: the
     /// applier reads the commands back from the log itself).
     pub command: Option<Command>,
+    /// A committed membership change, which the core carries out itself
+    /// once the shell reports this entry applied ([`RaftCore::applied_to`]).
+    pub membership: Option<MembershipEntry>,
+}
+
+/// A committed change of the cluster's members, as raft-rs encodes it, with
+/// the bytes its proposer attached (the node layer's addresses of new
+/// members: the core does not read them).
+#[derive(Debug, Clone, PartialEq)]
+pub struct MembershipEntry {
+    pub change: ConfChangeV2,
+    pub context: Vec<u8>,
 }
 
 /// The receiver of committed entries. Apply must be deterministic: every node
@@ -86,6 +102,32 @@ pub enum Command {
 
 /// The origin of a batch whose content no node's tree holds yet.
 pub const NO_ORIGIN: NodeId = 0;
+
+/// The change a conf-change entry carries, as a `ConfChangeV2` (an empty
+/// one, raft-rs's way to leave a joint configuration, included).
+pub fn decode_membership(entry: &Entry) -> Result<ConfChangeV2, CoreError> {
+    use protobuf::Message as _;
+    let bad = |e: protobuf::ProtobufError| {
+        CoreError::BadEntry(format!(
+            "entry {} is a membership change that cannot be decoded: {e}",
+            entry.index
+        ))
+    };
+    match entry.get_entry_type() {
+        // Never proposed by clusterd; read as raft-rs's `into_v2` would.
+        EntryType::EntryConfChange => {
+            let v1 = ConfChange::parse_from_bytes(&entry.data).map_err(bad)?;
+            let mut single = ConfChangeSingle::default();
+            single.set_change_type(v1.get_change_type());
+            single.node_id = v1.node_id;
+            let mut v2 = ConfChangeV2::default();
+            v2.set_changes(vec![single].into());
+            v2.context = v1.context;
+            Ok(v2)
+        }
+        _ => ConfChangeV2::parse_from_bytes(&entry.data).map_err(bad),
+    }
+}
 
 const COMMAND_FORMAT_V1: u8 = 1;
 const KIND_BARRIER: u8 = 1;
@@ -281,6 +323,10 @@ pub struct RaftCore<S: LogStore> {
     bytes_since_compaction: u64,
     /// Size of the last compaction's snapshot data.
     last_snapshot_len: u64,
+    /// Membership changes handed out as committed and not yet applied, in
+    /// log order: raft-rs's configuration follows the applied index, not
+    /// the commit index.
+    membership_to_apply: std::collections::VecDeque<(u64, ConfChangeV2)>,
 }
 
 /// The raft-rs configuration every node uses: pre-vote and check-quorum on;
@@ -344,6 +390,7 @@ impl<S: LogStore> RaftCore<S> {
             stale_logged: std::collections::HashMap::new(),
             bytes_since_compaction: 0,
             last_snapshot_len: 0,
+            membership_to_apply: Default::default(),
         })
     }
 
@@ -406,6 +453,56 @@ impl<S: LogStore> RaftCore<S> {
             )),
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// Proposes a change of members (raft-rs's joint consensus when it
+    /// changes more than one voter); `context` travels with it to every
+    /// node's [`CommittedEntry::membership`]. raft-rs refuses a second
+    /// change while one is pending: that is [`CoreError::Busy`].
+    pub fn propose_membership(
+        &mut self,
+        change: ConfChangeV2,
+        context: Vec<u8>,
+    ) -> Result<(), CoreError> {
+        if self.raw.raft.state != StateRole::Leader {
+            return Err(self.not_leader());
+        }
+        if self.raw.raft.has_pending_conf() {
+            return Err(CoreError::Busy(
+                "another membership change is still being committed; retry once it is done"
+                    .to_string(),
+            ));
+        }
+        let last = self.raw.raft.raft_log.last_index();
+        match self.raw.propose_conf_change(context, change) {
+            // raft-rs drops a conf change it will not take (one pending, or
+            // a transfer in flight) without an error: tell it by the log.
+            Ok(()) if self.raw.raft.raft_log.last_index() > last => Ok(()),
+            Ok(()) | Err(raft::Error::ProposalDropped) => Err(CoreError::Busy(
+                "the leader did not take the membership change (a leadership transfer or another change is in flight); retry in a moment".to_string(),
+            )),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Whether the committed configuration is joint (between an old and a
+    /// new set of voters).
+    pub fn is_joint(&self) -> bool {
+        !self
+            .raw
+            .raft
+            .prs()
+            .conf()
+            .to_conf_state()
+            .voters_outgoing
+            .is_empty()
+    }
+
+    /// Learners of the applied configuration (non-voting members).
+    pub fn learners(&self) -> Vec<NodeId> {
+        let mut v: Vec<NodeId> = self.raw.raft.prs().conf().to_conf_state().learners;
+        v.sort_unstable();
+        v
     }
 
     fn not_leader(&self) -> CoreError {
@@ -594,6 +691,7 @@ impl<S: LogStore> RaftCore<S> {
     /// log, so a crash before they are applied replays them.
     pub fn handle_ready_deferred(&mut self) -> Result<CoreOutput, CoreError> {
         let mut out = CoreOutput::default();
+        self.leave_joint_if_stuck();
         if self.raw.has_ready() {
             let mut ready = self.raw.ready();
             let store = self.raw.store();
@@ -616,14 +714,14 @@ impl<S: LogStore> RaftCore<S> {
             out.messages.extend(ready.take_messages());
             out.messages.extend(ready.take_persisted_messages());
             let committed = ready.take_committed_entries();
-            Self::decode_committed(committed, &mut out.applied)?;
+            self.decode_committed(committed, &mut out.applied)?;
             let mut light = self.raw.advance_append(ready);
             if let Some(commit) = light.commit_index() {
                 self.raw.store().set_commit(commit).map_err(storage_err)?;
             }
             out.messages.extend(light.take_messages());
             let committed = light.take_committed_entries();
-            Self::decode_committed(committed, &mut out.applied)?;
+            self.decode_committed(committed, &mut out.applied)?;
         }
         let now = RoleChange {
             role: self.view().role,
@@ -639,9 +737,33 @@ impl<S: LogStore> RaftCore<S> {
 
     /// Records that the state machine has applied everything up to `index`
     /// (durably, in its own store); raft-rs hands out nothing twice.
+    ///
+    /// Membership changes up to `index` take effect here, in log order,
+    /// each recorded durably before the applied index passes it. A change
+    /// raft-rs refuses (one that would leave no voter) is logged and
+    /// skipped on every node alike: the configuration stays as it was.
     pub fn applied_to(&mut self, index: u64) -> Result<(), CoreError> {
         if index <= self.raw.raft.raft_log.applied {
             return Ok(());
+        }
+        while let Some((at, _)) = self.membership_to_apply.front() {
+            if *at > index {
+                break;
+            }
+            let (at, change) = self.membership_to_apply.pop_front().expect("peeked");
+            match self.raw.apply_conf_change(&change) {
+                Ok(conf_state) => {
+                    tracing::info!(index = at, "membership now {conf_state:?}");
+                    self.raw
+                        .store()
+                        .set_conf_state(&conf_state)
+                        .map_err(storage_err)?;
+                }
+                Err(e) => tracing::warn!(
+                    index = at,
+                    "the committed membership change at entry {at} cannot be carried out ({e}); the members stay as they were"
+                ),
+            }
         }
         self.raw.advance_apply_to(index);
         self.raw.store().set_applied(index).map_err(storage_err)
@@ -691,26 +813,50 @@ impl<S: LogStore> RaftCore<S> {
         Ok(())
     }
 
+    /// A leader whose applied configuration is joint, with no change
+    /// pending, proposes leaving it. raft-rs does so itself only if the
+    /// leader that entered the joint state applies that entry while still
+    /// leading ("it may never auto_leave if leader steps down before enter
+    /// joint is applied", raft.rs); a leader elected meanwhile would stay
+    /// joint, needing both the old and the new majority for ever.
+    fn leave_joint_if_stuck(&mut self) {
+        if self.is_leader() && self.is_joint() && !self.raw.raft.has_pending_conf() {
+            tracing::info!(
+                "the configuration is joint and no change is pending: proposing to leave it"
+            );
+            if let Err(e) = self
+                .raw
+                .propose_conf_change(Vec::new(), ConfChangeV2::default())
+            {
+                tracing::debug!("could not propose to leave the joint configuration yet: {e}");
+            }
+        }
+    }
+
+    /// Turns committed entries into what the state machine is told, and
+    /// queues their membership changes for [`RaftCore::applied_to`].
     fn decode_committed(
+        &mut self,
         entries: Vec<Entry>,
         out: &mut Vec<CommittedEntry>,
     ) -> Result<(), CoreError> {
         for entry in entries {
-            let command = match entry.get_entry_type() {
-                EntryType::EntryNormal if entry.data.is_empty() => None,
-                EntryType::EntryNormal => Some(Command::decode(&entry.data)?),
-                // Membership is static for now: conf changes are never proposed.
+            let (command, membership) = match entry.get_entry_type() {
+                EntryType::EntryNormal if entry.data.is_empty() => (None, None),
+                EntryType::EntryNormal => (Some(Command::decode(&entry.data)?), None),
                 EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
-                    return Err(CoreError::BadEntry(format!(
-                        "entry {} is a membership change, which this version does not support",
-                        entry.index
-                    )))
+                    let change = decode_membership(&entry)?;
+                    self.membership_to_apply
+                        .push_back((entry.index, change.clone()));
+                    let context = entry.context.to_vec();
+                    (None, Some(MembershipEntry { change, context }))
                 }
             };
             out.push(CommittedEntry {
                 index: entry.index,
                 term: entry.term,
                 command,
+                membership,
             });
         }
         Ok(())

@@ -78,6 +78,10 @@ impl LogStore for MemLog {
     fn applied(&self) -> u64 {
         *self.applied.lock().unwrap()
     }
+    fn set_conf_state(&self, conf_state: &ConfState) -> Result<(), MemError> {
+        self.mem.wl().set_conf_state(conf_state.clone());
+        Ok(())
+    }
     fn set_applied(&self, index: u64) -> Result<(), MemError> {
         *self.applied.lock().unwrap() = index;
         Ok(())
@@ -559,4 +563,236 @@ fn the_byte_trigger_waits_for_a_live_follower_but_not_for_a_dead_one() {
     sim.run_until(60, "the leader compacts past the dead follower", |s| {
         s.core(leader).view().first_index > held + 1
     });
+}
+
+mod membership {
+    use super::*;
+
+    fn single(node: NodeId, change: ConfChangeType) -> ConfChangeSingle {
+        let mut s = ConfChangeSingle::default();
+        s.node_id = node;
+        s.set_change_type(change);
+        s
+    }
+
+    fn change(steps: Vec<ConfChangeSingle>) -> ConfChangeV2 {
+        let mut cc = ConfChangeV2::default();
+        cc.set_changes(steps.into());
+        cc
+    }
+
+    impl Sim {
+        /// Adds node `id` with an empty log and no membership, as a node
+        /// started to join an existing cluster is. The leader compacts its
+        /// log first: the membership the log starts from was stored at
+        /// bootstrap, outside the log, so a new node learns it only from a
+        /// snapshot (as TiKV's peers, whose logs start past index 5).
+        fn add_empty_node(&mut self, id: NodeId) {
+            let leader = self.leaders()[0];
+            self.barrier(leader, 1000 + id).unwrap();
+            let applied = self.core(leader).view().applied_index;
+            self.core_mut(leader).compact(applied, Vec::new()).unwrap();
+            let log = MemLog {
+                mem: MemStorage::new(),
+                applied: Arc::new(Mutex::new(0)),
+            };
+            self.nodes.insert(
+                id,
+                SimNode {
+                    log,
+                    core: None,
+                    sm: Recorder::default(),
+                },
+            );
+            self.boot(id);
+        }
+
+        fn change_members(&mut self, via: NodeId, cc: ConfChangeV2) -> Result<(), CoreError> {
+            self.core_mut(via)
+                .propose_membership(cc, b"addresses".to_vec())?;
+            self.settle();
+            Ok(())
+        }
+
+        fn live(&self) -> Vec<NodeId> {
+            self.nodes
+                .iter()
+                .filter(|(_, n)| n.core.is_some())
+                .map(|(id, _)| *id)
+                .collect()
+        }
+
+        /// Ticks until every live node's applied configuration is `voters`
+        /// and `learners`, and not joint.
+        fn settle_members(&mut self, voters: &[NodeId], learners: &[NodeId]) {
+            let what = format!("every live node has voters {voters:?} and learners {learners:?}");
+            self.run_until(300, &what, |s| {
+                s.live().iter().all(|&id| {
+                    let c = s.core(id);
+                    c.voters() == voters && c.learners() == learners && !c.is_joint()
+                })
+            });
+        }
+    }
+
+    /// A fourth node starts empty, joins as a learner (not counted in the
+    /// quorum, never a candidate), receives the log, becomes a voter, and its
+    /// vote counts: with one old node removed and another stopped, the last
+    /// old node and the new one still commit.
+    #[test]
+    fn a_learner_joins_is_promoted_and_its_vote_counts() {
+        let mut sim = Sim::new(3);
+        let leader = sim.elect();
+        sim.barrier(leader, 1).unwrap();
+        sim.add_empty_node(4);
+        sim.change_members(
+            leader,
+            change(vec![single(4, ConfChangeType::AddLearnerNode)]),
+        )
+        .unwrap();
+        sim.settle_members(&[1, 2, 3], &[4]);
+        sim.barrier(leader, 2).unwrap();
+        sim.run_until(50, "the learner applied the barrier", |s| {
+            s.applied_barrier(4, 2)
+        });
+        let joined = &sim.nodes[&4].sm;
+        assert_eq!(
+            joined.restored.len(),
+            1,
+            "the learner started from a snapshot"
+        );
+        let learned: Vec<u64> = joined.applied.iter().map(|(i, _)| *i).collect();
+        let reference: Vec<u64> = sim.nodes[&leader]
+            .sm
+            .applied
+            .iter()
+            .map(|(i, _)| *i)
+            .filter(|&i| i > joined.restored[0])
+            .collect();
+        assert_eq!(
+            learned, reference,
+            "the learner applied the log after it, in order"
+        );
+
+        // A learner is not in the quorum: with two voters down, nothing commits.
+        let others: Vec<NodeId> = (1..=3).filter(|&id| id != leader).collect();
+        sim.crash(others[0]);
+        sim.crash(others[1]);
+        let _ = sim.core_mut(leader).propose(&Command::Barrier {
+            origin: leader,
+            token: 3,
+        });
+        for _ in 0..5 {
+            sim.tick();
+        }
+        assert!(
+            !sim.applied_barrier(4, 3),
+            "a learner's ack must not commit anything"
+        );
+        sim.boot(others[0]);
+        sim.boot(others[1]);
+        let leader = sim.elect();
+        sim.run_until(
+            100,
+            "the barrier committed once the voters were back",
+            |s| s.applied_barrier(4, 3),
+        );
+
+        // Promoted: a voter like the others.
+        sim.change_members(leader, change(vec![single(4, ConfChangeType::AddNode)]))
+            .unwrap();
+        sim.settle_members(&[1, 2, 3, 4], &[]);
+
+        // Remove one old node (not the leader), stop another: the leader and
+        // node 4 are two of three voters.
+        let old: Vec<NodeId> = (1..=3).filter(|&id| id != leader).collect();
+        sim.change_members(
+            leader,
+            change(vec![single(old[0], ConfChangeType::RemoveNode)]),
+        )
+        .unwrap();
+        let mut voters: Vec<NodeId> = vec![leader, old[1], 4];
+        voters.sort_unstable();
+        sim.crash(old[0]);
+        sim.settle_members(&voters, &[]);
+        sim.crash(old[1]);
+        sim.barrier(leader, 4).unwrap();
+        sim.run_until(50, "node 4's vote commits with the leader's", |s| {
+            s.applied_barrier(4, 4) && s.applied_barrier(leader, 4)
+        });
+    }
+
+    /// The leader goes down after sending a joint change (promote a
+    /// learner, remove the leader itself) but before hearing it was
+    /// committed: the next leader commits it and leaves the joint
+    /// configuration by itself. Every node then restarts with the committed
+    /// membership from its own log.
+    #[test]
+    fn a_joint_change_cut_short_by_leader_loss_is_finished_by_the_next_leader() {
+        let mut sim = Sim::new(3);
+        let leader = sim.elect();
+        sim.add_empty_node(4);
+        sim.change_members(
+            leader,
+            change(vec![single(4, ConfChangeType::AddLearnerNode)]),
+        )
+        .unwrap();
+        sim.settle_members(&[1, 2, 3], &[4]);
+
+        let mut joint = change(vec![
+            single(4, ConfChangeType::AddNode),
+            single(leader, ConfChangeType::RemoveNode),
+        ]);
+        joint.set_transition(ConfChangeTransition::Explicit);
+        sim.core_mut(leader)
+            .propose_membership(joint, Vec::new())
+            .unwrap();
+        // The leader persists and sends its appends, then dies before any ack.
+        let out = {
+            let node = sim.nodes.get_mut(&leader).unwrap();
+            node.core
+                .as_mut()
+                .unwrap()
+                .handle_ready(&mut node.sm)
+                .unwrap()
+        };
+        sim.crash(leader);
+        for m in out.messages {
+            if let Some(core) = sim.nodes.get_mut(&m.to).and_then(|n| n.core.as_mut()) {
+                core.step(m).unwrap();
+            }
+        }
+        let mut rest: Vec<NodeId> = (1..=4).filter(|&id| id != leader).collect();
+        rest.sort_unstable();
+        sim.settle_members(&rest, &[]);
+        let new_leader = sim.elect();
+        assert_ne!(new_leader, leader);
+
+        // A second change while one is pending is refused.
+        sim.core_mut(new_leader)
+            .propose_membership(
+                change(vec![single(9, ConfChangeType::AddLearnerNode)]),
+                vec![],
+            )
+            .unwrap();
+        let busy = sim.core_mut(new_leader).propose_membership(
+            change(vec![single(8, ConfChangeType::AddLearnerNode)]),
+            vec![],
+        );
+        assert!(matches!(busy, Err(CoreError::Busy(_))), "{busy:?}");
+        sim.settle_members(&rest, &[9]);
+
+        for id in rest.clone() {
+            sim.crash(id);
+        }
+        for id in rest.clone() {
+            sim.boot(id);
+        }
+        sim.settle_members(&rest, &[9]);
+        let leader = sim.elect();
+        sim.barrier(leader, 5).unwrap();
+        sim.run_until(50, "the restarted cluster commits", |s| {
+            s.live().iter().all(|&id| s.applied_barrier(id, 5))
+        });
+    }
 }

@@ -50,7 +50,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use protobuf::Message as PbMessage;
-use raft::prelude::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
+use raft::prelude::{ConfState, Entry, EntryType, HardState, Snapshot, SnapshotMetadata};
 use raft::{GetEntriesContext, RaftState, StorageError as RaftStorageError};
 use rocksdb::{
     ColumnFamily, ColumnFamilyDescriptor, DBCompressionType, DBWithThreadMode, Direction,
@@ -225,6 +225,11 @@ struct Cache {
     /// for a term on every append response, and on a full sync those reads
     /// were 5 % of its CPU (perf).
     terms: TermRuns,
+    /// Indexes of the membership (conf-change) entries among those `terms`
+    /// covers: [`RaftStore::headers`] must not stand in for them, since
+    /// raft-rs reads their type and data (its pending-change checks, and a
+    /// `Ready`'s committed entries, which the core applies itself).
+    membership_entries: std::collections::BTreeSet<u64>,
 }
 
 /// The terms of a suffix of the log, one run per term: entries
@@ -575,6 +580,13 @@ impl RaftStore {
             cache
                 .terms
                 .append(first.index, entries.iter().map(|e| e.term));
+            cache.membership_entries.split_off(&first.index);
+            cache.membership_entries.extend(
+                entries
+                    .iter()
+                    .filter(|e| e.get_entry_type() != EntryType::EntryNormal)
+                    .map(|e| e.index),
+            );
         }
         cache.last_index = last_index;
         cache.last_term = last_term;
@@ -696,6 +708,7 @@ impl RaftStore {
         cache.last_index = meta.index;
         cache.last_term = meta.term;
         cache.terms = TermRuns::empty();
+        cache.membership_entries.clear();
         Ok(())
     }
 
@@ -757,6 +770,7 @@ impl RaftStore {
         cache.snapshot_meta = meta;
         cache.first_index = index + 1;
         cache.terms.compact(index + 1);
+        cache.membership_entries = cache.membership_entries.split_off(&(index + 1));
         Ok(())
     }
 
@@ -910,6 +924,9 @@ impl RaftStore {
     /// terms kept in memory cover them (after a restart, older ones are
     /// read from the log once, in one pass, by the caller).
     fn headers(cache: &Cache, low: u64, high: u64) -> Option<Vec<Entry>> {
+        if cache.membership_entries.range(low..high).next().is_some() {
+            return None;
+        }
         (low..high)
             .map(|index| {
                 let term = if index == cache.last_index {
@@ -988,10 +1005,11 @@ impl raft::Storage for RaftStore {
     /// pass [`with_data`]. Every other raft-rs context (the committed entries
     /// of a `Ready`, the pending-membership checks of a transfer or a vote)
     /// gets [headers](Self::headers): index, term, a normal entry type and no
-    /// data, from memory. The node's applier reads committed entries back
-    /// itself (`replication::apply`), and membership never changes, so reading
-    /// every committed entry a second time for the `Ready` was pure cost (a
-    /// tenth of a follower's CPU during a full sync, perf).
+    /// data, from memory, except for membership entries, which are read
+    /// whole. The node's applier reads committed commands back itself
+    /// (`replication::apply`), so reading every committed entry a second time
+    /// for the `Ready` was pure cost (a tenth of a follower's CPU during a
+    /// full sync, perf).
     fn entries(
         &self,
         low: u64,
@@ -1072,7 +1090,10 @@ impl raft::Storage for RaftStore {
         }
         raft::util::limit_size(&mut ents, max_size);
         if headers_only {
-            for e in &mut ents {
+            for e in ents
+                .iter_mut()
+                .filter(|e| e.get_entry_type() == EntryType::EntryNormal)
+            {
                 e.data = Default::default();
             }
         }
@@ -1309,6 +1330,7 @@ fn load_cache(db: &Db, path: &Path) -> Result<Cache, StorageError> {
             from: last_index,
             runs: vec![(last_index, last_term)],
         },
+        membership_entries: Default::default(),
     })
 }
 
@@ -1335,6 +1357,9 @@ impl LogStore for RaftStore {
     }
     fn set_applied(&self, index: u64) -> Result<(), Self::Error> {
         RaftStore::set_applied(self, index)
+    }
+    fn set_conf_state(&self, conf_state: &ConfState) -> Result<(), Self::Error> {
+        RaftStore::set_conf_state(self, conf_state)
     }
 }
 

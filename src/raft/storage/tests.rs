@@ -29,6 +29,43 @@ fn term_runs_follow_appends_truncations_and_compaction() {
     assert_eq!(runs.get(1), None);
 }
 
+/// raft-rs reads a membership entry's type and data even where it asks
+/// for headers (its pending-change checks, a `Ready`'s committed entries):
+/// a range holding one is read whole, until it is truncated or compacted
+/// away; headers serve the rest as before.
+#[test]
+fn membership_entries_are_never_served_as_headers() {
+    let (_dir, store) = new_store();
+    let mut change = new_entry(2, 1);
+    change.set_entry_type(EntryType::EntryConfChangeV2);
+    change.data = b"conf change".to_vec().into();
+    let mut normal = new_entry(1, 1);
+    normal.data = b"file content".to_vec().into();
+    store
+        .persist(&[normal, change.clone(), new_entry(3, 1)], None)
+        .unwrap();
+    let headers = || {
+        store
+            .entries(1, 4, None, GetEntriesContext::empty(false))
+            .unwrap()
+    };
+    assert_eq!(headers(), vec![new_entry(1, 1), change, new_entry(3, 1)]);
+    assert_eq!(
+        store
+            .entries(3, 4, None, GetEntriesContext::empty(false))
+            .unwrap(),
+        vec![new_entry(3, 1)]
+    );
+    // Replaced by a normal entry from another term: headers again.
+    store.persist(&[new_entry(2, 2)], None).unwrap();
+    assert_eq!(
+        store
+            .entries(1, 3, None, GetEntriesContext::empty(false))
+            .unwrap(),
+        vec![new_entry(1, 1), new_entry(2, 2)]
+    );
+}
+
 #[test]
 fn contexts_raft_rs_cannot_serve_async_get_headers_without_reading_data() {
     let (_dir, store) = new_store();

@@ -459,7 +459,10 @@ impl Applier {
                         to: e.index,
                     });
                 }
-                if !e.data.is_empty() {
+                // A membership change is the Raft core's to carry out
+                // (`RaftCore::applied_to`); the files have nothing to do.
+                let files_command = e.get_entry_type() == raft::prelude::EntryType::EntryNormal;
+                if files_command && !e.data.is_empty() {
                     match Command::decode(&e.data) {
                         Ok(Command::Barrier { .. }) => {}
                         Ok(Command::Chunk(c)) => self.stage(&c),
