@@ -635,15 +635,11 @@ mod membership {
         }
     }
 
-    /// A fourth node starts empty, joins as a learner (not counted in the
-    /// quorum, never a candidate), receives the log, becomes a voter, and its
-    /// vote counts: with one old node removed and another stopped, the last
-    /// old node and the new one still commit.
-    #[test]
-    fn a_learner_joins_is_promoted_and_its_vote_counts() {
+    /// Nodes 1 to 3 voters, node 4 started empty and added as a learner;
+    /// returns the leader.
+    fn three_voters_and_a_learner() -> (Sim, NodeId) {
         let mut sim = Sim::new(3);
         let leader = sim.elect();
-        sim.barrier(leader, 1).unwrap();
         sim.add_empty_node(4);
         sim.change_members(
             leader,
@@ -651,6 +647,16 @@ mod membership {
         )
         .unwrap();
         sim.settle_members(&[1, 2, 3], &[4]);
+        (sim, leader)
+    }
+
+    /// A fourth node starts empty, joins as a learner (not counted in the
+    /// quorum, never a candidate), receives the log, becomes a voter, and its
+    /// vote counts: with one old node removed and another stopped, the last
+    /// old node and the new one still commit.
+    #[test]
+    fn a_learner_joins_is_promoted_and_its_vote_counts() {
+        let (mut sim, leader) = three_voters_and_a_learner();
         sim.barrier(leader, 2).unwrap();
         sim.run_until(50, "the learner applied the barrier", |s| {
             s.applied_barrier(4, 2)
@@ -729,16 +735,7 @@ mod membership {
     /// membership from its own log.
     #[test]
     fn a_joint_change_cut_short_by_leader_loss_is_finished_by_the_next_leader() {
-        let mut sim = Sim::new(3);
-        let leader = sim.elect();
-        sim.add_empty_node(4);
-        sim.change_members(
-            leader,
-            change(vec![single(4, ConfChangeType::AddLearnerNode)]),
-        )
-        .unwrap();
-        sim.settle_members(&[1, 2, 3], &[4]);
-
+        let (mut sim, leader) = three_voters_and_a_learner();
         let mut joint = change(vec![
             single(4, ConfChangeType::AddNode),
             single(leader, ConfChangeType::RemoveNode),
