@@ -33,10 +33,11 @@ pub trait LogStore: Storage {
     /// The state machine's applied index, restored into `raft::Config::applied` on restart.
     fn applied(&self) -> u64;
     fn set_applied(&self, index: u64) -> Result<(), Self::Error>;
-    /// Records the membership a committed conf change produced, before the
-    /// applied index passes that change (so a restart never replays a change
-    /// on top of a membership that lacks it).
-    fn set_conf_state(&self, conf_state: &ConfState) -> Result<(), Self::Error>;
+    /// Records the membership the committed conf change at entry `at`
+    /// produced, raising the applied index to `at` in the same durable
+    /// write: a restart neither replays the change onto a membership that
+    /// has it nor starts from one that lacks it.
+    fn set_conf_state(&self, conf_state: &ConfState, at: u64) -> Result<(), Self::Error>;
 }
 
 /// What the state machine is told about a committed entry.
@@ -698,6 +699,11 @@ impl<S: LogStore> RaftCore<S> {
             if !ready.snapshot().is_empty() {
                 let snapshot = ready.snapshot().clone();
                 store.apply_snapshot(&snapshot).map_err(storage_err)?;
+                // The snapshot's membership already holds every change up
+                // to its index; carrying a queued one out again on top of it
+                // could re-enter a joint configuration it has left.
+                let index = snapshot.get_metadata().index;
+                self.membership_to_apply.retain(|(at, _)| *at > index);
                 out.snapshot = Some((snapshot.get_metadata().index, snapshot.get_data().to_vec()));
             }
             let hard_state = ready.hs().cloned();
@@ -756,7 +762,7 @@ impl<S: LogStore> RaftCore<S> {
                     tracing::info!(index = at, "membership now {conf_state:?}");
                     self.raw
                         .store()
-                        .set_conf_state(&conf_state)
+                        .set_conf_state(&conf_state, at)
                         .map_err(storage_err)?;
                 }
                 Err(e) => tracing::warn!(

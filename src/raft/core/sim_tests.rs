@@ -78,8 +78,10 @@ impl LogStore for MemLog {
     fn applied(&self) -> u64 {
         *self.applied.lock().unwrap()
     }
-    fn set_conf_state(&self, conf_state: &ConfState) -> Result<(), MemError> {
+    fn set_conf_state(&self, conf_state: &ConfState, at: u64) -> Result<(), MemError> {
         self.mem.wl().set_conf_state(conf_state.clone());
+        let mut applied = self.applied.lock().unwrap();
+        *applied = (*applied).max(at);
         Ok(())
     }
     fn set_applied(&self, index: u64) -> Result<(), MemError> {

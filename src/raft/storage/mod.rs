@@ -624,22 +624,34 @@ impl RaftStore {
         Ok(())
     }
 
-    /// Stores the membership after a conf change was applied; durable when it
-    /// returns. Rejected if it has no voters (raft never produces one, and it
-    /// would make the node look uninitialized).
-    pub fn set_conf_state(&self, cs: &ConfState) -> Result<(), StorageError> {
+    /// Stores the membership after the conf change at entry `at` was
+    /// applied, and raises the applied index to `at` in the same write (when
+    /// it is below it and `at` is committed): a crash then never leaves the
+    /// stored membership ahead of the applied index, so a restart never
+    /// applies that change a second time. Durable when it returns. Rejected
+    /// if it has no voters (raft never produces one, and it would make the
+    /// node look uninitialized).
+    pub fn set_conf_state(&self, cs: &ConfState, at: u64) -> Result<(), StorageError> {
         let mut cache = self.write_cache("state/conf_state")?;
         if cs.voters.is_empty() {
             return Err(self.rejected(format!("a membership without voters: {cs:?}")));
         }
         let mut batch = WriteBatch::default();
+        let state_cf = self.cf(CF_STATE)?;
         batch.put_cf(
-            self.cf(CF_STATE)?,
+            state_cf,
             KEY_CONF_STATE,
             self.encode(cs, "state/conf_state")?,
         );
+        let raise_applied = at > cache.applied && at <= cache.hard_state.commit;
+        if raise_applied {
+            batch.put_cf(state_cf, KEY_APPLIED, at.to_be_bytes());
+        }
         self.write(batch, "storing the membership")?;
         cache.conf_state = cs.clone();
+        if raise_applied {
+            cache.applied = at;
+        }
         Ok(())
     }
 
@@ -1358,8 +1370,8 @@ impl LogStore for RaftStore {
     fn set_applied(&self, index: u64) -> Result<(), Self::Error> {
         RaftStore::set_applied(self, index)
     }
-    fn set_conf_state(&self, conf_state: &ConfState) -> Result<(), Self::Error> {
-        RaftStore::set_conf_state(self, conf_state)
+    fn set_conf_state(&self, conf_state: &ConfState, at: u64) -> Result<(), Self::Error> {
+        RaftStore::set_conf_state(self, conf_state, at)
     }
 }
 

@@ -682,13 +682,24 @@ fn set_conf_state_is_durable() {
         learners: vec![3],
         ..Default::default()
     };
-    store.set_conf_state(&cs).unwrap();
+    let ents: Vec<_> = (1..=3).map(|i| new_entry(i, 1)).collect();
+    store.persist(&ents, Some(&hs(1, 0, 2))).unwrap();
+    store.set_conf_state(&cs, 2).unwrap();
+    assert_eq!(
+        store.applied(),
+        2,
+        "raised to the change's entry in the same write"
+    );
     assert!(matches!(
-        store.set_conf_state(&ConfState::default()),
+        store.set_conf_state(&ConfState::default(), 3),
         Err(StorageError::Rejected { .. })
     ));
+    // Not past the commit index, never back.
+    store.set_conf_state(&cs, 3).unwrap();
+    store.set_conf_state(&cs, 1).unwrap();
     let store = reopen(&dir, store);
     assert_eq!(store.conf_state(), cs);
+    assert_eq!(store.applied(), 2);
 }
 
 #[test]
