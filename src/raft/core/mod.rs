@@ -468,17 +468,23 @@ impl<S: LogStore> RaftCore<S> {
         if self.raw.raft.state != StateRole::Leader {
             return Err(self.not_leader());
         }
-        if self.raw.raft.has_pending_conf() {
+        if change.changes.is_empty() {
+            return Err(CoreError::BadEntry(
+                "a membership change must add, promote or remove at least one node".to_string(),
+            ));
+        }
+        if self.raw.raft.has_pending_conf() || self.is_joint() {
             return Err(CoreError::Busy(
                 "another membership change is still being committed; retry once it is done"
                     .to_string(),
             ));
         }
-        let last = self.raw.raft.raft_log.last_index();
+        let pending = self.raw.raft.pending_conf_index;
         match self.raw.propose_conf_change(context, change) {
-            // raft-rs drops a conf change it will not take (one pending, or
-            // a transfer in flight) without an error: tell it by the log.
-            Ok(()) if self.raw.raft.raft_log.last_index() > last => Ok(()),
+            // raft-rs turns a conf change it will not take into an empty
+            // normal entry (or drops it during a transfer) without an
+            // error: only a new pending change index says it was taken.
+            Ok(()) if self.raw.raft.pending_conf_index != pending => Ok(()),
             Ok(()) | Err(raft::Error::ProposalDropped) => Err(CoreError::Busy(
                 "the leader did not take the membership change (a leadership transfer or another change is in flight); retry in a moment".to_string(),
             )),

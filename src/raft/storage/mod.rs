@@ -1304,6 +1304,12 @@ fn load_cache(db: &Db, path: &Path) -> Result<Cache, StorageError> {
     let last = edge(IteratorMode::End)?;
 
     let first_index = snapshot_meta.index + 1;
+    // The one entry `terms` covers below: headers must not stand in for it
+    // if it is a membership change.
+    let last_is_membership = last
+        .as_ref()
+        .filter(|e| e.get_entry_type() != EntryType::EntryNormal)
+        .map(|e| e.index);
     let (last_index, last_term) = match (first, last) {
         (Some(first), Some(last)) => {
             if first.index != first_index {
@@ -1342,7 +1348,7 @@ fn load_cache(db: &Db, path: &Path) -> Result<Cache, StorageError> {
             from: last_index,
             runs: vec![(last_index, last_term)],
         },
-        membership_entries: Default::default(),
+        membership_entries: last_is_membership.into_iter().collect(),
     })
 }
 

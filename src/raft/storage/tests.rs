@@ -66,6 +66,27 @@ fn membership_entries_are_never_served_as_headers() {
     );
 }
 
+/// A membership change that is the log's last entry when the store
+/// reopens (the one entry whose term is known without reading) is still
+/// read whole.
+#[test]
+fn a_membership_entry_last_in_the_log_is_read_whole_after_a_reopen() {
+    let (dir, store) = new_store();
+    let mut change = new_entry(2, 1);
+    change.set_entry_type(EntryType::EntryConfChangeV2);
+    change.data = b"conf change".to_vec().into();
+    store
+        .persist(&[new_entry(1, 1), change.clone()], None)
+        .unwrap();
+    let store = reopen(&dir, store);
+    assert_eq!(
+        store
+            .entries(2, 3, None, GetEntriesContext::empty(false))
+            .unwrap(),
+        vec![change]
+    );
+}
+
 #[test]
 fn contexts_raft_rs_cannot_serve_async_get_headers_without_reading_data() {
     let (_dir, store) = new_store();
