@@ -85,9 +85,7 @@ impl DirCache {
                 .entries
                 .iter()
                 .enumerate()
-                .filter(|(_, (key, _))| {
-                    key.len() <= dirs.len() && key.iter().zip(dirs).all(|(k, d)| k == d)
-                })
+                .filter(|(_, (key, _))| leads_to(key, dirs))
                 .max_by_key(|(_, (key, _))| key.len())
                 .map(|(at, _)| at);
             let candidate = found.map(|at| {
@@ -142,8 +140,13 @@ impl DirCache {
     }
 }
 
+/// Whether the kept path `key` is `dirs` or one of its ancestors.
+fn leads_to(key: &[Vec<u8>], dirs: &[&[u8]]) -> bool {
+    key.len() <= dirs.len() && key.iter().zip(dirs).all(|(k, d)| k == d)
+}
+
 fn same(key: &[Vec<u8>], dirs: &[&[u8]]) -> bool {
-    key.len() == dirs.len() && key.iter().zip(dirs).all(|(k, d)| k == d)
+    key.len() == dirs.len() && leads_to(key, dirs)
 }
 
 impl Root {

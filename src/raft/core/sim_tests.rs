@@ -637,18 +637,20 @@ mod membership {
         }
     }
 
-    /// Nodes 1 to 3 voters, node 4 started empty and added as a learner;
-    /// returns the leader.
-    fn three_voters_and_a_learner() -> (Sim, NodeId) {
-        let mut sim = Sim::new(3);
+    /// Nodes `1..=voters` voters, the next node started empty and added as
+    /// a learner; returns the cluster and its leader.
+    fn voters_and_a_learner(voters: u64) -> (Sim, NodeId) {
+        let mut sim = Sim::new(voters);
         let leader = sim.elect();
-        sim.add_empty_node(4);
+        let learner = voters + 1;
+        sim.add_empty_node(learner);
         sim.change_members(
             leader,
-            change(vec![single(4, ConfChangeType::AddLearnerNode)]),
+            change(vec![single(learner, ConfChangeType::AddLearnerNode)]),
         )
         .unwrap();
-        sim.settle_members(&[1, 2, 3], &[4]);
+        let all: Vec<NodeId> = (1..=voters).collect();
+        sim.settle_members(&all, &[learner]);
         (sim, leader)
     }
 
@@ -657,15 +659,7 @@ mod membership {
     /// commits until the voter is back.
     #[test]
     fn a_learners_ack_does_not_count_in_the_quorum() {
-        let mut sim = Sim::new(2);
-        let leader = sim.elect();
-        sim.add_empty_node(3);
-        sim.change_members(
-            leader,
-            change(vec![single(3, ConfChangeType::AddLearnerNode)]),
-        )
-        .unwrap();
-        sim.settle_members(&[1, 2], &[3]);
+        let (mut sim, leader) = voters_and_a_learner(2);
         let other = if leader == 1 { 2 } else { 1 };
         sim.crash(other);
         sim.core_mut(leader)
@@ -707,7 +701,7 @@ mod membership {
     /// still commit.
     #[test]
     fn a_learner_joins_is_promoted_and_its_vote_counts() {
-        let (mut sim, leader) = three_voters_and_a_learner();
+        let (mut sim, leader) = voters_and_a_learner(3);
         sim.barrier(leader, 2).unwrap();
         sim.run_until(50, "the learner applied the barrier", |s| {
             s.applied_barrier(4, 2)
@@ -762,7 +756,7 @@ mod membership {
     /// membership from its own log.
     #[test]
     fn a_joint_change_cut_short_by_leader_loss_is_finished_by_the_next_leader() {
-        let (mut sim, leader) = three_voters_and_a_learner();
+        let (mut sim, leader) = voters_and_a_learner(3);
         let mut joint = change(vec![
             single(4, ConfChangeType::AddNode),
             single(leader, ConfChangeType::RemoveNode),

@@ -36,9 +36,7 @@ fn term_runs_follow_appends_truncations_and_compaction() {
 #[test]
 fn membership_entries_are_never_served_as_headers() {
     let (_dir, store) = new_store();
-    let mut change = new_entry(2, 1);
-    change.set_entry_type(EntryType::EntryConfChangeV2);
-    change.data = b"conf change".to_vec().into();
+    let change = membership_entry(2, 1);
     let mut normal = new_entry(1, 1);
     normal.data = b"file content".to_vec().into();
     store
@@ -72,9 +70,7 @@ fn membership_entries_are_never_served_as_headers() {
 #[test]
 fn a_membership_entry_last_in_the_log_is_read_whole_after_a_reopen() {
     let (dir, store) = new_store();
-    let mut change = new_entry(2, 1);
-    change.set_entry_type(EntryType::EntryConfChangeV2);
-    change.data = b"conf change".to_vec().into();
+    let change = membership_entry(2, 1);
     store
         .persist(&[new_entry(1, 1), change.clone()], None)
         .unwrap();
@@ -134,6 +130,14 @@ fn new_snapshot(index: u64, term: u64, voters: Vec<u64>, data: &[u8]) -> Snapsho
     s.mut_metadata().mut_conf_state().voters = voters;
     s.data = data.to_vec().into();
     s
+}
+
+/// A conf-change entry with a payload.
+fn membership_entry(index: u64, term: u64) -> Entry {
+    let mut e = new_entry(index, term);
+    e.set_entry_type(EntryType::EntryConfChangeV2);
+    e.data = b"conf change".to_vec().into();
+    e
 }
 
 fn hs(term: u64, vote: u64, commit: u64) -> HardState {
