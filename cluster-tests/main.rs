@@ -16,6 +16,7 @@ mod history;
 mod hooks;
 mod hostile;
 mod import_rsync;
+mod membership;
 mod monitoring;
 mod node_replacement;
 mod remote_admin;

@@ -551,6 +551,10 @@ pub struct View {
     pub vote: u64,
     pub commit_index: Option<u64>,
     pub applied_index: Option<u64>,
+    /// Its own idea of its membership (`voter`, `learner`, `witness`,
+    /// `joining`, `removed`), from its own entry; `None` where the status
+    /// has no `member` field, so tests of older builds still parse.
+    pub member: Option<String>,
     pub raw: Value,
 }
 
@@ -593,6 +597,7 @@ impl View {
             vote,
             commit_index: me.get("commit_index").and_then(Value::as_u64),
             applied_index: me.get("applied_index").and_then(Value::as_u64),
+            member: me.get("member").and_then(Value::as_str).map(str::to_string),
             raw: v.clone(),
         })
     }
@@ -624,7 +629,11 @@ impl std::fmt::Display for View {
             self.vote,
             self.commit_index,
             self.applied_index
-        )
+        )?;
+        if let Some(m) = &self.member {
+            write!(f, " member={m}")?;
+        }
+        Ok(())
     }
 }
 
@@ -674,6 +683,8 @@ pub struct ClusterBuilder {
     tls_extra: BTreeMap<u64, Vec<String>>,
     extra: BTreeMap<u64, String>,
     not_started: HashSet<u64>,
+    /// `ClusterBuilder::joiner`: in no other node's `[[peer]]` list.
+    joiners: HashSet<u64>,
     env: Vec<(String, String)>,
     sync_sets: Vec<SyncSpec>,
     witnesses: Vec<u64>,
@@ -734,6 +745,7 @@ impl ClusterBuilder {
             tls_extra: BTreeMap::new(),
             extra: BTreeMap::new(),
             not_started: HashSet::new(),
+            joiners: HashSet::new(),
             env: Vec::new(),
             sync_sets: Vec::new(),
             witnesses: Vec::new(),
@@ -815,6 +827,18 @@ impl ClusterBuilder {
     pub fn dont_start(mut self, id: u64) -> Self {
         self.not_started.insert(id);
         self
+    }
+
+    /// Node `id` is a new machine to be added with `clusterctl member add`:
+    /// it gets certificates, a port, a directory and the sync sets like every
+    /// node, but no other node lists it as a `[[peer]]` (it is not a founding
+    /// member), `start` leaves it stopped (a test starts it with
+    /// `Cluster::start_node`), and its own config says `join = true` and lists
+    /// every other node, so it waits to be added instead of forming a cluster.
+    pub fn joiner(mut self, id: u64) -> Self {
+        self.joiners.insert(id);
+        self.not_started.insert(id);
+        self.node_option(id, "join = true")
     }
 
     /// An environment variable for every node process.
@@ -908,7 +932,9 @@ impl ClusterBuilder {
                 tls: tls[&i].clone(),
                 peers: ids
                     .iter()
-                    .filter(|&&j| j != i)
+                    .filter(|&&j| {
+                        j != i && (self.joiners.contains(&i) || !self.joiners.contains(&j))
+                    })
                     .map(|&j| (j, peer_addr[&(i, j)].to_string()))
                     .collect(),
                 witness_peers: self.witnesses.clone(),
@@ -1089,6 +1115,13 @@ impl Cluster {
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {CLUSTERD} for node {id}: {e}"));
         *child = Some(c);
+    }
+
+    /// Node `id`'s own listen address (never a proxy's): what a test passes
+    /// to `clusterctl member add --addr`, which every member then dials alike
+    /// (so membership tests use `ClusterBuilder::direct_links`).
+    pub fn listen_addr(&self, id: u64) -> String {
+        self.node(id).listen.to_string()
     }
 
     /// The process id of node `id` while it runs (for /proc measurements).

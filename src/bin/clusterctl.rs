@@ -12,7 +12,9 @@ use clusterd::core::config::{Config, DEFAULT_ADMIN_SOCKET};
 use clusterd::core::status::{check, CheckCode, CheckThresholds, ClusterStatus};
 use clusterd::net::proto::admin::{ConflictActionRequest, PromoteRequest, StatusRequest};
 use clusterd::net::proto::peer::{BarrierRequest, PauseChange, RollbackRequest, SyncRequest};
-use clusterd::ops::cli::{CertsCommand, ClusterctlArgs as Args, Command, ConflictsCommand};
+use clusterd::ops::cli::{
+    CertsCommand, ClusterctlArgs as Args, Command, ConflictsCommand, MemberCommand,
+};
 use clusterd::ops::{admin, history_view};
 
 fn main() -> ExitCode {
@@ -414,6 +416,88 @@ async fn run(args: Args) -> Result<ExitCode> {
             } else {
                 print!("{}", clusterd::core::status::conflicts_table(&records));
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Member {
+            command:
+                MemberCommand::List {
+                    json,
+                    peer_timeout_ms,
+                },
+        } => {
+            let mut client = admin_client(&args).await?;
+            let mut req = tonic::Request::new(StatusRequest {
+                peer_timeout_ms: *peer_timeout_ms,
+            });
+            req.set_timeout(Duration::from_millis(*peer_timeout_ms + 2_000));
+            let reply = client
+                .status(req)
+                .await
+                .context("the node did not answer the status request")?;
+            let status: ClusterStatus = reply.get_ref().into();
+            if *json {
+                println!("{}", status.members_json());
+            } else {
+                print!("{}", status.members_table());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Member { command } => {
+            let (req, what) = match command {
+                MemberCommand::Add {
+                    id,
+                    addr,
+                    learner,
+                    witness,
+                    timeout_ms,
+                } => (
+                    clusterd::net::proto::peer::MemberChangeRequest {
+                        kind: "add".into(),
+                        id: *id,
+                        addr: addr.clone(),
+                        keep_learner: *learner,
+                        witness: *witness,
+                        replaces: 0,
+                        timeout_ms: *timeout_ms,
+                    },
+                    format!("member add {id}"),
+                ),
+                MemberCommand::Remove { id, timeout_ms } => (
+                    clusterd::net::proto::peer::MemberChangeRequest {
+                        kind: "remove".into(),
+                        id: *id,
+                        timeout_ms: *timeout_ms,
+                        ..Default::default()
+                    },
+                    format!("member remove {id}"),
+                ),
+                MemberCommand::Replace {
+                    old,
+                    new,
+                    addr,
+                    timeout_ms,
+                } => (
+                    clusterd::net::proto::peer::MemberChangeRequest {
+                        kind: "add".into(),
+                        id: *new,
+                        addr: addr.clone(),
+                        replaces: *old,
+                        timeout_ms: *timeout_ms,
+                        ..Default::default()
+                    },
+                    format!("member replace {old} {new}"),
+                ),
+                MemberCommand::List { .. } => unreachable!("matched above"),
+            };
+            let mut client = admin_client(&args).await?;
+            let timeout_ms = req.timeout_ms;
+            let mut req = tonic::Request::new(req);
+            req.set_timeout(Duration::from_millis(timeout_ms + 5_000));
+            let reply = client
+                .member(req)
+                .await
+                .map_err(|s| anyhow::anyhow!("{what} failed: {}", s.message()))?;
+            println!("{}", reply.get_ref().report);
             Ok(ExitCode::SUCCESS)
         }
         Command::Barrier { timeout_ms } => {

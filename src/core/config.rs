@@ -113,6 +113,8 @@ pub struct RawNode {
     pub witness: bool,
     #[serde(default)]
     pub allow_two_node: bool,
+    #[serde(default)]
+    pub join: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -235,6 +237,10 @@ pub struct NodeConfig {
     pub witness: bool,
     /// The user accepted a two-voter cluster, which cannot fail over.
     pub allow_two_node: bool,
+    /// A new node waits to be added by `clusterctl member add` instead of
+    /// forming a cluster with its `[[peer]]` list (which then only gives
+    /// the addresses of the members to expect).
+    pub join: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -612,6 +618,7 @@ impl Validator {
             admin_socket,
             witness: n.witness,
             allow_two_node: n.allow_two_node,
+            join: n.join,
         })
     }
 

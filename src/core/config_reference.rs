@@ -81,9 +81,14 @@ pub const KEYS: &[KeyDoc] = &[
         meaning: "accept a two-voter cluster, which cannot fail over",
     },
     KeyDoc {
+        keys: &["node.join"],
+        default: "`false`",
+        meaning: "a new node with an empty `data_dir` waits to be added with `clusterctl member add` and never forms a cluster of its own; its `[[peer]]` list only says whom to expect",
+    },
+    KeyDoc {
         keys: &["peer[].id", "peer[].addr"],
         default: "required",
-        meaning: "every member and the `host:port` to reach it",
+        meaning: "the members a new cluster starts with, and the `host:port` to reach each; afterwards the committed membership rules, and members added at runtime need no entry",
     },
     KeyDoc {
         keys: &["peer[].witness"],

@@ -14,6 +14,7 @@ pub mod delta;
 pub mod error_text;
 pub mod history;
 pub mod manifest;
+pub mod members;
 pub mod names;
 pub mod paths;
 pub mod status;

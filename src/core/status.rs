@@ -16,6 +16,8 @@ pub enum Role {
     Follower,
     Candidate,
     Witness,
+    /// A non-voting member: it receives everything but neither votes nor leads.
+    Learner,
 }
 
 impl Role {
@@ -25,6 +27,7 @@ impl Role {
             Role::Follower => "follower",
             Role::Candidate => "candidate",
             Role::Witness => "witness",
+            Role::Learner => "learner",
         }
     }
 }
@@ -55,6 +58,20 @@ pub struct NodeView {
     /// Messages from an older term this node rejected since it started:
     /// traffic of a deposed leader or of a node that was cut off.
     pub stale_term_messages: u64,
+    /// The committed configuration as this node applied it.
+    pub members: MemberView,
+}
+
+/// The configuration a node applied, and what it is in it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MemberView {
+    pub voters: Vec<NodeId>,
+    pub learners: Vec<NodeId>,
+    /// The voters this node knows to be witnesses.
+    pub witnesses: Vec<NodeId>,
+    /// What this node is to the cluster (a joining node waits, a removed
+    /// one stays out).
+    pub member: crate::core::members::Membership,
 }
 
 /// Every node's view as gathered by one node.
@@ -80,6 +97,19 @@ pub struct NodeEntry {
     pub cert_not_after_unix: Option<u64>,
     /// Its file replication state (absent from nodes that did not say).
     pub files: Option<FilesView>,
+}
+
+/// One line of `clusterctl member list`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberRow {
+    pub id: NodeId,
+    pub addr: String,
+    /// `voter`, `learner` or `witness`.
+    pub role: &'static str,
+    pub reachable: bool,
+    /// How far it holds the leader's log (the leader's own last index for
+    /// the leader); unknown when the leader is unreachable.
+    pub match_index: Option<u64>,
 }
 
 /// One node's file replication state, as it reports it.
@@ -342,6 +372,9 @@ impl ClusterStatus {
                     "role_hook_failures": n.files.as_ref().map(|f| f.role_hook_failures),
                     "files_linked": n.files.as_ref().map(|f| f.files_linked),
                     "stale_term_messages": v.stale_term_messages,
+                    "member": v.members.member.as_str(),
+                    "voters": v.members.voters,
+                    "learners": v.members.learners,
                 }),
                 None => json!({
                     "id": n.id,
@@ -363,6 +396,112 @@ impl ClusterStatus {
             "term": self.term(),
             "nodes": nodes,
         })
+    }
+
+    /// The members as the leader applied them (this node's view when the
+    /// leader is unreachable): `clusterctl member list`.
+    pub fn member_rows(&self) -> Vec<MemberRow> {
+        let Some(reference) = self.leader_view().or_else(|| {
+            self.nodes
+                .iter()
+                .find(|n| n.id == self.node_id)?
+                .view
+                .as_ref()
+        }) else {
+            return Vec::new();
+        };
+        let m = &reference.members;
+        let mut ids: Vec<NodeId> = m.voters.iter().chain(&m.learners).copied().collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids.into_iter()
+            .map(|id| {
+                let entry = self.nodes.iter().find(|n| n.id == id);
+                let role = if m.learners.contains(&id) {
+                    "learner"
+                } else if m.witnesses.contains(&id)
+                    || entry
+                        .and_then(|e| e.view.as_ref())
+                        .is_some_and(|v| v.role == Role::Witness)
+                {
+                    "witness"
+                } else {
+                    "voter"
+                };
+                let match_index = if Some(id) == self.leader() {
+                    self.leader_view().map(|v| v.last_index)
+                } else {
+                    self.match_index(id)
+                };
+                MemberRow {
+                    id,
+                    addr: entry.map(|e| e.addr.clone()).unwrap_or_default(),
+                    role,
+                    reachable: entry.is_some_and(|e| e.reachable),
+                    match_index,
+                }
+            })
+            .collect()
+    }
+
+    /// `clusterctl member list --json`: one array, as PRODUCT.md fixes it.
+    pub fn members_json(&self) -> Value {
+        Value::Array(
+            self.member_rows()
+                .iter()
+                .map(|r| {
+                    json!({
+                        "id": r.id,
+                        "addr": r.addr,
+                        "role": r.role,
+                        "reachable": r.reachable,
+                        "match_index": r.match_index,
+                    })
+                })
+                .collect(),
+        )
+    }
+
+    /// `clusterctl member list`: one line per member, the leader starred,
+    /// then the nodes that are not members (joining, removed).
+    pub fn members_table(&self) -> String {
+        let mut rows: Vec<[String; 5]> =
+            vec![["NODE", "ROLE", "REACHABLE", "MATCH", "ADDRESS"].map(str::to_string)];
+        let members = self.member_rows();
+        for r in &members {
+            let marker = if Some(r.id) == self.leader() {
+                "*"
+            } else {
+                " "
+            };
+            rows.push([
+                format!("{marker}{}", r.id),
+                r.role.to_string(),
+                if r.reachable { "yes" } else { "no" }.to_string(),
+                r.match_index.map_or("-".to_string(), |m| m.to_string()),
+                r.addr.clone(),
+            ]);
+        }
+        let mut out = aligned(&rows);
+        for n in &self.nodes {
+            if members.iter().any(|r| r.id == n.id) {
+                continue;
+            }
+            if let Some(v) = &n.view {
+                out.push_str(&format!(
+                    "node {} is not a member: it is {}\n",
+                    n.id,
+                    match v.members.member {
+                        crate::core::members::Membership::Joining =>
+                            "waiting to be added (`clusterctl member add`)",
+                        crate::core::members::Membership::Removed =>
+                            "removed; it replicates nothing",
+                        _ => "not in the configuration the leader applied yet",
+                    }
+                ));
+            }
+        }
+        out
     }
 
     /// A table for people: one line per node, the leader starred.
@@ -960,6 +1099,7 @@ mod tests {
             first_index: 1,
             last_index: 120,
             stale_term_messages: 0,
+            members: Default::default(),
             progress: if role == Role::Leader {
                 vec![
                     PeerProgress {

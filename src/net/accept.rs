@@ -8,7 +8,6 @@
 //! certificate names a configured member (or, on the admin port, an
 //! administrator).
 
-use std::collections::BTreeSet;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -100,11 +99,12 @@ impl<I: Unpin> AsyncWrite for AuthedConn<I> {
 }
 
 /// Accepts TCP connections on the peer port, completes mutual TLS and
-/// admits only members.
+/// admits only members (`is_member`, asked at each accept: members change
+/// at runtime).
 pub fn accept_loop(
     listener: TcpListener,
     tls: LiveTls,
-    members: Arc<BTreeSet<NodeId>>,
+    is_member: impl Fn(NodeId) -> bool + Send + Sync + 'static,
 ) -> ReceiverStream<io::Result<PeerConn>> {
     accept_authenticated(
         listener,
@@ -113,9 +113,9 @@ pub fn accept_loop(
         PeerTls::acceptor,
         move |stream, remote| {
             let node_id = peer_node_id(stream).map_err(|e| e.to_string())?;
-            if !members.contains(&node_id) {
+            if !is_member(node_id) {
                 return Err(format!(
-                "its certificate is for node {node_id}, which is not a member of this cluster; add it to [[peer]] on every node or revoke it"
+                "its certificate is for node {node_id}, which is not a member of this cluster; add it with `clusterctl member add {node_id} --addr HOST:PORT` or revoke its certificate"
             ));
             }
             Ok(PeerIdentity { node_id, remote })

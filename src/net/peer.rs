@@ -22,14 +22,14 @@ use crate::core::status::FilesView;
 use crate::net::accept::{PeerConn, PeerIdentity};
 use crate::net::proto::peer::peer_server::{Peer, PeerServer};
 use crate::net::proto::peer::{
-    BarrierReply, BarrierRequest, FetchChunk, FetchRequest, NodeStatusRequest, NodeView,
-    PauseChange, PauseChangeReply, QuarantinedReply, QuarantinedRequest, RaftAck, RaftBatch,
-    RollbackReply, RollbackRequest, StageReply, StageRequest, SyncReply, SyncRequest,
-    TransferReply, TransferRequest,
+    BarrierReply, BarrierRequest, FetchChunk, FetchRequest, MemberChangeReply, MemberChangeRequest,
+    NodeStatusRequest, NodeView, PauseChange, PauseChangeReply, QuarantinedReply,
+    QuarantinedRequest, RaftAck, RaftBatch, RollbackReply, RollbackRequest, StageReply,
+    StageRequest, SyncReply, SyncRequest, TransferReply, TransferRequest,
 };
 use crate::net::proto::{decode_raft_message, MAX_MESSAGE_BYTES};
 use crate::net::transport::Transport;
-use crate::raft::core::{Command, Role};
+use crate::raft::core::{Command, MemberChange, Role};
 use crate::raft::handle::{NodeHandle, RequestError};
 
 /// Longest a peer may ask us to wait in a transfer or barrier.
@@ -104,6 +104,74 @@ pub async fn lead_rollback(
     }
     let index = node.propose(view.term, commands, wait).await?;
     Ok((index, plan))
+}
+
+/// How long the leader waits for a joining node's status before it refuses
+/// to add it.
+const JOIN_PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// A membership change as the leader: an added node must answer at its
+/// address with its own certificate and an empty log (a node of another
+/// cluster, or one removed earlier, is refused), then the node task checks
+/// the change against the committed configuration and commits it. Called
+/// for `clusterctl member` on the leader and for other nodes' forwards.
+pub async fn lead_member_change(
+    node: &NodeHandle,
+    transport: &Transport,
+    req: &MemberChangeRequest,
+) -> Result<u64, RequestError> {
+    let view = node.view();
+    if view.role != Role::Leader {
+        return Err(RequestError::NotLeader {
+            leader: view.leader,
+        });
+    }
+    let change = crate::net::proto::member_change(req).map_err(RequestError::Invalid)?;
+    if let MemberChange::Add(info) = &change {
+        let known =
+            view.members.voters.contains(&info.id) || view.members.learners.contains(&info.id);
+        if !known {
+            probe_joining_node(transport, info.id, &info.addr).await?;
+        }
+    }
+    node.change_membership(change, wait_of(req.timeout_ms))
+        .await
+}
+
+/// Asks node `id` at `addr` for its status over a new, authenticated link:
+/// it must prove it is node `id` and hold no Raft log yet.
+async fn probe_joining_node(
+    transport: &Transport,
+    id: NodeId,
+    addr: &str,
+) -> Result<(), RequestError> {
+    let mut client = transport.probe_client(id, addr);
+    let mut req = Request::new(NodeStatusRequest {});
+    req.set_timeout(JOIN_PROBE_TIMEOUT);
+    let answer = tokio::time::timeout(JOIN_PROBE_TIMEOUT, client.node_status(req)).await;
+    let view = match answer {
+        Ok(Ok(v)) => v.into_inner(),
+        Ok(Err(status)) => {
+            return Err(RequestError::Invalid(format!(
+                "node {id} at {addr} did not answer as node {id} ({}); start it there with an empty data_dir and `[node] join = true`, and check the address and its certificate",
+                crate::net::transport::status_chain(&status)
+            )))
+        }
+        Err(_) => {
+            return Err(RequestError::Invalid(format!(
+                "node {id} at {addr} did not answer within {} s; start it there with an empty data_dir and `[node] join = true`, and check the address",
+                JOIN_PROBE_TIMEOUT.as_secs()
+            )))
+        }
+    };
+    if view.last_index > 0 || (view.member != "joining" && !view.member.is_empty()) {
+        return Err(RequestError::Invalid(format!(
+            "node {id} at {addr} already holds a Raft log (it is a {}, at entry {}); a joining node must start with an empty data_dir and `[node] join = true`",
+            if view.member.is_empty() { "member" } else { view.member.as_str() },
+            view.last_index
+        )));
+    }
+    Ok(())
 }
 
 /// Pauses or resumes a set as the leader: checks the request against this
@@ -306,6 +374,23 @@ impl Peer for PeerService {
             .await
             .map_err(request_status)?;
         Ok(Response::new(PauseChangeReply { index }))
+    }
+
+    async fn change_membership(
+        &self,
+        req: Request<MemberChangeRequest>,
+    ) -> Result<Response<MemberChangeReply>, Status> {
+        let who = identity(&req)?;
+        info!(
+            peer = who.node_id,
+            "membership change forwarded by node {}: {:?}",
+            who.node_id,
+            req.get_ref()
+        );
+        let index = lead_member_change(&self.node, &self.transport, req.get_ref())
+            .await
+            .map_err(request_status)?;
+        Ok(Response::new(MemberChangeReply { index }))
     }
 
     async fn sync(&self, req: Request<SyncRequest>) -> Result<Response<SyncReply>, Status> {

@@ -1,6 +1,7 @@
 //! Generated gRPC types and the one place where they convert to and from the
 //! core's types, so protobuf never leaks past the service edges.
 
+use crate::core::members::{MemberChange, MemberInfo};
 use crate::core::status::{ClusterStatus, FilesView, NodeEntry, SetView};
 use crate::raft::core::{NodeView, PeerProgress, Role};
 
@@ -87,6 +88,7 @@ pub fn role_from_str(s: &str) -> Role {
         "follower" => Role::Follower,
         "candidate" => Role::Candidate,
         "witness" => Role::Witness,
+        "learner" => Role::Learner,
         // An unknown word from a newer peer is shown as the closest safe reading.
         _ => Role::Candidate,
     }
@@ -114,6 +116,10 @@ impl From<&NodeView> for peer::NodeView {
                 })
                 .collect(),
             stale_term_messages: v.stale_term_messages,
+            voters: v.members.voters.clone(),
+            learners: v.members.learners.clone(),
+            witnesses: v.members.witnesses.clone(),
+            member: v.members.member.as_str().to_string(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             uptime_ms: 0,
             cert_not_after_unix: 0,
@@ -144,6 +150,13 @@ impl From<&peer::NodeView> for NodeView {
                 })
                 .collect(),
             stale_term_messages: v.stale_term_messages,
+            members: crate::core::status::MemberView {
+                voters: v.voters.clone(),
+                learners: v.learners.clone(),
+                witnesses: v.witnesses.clone(),
+                // A peer of an earlier version says nothing: it is a voter.
+                member: crate::core::members::Membership::parse(&v.member).unwrap_or_default(),
+            },
         }
     }
 }
@@ -372,5 +385,38 @@ pub fn version_reply(revision: u64, at: crate::core::history::At) -> admin::Vers
         content: at.content.unwrap_or_default(),
         symlink_target: entry.target.unwrap_or_default(),
         revision,
+    }
+}
+
+/// A `clusterctl member` request as the core's change: the one place the
+/// wire form becomes a [`MemberChange`]. Refusals are one sentence.
+pub fn member_change(req: &peer::MemberChangeRequest) -> Result<MemberChange, String> {
+    if req.id == 0 {
+        return Err("node id 0 is reserved; pick an id from 1 up".to_string());
+    }
+    match req.kind.as_str() {
+        "add" => {
+            let addr = req.addr.trim();
+            if addr.is_empty() || !addr.contains(':') {
+                return Err(format!(
+                    "--addr {addr:?} is not HOST:PORT; give the new node's peer address (its `node.listen`, or how the others reach it)"
+                ));
+            }
+            if req.keep_learner && req.witness {
+                return Err("a witness votes, so it cannot also stay a learner: use --witness or --learner, not both".to_string());
+            }
+            Ok(MemberChange::Add(MemberInfo {
+                id: req.id,
+                addr: addr.to_string(),
+                witness: req.witness,
+                keep_learner: req.keep_learner,
+                replaces: (req.replaces != 0).then_some(req.replaces),
+                added_at: 0,
+            }))
+        }
+        "remove" => Ok(MemberChange::Remove(req.id)),
+        other => Err(format!(
+            "unknown membership change {other:?} (a newer clusterctl?); use add or remove"
+        )),
     }
 }

@@ -20,6 +20,7 @@ use tonic::transport::{Channel, Endpoint, Uri};
 use tracing::{debug, warn, Instrument};
 
 use crate::core::config::{NodeId, PeerConfig};
+use crate::core::members::MemberInfo;
 use crate::net::proto::encode_raft_message;
 use crate::net::proto::peer::peer_client::PeerClient;
 use crate::net::proto::peer::RaftBatch;
@@ -62,14 +63,25 @@ pub type WireBytes = Arc<std::sync::atomic::AtomicU64>;
 
 #[derive(Clone)]
 pub struct Transport {
-    links: Arc<BTreeMap<NodeId, Link>>,
-    applied: PeerApplied,
+    inner: Arc<Inner>,
+}
+
+/// The links and what adding one at runtime needs.
+struct Inner {
+    /// One link per known member but this node: the founders from
+    /// `[[peer]]`, and members added at runtime (the membership directory).
+    links: std::sync::RwLock<BTreeMap<NodeId, Link>>,
+    /// Every known member's address and kind, this node excepted.
+    book: std::sync::RwLock<BTreeMap<NodeId, MemberInfo>>,
+    tls: LiveTls,
+    events: mpsc::Sender<LinkEvent>,
+    view: watch::Receiver<NodeView>,
     wire_bytes: WireBytes,
 }
 
 /// What each peer last reported as its applied index, and when it last
 /// answered this node (see [`AppliedSlot`]).
-type PeerApplied = Arc<BTreeMap<NodeId, AppliedSlot>>;
+type PeerApplied = Arc<AppliedSlot>;
 
 /// One peer's applied index as this node knows it, and when the peer last
 /// acked a batch of this node's. An ack sets both: it is the peer's own
@@ -98,6 +110,7 @@ impl AppliedSlot {
     }
 }
 
+#[derive(Clone)]
 struct Link {
     addr: String,
     channel: Channel,
@@ -107,6 +120,7 @@ struct Link {
     /// 1 GiB file).
     bulk: Channel,
     queue: mpsc::Sender<Message>,
+    applied: PeerApplied,
 }
 
 impl Transport {
@@ -114,67 +128,120 @@ impl Transport {
     /// `view` is this node's own: each batch carries its applied index, and
     /// a follower reports it to its leader as soon as it moves.
     pub fn start(
-        peers: &[PeerConfig],
+        peers: &[MemberInfo],
         tls: &LiveTls,
         events: mpsc::Sender<LinkEvent>,
         view: watch::Receiver<NodeView>,
         wire_bytes: WireBytes,
     ) -> Transport {
-        let mut links = BTreeMap::new();
-        let applied: PeerApplied = Arc::new(
-            peers
-                .iter()
-                .map(|p| (p.id, AppliedSlot::default()))
-                .collect(),
-        );
-        for peer in peers {
-            let channel = peer_channel(peer, tls.clone());
+        let transport = Transport {
+            inner: Arc::new(Inner {
+                links: Default::default(),
+                book: Default::default(),
+                tls: tls.clone(),
+                events,
+                view,
+                wire_bytes,
+            }),
+        };
+        transport.learn(peers);
+        transport
+    }
+
+    /// Adds members (or new addresses of known ones): a link to each, and
+    /// its entry in the address book. This node's own entry is ignored.
+    /// Must be called inside a tokio runtime.
+    pub fn learn(&self, members: &[MemberInfo]) {
+        let me = self.inner.view.borrow().id;
+        for member in members.iter().filter(|m| m.id != me) {
+            let same_addr = self
+                .inner
+                .links
+                .read()
+                .unwrap()
+                .get(&member.id)
+                .is_some_and(|l| l.addr == member.addr);
+            self.inner
+                .book
+                .write()
+                .unwrap()
+                .insert(member.id, member.clone());
+            if same_addr {
+                continue;
+            }
+            let peer = PeerConfig {
+                id: member.id,
+                addr: member.addr.clone(),
+                witness: member.witness,
+            };
+            let channel = peer_channel(&peer, self.inner.tls.clone());
             let (queue, rx) = mpsc::channel(PEER_QUEUE);
+            let applied = PeerApplied::default();
             tokio::spawn(
                 sender_task(
                     peer.id,
                     channel.clone(),
                     rx,
-                    events.clone(),
+                    self.inner.events.clone(),
                     applied.clone(),
-                    AppliedReports::new(peer.id, view.clone()),
-                    wire_bytes.clone(),
+                    AppliedReports::new(peer.id, self.inner.view.clone()),
+                    self.inner.wire_bytes.clone(),
                 )
                 .in_current_span(),
             );
-            links.insert(
+            // A replaced link's queue sender drops here, which ends its sender task.
+            self.inner.links.write().unwrap().insert(
                 peer.id,
                 Link {
                     addr: peer.addr.clone(),
                     channel,
-                    bulk: peer_channel(peer, tls.clone()),
+                    bulk: peer_channel(&peer, self.inner.tls.clone()),
                     queue,
+                    applied,
                 },
             );
         }
-        Transport {
-            links: Arc::new(links),
-            applied,
-            wire_bytes,
-        }
+    }
+
+    /// Whether `peer` is a member this node knows (may connect to it).
+    pub fn knows(&self, peer: NodeId) -> bool {
+        self.inner.book.read().unwrap().contains_key(&peer)
+    }
+
+    /// What this node knows of `peer`: address, kind, how it joined.
+    pub fn member(&self, peer: NodeId) -> Option<MemberInfo> {
+        self.inner.book.read().unwrap().get(&peer).cloned()
+    }
+
+    /// The known witnesses (which vote but hold no files).
+    pub fn witnesses(&self) -> std::collections::BTreeSet<NodeId> {
+        self.inner
+            .book
+            .read()
+            .unwrap()
+            .values()
+            .filter(|m| m.witness)
+            .map(|m| m.id)
+            .collect()
     }
 
     /// Counts bytes sent to a peer outside the Raft stream (staged content).
     pub fn count_sent(&self, bytes: u64) {
-        self.wire_bytes
+        self.inner
+            .wire_bytes
             .fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The applied index `peer` last reported, and when (see [`PeerApplied`]).
     pub fn peer_applied(&self, peer: NodeId) -> Option<(u64, std::time::Instant)> {
-        self.applied.get(&peer)?.get()
+        self.inner.links.read().unwrap().get(&peer)?.applied.get()
     }
 
     /// Records the applied index `peer` reported in a batch it sent (see
     /// [`AppliedSlot`]).
     pub fn note_applied(&self, peer: NodeId, index: u64) {
-        if let Some(slot) = self.applied.get(&peer) {
-            slot.reported(index);
+        if let Some(link) = self.inner.links.read().unwrap().get(&peer) {
+            link.applied.reported(index);
         }
     }
 
@@ -182,10 +249,11 @@ impl Transport {
     /// whose snapshot message was dropped: Raft must be told, or it waits forever.
     pub fn send(&self, messages: Vec<Message>) -> Vec<NodeId> {
         let mut dropped_snapshots = Vec::new();
+        let links = self.inner.links.read().unwrap();
         for m in messages {
             let to = m.to;
             let is_snapshot = m.get_msg_type() == MessageType::MsgSnapshot;
-            let queued = match self.links.get(&to) {
+            let queued = match links.get(&to) {
                 Some(link) => link.queue.try_send(m).is_ok(),
                 None => false,
             };
@@ -204,7 +272,7 @@ impl Transport {
 
     /// A client for request/response calls to `peer` (status, transfer, barrier).
     pub fn client(&self, peer: NodeId) -> Option<PeerClient<Channel>> {
-        self.links.get(&peer).map(|l| {
+        self.inner.links.read().unwrap().get(&peer).map(|l| {
             PeerClient::new(l.channel.clone())
                 .max_decoding_message_size(crate::net::proto::MAX_MESSAGE_BYTES)
         })
@@ -213,19 +281,38 @@ impl Transport {
     /// A client for bulk transfers to `peer` (`Stage`, `Fetch`), on a
     /// connection of their own so they never delay Raft messages.
     pub fn bulk_client(&self, peer: NodeId) -> Option<PeerClient<Channel>> {
-        self.links.get(&peer).map(|l| {
+        self.inner.links.read().unwrap().get(&peer).map(|l| {
             PeerClient::new(l.bulk.clone())
                 .max_decoding_message_size(crate::net::proto::MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(crate::net::proto::MAX_MESSAGE_BYTES)
         })
     }
 
-    pub fn addr(&self, peer: NodeId) -> Option<&str> {
-        self.links.get(&peer).map(|l| l.addr.as_str())
+    pub fn addr(&self, peer: NodeId) -> Option<String> {
+        self.inner
+            .links
+            .read()
+            .unwrap()
+            .get(&peer)
+            .map(|l| l.addr.clone())
     }
 
-    pub fn peers(&self) -> impl Iterator<Item = NodeId> + '_ {
-        self.links.keys().copied()
+    /// Every peer this node has a link to (current members, and removed
+    /// ones it still knows).
+    pub fn peers(&self) -> Vec<NodeId> {
+        self.inner.links.read().unwrap().keys().copied().collect()
+    }
+
+    /// A one-off client for a node that is not a member yet, at `addr`: the
+    /// TLS handshake must prove it is node `id`, as for every peer link.
+    pub fn probe_client(&self, id: NodeId, addr: &str) -> PeerClient<Channel> {
+        let peer = PeerConfig {
+            id,
+            addr: addr.to_string(),
+            witness: false,
+        };
+        PeerClient::new(peer_channel(&peer, self.inner.tls.clone()))
+            .max_decoding_message_size(crate::net::proto::MAX_MESSAGE_BYTES)
     }
 }
 
@@ -358,8 +445,8 @@ async fn sender_task(
         };
         match link.send(request, may_skip_ack).await {
             Ok(ack) => {
-                if let (Some(ack), Some(slot)) = (ack, applied.get(&peer)) {
-                    slot.acked(ack.applied);
+                if let Some(ack) = ack {
+                    applied.acked(ack.applied);
                 }
                 reports.delivered(reported);
                 wire_bytes.fetch_add(payload as u64, std::sync::atomic::Ordering::Relaxed);
@@ -588,7 +675,7 @@ impl RaftLink {
 
 /// A gRPC status with the chain of errors behind it (connect, TLS, ...),
 /// since the status message alone often says only "transport error".
-fn status_chain(status: &tonic::Status) -> String {
+pub fn status_chain(status: &tonic::Status) -> String {
     crate::core::error_text::with_causes(
         status.message().to_string(),
         std::error::Error::source(status),
@@ -721,6 +808,12 @@ mod tests {
         ) -> Result<Response<QuarantinedReply>, Status> {
             nope()
         }
+        async fn change_membership(
+            &self,
+            _: Request<MemberChangeRequest>,
+        ) -> Result<Response<MemberChangeReply>, Status> {
+            nope()
+        }
     }
 
     /// Serves `peer` on loopback (plain HTTP/2: the link logic is under
@@ -769,6 +862,7 @@ mod tests {
             last_index: applied,
             progress: Vec::new(),
             stale_term_messages: 0,
+            members: Default::default(),
         }
     }
 
@@ -911,7 +1005,7 @@ mod tests {
         let (view_tx, view_rx) = watch::channel(view(1, Some(2), 0));
         let (queue, queued) = mpsc::channel(16);
         let (events, _events) = mpsc::channel(16);
-        let applied: PeerApplied = Arc::new([(2, AppliedSlot::default())].into_iter().collect());
+        let applied = PeerApplied::default();
         tokio::spawn(sender_task(
             2,
             channel,

@@ -7,6 +7,7 @@
 //! blocks on I/O other than its own fsyncs, and on shutdown a leader hands
 //! leadership to a caught-up follower before it exits.
 
+mod membership;
 mod run;
 pub mod systemd;
 mod task;
@@ -21,10 +22,12 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{error, info, warn, Instrument};
 
 use crate::core::config::{Config, NodeId};
+use crate::core::members::{Directory, MemberInfo, MembershipState};
 use crate::net::tls::PeerTls;
 use crate::net::transport::Transport;
 use crate::raft::core::{
-    Command, CommittedEntry, CoreError, CoreOptions, NodeView, RaftCore, Role, StateMachine,
+    Command, CommittedEntry, CoreError, CoreOptions, MemberChange, NodeView, RaftCore, Role,
+    StateMachine,
 };
 use crate::raft::handle::{LinkEvent, NodeHandle, NodeMsg, RequestError};
 use crate::raft::storage::RaftStore;
@@ -51,12 +54,6 @@ pub enum NodeError {
     },
     #[error(transparent)]
     AdminSocket(#[from] crate::ops::admin::SocketError),
-    #[error("the Raft log in {path} was created for members {stored:?}, but the config lists {configured:?}; membership changes are not supported yet, so restore the original [[peer]] list")]
-    Membership {
-        path: String,
-        stored: Vec<NodeId>,
-        configured: Vec<NodeId>,
-    },
     #[error("cannot serve the remote admin port on {addr} (key `admin.listen`): {source}")]
     AdminListen {
         addr: String,

@@ -48,27 +48,54 @@ pub fn join_ids(ids: &[NodeId]) -> String {
 
 /// Opens (or bootstraps) the Raft storage in `data_dir/raft`. A fresh node
 /// whose config lists the same members as its peers forms the cluster with
-/// them; a node with existing state never re-bootstraps.
-pub fn open_storage(data_dir: &Path, voters: &[NodeId]) -> Result<RaftStore, NodeError> {
+/// them, unless it is to `join` one: then it waits, with no members, until a
+/// leader adds it. A node with existing state never re-bootstraps, and
+/// follows the committed membership whatever its `[[peer]]` list says.
+pub fn open_storage(
+    data_dir: &Path,
+    voters: &[NodeId],
+    join: bool,
+) -> Result<RaftStore, NodeError> {
     create_private_dir(data_dir)?;
     create_private_dir(&data_dir.join("quarantine"))?;
     let raft_dir = data_dir.join("raft");
     let store = RaftStore::open(&raft_dir)?;
     if !store.is_initialized() {
-        info!(members = %join_ids(voters), "new node: creating the Raft log with the configured members");
-        store.bootstrap(voters)?;
+        if join {
+            info!("new node with `join = true`: waiting to be added to the cluster (`clusterctl member add` on a member); it forms no cluster of its own");
+        } else {
+            info!(members = %join_ids(voters), "new node: creating the Raft log with the configured members");
+            store.bootstrap(voters)?;
+        }
     } else {
-        let mut stored: Vec<NodeId> = store.conf_state().voters.clone();
+        let cs = store.conf_state();
+        let mut stored: Vec<NodeId> = cs.voters.iter().chain(&cs.learners).copied().collect();
         stored.sort_unstable();
         if stored != voters {
-            return Err(NodeError::Membership {
-                path: raft_dir.display().to_string(),
-                stored,
-                configured: voters.to_vec(),
-            });
+            warn!(
+                "the committed members are [{}] but the config lists [{}]; following the committed membership ([[peer]] lists only seed a new cluster and give addresses)",
+                join_ids(&stored),
+                join_ids(voters)
+            );
         }
     }
     Ok(store)
+}
+
+/// The members to link to at start: every `[[peer]]`, and every member
+/// added at runtime (from the stored directory and the stored snapshot,
+/// which a crash may have left ahead of it). A `[[peer]]` address wins, so
+/// an administrator can correct one in the config.
+fn known_members(store: &RaftStore) -> Result<Directory, NodeError> {
+    let mut directory = store.directory()?;
+    if let Ok(snapshot) = raft::Storage::snapshot(store, 0, 0) {
+        if let Ok((Some(carried), _)) = crate::core::members::unwrap_snapshot(&snapshot.data) {
+            for info in carried.members.into_values() {
+                directory.members.entry(info.id).or_insert(info);
+            }
+        }
+    }
+    Ok(directory)
 }
 
 /// Creates `dir` with mode 0700, or tightens an existing one to 0700: the
@@ -112,7 +139,26 @@ async fn run_inner(
     let id = config.node.id;
     let mut voters: Vec<NodeId> = config.peers.iter().map(|p| p.id).chain([id]).collect();
     voters.sort_unstable();
-    let store = open_storage(&config.node.data_dir, &voters)?;
+    let store = open_storage(&config.node.data_dir, &voters, config.node.join)?;
+    let directory = known_members(&store)?;
+    let removed = store.removed()?;
+    if let Some(why) = &removed {
+        warn!("this node was removed from the cluster ({why}): it neither replicates nor campaigns; to bring it back, empty its data_dir, set `[node] join = true` and run `clusterctl member add`");
+    }
+    let mut peers: Vec<MemberInfo> = directory
+        .members
+        .values()
+        .filter(|m| !config.peers.iter().any(|p| p.id == m.id))
+        .cloned()
+        .collect();
+    peers.extend(config.peers.iter().map(|p| MemberInfo {
+        id: p.id,
+        addr: p.addr.clone(),
+        witness: p.witness || directory.get(p.id).is_some_and(|m| m.witness),
+        keep_learner: directory.get(p.id).is_some_and(|m| m.keep_learner),
+        replaces: directory.get(p.id).and_then(|m| m.replaces),
+        added_at: directory.get(p.id).map_or(0, |m| m.added_at),
+    }));
     let tls = PeerTls::load(&config.tls, id)?;
 
     let options = CoreOptions {
@@ -126,6 +172,7 @@ async fn run_inner(
     crate::replication::source::warn_watch_budget(&shared);
     let (applied_tx, applied_rx) = mpsc::unbounded_channel();
     let mut applier = Applier::new(shared.clone(), store.clone(), applied_tx);
+    let store_for_task = store.clone();
     let core = RaftCore::new(id, &config.raft, store, options, &logger, &mut applier)?;
     let initial = core.view();
     info!(
@@ -133,10 +180,11 @@ async fn run_inner(
         vote = initial.vote,
         commit = initial.commit_index,
         applied = initial.applied_index,
-        "starting node {id} of cluster [{}]",
-        join_ids(&voters)
+        "starting node {id} ({}) of cluster [{}]",
+        initial.members.member.as_str(),
+        join_ids(&initial.members.voters)
     );
-    if voters.len() == 2 {
+    if initial.members.voters.len() == 2 {
         // Only reachable with `node.allow_two_node = true` (the config check refuses it otherwise).
         warn!(
             "this cluster has only two voters (nodes {}): it cannot fail over, since losing either node stops all changes; add a third node or a witness to fix that",
@@ -179,9 +227,10 @@ async fn run_inner(
 
     let (link_tx, link_rx) = mpsc::channel(1024);
     let live_tls = crate::net::tls::LiveTls::new(tls, config.revoked_serials.clone());
+    let initial_members = initial.members.clone();
     let (view_tx, view_rx) = watch::channel(initial);
     let transport = Transport::start(
-        &config.peers,
+        &peers,
         &live_tls,
         link_tx,
         view_rx.clone(),
@@ -236,13 +285,17 @@ async fn run_inner(
         files: Some(shared.clone()),
         was_leader: false,
         transfers: Vec::new(),
-        witnesses: config
-            .peers
+        witnesses: peers
             .iter()
             .filter(|p| p.witness)
             .map(|p| p.id)
             .chain(config.node.witness.then_some(id))
             .collect(),
+        store: store_for_task,
+        directory,
+        members: initial_members,
+        removed,
+        allow_two_node: config.node.allow_two_node,
         tick: config.raft.tick(),
         election_timeout: config.raft.election_timeout,
         rescan: config.replication.rescan,
@@ -251,12 +304,26 @@ async fn run_inner(
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut node_task = tokio::spawn(task.run(stop_rx).in_current_span());
 
-    let members: Arc<BTreeSet<NodeId>> = Arc::new(config.peers.iter().map(|p| p.id).collect());
     let (servers_stop_tx, servers_stop_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    let incoming = crate::net::accept::accept_loop(listener, live_tls.clone(), members);
+    // A node waiting to join accepts any node of the cluster CA: the
+    // leader that adds it may itself have joined after its config was
+    // written, and it holds nothing yet that a peer could read.
+    let (known, joining) = (transport.clone(), handle.clone());
+    let incoming = crate::net::accept::accept_loop(listener, live_tls.clone(), move |peer| {
+        known.knows(peer) || joining.view().members.member == crate::raft::core::Membership::Joining
+    });
+    tokio::spawn(
+        crate::node::membership::run(
+            handle.clone(),
+            transport.clone(),
+            config.raft.election_timeout,
+            servers_stop_rx.clone(),
+        )
+        .in_current_span(),
+    );
     tokio::spawn(
         reload_tls_on_sighup(config.source.clone(), id, live_tls.clone()).in_current_span(),
     );

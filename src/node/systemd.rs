@@ -186,6 +186,7 @@ mod tests {
             last_index: 10,
             progress: vec![],
             stale_term_messages: 0,
+            members: Default::default(),
         }
     }
 

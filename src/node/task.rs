@@ -30,6 +30,9 @@ impl StateMachine for Applier {
         self.snapshot_now().1
     }
     fn restore(&mut self, index: u64, data: &[u8]) -> Result<(), CoreError> {
+        // `run` took the membership directory in before the core started.
+        let (_, data) = crate::core::members::unwrap_snapshot(data)
+            .map_err(|e| CoreError::BadEntry(e.to_string()))?;
         self.restore_now(index, data)
             .map_err(|e| CoreError::BadEntry(crate::core::error_text::error_chain(&e)))
     }
@@ -74,6 +77,18 @@ pub(super) struct NodeTask {
     pub(super) witnesses: BTreeSet<NodeId>,
     pub(super) tick: Duration,
     pub(super) election_timeout: Duration,
+    /// The Raft storage, for the membership directory and the removal marker.
+    pub(super) store: RaftStore,
+    /// Members added at runtime (addresses, kinds), as stored; it travels
+    /// in every compaction snapshot.
+    pub(super) directory: Directory,
+    /// The configuration last published, to notice changes.
+    pub(super) members: crate::raft::core::MemberView,
+    /// Why this node is no longer a member, once it knows: it then neither
+    /// ticks (so never campaigns) nor replicates.
+    pub(super) removed: Option<String>,
+    /// `node.allow_two_node`: whether a change may leave two voters without a witness.
+    pub(super) allow_two_node: bool,
     /// How often a follower reconciles its trees with the manifest (the
     /// leader rescans on the same period), so a hand edit on a follower is
     /// set aside and replaced even if the leader never touches that file.
@@ -97,7 +112,12 @@ impl NodeTask {
         loop {
             tokio::select! {
                 _ = ticker.tick() => {
-                    self.core.tick();
+                    if self.removed.is_none() {
+                        self.core.tick();
+                    }
+                    if self.core.snapshot_predates_a_member() {
+                        self.request_snapshot();
+                    }
                     self.expire_requests();
                     self.try_compact();
                     ticks += 1;
@@ -160,22 +180,14 @@ impl NodeTask {
             return false;
         }
         let view = self.core.view();
-        // `recent_active` is reset once per election timeout until the next
-        // reply, so it only breaks ties: the most caught-up data node wins.
-        let best = view
-            .progress
-            .iter()
-            .filter(|p| p.id != view.id && !self.witnesses.contains(&p.id))
-            .max_by_key(|p| (p.match_index, p.recent_active));
-        match best {
+        match self.successor() {
             Some(p) => {
                 info!(
                     term = view.term,
-                    target = p.id,
-                    "shutting down: handing leadership to node {}",
-                    p.id
+                    target = p,
+                    "shutting down: handing leadership to node {p}"
                 );
-                self.core.transfer_leader(p.id);
+                self.core.transfer_leader(p);
                 true
             }
             None => {
@@ -185,6 +197,187 @@ impl NodeTask {
                 );
                 false
             }
+        }
+    }
+
+    /// The voter a leader hands over to: the most caught-up data node.
+    fn successor(&self) -> Option<NodeId> {
+        let view = self.core.view();
+        // `recent_active` is reset once per election timeout until the next
+        // reply, so it only breaks ties.
+        view.progress
+            .iter()
+            .filter(|p| {
+                p.id != view.id
+                    && !self.witnesses.contains(&p.id)
+                    && view.members.voters.contains(&p.id)
+            })
+            .max_by_key(|p| (p.match_index, p.recent_active))
+            .map(|p| p.id)
+    }
+
+    /// The committed configuration, as a membership change is checked against.
+    fn membership_state(&self) -> MembershipState {
+        let view = self.core.view();
+        MembershipState {
+            voters: view.members.voters.iter().copied().collect(),
+            learners: view.members.learners.iter().copied().collect(),
+            witnesses: self.witnesses.clone(),
+            reachable: view
+                .progress
+                .iter()
+                .filter(|p| p.recent_active || p.id == view.id)
+                .map(|p| p.id)
+                .collect(),
+            allow_two_node: self.allow_two_node,
+        }
+    }
+
+    /// Checks a membership change against the committed configuration and
+    /// proposes it; a change that removes this leader first hands
+    /// leadership over and asks the caller to retry with the next leader.
+    fn change_membership(
+        &mut self,
+        change: MemberChange,
+        deadline: Instant,
+        reply: oneshot::Sender<Result<u64, RequestError>>,
+    ) {
+        if !self.core.is_leader() {
+            let _ = reply.send(Err(RequestError::NotLeader {
+                leader: self.core.leader(),
+            }));
+            return;
+        }
+        if let Err(why) = change.check(&self.membership_state()) {
+            let _ = reply.send(Err(RequestError::Invalid(why)));
+            return;
+        }
+        let me = self.core.id();
+        if change.removes_voter() == Some(me) {
+            let why = match self.successor() {
+                Some(next) => {
+                    if self.transfers.is_empty() {
+                        info!(
+                            term = self.core.term(),
+                            target = next,
+                            "this leader is to be removed: handing leadership to node {next} first"
+                        );
+                        self.core.transfer_leader(next);
+                    }
+                    format!("node {me} leads and is the one to be removed: it is handing leadership to node {next} first")
+                }
+                None => format!("node {me} leads and is the one to be removed, but no other voter can take over now"),
+            };
+            let _ = reply.send(Err(RequestError::Retry(why)));
+            return;
+        }
+        let term = self.core.term();
+        match self.core.propose_member_change(&change) {
+            Ok(()) => {
+                info!(
+                    term,
+                    index = self.core.last_index(),
+                    "proposed membership change {change:?}"
+                );
+                self.waiters.insert(
+                    self.core.last_index(),
+                    Waiter {
+                        term,
+                        deadline,
+                        committed: false,
+                        reply,
+                    },
+                );
+            }
+            Err(e) => {
+                let _ = reply.send(Err(e.into()));
+            }
+        }
+    }
+
+    /// Takes in the members a committed change (at `index`) or an
+    /// installed snapshot adds: stored before anything uses them, then a
+    /// link to each, and they count as peers of the replication.
+    fn learn_members(
+        &mut self,
+        mut infos: Vec<MemberInfo>,
+        index: Option<u64>,
+    ) -> Result<(), NodeError> {
+        if let Some(index) = index {
+            for info in &mut infos {
+                info.added_at = index;
+            }
+        }
+        let changed = self.directory.merge(&infos);
+        if changed.is_empty() {
+            return Ok(());
+        }
+        self.store.set_directory(&self.directory)?;
+        for info in &changed {
+            info!(
+                peer = info.id,
+                "learned member node {} at {}{}",
+                info.id,
+                info.addr,
+                if info.witness {
+                    " (a witness)"
+                } else if info.keep_learner {
+                    " (a permanent learner)"
+                } else {
+                    ""
+                }
+            );
+            if info.witness {
+                self.witnesses.insert(info.id);
+            }
+        }
+        self.transport.learn(&changed);
+        self.update_peers();
+        Ok(())
+    }
+
+    /// Tells replication which members hold files and which are witnesses.
+    fn update_peers(&self) {
+        let Some(files) = &self.files else { return };
+        let me = self.core.id();
+        let members: BTreeSet<NodeId> = if self.members.voters.is_empty() {
+            self.transport.peers().into_iter().collect()
+        } else {
+            self.members
+                .voters
+                .iter()
+                .chain(&self.members.learners)
+                .copied()
+                .collect()
+        };
+        *files.data_peers.write().unwrap() = members
+            .iter()
+            .copied()
+            .filter(|id| *id != me && !self.witnesses.contains(id))
+            .collect();
+        *files.witness_peers.write().unwrap() = self.witnesses.clone();
+    }
+
+    /// This node is no longer a member: it stops ticking (so never
+    /// campaigns) and says so, now and after every restart.
+    fn become_removed(&mut self, why: String) {
+        if self.removed.is_some() {
+            return;
+        }
+        if let Err(e) = self.store.set_removed(&why) {
+            warn!("cannot record the removal of this node: {e}");
+        }
+        warn!("this node is no longer a member of the cluster ({why}): it neither replicates nor campaigns any more, and its files stay as they are; to bring it back, empty its data_dir, set `[node] join = true` and run `clusterctl member add`");
+        self.removed = Some(why);
+    }
+
+    /// Asks the applier for a snapshot to compact the log with, unless one
+    /// is on its way or held.
+    fn request_snapshot(&mut self) {
+        if self.snapshot_rx.is_none() && self.held_compaction.is_none() {
+            let (tx, rx) = oneshot::channel();
+            let _ = self.applier.send(ApplyMsg::Snapshot(tx));
+            self.snapshot_rx = Some(rx);
         }
     }
 
@@ -217,6 +410,12 @@ impl NodeTask {
                 deadline,
                 reply,
             } => self.begin_transfer(target, deadline, reply),
+            NodeMsg::ChangeMembership {
+                change,
+                deadline,
+                reply,
+            } => self.change_membership(change, deadline, reply),
+            NodeMsg::Removed(why) => self.become_removed(why),
             NodeMsg::Link(LinkEvent::Unreachable(peer)) => self.core.report_unreachable(peer),
             NodeMsg::Link(LinkEvent::Snapshot(peer, status)) => {
                 self.core.report_snapshot(peer, status)
@@ -285,13 +484,8 @@ impl NodeTask {
                     }
                 }
                 self.try_compact();
-                if self.snapshot_rx.is_none()
-                    && self.held_compaction.is_none()
-                    && self.core.compaction_due()
-                {
-                    let (tx, rx) = oneshot::channel();
-                    let _ = self.applier.send(ApplyMsg::Snapshot(tx));
-                    self.snapshot_rx = Some(rx);
+                if self.core.compaction_due() {
+                    self.request_snapshot();
                 }
             }
             Applied::SetChanged(set) => {
@@ -420,7 +614,20 @@ impl NodeTask {
         if self.core.has_ready() {
             self.ready_once()?;
         }
-        let view = self.core.view();
+        let mut view = self.core.view();
+        if view.members != self.members {
+            self.members_changed(&view);
+        }
+        if self.removed.is_some() {
+            view.members.member = crate::raft::core::Membership::Removed;
+        }
+        view.members.witnesses = view
+            .members
+            .voters
+            .iter()
+            .copied()
+            .filter(|v| self.witnesses.contains(v))
+            .collect();
         if self.reconcile_pending
             && view.leader.is_some()
             && !self.core.is_leader()
@@ -446,16 +653,46 @@ impl NodeTask {
         Ok(())
     }
 
+    /// The applied configuration changed (a committed change, a snapshot):
+    /// say so, follow it in replication, and notice this node's removal.
+    fn members_changed(&mut self, view: &NodeView) {
+        let joining = self.members.member == crate::raft::core::Membership::Joining;
+        self.members = view.members.clone();
+        info!(
+            voters = %join_ids(&view.members.voters),
+            learners = %join_ids(&view.members.learners),
+            "members now: voters [{}], learners [{}]; this node is a {}",
+            join_ids(&view.members.voters),
+            join_ids(&view.members.learners),
+            view.members.member.as_str()
+        );
+        if joining && view.members.member != crate::raft::core::Membership::Joining {
+            info!(
+                "this node was added to the cluster as a {}",
+                view.members.member.as_str()
+            );
+        }
+        self.update_peers();
+        if view.members.member == crate::raft::core::Membership::Removed {
+            self.become_removed(format!(
+                "the configuration applied at entry {} no longer lists it",
+                view.applied_index
+            ));
+        }
+    }
+
     /// Compacts the log with the held snapshot once no live follower still
     /// needs the entries it replaces.
     fn try_compact(&mut self) {
         let Some((index, _)) = &self.held_compaction else {
             return;
         };
-        if !self.core.compactable(*index) {
+        // A member that needs a snapshot listing it waits for nobody.
+        if !self.core.compactable(*index) && !self.core.snapshot_predates_a_member() {
             return;
         }
         let (index, data) = self.held_compaction.take().expect("checked above");
+        let data = crate::core::members::wrap_snapshot(&self.directory, &data);
         if let Err(e) = self.core.compact(index, data) {
             warn!(index, "log compaction skipped: {e}");
         }
@@ -468,7 +705,28 @@ impl NodeTask {
                 .report_snapshot(peer, raft::SnapshotStatus::Failure);
         }
         if let Some((index, data)) = out.snapshot {
+            let data = match crate::core::members::unwrap_snapshot(&data) {
+                Ok((directory, rest)) => {
+                    let rest = rest.to_vec();
+                    if let Some(directory) = directory {
+                        self.learn_members(directory.members.into_values().collect(), None)?;
+                    }
+                    rest
+                }
+                Err(e) => {
+                    warn!(index, "the snapshot's membership directory is unreadable ({e}); members added at runtime stay unknown here until their next change");
+                    data
+                }
+            };
             let _ = self.applier.send(ApplyMsg::Restore(index, data));
+        }
+        for entry in &out.applied {
+            if let Some(m) = &entry.membership {
+                match crate::core::members::decode_context(&m.context) {
+                    Ok(infos) => self.learn_members(infos, Some(entry.index))?,
+                    Err(e) => warn!(index = entry.index, "the membership change at entry {} carries no readable addresses ({e}); its new members stay unknown here", entry.index),
+                }
+            }
         }
         for entry in &out.applied {
             if let Some(w) = self.waiters.get_mut(&entry.index) {

@@ -25,11 +25,12 @@ use crate::net::proto::admin::admin_client::AdminClient;
 use crate::net::proto::admin::admin_server::{Admin, AdminServer};
 use crate::net::proto::admin::{
     ClusterStatus as PbClusterStatus, ConflictActionRequest, HistoryReply, HistoryRequest,
-    PromoteReply, PromoteRequest, StatusRequest, VersionReply, VersionRequest,
+    MemberReply, PromoteReply, PromoteRequest, StatusRequest, VersionReply, VersionRequest,
 };
 use crate::net::proto::peer::{
-    BarrierReply, BarrierRequest, NodeStatusRequest, PauseChange, PauseChangeReply,
-    QuarantinedRequest, RollbackReply, RollbackRequest, SyncReply, SyncRequest, TransferRequest,
+    BarrierReply, BarrierRequest, MemberChangeRequest, NodeStatusRequest, PauseChange,
+    PauseChangeReply, QuarantinedRequest, RollbackReply, RollbackRequest, SyncReply, SyncRequest,
+    TransferRequest,
 };
 use crate::net::tls::AdminCaller;
 use crate::net::transport::Transport;
@@ -199,10 +200,26 @@ impl AdminService {
             )),
             files: Some(self.files.files_view()),
         };
-        let asks = self.transport.peers().map(|peer| {
+        // The members this node applied (removed ones are dropped, added
+        // ones listed); a node waiting to join asks the peers it knows.
+        let view = self.node.view();
+        let mut peers: Vec<NodeId> = view
+            .members
+            .voters
+            .iter()
+            .chain(&view.members.learners)
+            .copied()
+            .filter(|p| *p != me)
+            .collect();
+        if view.members.voters.is_empty() {
+            peers = self.transport.peers();
+        }
+        peers.sort_unstable();
+        peers.dedup();
+        let asks = peers.into_iter().map(|peer| {
             let transport = self.transport.clone();
             async move {
-                let addr = transport.addr(peer).unwrap_or_default().to_string();
+                let addr = transport.addr(peer).unwrap_or_default();
                 let started = Instant::now();
                 let result = match transport.client(peer) {
                     Some(mut client) => {
@@ -513,6 +530,15 @@ impl AdminService {
                         let files: Arc<dyn crate::net::peer::FileService> = self.files.clone();
                         crate::net::peer::lead_rollback(&self.node, files, r).await
                     }
+                    LeaderCall::Member(r) => {
+                        let r = MemberChangeRequest {
+                            timeout_ms,
+                            ..r.clone()
+                        };
+                        crate::net::peer::lead_member_change(&self.node, &self.transport, &r)
+                            .await
+                            .map(untold)
+                    }
                 }
             } else {
                 self.ask_leader(leader, &call, remaining).await
@@ -577,8 +603,108 @@ impl AdminService {
                     (r.index, r.plan)
                 })
             }
+            LeaderCall::Member(r) => {
+                let mut req = Request::new(MemberChangeRequest {
+                    timeout_ms,
+                    ..r.clone()
+                });
+                req.set_timeout(limit);
+                client
+                    .change_membership(req)
+                    .await
+                    .map(|r| untold(r.get_ref().index))
+            }
         };
         reply.map_err(|s| status_error(leader, s))
+    }
+
+    /// `clusterctl member add/remove/replace`: the change through the
+    /// leader, then its end result as this node applies it (an added node
+    /// promoted unless it stays a learner, a replaced or removed one gone);
+    /// at the deadline, what is still missing.
+    async fn member(
+        &self,
+        req: MemberChangeRequest,
+        wait: Duration,
+    ) -> Result<(u64, String), RequestError> {
+        let deadline = Instant::now() + wait;
+        let id = req.id;
+        let (index, _) = self
+            .through_leader(LeaderCall::Member(req.clone()), deadline)
+            .await?;
+        self.applied_here(index, deadline).await?;
+        if req.kind == "remove" {
+            return Ok((index, format!("node {id} was removed at entry {index}: it no longer replicates or campaigns, and its files stay on its disk")));
+        }
+        if req.keep_learner {
+            return Ok((index, format!("node {id} joined as a learner at entry {index}: a replica that neither votes nor leads; it catches up by itself (`clusterctl member list` shows how far)")));
+        }
+        let replaces = (req.replaces != 0).then_some(req.replaces);
+        let done = |v: &crate::raft::core::NodeView| {
+            v.members.voters.contains(&id)
+                && replaces.is_none_or(|old| !v.members.voters.contains(&old))
+        };
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        if let Some(v) = self.node.wait_view(remaining, done).await {
+            let what = match replaces {
+                Some(old) => format!("node {id} replaced node {old}"),
+                None => format!("node {id} joined"),
+            };
+            return Ok((
+                index,
+                format!(
+                    "{what}: it caught up (holding every committed file) and is a voter; voters now {}",
+                    v.members
+                        .voters
+                        .iter()
+                        .map(|v| v.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ));
+        }
+        Err(RequestError::TimedOut(format!(
+            "node {id} joined as a learner at entry {index} but is not a voter yet: {}; the leader promotes it by itself once it has caught up",
+            self.learner_waiting_for(id, index).await
+        )))
+    }
+
+    /// What a learner still lacks before its promotion, from its status.
+    async fn learner_waiting_for(&self, id: NodeId, added_at: u64) -> String {
+        let status = self.gather(DEFAULT_PEER_STATUS_TIMEOUT).await;
+        let Some(entry) = status.nodes.iter().find(|n| n.id == id) else {
+            return format!("node {id} is not listed by node {}", status.node_id);
+        };
+        let Some(view) = entry.view.as_ref() else {
+            return format!(
+                "it is unreachable from node {}: {}",
+                status.node_id,
+                entry.error.as_deref().unwrap_or("no answer")
+            );
+        };
+        let sets = entry.files.as_ref().map_or(&[][..], |f| &f.sets[..]);
+        let plan = PromotePlan {
+            leader: status.leader().unwrap_or(0),
+            term: view.term,
+            target: id,
+            must_apply: added_at,
+            target_applied: view.applied_index,
+            missing: sets
+                .iter()
+                .filter(|s| s.missing > 0)
+                .map(|s| (s.name.clone(), s.missing))
+                .collect(),
+            skipping: sets
+                .iter()
+                .filter(|s| s.skipping)
+                .map(|s| s.name.clone())
+                .collect(),
+        };
+        if plan.caught_up() {
+            "it has caught up; its promotion is under way".to_string()
+        } else {
+            plan.waiting_for()
+        }
     }
 
     /// Waits until entry `index` is applied on this node.
@@ -610,6 +736,7 @@ enum LeaderCall {
     Pause(PauseChange),
     Sync(SyncRequest),
     Rollback(RollbackRequest),
+    Member(MemberChangeRequest),
 }
 
 /// A rollback's plan followed by the report of each node, if any.
@@ -746,6 +873,30 @@ impl Admin for AdminService {
             term,
             plan: String::new(),
         }))
+    }
+
+    async fn member(
+        &self,
+        req: Request<MemberChangeRequest>,
+    ) -> Result<Response<MemberReply>, Status> {
+        require_admin(&req, "member")?;
+        let r = req.into_inner();
+        let wait = Duration::from_millis(if r.timeout_ms == 0 {
+            60_000
+        } else {
+            r.timeout_ms.min(3_600_000)
+        });
+        info!(
+            kind = %r.kind,
+            node = r.id,
+            "membership change requested by an administrator: {} node {}",
+            r.kind,
+            r.id
+        );
+        let (index, report) = AdminService::member(self, r, wait)
+            .await
+            .map_err(request_status)?;
+        Ok(Response::new(MemberReply { index, report }))
     }
 
     async fn conflicts(

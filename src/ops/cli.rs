@@ -85,6 +85,12 @@ pub enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// The cluster's members, and changes to them while it runs (add a
+    /// node, retire one, replace one with a new id).
+    Member {
+        #[command(subcommand)]
+        command: MemberCommand,
+    },
     /// Commit a no-op through the leader and wait until it is applied here:
     /// proves the cluster accepts changes.
     Barrier {
@@ -237,6 +243,56 @@ pub enum Command {
     Certs {
         #[command(subcommand)]
         command: CertsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum MemberCommand {
+    /// Every member: id, address, voter/learner/witness, reachable, and how
+    /// far it holds the leader's log.
+    List {
+        /// One JSON array of {"id", "addr", "role", "reachable", "match_index"}.
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value_t = 800)]
+        peer_timeout_ms: u64,
+    },
+    /// Add node ID, already started at ADDR with an empty data_dir and
+    /// `[node] join = true`: it joins as a learner, catches up (a snapshot,
+    /// then every committed file) and is promoted to voter by the leader;
+    /// exits 0 once it votes.
+    Add {
+        id: u64,
+        /// Its peer address as every node will dial it, HOST:PORT.
+        #[arg(long)]
+        addr: String,
+        /// Keep it a learner: a replica that never votes or leads (a DR copy).
+        #[arg(long, conflicts_with = "witness")]
+        learner: bool,
+        /// It is a witness (its config says `witness = true`): votes, holds no files.
+        #[arg(long)]
+        witness: bool,
+        /// How long to wait for it to catch up and be promoted.
+        #[arg(long, default_value_t = 600_000)]
+        timeout_ms: u64,
+    },
+    /// Remove node ID from the cluster (a leader hands over first); refused
+    /// when the remaining voters could not commit. Its files stay on its disk.
+    Remove {
+        id: u64,
+        #[arg(long, default_value_t = 30_000)]
+        timeout_ms: u64,
+    },
+    /// Replace voter OLD with NEW (started at ADDR with `[node] join =
+    /// true`): NEW joins as a learner and catches up, then one joint change
+    /// makes it a voter and removes OLD.
+    Replace {
+        old: u64,
+        new: u64,
+        #[arg(long)]
+        addr: String,
+        #[arg(long, default_value_t = 600_000)]
+        timeout_ms: u64,
     },
 }
 

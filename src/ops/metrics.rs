@@ -375,6 +375,7 @@ mod tests {
             first_index: 1,
             last_index: 121,
             stale_term_messages: 3,
+            members: Default::default(),
             progress: vec![
                 PeerProgress {
                     id: 1,
@@ -423,6 +424,7 @@ mod tests {
             last_index: 9,
             progress: vec![],
             stale_term_messages: 0,
+            members: Default::default(),
         };
         let files = FilesView {
             sets: vec![crate::core::status::SetView {
@@ -481,6 +483,7 @@ mod tests {
             first_index: 1,
             last_index: 50,
             stale_term_messages: 0,
+            members: Default::default(),
             progress: vec![],
         };
         let files = |seq: u64, bytes: u64| FilesView {
@@ -545,6 +548,7 @@ mod tests {
             last_index: 5,
             progress: vec![],
             stale_term_messages: 0,
+            members: Default::default(),
         };
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
         let text = render(&view, None, None, now - Duration::from_secs(60), now);

@@ -12,7 +12,7 @@ use raft::SnapshotStatus;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::core::config::NodeId;
-use crate::raft::core::{Command, CoreError, NodeView};
+use crate::raft::core::{Command, CoreError, MemberChange, NodeView};
 
 /// Why a request to the node failed, as one sentence for the user.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -73,6 +73,18 @@ pub enum NodeMsg {
         deadline: Instant,
         reply: oneshot::Sender<Result<(), RequestError>>,
     },
+    /// A membership change (leader only): checked against the committed
+    /// configuration, proposed, and answered with its entry's index once
+    /// applied here. A change that removes this leader is answered with
+    /// `Retry` after it starts handing leadership over.
+    ChangeMembership {
+        change: MemberChange,
+        deadline: Instant,
+        reply: oneshot::Sender<Result<u64, RequestError>>,
+    },
+    /// A peer that applied past this node's addition no longer lists it:
+    /// it was removed while it could not hear of it.
+    Removed(String),
     /// Delivery news from the transport.
     Link(LinkEvent),
     /// Liveness probe (systemd watchdog): answered as soon as it is read.
@@ -204,6 +216,31 @@ impl NodeHandle {
             .await
             .map_err(|_| RequestError::ShuttingDown)?;
         rx.await.map_err(|_| RequestError::ShuttingDown)?
+    }
+
+    /// Carries out a membership change through this node, which must be the
+    /// leader; resolves with its entry's index once applied here.
+    pub async fn change_membership(
+        &self,
+        change: MemberChange,
+        wait: Duration,
+    ) -> Result<u64, RequestError> {
+        let (reply, rx) = oneshot::channel();
+        let deadline = Instant::now() + wait;
+        self.inbox
+            .send(NodeMsg::ChangeMembership {
+                change,
+                deadline,
+                reply,
+            })
+            .await
+            .map_err(|_| RequestError::ShuttingDown)?;
+        rx.await.map_err(|_| RequestError::ShuttingDown)?
+    }
+
+    /// Tells the node it was removed from the cluster (see [`NodeMsg::Removed`]).
+    pub async fn report_removed(&self, why: String) {
+        let _ = self.inbox.send(NodeMsg::Removed(why)).await;
     }
 
     /// Whether the node task answers within `wait`: it is alive and not stuck.

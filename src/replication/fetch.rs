@@ -141,7 +141,7 @@ pub async fn run_fetcher(
             continue;
         }
         let view = node.view();
-        let mut order: Vec<NodeId> = transport.peers().collect();
+        let mut order: Vec<NodeId> = transport.peers();
         order.sort_by_key(|p| (Some(*p) != view.leader, *p));
         for ((set, path), want, primary) in wanted {
             // A hard link is made from its primary, never fetched: the
@@ -186,7 +186,8 @@ pub async fn run_fetcher(
                     }
                 }
             }
-            if !fetched && !shared.data_peers.is_empty() && shared.data_peers.is_subset(&lacking) {
+            let data_peers = shared.data_peers.read().unwrap().clone();
+            if !fetched && !data_peers.is_empty() && data_peers.is_subset(&lacking) {
                 let mut gone = shared.unobtainable.lock().unwrap();
                 if gone.insert((set.clone(), path.clone()), want) != Some(want) {
                     warn!(set = %set, path = %path, "no node holds the committed version {want} of {path} in sync set {set:?} any more (every copy was edited before it arrived); a leader will propose its own copy, and the other copies go to quarantine");

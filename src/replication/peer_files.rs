@@ -19,7 +19,7 @@ use crate::replication::staging::{StageFlush, StagingError};
 
 impl FileService for Shared {
     fn is_witness(&self, peer: NodeId) -> bool {
-        self.witness_peers.contains(&peer)
+        self.witness_peers.read().unwrap().contains(&peer)
     }
 
     fn holds_sets(&self) -> bool {

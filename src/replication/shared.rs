@@ -168,9 +168,10 @@ pub struct Shared {
     /// Peers that are witnesses: they hold no files, so they are never
     /// served any (a witness host, often the monitoring server, must not be
     /// able to read /etc/shadow through clusterd).
-    pub witness_peers: BTreeSet<NodeId>,
-    /// The other data nodes (voters that hold sync sets).
-    pub data_peers: BTreeSet<NodeId>,
+    /// Follows membership changes (the node task updates it).
+    pub witness_peers: RwLock<BTreeSet<NodeId>>,
+    /// The other data nodes (members that hold sync sets).
+    pub data_peers: RwLock<BTreeSet<NodeId>>,
     /// Missing paths whose committed version every other data node said it
     /// does not hold either (value: that digest): the version is gone from
     /// every tree (each node's copy was edited before it arrived), so a
@@ -469,19 +470,23 @@ pub fn open_shared(config: &Config) -> Result<Arc<Shared>, FilesStoreError> {
     let shared = Arc::new(Shared {
         node_id: config.node.id,
         witness: config.node.witness,
-        data_peers: config
-            .peers
-            .iter()
-            .filter(|p| !p.witness)
-            .map(|p| p.id)
-            .collect(),
+        data_peers: RwLock::new(
+            config
+                .peers
+                .iter()
+                .filter(|p| !p.witness)
+                .map(|p| p.id)
+                .collect(),
+        ),
         unobtainable: Mutex::new(HashMap::new()),
-        witness_peers: config
-            .peers
-            .iter()
-            .filter(|p| p.witness)
-            .map(|p| p.id)
-            .collect(),
+        witness_peers: RwLock::new(
+            config
+                .peers
+                .iter()
+                .filter(|p| p.witness)
+                .map(|p| p.id)
+                .collect(),
+        ),
         sets,
         manifest: RwLock::new(manifest),
         missing: Mutex::new(missing),

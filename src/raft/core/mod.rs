@@ -15,7 +15,8 @@ use raft::{GetEntriesContext, RawNode, StateRole, Storage};
 
 use crate::core::config::{NodeId, RaftTimers};
 use crate::core::manifest::{Chunk, FileBatch, Pause};
-pub use crate::core::status::{NodeView, PeerProgress, Role};
+pub use crate::core::members::{MemberChange, Membership};
+pub use crate::core::status::{MemberView, NodeView, PeerProgress, Role};
 
 /// Durable storage the core needs beyond `raft::Storage`'s read side.
 /// Every method returns only once what it wrote is durable (fsync'd).
@@ -38,6 +39,8 @@ pub trait LogStore: Storage {
     /// write: a restart neither replays the change onto a membership that
     /// has it nor starts from one that lacks it.
     fn set_conf_state(&self, conf_state: &ConfState, at: u64) -> Result<(), Self::Error>;
+    /// The membership of the snapshot a follower behind the log is sent.
+    fn snapshot_conf_state(&self) -> ConfState;
 }
 
 /// What the state machine is told about a committed entry.
@@ -317,6 +320,9 @@ pub struct RaftCore<S: LogStore> {
     last_role: Option<RoleChange>,
     /// Messages from an older term seen since start (for status).
     stale_term_messages: u64,
+    /// Answers the core makes itself, sent with the next `Ready`'s messages
+    /// (a joining node's refusal of log entries).
+    outbox: Vec<Message>,
     /// The stale term last logged per sender, so a deposed leader's
     /// heartbeats are logged once per term instead of ten times a second.
     stale_logged: std::collections::HashMap<NodeId, u64>,
@@ -388,6 +394,7 @@ impl<S: LogStore> RaftCore<S> {
             options,
             last_role: None,
             stale_term_messages: 0,
+            outbox: Vec::new(),
             stale_logged: std::collections::HashMap::new(),
             bytes_since_compaction: 0,
             last_snapshot_len: 0,
@@ -432,6 +439,30 @@ impl<S: LogStore> RaftCore<S> {
             );
             message.commit = last;
         }
+        if message.get_msg_type() == MessageType::MsgAppend && self.is_joining_empty() {
+            // A node that joins knows no members and holds no log: entries
+            // from index 1 would replay the first membership change onto
+            // an empty configuration (bootstrap stored the founders outside
+            // the log), leaving it a cluster of its own. Refusing them with
+            // a hint of 0 makes the leader fall back to the first index,
+            // and, once it compacted past the change that added this node,
+            // to a snapshot that lists it. Entries from the very start are
+            // dropped without an answer: the leader then tries again once
+            // per heartbeat rather than at once, until it has compacted.
+            if message.index == 0 {
+                return Ok(());
+            }
+            let mut refusal = Message::default();
+            refusal.set_msg_type(MessageType::MsgAppendResponse);
+            refusal.to = message.from;
+            refusal.from = self.raw.raft.id;
+            refusal.term = message.term;
+            refusal.index = message.index;
+            refusal.reject = true;
+            refusal.reject_hint = 0;
+            self.outbox.push(refusal);
+            return Ok(());
+        }
         match self.raw.step(message) {
             // Stale or misdirected messages are normal after restarts and partitions.
             Ok(()) | Err(raft::Error::StepPeerNotFound) | Err(raft::Error::StepLocalMsg) => Ok(()),
@@ -454,6 +485,66 @@ impl<S: LogStore> RaftCore<S> {
             )),
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// Proposes an administrator's (or a promotion's) membership change:
+    /// an added member's address travels in the change's context, and a
+    /// promotion that replaces a voter is one joint change that raft-rs
+    /// leaves by itself once it applies.
+    pub fn propose_member_change(&mut self, change: &MemberChange) -> Result<(), CoreError> {
+        let single = |id: NodeId, kind: ConfChangeType| {
+            let mut c = ConfChangeSingle::default();
+            c.node_id = id;
+            c.set_change_type(kind);
+            c
+        };
+        let (changes, context) = match change {
+            MemberChange::Add(info) => (
+                vec![single(info.id, ConfChangeType::AddLearnerNode)],
+                crate::core::members::encode_context(std::slice::from_ref(info)),
+            ),
+            MemberChange::Promote { id, replaces } => {
+                let mut v = vec![single(*id, ConfChangeType::AddNode)];
+                if let Some(old) = replaces {
+                    v.push(single(*old, ConfChangeType::RemoveNode));
+                }
+                (v, Vec::new())
+            }
+            MemberChange::Remove(id) => (vec![single(*id, ConfChangeType::RemoveNode)], Vec::new()),
+        };
+        let mut cc = ConfChangeV2::default();
+        cc.set_changes(changes.into());
+        cc.set_transition(ConfChangeTransition::Auto);
+        self.propose_membership(cc, context)
+    }
+
+    /// Whether this node knows no members and holds no log: it waits to
+    /// be added, and must start from a snapshot.
+    pub fn is_joining_empty(&self) -> bool {
+        let conf = self.raw.raft.prs().conf().to_conf_state();
+        conf.voters.is_empty()
+            && conf.learners.is_empty()
+            && self.raw.raft.raft_log.last_index() == 0
+    }
+
+    /// Whether a learner that holds nothing yet has no snapshot listing it
+    /// to start from: the stored snapshot predates the change that added it
+    /// (and raft-rs on the new node refuses a snapshot that does not list
+    /// it, while log entries from the start would replay the founding
+    /// membership wrong: see [`RaftCore::is_joining_empty`]). The leader
+    /// then compacts anew, whatever the other followers hold.
+    pub fn snapshot_predates_a_member(&self) -> bool {
+        if !self.is_leader() {
+            return false;
+        }
+        let conf = self.raw.store().snapshot_conf_state();
+        let learners = self.raw.raft.prs().conf().to_conf_state().learners;
+        self.raw.raft.prs().iter().any(|(&id, pr)| {
+            learners.contains(&id)
+                && pr.matched == 0
+                && !conf.voters.contains(&id)
+                && !conf.learners.contains(&id)
+        })
     }
 
     /// Proposes a change of members (raft-rs's joint consensus when it
@@ -631,9 +722,35 @@ impl<S: LogStore> RaftCore<S> {
 
     pub fn view(&self) -> NodeView {
         let raft = &self.raw.raft;
+        let conf = raft.prs().conf().to_conf_state();
+        let mut voters: Vec<NodeId> = conf.voters.clone();
+        voters.extend(
+            conf.voters_outgoing
+                .iter()
+                .filter(|v| !conf.voters.contains(v)),
+        );
+        voters.sort_unstable();
+        let mut learners = conf.learners.clone();
+        learners.extend(&conf.learners_next);
+        learners.sort_unstable();
+        learners.dedup();
+        let member = if voters.contains(&raft.id) {
+            if self.options.witness {
+                Membership::Witness
+            } else {
+                Membership::Voter
+            }
+        } else if learners.contains(&raft.id) {
+            Membership::Learner
+        } else if voters.is_empty() {
+            Membership::Joining
+        } else {
+            Membership::Removed
+        };
         let role = match raft.state {
             StateRole::Leader => Role::Leader,
             _ if self.options.witness => Role::Witness,
+            _ if member == Membership::Learner => Role::Learner,
             StateRole::Follower => Role::Follower,
             StateRole::Candidate | StateRole::PreCandidate => Role::Candidate,
         };
@@ -664,6 +781,13 @@ impl<S: LogStore> RaftCore<S> {
             first_index: raft.raft_log.first_index(),
             last_index: raft.raft_log.last_index(),
             progress,
+            members: MemberView {
+                voters,
+                learners,
+                // Known to the node layer: it fills them in.
+                witnesses: Vec::new(),
+                member,
+            },
         }
     }
 
@@ -698,6 +822,7 @@ impl<S: LogStore> RaftCore<S> {
     /// log, so a crash before they are applied replays them.
     pub fn handle_ready_deferred(&mut self) -> Result<CoreOutput, CoreError> {
         let mut out = CoreOutput::default();
+        out.messages.append(&mut self.outbox);
         self.leave_joint_if_stuck();
         if self.raw.has_ready() {
             let mut ready = self.raw.ready();

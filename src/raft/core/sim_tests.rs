@@ -88,6 +88,10 @@ impl LogStore for MemLog {
         *self.applied.lock().unwrap() = index;
         Ok(())
     }
+    fn snapshot_conf_state(&self) -> ConfState {
+        // MemStorage builds its snapshot from the current membership.
+        self.mem.initial_state().expect("in memory").conf_state
+    }
 }
 
 /// Records what was applied, so tests can compare nodes.
@@ -594,6 +598,11 @@ mod membership {
             self.barrier(leader, 1000 + id).unwrap();
             let applied = self.core(leader).view().applied_index;
             self.core_mut(leader).compact(applied, Vec::new()).unwrap();
+            self.start_empty_node(id);
+        }
+
+        /// Starts node `id` with an empty log and no membership.
+        fn start_empty_node(&mut self, id: NodeId) {
             let log = MemLog {
                 mem: MemStorage::new(),
                 applied: Arc::new(Mutex::new(0)),
@@ -652,6 +661,44 @@ mod membership {
         let all: Vec<NodeId> = (1..=voters).collect();
         sim.settle_members(&all, &[learner]);
         (sim, leader)
+    }
+
+    /// A node that joins empty takes no log entries while the leader's
+    /// snapshot predates it: replaying the log from index 1 would apply the
+    /// first membership change to no members at all (the founders were
+    /// stored at bootstrap, outside the log) and leave it a cluster of its
+    /// own. Once the leader compacts, it starts from a snapshot listing it.
+    #[test]
+    fn a_joining_node_takes_no_entries_before_a_snapshot_that_lists_it() {
+        let mut sim = Sim::new(3);
+        let leader = sim.elect();
+        sim.barrier(leader, 7).unwrap();
+        assert_eq!(sim.core(leader).view().first_index, 1, "never compacted");
+        sim.start_empty_node(4);
+        sim.change_members(
+            leader,
+            change(vec![single(4, ConfChangeType::AddLearnerNode)]),
+        )
+        .unwrap();
+        for _ in 0..30 {
+            sim.tick();
+            let joiner = sim.core(4);
+            assert!(
+                joiner.is_joining_empty(),
+                "node 4 took entries without a snapshot: {:?}",
+                joiner.view().members
+            );
+        }
+        // (The simulation's storage builds each snapshot from the current
+        // membership, so `snapshot_predates_a_member` is RaftStore's to test.)
+        let applied = sim.core(leader).view().applied_index;
+        sim.core_mut(leader).compact(applied, Vec::new()).unwrap();
+        sim.settle_members(&[1, 2, 3], &[4]);
+        assert_eq!(
+            sim.nodes[&4].sm.restored.len(),
+            1,
+            "it started from a snapshot"
+        );
     }
 
     /// Two voters and a learner: with the other voter down, the leader and

@@ -77,6 +77,12 @@ pub const KEY_SNAPSHOT_META: &[u8] = b"snapshot_meta";
 pub const KEY_SNAPSHOT_DATA: &[u8] = b"snapshot_data";
 /// State machine's applied index, u64 big-endian.
 pub const KEY_APPLIED: &[u8] = b"applied";
+/// The membership directory (`core::members::Directory`), JSON: addresses
+/// and kinds of members added at runtime.
+pub const KEY_MEMBERS: &[u8] = b"members";
+/// Why this node no longer belongs to the cluster (UTF-8), once it learned
+/// it was removed; absent while it is a member.
+pub const KEY_REMOVED: &[u8] = b"removed";
 
 /// The context to read entries with their data (`RaftStore::entries` gives
 /// other contexts only headers): the applier, diagnostics and tests.
@@ -230,6 +236,11 @@ struct Cache {
     /// raft-rs reads their type and data (its pending-change checks, and a
     /// `Ready`'s committed entries, which the core applies itself).
     membership_entries: std::collections::BTreeSet<u64>,
+    /// The index of the membership in `conf_state` (its change's entry, or
+    /// the installed snapshot's index); 0 when it came from bootstrap or a
+    /// reopen. A compaction below it would store a membership that is not
+    /// the one in force at its index.
+    conf_state_at: u64,
 }
 
 /// The terms of a suffix of the log, one run per term: entries
@@ -649,6 +660,7 @@ impl RaftStore {
         }
         self.write(batch, "storing the membership")?;
         cache.conf_state = cs.clone();
+        cache.conf_state_at = at;
         if raise_applied {
             cache.applied = at;
         }
@@ -715,6 +727,7 @@ impl RaftStore {
 
         cache.snapshot_meta = meta.clone();
         cache.conf_state = meta.get_conf_state().clone();
+        cache.conf_state_at = meta.index;
         cache.hard_state = hs;
         cache.first_index = meta.index + 1;
         cache.last_index = meta.index;
@@ -760,6 +773,12 @@ impl RaftStore {
                 cache.hard_state.commit, cache.applied
             )));
         }
+        if index < cache.conf_state_at {
+            return Err(self.rejected(format!(
+                "compacting to {index}, below the membership change at entry {} (the snapshot would carry a membership that was not in force at its index); take a new snapshot",
+                cache.conf_state_at
+            )));
+        }
         let term = self.term_in(&cache, index)?;
         let mut meta = SnapshotMetadata {
             index,
@@ -784,6 +803,47 @@ impl RaftStore {
         cache.terms.compact(index + 1);
         cache.membership_entries = cache.membership_entries.split_off(&(index + 1));
         Ok(())
+    }
+
+    /// The membership directory: every member added at runtime, with its
+    /// address (empty when none was ever added).
+    pub fn directory(&self) -> Result<crate::core::members::Directory, StorageError> {
+        match get_state(&self.inner.db, &self.inner.path, KEY_MEMBERS)? {
+            None => Ok(Default::default()),
+            Some(bytes) => {
+                crate::core::members::Directory::decode(&bytes).map_err(|e| StorageError::Corrupt {
+                    path: self.inner.path.clone(),
+                    key: state_key_name(KEY_MEMBERS),
+                    reason: e.to_string(),
+                })
+            }
+        }
+    }
+
+    /// Stores `directory` (replacing the stored one); durable when it returns.
+    pub fn set_directory(
+        &self,
+        directory: &crate::core::members::Directory,
+    ) -> Result<(), StorageError> {
+        let _cache = self.write_cache("state/members")?;
+        let mut batch = WriteBatch::default();
+        batch.put_cf(self.cf(CF_STATE)?, KEY_MEMBERS, directory.encode());
+        self.write(batch, "storing the membership directory")
+    }
+
+    /// Why this node was removed from the cluster, if it learned it was.
+    pub fn removed(&self) -> Result<Option<String>, StorageError> {
+        Ok(get_state(&self.inner.db, &self.inner.path, KEY_REMOVED)?
+            .map(|b| String::from_utf8_lossy(&b).into_owned()))
+    }
+
+    /// Records that this node was removed (`why`, for status and the log
+    /// after a restart); durable when it returns.
+    pub fn set_removed(&self, why: &str) -> Result<(), StorageError> {
+        let _cache = self.write_cache("state/removed")?;
+        let mut batch = WriteBatch::default();
+        batch.put_cf(self.cf(CF_STATE)?, KEY_REMOVED, why.as_bytes());
+        self.write(batch, "recording the removal of this node")
     }
 
     /// The state machine's applied index as last stored by
@@ -1349,6 +1409,9 @@ fn load_cache(db: &Db, path: &Path) -> Result<Cache, StorageError> {
             runs: vec![(last_index, last_term)],
         },
         membership_entries: last_is_membership.into_iter().collect(),
+        // Every membership change is applied by now (the applied index
+        // was raised with it), so a snapshot taken from here on is past it.
+        conf_state_at: 0,
     })
 }
 
@@ -1378,6 +1441,9 @@ impl LogStore for RaftStore {
     }
     fn set_conf_state(&self, conf_state: &ConfState, at: u64) -> Result<(), Self::Error> {
         RaftStore::set_conf_state(self, conf_state, at)
+    }
+    fn snapshot_conf_state(&self) -> ConfState {
+        self.snapshot_metadata().get_conf_state().clone()
     }
 }
 

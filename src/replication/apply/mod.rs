@@ -410,11 +410,20 @@ impl Applier {
     }
 
     fn apply_up_to(&mut self, up_to: u64) -> Result<(), ApplyError> {
+        let mut first_page = true;
         loop {
             let applied = self.shared.applied.load(Ordering::SeqCst);
             if applied >= up_to {
+                if first_page {
+                    // Applied before a restart (the applier's index is
+                    // stored apart from the log's): the log must still
+                    // hear of it, or a membership change among these
+                    // entries stays queued in the Raft core for ever.
+                    let _ = self.out.send(Applied::Index(up_to));
+                }
                 return Ok(());
             }
+            first_page = false;
             let read = self.log.entries(
                 applied + 1,
                 up_to + 1,

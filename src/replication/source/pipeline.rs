@@ -258,12 +258,14 @@ pub(super) fn start_staging(
     versions: Arc<Vec<StagedVersion>>,
 ) -> tokio::task::JoinHandle<bool> {
     let view = node.view();
-    let voters = view.progress.len();
+    // Learners receive staged content too but are no part of the quorum.
+    let voters = view.members.voters.len().max(1);
     let needed = voters.saturating_sub(voters / 2 + 1).max(1);
+    let witnesses = shared.witness_peers.read().unwrap().clone();
     let data_peers: Vec<u64> = view
         .progress
         .iter()
-        .filter(|p| p.id != view.id && !shared.witness_peers.contains(&p.id))
+        .filter(|p| p.id != view.id && !witnesses.contains(&p.id))
         .map(|p| p.id)
         .collect();
     let targets: Vec<u64> = data_peers
