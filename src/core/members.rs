@@ -184,7 +184,19 @@ impl MemberChange {
     /// Checks the change against the committed configuration.
     pub fn check(&self, state: &MembershipState) -> Result<(), String> {
         match self {
-            MemberChange::Add(info) => state.check_add(info.id),
+            MemberChange::Add(info) => {
+                state.check_add(info.id)?;
+                match info.replaces {
+                    Some(old) if old == info.id => Err(format!(
+                        "node {old} cannot replace itself; give the new node another id"
+                    )),
+                    Some(old) if !state.voters.contains(&old) => Err(format!(
+                        "node {old} is not a voter of this cluster (voters: {}), so there is nothing to replace",
+                        list(&state.voters)
+                    )),
+                    _ => Ok(()),
+                }
+            }
             MemberChange::Promote { id, replaces } => state.check_promote(*id, *replaces),
             MemberChange::Remove(id) => state.check_remove(*id),
         }
@@ -281,7 +293,10 @@ impl MembershipState {
         if after.is_empty() {
             return Err(format!("{what} would leave no voters"));
         }
+        // Growing from one voter passes through two: refuse two only when
+        // a change shrinks the voters to them.
         if after.len() == 2
+            && after.len() < self.voters.len()
             && !after.iter().any(|v| self.witnesses.contains(v))
             && !self.allow_two_node
         {
@@ -435,6 +450,29 @@ mod tests {
         let mut s = state(&[1, 2, 3], &[], &[1, 2, 3]);
         s.witnesses.extend([2, 3]);
         assert!(s.check_remove(1).unwrap_err().contains("only witnesses"));
+    }
+
+    #[test]
+    fn a_replacement_must_name_another_current_voter() {
+        let s = state(&[1, 2, 3], &[], &[1, 2, 3]);
+        let add = |replaces| {
+            MemberChange::Add(MemberInfo {
+                replaces: Some(replaces),
+                ..info(4)
+            })
+        };
+        assert!(add(3).check(&s).is_ok());
+        assert!(add(9).check(&s).unwrap_err().contains("not a voter"));
+        assert!(add(4)
+            .check(&s)
+            .unwrap_err()
+            .contains("cannot replace itself"));
+    }
+
+    #[test]
+    fn a_single_voter_grows_through_two() {
+        let s = state(&[1], &[2], &[1]);
+        assert!(s.check_promote(2, None).is_ok());
     }
 
     #[test]

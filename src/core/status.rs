@@ -72,6 +72,9 @@ pub struct MemberView {
     /// What this node is to the cluster (a joining node waits, a removed
     /// one stays out).
     pub member: crate::core::members::Membership,
+    /// How this node's `[[peer]]` list differs from the committed members
+    /// (which rule), for status and check to name.
+    pub config_differs: Option<String>,
 }
 
 /// Every node's view as gathered by one node.
@@ -563,6 +566,23 @@ impl ClusterStatus {
             rows.push(row);
         }
         out.push_str(&aligned(&rows));
+        for n in &self.nodes {
+            let Some(v) = &n.view else { continue };
+            match v.members.member {
+                crate::core::members::Membership::Joining => out.push_str(&format!(
+                    "node {} is waiting to be added: run `clusterctl member add {} --addr HOST:PORT` on a member\n",
+                    n.id, n.id
+                )),
+                crate::core::members::Membership::Removed => out.push_str(&format!(
+                    "node {} was removed from the cluster: it replicates nothing, and its files stay as they are\n",
+                    n.id
+                )),
+                _ => {}
+            }
+            if let Some(differs) = &v.members.config_differs {
+                out.push_str(&format!("node {}: {differs}\n", n.id));
+            }
+        }
         self.sets_table(&mut out);
         let now = unix_seconds(std::time::SystemTime::now());
         for n in &self.nodes {
@@ -911,6 +931,15 @@ pub fn check(status: &ClusterStatus, t: &CheckThresholds, now_unix: u64) -> (Che
             CheckCode::Ok,
             format!("{reachable}/{total} nodes reachable"),
         );
+    }
+    for n in &status.nodes {
+        if let Some(differs) = n
+            .view
+            .as_ref()
+            .and_then(|v| v.members.config_differs.as_ref())
+        {
+            raise(CheckCode::Warning, format!("node {}: {differs}", n.id));
+        }
     }
     if let Some(lag) = max_lag {
         let c = if lag >= t.lag_crit {

@@ -131,7 +131,7 @@ pub async fn lead_member_change(
         let known =
             view.members.voters.contains(&info.id) || view.members.learners.contains(&info.id);
         if !known {
-            probe_joining_node(transport, info.id, &info.addr).await?;
+            probe_joining_node(transport, info, req.witness).await?;
         }
     }
     node.change_membership(change, wait_of(req.timeout_ms))
@@ -142,11 +142,12 @@ pub async fn lead_member_change(
 /// it must prove it is node `id` and hold no Raft log yet.
 async fn probe_joining_node(
     transport: &Transport,
-    id: NodeId,
-    addr: &str,
+    info: &crate::core::members::MemberInfo,
+    witness: bool,
 ) -> Result<(), RequestError> {
+    let (id, addr) = (info.id, info.addr.as_str());
     let mut client = transport.probe_client(id, addr);
-    let mut req = Request::new(NodeStatusRequest {});
+    let mut req = Request::new(NodeStatusRequest::default());
     req.set_timeout(JOIN_PROBE_TIMEOUT);
     let answer = tokio::time::timeout(JOIN_PROBE_TIMEOUT, client.node_status(req)).await;
     let view = match answer {
@@ -164,6 +165,13 @@ async fn probe_joining_node(
             )))
         }
     };
+    if (view.role == "witness") != witness {
+        return Err(RequestError::Invalid(if witness {
+            format!("node {id} at {addr} is not a witness (its config lacks `witness = true`); add it without --witness, or make it a witness first")
+        } else {
+            format!("node {id} at {addr} is a witness (its config says `witness = true`); add it with --witness")
+        }));
+    }
     if view.last_index > 0 || (view.member != "joining" && !view.member.is_empty()) {
         return Err(RequestError::Invalid(format!(
             "node {id} at {addr} already holds a Raft log (it is a {}, at entry {}); a joining node must start with an empty data_dir and `[node] join = true`",
@@ -287,6 +295,24 @@ pub struct PeerService {
 }
 
 impl PeerService {
+    /// The caller's identity, if it is still a member (a removed node keeps
+    /// its certificate, and may keep a connection opened before).
+    fn member_identity<T>(&self, req: &Request<T>) -> Result<PeerIdentity, Status> {
+        let who = identity(req)?;
+        if !self.transport.admits(who.node_id, &self.node.view()) {
+            warn!(
+                peer = who.node_id,
+                "refused a request of node {}: it is not a member of this cluster (any more)",
+                who.node_id
+            );
+            return Err(Status::permission_denied(format!(
+                "node {} is not a member of this cluster",
+                who.node_id
+            )));
+        }
+        Ok(who)
+    }
+
     pub fn server(
         node: NodeHandle,
         transport: Transport,
@@ -380,7 +406,7 @@ impl Peer for PeerService {
         &self,
         req: Request<MemberChangeRequest>,
     ) -> Result<Response<MemberChangeReply>, Status> {
-        let who = identity(&req)?;
+        let who = self.member_identity(&req)?;
         info!(
             peer = who.node_id,
             "membership change forwarded by node {}: {:?}",
@@ -420,7 +446,7 @@ impl Peer for PeerService {
         &self,
         req: Request<QuarantinedRequest>,
     ) -> Result<Response<QuarantinedReply>, Status> {
-        let who = identity(&req)?;
+        let who = self.member_identity(&req)?;
         if self.files.is_witness(who.node_id) {
             warn!(
                 peer = who.node_id,
@@ -446,7 +472,7 @@ impl Peer for PeerService {
         &self,
         req: Request<FetchRequest>,
     ) -> Result<Response<Self::FetchStream>, Status> {
-        let who = identity(&req)?;
+        let who = self.member_identity(&req)?;
         if self.files.is_witness(who.node_id) {
             warn!(peer = who.node_id, remote = %who.remote, "refused a file fetch from peer {}: it is a witness, which holds no files", who.node_id);
             return Err(Status::permission_denied(
@@ -528,9 +554,32 @@ impl Peer for PeerService {
 
     async fn node_status(
         &self,
-        _req: Request<NodeStatusRequest>,
+        req: Request<NodeStatusRequest>,
     ) -> Result<Response<NodeView>, Status> {
-        let mut view: NodeView = (&self.node.view()).into();
+        let current = self.node.view();
+        if !req.get_ref().members.is_empty()
+            && current.members.member == crate::raft::core::Membership::Joining
+        {
+            // Only a node that knows no members yet takes addresses this way;
+            // the snapshot it starts from brings the stored directory.
+            let who = identity(&req)?;
+            let members = crate::net::proto::member_addresses(&req.get_ref().members);
+            info!(
+                peer = who.node_id,
+                "joining: node {} introduced the members {}",
+                who.node_id,
+                members
+                    .iter()
+                    .map(|m| format!("{} at {}", m.id, m.addr))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            self.transport.learn(&members);
+        }
+        let mut view: NodeView = (&current).into();
+        // A member that lags, or that a new member's connections reach
+        // before it applied that member's addition, learns addresses here.
+        view.addresses = crate::net::proto::introductions(&self.transport.book());
         view.uptime_ms = self.node.uptime().as_millis() as u64;
         view.cert_not_after_unix = crate::core::status::unix_seconds(self.node.cert_not_after());
         view.files = Some((&self.files.files_view()).into());

@@ -119,6 +119,8 @@ impl From<&NodeView> for peer::NodeView {
             voters: v.members.voters.clone(),
             learners: v.members.learners.clone(),
             witnesses: v.members.witnesses.clone(),
+            config_differs: v.members.config_differs.clone().unwrap_or_default(),
+            addresses: Vec::new(),
             member: v.members.member.as_str().to_string(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             uptime_ms: 0,
@@ -154,6 +156,7 @@ impl From<&peer::NodeView> for NodeView {
                 voters: v.voters.clone(),
                 learners: v.learners.clone(),
                 witnesses: v.witnesses.clone(),
+                config_differs: (!v.config_differs.is_empty()).then(|| v.config_differs.clone()),
                 // A peer of an earlier version says nothing: it is a voter.
                 member: crate::core::members::Membership::parse(&v.member).unwrap_or_default(),
             },
@@ -419,4 +422,34 @@ pub fn member_change(req: &peer::MemberChangeRequest) -> Result<MemberChange, St
             "unknown membership change {other:?} (a newer clusterctl?); use add or remove"
         )),
     }
+}
+
+/// The members a leader introduces to a joining node (see
+/// `NodeStatusRequest::members`), as the transport takes them.
+pub fn member_addresses(members: &[peer::MemberAddress]) -> Vec<MemberInfo> {
+    members
+        .iter()
+        .filter(|m| m.id != 0 && !m.addr.is_empty())
+        .map(|m| MemberInfo {
+            id: m.id,
+            addr: m.addr.clone(),
+            witness: m.witness,
+            keep_learner: false,
+            replaces: None,
+            added_at: m.added_at,
+        })
+        .collect()
+}
+
+/// What a leader tells a joining node of the members it knows.
+pub fn introductions(members: &[MemberInfo]) -> Vec<peer::MemberAddress> {
+    members
+        .iter()
+        .map(|m| peer::MemberAddress {
+            id: m.id,
+            addr: m.addr.clone(),
+            witness: m.witness,
+            added_at: m.added_at,
+        })
+        .collect()
 }

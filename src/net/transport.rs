@@ -149,11 +149,17 @@ impl Transport {
     }
 
     /// Adds members (or new addresses of known ones): a link to each, and
-    /// its entry in the address book. This node's own entry is ignored.
+    /// its entry in the address book (this node's own entry goes only to
+    /// the book).
     /// Must be called inside a tokio runtime.
     pub fn learn(&self, members: &[MemberInfo]) {
         let me = self.inner.view.borrow().id;
-        for member in members.iter().filter(|m| m.id != me) {
+        for member in members {
+            if member.id == me {
+                // Known, so it can be introduced to joining nodes; no link.
+                self.inner.book.write().unwrap().insert(me, member.clone());
+                continue;
+            }
             let same_addr = self
                 .inner
                 .links
@@ -208,9 +214,40 @@ impl Transport {
         self.inner.book.read().unwrap().contains_key(&peer)
     }
 
+    /// Whether `peer` may connect and be served, given this node's `view`:
+    /// a member of the configuration it applied, one whose addition it
+    /// holds but has not applied yet, or anyone of the cluster CA while
+    /// this node waits to join (the leader that adds it may have joined
+    /// after its config was written). A removed member is refused.
+    pub fn admits(&self, peer: NodeId, view: &NodeView) -> bool {
+        let m = &view.members;
+        if m.member == crate::core::members::Membership::Joining {
+            return true;
+        }
+        if m.voters.contains(&peer) || m.learners.contains(&peer) {
+            return true;
+        }
+        // Before its first configuration is published (at start).
+        if m.voters.is_empty() {
+            return self.knows(peer);
+        }
+        self.inner
+            .book
+            .read()
+            .unwrap()
+            .get(&peer)
+            .is_some_and(|info| info.added_at > view.applied_index)
+    }
+
     /// What this node knows of `peer`: address, kind, how it joined.
     pub fn member(&self, peer: NodeId) -> Option<MemberInfo> {
         self.inner.book.read().unwrap().get(&peer).cloned()
+    }
+
+    /// Every member in the address book, this node's own entry included
+    /// when its address is known.
+    pub fn book(&self) -> Vec<MemberInfo> {
+        self.inner.book.read().unwrap().values().cloned().collect()
     }
 
     /// The known witnesses (which vote but hold no files).

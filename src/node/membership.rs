@@ -79,7 +79,14 @@ async fn promote_ready_learners(
         if info.keep_learner {
             continue;
         }
-        let Some(status) = ask_status(transport, id).await else {
+        // Until it holds the members, a joining learner knows only its
+        // `[[peer]]` list: tell it every address, this leader's included.
+        let introduce = if learner_is_empty(transport, id) {
+            transport.book()
+        } else {
+            Vec::new()
+        };
+        let Some(status) = ask_status(transport, id, &introduce).await else {
             continue;
         };
         let learner: NodeView = (&status).into();
@@ -125,12 +132,24 @@ pub fn learner_caught_up(learner: &NodeView, files: Option<&FilesView>, added_at
     learner.applied_index >= added_at.max(1) && sets.iter().all(|s| s.missing == 0 && !s.skipping)
 }
 
+/// Whether `id` has reported no applied entry to this node yet.
+fn learner_is_empty(transport: &Transport, id: NodeId) -> bool {
+    transport
+        .peer_applied(id)
+        .is_none_or(|(applied, _)| applied == 0)
+}
+
+/// `id`'s status; `introduce` (members and addresses) goes with the
+/// question, for a node that is joining.
 async fn ask_status(
     transport: &Transport,
     id: NodeId,
+    introduce: &[crate::core::members::MemberInfo],
 ) -> Option<crate::net::proto::peer::NodeView> {
     let mut client = transport.client(id)?;
-    let mut req = tonic::Request::new(NodeStatusRequest {});
+    let mut req = tonic::Request::new(NodeStatusRequest {
+        members: crate::net::proto::introductions(introduce),
+    });
     req.set_timeout(ASK_TIMEOUT);
     match tokio::time::timeout(ASK_TIMEOUT, client.node_status(req)).await {
         Ok(Ok(reply)) => Some(reply.into_inner()),
@@ -138,15 +157,47 @@ async fn ask_status(
     }
 }
 
-/// Whether some member that applied past everything this node holds no
-/// longer lists it (it was removed while it could not hear of it): the
-/// reason, if so.
+fn is_member(view: &NodeView) -> bool {
+    matches!(
+        view.members.member,
+        Membership::Voter | Membership::Learner | Membership::Witness
+    )
+}
+
+/// Looks around when no leader is heard: learns the members added while
+/// this node was away (their connections are refused until it knows
+/// them), and whether some member that applied past everything this node
+/// holds no longer lists it (it was removed while it could not hear of
+/// it): the reason, if so.
 async fn removed_while_away(transport: &Transport, view: &NodeView) -> Option<String> {
     for peer in transport.peers() {
-        let Some(status) = ask_status(transport, peer).await else {
+        let Some(status) = ask_status(transport, peer, &[]).await else {
             continue;
         };
         let theirs: NodeView = (&status).into();
+        // A member added while this node was away (perhaps the leader now)
+        // is refused until this node knows it: take its address from a
+        // member that applied its addition.
+        let unknown: Vec<_> = crate::net::proto::member_addresses(&status.addresses)
+            .into_iter()
+            .filter(|m| {
+                !transport.knows(m.id)
+                    && (theirs.members.voters.contains(&m.id)
+                        || theirs.members.learners.contains(&m.id))
+            })
+            .collect();
+        if !unknown.is_empty() && is_member(&theirs) {
+            info!(
+                peer,
+                "learned from node {peer} of members added while this node was away: {}",
+                unknown
+                    .iter()
+                    .map(|m| format!("{} at {}", m.id, m.addr))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            transport.learn(&unknown);
+        }
         if removed_by(&theirs, view) {
             return Some(format!(
                 "node {peer}, which applied entry {} (past this node's last entry {}), no longer lists it among the members",
@@ -162,10 +213,8 @@ async fn removed_while_away(transport: &Transport, view: &NodeView) -> Option<St
 /// entry `mine` holds (so past the change that added it), and lists it
 /// neither as voter nor as learner.
 pub fn removed_by(theirs: &NodeView, mine: &NodeView) -> bool {
-    matches!(
-        theirs.members.member,
-        Membership::Voter | Membership::Learner | Membership::Witness
-    ) && theirs.leader.is_some()
+    is_member(theirs)
+        && theirs.leader.is_some()
         && !theirs.members.voters.is_empty()
         && theirs.applied_index >= mine.last_index
         && !theirs.members.voters.contains(&mine.id)
@@ -194,6 +243,7 @@ mod tests {
                 voters: voters.to_vec(),
                 learners: learners.to_vec(),
                 witnesses: Vec::new(),
+                config_differs: None,
                 member: Membership::Voter,
             },
         }

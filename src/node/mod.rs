@@ -70,6 +70,8 @@ pub enum NodeError {
     PeerServer(tonic::transport::Error),
     #[error(transparent)]
     Files(#[from] crate::replication::files_store::FilesStoreError),
+    #[error("the leader's snapshot at index {index} is unusable ({why}); exiting so the service manager restarts the node, which asks for it again")]
+    BadSnapshot { index: u64, why: String },
     #[error("applying committed file changes failed: {0}; exiting so the service manager restarts the node from its durable state")]
     Apply(#[source] crate::replication::apply::ApplyError),
 }

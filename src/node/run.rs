@@ -86,8 +86,38 @@ pub fn open_storage(
 /// added at runtime (from the stored directory and the stored snapshot,
 /// which a crash may have left ahead of it). A `[[peer]]` address wins, so
 /// an administrator can correct one in the config.
-fn known_members(store: &RaftStore) -> Result<Directory, NodeError> {
+fn known_members(config: &Config, store: &RaftStore) -> Result<Directory, NodeError> {
     let mut directory = store.directory()?;
+    // The founders too, so every snapshot carries their addresses: a node
+    // that joins later may lack some of them in its own `[[peer]]` list.
+    let mut founders: Vec<MemberInfo> = config
+        .peers
+        .iter()
+        .filter(|p| !directory.members.contains_key(&p.id))
+        .map(|p| MemberInfo {
+            id: p.id,
+            addr: p.addr.clone(),
+            witness: p.witness,
+            keep_learner: false,
+            replaces: None,
+            added_at: 0,
+        })
+        .collect();
+    if !directory.members.contains_key(&config.node.id) && !config.node.listen.ip().is_unspecified()
+    {
+        founders.push(MemberInfo {
+            id: config.node.id,
+            addr: config.node.listen.to_string(),
+            witness: config.node.witness,
+            keep_learner: false,
+            replaces: None,
+            added_at: 0,
+        });
+    }
+    if !founders.is_empty() && store.is_initialized() {
+        directory.merge(&founders);
+        store.set_directory(&directory)?;
+    }
     if let Ok(snapshot) = raft::Storage::snapshot(store, 0, 0) {
         if let Ok((Some(carried), _)) = crate::core::members::unwrap_snapshot(&snapshot.data) {
             for info in carried.members.into_values() {
@@ -140,7 +170,7 @@ async fn run_inner(
     let mut voters: Vec<NodeId> = config.peers.iter().map(|p| p.id).chain([id]).collect();
     voters.sort_unstable();
     let store = open_storage(&config.node.data_dir, &voters, config.node.join)?;
-    let directory = known_members(&store)?;
+    let directory = known_members(&config, &store)?;
     let removed = store.removed()?;
     if let Some(why) = &removed {
         warn!("this node was removed from the cluster ({why}): it neither replicates nor campaigns; to bring it back, empty its data_dir, set `[node] join = true` and run `clusterctl member add`");
@@ -151,6 +181,19 @@ async fn run_inner(
         .filter(|m| !config.peers.iter().any(|p| p.id == m.id))
         .cloned()
         .collect();
+    // This node's own address, for introducing the members to a joining
+    // node: as the membership change gave it, else `node.listen` when that
+    // names a host others can dial.
+    if directory.get(id).is_none() && !config.node.listen.ip().is_unspecified() {
+        peers.push(MemberInfo {
+            id,
+            addr: config.node.listen.to_string(),
+            witness: config.node.witness,
+            keep_learner: false,
+            replaces: None,
+            added_at: 0,
+        });
+    }
     peers.extend(config.peers.iter().map(|p| MemberInfo {
         id: p.id,
         addr: p.addr.clone(),
@@ -227,7 +270,6 @@ async fn run_inner(
 
     let (link_tx, link_rx) = mpsc::channel(1024);
     let live_tls = crate::net::tls::LiveTls::new(tls, config.revoked_serials.clone());
-    let initial_members = initial.members.clone();
     let (view_tx, view_rx) = watch::channel(initial);
     let transport = Transport::start(
         &peers,
@@ -293,9 +335,13 @@ async fn run_inner(
             .collect(),
         store: store_for_task,
         directory,
-        members: initial_members,
+        // Differs from any real configuration: the first `ready` takes the
+        // committed one in (peers of replication, the config comparison).
+        members: Default::default(),
         removed,
         allow_two_node: config.node.allow_two_node,
+        configured: voters.clone(),
+        config_differs: None,
         tick: config.raft.tick(),
         election_timeout: config.raft.election_timeout,
         rescan: config.replication.rescan,
@@ -308,12 +354,9 @@ async fn run_inner(
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    // A node waiting to join accepts any node of the cluster CA: the
-    // leader that adds it may itself have joined after its config was
-    // written, and it holds nothing yet that a peer could read.
-    let (known, joining) = (transport.clone(), handle.clone());
+    let (known, node) = (transport.clone(), handle.clone());
     let incoming = crate::net::accept::accept_loop(listener, live_tls.clone(), move |peer| {
-        known.knows(peer) || joining.view().members.member == crate::raft::core::Membership::Joining
+        known.admits(peer, &node.view())
     });
     tokio::spawn(
         crate::node::membership::run(

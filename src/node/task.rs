@@ -89,6 +89,11 @@ pub(super) struct NodeTask {
     pub(super) removed: Option<String>,
     /// `node.allow_two_node`: whether a change may leave two voters without a witness.
     pub(super) allow_two_node: bool,
+    /// This node and its `[[peer]]` list, sorted: what status compares
+    /// with the committed members.
+    pub(super) configured: Vec<NodeId>,
+    /// How `configured` differs from the committed members, when it does.
+    pub(super) config_differs: Option<String>,
     /// How often a follower reconciles its trees with the manifest (the
     /// leader rescans on the same period), so a hand edit on a follower is
     /// set aside and replaced even if the leader never touches that file.
@@ -115,7 +120,7 @@ impl NodeTask {
                     if self.removed.is_none() {
                         self.core.tick();
                     }
-                    if self.core.snapshot_predates_a_member() {
+                    if self.joiner_needs_a_snapshot() {
                         self.request_snapshot();
                     }
                     self.expire_requests();
@@ -200,20 +205,33 @@ impl NodeTask {
         }
     }
 
-    /// The voter a leader hands over to: the most caught-up data node.
+    /// The voter a leader hands over to: the most caught-up data node of
+    /// the configuration that stays (not one a joint change removes),
+    /// preferring those that answered within an election timeout.
     fn successor(&self) -> Option<NodeId> {
         let view = self.core.view();
-        // `recent_active` is reset once per election timeout until the next
-        // reply, so it only breaks ties.
+        let staying = self.core.incoming_voters();
         view.progress
             .iter()
             .filter(|p| {
-                p.id != view.id
-                    && !self.witnesses.contains(&p.id)
-                    && view.members.voters.contains(&p.id)
+                p.id != view.id && !self.witnesses.contains(&p.id) && staying.contains(&p.id)
             })
-            .max_by_key(|p| (p.match_index, p.recent_active))
+            .max_by_key(|p| (p.recent_active, p.match_index))
             .map(|p| p.id)
+    }
+
+    /// Whether a learner that never reported holding anything has no
+    /// snapshot listing it to start from: the log must be compacted anew
+    /// (see `RaftCore::learners_needing_a_snapshot`).
+    fn joiner_needs_a_snapshot(&self) -> bool {
+        self.core
+            .learners_needing_a_snapshot()
+            .into_iter()
+            .any(|id| {
+                self.transport
+                    .peer_applied(id)
+                    .is_none_or(|(applied, _)| applied == 0)
+            })
     }
 
     /// The committed configuration, as a membership change is checked against.
@@ -246,6 +264,12 @@ impl NodeTask {
             let _ = reply.send(Err(RequestError::NotLeader {
                 leader: self.core.leader(),
             }));
+            return;
+        }
+        if self.core.membership_change_in_flight() {
+            let _ = reply.send(Err(RequestError::Invalid(
+                "another membership change is in flight (proposed and not yet applied, or a joint configuration not yet left); retry in a moment".to_string(),
+            )));
             return;
         }
         if let Err(why) = change.check(&self.membership_state()) {
@@ -621,6 +645,7 @@ impl NodeTask {
         if self.removed.is_some() {
             view.members.member = crate::raft::core::Membership::Removed;
         }
+        view.members.config_differs = self.config_differs.clone();
         view.members.witnesses = view
             .members
             .voters
@@ -673,6 +698,29 @@ impl NodeTask {
             );
         }
         self.update_peers();
+        self.config_differs = None;
+        if matches!(
+            view.members.member,
+            crate::raft::core::Membership::Voter
+                | crate::raft::core::Membership::Learner
+                | crate::raft::core::Membership::Witness
+        ) {
+            let mut committed: Vec<NodeId> = view
+                .members
+                .voters
+                .iter()
+                .chain(&view.members.learners)
+                .copied()
+                .collect();
+            committed.sort_unstable();
+            if committed != self.configured {
+                self.config_differs = Some(format!(
+                    "its [[peer]] list names nodes {} but the committed members are {}; the committed membership rules (update the [[peer]] lists when convenient)",
+                    join_ids(&self.configured),
+                    join_ids(&committed)
+                ));
+            }
+        }
         if view.members.member == crate::raft::core::Membership::Removed {
             self.become_removed(format!(
                 "the configuration applied at entry {} no longer lists it",
@@ -688,7 +736,7 @@ impl NodeTask {
             return;
         };
         // A member that needs a snapshot listing it waits for nobody.
-        if !self.core.compactable(*index) && !self.core.snapshot_predates_a_member() {
+        if !self.core.compactable(*index) && !self.joiner_needs_a_snapshot() {
             return;
         }
         let (index, data) = self.held_compaction.take().expect("checked above");
@@ -714,8 +762,10 @@ impl NodeTask {
                     rest
                 }
                 Err(e) => {
-                    warn!(index, "the snapshot's membership directory is unreadable ({e}); members added at runtime stay unknown here until their next change");
-                    data
+                    return Err(NodeError::BadSnapshot {
+                        index,
+                        why: e.to_string(),
+                    })
                 }
             };
             let _ = self.applier.send(ApplyMsg::Restore(index, data));

@@ -223,7 +223,7 @@ impl AdminService {
                 let started = Instant::now();
                 let result = match transport.client(peer) {
                     Some(mut client) => {
-                        let mut req = Request::new(NodeStatusRequest {});
+                        let mut req = Request::new(NodeStatusRequest::default());
                         req.set_timeout(peer_timeout);
                         tokio::time::timeout(peer_timeout, client.node_status(req))
                             .await
@@ -632,6 +632,11 @@ impl AdminService {
         let (index, _) = self
             .through_leader(LeaderCall::Member(req.clone()), deadline)
             .await?;
+        if req.kind == "remove" && id == self.node.id() {
+            // This node may never hear that its removal committed (the
+            // leader stops sending to it): the leader's word is enough.
+            return Ok((index, format!("node {id} (this node) was removed at entry {index}: it no longer replicates or campaigns, and its files stay on its disk")));
+        }
         self.applied_here(index, deadline).await?;
         if req.kind == "remove" {
             return Ok((index, format!("node {id} was removed at entry {index}: it no longer replicates or campaigns, and its files stay on its disk")));

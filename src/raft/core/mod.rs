@@ -533,18 +533,28 @@ impl<S: LogStore> RaftCore<S> {
     /// it, while log entries from the start would replay the founding
     /// membership wrong: see [`RaftCore::is_joining_empty`]). The leader
     /// then compacts anew, whatever the other followers hold.
-    pub fn snapshot_predates_a_member(&self) -> bool {
+    ///
+    /// Returns those learners; a new leader knows no follower's progress
+    /// yet (every match index starts at 0), so the shell keeps only those
+    /// that never reported holding anything.
+    pub fn learners_needing_a_snapshot(&self) -> Vec<NodeId> {
         if !self.is_leader() {
-            return false;
+            return Vec::new();
         }
         let conf = self.raw.store().snapshot_conf_state();
         let learners = self.raw.raft.prs().conf().to_conf_state().learners;
-        self.raw.raft.prs().iter().any(|(&id, pr)| {
-            learners.contains(&id)
-                && pr.matched == 0
-                && !conf.voters.contains(&id)
-                && !conf.learners.contains(&id)
-        })
+        self.raw
+            .raft
+            .prs()
+            .iter()
+            .filter(|(id, pr)| {
+                learners.contains(id)
+                    && pr.matched == 0
+                    && !conf.voters.contains(id)
+                    && !conf.learners.contains(id)
+            })
+            .map(|(id, _)| *id)
+            .collect()
     }
 
     /// Proposes a change of members (raft-rs's joint consensus when it
@@ -594,6 +604,34 @@ impl<S: LogStore> RaftCore<S> {
             .to_conf_state()
             .voters_outgoing
             .is_empty()
+    }
+
+    /// The voters of the applied configuration that stay once a joint
+    /// configuration is left (all voters when it is not joint).
+    pub fn incoming_voters(&self) -> Vec<NodeId> {
+        let mut v: Vec<NodeId> = self.raw.raft.prs().conf().to_conf_state().voters;
+        v.sort_unstable();
+        v
+    }
+
+    /// Whether a membership change is under way: proposed and not applied,
+    /// or joint and not yet left. A second one must wait.
+    pub fn membership_change_in_flight(&self) -> bool {
+        self.raw.raft.has_pending_conf() || self.is_joint()
+    }
+
+    /// The most caught-up voter of the incoming configuration that answered
+    /// within an election timeout, this leader excepted.
+    fn best_incoming_voter(&self) -> Option<NodeId> {
+        let me = self.raw.raft.id;
+        let incoming = self.incoming_voters();
+        self.raw
+            .raft
+            .prs()
+            .iter()
+            .filter(|(id, pr)| **id != me && pr.recent_active && incoming.contains(id))
+            .max_by_key(|(_, pr)| pr.matched)
+            .map(|(id, _)| *id)
     }
 
     /// Learners of the applied configuration (non-voting members).
@@ -786,6 +824,7 @@ impl<S: LogStore> RaftCore<S> {
                 learners,
                 // Known to the node layer: it fills them in.
                 witnesses: Vec::new(),
+                config_differs: None,
                 member,
             },
         }
@@ -895,6 +934,22 @@ impl<S: LogStore> RaftCore<S> {
                         .store()
                         .set_conf_state(&conf_state, at)
                         .map_err(storage_err)?;
+                    let me = self.raw.raft.id;
+                    if self.is_leader()
+                        && !conf_state.voters.contains(&me)
+                        && !conf_state.voters_outgoing.contains(&me)
+                    {
+                        // raft-rs leaves a leader that applied its own
+                        // removal leading (its check-quorum counts only
+                        // the new voters): it would go on sending appends
+                        // from outside the cluster.
+                        tracing::warn!(
+                            index = at,
+                            "this leader is no longer a voter (entry {at}): stepping down so the remaining voters elect a leader"
+                        );
+                        let term = self.raw.raft.term;
+                        self.raw.raft.become_follower(term, raft::INVALID_ID);
+                    }
                 }
                 Err(e) => tracing::warn!(
                     index = at,
@@ -958,6 +1013,20 @@ impl<S: LogStore> RaftCore<S> {
     /// joint, needing both the old and the new majority for ever.
     fn leave_joint_if_stuck(&mut self) {
         if self.is_leader() && self.is_joint() && !self.raw.raft.has_pending_conf() {
+            let me = self.raw.raft.id;
+            if !self.incoming_voters().contains(&me) {
+                // Leaving would remove this leader: hand over to a voter
+                // of the new configuration, which then leaves.
+                if let Some(next) = self.best_incoming_voter() {
+                    if self.raw.raft.lead_transferee != Some(next) {
+                        tracing::info!(
+                            "the configuration is joint and this leader is not in the new one: handing leadership to node {next}, which will leave it"
+                        );
+                        self.raw.transfer_leader(next);
+                    }
+                }
+                return;
+            }
             tracing::info!(
                 "the configuration is joint and no change is pending: proposing to leave it"
             );

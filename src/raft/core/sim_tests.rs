@@ -701,6 +701,34 @@ mod membership {
         );
     }
 
+    /// A leader that applies its own removal steps down (raft-rs would
+    /// leave it leading, and heartbeating, from outside the cluster), and
+    /// the remaining voters elect one of their own and commit.
+    #[test]
+    fn a_leader_that_applies_its_own_removal_steps_down() {
+        let mut sim = Sim::new(4);
+        let leader = sim.elect();
+        sim.change_members(
+            leader,
+            change(vec![single(leader, ConfChangeType::RemoveNode)]),
+        )
+        .unwrap();
+        sim.run_until(300, "a remaining voter leads", |s| {
+            s.leaders().len() == 1 && s.leaders()[0] != leader
+        });
+        let rest: Vec<NodeId> = (1..=4).filter(|&i| i != leader).collect();
+        sim.settle_members(&rest, &[]);
+        let new = sim.leaders()[0];
+        sim.barrier(new, 99).unwrap();
+        for _ in 0..50 {
+            sim.tick();
+            assert!(
+                !sim.core(leader).is_leader(),
+                "the removed node leads again"
+            );
+        }
+    }
+
     /// Two voters and a learner: with the other voter down, the leader and
     /// the learner would be two of three if the learner counted; nothing
     /// commits until the voter is back.

@@ -727,6 +727,54 @@ fn set_conf_state_is_durable() {
     assert_eq!(store.applied(), 2);
 }
 
+/// A compaction snapshot taken before a membership change (held back for a
+/// slow follower) would store the later membership at its earlier index.
+#[test]
+fn a_compaction_below_the_last_membership_change_is_refused() {
+    let (_dir, store) = new_store();
+    store.bootstrap(&[1]).unwrap();
+    let ents: Vec<_> = (1..=6).map(|i| new_entry(i, 1)).collect();
+    store.persist(&ents, Some(&hs(1, 0, 6))).unwrap();
+    store.set_applied(3).unwrap();
+    let cs = ConfState {
+        voters: vec![1],
+        learners: vec![2],
+        ..Default::default()
+    };
+    store.set_conf_state(&cs, 5).unwrap();
+    let refused = store.compact(4, b"taken at 4".to_vec());
+    assert!(
+        matches!(&refused, Err(StorageError::Rejected { reason, .. }) if reason.contains("below the membership change at entry 5")),
+        "{refused:?}"
+    );
+    store.compact(5, b"taken at 5".to_vec()).unwrap();
+    assert_eq!(store.snapshot_metadata().get_conf_state(), &cs);
+}
+
+#[test]
+fn the_membership_directory_and_the_removal_marker_are_durable() {
+    let (dir, store) = new_store();
+    assert!(store.directory().unwrap().members.is_empty());
+    assert_eq!(store.removed().unwrap(), None);
+    let mut directory = crate::core::members::Directory::default();
+    directory.merge(&[crate::core::members::MemberInfo {
+        id: 4,
+        addr: "10.0.0.4:7700".into(),
+        witness: false,
+        keep_learner: true,
+        replaces: None,
+        added_at: 12,
+    }]);
+    store.set_directory(&directory).unwrap();
+    store.set_removed("removed at entry 20").unwrap();
+    let store = reopen(&dir, store);
+    assert_eq!(store.directory().unwrap(), directory);
+    assert_eq!(
+        store.removed().unwrap().as_deref(),
+        Some("removed at entry 20")
+    );
+}
+
 #[test]
 fn corrupt_value_is_an_error_naming_the_key() {
     let (dir, store) = new_store();
