@@ -190,7 +190,11 @@ impl AdminService {
         let me = self.node.id();
         let local = NodeEntry {
             id: me,
-            addr: String::new(),
+            addr: self
+                .transport
+                .member(me)
+                .map(|m| m.addr)
+                .unwrap_or_default(),
             reachable: true,
             view: Some(self.node.view()),
             error: None,
@@ -201,7 +205,7 @@ impl AdminService {
             files: Some(self.files.files_view()),
         };
         // The members this node applied (removed ones are dropped, added
-        // ones listed); a node waiting to join asks the peers it knows.
+        // ones listed).
         let view = self.node.view();
         let mut peers: Vec<NodeId> = view
             .members
@@ -211,8 +215,10 @@ impl AdminService {
             .copied()
             .filter(|p| *p != me)
             .collect();
-        if view.members.voters.is_empty() {
-            peers = self.transport.peers();
+        if view.members.member == crate::core::members::Membership::Joining {
+            // The members refuse a node they have not added: asking them
+            // would only list them as unreachable.
+            peers.clear();
         }
         peers.sort_unstable();
         peers.dedup();
