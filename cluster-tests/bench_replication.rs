@@ -1,7 +1,7 @@
 //! Replication benchmark: clusterd's file replication side by side with
 //! rsync, both measured in the same run on the same machine.
 //!
-//! `cargo bench --bench replication -- [--only latency|delta|append|full|idle|validate|history|scale|wan]
+//! `cargo bench --bench replication -- [--only latency|delta|append|full|idle|validate|history|scale|wan|join]
 //!  [--edits N] [--gap-ms MS] [--delta-mib N] [--log-mib N] [--append-mib N]
 //!  [--files N] [--full-mib N] [--idle-files N] [--idle-secs N]
 //!  [--rescan-secs N] [--scale-files N] [--scale-idle-secs N] [--nodes 3|5|7]
@@ -52,6 +52,12 @@
 //!   instead when sshd or ssh-keygen is missing) and `rsync -a --fsync`,
 //!   which makes each file durable before it is renamed into place, as
 //!   clusterd does.
+//! - `join`: the `full` tree synced to three founding nodes (that first sync
+//!   timed as in `full`), then a fourth node started empty with `join =
+//!   true` and timed from `clusterctl member add` until the command returns
+//!   (the node is a voter, so it holds every committed file; its tree is
+//!   then compared by metadata and content). Bar: no slower than the first
+//!   full sync of the same run plus one second.
 //! - `idle`: `--idle-files` files in the set; after replication settled, CPU
 //!   (utime + stime from /proc/<pid>/stat) and resident memory (VmRSS from
 //!   /proc/<pid>/status, sampled every second) of the leader and one follower
@@ -125,9 +131,10 @@ enum Scenario {
     History,
     Scale,
     Wan,
+    Join,
 }
 
-const ALL: [Scenario; 9] = [
+const ALL: [Scenario; 10] = [
     Scenario::Latency,
     Scenario::Delta,
     Scenario::Append,
@@ -137,6 +144,7 @@ const ALL: [Scenario; 9] = [
     Scenario::Idle,
     Scenario::Scale,
     Scenario::Wan,
+    Scenario::Join,
 ];
 
 struct Opts {
@@ -234,7 +242,7 @@ impl Opts {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: replication [--only latency|delta|append|full|idle|validate|history|scale|wan] [--history-edits N] [--scale-files N] [--scale-idle-secs N] [--nodes 3|5|7] [--rtt-ms MS] [--link-mbit N] [--wan-mib N] [--edits N] [--gap-ms MS] [--delta-mib N] [--log-mib N] [--append-mib N] [--files N] [--full-mib N] [--idle-files N] [--idle-secs N] [--rescan-secs N] [--deadline-secs N] [--enforce]"
+        "usage: replication [--only latency|delta|append|full|idle|validate|history|scale|wan|join] [--history-edits N] [--scale-files N] [--scale-idle-secs N] [--nodes 3|5|7] [--rtt-ms MS] [--link-mbit N] [--wan-mib N] [--edits N] [--gap-ms MS] [--delta-mib N] [--log-mib N] [--append-mib N] [--files N] [--full-mib N] [--idle-files N] [--idle-secs N] [--rescan-secs N] [--deadline-secs N] [--enforce]"
     );
     std::process::exit(2);
 }
@@ -269,6 +277,7 @@ fn parse_args() -> Opts {
                     "history" => Scenario::History,
                     "scale" => Scenario::Scale,
                     "wan" => Scenario::Wan,
+                    "join" => Scenario::Join,
                     _ => usage(),
                 })
             }
@@ -342,6 +351,7 @@ fn main() {
             Scenario::History => history(&o),
             Scenario::Scale => scale::scale(&o, have_rsync),
             Scenario::Wan => scale::wan(&o),
+            Scenario::Join => join(&o),
         });
     }
     print_table(&rows);
@@ -1441,6 +1451,83 @@ fn full(o: &Opts, have_rsync: bool) -> Vec<Row> {
         rsync: rsync_cell,
         bar: bar.to_string(),
         met,
+    }]
+}
+
+/// `member add` of an empty node on a cluster holding `--files` files /
+/// `--full-mib` MiB, until the node votes (it holds every committed file by
+/// then), against the first full sync of the same tree to the two
+/// followers in the same run. Bar: no slower than that sync plus a second.
+fn join(o: &Opts) -> Vec<Row> {
+    let c = Cluster::builder(4)
+        .default_timers()
+        .direct_links()
+        .sync_set("join", "mirror", "")
+        .joiner(4)
+        .start();
+    let founders = [1, 2, 3];
+    let leader = c.wait_for_leader(&founders);
+    c.wait_barrier(leader);
+    wait_sets_ready(&c, &founders, &["join"]);
+    let followers = c.others(&[leader, 4]);
+    println!("3 founding nodes, default timers, direct links; leader {leader}; node 4 joins");
+    let staging = c.node(leader).dir.join("staging");
+    build_tree(&staging, o.files, o.full_mib * MIB, 10);
+    settle_disk();
+    let tree = c.set_path(leader, "join").join("tree");
+    let t0 = Instant::now();
+    fs::rename(&staging, &tree).unwrap();
+    wait_set_applied(o, &c, leader, &followers, "join", o.files);
+    wait_metadata_equal(&c, "join", &founders, o.deadline);
+    let first_sync = t0.elapsed();
+    println!("first full sync to 2 followers: {first_sync:.2?}");
+    wait_trees_equal(&c, "join", &founders, o.deadline);
+
+    c.start_node(4);
+    wait_until(o.deadline, "node 4 to wait to be added", || {
+        c.status(4)
+            .and_then(|s| entry(&s, 4).and_then(|e| e["member"].as_str().map(str::to_string)))
+            .filter(|m| m == "joining")
+    });
+    settle_disk();
+    let addr = c.listen_addr(4);
+    let timeout_ms = o.deadline.as_millis().to_string();
+    let t0 = Instant::now();
+    let out = c.ctl(
+        leader,
+        &[
+            "member",
+            "add",
+            "4",
+            "--addr",
+            &addr,
+            "--timeout-ms",
+            &timeout_ms,
+        ],
+        o.deadline + Duration::from_secs(10),
+    );
+    let to_voter = t0.elapsed();
+    assert!(out.success(), "member add 4 failed: {out:?}");
+    println!("member add 4: {}", out.stdout.trim());
+    let mut all = founders.to_vec();
+    all.push(4);
+    wait_metadata_equal(&c, "join", &all, o.deadline);
+    let holds = t0.elapsed();
+    wait_trees_equal(&c, "join", &all, o.deadline);
+    println!("node 4 a voter after {to_voter:.2?}; its tree compared equal at {holds:.2?}");
+    let bar = first_sync + Duration::from_secs(1);
+    vec![Row {
+        what: format!(
+            "member add of an empty node to voter, {} files / {} MiB",
+            o.files, o.full_mib
+        ),
+        clusterd: format!("{:.2} s", to_voter.as_secs_f64()),
+        rsync: format!(
+            "(first full sync to 2 followers, same run: {:.2} s)",
+            first_sync.as_secs_f64()
+        ),
+        bar: "no slower than the first full sync + 1 s".to_string(),
+        met: Some(to_voter <= bar),
     }]
 }
 

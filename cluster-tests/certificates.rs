@@ -67,7 +67,7 @@ fn impostor_peers_are_refused_and_logged() {
     rt.block_on(async {
         // 1. Valid CA, but not a member.
         let mut outsider = direct_client(&target, tls_of(4));
-        let r = outsider.node_status(NodeStatusRequest {}).await;
+        let r = outsider.node_status(NodeStatusRequest::default()).await;
         assert!(r.is_err(), "a non-member got an answer: {r:?}");
 
         // 2. A member whose message claims to come from someone else.
@@ -95,7 +95,7 @@ fn impostor_peers_are_refused_and_logged() {
             .timeout(Duration::from_secs(2));
         if let Ok(channel) = plain.connect().await {
             let r = clusterd::net::proto::peer::peer_client::PeerClient::new(channel)
-                .node_status(NodeStatusRequest {})
+                .node_status(NodeStatusRequest::default())
                 .await;
             assert!(r.is_err(), "a plaintext client got an answer: {r:?}");
         }
@@ -262,7 +262,7 @@ fn direct_status(addr: &str, tls: &clusterd::net::tls::PeerTls) -> Result<(), to
         .unwrap();
     rt.block_on(async {
         direct_client(addr, tls.clone())
-            .node_status(clusterd::net::proto::peer::NodeStatusRequest {})
+            .node_status(clusterd::net::proto::peer::NodeStatusRequest::default())
             .await
             .map(|_| ())
     })

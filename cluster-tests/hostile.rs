@@ -720,7 +720,7 @@ fn hostile_contents_and_broken_streams_from_a_member_are_refused() {
     // Still answering peers directly, too.
     let answer = a.rt.block_on(async {
         hostile_client(&addr.to_string(), a.hostile.clone(), t.id)
-            .node_status(NodeStatusRequest {})
+            .node_status(NodeStatusRequest::default())
             .await
     });
     assert!(
@@ -996,7 +996,7 @@ fn certificates_that_are_not_a_members_own_are_refused() {
         let seen = c.log(2).len();
         let answer = rt.block_on(async {
             raw_client(&certs, &cert, &key, &target, 2)
-                .node_status(NodeStatusRequest {})
+                .node_status(NodeStatusRequest::default())
                 .await
         });
         assert!(answer.is_err(), "{case}: node 2 answered: {answer:?}");
@@ -1021,7 +1021,7 @@ fn certificates_that_are_not_a_members_own_are_refused() {
     // The one certificate that works, for contrast: node 3's own.
     let good = rt.block_on(async {
         hostile_client(&target, tls_from(&TlsFiles::in_dir(&certs, 3), 3), 2)
-            .node_status(NodeStatusRequest {})
+            .node_status(NodeStatusRequest::default())
             .await
     });
     assert!(

@@ -11,6 +11,7 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::net::TcpStream;
+use std::thread;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -44,14 +45,25 @@ fn change_timeout_ms() -> u64 {
 /// Founders 1..3 with set `etc` holding `BEFORE` on every one of them, and
 /// node 4 configured as a joiner, not started; returns the founders' leader.
 fn founders_and_joiner() -> (Cluster, u64) {
-    let mut b = Cluster::builder(4)
-        .joiner(4)
+    founders(4, |_| {})
+}
+
+/// Founders 1..3 and joiners 4..=`n`, with set `etc` and `REPLICATION` on
+/// every node; `configure` may rewrite the joiners' configs (they start
+/// later). Once the founders elected a leader, `BEFORE` is written on it and
+/// reaches every founder; returns the leader.
+fn founders(n: u64, configure: impl FnOnce(&Cluster)) -> (Cluster, u64) {
+    let mut b = Cluster::builder(n)
         .direct_links()
         .sync_set("etc", "mirror", "");
-    for id in 1..=4 {
+    for id in 1..=n {
         b = b.extra_toml(id, REPLICATION);
+        if !FOUNDERS.contains(&id) {
+            b = b.joiner(id);
+        }
     }
     let c = b.start();
+    configure(&c);
     let leader = c.wait_for_leader(&FOUNDERS);
     c.wait_barrier(leader);
     wait_sets_ready(&c, &FOUNDERS, &["etc"]);
@@ -64,17 +76,17 @@ fn founders_and_joiner() -> (Cluster, u64) {
     (c, leader)
 }
 
-/// Starts node 4 and waits until it waits to be added: it reports `member`
-/// "joining" and its listen port accepts connections (an `add` sooner is
-/// refused, rightly: the address does not answer).
+/// Starts joiner `id` and waits until it waits to be added: it reports
+/// `member` "joining" and its listen port accepts connections (an `add`
+/// sooner is refused, rightly: the address does not answer).
 #[track_caller]
-fn start_joiner(c: &Cluster) {
-    c.start_node(4);
-    wait_member(c, 4, "joining");
+fn start_joiner(c: &Cluster, id: u64) {
+    c.start_node(id);
+    wait_member(c, id, "joining");
     wait_until(
         Duration::from_secs(10),
-        "node 4's listen port to accept connections",
-        || TcpStream::connect(c.listen_addr(4)),
+        &format!("node {id}'s listen port to accept connections"),
+        || TcpStream::connect(c.listen_addr(id)),
     );
 }
 
@@ -237,7 +249,7 @@ fn commit_file(c: &Cluster, leader: u64, ids: &[u64], name: &str) {
 #[test]
 fn a_joining_node_waits_is_added_as_a_voter_and_its_vote_counts() {
     let (c, leader) = founders_and_joiner();
-    start_joiner(&c);
+    start_joiner(&c, 4);
     observe_window(&c, 4, THREE_ELECTIONS, 10, |v| {
         assert!(
             v.leader.is_none() && !v.is_leader(),
@@ -280,7 +292,7 @@ fn a_joining_node_waits_is_added_as_a_voter_and_its_vote_counts() {
 #[test]
 fn a_learner_replicates_but_neither_counts_nor_leads() {
     let (c, leader) = founders_and_joiner();
-    start_joiner(&c);
+    start_joiner(&c, 4);
     add(&c, 4, &["--learner"]);
     expect_roles(
         &c,
@@ -326,7 +338,7 @@ fn a_learner_replicates_but_neither_counts_nor_leads() {
 fn replace_swaps_a_voter_for_a_new_node() {
     let (c, leader) = founders_and_joiner();
     let old = *c.others(&[leader, 4]).last().unwrap();
-    start_joiner(&c);
+    start_joiner(&c, 4);
     let addr = c.listen_addr(4);
     let out = member(
         &c,
@@ -447,7 +459,7 @@ fn refused_changes_leave_the_membership_unchanged() {
 #[test]
 fn a_restart_of_every_node_keeps_the_committed_membership() {
     let (c, _) = founders_and_joiner();
-    start_joiner(&c);
+    start_joiner(&c, 4);
     add(&c, 4, &[]);
     let all = c.ids();
     wait_applied(&c, &all);
@@ -462,4 +474,165 @@ fn a_restart_of_every_node_keeps_the_committed_membership() {
     expect_roles(&c, 4, &voters(&all));
     wait_member(&c, 4, "voter");
     c.wait_barrier(leader);
+}
+
+/// Node 5's config lists only the founders, and node 4, added after that
+/// config was written, leads when node 5 is added: the leader introduces
+/// every member (itself included) to the joining node, which then gets the
+/// snapshot, every file, and the membership 1..5.
+#[test]
+fn a_node_joins_through_a_leader_that_joined_after_its_config_was_written() {
+    let (c, _) = founders(5, |c| {
+        c.rewrite_config(5, |cfg| cfg.peers.retain(|(id, _)| FOUNDERS.contains(id)))
+    });
+    start_joiner(&c, 4);
+    add(&c, 4, &[]);
+    wait_member(&c, 4, "voter");
+    let four = [1, 2, 3, 4];
+    wait_applied(&c, &four);
+    let out = c.promote(1, 4);
+    assert!(out.success(), "clusterctl promote 4: {out}");
+    c.wait_for_leader_is(&four, 4);
+
+    start_joiner(&c, 5);
+    add(&c, 5, &[]);
+    let all = c.ids();
+    expect_roles(&c, 5, &voters(&all));
+    assert_before_files(&c, 5, "once it joined through leader 4");
+    let leader = wait_applied(&c, &all);
+    commit_file(&c, leader, &all, "after-node-5-joined");
+}
+
+/// `member replace OLD 4` whose leader is SIGKILLed (then restarted) as soon
+/// as node 4 is listed: node 4's entry carries OLD, so whichever leader
+/// promotes it completes the replace. What the command printed does not
+/// matter; the cluster must end by itself with the voters {the two other
+/// founders, 4} on every member (no joint configuration left behind, which
+/// would still list OLD), OLD reporting itself removed, and commit.
+#[test]
+fn a_leader_killed_in_the_middle_of_a_replace_leaves_a_working_cluster() {
+    let (c, leader) = founders_and_joiner();
+    let founders = c.others(&[leader, 4]);
+    let old = founders[0];
+    start_joiner(&c, 4);
+    let (olds, addr) = (old.to_string(), c.listen_addr(4));
+    let rest = c.others(&[old]);
+    thread::scope(|s| {
+        s.spawn(|| {
+            let args = ["replace", &olds, "4", "--addr", &addr];
+            member(&c, founders[1], &args, change_timeout_ms())
+        });
+        let role = wait_until(CONVERGE, "node 4 to be listed", || {
+            let list = member_list(&c, founders[1])?;
+            match list.get(&4) {
+                Some((role, _)) => Ok(role.clone()),
+                None => Err(format!("listed {list:?}")),
+            }
+        });
+        c.kill(leader);
+        eprintln!("leader {leader} killed while node 4 was listed as {role}");
+        c.start_node(leader);
+
+        wait_until(
+            CONVERGE,
+            &format!("every member {rest:?} to list the voters {rest:?}"),
+            || {
+                for &id in &rest {
+                    c.assert_alive(id);
+                    let list = member_list(&c, id)?;
+                    if !list
+                        .iter()
+                        .all(|(i, (r, _))| r == "voter" && rest.contains(i))
+                        || list.len() != rest.len()
+                    {
+                        return Err(format!("node {id} lists {list:?}"));
+                    }
+                }
+                Ok(())
+            },
+        );
+        wait_member(&c, old, "removed");
+        let l = wait_applied(&c, &rest);
+        commit_file(&c, l, &rest, "after-the-interrupted-replace");
+    });
+}
+
+/// `member add 4 --witness` (node 4 configured `witness = true`, with no
+/// sync set): it becomes a voter listed as "witness" and holds no file.
+/// Its vote counts: with one founder removed (two data voters and a witness
+/// are allowed) and the leader SIGKILLed, the last founder and the witness
+/// elect that founder and commit.
+#[test]
+fn a_witness_joins_and_votes_but_holds_no_files() {
+    let (c, leader) = founders(4, |c| {
+        c.rewrite_config(4, |cfg| {
+            cfg.node_extra.push("witness = true".to_string());
+            cfg.extra = REPLICATION.to_string();
+        })
+    });
+    start_joiner(&c, 4);
+    add(&c, 4, &["--witness"]);
+    let mut want = voters(&FOUNDERS);
+    want.push((4, "witness"));
+    expect_roles(&c, 1, &want);
+    expect_roles(&c, 4, &want);
+    wait_member(&c, 4, "witness");
+    commit_file(&c, leader, &FOUNDERS, "with-a-witness");
+    assert_holds_no_file(&c, 4);
+
+    let founders = c.others(&[leader, 4]);
+    let (removed, kept) = (founders[0], founders[1]);
+    let out = member(
+        &c,
+        leader,
+        &["remove", &removed.to_string()],
+        change_timeout_ms(),
+    );
+    assert!(out.success(), "member remove {removed}: {out}");
+    expect_roles(
+        &c,
+        leader,
+        &[(leader, "voter"), (kept, "voter"), (4, "witness")],
+    );
+    wait_applied(&c, &[leader, kept, 4]);
+
+    // Two of the voters {leader, kept, 4} are a majority only if 4's vote counts.
+    c.kill(leader);
+    assert_eq!(
+        c.wait_for_leader(&[kept, 4]),
+        kept,
+        "the witness must not lead"
+    );
+    c.wait_barrier(kept);
+    write_file(
+        &c.set_path(kept, "etc").join("with-the-witness-vote"),
+        "x\n",
+    );
+    c.wait_barrier(kept);
+    c.wait_barrier(4);
+    assert_holds_no_file(&c, 4);
+}
+
+/// No file under node `id`'s directory (config, data, log) holds the
+/// content of a file of `BEFORE`.
+#[track_caller]
+fn assert_holds_no_file(c: &Cluster, id: u64) {
+    fn walk(dir: &std::path::Path, found: &mut Vec<String>) {
+        for e in fs::read_dir(dir).unwrap().flatten() {
+            let (path, ty) = (e.path(), e.file_type().unwrap());
+            if ty.is_dir() {
+                walk(&path, found);
+            } else if ty.is_file() {
+                let bytes = fs::read(&path).unwrap_or_default();
+                for (f, text) in BEFORE {
+                    if bytes.windows(text.len()).any(|w| w == text.as_bytes()) {
+                        found.push(format!("{} holds {f}", path.display()));
+                    }
+                }
+            }
+        }
+    }
+    let mut found = Vec::new();
+    walk(&c.node(id).dir, &mut found);
+    assert!(found.is_empty(), "node {id} holds files: {found:?}");
 }
