@@ -9,9 +9,12 @@
 //! the patch to the applier, which verifies it again and applies it only if
 //! that digest is still what the manifest wants (invariant 1).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
 
 use tokio::sync::mpsc;
 use tonic::Status;
@@ -27,7 +30,15 @@ use crate::replication::apply::{ApplyMsg, Fetched};
 use crate::replication::shared::Shared;
 
 /// Missing paths asked for per round.
-const FETCH_BATCH: usize = 64;
+const FETCH_BATCH: usize = 256;
+/// Fetches in flight at once: enough to keep a peer's disk and the link
+/// busy while one answer is on its way (a file per round trip otherwise).
+const FETCHES_IN_FLIGHT: usize = 8;
+/// A path asked for is not asked for again before this, unless the
+/// applier wrote it (and it is no longer missing) or it failed.
+const ASK_AGAIN_AFTER: Duration = Duration::from_secs(5);
+/// Fetched bytes the applier may have queued before fetches wait.
+const FETCHED_QUEUED_MAX: u64 = 64 << 20;
 /// Deadline of one fetch call.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -101,7 +112,10 @@ pub fn serve(shared: &Shared, req: &FetchRequest) -> Result<Vec<FetchChunk>, Sta
         .collect())
 }
 
-/// The fetcher task: brings missing paths from peers, leader first.
+/// The fetcher task: brings missing paths from peers, leader first,
+/// several at a time, handing each to the applier (which writes them in
+/// groups); it runs round after round while paths are missing and rests
+/// only when it is done or everything left was asked for just now.
 pub async fn run_fetcher(
     shared: Arc<Shared>,
     node: crate::raft::handle::NodeHandle,
@@ -109,12 +123,21 @@ pub async fn run_fetcher(
     applier: mpsc::UnboundedSender<ApplyMsg>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
+    // Paths asked for recently: the applier may not have written them yet,
+    // so they are not asked for again until `ASK_AGAIN_AFTER`.
+    let mut asked: HashMap<(String, SetPath), Instant> = HashMap::new();
+    let mut busy = false;
     loop {
-        tokio::select! {
-            _ = shared.fetch_wakeup.notified() => {}
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-            _ = stop.changed() => return,
+        if !busy {
+            tokio::select! {
+                _ = shared.fetch_wakeup.notified() => {}
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = stop.changed() => return,
+            }
+        } else if *stop.borrow() {
+            return;
         }
+        asked.retain(|_, at| at.elapsed() < ASK_AGAIN_AFTER);
         // Hard links (in sets that keep them here) whose primary is missing
         // too wait for it, and take no place in the round.
         let wanted: Vec<((String, SetPath), FileDigest, Option<SetPath>)> = {
@@ -122,6 +145,7 @@ pub async fn run_fetcher(
             let missing = shared.missing.lock().unwrap();
             missing
                 .iter()
+                .filter(|(key, _)| !asked.contains_key(*key))
                 .map(|((set, path), d)| {
                     let primary = shared
                         .set(set)
@@ -137,65 +161,106 @@ pub async fn run_fetcher(
                 .take(FETCH_BATCH)
                 .collect()
         };
+        busy = !wanted.is_empty();
         if wanted.is_empty() {
             continue;
+        }
+        let now = Instant::now();
+        for (key, _, _) in &wanted {
+            asked.insert(key.clone(), now);
         }
         let view = node.view();
         let mut order: Vec<NodeId> = transport.peers();
         order.sort_by_key(|p| (Some(*p) != view.leader, *p));
-        for ((set, path), want, primary) in wanted {
-            // A hard link is made from its primary, never fetched: the
-            // applier links it (or asks for the primary).
-            if primary.is_some() {
-                let _ = applier.send(ApplyMsg::Fetched(Fetched {
-                    set: set.clone(),
-                    path: path.clone(),
-                    want,
-                    patch: Vec::new(),
-                }));
-                continue;
-            }
-            let sig = {
-                let s = shared.clone();
-                let (set, path) = (set.clone(), path.clone());
-                tokio::task::spawn_blocking(move || local_signature(&s, &set, &path))
+        let order = &order;
+        let (shared_ref, transport_ref, applier_ref) = (&shared, &transport, &applier);
+        futures::stream::iter(wanted)
+            .for_each_concurrent(
+                FETCHES_IN_FLIGHT,
+                |((set, path), want, primary)| async move {
+                    fetch_path(
+                        shared_ref,
+                        transport_ref,
+                        applier_ref,
+                        order,
+                        set,
+                        path,
+                        want,
+                        primary,
+                    )
                     .await
-                    .unwrap_or_default()
-            };
-            // Data nodes that answered they do not hold this version.
-            let mut lacking: BTreeSet<NodeId> = BTreeSet::new();
-            let mut fetched = false;
-            for &peer in &order {
-                match fetch_one(&transport, peer, &set, &path, &want, &sig).await {
-                    Ok(patch) => {
-                        let _ = applier.send(ApplyMsg::Fetched(Fetched {
-                            set: set.clone(),
-                            path: path.clone(),
-                            want,
-                            patch,
-                        }));
-                        fetched = true;
-                        break;
-                    }
-                    Err(FetchError::NotHeld(e)) => {
-                        lacking.insert(peer);
-                        debug!(peer, set = %set, path = %path, "fetch from node {peer} failed: {e}")
-                    }
-                    Err(FetchError::Other(e)) => {
-                        debug!(peer, set = %set, path = %path, "fetch from node {peer} failed: {e}")
-                    }
-                }
+                },
+            )
+            .await;
+    }
+}
+
+/// Brings one missing path: from the first peer in `order` that holds its
+/// committed version, as a patch against what this node has.
+#[allow(clippy::too_many_arguments)]
+async fn fetch_path(
+    shared: &Arc<Shared>,
+    transport: &Transport,
+    applier: &mpsc::UnboundedSender<ApplyMsg>,
+    order: &[NodeId],
+    set: String,
+    path: SetPath,
+    want: FileDigest,
+    primary: Option<SetPath>,
+) {
+    // A hard link is made from its primary, never fetched: the applier
+    // links it (or asks for the primary).
+    if primary.is_some() {
+        let _ = applier.send(ApplyMsg::Fetched(Fetched {
+            set,
+            path,
+            want,
+            patch: Vec::new(),
+        }));
+        return;
+    }
+    // Bounded memory: wait while the applier has much fetched content to write.
+    while shared.fetched_queued.load(Ordering::Relaxed) > FETCHED_QUEUED_MAX {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let sig = {
+        let s = shared.clone();
+        let (set, path) = (set.clone(), path.clone());
+        tokio::task::spawn_blocking(move || local_signature(&s, &set, &path))
+            .await
+            .unwrap_or_default()
+    };
+    // Data nodes that answered they do not hold this version.
+    let mut lacking: BTreeSet<NodeId> = BTreeSet::new();
+    for &peer in order {
+        match fetch_one(transport, peer, &set, &path, &want, &sig).await {
+            Ok(patch) => {
+                shared
+                    .fetched_queued
+                    .fetch_add(patch.len() as u64, Ordering::Relaxed);
+                let _ = applier.send(ApplyMsg::Fetched(Fetched {
+                    set,
+                    path,
+                    want,
+                    patch,
+                }));
+                return;
             }
-            let data_peers = shared.data_peers.read().unwrap().clone();
-            if !fetched && !data_peers.is_empty() && data_peers.is_subset(&lacking) {
-                let mut gone = shared.unobtainable.lock().unwrap();
-                if gone.insert((set.clone(), path.clone()), want) != Some(want) {
-                    warn!(set = %set, path = %path, "no node holds the committed version {want} of {path} in sync set {set:?} any more (every copy was edited before it arrived); a leader will propose its own copy, and the other copies go to quarantine");
-                }
+            Err(FetchError::NotHeld(e)) => {
+                lacking.insert(peer);
+                debug!(peer, set = %set, path = %path, "fetch from node {peer} failed: {e}")
+            }
+            Err(FetchError::Other(e)) => {
+                debug!(peer, set = %set, path = %path, "fetch from node {peer} failed: {e}")
             }
         }
-        // Give the applier a moment before asking again for the same paths.
-        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let data_peers = shared.data_peers.read().unwrap().clone();
+    if !data_peers.is_empty() && data_peers.is_subset(&lacking) {
+        let mut gone = shared.unobtainable.lock().unwrap();
+        if gone.insert((set.clone(), path.clone()), want) != Some(want) {
+            warn!(set = %set, path = %path, "no node holds the committed version {want} of {path} in sync set {set:?} any more (every copy was edited before it arrived); a leader will propose its own copy, and the other copies go to quarantine");
+        }
     }
 }
 

@@ -220,6 +220,10 @@ pub struct Shared {
     pub data_dir: PathBuf,
     /// Wakes the fetcher when paths become missing.
     pub fetch_wakeup: Notify,
+    /// Bytes of fetched content handed to the applier and not written yet:
+    /// the fetcher waits while it is high, so a catch-up of a large set
+    /// never holds more than a bounded amount in memory.
+    pub fetched_queued: std::sync::atomic::AtomicU64,
     /// `clusterctl sync` requests for the source (leader only), and what
     /// wakes it for them.
     pub sync_requests: Mutex<Vec<SyncAsk>>,
@@ -505,6 +509,7 @@ pub fn open_shared(config: &Config) -> Result<Arc<Shared>, FilesStoreError> {
         applied: AtomicU64::new(applied),
         data_dir: config.node.data_dir.clone(),
         fetch_wakeup: Notify::new(),
+        fetched_queued: Default::default(),
         sync_requests: Mutex::new(Vec::new()),
         sync_wakeup: Notify::new(),
         leading: std::sync::atomic::AtomicBool::new(false),

@@ -81,6 +81,9 @@ pub struct Fetched {
     pub patch: Vec<u8>,
 }
 
+/// Fetched files the applier writes as one group at most.
+const FETCHED_GROUP: usize = 256;
+
 /// Inputs of the applier thread, in the order they must take effect.
 #[derive(Debug)]
 pub enum ApplyMsg {
@@ -270,7 +273,17 @@ impl Applier {
         if !self.shared.missing.lock().unwrap().is_empty() {
             self.shared.fetch_wakeup.notify_one();
         }
-        while let Some(msg) = rx.blocking_recv() {
+        // A message taken off the queue while gathering fetched files, to
+        // be handled next, in order.
+        let mut next: Option<ApplyMsg> = None;
+        loop {
+            let msg = match next.take() {
+                Some(m) => m,
+                None => match rx.blocking_recv() {
+                    Some(m) => m,
+                    None => break,
+                },
+            };
             let result = match msg {
                 ApplyMsg::Committed(up_to) => self.apply_up_to(up_to),
                 ApplyMsg::Restore(index, data) => self.restore(index, &data),
@@ -281,7 +294,20 @@ impl Applier {
                     Ok(())
                 }
                 ApplyMsg::Fetched(f) => {
-                    self.apply_fetched(f);
+                    // Fetched files queued together are written together:
+                    // one store write, each directory synced once.
+                    let mut group = vec![f];
+                    while group.len() < FETCHED_GROUP {
+                        match rx.try_recv() {
+                            Ok(ApplyMsg::Fetched(f)) => group.push(f),
+                            Ok(other) => {
+                                next = Some(other);
+                                break;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    self.apply_fetched(group);
                     Ok(())
                 }
                 ApplyMsg::Reconcile => {

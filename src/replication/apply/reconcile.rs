@@ -363,7 +363,99 @@ impl Applier {
         }
     }
 
-    pub(super) fn apply_fetched(&mut self, f: Fetched) {
+    /// Writes fetched committed versions, each still wanted (and checked
+    /// against its digest on the way in), as a log batch's files are
+    /// written: in parallel, and a group of many made durable by one
+    /// `syncfs` before they are renamed in, each directory synced once and
+    /// the store written once. A node that joins, or was down, fetches
+    /// thousands of files: one by one, each with its fsyncs and store
+    /// write, 10,000 files took 198 s instead of 10.
+    pub(super) fn apply_fetched(&mut self, group: Vec<Fetched>) {
+        let mut store = StoreBatch::default();
+        let mut changed: BTreeSet<String> = BTreeSet::new();
+        let mut written = 0usize;
+        let mut puts: BTreeMap<String, Vec<CheckedOp>> = BTreeMap::new();
+        let index = self.shared.applied.load(Ordering::SeqCst);
+        for f in group {
+            self.shared
+                .fetched_queued
+                .fetch_sub(f.patch.len() as u64, Ordering::Relaxed);
+            let Some((set, entry)) = self.fetched_still_wanted(&f) else {
+                continue;
+            };
+            if let Some(primary) = entry.link.clone().filter(|_| set.hard_links) {
+                if self.link_fetched(&set, &f, &entry, &primary, index, &mut store) {
+                    changed.insert(f.set.clone());
+                    written += 1;
+                }
+                continue;
+            }
+            self.shared
+                .counters
+                .bytes_fetched
+                .fetch_add(f.patch.len() as u64, Ordering::Relaxed);
+            puts.entry(f.set).or_default().push(CheckedOp::Put {
+                path: f.path,
+                entry,
+                content: Content::Inline(f.patch),
+                previous: None,
+            });
+        }
+        for (name, ops) in puts {
+            let Some(set) = self.shared.set(&name).cloned() else {
+                continue;
+            };
+            let Some(root) = self.roots.remove(&name) else {
+                continue;
+            };
+            let refs: Vec<&CheckedOp> = ops.iter().collect();
+            self.write_files(&set, &root, index, 0, &refs, &mut store);
+            let done: Vec<&SetPath> = {
+                let missing = self.shared.missing.lock().unwrap();
+                ops.iter()
+                    .filter_map(|op| match op {
+                        CheckedOp::Put { path, .. }
+                            if !missing.contains_key(&(name.clone(), path.clone())) =>
+                        {
+                            Some(path)
+                        }
+                        _ => None,
+                    })
+                    .collect()
+            };
+            for path in &done {
+                self.settle_parent_meta(&name, &root, path);
+                debug!(set = %name, path = %path, "fetched the committed version of {path}");
+            }
+            if !done.is_empty() {
+                written += done.len();
+                changed.insert(name.clone());
+            }
+            self.roots.insert(name, root);
+        }
+        if let Err(e) = self.shared.store.write(store) {
+            let _ = self.out.send(Applied::Failed(ApplyError::Store(e)));
+            return;
+        }
+        if written > 0 {
+            info!(
+                files = written,
+                "fetched the committed version of {written} file(s) of {}",
+                changed
+                    .iter()
+                    .map(|s| format!("sync set {s:?}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        for set in changed {
+            let _ = self.out.send(Applied::SetChanged(set));
+        }
+    }
+
+    /// The set and committed entry of a fetched version, if it is still
+    /// what the manifest wants and its set is not waiting for anything.
+    fn fetched_still_wanted(&self, f: &Fetched) -> Option<(SetRuntime, Entry)> {
         let key = (f.set.clone(), f.path.clone());
         let still_wanted = self
             .shared
@@ -373,110 +465,69 @@ impl Applier {
             .get(&key)
             .map(|d| d.get())
             == Some(f.want);
+        if !still_wanted || self.deferred.contains(&f.set) {
+            return None;
+        }
         let entry = self
             .shared
             .manifest
             .read()
             .unwrap()
             .get(&f.set, &f.path)
-            .cloned();
-        let (Some(entry), true) = (entry, still_wanted) else {
-            return;
-        };
+            .cloned()?;
         if entry.digest.map(|d| d.get()) != Some(f.want) {
-            return;
+            return None;
         }
-        let Some(set) = self.shared.set(&f.set).cloned() else {
-            return;
-        };
-        if self.deferred.contains(&f.set) {
-            return;
-        }
+        let set = self.shared.set(&f.set).cloned()?;
+        Some((set, entry))
+    }
+
+    /// A hard link travels as none of its bytes: made from its primary
+    /// once that is the committed version here (else the primary is
+    /// fetched first). True when linked.
+    fn link_fetched(
+        &mut self,
+        set: &SetRuntime,
+        f: &Fetched,
+        entry: &Entry,
+        primary: &SetPath,
+        index: u64,
+        store: &mut StoreBatch,
+    ) -> bool {
         let Some(root) = self.roots.remove(&f.set) else {
-            return;
+            return false;
         };
-        let mut store = StoreBatch::default();
-        let index = self.shared.applied.load(Ordering::SeqCst);
-        if let Some(primary) = entry.link.as_ref().filter(|_| set.hard_links) {
-            // A hard link travels as none of its bytes: the fetcher asks for
-            // it (with no content) once its primary is no longer missing.
-            match self.holds_committed(&set, &root, primary, &f.want) {
-                Ok(Some(_)) => {
-                    let term = self.shared.term.load(Ordering::SeqCst);
-                    if let Err(e) =
-                        self.link_file(&set, &root, &f.path, &entry, None, index, term, &mut store)
-                    {
-                        self.shared.note_error(&f.set, format!("{}: {e}", f.path));
-                    } else {
+        let mut linked = false;
+        match self.holds_committed(set, &root, primary, &f.want) {
+            Ok(Some(_)) => {
+                let term = self.shared.term.load(Ordering::SeqCst);
+                match self.link_file(set, &root, &f.path, entry, None, index, term, store) {
+                    Err(e) => self.shared.note_error(&f.set, format!("{}: {e}", f.path)),
+                    Ok(_) => {
                         // Linking changed the directory's mtime.
                         self.settle_parent_meta(&f.set, &root, &f.path);
-                        info!(set = %f.set, path = %f.path, "linked {} to {primary}", f.path);
-                        let _ = self.out.send(Applied::SetChanged(f.set.clone()));
+                        debug!(set = %f.set, path = %f.path, "linked {} to {primary}", f.path);
+                        linked = true;
                     }
                 }
-                Ok(None) => {
-                    // The primary here is not the committed version (edited
-                    // by hand, say): it is fetched first.
-                    let pentry = self
-                        .shared
-                        .manifest
-                        .read()
-                        .unwrap()
-                        .get(&f.set, primary)
-                        .cloned();
-                    if let Some(pentry) = pentry {
-                        self.mark_missing(&f.set, primary, &pentry, &mut store);
-                    }
+            }
+            Ok(None) => {
+                // The primary here is not the committed version (edited
+                // by hand, say): it is fetched first.
+                let pentry = self
+                    .shared
+                    .manifest
+                    .read()
+                    .unwrap()
+                    .get(&f.set, primary)
+                    .cloned();
+                if let Some(pentry) = pentry {
+                    self.mark_missing(&f.set, primary, &pentry, store);
                 }
-                Err(e) => self.shared.note_error(&f.set, format!("{}: {e}", f.path)),
-            }
-            self.roots.insert(f.set.clone(), root);
-            if let Err(e) = self.shared.store.write(store) {
-                let _ = self.out.send(Applied::Failed(ApplyError::Store(e)));
-            }
-            return;
-        }
-        self.shared
-            .counters
-            .bytes_fetched
-            .fetch_add(f.patch.len() as u64, Ordering::Relaxed);
-        match self.put_file(
-            &set,
-            &root,
-            &f.path,
-            &entry,
-            &Content::Inline(f.patch),
-            None,
-            index,
-            0,
-            None,
-            &mut store,
-        ) {
-            Ok(PutOutcome::Done | PutOutcome::Prepared) => {
-                self.clear_missing(&f.set, &f.path, &mut store);
-                let parent: Vec<Vec<u8>> = f
-                    .path
-                    .parent()
-                    .map(|p| p.components().map(<[u8]>::to_vec).collect())
-                    .unwrap_or_default();
-                if let Err(e) = root.sync_dir(&parent) {
-                    self.shared.note_error(&f.set, format!("{}: {e}", f.path));
-                }
-                self.settle_parent_meta(&f.set, &root, &f.path);
-                info!(set = %f.set, path = %f.path, "fetched the committed version of {}", f.path);
-                let _ = self.out.send(Applied::SetChanged(f.set.clone()));
-            }
-            Ok(PutOutcome::Missing(why)) => {
-                debug!(set = %f.set, path = %f.path, "fetched content unusable: {why}")
-            }
-            Ok(PutOutcome::Refused(why)) => {
-                warn!(set = %f.set, path = %f.path, "refused the content a peer served for {} in sync set {:?}: {why}; nothing was written, another peer is asked next", f.path, f.set)
             }
             Err(e) => self.shared.note_error(&f.set, format!("{}: {e}", f.path)),
         }
         self.roots.insert(f.set.clone(), root);
-        if let Err(e) = self.shared.store.write(store) {
-            let _ = self.out.send(Applied::Failed(ApplyError::Store(e)));
-        }
+        linked
     }
 }
