@@ -153,6 +153,12 @@ fn member_list(c: &Cluster, via: u64) -> Result<BTreeMap<u64, (String, String)>,
 /// Waits until node `via` lists exactly the members `want` (id, role) and
 /// returns the list.
 #[track_caller]
+/// `member remove ID` through `via`, which must succeed.
+fn remove_member(c: &Cluster, via: u64, id: u64) {
+    let out = member(c, via, &["remove", &id.to_string()], change_timeout_ms());
+    assert!(out.success(), "member remove {id}: {out}");
+}
+
 fn expect_roles(c: &Cluster, via: u64, want: &[(u64, &str)]) -> BTreeMap<u64, (String, String)> {
     let want: BTreeMap<u64, String> = want.iter().map(|&(i, r)| (i, r.to_string())).collect();
     wait_until(
@@ -270,13 +276,7 @@ fn a_joining_node_waits_is_added_as_a_voter_and_its_vote_counts() {
 
     let founders = c.others(&[leader, 4]);
     let (removed, kept) = (founders[0], founders[1]);
-    let out = member(
-        &c,
-        leader,
-        &["remove", &removed.to_string()],
-        change_timeout_ms(),
-    );
-    assert!(out.success(), "member remove {removed}: {out}");
+    remove_member(&c, leader, removed);
     expect_roles(&c, leader, &voters(&[leader, kept, 4]));
     wait_applied(&c, &[leader, kept, 4]);
 
@@ -582,13 +582,7 @@ fn a_witness_joins_and_votes_but_holds_no_files() {
 
     let founders = c.others(&[leader, 4]);
     let (removed, kept) = (founders[0], founders[1]);
-    let out = member(
-        &c,
-        leader,
-        &["remove", &removed.to_string()],
-        change_timeout_ms(),
-    );
-    assert!(out.success(), "member remove {removed}: {out}");
+    remove_member(&c, leader, removed);
     expect_roles(
         &c,
         leader,

@@ -60,6 +60,21 @@ async fn admin_client(
     Ok(admin::connect(&socket_path(args)?).await?)
 }
 
+/// Every node's view, as the node behind `client` gathers it (each peer
+/// bounded by `peer_timeout_ms`; the call itself too, for a wedged node).
+async fn ask_status(
+    client: &mut clusterd::net::proto::admin::admin_client::AdminClient<tonic::transport::Channel>,
+    peer_timeout_ms: u64,
+) -> Result<ClusterStatus> {
+    let mut req = tonic::Request::new(StatusRequest { peer_timeout_ms });
+    req.set_timeout(Duration::from_millis(peer_timeout_ms + 2_000));
+    let reply = client
+        .status(req)
+        .await
+        .context("the node did not answer the status request")?;
+    Ok(reply.get_ref().into())
+}
+
 /// Pauses (or resumes) `set` through the node's admin service.
 async fn set_pause(
     args: &Args,
@@ -201,16 +216,7 @@ async fn run(args: Args) -> Result<ExitCode> {
         } => {
             let mut client = admin_client(&args).await?;
             loop {
-                let mut req = tonic::Request::new(StatusRequest {
-                    peer_timeout_ms: *peer_timeout_ms,
-                });
-                // The node bounds each peer; this bounds a wedged node.
-                req.set_timeout(Duration::from_millis(*peer_timeout_ms + 2_000));
-                let reply = client
-                    .status(req)
-                    .await
-                    .context("the node did not answer the status request")?;
-                let status: ClusterStatus = reply.get_ref().into();
+                let status = ask_status(&mut client, *peer_timeout_ms).await?;
                 let text = if *json {
                     format!("{}\n", status.to_json())
                 } else {
@@ -252,15 +258,7 @@ async fn run(args: Args) -> Result<ExitCode> {
             // A plugin must answer with a code in every case: failures to ask are UNKNOWN.
             let status = async {
                 let mut client = admin_client(&args).await?;
-                let mut req = tonic::Request::new(StatusRequest {
-                    peer_timeout_ms: *peer_timeout_ms,
-                });
-                req.set_timeout(Duration::from_millis(*peer_timeout_ms + 2_000));
-                let reply = client
-                    .status(req)
-                    .await
-                    .context("the node did not answer")?;
-                anyhow::Ok(ClusterStatus::from(reply.get_ref()))
+                ask_status(&mut client, *peer_timeout_ms).await
             }
             .await;
             let (code, line) = match status {
@@ -426,15 +424,7 @@ async fn run(args: Args) -> Result<ExitCode> {
                 },
         } => {
             let mut client = admin_client(&args).await?;
-            let mut req = tonic::Request::new(StatusRequest {
-                peer_timeout_ms: *peer_timeout_ms,
-            });
-            req.set_timeout(Duration::from_millis(*peer_timeout_ms + 2_000));
-            let reply = client
-                .status(req)
-                .await
-                .context("the node did not answer the status request")?;
-            let status: ClusterStatus = reply.get_ref().into();
+            let status = ask_status(&mut client, *peer_timeout_ms).await?;
             if *json {
                 println!("{}", status.members_json());
             } else {

@@ -145,7 +145,7 @@ fn create_private_dir(dir: &Path) -> Result<(), NodeError> {
     if mode & 0o077 != 0 {
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
         warn!(
-            "tightened {} from mode {mode:o} to 700: it holds file contents of the sync sets",
+            "tightened {} from mode {mode:o} to 700: it holds the Raft log, and on a data node the contents of the sync sets",
             dir.display()
         );
     }
