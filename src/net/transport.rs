@@ -73,6 +73,10 @@ struct Inner {
     links: std::sync::RwLock<BTreeMap<NodeId, Link>>,
     /// Every known member's address and kind, this node excepted.
     book: std::sync::RwLock<BTreeMap<NodeId, MemberInfo>>,
+    /// Ids whose address this node's own `[[peer]]` list gives: a snapshot
+    /// or an introduction never replaces it (other nodes may reach the
+    /// same node by another name).
+    pinned: std::sync::RwLock<std::collections::BTreeSet<NodeId>>,
     tls: LiveTls,
     events: mpsc::Sender<LinkEvent>,
     view: watch::Receiver<NodeView>,
@@ -138,6 +142,7 @@ impl Transport {
             inner: Arc::new(Inner {
                 links: Default::default(),
                 book: Default::default(),
+                pinned: Default::default(),
                 tls: tls.clone(),
                 events,
                 view,
@@ -155,6 +160,26 @@ impl Transport {
     pub fn learn(&self, members: &[MemberInfo]) {
         let me = self.inner.view.borrow().id;
         for member in members {
+            let pinned_addr = self
+                .inner
+                .pinned
+                .read()
+                .unwrap()
+                .contains(&member.id)
+                .then(|| self.member(member.id).map(|m| m.addr))
+                .flatten();
+            if let Some(addr) = pinned_addr {
+                // Its kind and how it joined are the cluster's; its address
+                // is this node's own config's.
+                self.inner.book.write().unwrap().insert(
+                    member.id,
+                    MemberInfo {
+                        addr,
+                        ..member.clone()
+                    },
+                );
+                continue;
+            }
             if member.id == me {
                 // Known, so it can be introduced to joining nodes; no link.
                 self.inner.book.write().unwrap().insert(me, member.clone());
@@ -207,6 +232,12 @@ impl Transport {
                 },
             );
         }
+    }
+
+    /// Keeps the addresses `ids` have now (from this node's `[[peer]]`
+    /// list): later [`Transport::learn`]s only add what is not known.
+    pub fn pin(&self, ids: impl IntoIterator<Item = NodeId>) {
+        self.inner.pinned.write().unwrap().extend(ids);
     }
 
     /// Whether `peer` is a member this node knows (may connect to it).

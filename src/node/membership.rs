@@ -176,8 +176,11 @@ async fn removed_while_away(transport: &Transport, view: &NodeView) -> Option<St
         };
         let theirs: NodeView = (&status).into();
         // A member added while this node was away (perhaps the leader now)
-        // is refused until this node knows it: take its address from a
-        // member that applied its addition.
+        // is refused until this node knows it: take its address from any
+        // node that applied its addition, even one removed since (it may
+        // be the only one this node can reach). Only the address is taken:
+        // whether it may connect is this node's own log's to say
+        // (`Transport::admits`).
         let unknown: Vec<_> = crate::net::proto::member_addresses(&status.addresses)
             .into_iter()
             .filter(|m| {
@@ -186,7 +189,7 @@ async fn removed_while_away(transport: &Transport, view: &NodeView) -> Option<St
                         || theirs.members.learners.contains(&m.id))
             })
             .collect();
-        if !unknown.is_empty() && is_member(&theirs) {
+        if !unknown.is_empty() {
             info!(
                 peer,
                 "learned from node {peer} of members added while this node was away: {}",

@@ -278,6 +278,7 @@ async fn run_inner(
         view_rx.clone(),
         shared.counters.wire_bytes_sent.clone(),
     );
+    transport.pin(config.peers.iter().map(|p| p.id).chain([id]));
     let (inbox_tx, inbox_rx) = mpsc::channel(INBOX);
     let handle = NodeHandle::new(id, inbox_tx, view_rx, cert_not_after);
     let (apply_tx, apply_rx) = mpsc::unbounded_channel();

@@ -267,8 +267,11 @@ impl NodeTask {
             return;
         }
         if self.core.membership_change_in_flight() {
-            let _ = reply.send(Err(RequestError::Invalid(
-                "another membership change is in flight (proposed and not yet applied, or a joint configuration not yet left); retry in a moment".to_string(),
+            // Retried by the caller until its deadline: the change in
+            // flight (a promotion, leaving a joint configuration, a new
+            // leader's first entry) is usually done within a round trip.
+            let _ = reply.send(Err(RequestError::Retry(
+                "another membership change is in flight (proposed and not yet applied, or a joint configuration not yet left)".to_string(),
             )));
             return;
         }

@@ -161,42 +161,49 @@ pub async fn run_fetcher(
                 .take(FETCH_BATCH)
                 .collect()
         };
-        busy = !wanted.is_empty();
         if wanted.is_empty() {
+            busy = false;
             continue;
-        }
-        let now = Instant::now();
-        for (key, _, _) in &wanted {
-            asked.insert(key.clone(), now);
         }
         let view = node.view();
         let mut order: Vec<NodeId> = transport.peers();
         order.sort_by_key(|p| (Some(*p) != view.leader, *p));
         let order = &order;
         let (shared_ref, transport_ref, applier_ref) = (&shared, &transport, &applier);
-        futures::stream::iter(wanted)
-            .for_each_concurrent(
-                FETCHES_IN_FLIGHT,
-                |((set, path), want, primary)| async move {
-                    fetch_path(
-                        shared_ref,
-                        transport_ref,
-                        applier_ref,
-                        order,
-                        set,
-                        path,
-                        want,
-                        primary,
-                    )
-                    .await
-                },
-            )
+        let outcomes: Vec<((String, SetPath), bool)> = futures::stream::iter(wanted)
+            .map(|(key, want, primary)| async move {
+                let (set, path) = key.clone();
+                let handed = fetch_path(
+                    shared_ref,
+                    transport_ref,
+                    applier_ref,
+                    order,
+                    set,
+                    path,
+                    want,
+                    primary,
+                )
+                .await;
+                (key, handed)
+            })
+            .buffer_unordered(FETCHES_IN_FLIGHT)
+            .collect()
             .await;
+        // From the end of the round: what was handed over may wait a while
+        // in the applier's queue before it is no longer missing.
+        let now = Instant::now();
+        // Rest between rounds unless something arrived: peers that refuse
+        // at once must not turn this into a loop reading local files.
+        busy = outcomes.iter().any(|(_, handed)| *handed);
+        for (key, _) in outcomes {
+            asked.insert(key, now);
+        }
     }
 }
 
 /// Brings one missing path: from the first peer in `order` that holds its
-/// committed version, as a patch against what this node has.
+/// committed version, as a patch against what this node has. True when it
+/// was handed to the applier.
 #[allow(clippy::too_many_arguments)]
 async fn fetch_path(
     shared: &Arc<Shared>,
@@ -207,7 +214,7 @@ async fn fetch_path(
     path: SetPath,
     want: FileDigest,
     primary: Option<SetPath>,
-) {
+) -> bool {
     // A hard link is made from its primary, never fetched: the applier
     // links it (or asks for the primary).
     if primary.is_some() {
@@ -217,7 +224,7 @@ async fn fetch_path(
             want,
             patch: Vec::new(),
         }));
-        return;
+        return true;
     }
     // Bounded memory: wait while the applier has much fetched content to write.
     while shared.fetched_queued.load(Ordering::Relaxed) > FETCHED_QUEUED_MAX {
@@ -244,7 +251,7 @@ async fn fetch_path(
                     want,
                     patch,
                 }));
-                return;
+                return true;
             }
             Err(FetchError::NotHeld(e)) => {
                 lacking.insert(peer);
@@ -262,6 +269,7 @@ async fn fetch_path(
             warn!(set = %set, path = %path, "no node holds the committed version {want} of {path} in sync set {set:?} any more (every copy was edited before it arrived); a leader will propose its own copy, and the other copies go to quarantine");
         }
     }
+    false
 }
 
 fn local_signature(shared: &Shared, set: &str, path: &SetPath) -> Vec<u8> {

@@ -376,10 +376,17 @@ impl Applier {
         let mut written = 0usize;
         let mut puts: BTreeMap<String, Vec<CheckedOp>> = BTreeMap::new();
         let index = self.shared.applied.load(Ordering::SeqCst);
+        // A path fetched twice (asked again while its first answer waited
+        // in the queue) is written once, from its last answer: two writes
+        // of one path in one group would race each other.
+        let mut latest: BTreeMap<(String, SetPath), Fetched> = BTreeMap::new();
         for f in group {
             self.shared
                 .fetched_queued
                 .fetch_sub(f.patch.len() as u64, Ordering::Relaxed);
+            latest.insert((f.set.clone(), f.path.clone()), f);
+        }
+        for f in latest.into_values() {
             let Some((set, entry)) = self.fetched_still_wanted(&f) else {
                 continue;
             };
@@ -396,9 +403,11 @@ impl Applier {
                 .fetch_add(f.patch.len() as u64, Ordering::Relaxed);
             puts.entry(f.set).or_default().push(CheckedOp::Put {
                 path: f.path,
+                // The committed version itself: the local file is judged
+                // against it, and nothing new enters the history here.
+                previous: Some(entry.clone()),
                 entry,
                 content: Content::Inline(f.patch),
-                previous: None,
             });
         }
         for (name, ops) in puts {
