@@ -41,7 +41,8 @@
 //! failure replays its schedule, not its exact interleaving.
 //!
 //! - CI (default): `cargo test --test cluster chaos -- --nocapture`
-//!   (`CHAOS_STEPS` defaults to 25 steps: about 40 s alone on 2 cores).
+//!   (`CHAOS_STEPS` defaults to 25 steps: about 55 s alone on 2 cores, 45 s
+//!   with `CHAOS_MEMBERSHIP=0`).
 //! - Long run: `CHAOS_STEPS=500 CHAOS_SEED=7 cargo test --test cluster chaos -- --nocapture`
 //!   (about 1.5 s a step, so some 12 minutes; any seed).
 //! - `CHAOS_FOLLOWER_EDITS=N` makes N % of the writes by hand on a node the
@@ -50,30 +51,60 @@
 //!   bugs fixed since: an edit saved between an apply's check and its rename
 //!   overwritten without a record, and a path frozen once no node held its
 //!   committed version.
+//! - `CHAOS_MEMBERSHIP=0` leaves membership changes out (three nodes, as
+//!   before they were in the repertoire); default 1, see below.
 //! - Replay a failure: the seed and step count are printed at the start and
 //!   again after a failure; add `CLUSTER_TESTS_KEEP=1` to keep the nodes'
 //!   directories (logs, data, quarantine) for a look. The report gives each
 //!   write's and step's UTC time of day, as the nodes' logs print it.
+//!
+//! **A membership change interrupted.** A spare node 4 (`join = true`) waits
+//! from the start. At one seeded step (between a fifth and three fifths of
+//! the run), instead of a fault, `clusterctl member replace F 4` runs in the
+//! background through the other follower, and the leader is SIGKILLed as
+//! soon as that follower lists node 4 (a learner, mostly); once the others
+//! elect a leader, it is restarted. Before the run goes on, the cluster must
+//! settle by itself: three voters and no learner (not joint, nothing left half done)
+//! listed alike by every running member, and the node left out (F, or node 4
+//! if the change was undone) reporting itself removed. Later steps draw
+//! their faults among the members then; the harness's proxies sit only on
+//! the links the founders' configs name, so the links *to* node 4 (dialled
+//! at its own address, as every member dials a member's address) are never
+//! cut: a cut of them does nothing, and isolating node 4 only mutes it. At
+//! the end the checks above apply to the final members; besides:
+//!
+//! - every final member lists the same three voters and no learner, and its
+//!   Raft store holds that configuration, not a joint one;
+//! - the removed node's committed log agrees with the others as far as it
+//!   goes (its log is a prefix; node 4's starts at the snapshot it joined
+//!   from); its tree is not compared (it stops receiving entries), but holds
+//!   nothing that was neither committed nor written on it;
+//! - a write on the removed node may end in its own tree: its files stay on
+//!   its disk, no longer clusterd's to keep.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write as _;
 use std::fs;
+use std::net::TcpStream;
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::process::Command as Process;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use clusterd::core::manifest::FileOp;
 use clusterd::raft::core::Command;
 use clusterd::raft::storage::RaftStore;
+use raft::prelude::{ConfState, EntryType};
 use raft::Storage;
 use serde_json::Value;
 
 use crate::harness::tree::*;
 use crate::harness::*;
+use crate::membership::member_list;
 
 /// The one sync set, a mirror set.
 const SET: &str = "chaos";
@@ -88,34 +119,70 @@ const DEFAULT_STEPS: u64 = 25;
 const CONVERGE: Duration = Duration::from_secs(120);
 /// How often the status of every node is sampled while the writer runs.
 const SAMPLE_EVERY: Duration = Duration::from_millis(300);
+/// The founding members.
+const FOUNDERS: [u64; 3] = [1, 2, 3];
+/// The spare node that a `member replace` brings in (`CHAOS_MEMBERSHIP`).
+const SPARE: u64 = 4;
+/// Deadline for an interrupted membership change to settle by itself (the
+/// spare catches up while the writer goes on, an election, the promotion).
+const SETTLE: Duration = Duration::from_secs(90);
+/// How long the writer goes on while the change settles; then it rests until
+/// it has. A learner is promoted only once it misses no committed file, and
+/// it cannot get a file rewritten faster than it fetches it (each new version
+/// comes as a patch against the one it lacks, each fetch asks for a version
+/// the others have left): under the writer it may stay a learner for good.
+const WRITER_RESTS_AFTER: Duration = Duration::from_secs(20);
 
 #[test]
 fn chaos_writes_faults_and_no_silent_loss() {
     let seed = env_u64("CHAOS_SEED", DEFAULT_SEED);
     let steps = env_u64("CHAOS_STEPS", DEFAULT_STEPS);
     let follower_edits = env_u64("CHAOS_FOLLOWER_EDITS", 10);
-    let replay = replay_command(seed, steps, follower_edits);
-    eprintln!("chaos: seed {seed}, {steps} steps; {replay}");
+    let membership = env_u64("CHAOS_MEMBERSHIP", 1) != 0;
+    let replace_at = (membership && steps > 0).then(|| replace_step(seed, steps));
+    let replay = replay_command(seed, steps, follower_edits, membership);
+    let change = match replace_at {
+        Some(s) => format!("member replace at step {s}"),
+        None => "no membership change".to_string(),
+    };
+    eprintln!("chaos: seed {seed}, {steps} steps, {change}; {replay}");
     // Declared before the cluster, so it drops after it: the hint follows
     // the cluster logs.
     let _replay = Replay(replay);
 
-    let mut b = Cluster::builder(3)
+    let n = if membership { SPARE } else { 3 };
+    let mut b = Cluster::builder(n)
         .sync_set(SET, "mirror", "")
         // The checks read the whole committed history back from the logs.
         .env("CLUSTERD_RAFT__COMPACT_AFTER", "1000000000");
-    for id in 1..=3 {
+    for id in 1..=n {
         b = b.extra_toml(id, REPLICATION);
+    }
+    if membership {
+        b = b.joiner(SPARE);
     }
     let c = b.start();
     let all = c.ids();
-    let first = c.wait_for_leader(&all);
+    let first = c.wait_for_leader(&FOUNDERS);
     c.wait_barrier(first);
-    wait_sets_ready(&c, &all, &[SET]);
+    wait_sets_ready(&c, &FOUNDERS, &[SET]);
+    if membership {
+        // From now on it waits to be added.
+        c.start_node(SPARE);
+    }
+    // The voters, as last seen settled; the nodes a change left out; the
+    // nodes that hold a Raft log.
+    let mut members: Vec<u64> = FOUNDERS.to_vec();
+    let mut removed: Vec<u64> = Vec::new();
+    let mut joined: Vec<u64> = FOUNDERS.to_vec();
+    // Where the writer's follower edits may land: members that stay.
+    let writable = Arc::new(Mutex::new(members.clone()));
+    // Set while the writer must rest (`WRITER_RESTS_AFTER`).
+    let rest = Arc::new(AtomicBool::new(false));
 
     let mut leaders = Leaders::default();
-    for id in &all {
-        leaders.note(&c.view_now(*id));
+    for id in FOUNDERS {
+        leaders.note(&c.view_now(id));
     }
     let belief = Arc::new(AtomicU64::new(first));
     let started = Instant::now();
@@ -133,6 +200,8 @@ fn chaos_writes_faults_and_no_silent_loss() {
                     (i, d)
                 })
                 .collect(),
+            writable: writable.clone(),
+            rest: rest.clone(),
             seed: seed ^ 0x5752_4954_4552, // the writer's own stream
             started,
             follower_edits,
@@ -146,11 +215,12 @@ fn chaos_writes_faults_and_no_silent_loss() {
     let mut fault = Fault::None;
     let mut belief_term = 0u64;
     let mut log = String::new();
+    let mut replace: Option<ReplaceCmd> = None;
     for step in 1..=steps {
         repair(&c, &fault);
-        let (leader, term) = wait_majority_leader(&c, &mut leaders, None);
+        let (leader, term) = wait_majority_leader(&c, &mut leaders, &members, None);
         set_belief(&belief, &mut belief_term, leader, term);
-        let followers = c.others(&[leader]);
+        let followers: Vec<u64> = members.iter().copied().filter(|&i| i != leader).collect();
         let f = followers[rng.below(followers.len() as u64) as usize];
         fault = match rng.below(100) {
             0..=24 => Fault::Down(leader),
@@ -162,21 +232,87 @@ fn chaos_writes_faults_and_no_silent_loss() {
             80..=84 => Fault::CutOne(f, leader),
             _ => Fault::None,
         };
-        let _ = writeln!(
-            log,
-            "step {step} at {:.1?} ({}): leader {leader} (term {term}); {fault:?}",
-            started.elapsed(),
-            utc_clock()
-        );
-        eprintln!("chaos: step {step}/{steps}: leader {leader} (term {term}); {fault:?}");
-        apply(&c, &fault);
+        if replace_at == Some(step) {
+            // Instead of the fault drawn: replace follower `f` by the spare,
+            // through the other follower, and SIGKILL the leader mid-change.
+            // First every member (one just restarted too) follows one leader
+            // and the other follower gets a barrier through: it can carry
+            // the command to the leader.
+            let now = c.wait_for_leader(&members);
+            let (leader, f) = match now {
+                l if l == leader => (leader, f),
+                l if l == f => (l, leader),
+                l => (l, f),
+            };
+            let via = c.others(&[leader, f, SPARE])[0];
+            c.wait_barrier(via);
+            eprintln!(
+                "chaos: step {step}/{steps}: leader {leader} (term {term}); member replace {f} {SPARE}"
+            );
+            writable.lock().unwrap().retain(|&i| i != f);
+            let (cmd, role) = ReplaceCmd::start(&c, f, via);
+            c.kill(leader);
+            // The others elect a leader without it; then it is restarted, as
+            // the repair does (the committed versions it alone holds may be
+            // what the spare lacks to be promoted).
+            let (next, next_term) = wait_majority_leader(&c, &mut leaders, &members, Some(leader));
+            set_belief(&belief, &mut belief_term, next, next_term);
+            c.start_node(leader);
+            fault = Fault::None;
+            let _ = writeln!(
+                log,
+                "step {step} at {:.1?} ({}): leader {leader} (term {term}); member replace {f} {SPARE} through node {via}; leader {leader} SIGKILLed once node {SPARE} was listed as {role}, restarted once node {next} led (term {next_term})",
+                started.elapsed(),
+                utc_clock()
+            );
+            eprintln!(
+                "chaos: at {:.1?}: leader {leader} SIGKILLed once node {SPARE} was listed as {role}",
+                started.elapsed()
+            );
+            replace = Some(cmd);
+            let (settled, out) = wait_settled(
+                &c,
+                &mut leaders,
+                (&belief, &mut belief_term, &rest),
+                (leader, via, f),
+            );
+            if rest.swap(false, Ordering::SeqCst) {
+                let _ = writeln!(
+                    log,
+                    "  the writer rested from {WRITER_RESTS_AFTER:?} into the wait until it settled"
+                );
+            }
+            members = settled;
+            removed.push(out);
+            joined.push(SPARE);
+            *writable.lock().unwrap() = members.clone();
+            let _ = writeln!(
+                log,
+                "  settled at {:.1?} ({}): voters {members:?}, node {out} removed",
+                started.elapsed(),
+                utc_clock()
+            );
+            eprintln!(
+                "chaos: settled at {:.1?}: voters {members:?}, node {out} removed",
+                started.elapsed()
+            );
+        } else {
+            let _ = writeln!(
+                log,
+                "step {step} at {:.1?} ({}): leader {leader} (term {term}); {fault:?}",
+                started.elapsed(),
+                utc_clock()
+            );
+            eprintln!("chaos: step {step}/{steps}: leader {leader} (term {term}); {fault:?}");
+            apply(&c, &fault);
+        }
         // A node that is gone or cut off from everyone cannot be the leader
         // the writer goes on with: wait for the majority's.
         let gone = match fault {
             Fault::Down(x) | Fault::Isolated(x) => Some(x),
             _ => None,
         };
-        let (leader, term) = wait_majority_leader(&c, &mut leaders, gone);
+        let (leader, term) = wait_majority_leader(&c, &mut leaders, &members, gone);
         set_belief(&belief, &mut belief_term, leader, term);
 
         // Let the writer work on the new leader, sampling every node's status.
@@ -212,9 +348,9 @@ fn chaos_writes_faults_and_no_silent_loss() {
             c.start_node(id);
         }
     }
-    let leader = c.wait_for_leader(&all);
+    let leader = c.wait_for_leader(&members);
     c.wait_barrier(leader);
-    let order = leader_first(leader, &all);
+    let order = leader_first(leader, &members);
     // Not converging is a finding like the others, and the committed history
     // read below is what explains it: catch the timeout, report it with them.
     let converged = std::panic::catch_unwind(AssertUnwindSafe(|| {
@@ -241,12 +377,17 @@ fn chaos_writes_faults_and_no_silent_loss() {
             problems.push(format!(
                 "the healed cluster did not converge (leader {leader}): {why}"
             ));
-            for t in trees.values() {
-                suspects.extend(diff_paths(&trees[&leader], t));
+            for id in &members {
+                suspects.extend(diff_paths(&trees[&leader], &trees[id]));
             }
             trees[&leader].clone()
         }
     };
+    check_members_listed(&c, &members, &removed, &mut problems);
+    let replace_out = replace.as_mut().map(ReplaceCmd::outcome);
+    if let Some(out) = &replace_out {
+        let _ = writeln!(log, "member replace printed: {out}");
+    }
     for &id in &all {
         if let Ok(v) = c.view(id) {
             leaders.note(&v);
@@ -267,12 +408,19 @@ fn chaos_writes_faults_and_no_silent_loss() {
     for &id in &all {
         c.kill(id);
     }
-    let logs: BTreeMap<u64, RaftLog> = all
+    let logs: BTreeMap<u64, RaftLog> = joined
         .iter()
         .map(|&id| (id, read_raft_log(&c.node(id).data_dir.join("raft"), id)))
         .collect();
 
     // ---- the checks ---------------------------------------------------------
+    let (committed, changes) = committed_history(&logs);
+    if !changes.is_empty() {
+        let _ = writeln!(log, "committed membership changes:");
+        for ch in &changes {
+            let _ = writeln!(log, "  {ch}");
+        }
+    }
     let ctx = Checks {
         writes: &writes,
         by_hash: writes
@@ -280,32 +428,48 @@ fn chaos_writes_faults_and_no_silent_loss() {
             .enumerate()
             .map(|(i, w)| (w.hash.clone(), i))
             .collect(),
-        committed: committed_history(&logs),
+        committed,
         leaders: &leaders,
         quarantined: &quarantined,
         records: &records,
         final_tree: &final_tree,
         trees: &trees,
+        removed: &removed,
     };
     ctx.one_leader_per_term(&mut problems);
     check_logs_agree(&logs, &mut problems);
+    check_stored_members(&logs, &members, &mut problems);
     ctx.committed_present(&mut problems, &mut suspects);
     ctx.committed_provenance(&mut problems, &mut suspects);
     ctx.nothing_vanished(&mut problems, &mut suspects);
+    ctx.removed_hold_nothing_uncommitted(&mut problems, &mut suspects);
 
     let accounted = ctx.summary();
+    for w in writes.iter().filter(|w| {
+        ctx.left_on_removed(w)
+            && !(w.overwritten_by_writer || ctx.is_committed(w) || ctx.in_quarantine(w).is_some())
+    }) {
+        eprintln!(
+            "chaos: write #{} of {} at {:.3?} ({}) left on removed node {}",
+            w.seq, w.file, w.at, w.clock, w.node
+        );
+    }
     eprintln!(
-        "chaos: {} writes: {accounted}; {} committed file versions; {} leader terms; {:.1?} in all",
+        "chaos: {} writes: {accounted}; {} committed file versions; {} leader terms; {} membership entries; voters {members:?}; {:.1?} in all",
         writes.len(),
         ctx.committed.len(),
         leaders.by_term.len(),
+        changes.len(),
         started.elapsed()
     );
+    if let Some(out) = &replace_out {
+        eprintln!("chaos: member replace printed: {out}");
+    }
     if !problems.is_empty() {
         let mut report = String::new();
         let _ = writeln!(
             report,
-            "chaos (seed {seed}, {steps} steps, {follower_edits} % follower edits) found {} problem(s):",
+            "chaos (seed {seed}, {steps} steps, {follower_edits} % follower edits, {change}) found {} problem(s):",
             problems.len()
         );
         for p in &problems {
@@ -333,11 +497,21 @@ fn env_u64(key: &str, default: u64) -> u64 {
     }
 }
 
-fn replay_command(seed: u64, steps: u64, follower_edits: u64) -> String {
+fn replay_command(seed: u64, steps: u64, follower_edits: u64, membership: bool) -> String {
     let edits = format!(" CHAOS_FOLLOWER_EDITS={follower_edits}");
+    let membership = u8::from(membership);
     format!(
-        "replay with: CHAOS_SEED={seed} CHAOS_STEPS={steps}{edits} cargo test --test cluster chaos -- --nocapture"
+        "replay with: CHAOS_SEED={seed} CHAOS_STEPS={steps}{edits} CHAOS_MEMBERSHIP={membership} cargo test --test cluster chaos -- --nocapture"
     )
+}
+
+/// The step of the membership change, from a fifth to three fifths of the
+/// run: drawn from a stream of its own, so the faults' stream is the same
+/// with it or without it.
+fn replace_step(seed: u64, steps: u64) -> u64 {
+    let lo = (steps / 5).max(1);
+    let hi = (steps * 3 / 5).max(lo);
+    Rng::new(seed ^ 0x4d45_4d42_4552_5321).range(lo, hi + 1)
 }
 
 /// Prints how to replay the run (the command it holds) if the test fails.
@@ -478,15 +652,21 @@ fn sample(c: &Cluster, leaders: &mut Leaders) -> Result<Option<(u64, u64)>, Stri
     Ok(best)
 }
 
-/// Waits until a majority of the nodes agree that one node (not `not`) leads
-/// in their common term, and returns it with that term. Nodes that are down
-/// or do not answer just do not count; views are noted as samples.
+/// Waits until a majority of the voters `members` agree that one node (not
+/// `not`) leads in their common term, and returns it with that term.
+/// Nodes that are down or do not answer just do not count; the views of
+/// every node (members or not) are noted as samples.
 #[track_caller]
-fn wait_majority_leader(c: &Cluster, leaders: &mut Leaders, not: Option<u64>) -> (u64, u64) {
-    let majority = c.ids().len() / 2 + 1;
+fn wait_majority_leader(
+    c: &Cluster,
+    leaders: &mut Leaders,
+    members: &[u64],
+    not: Option<u64>,
+) -> (u64, u64) {
+    let majority = members.len() / 2 + 1;
     wait_until(
         ELECTION_DEADLINE,
-        &format!("a majority to agree on a leader (other than {not:?})"),
+        &format!("a majority of {members:?} to agree on a leader (other than {not:?})"),
         || {
             let mut views = Vec::new();
             for id in c.ids() {
@@ -498,9 +678,12 @@ fn wait_majority_leader(c: &Cluster, leaders: &mut Leaders, not: Option<u64>) ->
             if let Err(e) = leaders.check() {
                 panic!("two leaders in one term: {e}");
             }
+            // The leader may be the spare in the middle of a change (a voter
+            // of the joint configuration); only the members' word counts.
             for lv in views.iter().filter(|v| v.is_leader() && Some(v.id) != not) {
                 let agree = views
                     .iter()
+                    .filter(|v| members.contains(&v.id))
                     .filter(|v| v.term == lv.term && v.leader == Some(lv.id))
                     .count();
                 if agree >= majority {
@@ -543,6 +726,186 @@ fn leading_number(s: &str) -> Option<u64> {
 }
 
 // ---------------------------------------------------------------------------
+// The membership change
+// ---------------------------------------------------------------------------
+
+/// `clusterctl member replace OLD SPARE` running in the background.
+struct ReplaceCmd {
+    done: mpsc::Receiver<CmdOutput>,
+    out: Option<CmdOutput>,
+}
+
+impl ReplaceCmd {
+    /// Starts `member replace old SPARE` through node `via` once the spare
+    /// waits to be added, and returns as soon as `via` lists the spare, with
+    /// the role it lists it as. Fails at once if the command fails first.
+    #[track_caller]
+    fn start(c: &Cluster, old: u64, via: u64) -> (ReplaceCmd, String) {
+        wait_until(
+            Duration::from_secs(30),
+            &format!("node {SPARE} to wait to be added"),
+            || {
+                c.assert_alive(SPARE);
+                let v = c.view(SPARE)?;
+                if v.member.as_deref() != Some("joining") {
+                    return Err(v.to_string());
+                }
+                TcpStream::connect(c.listen_addr(SPARE)).map_err(|e| e.to_string())
+            },
+        );
+        let timeout = scaled(Duration::from_secs(60));
+        let mut cmd = Process::new(CLUSTERCTL);
+        scrub_env(&mut cmd);
+        cmd.arg("--socket")
+            .arg(&c.node(via).admin_socket)
+            .args(["member", "replace", &old.to_string(), &SPARE.to_string()])
+            .args(["--addr", &c.listen_addr(SPARE)])
+            .args(["--timeout-ms", &timeout.as_millis().to_string()]);
+        let (tx, done) = mpsc::channel();
+        thread::spawn(move || {
+            let _ = tx.send(run_cmd(cmd, timeout + scaled(Duration::from_secs(15))));
+        });
+        let mut this = ReplaceCmd { done, out: None };
+        let role = wait_until(
+            Duration::from_secs(30),
+            &format!("node {via} to list node {SPARE}"),
+            || {
+                if let Some(out) = this.poll() {
+                    if !out.success() {
+                        panic!("member replace {old} {SPARE} failed before node {via} listed node {SPARE}: {out}");
+                    }
+                }
+                let list = member_list(c, via)?;
+                match list.get(&SPARE) {
+                    Some((role, _)) => Ok(role.clone()),
+                    None => Err(format!("listed {list:?}")),
+                }
+            },
+        );
+        (this, role)
+    }
+
+    /// What the command printed, if it ended.
+    fn poll(&mut self) -> Option<&CmdOutput> {
+        if self.out.is_none() {
+            self.out = self.done.try_recv().ok();
+        }
+        self.out.as_ref()
+    }
+
+    /// What it printed, or that it still runs (whatever it printed, the
+    /// cluster must settle by itself).
+    fn outcome(&mut self) -> String {
+        match self.poll() {
+            Some(out) => out.to_string(),
+            None => "nothing yet (still running)".to_string(),
+        }
+    }
+}
+
+/// Waits until the replace of `old` that was interrupted by SIGKILLing
+/// (and restarting) `killed` settles by itself: `via`, a voter in both
+/// configurations, lists three voters and no learner, `killed` and itself
+/// among them (not the joint configuration, which lists `old` and the spare
+/// both, nor a learner left behind); every other voter lists the same; and
+/// the one of `old` and the spare left out reports itself removed. Samples every node's status meanwhile (for the one-leader
+/// check, and to move the writer to the leader). Returns the voters and the
+/// node left out.
+#[track_caller]
+fn wait_settled(
+    c: &Cluster,
+    leaders: &mut Leaders,
+    (belief, belief_term, rest): (&AtomicU64, &mut u64, &AtomicBool),
+    (killed, via, old): (u64, u64, u64),
+) -> (Vec<u64>, u64) {
+    let mut last_sample: Option<Instant> = None;
+    let begun = Instant::now();
+    wait_until_every(
+        Duration::from_millis(200),
+        SETTLE,
+        &format!(
+            "the replace of node {old} by node {SPARE} to settle by itself (leader {killed} was SIGKILLed)"
+        ),
+        || {
+            if last_sample.is_none_or(|t| t.elapsed() >= SAMPLE_EVERY) {
+                last_sample = Some(Instant::now());
+                match sample(c, leaders) {
+                    Ok(Some((l, t))) => set_belief(belief, belief_term, l, t),
+                    Ok(None) => {}
+                    Err(e) => panic!("two leaders in one term: {e}"),
+                }
+            }
+            if begun.elapsed() >= scaled(WRITER_RESTS_AFTER) && !rest.swap(true, Ordering::SeqCst) {
+                eprintln!(
+                    "chaos: not settled after {WRITER_RESTS_AFTER:?} (node {SPARE} a learner still?): the writer rests until it is"
+                );
+            }
+            for id in [killed, via, old, SPARE] {
+                c.assert_alive(id);
+            }
+            let roles = |id| -> Result<BTreeMap<u64, String>, String> {
+                Ok(member_list(c, id)?
+                    .into_iter()
+                    .map(|(i, (r, _))| (i, r))
+                    .collect())
+            };
+            let list = roles(via)?;
+            if list.len() != 3
+                || list.values().any(|r| r != "voter")
+                || !list.contains_key(&killed)
+                || !list.contains_key(&via)
+            {
+                return Err(format!("node {via} lists {list:?}"));
+            }
+            let out = match (list.contains_key(&old), list.contains_key(&SPARE)) {
+                (false, true) => old,
+                (true, false) => SPARE,
+                _ => return Err(format!("node {via} lists {list:?}")),
+            };
+            for &id in list.keys().filter(|&&i| i != via) {
+                let other = roles(id)?;
+                if other != list {
+                    return Err(format!("node {via} lists {list:?}, node {id} {other:?}"));
+                }
+            }
+            let v = c.view(out)?;
+            if v.member.as_deref() != Some("removed") {
+                return Err(format!("node {out} does not report itself removed: {v}"));
+            }
+            Ok((list.into_keys().collect(), out))
+        },
+    )
+}
+
+/// At the end: every final voter lists `members` as the voters and no other
+/// member (no joint configuration, no learner left behind), and each node a
+/// change left out reports itself removed.
+fn check_members_listed(c: &Cluster, members: &[u64], removed: &[u64], problems: &mut Vec<String>) {
+    let want: BTreeMap<u64, String> = members.iter().map(|&i| (i, "voter".to_string())).collect();
+    for &id in members {
+        let list = wait_until(
+            Duration::from_secs(20),
+            &format!("node {id}'s member list --json"),
+            || member_list(c, id),
+        );
+        let roles: BTreeMap<u64, String> = list.into_iter().map(|(i, (r, _))| (i, r)).collect();
+        if roles != want {
+            problems.push(format!(
+                "node {id} lists the members {roles:?} at the end, not the voters {members:?}"
+            ));
+        }
+    }
+    for &id in removed {
+        let v = c.view_now(id);
+        if v.member.as_deref() != Some("removed") {
+            problems.push(format!(
+                "node {id}, left out by the membership change, does not report itself removed: {v}"
+            ));
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
 // The writer
 // ---------------------------------------------------------------------------
 
@@ -551,6 +914,11 @@ struct WriterConfig {
     roots: BTreeMap<u64, PathBuf>,
     /// Each node's directory for temporary files (same file system, outside the set).
     scratch: BTreeMap<u64, PathBuf>,
+    /// The nodes follower edits may land on: the members, less one on its
+    /// way out (the harness updates it).
+    writable: Arc<Mutex<Vec<u64>>>,
+    /// While set, no write (`WRITER_RESTS_AFTER`).
+    rest: Arc<AtomicBool>,
     seed: u64,
     started: Instant,
     /// Percent of writes made by hand on a node the harness does not
@@ -627,10 +995,18 @@ fn writer_loop(
             Err(RecvTimeoutError::Timeout) => {}
             Ok(()) | Err(RecvTimeoutError::Disconnected) => return Ok(writes),
         }
+        if cfg.rest.load(Ordering::SeqCst) {
+            continue;
+        }
         let mut node = belief.load(Ordering::SeqCst);
         if rng.below(100) < cfg.follower_edits {
-            let others: Vec<u64> = cfg.roots.keys().copied().filter(|&i| i != node).collect();
-            node = others[rng.below(others.len() as u64) as usize];
+            let others: Vec<u64> = (cfg.writable.lock().unwrap().iter())
+                .copied()
+                .filter(|&i| i != node)
+                .collect();
+            if !others.is_empty() {
+                node = others[rng.below(others.len() as u64) as usize];
+            }
         }
         let file = file_name(rng.below(FILES));
         let lines = rng.range(1, 80);
@@ -685,9 +1061,22 @@ fn conflicts(c: &Cluster, id: u64) -> Vec<Value> {
 
 /// One node's Raft log up to its durable commit index.
 struct RaftLog {
+    /// The first index it holds: 1, or past the snapshot it was sent (the
+    /// spare joins from one).
+    first: u64,
     commit: u64,
-    /// (index, term, data), from index 1.
-    entries: Vec<(u64, u64, Vec<u8>)>,
+    /// From `first` to `commit`.
+    entries: Vec<LogEntry>,
+    /// The configuration it applied last.
+    conf: ConfState,
+}
+
+#[derive(PartialEq)]
+struct LogEntry {
+    index: u64,
+    term: u64,
+    kind: EntryType,
+    data: Vec<u8>,
 }
 
 #[track_caller]
@@ -696,11 +1085,7 @@ fn read_raft_log(dir: &Path, id: u64) -> RaftLog {
         .unwrap_or_else(|e| panic!("open node {id}'s Raft log {}: {e}", dir.display()));
     let commit = store.hard_state().commit;
     let first = store.first_index().unwrap();
-    assert_eq!(
-        first, 1,
-        "node {id}'s Raft log was compacted (first index {first}): the checks need all of it"
-    );
-    let mut entries = Vec::new();
+    let mut entries: Vec<LogEntry> = Vec::new();
     let mut low = first;
     while low <= commit {
         let page = store
@@ -716,29 +1101,105 @@ fn read_raft_log(dir: &Path, id: u64) -> RaftLog {
             "node {id}'s log returned nothing at {low}"
         );
         for e in page {
-            entries.push((e.index, e.term, e.data.to_vec()));
+            assert_eq!(
+                e.index,
+                first + entries.len() as u64,
+                "node {id}'s log skips an index"
+            );
+            entries.push(LogEntry {
+                index: e.index,
+                term: e.term,
+                kind: e.get_entry_type(),
+                data: e.data.to_vec(),
+            });
         }
-        low = entries.last().map(|e| e.0 + 1).unwrap();
+        low = entries.last().map(|e| e.index + 1).unwrap();
     }
-    RaftLog { commit, entries }
+    RaftLog {
+        first,
+        commit,
+        entries,
+        conf: store.conf_state(),
+    }
 }
 
-/// Every two nodes hold the same entries up to the smaller commit index.
+/// Entry `k` of `log` (`first <= k <= commit`).
+fn entry_at(log: &RaftLog, k: u64) -> &LogEntry {
+    &log.entries[(k - log.first) as usize]
+}
+
+/// Every two nodes hold the same entries up to the smaller commit index,
+/// from the larger first index (a removed node's log is a prefix of the
+/// others'; the spare's starts past the snapshot it joined from).
 fn check_logs_agree(logs: &BTreeMap<u64, RaftLog>, problems: &mut Vec<String>) {
     let ids: Vec<u64> = logs.keys().copied().collect();
     for (i, &a) in ids.iter().enumerate() {
         for &b in &ids[i + 1..] {
-            let upto = logs[&a].commit.min(logs[&b].commit) as usize;
-            let (la, lb) = (&logs[&a].entries, &logs[&b].entries);
-            if let Some(k) = (0..upto).find(|&k| la[k] != lb[k]) {
+            let (la, lb) = (&logs[&a], &logs[&b]);
+            let from = la.first.max(lb.first);
+            let upto = la.commit.min(lb.commit);
+            if let Some(k) = (from..=upto).find(|&k| entry_at(la, k) != entry_at(lb, k)) {
                 problems.push(format!(
-                    "the committed logs of nodes {a} and {b} differ at index {} (terms {} and {})",
-                    k + 1,
-                    la[k].1,
-                    lb[k].1
+                    "the committed logs of nodes {a} and {b} differ at index {k} (terms {} and {})",
+                    entry_at(la, k).term,
+                    entry_at(lb, k).term
                 ));
             }
         }
+    }
+}
+
+/// Every final voter's store holds the configuration `members`, all voters:
+/// not joint, no learner.
+fn check_stored_members(
+    logs: &BTreeMap<u64, RaftLog>,
+    members: &[u64],
+    problems: &mut Vec<String>,
+) {
+    for &id in members {
+        let conf = &logs[&id].conf;
+        let mut voters = conf.voters.clone();
+        voters.sort_unstable();
+        if voters != members
+            || !conf.voters_outgoing.is_empty()
+            || !conf.learners.is_empty()
+            || !conf.learners_next.is_empty()
+        {
+            problems.push(format!(
+                "node {id}'s Raft store holds the configuration {conf:?}, not the voters {members:?} alone"
+            ));
+        }
+    }
+}
+
+/// A membership entry, for the report.
+fn describe_membership(e: &LogEntry) -> String {
+    let mut entry = raft::prelude::Entry::default();
+    entry.set_entry_type(e.kind);
+    entry.index = e.index;
+    entry.data = e.data.clone().into();
+    match clusterd::raft::core::decode_membership(&entry) {
+        Ok(cc) if cc.get_changes().is_empty() => {
+            format!(
+                "entry {} (term {}): leave the joint configuration",
+                e.index, e.term
+            )
+        }
+        Ok(cc) => {
+            let changes: Vec<String> = cc
+                .get_changes()
+                .iter()
+                .map(|c| format!("{:?} {}", c.get_change_type(), c.node_id))
+                .collect();
+            format!(
+                "entry {} (term {}): {} ({:?})",
+                e.index,
+                e.term,
+                changes.join(", "),
+                cc.get_transition()
+            )
+        }
+        Err(err) => format!("entry {} (term {}): {err}", e.index, e.term),
     }
 }
 
@@ -755,12 +1216,30 @@ struct Committed {
     other: String,
 }
 
-/// The committed changes of the set, in log order, from the longest
-/// committed log (the logs agree below that, `check_logs_agree`).
-fn committed_history(logs: &BTreeMap<u64, RaftLog>) -> Vec<Committed> {
-    let log = logs.values().max_by_key(|l| l.commit).expect("three logs");
+/// The committed changes of the set, in log order, from every committed
+/// log (they agree where they overlap, `check_logs_agree`), and the
+/// committed membership changes.
+fn committed_history(logs: &BTreeMap<u64, RaftLog>) -> (Vec<Committed>, Vec<String>) {
+    let mut merged: BTreeMap<u64, &LogEntry> = BTreeMap::new();
+    for log in logs.values() {
+        for e in &log.entries {
+            merged.entry(e.index).or_insert(e);
+        }
+    }
+    let last = merged.keys().next_back().copied().unwrap_or(0);
+    if let Some(gap) = (1..=last).find(|k| !merged.contains_key(k)) {
+        panic!(
+            "no node's log holds committed entry {gap} (compacted?): the checks need all of them"
+        );
+    }
     let mut out = Vec::new();
-    for (index, term, data) in &log.entries {
+    let mut changes = Vec::new();
+    for e in merged.values() {
+        let (index, term, data) = (&e.index, &e.term, &e.data);
+        if e.kind != EntryType::EntryNormal {
+            changes.push(describe_membership(e));
+            continue;
+        }
         if data.is_empty() {
             continue; // a new leader's empty entry
         }
@@ -785,7 +1264,7 @@ fn committed_history(logs: &BTreeMap<u64, RaftLog>) -> Vec<Committed> {
             });
         }
     }
-    out
+    (out, changes)
 }
 
 // ---------------------------------------------------------------------------
@@ -814,6 +1293,8 @@ struct Checks<'a> {
     final_tree: &'a Tree,
     /// Each node's tree at the end.
     trees: &'a BTreeMap<u64, Tree>,
+    /// The nodes a membership change left out.
+    removed: &'a [u64],
 }
 
 impl Checks<'_> {
@@ -960,11 +1441,25 @@ impl Checks<'_> {
             .map(|r| format!("record {r}"))
     }
 
+    /// A write on a node the membership change left out, still in that
+    /// node's tree: its files stay on its disk.
+    fn left_on_removed(&self, w: &Write) -> bool {
+        self.removed.contains(&w.node)
+            && self.trees[&w.node]
+                .get(&w.file)
+                .and_then(|i| i.content.as_deref())
+                == Some(w.hash.as_str())
+    }
+
     /// Check 6: every write committed, in its node's quarantine, or
-    /// overwritten by the writer itself.
+    /// overwritten by the writer itself (or left in a removed node's tree).
     fn nothing_vanished(&self, problems: &mut Vec<String>, suspects: &mut BTreeSet<String>) {
         for w in self.writes {
-            if w.overwritten_by_writer || self.is_committed(w) || self.in_quarantine(w).is_some() {
+            if w.overwritten_by_writer
+                || self.is_committed(w)
+                || self.in_quarantine(w).is_some()
+                || self.left_on_removed(w)
+            {
                 continue;
             }
             problems.push(format!(
@@ -975,8 +1470,40 @@ impl Checks<'_> {
         }
     }
 
+    /// A removed node's tree (not compared: it stops receiving entries)
+    /// holds only committed versions and writes made on it.
+    fn removed_hold_nothing_uncommitted(
+        &self,
+        problems: &mut Vec<String>,
+        suspects: &mut BTreeSet<String>,
+    ) {
+        for &id in self.removed {
+            for (file, item) in &self.trees[&id] {
+                let Some(h) = item.content.as_deref() else {
+                    problems.push(format!("{file} on removed node {id} is not a file: {item}"));
+                    continue;
+                };
+                let committed = self
+                    .committed
+                    .iter()
+                    .any(|c| &c.file == file && c.hash.as_deref() == Some(h));
+                let own = self
+                    .by_hash
+                    .get(h)
+                    .is_some_and(|&i| self.writes[i].node == id && &self.writes[i].file == file);
+                if !committed && !own {
+                    problems.push(format!(
+                        "{file}: removed node {id} holds {}, neither committed nor written on it",
+                        self.seq_of(h)
+                    ));
+                    suspects.insert(file.clone());
+                }
+            }
+        }
+    }
+
     fn summary(&self) -> String {
-        let (mut committed, mut quarantined, mut overwritten, mut lost) = (0, 0, 0, 0);
+        let (mut committed, mut quarantined, mut overwritten, mut left, mut lost) = (0, 0, 0, 0, 0);
         for w in self.writes {
             if self.is_committed(w) {
                 committed += 1;
@@ -984,12 +1511,14 @@ impl Checks<'_> {
                 quarantined += 1;
             } else if w.overwritten_by_writer {
                 overwritten += 1;
+            } else if self.left_on_removed(w) {
+                left += 1;
             } else {
                 lost += 1;
             }
         }
         format!(
-            "{committed} committed, {quarantined} quarantined, {overwritten} overwritten by the writer, {lost} unaccounted"
+            "{committed} committed, {quarantined} quarantined, {overwritten} overwritten by the writer, {left} left on a removed node, {lost} unaccounted"
         )
     }
 
@@ -1003,6 +1532,8 @@ impl Checks<'_> {
                 format!("quarantined as {q}")
             } else if w.overwritten_by_writer {
                 "overwritten by the writer".to_string()
+            } else if self.left_on_removed(w) {
+                format!("left on removed node {}", w.node)
             } else {
                 "VANISHED".to_string()
             };

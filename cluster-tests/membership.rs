@@ -116,7 +116,10 @@ fn add(c: &Cluster, id: u64, flags: &[&str]) {
 
 /// `member list --json` through node `via` as id -> (role, addr), once every
 /// entry was checked to have the contract's fields.
-fn member_list(c: &Cluster, via: u64) -> Result<BTreeMap<u64, (String, String)>, String> {
+pub(crate) fn member_list(
+    c: &Cluster,
+    via: u64,
+) -> Result<BTreeMap<u64, (String, String)>, String> {
     let out = c.ctl(via, &["member", "list", "--json"], STATUS_TIMEOUT);
     if !out.success() {
         return Err(format!("member list --json via node {via}: {out}"));
