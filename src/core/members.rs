@@ -162,15 +162,6 @@ pub enum MemberChange {
 }
 
 impl MemberChange {
-    /// The node this change is about.
-    pub fn subject(&self) -> NodeId {
-        match self {
-            MemberChange::Add(info) => info.id,
-            MemberChange::Promote { id, .. } => *id,
-            MemberChange::Remove(id) => *id,
-        }
-    }
-
     /// The voter this change takes out, if any: a leader must hand over
     /// before proposing a change that removes itself.
     pub fn removes_voter(&self) -> Option<NodeId> {
@@ -225,6 +216,14 @@ impl Membership {
             Membership::Joining => "joining",
             Membership::Removed => "removed",
         }
+    }
+
+    /// Whether it is part of the configuration (not waiting, not removed).
+    pub fn belongs(self) -> bool {
+        matches!(
+            self,
+            Membership::Voter | Membership::Learner | Membership::Witness
+        )
     }
 
     pub fn parse(s: &str) -> Option<Membership> {

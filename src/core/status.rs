@@ -77,6 +77,21 @@ pub struct MemberView {
     pub config_differs: Option<String>,
 }
 
+impl MemberView {
+    /// Whether `id` is a voter or a learner of this configuration.
+    pub fn lists(&self, id: NodeId) -> bool {
+        self.voters.contains(&id) || self.learners.contains(&id)
+    }
+
+    /// Every voter and learner, sorted, each once.
+    pub fn all(&self) -> Vec<NodeId> {
+        let mut all: Vec<NodeId> = self.voters.iter().chain(&self.learners).copied().collect();
+        all.sort_unstable();
+        all.dedup();
+        all
+    }
+}
+
 /// Every node's view as gathered by one node.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ClusterStatus {

@@ -128,9 +128,7 @@ pub async fn lead_member_change(
     }
     let change = crate::net::proto::member_change(req).map_err(RequestError::Invalid)?;
     if let MemberChange::Add(info) = &change {
-        let known =
-            view.members.voters.contains(&info.id) || view.members.learners.contains(&info.id);
-        if !known {
+        if !view.members.lists(info.id) {
             probe_joining_node(transport, info, req.witness).await?;
         }
     }

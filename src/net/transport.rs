@@ -255,7 +255,7 @@ impl Transport {
         if m.member == crate::core::members::Membership::Joining {
             return true;
         }
-        if m.voters.contains(&peer) || m.learners.contains(&peer) {
+        if m.lists(peer) {
             return true;
         }
         // Before its first configuration is published (at start).
@@ -279,18 +279,6 @@ impl Transport {
     /// when its address is known.
     pub fn book(&self) -> Vec<MemberInfo> {
         self.inner.book.read().unwrap().values().cloned().collect()
-    }
-
-    /// The known witnesses (which vote but hold no files).
-    pub fn witnesses(&self) -> std::collections::BTreeSet<NodeId> {
-        self.inner
-            .book
-            .read()
-            .unwrap()
-            .values()
-            .filter(|m| m.witness)
-            .map(|m| m.id)
-            .collect()
     }
 
     /// Counts bytes sent to a peer outside the Raft stream (staged content).

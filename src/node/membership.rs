@@ -14,7 +14,6 @@ use std::collections::BTreeMap;
 use tracing::debug;
 
 use super::*;
-use crate::core::members::Membership;
 use crate::core::status::FilesView;
 use crate::net::proto::peer::NodeStatusRequest;
 
@@ -51,10 +50,8 @@ pub(super) async fn run(
         }
         if view.role == Role::Leader {
             promote_ready_learners(&node, &transport, &view, &mut reported).await;
-        } else if matches!(
-            view.members.member,
-            Membership::Voter | Membership::Learner | Membership::Witness
-        ) && leader_seen.elapsed() > election_timeout * LEADERLESS_TIMEOUTS
+        } else if view.members.member.belongs()
+            && leader_seen.elapsed() > election_timeout * LEADERLESS_TIMEOUTS
         {
             if let Some(why) = removed_while_away(&transport, &view).await {
                 node.report_removed(why).await;
@@ -157,13 +154,6 @@ async fn ask_status(
     }
 }
 
-fn is_member(view: &NodeView) -> bool {
-    matches!(
-        view.members.member,
-        Membership::Voter | Membership::Learner | Membership::Witness
-    )
-}
-
 /// Looks around when no leader is heard: learns the members added while
 /// this node was away (their connections are refused until it knows
 /// them), and whether some member that applied past everything this node
@@ -183,11 +173,7 @@ async fn removed_while_away(transport: &Transport, view: &NodeView) -> Option<St
         // (`Transport::admits`).
         let unknown: Vec<_> = crate::net::proto::member_addresses(&status.addresses)
             .into_iter()
-            .filter(|m| {
-                !transport.knows(m.id)
-                    && (theirs.members.voters.contains(&m.id)
-                        || theirs.members.learners.contains(&m.id))
-            })
+            .filter(|m| !transport.knows(m.id) && theirs.members.lists(m.id))
             .collect();
         if !unknown.is_empty() {
             info!(
@@ -216,7 +202,7 @@ async fn removed_while_away(transport: &Transport, view: &NodeView) -> Option<St
 /// entry `mine` holds (so past the change that added it), and lists it
 /// neither as voter nor as learner.
 pub fn removed_by(theirs: &NodeView, mine: &NodeView) -> bool {
-    is_member(theirs)
+    theirs.members.member.belongs()
         && theirs.leader.is_some()
         && !theirs.members.voters.is_empty()
         && theirs.applied_index >= mine.last_index
@@ -227,6 +213,7 @@ pub fn removed_by(theirs: &NodeView, mine: &NodeView) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::members::Membership;
     use crate::core::status::{MemberView, SetView};
 
     fn view(id: NodeId, applied: u64, voters: &[NodeId], learners: &[NodeId]) -> NodeView {

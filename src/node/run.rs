@@ -82,40 +82,50 @@ pub fn open_storage(
     Ok(store)
 }
 
-/// The members to link to at start: every `[[peer]]`, and every member
-/// added at runtime (from the stored directory and the stored snapshot,
-/// which a crash may have left ahead of it). A `[[peer]]` address wins, so
-/// an administrator can correct one in the config.
-fn known_members(config: &Config, store: &RaftStore) -> Result<Directory, NodeError> {
-    let mut directory = store.directory()?;
-    // The founders too, so every snapshot carries their addresses: a node
-    // that joins later may lack some of them in its own `[[peer]]` list.
-    let mut founders: Vec<MemberInfo> = config
+/// What this node's config says of a member: its `[[peer]]` entries, and
+/// itself when `node.listen` names a host others can dial.
+fn configured_member(id: NodeId, addr: String, witness: bool) -> MemberInfo {
+    MemberInfo {
+        id,
+        addr,
+        witness,
+        keep_learner: false,
+        replaces: None,
+        added_at: 0,
+    }
+}
+
+/// The membership directory, and the members to link to at start: every
+/// member added at runtime (from the stored directory and the stored
+/// snapshot, which a crash may have left ahead of it) and every
+/// `[[peer]]`, whose address wins, so an administrator can correct one in
+/// the config. The founders enter the stored directory too, so every
+/// snapshot carries their addresses: a node that joins later may lack some
+/// of them in its own `[[peer]]` list.
+fn known_members(
+    config: &Config,
+    store: &RaftStore,
+) -> Result<(Directory, Vec<MemberInfo>), NodeError> {
+    let mut configured: Vec<MemberInfo> = config
         .peers
         .iter()
-        .filter(|p| !directory.members.contains_key(&p.id))
-        .map(|p| MemberInfo {
-            id: p.id,
-            addr: p.addr.clone(),
-            witness: p.witness,
-            keep_learner: false,
-            replaces: None,
-            added_at: 0,
-        })
+        .map(|p| configured_member(p.id, p.addr.clone(), p.witness))
         .collect();
-    if !directory.members.contains_key(&config.node.id) && !config.node.listen.ip().is_unspecified()
-    {
-        founders.push(MemberInfo {
-            id: config.node.id,
-            addr: config.node.listen.to_string(),
-            witness: config.node.witness,
-            keep_learner: false,
-            replaces: None,
-            added_at: 0,
-        });
+    if !config.node.listen.ip().is_unspecified() {
+        configured.push(configured_member(
+            config.node.id,
+            config.node.listen.to_string(),
+            config.node.witness,
+        ));
     }
-    if !founders.is_empty() && store.is_initialized() {
-        directory.merge(&founders);
+    let mut directory = store.directory()?;
+    let unknown: Vec<MemberInfo> = configured
+        .iter()
+        .filter(|m| !directory.members.contains_key(&m.id))
+        .cloned()
+        .collect();
+    if !unknown.is_empty() && store.is_initialized() {
+        directory.merge(&unknown);
         store.set_directory(&directory)?;
     }
     if let Ok(snapshot) = raft::Storage::snapshot(store, 0, 0) {
@@ -125,7 +135,22 @@ fn known_members(config: &Config, store: &RaftStore) -> Result<Directory, NodeEr
             }
         }
     }
-    Ok(directory)
+    let mut links = directory.clone();
+    for info in unknown {
+        links.members.entry(info.id).or_insert(info);
+    }
+    let links = links
+        .members
+        .into_values()
+        .map(|mut m| {
+            if let Some(p) = config.peers.iter().find(|p| p.id == m.id) {
+                m.addr = p.addr.clone();
+                m.witness |= p.witness;
+            }
+            m
+        })
+        .collect();
+    Ok((directory, links))
 }
 
 /// Creates `dir` with mode 0700, or tightens an existing one to 0700: the
@@ -170,38 +195,11 @@ async fn run_inner(
     let mut voters: Vec<NodeId> = config.peers.iter().map(|p| p.id).chain([id]).collect();
     voters.sort_unstable();
     let store = open_storage(&config.node.data_dir, &voters, config.node.join)?;
-    let directory = known_members(&config, &store)?;
+    let (directory, peers) = known_members(&config, &store)?;
     let removed = store.removed()?;
     if let Some(why) = &removed {
         warn!("this node was removed from the cluster ({why}): it neither replicates nor campaigns; to bring it back, empty its data_dir, set `[node] join = true` and run `clusterctl member add`");
     }
-    let mut peers: Vec<MemberInfo> = directory
-        .members
-        .values()
-        .filter(|m| !config.peers.iter().any(|p| p.id == m.id))
-        .cloned()
-        .collect();
-    // This node's own address, for introducing the members to a joining
-    // node: as the membership change gave it, else `node.listen` when that
-    // names a host others can dial.
-    if directory.get(id).is_none() && !config.node.listen.ip().is_unspecified() {
-        peers.push(MemberInfo {
-            id,
-            addr: config.node.listen.to_string(),
-            witness: config.node.witness,
-            keep_learner: false,
-            replaces: None,
-            added_at: 0,
-        });
-    }
-    peers.extend(config.peers.iter().map(|p| MemberInfo {
-        id: p.id,
-        addr: p.addr.clone(),
-        witness: p.witness || directory.get(p.id).is_some_and(|m| m.witness),
-        keep_learner: directory.get(p.id).is_some_and(|m| m.keep_learner),
-        replaces: directory.get(p.id).and_then(|m| m.replaces),
-        added_at: directory.get(p.id).map_or(0, |m| m.added_at),
-    }));
     let tls = PeerTls::load(&config.tls, id)?;
 
     let options = CoreOptions {

@@ -370,12 +370,7 @@ impl NodeTask {
         let members: BTreeSet<NodeId> = if self.members.voters.is_empty() {
             self.transport.peers().into_iter().collect()
         } else {
-            self.members
-                .voters
-                .iter()
-                .chain(&self.members.learners)
-                .copied()
-                .collect()
+            self.members.all().into_iter().collect()
         };
         *files.data_peers.write().unwrap() = members
             .iter()
@@ -702,20 +697,8 @@ impl NodeTask {
         }
         self.update_peers();
         self.config_differs = None;
-        if matches!(
-            view.members.member,
-            crate::raft::core::Membership::Voter
-                | crate::raft::core::Membership::Learner
-                | crate::raft::core::Membership::Witness
-        ) {
-            let mut committed: Vec<NodeId> = view
-                .members
-                .voters
-                .iter()
-                .chain(&view.members.learners)
-                .copied()
-                .collect();
-            committed.sort_unstable();
+        if view.members.member.belongs() {
+            let committed = view.members.all();
             if committed != self.configured {
                 self.config_differs = Some(format!(
                     "its [[peer]] list names nodes {} but the committed members are {}; the committed membership rules (update the [[peer]] lists when convenient)",

@@ -207,21 +207,13 @@ impl AdminService {
         // The members this node applied (removed ones are dropped, added
         // ones listed).
         let view = self.node.view();
-        let mut peers: Vec<NodeId> = view
-            .members
-            .voters
-            .iter()
-            .chain(&view.members.learners)
-            .copied()
-            .filter(|p| *p != me)
-            .collect();
+        let mut peers: Vec<NodeId> = view.members.all();
+        peers.retain(|p| *p != me);
         if view.members.member == crate::core::members::Membership::Joining {
             // The members refuse a node they have not added: asking them
             // would only list them as unreachable.
             peers.clear();
         }
-        peers.sort_unstable();
-        peers.dedup();
         let asks = peers.into_iter().map(|peer| {
             let transport = self.transport.clone();
             async move {
