@@ -8,6 +8,7 @@
 //! relative, a patch applies only if its result has the expected hash), and
 //! every byte format (commands, snapshots, status JSON) is pinned by tests.
 
+pub mod accounts;
 pub mod config;
 pub mod config_reference;
 pub mod delta;
