@@ -7,6 +7,9 @@ command -v clang >/dev/null 2>&1 || need+=(clang)
 ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || ls /usr/lib/x86_64-linux-gnu/libclang*.so* >/dev/null 2>&1 || need+=(libclang-dev)
 command -v cc >/dev/null 2>&1 || need+=(build-essential)
 command -v rsync >/dev/null 2>&1 || need+=(rsync)
+# The accounts cluster tests change accounts with the real shadow-utils
+# (useradd -P, usermod, groupadd, pwck, grpck).
+[ -x /usr/sbin/useradd ] || command -v useradd >/dev/null 2>&1 || need+=(passwd)
 # The replication benchmark's bar is rsync over ssh, as the seed scripts run
 # it; it starts a throwaway sshd of its own. Installed where we can (root),
 # otherwise the benchmark falls back to local rsync and says so.

@@ -173,11 +173,16 @@ async fn run(args: Args) -> Result<ExitCode> {
             println!("sync set {set:?} is resumed (entry {index}); what accumulated on the leader is proposed now");
             Ok(ExitCode::SUCCESS)
         }
-        Command::Sync { set, timeout_ms } => {
+        Command::Sync {
+            set,
+            confirm,
+            timeout_ms,
+        } => {
             let mut client = admin_client(&args).await?;
             let mut req = tonic::Request::new(SyncRequest {
                 set: set.clone().unwrap_or_default(),
                 timeout_ms: *timeout_ms,
+                confirm: *confirm,
             });
             req.set_timeout(Duration::from_millis(*timeout_ms + 5_000));
             let what = set

@@ -173,6 +173,15 @@ pub struct RawSync {
     /// Keep every committed version (default: true for mirror sets, false
     /// for append sets); read as text for the same reason as `xattrs`.
     pub history: Option<String>,
+    /// `kind = "accounts"`: the user ids replicated, `"FIRST-LAST"`.
+    pub uid_range: Option<String>,
+    /// `kind = "accounts"`: the group ids replicated, `"FIRST-LAST"`.
+    pub gid_range: Option<String>,
+    /// `kind = "accounts"`: user and group names replicated whatever their id.
+    pub include: Option<Vec<String>>,
+    /// `kind = "accounts"`: a change removing more users is held until
+    /// `clusterctl sync SET --confirm`.
+    pub max_removed: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -328,6 +337,10 @@ pub struct SyncSetConfig {
     /// `data_dir/history` (see [`HistoryConfig`]), so a bad change that
     /// replicated can be found, diffed and rolled back.
     pub history: bool,
+    /// `kind = "accounts"`: `path` is the directory of `passwd`, `shadow`,
+    /// `group` and `gshadow`, replicated as records (which ones: this
+    /// policy), never as bytes; system accounts differ between hosts.
+    pub accounts: Option<crate::core::accounts::Policy>,
 }
 
 /// `[history]`: how long committed versions are kept.
@@ -746,7 +759,7 @@ impl Validator {
         }
         for (i, s) in raw.into_iter().enumerate() {
             let key = format!("sync[{i}]");
-            let Some(name) = s.name.filter(|n| !n.is_empty()) else {
+            let Some(name) = s.name.clone().filter(|n| !n.is_empty()) else {
                 self.problem(format!("key `{key}.name` is missing; name every sync set (the name identifies it across the cluster)"));
                 continue;
             };
@@ -755,7 +768,7 @@ impl Validator {
                     "key `{key}.name` = {name:?} is used by two sync sets; names must be unique"
                 ));
             }
-            let Some(path) = s.path else {
+            let Some(path) = s.path.clone() else {
                 self.problem(format!("key `{key}.path` is missing for sync set {name:?}"));
                 continue;
             };
@@ -778,12 +791,13 @@ impl Validator {
                     SyncMode::Mirror
                 }
             };
+            let accounts = self.accounts(&key, &name, &path, &s, mode);
             let single_file = match s.kind.as_deref() {
                 Some("file") => true,
-                Some("dir") => false,
+                Some("dir" | "accounts") => false,
                 None => path.symlink_metadata().is_ok_and(|m| !m.is_dir()),
                 Some(other) => {
-                    self.problem(format!("key `{key}.kind` = {other:?} of sync set {name:?} must be \"dir\" or \"file\""));
+                    self.problem(format!("key `{key}.kind` = {other:?} of sync set {name:?} must be \"dir\", \"file\" or \"accounts\""));
                     false
                 }
             };
@@ -881,9 +895,87 @@ impl Validator {
                 validate_timeout: Duration::from_millis(validate_timeout),
                 on_change_failure,
                 history,
+                accounts,
             });
         }
         sets
+    }
+
+    /// The record policy of a `kind = "accounts"` set, and the keys that
+    /// make no sense for one (or only for one) refused.
+    fn accounts(
+        &mut self,
+        key: &str,
+        name: &str,
+        path: &Path,
+        s: &RawSync,
+        mode: SyncMode,
+    ) -> Option<crate::core::accounts::Policy> {
+        use crate::core::accounts::{valid_name, IdRange, Policy};
+        if s.kind.as_deref() != Some("accounts") {
+            for (k, set) in [
+                ("uid_range", s.uid_range.is_some()),
+                ("gid_range", s.gid_range.is_some()),
+                ("include", s.include.is_some()),
+                ("max_removed", s.max_removed.is_some()),
+            ] {
+                if set {
+                    self.problem(format!("key `{key}.{k}` of sync set {name:?} applies only to kind = \"accounts\"; add that or drop the key"));
+                }
+            }
+            return None;
+        }
+        let mut policy = Policy::default();
+        let why_files =
+            "an accounts set replicates records of passwd, shadow, group and gshadow, not files";
+        if mode != SyncMode::Mirror {
+            self.problem(format!("key `{key}.mode` of accounts set {name:?} must be \"mirror\" (or left out): {why_files}"));
+        }
+        for (k, set) in [
+            ("exclude", !s.exclude.is_empty()),
+            ("skip_while", !s.skip_while.is_empty()),
+            ("xattrs", s.xattrs.as_deref() == Some("true")),
+            ("hard_links", s.hard_links.as_deref() == Some("true")),
+            (
+                "on_change_failure",
+                s.on_change_failure.as_deref() == Some("revert"),
+            ),
+        ] {
+            if set {
+                self.problem(format!("key `{key}.{k}` does not apply to accounts set {name:?} ({why_files}); drop it"));
+            }
+        }
+        if path.is_absolute() && !path.join("passwd").is_file() {
+            self.problem(format!("key `{key}.path` = {:?} of accounts set {name:?} holds no passwd file; point it at the directory of passwd, shadow, group and gshadow (normally \"/etc\")", path.display().to_string()));
+        }
+        for (k, raw, slot) in [
+            ("uid_range", &s.uid_range, &mut policy.uid_range),
+            ("gid_range", &s.gid_range, &mut policy.gid_range),
+        ] {
+            if let Some(r) = raw {
+                match IdRange::parse(r) {
+                    Ok(r) => *slot = r,
+                    Err(why) => {
+                        self.problem(format!("key `{key}.{k}` of accounts set {name:?}: {why}"))
+                    }
+                }
+            }
+        }
+        for n in s.include.iter().flatten() {
+            if valid_name(n) {
+                policy.include.insert(n.clone());
+            } else {
+                self.problem(format!("key `{key}.include` of accounts set {name:?}: {n:?} is not a user or group name"));
+            }
+        }
+        match s.max_removed {
+            None => {}
+            Some(n) if (0..=i64::from(u32::MAX)).contains(&n) => policy.max_removed = n as u32,
+            Some(n) => self.problem(format!(
+                "key `{key}.max_removed` = {n} of accounts set {name:?} must be 0 or more"
+            )),
+        }
+        Some(policy)
     }
 
     fn replication(&mut self, r: RawReplication) -> ReplicationConfig {

@@ -168,7 +168,22 @@ pub const KEYS: &[KeyDoc] = &[
     KeyDoc {
         keys: &["sync[].kind"],
         default: "by what `path` is",
-        meaning: "`\"dir\"` or `\"file\"`; set `\"file\"` for a single-file set whose file may be absent on some node (an absent path is otherwise a directory, created)",
+        meaning: "`\"dir\"`, `\"file\"` or `\"accounts\"`; set `\"file\"` for a single-file set whose file may be absent on some node (an absent path is otherwise a directory, created); `\"accounts\"`: `path` is the directory of `passwd`, `shadow`, `group` and `gshadow` (normally `/etc`), replicated as records merged into each node's own files (see \"Accounts\")",
+    },
+    KeyDoc {
+        keys: &["sync[].uid_range", "sync[].gid_range"],
+        default: "`\"1000-59999\"`",
+        meaning: "accounts sets: the user and group ids replicated (`\"FIRST-LAST\"`, inclusive); entries outside them are each node's own and never touched",
+    },
+    KeyDoc {
+        keys: &["sync[].include"],
+        default: "`[]`",
+        meaning: "accounts sets: user and group names replicated whatever their id (`[\"tac-plus\"]`)",
+    },
+    KeyDoc {
+        keys: &["sync[].max_removed"],
+        default: "`20`",
+        meaning: "accounts sets: a change that would remove more users at once is held on the leader (status `held`) until `clusterctl sync SET --confirm`",
     },
     KeyDoc {
         keys: &["sync[].mode"],

@@ -173,6 +173,37 @@ pub struct SetView {
     pub paused: Option<crate::core::manifest::Pause>,
     /// `(seq, proposed_at_ms)` of recent batches (for lag in seconds).
     pub recent: Vec<(u64, u64)>,
+    /// An accounts set's records here (`None` for other sets).
+    pub accounts: Option<AccountsView>,
+}
+
+/// An accounts set on one node: the records it holds, those it refused
+/// and its own lines it could not read.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AccountsView {
+    /// Replicated users and groups in the committed records.
+    pub users: u64,
+    pub groups: u64,
+    pub refused: Vec<RefusedRecord>,
+    /// This node's own malformed lines, kept as they are (`passwd line 3:
+    /// ...`).
+    pub local_malformed: Vec<String>,
+    /// A follower has not yet merged the set's last committed records into
+    /// its own files (`clusterctl sync` waits for it).
+    pub pending: bool,
+    /// The set's applied index whose records this node last merged.
+    pub merged_index: u64,
+}
+
+/// A replicated account this node did not apply (it collides with one of
+/// its own), and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefusedRecord {
+    /// `user` or `group`.
+    pub kind: String,
+    pub name: String,
+    pub id: u32,
+    pub reason: String,
 }
 
 /// How far one node's copy of a set is behind the leader's.
@@ -343,6 +374,15 @@ impl ClusterStatus {
                         "by": p.by,
                     })),
                     "last_error": s.last_error,
+                    "accounts": s.accounts.as_ref().map(|a| json!({
+                        "users": a.users,
+                        "groups": a.groups,
+                        "refused": a.refused.iter().map(|r| json!({
+                            "kind": r.kind, "name": r.name, "id": r.id, "reason": r.reason,
+                        })).collect::<Vec<_>>(),
+                        "local_malformed": a.local_malformed,
+                        "pending": a.pending,
+                    })),
                 })
             })
             .collect();
@@ -651,6 +691,19 @@ impl ClusterStatus {
                     (_, true, _) => "waiting for skip_while marker".to_string(),
                     (_, _, m) if m > 0 => format!("{m} file(s) to fetch"),
                     (Some(e), _, _) => e.clone(),
+                    _ if s.accounts.as_ref().is_some_and(|a| !a.refused.is_empty()) => {
+                        let a = s.accounts.as_ref().expect("checked");
+                        let names: Vec<String> = a
+                            .refused
+                            .iter()
+                            .map(|r| format!("{} {}", r.kind, r.name))
+                            .collect();
+                        format!(
+                            "ok, {} account(s) refused here: {}",
+                            a.refused.len(),
+                            names.join(", ")
+                        )
+                    }
                     _ if s.unwatched.is_some() => {
                         format!(
                             "ok, by rescan: {}",
@@ -1025,6 +1078,30 @@ pub fn check(status: &ClusterStatus, t: &CheckThresholds, now_unix: u64) -> (Che
         raise(
             CheckCode::Warning,
             format!("not watched whole by inotify: {}", unwatched.join("; ")),
+        );
+    }
+    let refused: Vec<String> = status
+        .nodes
+        .iter()
+        .filter_map(|n| Some((n.id, n.files.as_ref()?)))
+        .flat_map(|(id, f)| {
+            f.sets.iter().flat_map(move |s| {
+                s.accounts.iter().flat_map(|a| &a.refused).map(move |r| {
+                    format!(
+                        "node {id}, set {:?}: {} {:?} (id {}): {}",
+                        s.name, r.kind, r.name, r.id, r.reason
+                    )
+                })
+            })
+        })
+        .collect();
+    if !refused.is_empty() {
+        raise(
+            CheckCode::Warning,
+            format!(
+                "replicated accounts refused (they collide with a node's own): {}",
+                refused.join("; ")
+            ),
         );
     }
     // A pause is on purpose; one forgotten for an hour is worth a warning.

@@ -6,6 +6,7 @@
 //! and the directory fsync'd; no path component is resolved through a
 //! symlink, so nothing outside the root is ever written.
 
+pub mod accounts;
 pub mod exec;
 pub mod owners;
 pub mod root;

@@ -63,6 +63,12 @@ pub trait FileService: Send + Sync + 'static {
         &self,
         set: Option<String>,
     ) -> tokio::sync::oneshot::Receiver<Result<u64, String>>;
+
+    /// Before a `clusterctl sync` pass on the leader: reads the account
+    /// databases of `set`'s accounts sets (every one when `None`) into
+    /// their views now; with `confirm`, lets a removal larger than
+    /// `max_removed` go. Blocking (a shadow-utils lock is waited for).
+    fn refresh_accounts(&self, set: Option<&str>, confirm: bool) -> Result<(), String>;
     /// Plans `clusterctl rollback` on the leader from its history: what it
     /// changes (one line per path) and, unless `dry_run` or nothing
     /// changes, the commands to propose as `proposer`, once the set's
@@ -251,6 +257,13 @@ pub async fn lead_sync(
     if let Some(s) = &set {
         known_set(node, files, s)?;
     }
+    if r.confirm && set.is_none() {
+        return Err(RequestError::Invalid(
+            "--confirm needs the name of the accounts set whose held change it lets go".to_string(),
+        ));
+    }
+    tokio::task::block_in_place(|| files.refresh_accounts(set.as_deref(), r.confirm))
+        .map_err(RequestError::Invalid)?;
     let wait = wait_of(r.timeout_ms);
     match tokio::time::timeout(wait, files.request_sync(set)).await {
         Ok(Ok(Ok(index))) => Ok(index),

@@ -260,6 +260,23 @@ impl From<&FilesView> for peer::FilesStatus {
                     paused_by: s.paused.as_ref().map(|p| p.by.clone()).unwrap_or_default(),
                     recent_seq: s.recent.iter().map(|r| r.0).collect(),
                     recent_at_ms: s.recent.iter().map(|r| r.1).collect(),
+                    accounts: s.accounts.as_ref().map(|a| peer::AccountsStatus {
+                        users: a.users,
+                        groups: a.groups,
+                        refused: a
+                            .refused
+                            .iter()
+                            .map(|r| peer::RefusedRecord {
+                                kind: r.kind.clone(),
+                                name: r.name.clone(),
+                                id: r.id,
+                                reason: r.reason.clone(),
+                            })
+                            .collect(),
+                        local_malformed: a.local_malformed.clone(),
+                        pending: a.pending,
+                        merged_index: a.merged_index,
+                    }),
                 })
                 .collect(),
             bytes_proposed: f.bytes_proposed,
@@ -305,6 +322,26 @@ impl From<&peer::FilesStatus> for FilesView {
                         .copied()
                         .zip(s.recent_at_ms.iter().copied())
                         .collect(),
+                    accounts: s
+                        .accounts
+                        .as_ref()
+                        .map(|a| crate::core::status::AccountsView {
+                            users: a.users,
+                            groups: a.groups,
+                            refused: a
+                                .refused
+                                .iter()
+                                .map(|r| crate::core::status::RefusedRecord {
+                                    kind: r.kind.clone(),
+                                    name: r.name.clone(),
+                                    id: r.id,
+                                    reason: r.reason.clone(),
+                                })
+                                .collect(),
+                            local_malformed: a.local_malformed.clone(),
+                            pending: a.pending,
+                            merged_index: a.merged_index,
+                        }),
                 })
                 .collect(),
             bytes_proposed: f.bytes_proposed,

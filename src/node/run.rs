@@ -390,6 +390,10 @@ async fn run_inner(
         .in_current_span(),
     );
     tokio::spawn(
+        crate::replication::accounts::run(shared.clone(), servers_stop_rx.clone())
+            .in_current_span(),
+    );
+    tokio::spawn(
         crate::replication::fetch::run_fetcher(
             shared.clone(),
             handle.clone(),

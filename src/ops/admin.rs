@@ -434,12 +434,14 @@ impl AdminService {
     async fn sync(
         &self,
         set: String,
+        confirm: bool,
         wait: Duration,
     ) -> Result<(u64, String, SyncEnd), RequestError> {
         let deadline = Instant::now() + wait;
         let call = LeaderCall::Sync(SyncRequest {
             set: set.clone(),
             timeout_ms: 0,
+            confirm,
         });
         let (index, _) = self.through_leader(call, deadline).await?;
         let (report, end) = self.wait_everywhere(&set, index, deadline).await;
@@ -793,6 +795,12 @@ fn sync_report(status: &ClusterStatus, set: &str, index: u64) -> (bool, String, 
                     s.name, s.missing
                 ));
             }
+            if s.accounts.as_ref().is_some_and(|a| a.pending) {
+                problems.push(format!(
+                    "set {:?}: the committed accounts are not merged into this node's files yet",
+                    s.name
+                ));
+            }
             if let Some(why) = &s.held {
                 problems.push(format!("set {:?} is held: {why}", s.name));
                 stuck |= caught_up;
@@ -1140,7 +1148,7 @@ impl Admin for AdminService {
             0 => 60_000,
             ms => ms.min(600_000),
         });
-        let (index, report, done) = AdminService::sync(self, r.set, wait)
+        let (index, report, done) = AdminService::sync(self, r.set, r.confirm, wait)
             .await
             .map_err(request_status)?;
         match done {

@@ -124,6 +124,10 @@ pub enum Command {
     /// holds it, or names the nodes and sets that did not get there.
     Sync {
         set: Option<String>,
+        /// Accounts sets: let a change that removes more than `max_removed`
+        /// users at once go (it is held on the leader until confirmed).
+        #[arg(long, requires = "set")]
+        confirm: bool,
         #[arg(long, default_value_t = 60_000)]
         timeout_ms: u64,
     },

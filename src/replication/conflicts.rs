@@ -62,6 +62,17 @@ impl Shared {
         let (record, _) = self.find_conflict(id)?;
         let text = |k: &str| record[k].as_str().unwrap_or_default().to_string();
         let stored = self.stored_copy(&record)?;
+        if record["accounts"].as_bool() == Some(true) {
+            // A whole database of one node: restoring it as the set's
+            // records would replicate its system accounts.
+            return Err(format!(
+                "the quarantined copy {id} is node {}'s whole {} of accounts set {:?}, not a record; take what you need from {} and recreate it with useradd/usermod on the leader",
+                self.node_id,
+                text("path"),
+                text("set"),
+                stored.display()
+            ));
+        }
         let meta = fs::symlink_metadata(&stored).map_err(|e| {
             format!(
                 "the quarantined copy {id} ({}) cannot be read: {e}",

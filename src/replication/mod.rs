@@ -7,6 +7,7 @@
 //! that differs from what the cluster committed, it quarantines that version
 //! (invariant 4).
 
+pub mod accounts;
 pub mod apply;
 pub mod conflicts;
 pub mod fetch;

@@ -105,6 +105,17 @@ impl FileService for Shared {
         })
     }
 
+    fn refresh_accounts(&self, set: Option<&str>, confirm: bool) -> Result<(), String> {
+        match set {
+            Some(set) => crate::replication::accounts::refresh(self, set, confirm),
+            None => self
+                .sets
+                .iter()
+                .filter(|s| s.accounts.is_some())
+                .try_for_each(|s| crate::replication::accounts::refresh(self, &s.name, false)),
+        }
+    }
+
     fn request_sync(
         &self,
         set: Option<String>,

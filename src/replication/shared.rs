@@ -44,10 +44,57 @@ pub struct SetRuntime {
     pub on_change_failure: crate::core::config::OnChangeFailure,
     /// Keep every committed version (`[[sync]] history`).
     pub history: bool,
+    /// `kind = "accounts"`: the account databases this set's records come
+    /// from and go to. `path` and `root_dir` are then the set's committed
+    /// view under `data_dir/accounts` (see `replication::accounts`).
+    pub accounts: Option<AccountsRuntime>,
+}
+
+/// What an accounts set reads and merges.
+#[derive(Debug, Clone)]
+pub struct AccountsRuntime {
+    /// The configured `path`: the directory of `passwd`, `shadow`, `group`
+    /// and `gshadow`.
+    pub dir: PathBuf,
+    pub policy: crate::core::accounts::Policy,
+}
+
+/// Where an accounts set's committed view lives on this node.
+pub fn accounts_view_dir(data_dir: &Path, set: &str) -> PathBuf {
+    let plain = !set.starts_with('.')
+        && set
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    let leaf = if plain {
+        set.to_string()
+    } else {
+        format!(
+            "x-{}",
+            set.bytes().map(|b| format!("{b:02x}")).collect::<String>()
+        )
+    };
+    data_dir.join("accounts").join(leaf)
 }
 
 impl SetRuntime {
-    pub fn from_config(c: &SyncSetConfig) -> SetRuntime {
+    pub fn from_config(c: &SyncSetConfig, data_dir: &Path) -> SetRuntime {
+        if let Some(policy) = &c.accounts {
+            let view = accounts_view_dir(data_dir, &c.name);
+            let mut rt = SetRuntime::from_config(
+                &SyncSetConfig {
+                    path: view,
+                    accounts: None,
+                    single_file: false,
+                    ..c.clone()
+                },
+                data_dir,
+            );
+            rt.accounts = Some(AccountsRuntime {
+                dir: c.path.clone(),
+                policy: policy.clone(),
+            });
+            return rt;
+        }
         let filter = Filter::new(&c.exclude, &c.skip_while)
             .expect("patterns were validated with the config");
         let single_file = c.single_file.then(|| {
@@ -81,6 +128,7 @@ impl SetRuntime {
             validate_timeout: c.validate_timeout,
             on_change_failure: c.on_change_failure,
             history: c.history,
+            accounts: None,
         }
     }
 
@@ -255,6 +303,11 @@ pub struct Shared {
     /// being applied, so its record need not look them up (cleared once
     /// per applied page).
     pub history_linked: Mutex<std::collections::HashSet<[u8; 32]>>,
+    /// Per accounts set: its records here, what is held, what was confirmed
+    /// (see `replication::accounts`).
+    pub accounts: Mutex<BTreeMap<String, crate::replication::accounts::AccountsState>>,
+    /// Wakes the accounts task (a committed view applied, a confirmation).
+    pub accounts_wakeup: Notify,
 }
 
 impl Shared {
@@ -389,6 +442,19 @@ impl Shared {
                 let (files, bytes) = m.map(|m| m.totals()).unwrap_or_default();
                 let h = health.get(&s.name).cloned().unwrap_or_default();
                 let progress = m.map(|m| m.progress.clone()).unwrap_or_default();
+                let accounts = s.accounts.as_ref().map(|_| {
+                    let mut a = self
+                        .accounts
+                        .lock()
+                        .unwrap()
+                        .get(&s.name)
+                        .cloned()
+                        .unwrap_or_default();
+                    a.view.pending = !self.leading.load(Ordering::Relaxed)
+                        && a.view.merged_index < progress.index;
+                    a
+                });
+                let refused_records = accounts.as_ref().map_or(0, |a| a.view.refused.len() as u64);
                 crate::core::status::SetView {
                     name: s.name.clone(),
                     files,
@@ -398,12 +464,15 @@ impl Shared {
                     committed_bytes: progress.bytes,
                     missing: missing.keys().filter(|(set, _)| *set == s.name).count() as u64,
                     last_error: h.last_error,
-                    refused: h.refused,
+                    refused: h.refused + refused_records,
                     skipping: h.skipping,
-                    held: h.held,
+                    held: h
+                        .held
+                        .or_else(|| accounts.as_ref().and_then(|a| a.hold.clone())),
                     unwatched: h.unwatched,
                     paused: manifest.paused.get(&s.name).cloned(),
                     recent: progress.recent.iter().copied().collect(),
+                    accounts: accounts.map(|a| a.view),
                 }
             })
             .collect();
@@ -461,7 +530,11 @@ pub fn open_shared(config: &Config) -> Result<Arc<Shared>, FilesStoreError> {
     let sets = if config.node.witness {
         Vec::new()
     } else {
-        config.sync.iter().map(SetRuntime::from_config).collect()
+        config
+            .sync
+            .iter()
+            .map(|s| SetRuntime::from_config(s, &config.node.data_dir))
+            .collect()
     };
     let _ = std::fs::create_dir_all(config.node.data_dir.join("staging"));
     let finish_files = {
@@ -521,6 +594,8 @@ pub fn open_shared(config: &Config) -> Result<Arc<Shared>, FilesStoreError> {
         history_deferred: Mutex::new(std::collections::VecDeque::new()),
         history_objects_unsynced: std::sync::atomic::AtomicBool::new(false),
         history_linked: Mutex::new(Default::default()),
+        accounts: Mutex::new(Default::default()),
+        accounts_wakeup: Notify::new(),
     });
     // Quarantine records are never deleted automatically: the count shown
     // is of all of them, not only of this run's.

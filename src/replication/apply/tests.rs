@@ -6,22 +6,26 @@ use crate::core::config::{SyncMode, SyncSetConfig};
 use crate::core::manifest::{StagedVersion, WireDigest};
 
 fn set(path: &Path, exclude: &[&str], skip_while: &[&str]) -> SetRuntime {
-    SetRuntime::from_config(&SyncSetConfig {
-        name: "mail".into(),
-        path: path.to_path_buf(),
-        mode: SyncMode::Mirror,
-        exclude: exclude.iter().map(|s| s.to_string()).collect(),
-        skip_while: skip_while.iter().map(|s| s.to_string()).collect(),
-        on_change: None,
-        single_file: false,
-        xattrs: false,
-        hard_links: false,
-        max_file_size: 1 << 30,
-        validate: None,
-        validate_timeout: std::time::Duration::from_secs(10),
-        on_change_failure: Default::default(),
-        history: true,
-    })
+    SetRuntime::from_config(
+        &SyncSetConfig {
+            name: "mail".into(),
+            path: path.to_path_buf(),
+            mode: SyncMode::Mirror,
+            exclude: exclude.iter().map(|s| s.to_string()).collect(),
+            skip_while: skip_while.iter().map(|s| s.to_string()).collect(),
+            on_change: None,
+            single_file: false,
+            xattrs: false,
+            hard_links: false,
+            max_file_size: 1 << 30,
+            validate: None,
+            validate_timeout: std::time::Duration::from_secs(10),
+            on_change_failure: Default::default(),
+            history: true,
+            accounts: None,
+        },
+        path,
+    )
 }
 
 /// Node 1 of a three-node cluster syncing set "mail" at `d/root`, its
