@@ -4,6 +4,7 @@
 //! Run: `cargo test --test cluster` (add `-- --test-threads=1` on a very
 //! slow machine, or `CLUSTER_TESTS_TIME_SCALE=2` to widen every deadline).
 
+mod accounts;
 mod certificates;
 mod chaos;
 mod compose;
