@@ -17,10 +17,12 @@ fn import_rsync_drafts_sets_that_clusterd_accepts() {
         "[node]\nid = 1\nlisten = \"127.0.0.1:7700\"\ndata_dir = \"/var/lib/clusterd\"\n\n[tls]\nca = \"{0}/ca.crt\"\ncert = \"{0}/node-1.crt\"\nkey = \"{0}/node-1.key\"\n\n[[peer]]\nid = 2\naddr = \"10.0.0.2:7700\"\n[[peer]]\nid = 3\naddr = \"10.0.0.3:7700\"\n\n",
         certs.display()
     );
+    // The kerberos and tacacs seeds copy /etc/passwd, shadow, group, gshadow and
+    // their `-` backups whole: one kind = "accounts" set of /etc each.
     for (script, sets) in [
-        ("kerberos-active-sync.sh", 22),
+        ("kerberos-active-sync.sh", 15),
         ("smtp-filter-sync.sh", 4),
-        ("tacacs-active-sync.sh", 13),
+        ("tacacs-active-sync.sh", 6),
     ] {
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_clusterctl"));
         cmd.arg("import-rsync")
@@ -33,6 +35,24 @@ fn import_rsync_drafts_sets_that_clusterd_accepts() {
             "{script}:\n{}",
             out.stdout
         );
+        let accounts = usize::from(script != "smtp-filter-sync.sh");
+        assert_eq!(
+            out.stdout
+                .matches("\nkind = \"accounts\"\npath = \"/etc\"\n")
+                .count(),
+            accounts,
+            "{script}:\n{}",
+            out.stdout
+        );
+        for file in ["passwd", "shadow", "group", "gshadow"] {
+            for f in [file.to_string(), format!("{file}-")] {
+                assert!(
+                    !out.stdout.contains(&format!("path = \"/etc/{f}\"")),
+                    "{script}: no set for /etc/{f}:\n{}",
+                    out.stdout
+                );
+            }
+        }
         let path = dir.path().join(format!("{script}.toml"));
         std::fs::write(&path, format!("{base}{}", out.stdout)).unwrap();
         let check = check_config(&path);

@@ -58,6 +58,23 @@
 //!   trimmed, every character outside `[a-z0-9._+-]` turned into `-`
 //!   (`/etc/tacacs+` is `etc-tacacs+`, `/var/lib/amavis/.spamassassin` is
 //!   `var-lib-amavis-.spamassassin`); a name already taken gets `-2`, `-3`, ...
+//! * **Account databases.** Whole-file copies of `passwd`, `shadow`, `group`,
+//!   `gshadow` and their `-` backups in one directory become one `kind =
+//!   "accounts"` set whose `path` is that directory (named `accounts` for
+//!   `/etc`, `accounts-<directory's name>` elsewhere), at the place of the first
+//!   of them; its comments and a note say why: clusterd replicates accounts as
+//!   records (the users and groups in `uid_range`/`gid_range` or named in
+//!   `include`, keys printed commented out with their defaults) and each node
+//!   keeps its own system accounts, whose ids differ between hosts, which
+//!   copying the files whole overwrote. The `-` backups are not replicated
+//!   (each node keeps its own): a directory with nothing but backups copied
+//!   gives a note and no set. The set has no `mode`, `exclude`, `skip_while`,
+//!   `hard_links` or `xattrs`: the lines' excludes, `--delete`, `-H`/`-A`/`-X`
+//!   and lock checks are dropped with a comment (clusterd reads the files only
+//!   while no shadow-utils lock is held). A directory is folded only when it is
+//!   an `etc` directory or the script copies two or more of the four databases
+//!   there; a lone `passwd` elsewhere (`/etc/exim4/passwd`) stays a single file,
+//!   with a comment.
 //! * **Mode.** `append` for `/var/log` and everything under it (logs only
 //!   grow), `mirror` for everything else; a comment on each set says why.
 //! * **skip_while.** An rsync line in the "no lock" branch of a lock check,
@@ -95,16 +112,20 @@ const RULES: &[&str] = &[
     "-H gives hard_links = true, -A and -X give xattrs = true",
     "mode is \"append\" under /var/log (logs only grow), \"mirror\" elsewhere",
     "an rsync line in the no-lock branch of `if [ -f DIR/*.lock ]` gets skip_while = [\"*.lock\"]",
+    "passwd, shadow, group and gshadow (and their - backups, which are not replicated) in one directory become one kind = \"accounts\" set of that directory: accounts travel as records, each node keeps its own system accounts",
     "service reloads and restarts are suggested as on_change; ssh commands, ping/PROMOTE logic and lock files are not translated; echo and sleep are dropped",
 ];
 
-/// How the directory-or-file question was answered for a set.
+/// What a set is: how the directory-or-file question was answered, or an accounts set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PathKind {
     /// A directory tree (the script named it with a trailing slash, or it is a well-known directory).
     Directory,
     /// A single file (named without a trailing slash).
     File,
+    /// `kind = "accounts"`: the account databases (`passwd`, `shadow`, `group`,
+    /// `gshadow`) of the directory `path`, replicated as records.
+    Accounts,
 }
 
 /// The `mode` key of a `[[sync]]` set.
@@ -133,9 +154,10 @@ pub struct SyncSetDraft {
     pub name: String,
     /// `path`, the remote side's path without a trailing slash.
     pub path: String,
-    /// Directory or single file (only shapes the comments).
+    /// Directory or single file (only shapes the comments), or an accounts set
+    /// (printed as `kind = "accounts"`).
     pub kind: PathKind,
-    /// `mode`.
+    /// `mode`; not printed for an accounts set, which keeps the default.
     pub mode: SetMode,
     /// `exclude`, gitignore-style, relative to `path`.
     pub exclude: Vec<String>,
@@ -155,7 +177,8 @@ pub struct Translation {
     /// The drafted sets, in the order of their first rsync line.
     pub sets: Vec<SyncSetDraft>,
     /// Everything outside the sets, in script order: `not translated: <command> (<why>)`,
-    /// suggested `on_change` commands, then suggestions for `[hooks]` and `[[peer]]`.
+    /// suggested `on_change` commands, then suggestions for `[hooks]` and `[[peer]]`,
+    /// then one note per directory whose account databases became an accounts set.
     pub notes: Vec<String>,
 }
 
@@ -224,6 +247,12 @@ impl Translation {
             }
             out.push_str("[[sync]]\n");
             let _ = writeln!(out, "name = {}", toml_string(&set.name));
+            if set.kind == PathKind::Accounts {
+                out.push_str("kind = \"accounts\"\n");
+                let _ = writeln!(out, "path = {}", toml_string(&set.path));
+                accounts_keys(&mut out, &set.name);
+                continue;
+            }
             let _ = writeln!(out, "path = {}", toml_string(&set.path));
             let _ = writeln!(out, "mode = {}", toml_string(set.mode.as_str()));
             if !set.exclude.is_empty() {
@@ -240,6 +269,19 @@ impl Translation {
             }
         }
         out
+    }
+}
+
+/// The keys of an accounts set, commented out with their defaults.
+fn accounts_keys(out: &mut String, name: &str) {
+    let keys = [
+        ("uid_range = \"1000-59999\"", "the default: users whose uid lies in it are replicated".to_string()),
+        ("gid_range = \"1000-59999\"", "the default: groups whose gid lies in it are replicated".to_string()),
+        ("include = []", "names of users and groups outside the ranges to replicate too, e.g. [\"tac-plus\"]".to_string()),
+        ("max_removed = 20", format!("the default: a change removing more accounts at once waits for `clusterctl sync {name} --confirm`")),
+    ];
+    for (key, why) in keys {
+        comment(out, &format!("{key:<26} # {why}"));
     }
 }
 

@@ -15,7 +15,7 @@ const TACACS: &str = include_str!(concat!(
     "/cluster-tests/fixtures/seeds/tacacs-active-sync.sh"
 ));
 
-use PathKind::{Directory as D, File as F};
+use PathKind::{Accounts as Acc, Directory as D, File as F};
 use SetMode::{Append as A, Mirror as M};
 
 type Row = (String, PathKind, SetMode, Vec<String>, Vec<String>);
@@ -40,13 +40,77 @@ fn row(path: &str, kind: PathKind, mode: SetMode, exclude: &[&str], skip: &[&str
     (path.to_string(), kind, mode, v(exclude), v(skip))
 }
 
-fn accounts() -> Vec<Row> {
-    [
-        "shadow", "shadow-", "passwd", "passwd-", "group", "group-", "gshadow", "gshadow-",
-    ]
-    .iter()
-    .map(|f| row(&format!("/etc/{f}"), F, M, &[], &[]))
-    .collect()
+/// The eight file names the seeds copy whole, in their order.
+const ACCOUNT_FILES: [&str; 8] = [
+    "shadow", "shadow-", "passwd", "passwd-", "group", "group-", "gshadow", "gshadow-",
+];
+
+/// The accounts set of `dir` (no mode, exclude or skip_while of its own).
+fn accounts(dir: &str) -> Row {
+    row(dir, Acc, M, &[], &[])
+}
+
+/// Checks the accounts set `name` of `dir`: its comments, the note about it, that no
+/// set is left for any of the eight account file names in `dir`, and how it prints.
+fn check_accounts<'a>(t: &'a Translation, dir: &str, name: &str) -> &'a SyncSetDraft {
+    let a = set(t, dir);
+    assert_eq!(a.kind, Acc);
+    assert_eq!(a.name, name);
+    assert!(a.exclude.is_empty() && a.skip_while.is_empty() && !a.hard_links && !a.xattrs);
+    for f in ACCOUNT_FILES {
+        let path = format!("{dir}/{f}");
+        assert!(
+            t.sets.iter().all(|s| s.path != path),
+            "a set remains for {path}"
+        );
+    }
+    let has = |needle: &str| a.comments.iter().any(|c| c.contains(needle));
+    assert!(
+        has("clusterd replicates accounts as records")
+            && has("uid_range or gid_range")
+            && has("named in include"),
+        "{:#?}",
+        a.comments
+    );
+    assert!(
+        has("each node keeps its own system accounts") && has("ids differ from host to host"),
+        "{:#?}",
+        a.comments
+    );
+    assert!(
+        has("copying the files whole, as the old script did, replaced the other nodes' system accounts"),
+        "{:#?}",
+        a.comments
+    );
+    let notes = notes_with(
+        t,
+        &format!("became one accounts set {name:?} with path = \"{dir}\""),
+    );
+    assert_eq!(notes.len(), 1, "{:#?}", t.notes);
+    assert!(
+        notes[0].starts_with("the whole-file copies of "),
+        "{}",
+        notes[0]
+    );
+    assert!(
+        notes[0].contains("replicates accounts as records")
+            && notes[0].contains("keeps its own system accounts")
+            && notes[0].contains("overwrote those on the other nodes"),
+        "{}",
+        notes[0]
+    );
+
+    let text = t.to_toml();
+    let block = format!("[[sync]]\nname = \"{name}\"\nkind = \"accounts\"\npath = \"{dir}\"\n# uid_range = \"1000-59999\"");
+    assert!(text.contains(&block), "{text}");
+    for key in [
+        "# gid_range = \"1000-59999\"",
+        "# include = []",
+        "# max_removed = 20",
+    ] {
+        assert!(text.contains(key), "{text}");
+    }
+    a
 }
 
 fn set<'a>(t: &'a Translation, path: &str) -> &'a SyncSetDraft {
@@ -89,6 +153,7 @@ fn check_toml(t: &Translation) -> toml::Table {
             assert!(
                 [
                     "name",
+                    "kind",
                     "path",
                     "mode",
                     "exclude",
@@ -102,6 +167,13 @@ fn check_toml(t: &Translation) -> toml::Table {
         }
         assert_eq!(s["name"].as_str(), Some(d.name.as_str()));
         assert_eq!(s["path"].as_str(), Some(d.path.as_str()));
+        if d.kind == Acc {
+            // An accounts set: kind, name and path only; the rest stays at its defaults.
+            assert_eq!(s["kind"].as_str(), Some("accounts"));
+            assert_eq!(s.len(), 3, "{s:?}");
+            continue;
+        }
+        assert!(s.get("kind").is_none(), "{s:?}");
         assert_eq!(s["mode"].as_str(), Some(d.mode.as_str()));
         assert_eq!(strings(s.get("exclude")), d.exclude);
         assert_eq!(strings(s.get("skip_while")), d.skip_while);
@@ -119,7 +191,7 @@ fn check_toml(t: &Translation) -> toml::Table {
 #[test]
 fn kerberos_seed() {
     let t = translate(KERBEROS);
-    let mut want = vec![
+    let want = vec![
         row("/etc/tacacs+", D, M, &[], &[]),
         row("/var/lib/rancid", D, M, &[], &[]),
         row("/usr/lib/rancid", D, M, &[], &[]),
@@ -140,8 +212,8 @@ fn kerberos_seed() {
             &[],
         ),
         row("/home", D, M, &[".ssh/", "master-sync/"], &[]),
+        accounts("/etc"),
     ];
-    want.extend(accounts());
     assert_eq!(rows(&t), want);
 
     // Every set came from a pull and a push: one set per path.
@@ -167,14 +239,28 @@ fn kerberos_seed() {
         &names[..3],
         ["etc-tacacs+", "var-lib-rancid", "usr-lib-rancid"]
     );
-    assert_eq!(set(&t, "/etc/shadow-").name, "etc-shadow-");
     assert_eq!(set(&t, "/etc/logrotate.d").name, "etc-logrotate.d");
+
+    // The 16 lines copying the account files whole (8 files, pulled and pushed) are one accounts set.
+    let acc = check_accounts(&t, "/etc", "accounts");
+    assert_eq!(
+        acc.comments[0],
+        "/etc: the account databases, from lines 40, 41, 42, 43, 44, 45, 46, 47 (pull from root@$Sensai), lines 73, 74, 75, 76, 77, 78, 79, 80 (push to root@$Sensai); one set, clusterd picks the direction from the leader"
+    );
+    assert!(acc.comments.iter().any(|c| c.contains(
+        "the \"-\" backups /etc/shadow-, /etc/passwd-, /etc/group-, /etc/gshadow- are not replicated"
+    )), "{:#?}", acc.comments);
+    assert!(
+        !acc.comments.iter().any(|c| c.contains("did not copy")),
+        "{:#?}",
+        acc.comments
+    );
 
     assert!(set(&t, "/etc/tacacs+")
         .comments
         .iter()
         .any(|c| c.starts_with("no line passed --delete")));
-    assert!(!set(&t, "/etc/shadow")
+    assert!(!set(&t, "/etc")
         .comments
         .iter()
         .any(|c| c.starts_with("no line passed --delete")));
@@ -305,17 +391,28 @@ fn smtp_seed() {
 #[test]
 fn tacacs_seed() {
     let t = translate(TACACS);
-    let mut want = vec![
+    let want = vec![
         row("/etc/tacacs+", D, M, &[], &[]),
         row("/var/log", D, A, &[], &[]),
         row("/etc/logrotate.d", D, M, &[], &[]),
         row("/root", D, M, &["**/.ssh/known_hosts"], &[]),
         row("/home", D, M, &[], &[]),
+        accounts("/etc"),
     ];
-    want.extend(accounts());
     assert_eq!(rows(&t), want);
-    assert_eq!(t.sets.len(), 13);
+    assert_eq!(t.sets.len(), 6);
     assert_eq!(set(&t, "/etc/tacacs+").name, "etc-tacacs+");
+    let acc = check_accounts(&t, "/etc", "accounts");
+    // Pulls only: no "picks the direction" on a one-way script.
+    assert!(
+        !acc.comments[0].contains("picks the direction"),
+        "{:?}",
+        acc.comments
+    );
+    assert!(acc
+        .comments
+        .iter()
+        .any(|c| c.contains("backups") && c.contains("/etc/gshadow-")));
     assert!(!notes_with(&t, "Sensai=172.17.13.37").is_empty());
     assert!(notes_with(&t, "PROMOTE").is_empty());
     check_toml(&t);
@@ -516,4 +613,145 @@ fn split_commands_respects_quotes_and_comments() {
     let segs = split_commands("if [ x ] && y 2>&1; then z &>/dev/null | w");
     let texts: Vec<&str> = segs.iter().map(|s| s.text.as_str()).collect();
     assert_eq!(texts, ["if [ x ]", "y 2>&1", "then z &>/dev/null", "w"]);
+}
+
+#[test]
+fn passwd_and_group_only_are_one_accounts_set() {
+    let t = translate(
+        "rsync -a root@h:/etc/nginx/ /etc/nginx/\nrsync -a root@h:/etc/passwd /etc/passwd\nrsync -a /etc/group root@h:/etc/\n",
+    );
+    assert_eq!(
+        rows(&t),
+        vec![row("/etc/nginx", D, M, &[], &[]), accounts("/etc")]
+    );
+    let acc = check_accounts(&t, "/etc", "accounts");
+    assert_eq!(
+        acc.comments[0],
+        "/etc: the account databases, from line 2 (pull from root@h), line 3 (push to root@h); one set, clusterd picks the direction from the leader"
+    );
+    assert!(acc
+        .comments
+        .iter()
+        .any(|c| c
+            .ends_with("one accounts set of /etc takes the place of a single-file set per file")));
+    assert!(acc
+        .comments
+        .iter()
+        .any(|c| c.contains("copied /etc/passwd, /etc/group whole")));
+    assert!(
+        acc.comments.iter().any(|c| c.starts_with(
+            "the script did not copy /etc/shadow, /etc/gshadow; an accounts set covers all four files"
+        )),
+        "{:#?}",
+        acc.comments
+    );
+    // No backups were copied, so nothing is said about them.
+    assert!(!acc.comments.iter().any(|c| c.contains("backups")));
+    assert!(notes_with(&t, "backups").is_empty(), "{:#?}", t.notes);
+    // Where rsync put the pushed file is about copying files: not on an accounts set.
+    assert!(!acc
+        .comments
+        .iter()
+        .any(|c| c.contains("rsync put it inside")));
+    check_toml(&t);
+}
+
+#[test]
+fn account_files_in_two_directories_are_two_accounts_sets() {
+    let script = "\
+rsync -a root@h:/etc/passwd /etc/passwd
+rsync -a root@h:/srv/jail/etc/passwd /srv/jail/etc/passwd
+rsync -a root@h:/etc/shadow /etc/shadow
+rsync -a root@h:/srv/jail/etc/group /srv/jail/etc/group
+rsync -a root@h:/srv/jail/etc/group- /srv/jail/etc/group-
+rsync -a root@h:/var/www/ /var/www/
+";
+    let t = translate(script);
+    assert_eq!(
+        rows(&t),
+        vec![
+            accounts("/etc"),
+            accounts("/srv/jail/etc"),
+            row("/var/www", D, M, &[], &[]),
+        ]
+    );
+    check_accounts(&t, "/etc", "accounts");
+    let jail = check_accounts(&t, "/srv/jail/etc", "accounts-srv-jail-etc");
+    assert!(jail
+        .comments
+        .iter()
+        .any(|c| c.contains("the \"-\" backups /srv/jail/etc/group- are not replicated")));
+    assert_eq!(notes_with(&t, "became one accounts set").len(), 2);
+    check_toml(&t);
+}
+
+#[test]
+fn accounts_set_drops_file_copy_options_and_lock_checks() {
+    let script = "\
+rsync -a root@h:/accounts/ /accounts/
+if [ -f /etc/*.lock ]; then echo busy; else
+  rsync -aHX --delete --exclude=foo --bwlimit=10 root@h:/etc/shadow /staging/shadow
+  rsync -a root@h:/etc/gshadow /etc/gshadow
+fi
+rsync -a root@h:/etc/exim4/passwd /etc/exim4/passwd
+rsync -a root@h:/opt/x/passwd- /opt/x/passwd-
+rsync -a root@h:/opt/x/shadow- /opt/x/shadow-
+";
+    let t = translate(script);
+    assert_eq!(
+        rows(&t),
+        vec![
+            row("/accounts", D, M, &[], &[]),
+            accounts("/etc"),
+            row("/etc/exim4/passwd", F, M, &[], &[]),
+        ]
+    );
+    // "accounts" is taken by the /accounts directory: the usual suffix.
+    let acc = check_accounts(&t, "/etc", "accounts-2");
+    let has = |needle: &str| acc.comments.iter().any(|c| c.contains(needle));
+    assert!(has("\"accounts\" was already taken"), "{:#?}", acc.comments);
+    assert!(
+        has("exclude \"foo\" (line 3) dropped"),
+        "{:#?}",
+        acc.comments
+    );
+    assert!(has("--delete (line 3) dropped"), "{:#?}", acc.comments);
+    assert!(
+        has("clusterctl sync accounts-2 --confirm"),
+        "{:#?}",
+        acc.comments
+    );
+    assert!(has("-H, -A and -X (line 3) dropped"), "{:#?}", acc.comments);
+    assert!(
+        has("skipped the copy while /etc/*.lock existed (lock check on line 2): dropped, clusterd reads the account files only while no shadow-utils lock is held"),
+        "{:#?}",
+        acc.comments
+    );
+    assert!(has("staged them in /staging/shadow"), "{:#?}", acc.comments);
+    assert!(
+        has("not translated, review by hand: --bwlimit=10"),
+        "{:#?}",
+        acc.comments
+    );
+    assert!(!has("mirror mode deletes anyway"), "{:#?}", acc.comments);
+    assert!(
+        t.to_toml().contains("clusterctl sync accounts-2 --confirm"),
+        "{}",
+        t.to_toml()
+    );
+
+    // A lone passwd outside an etc directory is an application's file.
+    let exim = set(&t, "/etc/exim4/passwd");
+    assert_eq!(exim.name, "etc-exim4-passwd");
+    assert!(exim
+        .comments
+        .iter()
+        .any(|c| c.starts_with("named like an account database file (passwd)")));
+    // Backups only: no set, a note.
+    assert!(t.sets.iter().all(|s| !s.path.starts_with("/opt/x")));
+    let backups = notes_with(&t, "/opt/x/passwd-, /opt/x/shadow-");
+    assert_eq!(backups.len(), 1, "{:#?}", t.notes);
+    assert!(backups[0].starts_with("not translated: the copies of"));
+    assert!(backups[0].contains("path = \"/opt/x\""));
+    check_toml(&t);
 }

@@ -53,7 +53,19 @@ pub(super) struct SetAcc {
     pub(super) uses: Vec<Use>,
     /// (pattern, lock location as tested, line)
     pub(super) guards: Vec<(String, String, usize)>,
-    pub(super) comments: Vec<String>,
+    /// Every lock check around the set's lines, inside the set or not: (lock location as tested, line).
+    pub(super) lock_checks: Vec<(String, usize)>,
+    /// Comments from the lines, in line order.
+    pub(super) comments: Vec<LineComment>,
+}
+
+/// A comment from an rsync line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct LineComment {
+    pub(super) text: String,
+    /// Only about copying files (excludes, `--delete`, lock checks, where rsync put a
+    /// file): an accounts set, which replicates records, drops it.
+    pub(super) file_copy: bool,
 }
 
 /// A note whose wording depends on what the rest of the script shows.
@@ -531,6 +543,8 @@ impl Translator {
             let remote = &ops[ri];
             let local = &ops[li];
             let mut comments = line_comments.clone();
+            // Comments that only concern copying the files; see LineComment.
+            let mut copy_comments = Vec::new();
             let (rpath, rused) = self.expand(&remote.path);
             let (host, hused) = self.expand(&remote.host);
             self.vars_in_path.extend(rused);
@@ -583,7 +597,7 @@ impl Translator {
                     if r_slash && !l_slash && !basename(&lpath).is_empty() {
                         let b = basename(&lpath).to_string();
                         path = clean_path(&format!("{path}/{b}"));
-                        comments.push(format!(
+                        copy_comments.push(format!(
                             "line {no}: {} has no trailing slash, so rsync put it inside {}: the set is {path}",
                             local.path, remote.path
                         ));
@@ -595,26 +609,28 @@ impl Translator {
             let mut excludes = Vec::new();
             for pat in &args.excludes {
                 let (new, why) = translate_exclude(pat, parent_of.as_deref());
-                comments.extend(why);
+                copy_comments.extend(why);
                 excludes.push(new);
             }
             let mode = mode_of(&path);
             for d in &args.deletes {
-                comments.push(match mode {
+                copy_comments.push(match mode {
                     SetMode::Mirror => format!("{d}: mirror mode deletes anyway"),
                     SetMode::Append => format!("{d}: dropped; append mode only adds to log files"),
                 });
             }
             let mut set_guards = Vec::new();
+            let mut lock_checks = Vec::new();
             for g in &guards {
                 let tested = format!("{}/{}", g.dir.trim_end_matches('/'), g.pattern);
+                lock_checks.push((tested.clone(), g.line));
                 let rel = relative_under(&g.dir, &path).or_else(|| relative_under(&g.dir, &lpath));
                 match rel {
                     Some(rel) => {
                         let pat = if rel.is_empty() { g.pattern.clone() } else { format!("{rel}/{}", g.pattern) };
                         set_guards.push((pat, tested, g.line));
                     }
-                    None => comments.push(format!(
+                    None => copy_comments.push(format!(
                         "the lock check on line {} tests {tested}, which is outside this set: not translated",
                         g.line
                     )),
@@ -627,6 +643,7 @@ impl Translator {
                         path: path.clone(),
                         uses: Vec::new(),
                         guards: Vec::new(),
+                        lock_checks: Vec::new(),
                         comments: Vec::new(),
                     });
                     self.sets.last_mut().expect("just pushed")
@@ -644,7 +661,13 @@ impl Translator {
                 xattrs: args.xattrs,
             });
             set.guards.extend(set_guards);
-            set.comments.extend(comments);
+            set.lock_checks.extend(lock_checks);
+            let line_comments = comments
+                .into_iter()
+                .map(|text| (text, false))
+                .chain(copy_comments.into_iter().map(|text| (text, true)));
+            set.comments
+                .extend(line_comments.map(|(text, file_copy)| LineComment { text, file_copy }));
         }
     }
 
@@ -658,10 +681,11 @@ impl Translator {
             }
         }
         let role_file = self.promote_file.clone();
+        let (sets, account_notes) = draft_all(std::mem::take(&mut self.sets));
         let mut notes: Vec<String> = Vec::new();
         if self.rsync_lines == 0 {
             notes.push("no rsync invocation found: there is no [[sync]] set to draft".to_string());
-        } else if self.sets.is_empty() {
+        } else if sets.is_empty() {
             notes.push(
                 "no rsync line could be translated into a [[sync]] set (see below)".to_string(),
             );
@@ -702,15 +726,344 @@ impl Translator {
                 self.peers.join(", ")
             ));
         }
-
-        let mut taken = HashSet::new();
-        let sets = self
-            .sets
-            .into_iter()
-            .map(|acc| draft(acc, &mut taken))
-            .collect();
+        notes.extend(account_notes);
         Translation { sets, notes }
     }
+}
+
+/// The account databases an accounts set covers, in the order its comments name them.
+pub(super) const ACCOUNT_DATABASES: [&str; 4] = ["passwd", "shadow", "group", "gshadow"];
+
+/// `.../shadow-` → `("shadow", true)`: the account database a file name belongs to, and
+/// whether it is the `-` backup shadow-utils keeps of it.
+pub(super) fn account_file(path: &str) -> Option<(&'static str, bool)> {
+    let name = basename(path);
+    let (db, backup) = match name.strip_suffix('-') {
+        Some(db) => (db, true),
+        None => (name, false),
+    };
+    ACCOUNT_DATABASES
+        .iter()
+        .find(|d| **d == db)
+        .map(|d| (*d, backup))
+}
+
+/// The directory holding `path` (`/` for `/x`).
+pub(super) fn parent_dir(path: &str) -> String {
+    match path.trim_end_matches('/').rsplit_once('/') {
+        Some(("", _)) => "/".to_string(),
+        Some((dir, _)) => dir.to_string(),
+        None => ".".to_string(),
+    }
+}
+
+/// The account database (and backup flag) of a set that copied one whole, if it is one.
+fn account_set(acc: &SetAcc) -> Option<(&'static str, bool)> {
+    if acc.uses.iter().any(|u| u.directory) {
+        return None;
+    }
+    account_file(&acc.path)
+}
+
+/// The sets in the order of their first rsync line, with the account databases of a
+/// directory folded into one accounts set; returns the notes about them too.
+pub(super) fn draft_all(accs: Vec<SetAcc>) -> (Vec<SyncSetDraft>, Vec<String>) {
+    // A directory's account files are folded when it is an `etc` directory or when the
+    // script copied at least two of the four databases there: a lone `passwd` elsewhere
+    // (/etc/exim4/passwd, /etc/nginx/passwd) is an application's password file.
+    let mut databases: HashMap<String, BTreeSet<&'static str>> = HashMap::new();
+    for acc in &accs {
+        if let Some((db, _)) = account_set(acc) {
+            databases
+                .entry(parent_dir(&acc.path))
+                .or_default()
+                .insert(db);
+        }
+    }
+    let folded =
+        |dir: &str| basename(dir) == "etc" || databases.get(dir).is_some_and(|d| d.len() >= 2);
+
+    enum Slot {
+        Set(SetAcc),
+        Accounts(usize),
+    }
+    let mut slots = Vec::new();
+    let mut groups: Vec<(String, Vec<SetAcc>)> = Vec::new();
+    for mut acc in accs {
+        if account_set(&acc).is_none() {
+            slots.push(Slot::Set(acc));
+            continue;
+        }
+        let dir = parent_dir(&acc.path);
+        if !folded(&dir) {
+            acc.comments.push(LineComment {
+                text: format!(
+                    "named like an account database file ({}), but the script copies no other account file of {dir}: kept as a single file; if it holds system accounts, make it a kind = \"accounts\" set of {dir} instead",
+                    basename(&acc.path)
+                ),
+                file_copy: false,
+            });
+            slots.push(Slot::Set(acc));
+            continue;
+        }
+        match groups.iter().position(|(d, _)| *d == dir) {
+            Some(i) => groups[i].1.push(acc),
+            None => {
+                slots.push(Slot::Accounts(groups.len()));
+                groups.push((dir, vec![acc]));
+            }
+        }
+    }
+
+    let mut taken = HashSet::new();
+    let mut sets = Vec::new();
+    let mut notes = Vec::new();
+    let mut groups: Vec<Option<(String, Vec<SetAcc>)>> = groups.into_iter().map(Some).collect();
+    for slot in slots {
+        match slot {
+            Slot::Set(acc) => sets.push(draft(acc, &mut taken)),
+            Slot::Accounts(i) => {
+                let Some((dir, members)) = groups.get_mut(i).and_then(Option::take) else {
+                    continue;
+                };
+                let (set, note) = accounts_draft(dir, members, &mut taken);
+                sets.extend(set);
+                notes.push(note);
+            }
+        }
+    }
+    (sets, notes)
+}
+
+/// `lines 40, 41 (pull from root@h), line 73 (push to root@h)`: the lines of `uses`, by
+/// direction and peer in the order of their first line.
+fn origins(uses: &[&Use]) -> String {
+    let mut groups: Vec<(Direction, &str, Vec<usize>)> = Vec::new();
+    for u in uses {
+        match groups
+            .iter_mut()
+            .find(|(d, p, _)| *d == u.direction && *p == u.peer)
+        {
+            Some((_, _, lines)) => lines.push(u.line),
+            None => groups.push((u.direction, &u.peer, vec![u.line])),
+        }
+    }
+    let parts: Vec<String> = groups
+        .into_iter()
+        .map(|(direction, peer, lines)| match direction {
+            Direction::Pull => format!("{} (pull from {peer})", line_list(lines)),
+            Direction::Push => format!("{} (push to {peer})", line_list(lines)),
+        })
+        .collect();
+    parts.join(", ")
+}
+
+/// Joins line numbers: `40, 73`.
+fn line_list(lines: impl IntoIterator<Item = usize>) -> String {
+    let mut lines: Vec<usize> = lines.into_iter().collect();
+    lines.sort_unstable();
+    lines.dedup();
+    let lines: Vec<String> = lines.iter().map(usize::to_string).collect();
+    format!(
+        "{} {}",
+        if lines.len() == 1 { "line" } else { "lines" },
+        lines.join(", ")
+    )
+}
+
+/// One accounts set for the whole-file copies of `dir`'s account databases (`members`,
+/// in the order of their first line), and the note saying so; only the note when the
+/// script copied nothing but `-` backups there.
+pub(super) fn accounts_draft(
+    dir: String,
+    members: Vec<SetAcc>,
+    taken: &mut HashSet<String>,
+) -> (Option<SyncSetDraft>, String) {
+    let paths: Vec<String> = members.iter().map(|m| m.path.clone()).collect();
+    let backups: Vec<String> = paths
+        .iter()
+        .filter(|p| account_file(p).is_some_and(|(_, b)| b))
+        .cloned()
+        .collect();
+    let lines = line_list(members.iter().flat_map(|m| m.uses.iter().map(|u| u.line)));
+    if backups.len() == paths.len() {
+        return (
+            None,
+            format!(
+                "not translated: the copies of {} ({}): \"-\" backups of the account databases, which every node keeps for itself (written as shadow-utils does); to replicate the accounts themselves, add a kind = \"accounts\" set with path = {}",
+                paths.join(", "),
+                lines,
+                toml_string(&dir)
+            ),
+        );
+    }
+
+    let base = if dir == "/etc" {
+        "accounts".to_string()
+    } else {
+        format!("accounts-{}", set_name(&dir))
+    };
+    let name = unique_name(base.clone(), taken);
+    let mut uses: Vec<&Use> = members.iter().flat_map(|m| &m.uses).collect();
+    uses.sort_by_key(|u| u.line);
+    let mut comments = Vec::new();
+
+    let both = uses.iter().any(|u| u.direction == Direction::Pull)
+        && uses.iter().any(|u| u.direction == Direction::Push);
+    comments.push(format!(
+        "{dir}: the account databases, from {}{}",
+        origins(&uses),
+        if both {
+            "; one set, clusterd picks the direction from the leader"
+        } else {
+            ""
+        }
+    ));
+    if name != base {
+        comments.push(format!(
+            "name {name:?}: {base:?} was already taken by another set"
+        ));
+    }
+    comments.push(format!(
+        "kind accounts: the script copied {} whole; one accounts set of {dir} takes the place of {}",
+        paths.join(", "),
+        if paths.len() == 1 {
+            "that single-file set"
+        } else {
+            "a single-file set per file"
+        }
+    ));
+    comments.push(
+        "clusterd replicates accounts as records, not as files: the users and groups whose uid or gid lies in uid_range or gid_range, and those named in include, go from the leader to the followers, with their shadow entries and group memberships".to_string(),
+    );
+    comments.push(
+        "each node keeps its own system accounts (root, daemons, service users): their ids differ from host to host, so they are not replicated, and each follower merges the replicated records into its own files".to_string(),
+    );
+    comments.push(
+        "copying the files whole, as the old script did, replaced the other nodes' system accounts with the leader's, which breaks every service whose user or group has another id (or does not exist) there".to_string(),
+    );
+    if !backups.is_empty() {
+        comments.push(format!(
+            "the \"-\" backups {} are not replicated: every node keeps its own, written as shadow-utils does",
+            backups.join(", ")
+        ));
+    }
+    let copied: BTreeSet<&str> = paths
+        .iter()
+        .filter_map(|p| account_file(p).map(|(db, _)| db))
+        .collect();
+    let missing: Vec<String> = ACCOUNT_DATABASES
+        .iter()
+        .filter(|db| !copied.contains(*db))
+        .map(|db| format!("{}/{db}", dir.trim_end_matches('/')))
+        .collect();
+    if !missing.is_empty() {
+        comments.push(format!(
+            "the script did not copy {}; an accounts set covers all four files, so the replicated users' and groups' entries there travel too",
+            missing.join(", ")
+        ));
+    }
+    let mut staged: Vec<&str> = Vec::new();
+    for m in &members {
+        for u in &m.uses {
+            if u.local != m.path && !staged.contains(&u.local.as_str()) {
+                staged.push(&u.local);
+            }
+        }
+    }
+    if !staged.is_empty() {
+        comments.push(format!(
+            "the script staged them in {} on the machine running it; clusterd syncs the accounts of {dir} itself on every node",
+            staged.join(", ")
+        ));
+    }
+
+    // What made sense for copying the files whole does not apply to records.
+    let mut excluded: Vec<&String> = Vec::new();
+    for u in &uses {
+        for e in &u.excludes {
+            if !excluded.contains(&e) {
+                excluded.push(e);
+            }
+        }
+    }
+    if !excluded.is_empty() {
+        let lines = uses
+            .iter()
+            .filter(|u| !u.excludes.is_empty())
+            .map(|u| u.line);
+        comments.push(format!(
+            "exclude {} ({}) dropped: an accounts set has no exclude; include and the ranges choose the accounts",
+            excluded
+                .iter()
+                .map(|e| format!("{e:?}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            line_list(lines)
+        ));
+    }
+    if uses.iter().any(|u| u.delete) {
+        comments.push(format!(
+            "--delete ({}) dropped: accounts removed on the leader are removed on the followers anyway; a change removing more than max_removed at once waits for `clusterctl sync {name} --confirm`",
+            line_list(uses.iter().filter(|u| u.delete).map(|u| u.line))
+        ));
+    }
+    if uses.iter().any(|u| u.hard_links || u.xattrs) {
+        comments.push(format!(
+            "-H, -A and -X ({}) dropped: each node's account files keep their own mode, owner and attributes",
+            line_list(
+                uses.iter()
+                    .filter(|u| u.hard_links || u.xattrs)
+                    .map(|u| u.line)
+            )
+        ));
+    }
+    let mut checks: Vec<(&String, Vec<usize>)> = Vec::new();
+    for m in &members {
+        for (tested, line) in &m.lock_checks {
+            match checks.iter_mut().find(|(t, _)| *t == tested) {
+                Some((_, lines)) => lines.push(*line),
+                None => checks.push((tested, vec![*line])),
+            }
+        }
+    }
+    for (tested, lines) in checks {
+        comments.push(format!(
+            "the script skipped the copy while {tested} existed (lock check on {}): dropped, clusterd reads the account files only while no shadow-utils lock is held and writes them under that lock",
+            line_list(lines)
+        ));
+    }
+    for m in members {
+        for c in m.comments {
+            if !c.file_copy && !comments.contains(&c.text) {
+                comments.push(c.text);
+            }
+        }
+    }
+
+    let note = format!(
+        "the whole-file copies of {} ({}) became one accounts set {name:?} with path = {}: clusterd replicates accounts as records (users and groups in uid_range/gid_range or named in include) and each node keeps its own system accounts, whose ids differ between hosts, while copying the files whole overwrote those on the other nodes{}",
+        paths.join(", "),
+        lines,
+        toml_string(&dir),
+        if backups.is_empty() {
+            ""
+        } else {
+            "; the \"-\" backups are not replicated, every node keeps its own"
+        }
+    );
+    let set = SyncSetDraft {
+        name,
+        path: dir,
+        kind: PathKind::Accounts,
+        mode: SetMode::Mirror,
+        exclude: Vec::new(),
+        skip_while: Vec::new(),
+        hard_links: false,
+        xattrs: false,
+        comments,
+    };
+    (Some(set), note)
 }
 
 pub(super) fn mode_of(path: &str) -> SetMode {
@@ -802,7 +1155,7 @@ pub(super) fn draft(acc: SetAcc, taken: &mut HashSet<String>) -> SyncSetDraft {
         PathKind::Directory if !acc.uses.iter().any(|u| u.directory) => comments.push(
             "a directory: the script names it without a trailing slash, but it is a well-known directory".to_string(),
         ),
-        PathKind::Directory => {}
+        PathKind::Directory | PathKind::Accounts => {}
     }
     let mut staged: Vec<&str> = Vec::new();
     for u in &acc.uses {
@@ -915,8 +1268,8 @@ pub(super) fn draft(acc: SetAcc, taken: &mut HashSet<String>) -> SyncSetDraft {
     }
     let xattrs = !lines_with(|u| u.xattrs).is_empty();
     for c in acc.comments {
-        if !comments.contains(&c) {
-            comments.push(c);
+        if !comments.contains(&c.text) {
+            comments.push(c.text);
         }
     }
     SyncSetDraft {
