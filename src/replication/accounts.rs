@@ -45,6 +45,8 @@ use crate::replication::shared::{SetRuntime, Shared};
 const POLL: Duration = Duration::from_millis(200);
 /// How long a follower waits for a shadow-utils writer to finish.
 const LOCK_WAIT: Duration = Duration::from_secs(15);
+/// How long a lock may keep the leader from reading before it is reported.
+const STUCK_LOCK: Duration = Duration::from_secs(60);
 
 /// One accounts set on this node, as status shows it.
 #[derive(Debug, Clone, Default)]
@@ -64,6 +66,17 @@ pub async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
         .collect();
     if sets.is_empty() {
         return;
+    }
+    for s in &sets {
+        // The view holds password hashes: root's alone, also on followers
+        // (whose applier would create the directory with default modes).
+        let _ = std::fs::create_dir_all(&s.root_dir);
+        if let Err(e) = std::fs::set_permissions(
+            &s.root_dir,
+            std::os::unix::fs::PermissionsExt::from_mode(0o700),
+        ) {
+            warn!(set = %s.name, "cannot make {} private (mode 0700): {e}", s.root_dir.display());
+        }
     }
     let mut bridges: Vec<Bridge> = sets.into_iter().map(Bridge::new).collect();
     loop {
@@ -98,6 +111,8 @@ struct Bridge {
     last: Option<Records>,
     /// As leader: the records this bridge last put in the view.
     written: Option<Records>,
+    /// As leader: since when a shadow-utils lock kept it from reading.
+    busy_since: Option<std::time::Instant>,
 }
 
 type Stamp = Option<(u64, u64, i64, u64)>;
@@ -121,6 +136,7 @@ impl Bridge {
             seen: None,
             last: None,
             written: None,
+            busy_since: None,
         }
     }
 
@@ -136,15 +152,20 @@ impl Bridge {
             .collect()
     }
 
-    fn step(&mut self, shared: &Shared) {
-        let leading = shared.leading.load(Ordering::Relaxed);
-        let now = (leading, self.stamps());
-        let index = shared
+    /// The index of the set's last batch applied here.
+    fn applied_index(&self, shared: &Shared) -> u64 {
+        shared
             .manifest
             .read()
             .unwrap()
             .set(&self.set.name)
-            .map_or(0, |m| m.progress.index);
+            .map_or(0, |m| m.progress.index)
+    }
+
+    fn step(&mut self, shared: &Shared) {
+        let leading = shared.leading.load(Ordering::Relaxed);
+        let now = (leading, self.stamps());
+        let index = self.applied_index(shared);
         let behind = !leading && state(shared, &self.set.name, |s| s.view.merged_index < index);
         if self.seen.as_ref() == Some(&now) && !behind {
             return;
@@ -221,8 +242,18 @@ impl Bridge {
             .read_quiet()
             .map_err(|e| format!("accounts set {name:?}: {e}"))?
         else {
+            // A writer at work; one that never finishes (a lock left by a
+            // killed tool whose pid now belongs to another process) is
+            // said, not waited on silently.
+            let since = *self.busy_since.get_or_insert_with(std::time::Instant::now);
+            if since.elapsed() >= STUCK_LOCK {
+                if let Ok(Some(holder)) = dir.busy() {
+                    shared.note_error(&name, format!("accounts set {name:?}: {} in {} has been held for {} s, so the leader cannot read the databases; if no useradd/passwd/vipw is running, remove that lock file", holder, acc.dir.display(), since.elapsed().as_secs()));
+                }
+            }
             return Ok(false);
         };
+        self.busy_since = None;
         let hold = |why: String| {
             if state(shared, &name, |s| s.hold.as_ref() != Some(&why)) {
                 warn!(set = %name, "accounts set {name:?} held: {why}");
@@ -316,12 +347,7 @@ impl Bridge {
         self.written = None;
         // Read before the view: a batch applied meanwhile shows as pending
         // until the next pass merges it.
-        let index = shared
-            .manifest
-            .read()
-            .unwrap()
-            .set(&self.set.name)
-            .map_or(0, |m| m.progress.index);
+        let index = self.applied_index(shared);
         let Some(records) = self.committed(shared)? else {
             // Nothing committed yet, or the applier is mid-batch.
             let passwd = SetPath::from_network(b"passwd").expect("a plain name");

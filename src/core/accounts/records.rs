@@ -137,18 +137,15 @@ impl Records {
             if !policy.governs_user(&f[0], uid) {
                 continue;
             }
-            if let Some(was) = names.insert(f[0].clone(), n) {
-                problems.push(format!(
-                    "passwd line {n}: user {:?} is also on line {was}",
-                    f[0]
-                ));
-            }
-            if let Some(was) = ids.insert(uid, n) {
-                problems.push(format!(
-                    "passwd line {n}: user id {uid} of {:?} is also used on line {was}",
-                    f[0]
-                ));
-            }
+            unique(
+                &mut names,
+                &mut ids,
+                ("passwd", "user"),
+                &f[0],
+                uid,
+                n,
+                &mut problems,
+            );
             let Some(sh) = shadow_of.get(f[0].as_str()) else {
                 problems.push(format!("passwd line {n}: user {:?} has no entry in shadow (a useradd not finished, or shadow damaged); add one with pwconv or finish the change", f[0]));
                 continue;
@@ -193,18 +190,15 @@ impl Records {
                 });
                 continue;
             }
-            if let Some(was) = names.insert(f[0].clone(), n) {
-                problems.push(format!(
-                    "group line {n}: group {:?} is also on line {was}",
-                    f[0]
-                ));
-            }
-            if let Some(was) = ids.insert(gid, n) {
-                problems.push(format!(
-                    "group line {n}: group id {gid} of {:?} is also used on line {was}",
-                    f[0]
-                ));
-            }
+            unique(
+                &mut names,
+                &mut ids,
+                ("group", "group"),
+                &f[0],
+                gid,
+                n,
+                &mut problems,
+            );
             let gshadow = match gsh {
                 None => None,
                 Some(Some(line)) => Some(line.clone()),
@@ -425,6 +419,29 @@ impl Records {
         };
         r.sort();
         Ok(r)
+    }
+}
+
+/// Notes the governed entry `name` (`id`) on line `n` of `file`, and a
+/// problem if an earlier one has its name or its id.
+fn unique(
+    names: &mut BTreeMap<String, usize>,
+    ids: &mut BTreeMap<u32, usize>,
+    (file, what): (&str, &str),
+    name: &str,
+    id: u32,
+    n: usize,
+    problems: &mut Vec<String>,
+) {
+    if let Some(was) = names.insert(name.to_string(), n) {
+        problems.push(format!(
+            "{file} line {n}: {what} {name:?} is also on line {was}"
+        ));
+    }
+    if let Some(was) = ids.insert(id, n) {
+        problems.push(format!(
+            "{file} line {n}: {what} id {id} of {name:?} is also used on line {was}"
+        ));
     }
 }
 

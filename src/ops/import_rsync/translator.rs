@@ -906,24 +906,12 @@ pub(super) fn accounts_draft(
     let name = unique_name(base.clone(), taken);
     let mut uses: Vec<&Use> = members.iter().flat_map(|m| &m.uses).collect();
     uses.sort_by_key(|u| u.line);
-    let mut comments = Vec::new();
-
-    let both = uses.iter().any(|u| u.direction == Direction::Pull)
-        && uses.iter().any(|u| u.direction == Direction::Push);
-    comments.push(format!(
-        "{dir}: the account databases, from {}{}",
-        origins(&uses),
-        if both {
-            "; one set, clusterd picks the direction from the leader"
-        } else {
-            ""
-        }
-    ));
-    if name != base {
-        comments.push(format!(
-            "name {name:?}: {base:?} was already taken by another set"
-        ));
-    }
+    let mut comments = origin_comments(
+        format!("{dir}: the account databases, from {}", origins(&uses)),
+        uses.iter().copied(),
+        &name,
+        &base,
+    );
     comments.push(format!(
         "kind accounts: the script copied {} whole; one accounts set of {dir} takes the place of {}",
         paths.join(", "),
@@ -1106,6 +1094,33 @@ pub(super) fn unique_name(base: String, taken: &mut HashSet<String>) -> String {
     name
 }
 
+/// A draft's first comments: where it came from (`head`, plus a word when
+/// the script both pulled and pushed it), and the name it got when its own
+/// (`base`) was taken.
+fn origin_comments<'a>(
+    head: String,
+    uses: impl Iterator<Item = &'a Use> + Clone,
+    name: &str,
+    base: &str,
+) -> Vec<String> {
+    let both = uses.clone().any(|u| u.direction == Direction::Pull)
+        && uses.clone().any(|u| u.direction == Direction::Push);
+    let mut comments = vec![format!(
+        "{head}{}",
+        if both {
+            "; one set, clusterd picks the direction from the leader"
+        } else {
+            ""
+        }
+    )];
+    if name != base {
+        comments.push(format!(
+            "name {name:?}: {base:?} was already taken by another set"
+        ));
+    }
+    comments
+}
+
 pub(super) fn draft(acc: SetAcc, taken: &mut HashSet<String>) -> SyncSetDraft {
     let path = acc.path;
     let base = set_name(&path);
@@ -1126,22 +1141,12 @@ pub(super) fn draft(acc: SetAcc, taken: &mut HashSet<String>) -> SyncSetDraft {
             Direction::Push => format!("line {} (push to {})", u.line, u.peer),
         })
         .collect();
-    let both = acc.uses.iter().any(|u| u.direction == Direction::Pull)
-        && acc.uses.iter().any(|u| u.direction == Direction::Push);
-    comments.push(format!(
-        "{path}: from {}{}",
-        origin.join(", "),
-        if both {
-            "; one set, clusterd picks the direction from the leader"
-        } else {
-            ""
-        }
+    comments.extend(origin_comments(
+        format!("{path}: from {}", origin.join(", ")),
+        acc.uses.iter(),
+        &name,
+        &base,
     ));
-    if name != base {
-        comments.push(format!(
-            "name {name:?}: {base:?} was already taken by another set"
-        ));
-    }
     comments.push(match mode {
         SetMode::Append => {
             "mode append: a log directory (under /var/log); logs only grow, so only appended bytes travel".to_string()
