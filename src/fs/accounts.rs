@@ -140,19 +140,29 @@ impl AccountsDir {
         Ok((fl.l_type != libc::F_UNLCK as libc::c_short).then(|| format!("{PWD_LOCK} (lckpwdf)")))
     }
 
-    /// The pid in the lock file `name` if that process is alive; a stale
-    /// lock (its process gone, or no pid in it) is `None`.
+    /// The pid in the lock file `name` if that process is alive (0: no
+    /// readable pid, held all the same); a stale lock (its process gone, or
+    /// our own pid left by an earlier run) is `None`.
     fn lock_holder(&self, name: &str) -> Result<Option<i32>, AccountsIoError> {
         let mut text = String::new();
-        match File::open(self.path.join(name)) {
+        match OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open(self.path.join(name))
+        {
             Ok(f) => {
                 let _ = f.take(64).read_to_string(&mut text);
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(self.io(name, e)),
         }
-        let Ok(pid) = text.trim().parse::<i32>() else {
-            return Ok(None);
+        // shadow-utils writes the pid and a NUL. A lock without a readable
+        // pid is held (pid 0), as shadow-utils treats it: never removed.
+        let Ok(pid) = text
+            .trim_matches(|c: char| c == '\0' || c.is_whitespace())
+            .parse::<i32>()
+        else {
+            return Ok(Some(0));
         };
         if pid <= 0 || pid == std::process::id() as i32 {
             return Ok(None);
@@ -279,7 +289,14 @@ impl Locked<'_> {
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
                     match dir.lock_holder(&lock)? {
                         None => {
-                            let _ = std::fs::remove_file(dir.path.join(&lock));
+                            if let Err(e) = std::fs::remove_file(dir.path.join(&lock)) {
+                                let why = format!("a stale lock that cannot be removed ({e})");
+                                dir.wait_or_fail(start, wait, &lock, why)?;
+                            }
+                        }
+                        Some(0) => {
+                            let why = "a lock file without a pid".to_string();
+                            dir.wait_or_fail(start, wait, &lock, why)?
                         }
                         Some(holder) => {
                             dir.wait_or_fail(start, wait, &lock, format!("pid {holder}"))?

@@ -47,6 +47,10 @@ const POLL: Duration = Duration::from_millis(200);
 const LOCK_WAIT: Duration = Duration::from_secs(15);
 /// How long a lock may keep the leader from reading before it is reported.
 const STUCK_LOCK: Duration = Duration::from_secs(60);
+/// How long an accounts set's `on_change` may run (as for other sets).
+const ON_CHANGE_LIMIT: Duration = Duration::from_secs(60);
+/// How long a pass that failed waits before it is tried again unprompted.
+const RETRY: Duration = Duration::from_secs(10);
 
 /// One accounts set on this node, as status shows it.
 #[derive(Debug, Clone, Default)]
@@ -54,6 +58,12 @@ pub struct AccountsState {
     /// Why the leader does not propose the databases' current state.
     pub hold: Option<String>,
     pub view: AccountsView,
+    /// `clusterctl sync` asks for a pass now (numbered), the last one the
+    /// task answered, and its answer.
+    asks: u64,
+    answered: u64,
+    confirm: bool,
+    answer: Option<Result<(), String>>,
 }
 
 /// Runs the accounts sets of this node until `stop`.
@@ -109,8 +119,16 @@ struct Bridge {
     /// governed entry that differs from them and from the new records was
     /// never committed.
     last: Option<Records>,
-    /// As leader: the records this bridge last put in the view.
-    written: Option<Records>,
+    /// As leader: the records this bridge recently put in the view, newest
+    /// last (a committed view among them is this leader's own change).
+    written: std::collections::VecDeque<Records>,
+    /// As leader: the view files' stamps as this bridge last left them; a
+    /// view changed since by someone else (the applier carrying out a
+    /// rollback or a restore) is a committed change to take in.
+    my_view: Option<Vec<Stamp>>,
+    /// After a failed pass, not before then (a merge that cannot succeed
+    /// is not retried five times a second).
+    retry_at: Option<std::time::Instant>,
     /// As leader: since when a shadow-utils lock kept it from reading.
     busy_since: Option<std::time::Instant>,
 }
@@ -135,13 +153,22 @@ impl Bridge {
             set,
             seen: None,
             last: None,
-            written: None,
+            written: Default::default(),
+            retry_at: None,
+            my_view: None,
             busy_since: None,
         }
     }
 
     fn dir(&self) -> &Path {
         &self.set.accounts.as_ref().expect("an accounts set").dir
+    }
+
+    fn view_stamps(&self) -> Vec<Stamp> {
+        VIEW_FILES
+            .iter()
+            .map(|f| stamp(&self.set.root_dir.join(f)))
+            .collect()
     }
 
     fn stamps(&self) -> Vec<Stamp> {
@@ -164,10 +191,42 @@ impl Bridge {
 
     fn step(&mut self, shared: &Shared) {
         let leading = shared.leading.load(Ordering::Relaxed);
+        let name = self.set.name.clone();
+        if let Some((ticket, confirm)) = state(shared, &name, |s| {
+            (s.asks > s.answered).then_some((s.asks, s.confirm))
+        }) {
+            let answer = if !leading {
+                Some(Err("this node no longer leads".to_string()))
+            } else {
+                match self.lead(shared, confirm) {
+                    Ok(true) => Some(match state(shared, &name, |s| s.hold.clone()) {
+                        Some(why) => Err(format!("accounts set {name:?} is held: {why}")),
+                        None => Ok(()),
+                    }),
+                    Ok(false) => None,
+                    Err(e) => Some(Err(e)),
+                }
+            };
+            if let Some(answer) = answer {
+                with_state(shared, &name, |s| {
+                    s.answered = ticket;
+                    s.confirm = false;
+                    s.answer = Some(answer);
+                });
+            }
+            return;
+        }
         let now = (leading, self.stamps());
         let index = self.applied_index(shared);
-        let behind = !leading && state(shared, &self.set.name, |s| s.view.merged_index < index);
+        // A batch of the set applied since the last pass: a follower merges
+        // it, a leader checks whether it was its own.
+        let behind = state(shared, &name, |s| s.view.merged_index < index);
         if self.seen.as_ref() == Some(&now) && !behind {
+            return;
+        }
+        if self.retry_at.is_some_and(|t| std::time::Instant::now() < t)
+            && self.seen.as_ref() == Some(&now)
+        {
             return;
         }
         let done = if leading {
@@ -181,13 +240,15 @@ impl Bridge {
             // effect).
             Ok(true) => {
                 self.seen = Some(now);
+                self.retry_at = None;
                 shared.health_of(&self.set.name, |h| h.last_error = None);
             }
             Ok(false) => {}
             Err(e) => {
                 shared.note_error(&self.set.name, e);
-                // Not again until something changes.
+                // Again when something changes, or in a while.
                 self.seen = Some(now);
+                self.retry_at = Some(std::time::Instant::now() + RETRY);
             }
         }
     }
@@ -222,20 +283,43 @@ impl Bridge {
     fn lead(&mut self, shared: &Shared, confirmed: bool) -> Result<bool, String> {
         let name = self.set.name.clone();
         let acc = self.set.accounts.clone().expect("an accounts set");
-        // A committed change this leader did not write (a rollback, a
-        // restore) goes into its own files first, or the next read of them
-        // would propose it away again.
+        let index = self.applied_index(shared);
         let committed = self.committed(shared)?;
-        if let (Some(c), Some(w)) = (&committed, &self.written) {
-            if c != w && self.last.as_ref() != Some(c) {
-                info!(set = %name, "accounts set {name:?}: a committed change this leader did not make (a rollback?) goes into {}", acc.dir.display());
-                if !self.merge_into_own(shared, c)? {
-                    return Ok(false);
-                }
-            }
+        let on_disk = Records::from_view(|n| std::fs::read(self.set.root_dir.join(n)).ok()).ok();
+        let ours = on_disk.as_ref().is_some_and(|d| self.written.contains(d));
+        if committed.is_none() && !ours && self.committed_anything(shared) {
+            // The view on disk is neither what the manifest committed nor
+            // this leader's own proposal: the applier is between the
+            // renames of a batch, or a file is still being fetched.
+            // Writing the view now would overwrite what it applies.
+            return Ok(false);
         }
-        if committed.is_some() {
-            self.last = committed;
+        // Every committed view this leader did not write itself (the
+        // previous leader's last change, a rollback) goes into its own
+        // files first: reading them as they are would propose it away.
+        if let Some(c) = &committed {
+            let rewritten = self
+                .my_view
+                .as_ref()
+                .is_some_and(|v| *v != self.view_stamps());
+            if rewritten {
+                // Not this leader's own write: a rollback or a restore.
+                self.written.clear();
+            }
+            if rewritten || index > state(shared, &name, |s| s.view.merged_index) {
+                match self.written.iter().position(|w| w == c) {
+                    // Its own proposal (and any before it) committed.
+                    Some(i) => drop(self.written.drain(..=i)),
+                    None => {
+                        info!(set = %name, "accounts set {name:?}: the committed accounts (not this leader's own change) go into {} first", acc.dir.display());
+                        if !self.merge_into_own(shared, c)? {
+                            return Ok(false);
+                        }
+                    }
+                }
+                with_state(shared, &name, |s| s.view.merged_index = index);
+            }
+            self.last = Some(c.clone());
         }
         let dir = AccountsDir::open(&acc.dir).map_err(|e| format!("accounts set {name:?}: {e}"))?;
         let Some(files) = dir
@@ -270,9 +354,9 @@ impl Bridge {
                 ))
             }
         };
-        // What this node last proposed (as follower: what it applied).
-        let proposed = Records::from_view(|n| std::fs::read(self.set.root_dir.join(n)).ok())
-            .unwrap_or_default();
+        // What the change is measured against: this leader's last proposal,
+        // else what was committed (nothing, for a set's first change).
+        let proposed = if ours { on_disk } else { committed }.unwrap_or_default();
         // Records a collision kept off this node's own files are not
         // removed from the cluster because this node now leads.
         let refused = merge::plan(&files, &proposed, &acc.policy)
@@ -293,6 +377,7 @@ impl Bridge {
         }
         self.write_view(&records)
             .map_err(|e| format!("accounts set {name:?}: cannot write its view: {e}"))?;
+        self.my_view = Some(self.view_stamps());
         if confirmed && !removed.is_empty() {
             info!(set = %name, "accounts set {name:?}: removal of {} users confirmed", removed.len());
         }
@@ -305,12 +390,25 @@ impl Bridge {
             s.view.refused = refused.iter().map(refused_record).collect();
             s.view.local_malformed.clear();
         });
-        self.written = Some(records);
+        if self.written.back() != Some(&records) {
+            self.written.push_back(records);
+            if self.written.len() > 16 {
+                self.written.pop_front();
+            }
+        }
         Ok(true)
     }
 
-    /// Writes the view's files that differ, shadow files before the
-    /// others, so the source never reads a user without its shadow line.
+    /// Whether the manifest holds a committed view of this set at all.
+    fn committed_anything(&self, shared: &Shared) -> bool {
+        let passwd = SetPath::from_network(b"passwd").expect("a plain name");
+        shared.committed_entry(&self.set.name, &passwd).is_some()
+    }
+
+    /// Writes the view's files that differ: all prepared and made durable
+    /// first, then renamed in one after the other, so the source (which
+    /// reads after a quiet moment) and the validator see the five files of
+    /// one state, not a user without its shadow line.
     fn write_view(&self, records: &Records) -> Result<(), crate::fs::root::FsError> {
         let view = &self.set.root_dir;
         if !view.exists() {
@@ -319,39 +417,64 @@ impl Bridge {
                 std::fs::set_permissions(view, std::os::unix::fs::PermissionsExt::from_mode(0o700));
         }
         let root = Root::open(view)?;
-        let mut files = records.render();
-        let rank = |n: &str| match n {
-            "shadow" | "gshadow" => 0,
-            "group" => 1,
-            _ => 2,
-        };
-        files.sort_by_key(|(n, _)| rank(n));
         // SAFETY: geteuid/getegid cannot fail.
         let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
-        for (name, bytes) in files {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as i128);
+        // The view holds password hashes: readable by root alone.
+        let meta = FileMeta::new(Kind::File, 0o600, uid, gid, now);
+        let mut prepared = Vec::new();
+        for (name, bytes) in records.render() {
             if std::fs::read(view.join(name)).ok().as_deref() == Some(bytes.as_slice()) {
                 continue;
             }
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos() as i128);
-            // The view holds password hashes: readable by root alone.
-            let meta = FileMeta::new(Kind::File, 0o600, uid, gid, now);
-            root.replace_file(&[name], &bytes, &meta, &delta::digest(&bytes).hash)?;
+            match root.prepare_file(
+                &[name],
+                &bytes,
+                &meta,
+                &delta::digest(&bytes).hash,
+                None,
+                |_| {},
+            ) {
+                Ok(p) => prepared.push(p),
+                Err(e) => {
+                    prepared.iter().for_each(|p| root.discard_prepared(p));
+                    return Err(e);
+                }
+            }
         }
-        Ok(())
+        if prepared.is_empty() {
+            return Ok(());
+        }
+        if let Err(e) = root.sync_filesystem() {
+            prepared.iter().for_each(|p| root.discard_prepared(p));
+            return Err(e);
+        }
+        let mut result = Ok(());
+        for p in &prepared {
+            if result.is_ok() {
+                result = root
+                    .swap_prepared(p, crate::fs::root::Expect::Anything)
+                    .map(drop);
+            } else {
+                root.discard_prepared(p);
+            }
+        }
+        result?;
+        root.sync_dir::<&str>(&[])
     }
 
     /// As follower: the committed view into this node's databases.
     fn follow(&mut self, shared: &Shared) -> Result<bool, String> {
-        self.written = None;
+        self.written.clear();
+        self.my_view = None;
         // Read before the view: a batch applied meanwhile shows as pending
         // until the next pass merges it.
         let index = self.applied_index(shared);
         let Some(records) = self.committed(shared)? else {
             // Nothing committed yet, or the applier is mid-batch.
-            let passwd = SetPath::from_network(b"passwd").expect("a plain name");
-            return Ok(shared.committed_entry(&self.set.name, &passwd).is_none());
+            return Ok(!self.committed_anything(shared));
         };
         let merged = self.merge_into_own(shared, &records)?;
         if merged {
@@ -380,7 +503,9 @@ impl Bridge {
             .map_err(|e| format!("accounts set {name:?}: {} : {e}", acc.dir.display()))?;
         let drift = self.never_committed(&files, &plan);
         if !drift.is_empty() && !plan.steps.is_empty() {
-            quarantine_copies(shared, &name, &files, &drift);
+            // Invariant 4: no copy, no merge.
+            quarantine_copies(shared, &name, &files, &drift)
+                .map_err(|e| format!("accounts set {name:?}: the merge would replace entries nobody committed ({}), and they could not be copied to quarantine ({e}); nothing was written", drift.join(", ")))?;
         }
         for (f, bytes) in &plan.steps {
             locked
@@ -389,6 +514,28 @@ impl Bridge {
         }
         drop(locked);
         if !plan.steps.is_empty() {
+            if let Some(cmd) = &self.set.on_change {
+                // After the databases changed, so a cache flush (nscd -i)
+                // caches the new entries, never the old ones.
+                let root = acc.dir.display().to_string();
+                let env = [
+                    ("CLUSTERD_SET", name.as_str()),
+                    ("CLUSTERD_ROOT", root.as_str()),
+                ];
+                let what = format!("on_change of sync set {name:?}");
+                let ran = tokio::runtime::Handle::current().block_on(crate::fs::exec::run_command(
+                    cmd,
+                    &env,
+                    ON_CHANGE_LIMIT,
+                    &what,
+                ));
+                if ran.is_err() {
+                    shared
+                        .counters
+                        .on_change_failures
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+            }
             info!(
                 set = %name,
                 "accounts merged into {}: {} added, {} removed, {} changed{}",
@@ -506,20 +653,39 @@ fn with_state(shared: &Shared, set: &str, f: impl FnOnce(&mut AccountsState)) {
 /// Copies this node's four databases into `data_dir/quarantine` with a
 /// record each: the merge is about to replace entries of `users` nobody
 /// committed. The files stay in use, so they are copied, not moved.
-fn quarantine_copies(shared: &Shared, set: &str, files: &Files, users: &[String]) {
+fn quarantine_copies(
+    shared: &Shared,
+    set: &str,
+    files: &Files,
+    users: &[String],
+) -> std::io::Result<()> {
     let ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
-    let stamp = format!("{ms}-accounts");
-    let dir = shared.data_dir.join("quarantine").join(set).join(&stamp);
+    let leaf = crate::replication::shared::accounts_view_dir(Path::new(""), set);
+    let leaf = leaf
+        .file_name()
+        .expect("a view directory has a name")
+        .to_string_lossy()
+        .into_owned();
+    let mut stamp = format!("{ms}-accounts");
+    let mut dir = shared.data_dir.join("quarantine").join(&leaf).join(&stamp);
+    for n in 1.. {
+        if !dir.exists() {
+            break;
+        }
+        stamp = format!("{ms}-accounts-{n}");
+        dir = shared.data_dir.join("quarantine").join(&leaf).join(&stamp);
+    }
     let why = format!(
         "the merge of the committed accounts replaces entries of {} that this node has but the cluster never committed",
         users.join(", ")
     );
+    std::fs::create_dir_all(&dir)?;
     let mut records = String::new();
     for f in DbFile::ALL {
         let Some(bytes) = files.get(f) else { continue };
-        let written = std::fs::create_dir_all(&dir).and_then(|_| {
+        {
             use std::io::Write;
             use std::os::unix::fs::OpenOptionsExt;
             let mut out = std::fs::OpenOptions::new()
@@ -528,65 +694,62 @@ fn quarantine_copies(shared: &Shared, set: &str, files: &Files, users: &[String]
                 .mode(0o600)
                 .open(dir.join(f.name()))?;
             out.write_all(bytes)?;
-            out.sync_all()
-        });
-        if let Err(e) = written {
-            warn!(set, "cannot copy {} into quarantine: {e}", f.name());
-            continue;
+            out.sync_all()?;
         }
-        shared.counters.quarantined.fetch_add(1, Ordering::Relaxed);
         let record = serde_json::json!({
             "set": set, "path": f.name(), "node": shared.node_id,
             "term": shared.term.load(Ordering::Relaxed), "index": shared.applied.load(Ordering::Relaxed),
             "reason": why, "time_unix_ms": ms, "accounts": true,
-            "stored_at": format!("{set}/{stamp}/{}", f.name()),
+            "stored_at": format!("{leaf}/{stamp}/{}", f.name()),
         });
         records.push_str(&format!("{record}\n"));
     }
     let file = shared.data_dir.join("quarantine").join("records.jsonl");
-    let appended = std::fs::OpenOptions::new()
+    let mut out = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .open(&file)
-        .and_then(|mut f| {
-            std::io::Write::write_all(&mut f, records.as_bytes())?;
-            f.sync_all()
-        });
-    if let Err(e) = appended {
-        warn!("cannot append to {}: {e}", file.display());
-    }
+        .open(&file)?;
+    std::io::Write::write_all(&mut out, records.as_bytes())?;
+    out.sync_all()?;
+    shared
+        .counters
+        .quarantined
+        .fetch_add(records.lines().count() as u64, Ordering::Relaxed);
     warn!(set, "copied this node's account databases to {} before the merge: {why}; `clusterctl conflicts` lists them", dir.display());
+    Ok(())
 }
 
-/// `clusterctl sync SET [--confirm]` on the leader, before its pass: reads
-/// the databases now, and with `confirm` lets a removal larger than
-/// `max_removed` go. Returns once the view holds the databases' state (or
-/// says why not).
+/// `clusterctl sync SET [--confirm]` on the leader, before its pass: asks
+/// the accounts task to read the databases now (with `confirm`, letting a
+/// removal larger than `max_removed` go) and waits for its answer, so the
+/// pass that follows proposes what it wrote. Blocking.
 pub fn refresh(shared: &Shared, set: &str, confirm: bool) -> Result<(), String> {
-    let Some(rt) = shared.set(set).filter(|s| s.accounts.is_some()).cloned() else {
+    if shared.set(set).is_none_or(|s| s.accounts.is_none()) {
         if confirm {
             return Err(format!(
                 "--confirm applies to accounts sets only; {set:?} is not one"
             ));
         }
         return Ok(());
+    }
+    let ticket = {
+        let mut all = shared.accounts.lock().unwrap();
+        let s = all.entry(set.to_string()).or_default();
+        s.asks += 1;
+        s.confirm |= confirm;
+        s.asks
     };
-    let mut b = Bridge::new(rt);
-    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    shared.accounts_wakeup.notify_one();
+    let deadline = std::time::Instant::now() + LOCK_WAIT + Duration::from_secs(5);
     loop {
-        if b.lead(shared, confirm)? {
-            break;
+        if let Some(answer) = state(shared, set, |s| {
+            (s.answered >= ticket).then(|| s.answer.clone())
+        }) {
+            return answer.unwrap_or(Ok(()));
         }
         if std::time::Instant::now() >= deadline {
-            return Err(format!("the account databases of set {set:?} stayed locked by a shadow-utils writer for {} s; try again", LOCK_WAIT.as_secs()));
+            return Err(format!("the account databases of set {set:?} could not be read within {} s (a shadow-utils writer holds them, or the view is still being applied); try again", (LOCK_WAIT + Duration::from_secs(5)).as_secs()));
         }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    match state(shared, set, |s| s.hold.clone()) {
-        Some(why) => Err(format!("accounts set {set:?} is held: {why}")),
-        None => {
-            shared.accounts_wakeup.notify_one();
-            Ok(())
-        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }

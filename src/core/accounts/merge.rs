@@ -138,8 +138,10 @@ pub fn plan(local: &Files, records: &Records, policy: &Policy) -> Result<MergePl
 
     let mut groups: BTreeMap<&str, &Group> = BTreeMap::new();
     let mut refused_gids = BTreeMap::new();
+    let differs = "it is outside this node's uid_range/gid_range and include: make the accounts settings the same on every node";
     for g in &records.groups {
-        match own_groups.collision("group", &g.name, g.gid) {
+        let outside = (!policy.governs_group(&g.name, g.gid)).then(|| differs.to_string());
+        match outside.or_else(|| own_groups.collision("group", &g.name, g.gid)) {
             Some(reason) => {
                 refused_gids.insert(g.gid, g.name.clone());
                 plan.refused.push(Refusal {
@@ -156,14 +158,17 @@ pub fn plan(local: &Files, records: &Records, policy: &Policy) -> Result<MergePl
     }
     let mut users: BTreeMap<&str, &User> = BTreeMap::new();
     for u in &records.users {
-        let reason = own_users.collision("user", &u.name, u.uid).or_else(|| {
-            refused_gids.get(&u.gid).map(|g| {
-                format!(
-                    "its primary group {g:?} (gid {}) was refused on this node",
-                    u.gid
-                )
-            })
-        });
+        let outside = (!policy.governs_user(&u.name, u.uid)).then(|| differs.to_string());
+        let reason = outside
+            .or_else(|| own_users.collision("user", &u.name, u.uid))
+            .or_else(|| {
+                refused_gids.get(&u.gid).map(|g| {
+                    format!(
+                        "its primary group {g:?} (gid {}) was refused on this node",
+                        u.gid
+                    )
+                })
+            });
         match reason {
             Some(reason) => plan.refused.push(Refusal {
                 kind: RecordKind::User,
@@ -452,6 +457,23 @@ impl Ctx<'_> {
                 continue;
             }
             let Some(m) = self.memberships.get(f[0].as_str()) else {
+                // A group the leader does not have: its members stay, but a
+                // removed user leaves it (as userdel would), or a new user
+                // of that name would inherit the membership.
+                let mut changed = false;
+                for i in if gshadow { vec![2, 3] } else { vec![3] } {
+                    let kept: Vec<&str> = split_list(&f[i])
+                        .filter(|x| !self.governed_users.contains(x) || self.users.contains_key(x))
+                        .collect();
+                    let joined = kept.join(",");
+                    if joined != f[i] {
+                        f[i] = joined;
+                        changed = true;
+                    }
+                }
+                if changed {
+                    l.raw = f.join(":").into_bytes();
+                }
                 continue;
             };
             let mut changed = false;

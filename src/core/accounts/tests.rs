@@ -549,6 +549,46 @@ fn memberships_of_groups_the_leader_lacks_stay_as_they_are() {
 }
 
 #[test]
+fn a_removed_user_leaves_groups_only_this_node_has() {
+    let r = Records::extract(&leader(), &policy()).unwrap();
+    let mut local = follower();
+    local.group = Some(
+        [
+            local.group.clone().unwrap(),
+            b"docker:x:999:stale,mailsvc\n".to_vec(),
+        ]
+        .concat(),
+    );
+    local.gshadow = Some(
+        [
+            local.gshadow.clone().unwrap(),
+            b"docker:!:stale:stale,mailsvc\n".to_vec(),
+        ]
+        .concat(),
+    );
+    let out = applied(&local, &plan(&local, &r, &policy()).unwrap().steps);
+    assert!(
+        text(&out.group).contains("docker:x:999:mailsvc\n"),
+        "{}",
+        text(&out.group)
+    );
+    assert!(text(&out.gshadow).contains("docker:!::mailsvc\n"));
+}
+
+#[test]
+fn records_outside_this_nodes_policy_are_refused() {
+    let r = Records::extract(&leader(), &policy()).unwrap();
+    // This node does not include tac-plus: its settings differ.
+    let p = plan(&follower(), &r, &Policy::default()).unwrap();
+    let names: Vec<&str> = p.refused.iter().map(|x| x.name.as_str()).collect();
+    assert_eq!(names, ["tac-plus", "tac-plus"]);
+    assert!(p.refused[0]
+        .reason
+        .contains("make the accounts settings the same on every node"));
+    assert!(!text(&applied(&follower(), &p.steps).passwd).contains("tac-plus"));
+}
+
+#[test]
 fn a_new_leader_keeps_the_records_a_collision_kept_off_its_files() {
     let committed = Records::extract(&leader(), &policy()).unwrap();
     // The follower refused bob; as leader its files lack bob.

@@ -1171,6 +1171,9 @@ pub async fn run_on_change(
                 for set in ready {
                     due.remove(&set);
                     let Some(rt) = shared.set(&set) else { continue };
+                    // An accounts set's on_change follows the merge into
+                    // the databases (replication::accounts), not the view.
+                    if rt.accounts.is_some() { continue }
                     let Some(cmd) = rt.on_change.clone() else { continue };
                     let root = rt.path.display().to_string();
                     let env = [("CLUSTERD_SET", set.as_str()), ("CLUSTERD_ROOT", root.as_str())];
