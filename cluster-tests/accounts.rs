@@ -7,6 +7,13 @@
 //! their own system accounts byte for byte, refuse (and report) a record
 //! that collides with one of them, and never show a user without its shadow
 //! entry; a mass removal and a malformed line on the leader hold the set.
+//! A user made by hand on a follower is replaced by its next merge, its
+//! files copied to quarantine first (and not restorable as files); a
+//! rollback of the set brings removed users back on every node, the
+//! leader's own files included; a follower SIGKILLed while the leader
+//! changes accounts catches up, and `clusterctl sync` returns only once it
+//! has; `--check` refuses bad accounts keys one sentence each; a `validate`
+//! running `pwck` holds a change pwck refuses.
 //!
 //! Each node's `<node dir>/sys/etc` is prepared before the node starts: the
 //! machine's four files (modes and owners kept), a `sudo` group if the
@@ -64,11 +71,23 @@ const TOOLS: [&str; 7] = [
 /// Names and ids the tests give accounts: the machine's databases (copied
 /// to every node) must not have them already. Names `cc<n>`, `fo<n>`,
 /// `nl<n>` and `mr<n>` too.
-const NAMES: [&str; 9] = [
+const NAMES: [&str; 11] = [
     "alice", "carol", "bob", "dave", "devs", "tac-plus", "legacy2", "mallory", "badline",
+    "handmade", LONG_NAME,
 ];
-const NAME_PREFIXES: [&str; 4] = ["cc", "fo", "nl", "mr"];
-const IDS: [(u32, u32); 4] = [(1500, 1699), (2000, 2199), (3000, 3199), (4000, 4099)];
+const NAME_PREFIXES: [&str; 6] = ["cc", "fo", "nl", "mr", "r", "kr"];
+const IDS: [(u32, u32); 5] = [
+    (1500, 1799),
+    (2000, 2199),
+    (3000, 3199),
+    (4000, 4099),
+    (4100, 4199),
+];
+/// A user name clusterd's parser takes (no blank, colon or comma) but
+/// `pwck -r` refuses (longer than 32 characters: "invalid user name", exit
+/// 2), so only a validator running `pwck` can stop it. `useradd` refuses it
+/// too: the test writes its lines by hand.
+const LONG_NAME: &str = "pwckrefusesthisnamebecauseitislongerthan32";
 
 // ---------------------------------------------------------------------------
 // The databases as text
@@ -709,8 +728,9 @@ struct Accounts {
 }
 
 /// The `[[sync]]` table of the set; `{node_dir}` is each node's directory.
-/// `max_removed`: `None` leaves the default (20).
-fn set_toml(max_removed: Option<u32>) -> String {
+/// `max_removed`: `None` leaves the default (20). `extra`: raw lines added
+/// to the table (e.g. a `validate` command).
+fn set_toml(max_removed: Option<u32>, extra: &str) -> String {
     let mut s = format!(
         "[[sync]]\nname = \"{SET}\"\nkind = \"accounts\"\npath = \"{{node_dir}}/sys/etc\"\n\
          uid_range = \"{FIRST_ID}-{LAST_ID}\"\ngid_range = \"{FIRST_ID}-{LAST_ID}\"\n\
@@ -718,6 +738,10 @@ fn set_toml(max_removed: Option<u32>) -> String {
     );
     if let Some(n) = max_removed {
         s.push_str(&format!("max_removed = {n}\n"));
+    }
+    if !extra.is_empty() {
+        s.push_str(extra.trim_end());
+        s.push('\n');
     }
     s
 }
@@ -728,6 +752,17 @@ impl Accounts {
     /// returns once they agree on a leader, a barrier went through it and
     /// every node reports the set.
     fn start(max_removed: Option<u32>, local: impl Fn(u64, &Path, &Locals)) -> (Accounts, u64) {
+        Accounts::start_with(max_removed, "", |b| b, local)
+    }
+
+    /// As `start`, with `set_extra` added to the set's `[[sync]]` table and
+    /// `builder` given the cluster's builder before it starts (more sets).
+    fn start_with(
+        max_removed: Option<u32>,
+        set_extra: &str,
+        builder: impl FnOnce(ClusterBuilder) -> ClusterBuilder,
+        local: impl Fn(u64, &Path, &Locals),
+    ) -> (Accounts, u64) {
         assert!(
             is_root(),
             "the accounts tests run as root: they copy /etc/shadow with its owner and run the shadow-utils"
@@ -744,10 +779,10 @@ impl Accounts {
         for id in 1..=3 {
             b = b
                 .extra_toml(id, REPLICATION)
-                .extra_toml(id, &set_toml(max_removed))
+                .extra_toml(id, &set_toml(max_removed, set_extra))
                 .dont_start(id);
         }
-        let c = b.start();
+        let c = builder(b).start();
         let (mut before, mut modes, mut checks) =
             (BTreeMap::new(), BTreeMap::new(), BTreeMap::new());
         for id in c.ids() {
@@ -858,9 +893,16 @@ impl Accounts {
                 now.0,
                 now.2
             );
-            assert!(
-                !dir.join(format!("{f}.lock")).exists(),
-                "node {id} left {f}.lock behind"
+            // A merge of a later revision may hold it for a moment: left
+            // behind is a lock still there well after that.
+            let lock = dir.join(format!("{f}.lock"));
+            wait_until(
+                Duration::from_secs(20),
+                &format!("node {id} to release {f}.lock (not leave it behind)"),
+                || match lock.exists() {
+                    true => Err(format!("{} exists", lock.display())),
+                    false => Ok(()),
+                },
             );
         }
     }
@@ -1506,4 +1548,534 @@ fn accounts_malformed_leader_line_holds_the_set() {
         None => Ok(()),
         Some(why) => Err(format!("still held: {why}")),
     });
+}
+
+// ---------------------------------------------------------------------------
+// Edits on a follower, going back, restarts, configuration, validation
+// ---------------------------------------------------------------------------
+
+/// Timeout of a `clusterctl` call that answers at once.
+const CTL: Duration = Duration::from_secs(10);
+/// Timeout of a `clusterctl` call that waits for every node (`sync`,
+/// `rollback`): above their own 60 s default, so they answer first.
+const CTL_WAIT: Duration = Duration::from_secs(70);
+
+/// Node `id`'s history of the set, newest first.
+fn accounts_history(c: &Cluster, id: u64) -> Result<Vec<Value>, String> {
+    let out = c.ctl(id, &["history", SET, "--limit", "0", "--json"], CTL);
+    if !out.success() {
+        return Err(format!("history on node {id}: {out}"));
+    }
+    serde_json::from_str::<Value>(&out.stdout)
+        .map_err(|e| format!("history on node {id} is not JSON ({e}): {out}"))?
+        .as_array()
+        .cloned()
+        .ok_or_else(|| format!("history on node {id} is not an array: {out}"))
+}
+
+/// Whether any of the four databases of `etc` has an entry named `name`.
+fn anywhere(etc: &Etc, name: &str) -> Option<&'static str> {
+    DBS.into_iter().find(|f| etc.line(f, name).is_some())
+}
+
+/// Appends `line` to the database `f` in `etc` as shadow-utils would
+/// (the file replaced whole, mode and owner kept); the caller holds the
+/// locks.
+#[track_caller]
+fn append_line(etc: &Path, f: &str, line: &str) {
+    let path = etc.join(f);
+    let mut text =
+        fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    if !text.is_empty() && !text.ends_with('\n') {
+        text.push('\n');
+    }
+    text.push_str(line);
+    text.push('\n');
+    replace_file(&path, &text);
+}
+
+#[test]
+fn accounts_follower_hand_edit_is_replaced_and_kept_in_quarantine() {
+    let (s, leader) = Accounts::start(None, |_, _, _| {});
+    let c = &s.c;
+    let followers = c.others(&[leader]);
+    let f = followers[0];
+    // A committed user, merged everywhere: the follower has merged once.
+    add_user(&prefix(c, leader), "alice", 1500);
+    wait_follow(c, leader, &followers);
+    let before = conflict_records(c, f).unwrap();
+    assert!(
+        before.iter().all(|r| r["set"] != SET),
+        "node {f} quarantined accounts before the hand edit: {before:?}"
+    );
+
+    // A user in range added by hand on the follower.
+    shadow_utils(&prefix(c, f), "useradd", &["-M", "-u", "1700", "handmade"]);
+    let merged = wait_until(
+        CONVERGE,
+        &format!("node {f}'s next merge to remove handmade"),
+        || {
+            let now = Etc::read(&etc(c, f))?;
+            if let Some(db) = anywhere(&now, "handmade") {
+                return Err(format!("node {f}'s {db} still has handmade"));
+            }
+            Ok::<Etc, String>(now)
+        },
+    );
+    // The copies were taken before the merge replaced the entries: by now
+    // they are listed.
+    let records: Vec<Value> = conflict_records(c, f)
+        .unwrap()
+        .into_iter()
+        .filter(|r| r["set"] == SET)
+        .collect();
+    let passwd: Vec<&Value> = records.iter().filter(|r| r["path"] == "passwd").collect();
+    assert_eq!(
+        passwd.len(),
+        1,
+        "node {f} lists one quarantined passwd of set {SET}: {records:?}"
+    );
+    let rec = passwd[0];
+    assert!(
+        rec["reason"]
+            .as_str()
+            .is_some_and(|why| why.contains("handmade")),
+        "the record says whose entries were never committed: {rec}"
+    );
+    // The four files of that merge, copied whole into one directory.
+    let copy_dir = |r: &Value| -> Option<PathBuf> {
+        Some(Path::new(r["stored_at"].as_str()?).parent()?.to_path_buf())
+    };
+    let q = c.node(f).data_dir.join("quarantine");
+    for db in DBS {
+        let record = records
+            .iter()
+            .find(|r| r["path"] == db && copy_dir(r) == copy_dir(rec))
+            .unwrap_or_else(|| panic!("node {f} quarantined no {db} with its passwd: {records:?}"));
+        let stored = q.join(record["stored_at"].as_str().unwrap());
+        let text = fs::read_to_string(&stored)
+            .unwrap_or_else(|e| panic!("read {}: {e}", stored.display()));
+        if ["passwd", "shadow"].contains(&db) {
+            assert!(
+                entry_lines(&text).any(|l| name_of(l) == "handmade"),
+                "node {f}'s quarantined {db} ({}) holds handmade:\n{text}",
+                stored.display()
+            );
+        }
+        assert!(
+            entry_lines(&text).any(|l| name_of(l) == "root"),
+            "node {f}'s quarantined {db} ({}) is the whole file:\n{text}",
+            stored.display()
+        );
+    }
+
+    // Restoring the copy is refused: the account is to be made on the leader.
+    let id = rec["id"].as_str().expect("records have an id");
+    let restore = c.ctl(f, &["conflicts", "restore", id], CTL_WAIT);
+    assert!(!restore.success(), "restore of {id}: {restore}");
+    assert!(
+        restore.stderr.contains("recreate") && restore.stderr.contains("leader"),
+        "restore of {id} says to recreate the account on the leader: {restore}"
+    );
+    c.wait_barrier(leader);
+    for id in c.ids() {
+        let now = Etc::read(&etc(c, id)).unwrap();
+        assert_eq!(anywhere(&now, "handmade"), None, "node {id} has handmade");
+    }
+    assert!(
+        conflict_records(c, f)
+            .unwrap()
+            .iter()
+            .any(|r| r["id"] == rec["id"]),
+        "the refused restore keeps the copy listed on node {f}"
+    );
+
+    // The follower shows the leader's accounts and keeps its own.
+    assert_eq!(
+        Etc::read(&etc(c, f)).unwrap().passwd,
+        merged.passwd,
+        "node {f}'s passwd changed after the merge"
+    );
+    wait_follow(c, leader, &followers);
+    for &id in &followers {
+        s.assert_own_entries_kept(leader, id);
+        s.assert_db_checks(id);
+    }
+}
+
+#[test]
+fn accounts_rollback_restores_removed_users_on_every_node_including_the_leader() {
+    let (s, leader) = Accounts::start(None, |_, _, _| {});
+    let c = &s.c;
+    let all = c.ids();
+    let followers = c.others(&[leader]);
+    let p = prefix(c, leader);
+    for (i, n) in ["r1", "r2", "r3"].into_iter().enumerate() {
+        add_user(&p, n, 1710 + i as u32);
+    }
+    wait_follow(c, leader, &followers);
+    let at_leader = Etc::read(&etc(c, leader)).unwrap();
+    let r2_passwd = at_leader.line("passwd", "r2").unwrap().to_string();
+    let r2_shadow = at_leader.line("shadow", "r2").unwrap().to_string();
+    // The newest revision holds the three users (the followers merged it).
+    let rev = accounts_history(c, leader).unwrap()[0]["revision"]
+        .as_u64()
+        .expect("revisions are numbers");
+    let rev_s = rev.to_string();
+    let shown = c.ctl(leader, &["show", SET, "passwd", "--at", &rev_s], CTL);
+    assert!(
+        shown.success() && shown.stdout.lines().any(|l| l == r2_passwd),
+        "revision {rev}'s passwd holds r2: {shown}"
+    );
+
+    shadow_utils(&p, "userdel", &["r2"]);
+    wait_follow(c, leader, &followers);
+    // A follower's merge takes a removed user out of passwd first, then
+    // out of shadow.
+    wait_until(CONVERGE, "r2 gone from every node", || {
+        for &id in &all {
+            let now = Etc::read(&etc(c, id))?;
+            for db in ["passwd", "shadow"] {
+                if now.line(db, "r2").is_some() {
+                    return Err(format!("node {id}'s {db} still has r2"));
+                }
+            }
+        }
+        Ok(())
+    });
+
+    // The diff since that revision shows r2's line taken out.
+    let diff = c.ctl(
+        followers[0],
+        &["diff", SET, "passwd", "--from", &rev_s],
+        CTL,
+    );
+    assert!(diff.success(), "{diff}");
+    assert!(
+        diff.stdout.lines().any(|l| l == format!("-{r2_passwd}")),
+        "the diff from revision {rev} shows r2 removed: {diff}"
+    );
+
+    // Rolled back from a follower: r2 is back everywhere, in the leader's
+    // own files too, with its shadow line as it was.
+    let out = c.ctl(followers[1], &["rollback", SET, "--to", &rev_s], CTL_WAIT);
+    assert!(out.success(), "rollback {SET} --to {rev}: {out}");
+    let r2_everywhere = |what: &str| {
+        wait_until(CONVERGE, &format!("r2 back on every node {what}"), || {
+            for &id in &all {
+                let now = Etc::read(&etc(c, id))?;
+                for (db, want) in [("passwd", &r2_passwd), ("shadow", &r2_shadow)] {
+                    if now.line(db, "r2") != Some(want.as_str()) {
+                        return Err(format!(
+                            "node {id}'s {db} has {:?} for r2, not {want:?}",
+                            now.line(db, "r2")
+                        ));
+                    }
+                }
+            }
+            Ok(())
+        })
+    };
+    r2_everywhere("after the rollback");
+
+    // A later useradd on the leader starts from it: r2 stays.
+    add_user(&p, "r4", 1713);
+    wait_until(CONVERGE, "r4 on every node", || {
+        for &id in &all {
+            if !Etc::read(&etc(c, id))?.has_user("r4") {
+                return Err(format!("node {id} has no r4"));
+            }
+        }
+        Ok(())
+    });
+    wait_follow(c, leader, &followers);
+    r2_everywhere("after a later useradd on the leader");
+    let newest = accounts_history(c, leader).unwrap()[0]["revision"]
+        .as_u64()
+        .unwrap();
+    let shown = c.ctl(
+        followers[0],
+        &["show", SET, "passwd", "--at", &newest.to_string()],
+        CTL,
+    );
+    assert!(
+        shown.success() && shown.stdout.lines().any(|l| l == r2_passwd),
+        "the newest revision {newest} holds r2: {shown}"
+    );
+    for &id in &followers {
+        s.assert_own_entries_kept(leader, id);
+        s.assert_db_checks(id);
+    }
+}
+
+#[test]
+fn accounts_follower_killed_and_restarted_catches_up() {
+    let (s, first) = Accounts::start(None, |_, _, _| {});
+    let c = &s.c;
+    let f = c.others(&[first])[1];
+    let p = prefix(c, first);
+    let name = |i: u32| format!("kr{i:02}");
+    for i in 0..2 {
+        add_user(&p, &name(i), 4100 + i);
+    }
+    wait_follow(c, first, &c.others(&[first]));
+
+    c.kill(f);
+    for i in 2..22 {
+        add_user(&p, &name(i), 4100 + i);
+    }
+    for i in 0..2 {
+        shadow_utils(&p, "userdel", &[&name(i)]);
+    }
+    c.start_node(f);
+    let all = c.ids();
+    let leader = c.wait_for_leader(&all);
+    wait_until(
+        CONVERGE,
+        &format!("leader {leader} to reach node {f} again"),
+        || match c.view(leader)?.reachable(f) {
+            Some(true) => Ok(()),
+            other => Err(format!("node {f} reachable from {leader}: {other:?}")),
+        },
+    );
+
+    // sync returns once every node merged: the follower already holds
+    // the leader's accounts when it does.
+    let out = c.ctl(leader, &["sync", SET], CTL_WAIT);
+    assert!(out.success(), "sync {SET}: {out}");
+    let now = Etc::read(&etc(c, f)).unwrap();
+    for i in 0..22 {
+        assert_eq!(
+            now.has_user(&name(i)) && now.line("shadow", &name(i)).is_some(),
+            i >= 2,
+            "node {f} and user {} once sync returned ({out})",
+            name(i)
+        );
+    }
+    if let Err(e) = follows(c, leader, f) {
+        panic!("once sync returned ({out}): {e}");
+    }
+    // What it removed was committed before it stopped: nothing was
+    // quarantined.
+    let copies: Vec<Value> = conflict_records(c, f)
+        .unwrap()
+        .into_iter()
+        .filter(|r| r["set"] == SET)
+        .collect();
+    assert!(
+        copies.is_empty(),
+        "node {f} quarantined committed accounts on catching up: {copies:?}"
+    );
+    for id in c.others(&[leader]) {
+        s.assert_own_entries_kept(leader, id);
+        s.assert_written_like_shadow_utils(id);
+        s.assert_db_checks(id);
+    }
+}
+
+#[test]
+fn accounts_config_refusals() {
+    assert!(is_root(), "the accounts tests run as root");
+    let dir = short_tempdir("clusterd-accounts-check-");
+    let root = dir.path();
+    let certs = root.join("certs");
+    certs_init(&certs, &[1, 2, 3]);
+    let data_dir = root.join("data");
+    let dbs = root.join("etc");
+    copy_system_databases(&dbs);
+    let empty = root.join("empty");
+    let plain = root.join("plain");
+    for d in [&data_dir, &empty, &plain] {
+        fs::create_dir_all(d).unwrap();
+    }
+    let base = NodeConfig {
+        id: 1,
+        listen: format!("127.0.0.1:{}", free_port()),
+        data_dir,
+        admin_socket: root.join("admin.sock"),
+        timers: Some((HEARTBEAT_MS, ELECTION_TIMEOUT_MS)),
+        tls: TlsFiles::in_dir(&certs, 1),
+        peers: vec![
+            (2, format!("127.0.0.1:{}", free_port())),
+            (3, format!("127.0.0.1:{}", free_port())),
+        ],
+        witness_peers: vec![],
+        node_extra: vec![],
+        tls_extra: vec![],
+        extra: String::new(),
+    };
+    let accounts_set = |path: &Path, lines: &str| {
+        format!(
+            "[[sync]]\nname = \"{SET}\"\nkind = \"accounts\"\npath = {}\n{lines}\n",
+            toml_str(path.to_str().unwrap())
+        )
+    };
+    let check = |name: &str, extra: String| -> (PathBuf, CmdOutput) {
+        let cfg = NodeConfig {
+            extra,
+            ..base.clone()
+        };
+        let path = root.join(format!("{name}.toml"));
+        cfg.write(&path);
+        let out = check_config(&path);
+        assert!(!out.timed_out, "--check of {name} exits at once: {out}");
+        (path, out)
+    };
+
+    let good = accounts_set(
+        &dbs,
+        "uid_range = \"1000-59999\"\ngid_range = \"1000-59999\"\ninclude = [\"tac-plus\"]\nmax_removed = 20",
+    );
+    let (_, out) = check("good", good);
+    assert!(out.success(), "a valid accounts set passes --check: {out}");
+
+    let bad: [(&str, String, &str); 5] = [
+        (
+            "exclude",
+            accounts_set(&dbs, "exclude = [\"*.bak\"]"),
+            "exclude",
+        ),
+        (
+            "reversed-range",
+            accounts_set(&dbs, "uid_range = \"59999-1000\""),
+            "uid_range",
+        ),
+        (
+            "range-on-plain-set",
+            format!(
+                "[[sync]]\nname = \"plain\"\npath = {}\nuid_range = \"1000-59999\"\n",
+                toml_str(plain.to_str().unwrap())
+            ),
+            "uid_range",
+        ),
+        ("no-passwd", accounts_set(&empty, ""), "path"),
+        (
+            "bad-include",
+            accounts_set(&dbs, "include = [\"bad name\"]"),
+            "include",
+        ),
+    ];
+    for (name, extra, key) in bad {
+        let (path, out) = check(name, extra);
+        assert!(!out.success(), "--check refuses {name}: {out}");
+        let problems: Vec<&str> = out
+            .stderr
+            .lines()
+            .filter(|l| l.contains(path.to_str().unwrap()))
+            .collect();
+        assert_eq!(
+            problems.len(),
+            1,
+            "--check of {name} gives one problem: {out}"
+        );
+        assert!(
+            problems[0].contains(&format!(".{key}`")),
+            "--check of {name} names key {key}: {out}"
+        );
+        eprintln!("{name}: {}", problems[0]);
+        if name == "no-passwd" {
+            assert!(problems[0].contains("passwd"), "{out}");
+        }
+    }
+
+    // `sync --confirm` wants an accounts set.
+    let (s, leader) = Accounts::start_with(
+        None,
+        "",
+        |b| b.sync_set("plain", "mirror", ""),
+        |_, _, _| {},
+    );
+    let c = &s.c;
+    wait_sets_ready(c, &c.ids(), &["plain"]);
+    let follower = c.others(&[leader])[0];
+    let no_set = c.ctl(leader, &["sync", "--confirm"], CTL);
+    assert!(
+        !no_set.success() && no_set.stderr.contains("<SET>"),
+        "sync --confirm without a set names what is missing: {no_set}"
+    );
+    for id in [leader, follower] {
+        let out = c.ctl(id, &["sync", "plain", "--confirm"], CTL_WAIT);
+        assert!(
+            !out.success()
+                && out.stderr.contains("accounts sets only")
+                && out.stderr.contains("plain"),
+            "sync plain --confirm via node {id} says --confirm is for accounts sets: {out}"
+        );
+    }
+}
+
+#[test]
+fn accounts_validate_with_pwck_holds_a_bad_change() {
+    let (s, leader) = Accounts::start_with(
+        None,
+        "validate = \"pwck -r -q {}/passwd {}/shadow\"",
+        |b| b,
+        |_, _, _| {},
+    );
+    let c = &s.c;
+    let followers = c.others(&[leader]);
+    let dir = etc(c, leader);
+    let p = prefix(c, leader);
+    add_user(&p, "alice", 1500);
+    wait_follow(c, leader, &followers);
+    wait_until(
+        CONVERGE,
+        "the set not held after a normal add",
+        || match held(c, leader)? {
+            None => Ok(()),
+            Some(why) => Err(format!("held: {why}")),
+        },
+    );
+
+    // A user pwck refuses (its name is too long) that clusterd's own
+    // parser takes: written by hand under the locks, shadow first.
+    let bad_passwd = format!("{LONG_NAME}:x:1530:1500::/nonexistent:/usr/sbin/nologin");
+    let bad_shadow = format!("{LONG_NAME}:!:20000:0:99999:7:::");
+    {
+        let _locks = DbLocks::take(&dir);
+        append_line(&dir, "shadow", &bad_shadow);
+        append_line(&dir, "passwd", &bad_passwd);
+    }
+    // Held by the validator, saying what pwck said of the user.
+    wait_until(
+        CONVERGE,
+        "the leader to hold set accounts, naming the user pwck refuses",
+        || match held(c, leader)? {
+            Some(why) if why.contains("validator") && why.contains(LONG_NAME) => Ok(()),
+            other => Err(format!("held: {other:?}")),
+        },
+    );
+    c.wait_barrier(leader);
+    hold_for(
+        Duration::from_millis(1500),
+        "the held user reaches no follower and the set stays held",
+        || {
+            for &id in &followers {
+                let now = Etc::read(&etc(c, id))?;
+                if let Some(db) = anywhere(&now, LONG_NAME) {
+                    return Err(format!("node {id}'s {db} has {LONG_NAME}"));
+                }
+            }
+            match held(c, leader)? {
+                Some(_) => Ok(()),
+                None => Err("the hold ended".to_string()),
+            }
+        },
+    );
+
+    // Taking the user out again lets the next change go.
+    remove_at_once(&dir, &BTreeSet::from([LONG_NAME.to_string()]));
+    add_user(&p, "carol", 1501);
+    wait_follow(c, leader, &followers);
+    wait_until(CONVERGE, "the hold to end", || match held(c, leader)? {
+        None => Ok(()),
+        Some(why) => Err(format!("still held: {why}")),
+    });
+    for &id in &followers {
+        let now = Etc::read(&etc(c, id)).unwrap();
+        assert!(now.has_user("carol") && now.has_user("alice"), "node {id}");
+        assert_eq!(anywhere(&now, LONG_NAME), None, "node {id}");
+        s.assert_own_entries_kept(leader, id);
+        s.assert_db_checks(id);
+    }
 }
