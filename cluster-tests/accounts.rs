@@ -1189,6 +1189,66 @@ fn accounts_collision_is_refused_and_reported() {
         0,
         "{st}"
     );
+
+    // Node 3 leads: the bob it refused is not removed from the cluster
+    // because its own files lack it. Then its own bob is removed there (the
+    // collision resolved on the leader): the replicated bob comes into its
+    // files, and stays everywhere.
+    let leader = lead(c, leader, 3);
+    let p3 = prefix(c, 3);
+    add_user(&p3, "erin", 1504);
+    let bob_1502 = lead_etc.line("passwd", "bob").unwrap().to_string();
+    for id in [1, 2] {
+        wait_until(
+            CONVERGE,
+            &format!("node {id} to get erin from node 3"),
+            || {
+                let here = Etc::read(&etc(c, id))?;
+                if !here.has_user("erin") {
+                    return Err(format!("node {id} has no erin yet"));
+                }
+                Ok(())
+            },
+        );
+        let here = Etc::read(&etc(c, id)).unwrap();
+        assert_eq!(
+            here.line("passwd", "bob"),
+            Some(bob_1502.as_str()),
+            "node {id} keeps the bob node 3 refused while node 3 leads"
+        );
+    }
+    // (With --prefix, userdel leaves the user's group behind; it would
+    // still collide with the replicated group bob.)
+    shadow_utils(&p3, "userdel", &["bob"]);
+    shadow_utils(&p3, "groupdel", &["bob"]);
+    wait_until(
+        CONVERGE,
+        "node 3, leading, to take in the bob it no longer collides with",
+        || {
+            let here = Etc::read(&etc(c, 3))?;
+            match here.line("passwd", "bob") {
+                Some(l) if l == bob_1502 => Ok(()),
+                other => Err(format!("node 3's bob is {other:?}")),
+            }
+        },
+    );
+    add_user(&p3, "frank", 1505);
+    wait_until(CONVERGE, "frank on nodes 1 and 2, bob 1502 kept", || {
+        for id in [1, 2] {
+            let here = Etc::read(&etc(c, id))?;
+            if !here.has_user("frank") {
+                return Err(format!("node {id} has no frank yet"));
+            }
+            if here.line("passwd", "bob") != Some(bob_1502.as_str()) {
+                return Err(format!(
+                    "node {id}'s bob is {:?}",
+                    here.line("passwd", "bob")
+                ));
+            }
+        }
+        Ok(())
+    });
+    let _ = leader;
 }
 
 /// What the sampler saw of one follower.

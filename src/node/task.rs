@@ -796,6 +796,9 @@ impl NodeTask {
                 files
                     .term
                     .store(change.term, std::sync::atomic::Ordering::SeqCst);
+                // An accounts set's first pass as leader takes in what it
+                // has not merged yet, before an admin's next useradd.
+                files.accounts_wakeup.notify_one();
             }
             if change.role != Role::Leader {
                 // A deposed leader's pending entries may still commit under the new

@@ -21,7 +21,7 @@
 //! committed view whose every file matches the committed manifest, and the
 //! leader's view changes only from databases read whole between locks.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -31,7 +31,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::core::accounts::merge::{self, MergePlan};
-use crate::core::accounts::records::{Records, VIEW_FILES};
+use crate::core::accounts::records::{RecordKind, Records, VIEW_FILES};
 use crate::core::accounts::{DbFile, Files, Table};
 use crate::core::delta;
 use crate::core::paths::SetPath;
@@ -126,6 +126,9 @@ struct Bridge {
     /// view changed since by someone else (the applier carrying out a
     /// rollback or a restore) is a committed change to take in.
     my_view: Option<Vec<Stamp>>,
+    /// As leader: the records its own entries kept off its files at the
+    /// last pass.
+    refused_before: BTreeSet<(RecordKind, String)>,
     /// After a failed pass, not before then (a merge that cannot succeed
     /// is not retried five times a second).
     retry_at: Option<std::time::Instant>,
@@ -156,6 +159,7 @@ impl Bridge {
             written: Default::default(),
             retry_at: None,
             my_view: None,
+            refused_before: BTreeSet::new(),
             busy_since: None,
         }
     }
@@ -310,6 +314,11 @@ impl Bridge {
                 match self.written.iter().position(|w| w == c) {
                     // Its own proposal (and any before it) committed.
                     Some(i) => drop(self.written.drain(..=i)),
+                    // Already in its files: what it merged as a follower
+                    // (a batch that changed no record, a reconcile, moved
+                    // the index). Merging again would undo a useradd made
+                    // right after it took over.
+                    None if !rewritten && self.last.as_ref() == Some(c) => {}
                     None => {
                         info!(set = %name, "accounts set {name:?}: the committed accounts (not this leader's own change) go into {} first", acc.dir.display());
                         if !self.merge_into_own(shared, c)? {
@@ -362,7 +371,24 @@ impl Bridge {
         let refused = merge::plan(&files, &proposed, &acc.policy)
             .map(|p| p.refused)
             .unwrap_or_default();
-        let names = refused.iter().map(|r| (r.kind, r.name.clone())).collect();
+        let names: BTreeSet<(RecordKind, String)> =
+            refused.iter().map(|r| (r.kind, r.name.clone())).collect();
+        // A collision resolved here (its own entry of that name or id
+        // removed) lets the record into this node's files: never out of
+        // the cluster because it was missing from them.
+        let resolved: BTreeSet<_> = self.refused_before.difference(&names).cloned().collect();
+        if !resolved.is_empty() {
+            let mut target = records.clone();
+            target.keep_refused(&proposed, &resolved);
+            if target != records {
+                info!(set = %name, "accounts set {name:?}: records this node refused no longer collide; they go into {}", acc.dir.display());
+                if !self.merge_into_own(shared, &target)? {
+                    return Ok(false);
+                }
+                records = target;
+            }
+        }
+        self.refused_before = names.clone();
         records.keep_refused(&proposed, &names);
         let removed = records.removed_users(&proposed);
         if removed.len() > acc.policy.max_removed as usize && !confirmed {
@@ -469,6 +495,7 @@ impl Bridge {
     fn follow(&mut self, shared: &Shared) -> Result<bool, String> {
         self.written.clear();
         self.my_view = None;
+        self.refused_before.clear();
         // Read before the view: a batch applied meanwhile shows as pending
         // until the next pass merges it.
         let index = self.applied_index(shared);
@@ -594,7 +621,7 @@ impl Bridge {
                     .iter()
                     .any(|x| x.name == r.name && x.kind == r.kind.as_str())
                 {
-                    warn!(set = %name, "accounts set {name:?}: replicated {r} is not applied on this node");
+                    warn!(set = %name, "accounts set {name:?}: not applied on this node: replicated {r}");
                 }
             }
             for m in &malformed {
