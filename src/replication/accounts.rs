@@ -436,12 +436,8 @@ impl Bridge {
     /// reads after a quiet moment) and the validator see the five files of
     /// one state, not a user without its shadow line.
     fn write_view(&self, records: &Records) -> Result<(), crate::fs::root::FsError> {
+        // `run` made the directory (mode 0700) before the first pass.
         let view = &self.set.root_dir;
-        if !view.exists() {
-            let _ = std::fs::create_dir_all(view);
-            let _ =
-                std::fs::set_permissions(view, std::os::unix::fs::PermissionsExt::from_mode(0o700));
-        }
         let root = Root::open(view)?;
         // SAFETY: geteuid/getegid cannot fail.
         let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
@@ -660,15 +656,10 @@ fn summary(plan: &MergePlan) -> String {
 }
 
 fn state<T>(shared: &Shared, set: &str, f: impl FnOnce(&AccountsState) -> T) -> T {
-    f(shared
-        .accounts
-        .lock()
-        .unwrap()
-        .entry(set.to_string())
-        .or_default())
+    with_state(shared, set, |s| f(s))
 }
 
-fn with_state(shared: &Shared, set: &str, f: impl FnOnce(&mut AccountsState)) {
+fn with_state<T>(shared: &Shared, set: &str, f: impl FnOnce(&mut AccountsState) -> T) -> T {
     f(shared
         .accounts
         .lock()

@@ -214,6 +214,16 @@ impl Records {
                 gshadow,
             });
         }
+        Records::sorted(users, groups, memberships, problems)
+    }
+
+    /// The records in their canonical order, or every problem found.
+    fn sorted(
+        users: Vec<User>,
+        groups: Vec<Group>,
+        memberships: Vec<Membership>,
+        problems: Vec<String>,
+    ) -> Result<Records, ExtractError> {
         if !problems.is_empty() {
             return Err(ExtractError(problems));
         }
@@ -409,16 +419,7 @@ impl Records {
                 )),
             }
         }
-        if !problems.is_empty() {
-            return Err(ExtractError(problems));
-        }
-        let mut r = Records {
-            users,
-            groups,
-            memberships,
-        };
-        r.sort();
-        Ok(r)
+        Records::sorted(users, groups, memberships, problems)
     }
 }
 
